@@ -1,0 +1,364 @@
+// Package config loads cacheproxy's settings: defaults, then a TOML file,
+// then CACHEPROXY_* environment variables, then -set flags. Every key has a
+// dotted name (cache.ttl); errors always name the key they are about.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"reflect"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+)
+
+// Config is the whole configuration. Each field documents its default; the
+// same text, key by key, is in config.example.toml.
+type Config struct {
+	// Listen is the address the proxy serves clients on. Default 127.0.0.1:8080.
+	Listen string `toml:"listen"`
+	// AdminListen serves /healthz, /readyz and /metrics. Default 127.0.0.1:9090.
+	AdminListen string `toml:"admin_listen"`
+	// ShutdownTimeout bounds how long SIGTERM waits for in-flight requests. Default 25s.
+	ShutdownTimeout Duration `toml:"shutdown_timeout"`
+
+	Upstreams Upstreams `toml:"upstreams"`
+	Cache     Cache     `toml:"cache"`
+	Server    Server    `toml:"server"`
+	RateLimit RateLimit `toml:"ratelimit"`
+	Log       Log       `toml:"log"`
+}
+
+// Upstreams are the only hosts cacheproxy ever connects to.
+type Upstreams struct {
+	Conversations Upstream `toml:"conversations"`
+	Proxy         Upstream `toml:"proxy"`
+}
+
+// Upstream is one Twilio API host.
+type Upstream struct {
+	// URL is where requests for this API go (scheme and host, no path).
+	URL string `toml:"url"`
+	// Hosts are the Host header values that select this upstream when a
+	// client keeps Twilio's host name. Default: the Twilio host of the API.
+	Hosts []string `toml:"hosts"`
+	// Timeout bounds one upstream call, headers and body. Default 15s.
+	Timeout Duration `toml:"timeout"`
+}
+
+// Cache configures the participant-read cache.
+type Cache struct {
+	// TTL is how long a 200 participant read is served from memory. Default 30s.
+	TTL Duration `toml:"ttl"`
+	// NegativeTTL is how long a 404 is remembered. Default 5s; 0 disables.
+	NegativeTTL Duration `toml:"negative_ttl"`
+	// MaxBytes bounds the memory of cached entries (body + headers). Default 64MiB.
+	MaxBytes ByteSize `toml:"max_bytes"`
+	// MaxEntryBytes is the largest response body that is stored. Default 1MiB.
+	MaxEntryBytes ByteSize `toml:"max_entry_bytes"`
+	// KeySecret keys the credential fingerprint in cache keys. Default: a
+	// random secret per process.
+	KeySecret string `toml:"key_secret"`
+}
+
+// Server holds the client-facing HTTP server's limits.
+type Server struct {
+	// ReadHeaderTimeout bounds reading a request's headers. Default 10s.
+	ReadHeaderTimeout Duration `toml:"read_header_timeout"`
+	// IdleTimeout closes idle keep-alive connections. Default 120s.
+	IdleTimeout Duration `toml:"idle_timeout"`
+	// MaxHeaderBytes bounds request headers. Default 64KiB.
+	MaxHeaderBytes ByteSize `toml:"max_header_bytes"`
+	// MaxBodyBytes bounds request bodies; larger ones get 413. Default 10MiB.
+	MaxBodyBytes ByteSize `toml:"max_body_bytes"`
+}
+
+// RateLimit paces upstream calls per account.
+type RateLimit struct {
+	// RequestsPerSecond is the upstream budget of one account. Default 50.
+	RequestsPerSecond int `toml:"requests_per_second"`
+	// MaxWait bounds how long a request waits for its turn. Default 2s.
+	MaxWait Duration `toml:"max_wait"`
+}
+
+// Log configures the JSON logs.
+type Log struct {
+	// Level is debug, info, warn or error. Default info.
+	Level string `toml:"level"`
+}
+
+// Default returns the configuration cacheproxy runs on without a file.
+func Default() Config {
+	return Config{
+		Listen:          "127.0.0.1:8080",
+		AdminListen:     "127.0.0.1:9090",
+		ShutdownTimeout: Duration(25 * time.Second),
+		Upstreams: Upstreams{
+			Conversations: Upstream{URL: "https://conversations.twilio.com", Hosts: []string{"conversations.twilio.com"}, Timeout: Duration(15 * time.Second)},
+			Proxy:         Upstream{URL: "https://proxy.twilio.com", Hosts: []string{"proxy.twilio.com"}, Timeout: Duration(15 * time.Second)},
+		},
+		Cache: Cache{
+			TTL:           Duration(30 * time.Second),
+			NegativeTTL:   Duration(5 * time.Second),
+			MaxBytes:      64 << 20,
+			MaxEntryBytes: 1 << 20,
+		},
+		Server: Server{
+			ReadHeaderTimeout: Duration(10 * time.Second),
+			IdleTimeout:       Duration(120 * time.Second),
+			MaxHeaderBytes:    64 << 10,
+			MaxBodyBytes:      10 << 20,
+		},
+		RateLimit: RateLimit{RequestsPerSecond: 50, MaxWait: Duration(2 * time.Second)},
+		Log:       Log{Level: "info"},
+	}
+}
+
+// EnvPrefix starts every environment override: CACHEPROXY_CACHE_TTL=10s.
+const EnvPrefix = "CACHEPROXY_"
+
+// Load builds the configuration: defaults, the TOML file at path (if path is
+// not empty), environment overrides from environ (os.Environ() form), then
+// sets ("key=value" each). The result is validated.
+func Load(path string, environ, sets []string) (Config, error) {
+	c := Default()
+	if path != "" {
+		md, err := toml.DecodeFile(path, &c)
+		if err != nil {
+			return c, fmt.Errorf("config %s: %w", path, err)
+		}
+		if und := md.Undecoded(); len(und) > 0 {
+			return c, fmt.Errorf("config %s: unknown key %s", path, und[0])
+		}
+	}
+	keys := leaves(reflect.ValueOf(&c).Elem(), "")
+	for _, kv := range environ {
+		name, val, ok := strings.Cut(kv, "=")
+		if !ok || !strings.HasPrefix(name, EnvPrefix) {
+			continue
+		}
+		key := envKey(keys, name)
+		if key == "" {
+			return c, fmt.Errorf("environment %s: unknown key", name)
+		}
+		if err := set(keys[key], val); err != nil {
+			return c, fmt.Errorf("environment %s (%s): %w", name, key, err)
+		}
+	}
+	for _, kv := range sets {
+		key, val, ok := strings.Cut(kv, "=")
+		if !ok {
+			return c, fmt.Errorf("-set %q: want key=value", kv)
+		}
+		f, found := keys[key]
+		if !found {
+			return c, fmt.Errorf("-set: unknown key %s", key)
+		}
+		if err := set(f, val); err != nil {
+			return c, fmt.Errorf("-set %s: %w", key, err)
+		}
+	}
+	return c, c.Validate()
+}
+
+// Keys lists every dotted key, sorted; used by -help.
+func Keys() []string {
+	c := Default()
+	m := leaves(reflect.ValueOf(&c).Elem(), "")
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// EnvName is the environment variable that overrides key.
+func EnvName(key string) string {
+	return EnvPrefix + strings.ToUpper(strings.ReplaceAll(key, ".", "_"))
+}
+
+func envKey(keys map[string]reflect.Value, name string) string {
+	for k := range keys {
+		if EnvName(k) == name {
+			return k
+		}
+	}
+	return ""
+}
+
+// leaves maps each dotted key to its settable field.
+func leaves(v reflect.Value, prefix string) map[string]reflect.Value {
+	out := map[string]reflect.Value{}
+	t := v.Type()
+	for i := 0; i < t.NumField(); i++ {
+		name := t.Field(i).Tag.Get("toml")
+		fv := v.Field(i)
+		key := prefix + name
+		if fv.Kind() == reflect.Struct {
+			for k, f := range leaves(fv, key+".") {
+				out[k] = f
+			}
+			continue
+		}
+		out[key] = fv
+	}
+	return out
+}
+
+// set parses s into the field f.
+func set(f reflect.Value, s string) error {
+	if u, ok := f.Addr().Interface().(interface{ UnmarshalText([]byte) error }); ok {
+		return u.UnmarshalText([]byte(s))
+	}
+	switch f.Kind() {
+	case reflect.String:
+		f.SetString(s)
+	case reflect.Int:
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil {
+			return fmt.Errorf("not an integer: %q", s)
+		}
+		f.SetInt(int64(n))
+	case reflect.Slice:
+		var parts []string
+		for _, p := range strings.Split(s, ",") {
+			if p = strings.TrimSpace(p); p != "" {
+				parts = append(parts, p)
+			}
+		}
+		f.Set(reflect.ValueOf(parts))
+	default:
+		return fmt.Errorf("unsupported kind %s", f.Kind())
+	}
+	return nil
+}
+
+// Validate reports the first bad value, naming its key.
+func (c Config) Validate() error {
+	var errs []error
+	bad := func(key, format string, a ...any) {
+		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, a...)))
+	}
+	for key, addr := range map[string]string{"listen": c.Listen, "admin_listen": c.AdminListen} {
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			bad(key, "want host:port, got %q", addr)
+		}
+	}
+	for name, u := range map[string]Upstream{"conversations": c.Upstreams.Conversations, "proxy": c.Upstreams.Proxy} {
+		p, err := url.Parse(u.URL)
+		if err != nil || (p.Scheme != "http" && p.Scheme != "https") || p.Host == "" || (p.Path != "" && p.Path != "/") || p.RawQuery != "" {
+			bad("upstreams."+name+".url", "want http(s)://host[:port] with no path, got %q", u.URL)
+		}
+		if u.Timeout <= 0 {
+			bad("upstreams."+name+".timeout", "must be > 0")
+		}
+	}
+	if c.ShutdownTimeout <= 0 {
+		bad("shutdown_timeout", "must be > 0")
+	}
+	if c.Cache.TTL <= 0 {
+		bad("cache.ttl", "must be > 0")
+	}
+	if c.Cache.NegativeTTL < 0 {
+		bad("cache.negative_ttl", "must be >= 0")
+	}
+	if c.Cache.MaxBytes < 1<<20 {
+		bad("cache.max_bytes", "must be at least 1MiB")
+	}
+	if c.Cache.MaxEntryBytes <= 0 || c.Cache.MaxEntryBytes > c.Cache.MaxBytes {
+		bad("cache.max_entry_bytes", "must be > 0 and at most cache.max_bytes")
+	}
+	if c.Server.ReadHeaderTimeout <= 0 {
+		bad("server.read_header_timeout", "must be > 0")
+	}
+	if c.Server.IdleTimeout <= 0 {
+		bad("server.idle_timeout", "must be > 0")
+	}
+	if c.Server.MaxHeaderBytes < 4<<10 {
+		bad("server.max_header_bytes", "must be at least 4KiB")
+	}
+	if c.Server.MaxBodyBytes <= 0 {
+		bad("server.max_body_bytes", "must be > 0")
+	}
+	if c.RateLimit.RequestsPerSecond <= 0 {
+		bad("ratelimit.requests_per_second", "must be > 0")
+	}
+	if c.RateLimit.MaxWait <= 0 {
+		bad("ratelimit.max_wait", "must be > 0")
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log.level", "want debug, info, warn or error, got %q", c.Log.Level)
+	}
+	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
+	return errors.Join(errs...)
+}
+
+// Duration is a time.Duration written as "30s" in TOML and the environment.
+type Duration time.Duration
+
+// UnmarshalText parses a Go duration string.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(strings.TrimSpace(string(b)))
+	if err != nil {
+		return fmt.Errorf("not a duration (want e.g. 30s, 500ms): %q", b)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalText writes the duration as Go does.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// D returns the value as a time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// ByteSize is a size in bytes written as "64MiB", "512KiB", "1GB" or "1024".
+type ByteSize int64
+
+var units = []struct {
+	suffix string
+	mult   int64
+}{
+	{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30},
+	{"KB", 1000}, {"MB", 1000 * 1000}, {"GB", 1000 * 1000 * 1000}, {"B", 1},
+}
+
+// UnmarshalText parses a byte size.
+func (b *ByteSize) UnmarshalText(text []byte) error {
+	s := strings.TrimSpace(string(text))
+	mult := int64(1)
+	for _, u := range units {
+		if strings.HasSuffix(s, u.suffix) {
+			s, mult = strings.TrimSpace(strings.TrimSuffix(s, u.suffix)), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n < 0 || n > (1<<62)/mult {
+		return fmt.Errorf("not a byte size (want e.g. 64MiB, 512KiB, 1024): %q", text)
+	}
+	*b = ByteSize(n * mult)
+	return nil
+}
+
+// UnmarshalTOML accepts a plain TOML integer as well as a string.
+func (b *ByteSize) UnmarshalTOML(v any) error {
+	switch v := v.(type) {
+	case int64:
+		return b.UnmarshalText([]byte(strconv.FormatInt(v, 10)))
+	case string:
+		return b.UnmarshalText([]byte(v))
+	}
+	return fmt.Errorf("not a byte size: %v", v)
+}
+
+// MarshalText writes the size in bytes.
+func (b ByteSize) MarshalText() ([]byte, error) { return []byte(strconv.FormatInt(int64(b), 10)), nil }

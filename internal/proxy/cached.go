@@ -1,0 +1,294 @@
+package proxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"cacheproxy/internal/cache"
+)
+
+var (
+	randReader    = rand.Reader
+	jsonUnmarshal = json.Unmarshal
+)
+
+// fetchResult is what one upstream fetch produced, shared by its waiters.
+type fetchResult struct {
+	entry    *cache.Entry
+	stored   bool
+	upStatus int
+	upDur    time.Duration
+}
+
+// serveCached answers a GET or HEAD of a participant read route.
+func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, rt route, auth string) {
+	noCache, noStore := cacheControl(r.Header)
+	if auth == "" || noStore {
+		// Without credentials nothing is served from or put in the cache;
+		// no-store asks us to keep nothing.
+		rec.cache = "bypass"
+		w.Header()["Cache-Status"] = []string{"cacheproxy; fwd=bypass"}
+		p.forward(w, r, rec, rt)
+		return
+	}
+	key := p.key(rt, r.URL.RawQuery, auth)
+	if !noCache {
+		if e, ok := p.store.Get(key); ok {
+			if now := p.now(); now.Before(e.Expires) {
+				rec.cache = "hit"
+				ttl := int(e.Expires.Sub(now) / time.Second)
+				age := int(now.Sub(e.Stored) / time.Second)
+				p.writeEntry(w, r, e, "cacheproxy; hit; ttl="+strconv.Itoa(ttl), strconv.Itoa(age))
+				return
+			}
+		}
+	}
+	arrival := p.store.Epoch()
+	flightKey := key + "@" + strconv.FormatUint(p.store.Since(rt.tags), 10)
+	if noCache {
+		flightKey = "no-cache " + flightKey
+	}
+	res, leader, err := p.fetchShared(r, rt, key, flightKey)
+	if err == nil && !leader && !p.store.Valid(res.entry.Epoch, res.entry.Tags) && p.store.Since(res.entry.Tags) <= arrival {
+		// The shared fetch began before a write that finished before this
+		// request arrived (a write naming a scope only the body revealed):
+		// its data is older than what this client may see. Fetch anew.
+		flightKey = key + "@" + strconv.FormatUint(p.store.Since(res.entry.Tags), 10)
+		res, leader, err = p.fetchShared(r, rt, key, flightKey)
+	}
+	if err != nil {
+		rec.errMsg = err.Error()
+		status, msg := statusFor(r.Context(), err)
+		if status != 0 {
+			twilioError(w, status, msg)
+		}
+		return
+	}
+	rec.upstreamStatus, rec.upstreamDur = res.upStatus, res.upDur
+	fwd := "cacheproxy; fwd=uri-miss"
+	rec.cache = "miss"
+	if noCache {
+		fwd = "cacheproxy; fwd=request"
+		rec.cache = "refresh"
+	}
+	switch {
+	case !leader:
+		fwd += "; collapsed"
+		rec.cache = "collapsed"
+	case res.stored:
+		fwd += "; stored"
+	}
+	p.writeEntry(w, r, res.entry, fwd, "")
+}
+
+// fetchShared joins or starts the fetch for flightKey and waits for it or
+// for the client to leave. leader reports whether this call ran the fetch.
+func (p *Proxy) fetchShared(r *http.Request, rt route, key, flightKey string) (*fetchResult, bool, error) {
+	ran := false // written by the flight goroutine; read only after its result arrives
+	ch := p.flights.DoChan(flightKey, func() (v any, err error) {
+		ran = true
+		defer func() {
+			if x := recover(); x != nil {
+				p.log.Error().Str("route", rt.name).Str("panic", fmt.Sprint(x)).Msg("upstream fetch panicked")
+				v, err = nil, errFetchPanic
+			}
+		}()
+		return p.fetch(r, rt, key)
+	})
+	select {
+	case sr := <-ch:
+		if sr.Err != nil {
+			return nil, ran, sr.Err
+		}
+		return sr.Val.(*fetchResult), ran, nil
+	case <-r.Context().Done():
+		return nil, false, r.Context().Err()
+	}
+}
+
+// fetch makes the one upstream call of a flight. It runs detached from the
+// client that started it (context.WithoutCancel) under the upstream's own
+// timeout, so other waiters get their answer if that client leaves.
+func (p *Proxy) fetch(r *http.Request, rt route, key string) (*fetchResult, error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), rt.up.timeout)
+	defer cancel()
+	epoch := p.store.Epoch()
+	u := *rt.up.target
+	u.Path, u.RawPath, u.RawQuery = rt.path, rt.rawPath, r.URL.RawQuery
+	out, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return nil, err
+	}
+	out.Header = fetchHeader(r.Header)
+	start := p.now()
+	resp, err := rt.up.transport.RoundTrip(out)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, p.maxFetch+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(body)) > p.maxFetch {
+		return nil, errResponseLarge
+	}
+	now := p.now()
+	e := &cache.Entry{
+		Key:    key,
+		Status: resp.StatusCode,
+		Header: storedHeader(resp.Header, len(body)),
+		Body:   body,
+		Stored: now,
+		Epoch:  epoch,
+		Tags:   rt.tags,
+	}
+	var ttl time.Duration
+	switch resp.StatusCode {
+	case http.StatusOK:
+		ttl = p.ttl
+		var ids bodyIDs
+		if jsonUnmarshal(body, &ids) == nil {
+			e.Tags = append(slices.Clip(e.Tags), bodyTags(rt.up.name, &ids, false)...)
+		}
+	case http.StatusNotFound:
+		ttl = p.negTTL
+	}
+	res := &fetchResult{entry: e, upStatus: resp.StatusCode, upDur: now.Sub(start)}
+	if ttl > 0 && int64(len(body)) <= p.maxEntry && !noStoreResponse(resp.Header) {
+		e.Expires = now.Add(ttl)
+		e.Keep = e.Expires
+		res.stored = p.store.Set(e)
+	}
+	return res, nil
+}
+
+// writeEntry sends a shared entry. The entry's header slices are shared
+// read-only (stored clipped, so an append elsewhere copies).
+func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, e *cache.Entry, cacheStatus, age string) {
+	h := w.Header()
+	for k, v := range e.Header {
+		h[k] = v
+	}
+	h["Cache-Status"] = []string{cacheStatus}
+	if age != "" {
+		h["Age"] = []string{age}
+	}
+	w.WriteHeader(e.Status)
+	if r.Method != http.MethodHead {
+		_, _ = w.Write(e.Body)
+	}
+}
+
+// key is upstream + path + query + credential fingerprint. The decoded path
+// is used, so two spellings of one identity share an entry.
+func (p *Proxy) key(rt route, query, auth string) string {
+	var buf [256]byte
+	b := append(buf[:0], rt.up.name...)
+	b = append(b, ' ')
+	b = append(b, rt.path...)
+	b = append(b, '?')
+	b = append(b, query...)
+	b = append(b, ' ')
+	b = p.fp.appendHex(b, auth)
+	return string(b)
+}
+
+// Hop-by-hop headers (RFC 9110 7.6.1) and headers that would make a shared
+// fetch depend on one client: the fetch asks for the plain representation.
+var skipFetchHeader = map[string]bool{
+	"Connection": true, "Proxy-Connection": true, "Keep-Alive": true, "Proxy-Authenticate": true,
+	"Proxy-Authorization": true, "Te": true, "Trailer": true, "Transfer-Encoding": true, "Upgrade": true,
+	"Accept-Encoding": true, "Cache-Control": true, "Pragma": true, "Range": true, "If-Range": true,
+	"If-Match": true, "If-None-Match": true, "If-Modified-Since": true, "If-Unmodified-Since": true,
+	"Cookie": true, "Content-Length": true, "X-Request-Id": true,
+	"Forwarded": true, "X-Forwarded-For": true, "X-Forwarded-Host": true, "X-Forwarded-Proto": true,
+}
+
+func fetchHeader(in http.Header) http.Header {
+	out := make(http.Header, len(in))
+	for k, v := range in {
+		if !skipFetchHeader[k] {
+			out[k] = slices.Clone(v)
+		}
+	}
+	return out
+}
+
+// Response headers never stored: hop-by-hop ones, cookies, and those the
+// proxy sets itself per response.
+var skipStoredHeader = map[string]bool{
+	"Connection": true, "Keep-Alive": true, "Proxy-Authenticate": true, "Te": true, "Trailer": true,
+	"Transfer-Encoding": true, "Upgrade": true, "Set-Cookie": true, "Content-Length": true,
+	"Age": true, "Cache-Status": true, "X-Request-Id": true,
+}
+
+func storedHeader(in http.Header, bodyLen int) map[string][]string {
+	out := make(map[string][]string, len(in)+1)
+	for k, v := range in {
+		if !skipStoredHeader[k] {
+			out[k] = slices.Clip(slices.Clone(v))
+		}
+	}
+	out["Content-Length"] = []string{strconv.Itoa(bodyLen)}
+	return out
+}
+
+// cacheControl reads the client's Cache-Control (and HTTP/1.0 Pragma).
+func cacheControl(h http.Header) (noCache, noStore bool) {
+	for _, v := range h["Cache-Control"] {
+		for _, d := range strings.Split(v, ",") {
+			switch strings.ToLower(strings.TrimSpace(d)) {
+			case "no-cache", "max-age=0":
+				noCache = true
+			case "no-store":
+				noStore = true
+			}
+		}
+	}
+	if len(h["Cache-Control"]) == 0 && strings.EqualFold(h.Get("Pragma"), "no-cache") {
+		noCache = true
+	}
+	return
+}
+
+// noStoreResponse reports an upstream response that forbids storing.
+func noStoreResponse(h http.Header) bool {
+	for _, v := range h["Cache-Control"] {
+		for _, d := range strings.Split(v, ",") {
+			switch strings.ToLower(strings.TrimSpace(d)) {
+			case "no-store":
+				return true
+			}
+		}
+	}
+	return false
+}
+
+type readCloser struct {
+	io.Reader
+	io.Closer
+}
+
+func bytesReader(b []byte) io.Reader { return bytes.NewReader(b) }
+
+// errReader returns err (if not nil) once the bytes before it are read.
+func errReader(err error) io.Reader {
+	if err == nil {
+		return strings.NewReader("")
+	}
+	return &failReader{err}
+}
+
+type failReader struct{ err error }
+
+func (f *failReader) Read([]byte) (int, error) { return 0, f.err }

@@ -1,0 +1,55 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"strconv"
+)
+
+// Sentinel errors of the sidecar itself.
+var (
+	errFetchPanic    = errors.New("upstream fetch panicked")
+	errResponseLarge = errors.New("upstream response larger than the fetch limit")
+)
+
+// twilioError writes the JSON error shape Twilio's SDKs decode:
+// {"code":..,"message":..,"more_info":..,"status":..}. Codes are 20000 +
+// the HTTP status (20404, 20429 as Twilio uses them).
+func twilioError(w http.ResponseWriter, status int, msg string) {
+	code := 20000 + status
+	body := `{"code":` + strconv.Itoa(code) +
+		`,"message":` + strconv.Quote(msg) +
+		`,"more_info":"https://www.twilio.com/docs/errors/` + strconv.Itoa(code) +
+		`","status":` + strconv.Itoa(status) + "}"
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	h.Del("Cache-Status")
+	w.WriteHeader(status)
+	_, _ = w.Write([]byte(body))
+}
+
+// statusFor decides, in one place, what an upstream failure means to the
+// client: 0 when the client itself went away (nothing is written), 504 for
+// a timeout, 413 for a body over the limit, 502 otherwise.
+func statusFor(clientCtx context.Context, err error) (int, string) {
+	var maxErr *http.MaxBytesError
+	var netErr net.Error
+	switch {
+	case clientCtx.Err() != nil && errors.Is(err, context.Canceled):
+		return 0, "client went away"
+	case errors.As(err, &maxErr):
+		return http.StatusRequestEntityTooLarge, "request body larger than " + strconv.FormatInt(maxErr.Limit, 10) + " bytes"
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &netErr) && netErr.Timeout():
+		return http.StatusGatewayTimeout, "upstream did not answer in time"
+	case errors.Is(err, errFetchPanic):
+		return http.StatusBadGateway, "upstream fetch failed"
+	case errors.Is(err, errResponseLarge):
+		return http.StatusBadGateway, "upstream response too large"
+	case clientCtx.Err() != nil:
+		return 0, "client went away"
+	}
+	return http.StatusBadGateway, "upstream unreachable"
+}

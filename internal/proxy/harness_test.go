@@ -1,0 +1,273 @@
+package proxy
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"cacheproxy/internal/cache"
+	"cacheproxy/internal/config"
+	"cacheproxy/internal/twiliofake"
+
+	"github.com/rs/zerolog"
+	"golang.org/x/sync/singleflight"
+)
+
+// Test accounts: A and B are real, and their tokens must never be logged.
+var (
+	acctA  = twiliofake.SID("AC", 0xa)
+	tokenA = "tokenAAAAsecretAAAAAAAAAAAAAAAAA"
+	acctB  = twiliofake.SID("AC", 0xb)
+	tokenB = "tokenBBBBsecretBBBBBBBBBBBBBBBBB"
+)
+
+func basic(user, pass string) string {
+	return "Basic " + base64.StdEncoding.EncodeToString([]byte(user+":"+pass))
+}
+
+// Seeded ids.
+var (
+	conv1   = twiliofake.SID("CH", 1)
+	member1 = twiliofake.SID("MB", 1)
+	isvc    = twiliofake.SID("IS", 1)
+	conv2   = twiliofake.SID("CH", 2) // in service isvc
+	member2 = twiliofake.SID("MB", 2)
+	ksvc    = twiliofake.SID("KS", 1)
+	sess1   = twiliofake.SID("KC", 1)
+	kp1     = twiliofake.SID("KP", 1)
+	v2conv  = "conv_conversation_00000000000000000000000001"
+	v2part  = "conv_participant_00000000000000000000000001"
+)
+
+var (
+	pathConv  = "/v1/Conversations/" + conv1 + "/Participants/" + member1
+	pathSvc   = "/v1/Services/" + isvc + "/Conversations/" + conv2 + "/Participants/" + member2
+	pathProxy = "/v1/Services/" + ksvc + "/Sessions/" + sess1 + "/Participants/" + kp1
+	pathV2    = "/v2/Conversations/" + v2conv + "/Participants/" + v2part
+)
+
+// clock is an injected, manually advanced clock.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) now() time.Time          { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *clock) advance(d time.Duration) { c.mu.Lock(); c.t = c.t.Add(d); c.mu.Unlock() }
+
+// syncBuffer collects log lines from concurrent goroutines.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string { b.mu.Lock(); defer b.mu.Unlock(); return b.buf.String() }
+
+// lines returns the JSON log lines.
+func (b *syncBuffer) lines(t *testing.T) []map[string]any {
+	t.Helper()
+	var out []map[string]any
+	for _, l := range strings.Split(strings.TrimSpace(b.String()), "\n") {
+		if l == "" {
+			continue
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(l), &m); err != nil {
+			t.Fatalf("log line is not JSON: %q", l)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+// countingFlights wraps singleflight and reports each DoChan call, so a test
+// knows when N readers are all waiting.
+type countingFlights struct {
+	g      singleflight.Group
+	joined chan string
+}
+
+func (c *countingFlights) DoChan(key string, fn func() (any, error)) <-chan singleflight.Result {
+	ch := c.g.DoChan(key, fn)
+	c.joined <- key
+	return ch
+}
+
+type harness struct {
+	t          *testing.T
+	conv, prox *twiliofake.Fake
+	convSrv    *httptest.Server
+	proxSrv    *httptest.Server
+	p          *Proxy
+	srv        *httptest.Server
+	store      *cache.Store
+	clk        *clock
+	logs       *syncBuffer
+	cfg        config.Config
+}
+
+type harnessOpt func(*config.Config, *Options)
+
+// newHarness starts two fake upstreams (Conversations and Proxy), seeds
+// them, and puts a Proxy in front in a test server.
+func newHarness(t *testing.T, opts ...harnessOpt) *harness {
+	t.Helper()
+	accounts := map[string]string{acctA: tokenA, acctB: tokenB}
+	h := &harness{t: t, conv: twiliofake.New(accounts), prox: twiliofake.New(accounts),
+		clk: &clock{t: time.Now()}, logs: &syncBuffer{}}
+	h.conv.AddConversation(conv1, "support-room", "")
+	h.conv.AddParticipant(conv1, twiliofake.Participant{Sid: member1, Identity: "alice@example.com", Attributes: `{"v":0}`})
+	h.conv.AddConversation(conv2, "", isvc)
+	h.conv.AddParticipant(conv2, twiliofake.Participant{Sid: member2, Identity: "bob", Attributes: `{"v":0}`})
+	h.conv.AddConversation(v2conv, "", "")
+	h.conv.AddParticipant(v2conv, twiliofake.Participant{Sid: v2part, Attributes: "Dana"})
+	h.prox.AddConversation(sess1, "", ksvc)
+	h.prox.AddParticipant(sess1, twiliofake.Participant{Sid: kp1, Identity: "+15005550001", Attributes: "Alice"})
+	h.convSrv = httptest.NewServer(h.conv)
+	h.proxSrv = httptest.NewServer(h.prox)
+	t.Cleanup(h.convSrv.Close)
+	t.Cleanup(h.proxSrv.Close)
+
+	cfg := config.Default()
+	cfg.Upstreams.Conversations.URL = h.convSrv.URL
+	cfg.Upstreams.Proxy.URL = h.proxSrv.URL
+	o := Options{Now: h.clk.now, Logger: zerolog.New(h.logs).Level(zerolog.DebugLevel), KeySecret: []byte("test-secret")}
+	for _, opt := range opts {
+		opt(&cfg, &o)
+	}
+	h.cfg = cfg
+	store, err := cache.New(int64(cfg.Cache.MaxBytes), time.Hour, h.clk.now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(store.Close)
+	o.Config, o.Store = cfg, store
+	p, err := New(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.p, h.store = p, store
+	h.srv = httptest.NewServer(p)
+	t.Cleanup(h.srv.Close)
+	return h
+}
+
+// do sends a request to the proxy with the sidecar's own Host.
+func (h *harness) do(method, path, auth string, hdr ...string) *http.Response {
+	h.t.Helper()
+	return h.doBody(method, path, auth, nil, hdr...)
+}
+
+func (h *harness) doBody(method, path, auth string, body io.Reader, hdr ...string) *http.Response {
+	h.t.Helper()
+	req, err := http.NewRequest(method, h.srv.URL+path, body)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	if auth != "" {
+		req.Header.Set("Authorization", auth)
+	}
+	for i := 0; i+1 < len(hdr); i += 2 {
+		if hdr[i] == "Host" {
+			req.Host = hdr[i+1]
+			continue
+		}
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	return resp
+}
+
+// get reads a path as account A and returns status, Cache-Status and body.
+func (h *harness) get(path string, hdr ...string) (int, string, string) {
+	h.t.Helper()
+	return readResp(h.t, h.do(http.MethodGet, path, basic(acctA, tokenA), hdr...))
+}
+
+func readResp(t *testing.T, resp *http.Response) (int, string, string) {
+	t.Helper()
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.StatusCode, resp.Header.Get("Cache-Status"), string(b)
+}
+
+// settle waits for ristretto's asynchronous Sets.
+func (h *harness) settle() { h.store.Wait() }
+
+// jsonField decodes one field of a JSON body.
+func jsonField(t *testing.T, body, field string) any {
+	t.Helper()
+	var m map[string]any
+	if err := json.Unmarshal([]byte(body), &m); err != nil {
+		t.Fatalf("body is not JSON: %q", body)
+	}
+	return m[field]
+}
+
+// checkTwilioError asserts Twilio's JSON error shape and status.
+func checkTwilioError(t *testing.T, status int, body string, want int) {
+	t.Helper()
+	if status != want {
+		t.Fatalf("status = %d, want %d (body %s)", status, want, body)
+	}
+	var e struct {
+		Code     int    `json:"code"`
+		Message  string `json:"message"`
+		MoreInfo string `json:"more_info"`
+		Status   int    `json:"status"`
+	}
+	if err := json.Unmarshal([]byte(body), &e); err != nil {
+		t.Fatalf("error body is not JSON: %q", body)
+	}
+	if e.Status != want || e.Code != 20000+want || e.Message == "" || e.MoreInfo == "" {
+		t.Fatalf("error body = %+v, want Twilio shape with status %d", e, want)
+	}
+}
+
+// deadUpstreamAddr returns an address that refuses connections.
+func deadUpstreamAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+// connCounter is a listener that counts accepted connections: a host the
+// proxy must never contact.
+type connCounter struct {
+	net.Listener
+	n atomic.Int64
+}
+
+func (c *connCounter) Accept() (net.Conn, error) {
+	conn, err := c.Listener.Accept()
+	if err == nil {
+		c.n.Add(1)
+	}
+	return conn, err
+}

@@ -1,0 +1,371 @@
+// Package proxy is cacheproxy's HTTP front end: it routes each request to a
+// configured Twilio upstream, answers participant reads from the cache
+// (coalescing identical cold reads), streams everything else through
+// httputil.ReverseProxy, and invalidates what writes change.
+package proxy
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"cacheproxy/internal/cache"
+	"cacheproxy/internal/config"
+
+	"github.com/rs/zerolog"
+	"golang.org/x/sync/singleflight"
+)
+
+// flightGroup is the part of singleflight.Group the proxy uses, an interface
+// so tests may substitute it (as groupcache does).
+type flightGroup interface {
+	DoChan(key string, fn func() (any, error)) <-chan singleflight.Result
+}
+
+// Options are the proxy's dependencies. Config and Store are required.
+type Options struct {
+	Config config.Config
+	Store  *cache.Store
+	// Logger receives one JSON line per request. Zero value: no logs.
+	Logger zerolog.Logger
+	// Transport carries upstream calls. If nil, NewTransport() is used.
+	Transport http.RoundTripper
+	// Now is the clock. If nil, time.Now is used.
+	Now func() time.Time
+	// KeySecret keys credential fingerprints. If empty, a random one.
+	KeySecret []byte
+}
+
+// Proxy is the http.Handler clients talk to.
+type Proxy struct {
+	ups     map[string]*upstream
+	byHost  map[string]*upstream
+	store   *cache.Store
+	flights flightGroup
+	log     zerolog.Logger
+	now     func() time.Time
+	fp      *fingerprinter
+	ids     *requestIDs
+
+	ttl, negTTL       time.Duration
+	maxEntry, maxBody int64
+	maxFetch          int64
+}
+
+// upstream is one configured Twilio API host.
+type upstream struct {
+	name      string
+	target    *url.URL
+	transport http.RoundTripper
+	rp        *httputil.ReverseProxy
+	timeout   time.Duration
+}
+
+// maxFetchBytes bounds how much of a participant read's response is
+// buffered. Larger bodies than cache.max_entry_bytes are served, not stored;
+// larger than this they are a 502: no participant is that big.
+const maxFetchBytes = 32 << 20
+
+// New builds a Proxy. It starts no goroutines and listens nowhere.
+func New(o Options) (*Proxy, error) {
+	if o.Store == nil {
+		return nil, errors.New("proxy: Options.Store is required")
+	}
+	if o.Transport == nil {
+		o.Transport = NewTransport()
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if len(o.KeySecret) == 0 {
+		o.KeySecret = make([]byte, 32)
+		if _, err := io.ReadFull(randReader, o.KeySecret); err != nil {
+			return nil, fmt.Errorf("proxy: key secret: %w", err)
+		}
+	}
+	c := o.Config
+	p := &Proxy{
+		ups:      map[string]*upstream{},
+		byHost:   map[string]*upstream{},
+		store:    o.Store,
+		flights:  new(singleflight.Group),
+		log:      o.Logger,
+		now:      o.Now,
+		fp:       newFingerprinter(o.KeySecret),
+		ids:      newRequestIDs(),
+		ttl:      c.Cache.TTL.D(),
+		negTTL:   c.Cache.NegativeTTL.D(),
+		maxEntry: int64(c.Cache.MaxEntryBytes),
+		maxBody:  int64(c.Server.MaxBodyBytes),
+		maxFetch: max(maxFetchBytes, int64(c.Cache.MaxEntryBytes)),
+	}
+	errLog := log.New(p.log.With().Str("component", "reverseproxy").Logger(), "", 0)
+	for name, uc := range map[string]config.Upstream{conversations: c.Upstreams.Conversations, proxyAPI: c.Upstreams.Proxy} {
+		target, err := url.Parse(uc.URL)
+		if err != nil {
+			return nil, fmt.Errorf("proxy: upstreams.%s.url: %w", name, err)
+		}
+		up := &upstream{name: name, target: target, transport: o.Transport, timeout: uc.Timeout.D()}
+		up.rp = &httputil.ReverseProxy{
+			Rewrite:        func(pr *httputil.ProxyRequest) { pr.SetURL(target) },
+			Transport:      timeoutTransport{o.Transport, up.timeout},
+			FlushInterval:  -1, // Twilio answers are small JSON: pass bytes on as they come
+			ErrorLog:       errLog,
+			ModifyResponse: p.modifyResponse,
+			ErrorHandler:   p.errorHandler,
+		}
+		p.ups[name] = up
+		// Only the configured Twilio host names select an upstream by Host:
+		// the upstream URL's own host may be anything (127.0.0.1 in tests,
+		// a staging host), and the sidecar's own Host must fall through to
+		// path rules.
+		for _, h := range uc.Hosts {
+			if other, dup := p.byHost[strings.ToLower(h)]; dup {
+				return nil, fmt.Errorf("proxy: host %q is listed by upstreams.%s.hosts and upstreams.%s.hosts", h, other.name, name)
+			}
+			p.byHost[strings.ToLower(h)] = up
+		}
+	}
+	return p, nil
+}
+
+// NewTransport returns the upstream transport: no proxy from the
+// environment (only configured upstreams are ever contacted), bounded dials
+// and handshakes, and keep-alive pools sized for a busy sidecar.
+func NewTransport() *http.Transport {
+	return &http.Transport{
+		Proxy:                 nil,
+		DialContext:           (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		ForceAttemptHTTP2:     true,
+		MaxIdleConns:          256,
+		MaxIdleConnsPerHost:   128,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ExpectContinueTimeout: time.Second,
+	}
+}
+
+// timeoutTransport bounds each pass-through call by the upstream's timeout.
+type timeoutTransport struct {
+	rt      http.RoundTripper
+	timeout time.Duration
+}
+
+func (t timeoutTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	ctx, cancel := context.WithTimeout(r.Context(), t.timeout)
+	resp, err := t.rt.RoundTrip(r.WithContext(ctx))
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	resp.Body = cancelBody{resp.Body, cancel}
+	return resp, nil
+}
+
+type cancelBody struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (b cancelBody) Close() error { err := b.ReadCloser.Close(); b.cancel(); return err }
+
+// ServeHTTP routes, serves and logs one request.
+func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	st := statePool.Get().(*state)
+	*st = state{}
+	st.rw.ResponseWriter = w
+	rec := &st.rec
+	rec.start = p.now()
+	rec.reqID = p.ids.from(r)
+	auth := r.Header.Get("Authorization")
+	rec.account = accountOf(auth)
+	w.Header()["X-Request-Id"] = []string{rec.reqID}
+	defer func() {
+		if v := recover(); v != nil {
+			// http.ErrAbortHandler: the reverse proxy lost the upstream
+			// mid-body; the connection is cut. Log it, then let net/http
+			// do the cutting.
+			rec.errMsg = fmt.Sprint(v)
+			p.logRequest(r, rec, &st.rw)
+			panic(v)
+		}
+		p.logRequest(r, rec, &st.rw)
+		statePool.Put(st)
+	}()
+	p.serve(&st.rw, r, rec, auth)
+}
+
+func (p *Proxy) serve(w *recordWriter, r *http.Request, rec *record, auth string) {
+	rt, rerr := p.resolve(r)
+	if rerr != nil {
+		rec.route = "unrouted"
+		rec.errMsg = rerr.msg
+		twilioError(w, rerr.status, rerr.msg)
+		return
+	}
+	rec.route, rec.upstream, rec.rt = rt.name, rt.up.name, rt
+	if rt.cacheable && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
+		p.serveCached(w, r, rec, rt, auth)
+		return
+	}
+	p.forward(w, r, rec, rt)
+}
+
+// forward streams a request through the upstream's ReverseProxy.
+func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rec *record, rt route) {
+	if r.ContentLength > p.maxBody {
+		rec.errMsg = "request body too large"
+		twilioError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body larger than %d bytes", p.maxBody))
+		return
+	}
+	if r.Body != nil && r.Body != http.NoBody {
+		r.Body = http.MaxBytesReader(w, r.Body, p.maxBody)
+	}
+	out := r.WithContext(context.WithValue(r.Context(), recordKey{}, rec))
+	if rt.path != r.URL.Path {
+		u := *r.URL
+		u.Path, u.RawPath = rt.path, rt.rawPath
+		out.URL = &u
+	}
+	rt.up.rp.ServeHTTP(w, out)
+}
+
+func isWrite(method string) bool {
+	return method != http.MethodGet && method != http.MethodHead && method != http.MethodOptions
+}
+
+// modifyResponse records the upstream's answer and, for a write, invalidates
+// its scopes before the client sees the response (read-your-writes).
+func (p *Proxy) modifyResponse(resp *http.Response) error {
+	rec, ok := resp.Request.Context().Value(recordKey{}).(*record)
+	if !ok {
+		return nil
+	}
+	rec.upstreamStatus = resp.StatusCode
+	rec.upstreamDur = p.now().Sub(rec.start)
+	if isWrite(resp.Request.Method) {
+		tags := rec.rt.tags
+		if resp.StatusCode < 300 {
+			tags = append(tags[:len(tags):len(tags)], p.writeBodyTags(rec.rt, resp)...)
+		}
+		if len(tags) > 0 {
+			p.store.Invalidate(tags...)
+		}
+	}
+	return nil
+}
+
+// maxWriteBodyPeek bounds how much of a write's response is read to learn
+// the scopes it names; larger bodies stream on untouched.
+const maxWriteBodyPeek = 64 << 10
+
+// writeBodyTags reads (up to maxWriteBodyPeek of) a write's JSON response
+// for the ids it names, and puts the bytes back for the client.
+func (p *Proxy) writeBodyTags(rt route, resp *http.Response) []string {
+	if resp.Body == nil || resp.Body == http.NoBody || !strings.Contains(resp.Header.Get("Content-Type"), "json") {
+		return nil
+	}
+	head, err := io.ReadAll(io.LimitReader(resp.Body, maxWriteBodyPeek+1))
+	resp.Body = readCloser{io.MultiReader(bytesReader(head), errReader(err), resp.Body), resp.Body}
+	if err != nil || len(head) > maxWriteBodyPeek {
+		return nil
+	}
+	var ids bodyIDs
+	if jsonUnmarshal(head, &ids) != nil {
+		return nil
+	}
+	return bodyTags(rt.up.name, &ids, rt.resource)
+}
+
+// errorHandler answers upstream failures of pass-through requests.
+func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
+	rec, ok := r.Context().Value(recordKey{}).(*record)
+	if ok {
+		rec.errMsg = err.Error()
+		rec.upstreamDur = p.now().Sub(rec.start)
+		if isWrite(r.Method) && len(rec.rt.tags) > 0 {
+			// The write may have been applied before the failure.
+			p.store.Invalidate(rec.rt.tags...)
+		}
+	}
+	status, msg := statusFor(r.Context(), err)
+	if status == 0 {
+		return
+	}
+	twilioError(w, status, msg)
+}
+
+// logRequest writes the access-log line. It never logs a header value.
+func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
+	status := w.status
+	var ev *zerolog.Event
+	switch {
+	case status == 0:
+		status = 499 // client went away before an answer: nothing was sent
+		ev = p.log.Info()
+	case status >= 500:
+		ev = p.log.Error()
+	case status == http.StatusTooManyRequests:
+		ev = p.log.Warn()
+	default:
+		ev = p.log.Info()
+	}
+	if ev == nil {
+		return
+	}
+	ev.Str("request_id", rec.reqID).
+		Str("method", r.Method).
+		Str("route", rec.route).
+		Str("upstream", rec.upstream).
+		Str("path", r.URL.Path).
+		Int("status", status).
+		Str("cache", rec.cache).
+		Int("upstream_status", rec.upstreamStatus).
+		Float64("upstream_ms", ms(rec.upstreamDur)).
+		Float64("queue_wait_ms", ms(rec.queueWait)).
+		Int("retries", rec.retries).
+		Int64("bytes", w.bytes).
+		Float64("duration_ms", ms(p.now().Sub(rec.start))).
+		Str("account", rec.account)
+	if rec.errMsg != "" {
+		ev.Str("error", rec.errMsg)
+	}
+	ev.Msg("request")
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// fingerprinter computes the keyed hash of a request's credentials that goes
+// into cache keys: HMAC-SHA256 under a per-process (or configured) secret,
+// so keys, logs and memory never hold a usable token.
+type fingerprinter struct{ pool sync.Pool }
+
+func newFingerprinter(secret []byte) *fingerprinter {
+	f := &fingerprinter{}
+	f.pool.New = func() any { return hmac.New(sha256.New, secret) }
+	return f
+}
+
+// appendHex appends the first 16 bytes of the fingerprint, hex-encoded.
+func (f *fingerprinter) appendHex(dst []byte, auth string) []byte {
+	h := f.pool.Get().(hash.Hash)
+	h.Reset()
+	_, _ = io.WriteString(h, auth)
+	var sum [sha256.Size]byte
+	h.Sum(sum[:0])
+	f.pool.Put(h)
+	return hex.AppendEncode(dst, sum[:16])
+}

@@ -1,0 +1,243 @@
+package proxy
+
+import (
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+)
+
+// Upstream names; they are also the config keys under [upstreams].
+const (
+	conversations = "conversations"
+	proxyAPI      = "proxy"
+)
+
+// Route names of the cached participant reads, used in logs and metrics.
+const (
+	routeConvParticipant    = "conversations.v1.participant"
+	routeConvSvcParticipant = "conversations.v1.service_participant"
+	routeConv2Participant   = "conversations.v2.participant"
+	routeProxyParticipant   = "proxy.v1.participant"
+)
+
+// route is where one request goes and what it means for the cache.
+type route struct {
+	up *upstream
+	// path and rawPath are the request's path with any /proxy or
+	// /conversations prefix removed (decoded, and escaped as sent).
+	path, rawPath string
+	// name is a participant read route, or "<upstream>.other".
+	name string
+	// cacheable is true for the four participant read routes (any method).
+	cacheable bool
+	// tags are the invalidation scopes: for a read, those its entry belongs
+	// to; for a write, those it invalidates.
+	tags []string
+	// resource is true for writes to a conversation or session itself
+	// (create, update, delete), whose response's sid and unique_name name
+	// further scopes.
+	resource bool
+}
+
+// routeError is a request that maps to no configured upstream.
+type routeError struct {
+	status int
+	msg    string
+}
+
+func (e *routeError) Error() string { return e.msg }
+
+// resolve maps a request to an upstream and route. It never consults
+// anything but configuration: a host the client names that is not a
+// configured upstream is an error, never a connection.
+func (p *Proxy) resolve(r *http.Request) (route, *routeError) {
+	if r.Method == http.MethodConnect {
+		return route{}, &routeError{http.StatusMethodNotAllowed, "CONNECT is not supported: point the client's base URL or transport at cacheproxy over plain HTTP"}
+	}
+	host := r.Host
+	if r.URL.Host != "" { // absolute-URI request (client uses us as an HTTP proxy)
+		host = r.URL.Host
+	}
+	host = strings.ToLower(stripPort(host))
+	path, raw := r.URL.Path, r.URL.RawPath
+	var up *upstream
+	if u, ok := p.byHost[host]; ok {
+		up = u
+	} else if r.URL.Host != "" || host == "twilio.com" || strings.HasSuffix(host, ".twilio.com") {
+		return route{}, &routeError{http.StatusMisdirectedRequest, "host " + quoteHost(host) + " is not a configured upstream of cacheproxy"}
+	} else {
+		var rerr *routeError
+		up, path, raw, rerr = p.byPath(path, raw)
+		if rerr != nil {
+			return route{}, rerr
+		}
+	}
+	segs := strings.Split(strings.TrimPrefix(path, "/"), "/")
+	for _, s := range segs {
+		if s == "." || s == ".." {
+			return route{}, &routeError{http.StatusBadRequest, "path must not contain . or .. segments"}
+		}
+	}
+	rt := classify(up.name, segs)
+	rt.up, rt.path, rt.rawPath = up, path, raw
+	return rt, nil
+}
+
+// byPath routes a request that arrived with the sidecar's own Host (the
+// client replaced its base URL): a /proxy or /conversations prefix, or else
+// the path itself, decides.
+func (p *Proxy) byPath(path, raw string) (*upstream, string, string, *routeError) {
+	for _, name := range []string{proxyAPI, conversations} {
+		prefix := "/" + name + "/"
+		if strings.HasPrefix(path, prefix) {
+			if raw != "" {
+				raw = strings.TrimPrefix(raw, "/"+name)
+			}
+			return p.ups[name], strings.TrimPrefix(path, "/"+name), raw, nil
+		}
+	}
+	segs := strings.SplitN(strings.TrimPrefix(path, "/"), "/", 4)
+	switch {
+	case segs[0] == "v2":
+		return p.ups[conversations], path, raw, nil
+	case segs[0] == "v1" && len(segs) > 1 && segs[1] == "Services":
+		if len(segs) > 2 && strings.HasPrefix(segs[2], "KS") {
+			return p.ups[proxyAPI], path, raw, nil
+		}
+		if len(segs) > 2 && strings.HasPrefix(segs[2], "IS") {
+			return p.ups[conversations], path, raw, nil
+		}
+		return nil, "", "", &routeError{http.StatusNotFound, "cannot tell Proxy from Conversations for " + path + ": send Host: proxy.twilio.com or conversations.twilio.com, or use the /proxy/ or /conversations/ path prefix"}
+	case segs[0] == "v1" && len(segs) > 1 && segs[1] != "":
+		return p.ups[conversations], path, raw, nil
+	}
+	return nil, "", "", &routeError{http.StatusNotFound, "no Twilio API route for " + path + ": expected /v1/..., /v2/..., /proxy/v1/... or /conversations/v1/..."}
+}
+
+// classify names the route of a path under an upstream and lists its
+// invalidation scopes (DESIGN.md "Freshness"). Tags are "<upstream>|<kind>:<id>".
+func classify(up string, s []string) route {
+	rt := route{name: up + ".other"}
+	n := len(s)
+	if n < 2 || s[0] == "" {
+		return rt
+	}
+	tag := func(kind, id string) string { return up + "|" + kind + ":" + id }
+	switch {
+	case up == conversations && s[0] == "v1":
+		// Optional service form: /v1/Services/{IS}/...
+		base := s[1:]
+		var svc string
+		if base[0] == "Services" && n >= 3 {
+			svc = s[2]
+			base = s[3:]
+			if len(base) == 0 {
+				rt.tags = []string{tag("svc", svc)}
+				return rt
+			}
+		}
+		switch {
+		case len(base) == 1 && (base[0] == "Conversations" || base[0] == "ConversationWithParticipants"):
+			rt.resource = true
+		case len(base) >= 2 && base[0] == "Conversations" && (len(base) == 2 || base[2] == "Participants") && len(base) <= 4:
+			rt.tags = []string{tag("conv", base[1])}
+			rt.resource = len(base) == 2
+			if len(base) == 4 {
+				rt.cacheable = true
+				rt.name = routeConvParticipant
+				if svc != "" {
+					rt.name = routeConvSvcParticipant
+					rt.tags = append(rt.tags, tag("svc", svc))
+				}
+			}
+		case len(base) == 4 && base[0] == "Users" && base[2] == "Conversations":
+			rt.tags = []string{tag("conv", base[3])}
+		}
+	case up == conversations && s[0] == "v2" && s[1] == "Conversations":
+		switch {
+		case n == 2:
+			rt.resource = true
+		case n == 3:
+			rt.tags, rt.resource = []string{tag("conv", s[2])}, true
+		case n == 4 && (s[3] == "Participants" || s[3] == "Actions"):
+			rt.tags = []string{tag("conv", s[2])}
+		case n == 5 && s[3] == "Participants":
+			rt.tags = []string{tag("conv", s[2])}
+			rt.cacheable, rt.name = true, routeConv2Participant
+		}
+	case up == proxyAPI && s[0] == "v1" && s[1] == "Services" && n >= 3:
+		switch {
+		case n == 3:
+			rt.tags = []string{tag("svc", s[2])}
+		case n == 4 && s[3] == "Sessions":
+			rt.resource = true
+		case n >= 5 && s[3] == "Sessions" && (n == 5 || (s[5] == "Participants" && n <= 7)):
+			rt.tags = []string{tag("sess", s[4])}
+			rt.resource = n == 5
+			if n == 7 {
+				rt.tags = append(rt.tags, tag("svc", s[2]))
+				rt.cacheable, rt.name = true, routeProxyParticipant
+			}
+		}
+	}
+	return rt
+}
+
+// bodyTags returns the scopes named inside a JSON response of upstream up:
+// the conversation or session a participant belongs to, and for writes to a
+// conversation or session resource, its sid and unique name (a client may
+// address it by either).
+func bodyTags(up string, b *bodyIDs, resource bool) []string {
+	var out []string
+	add := func(kind, id string) {
+		if id != "" {
+			out = append(out, up+"|"+kind+":"+id)
+		}
+	}
+	if up == conversations {
+		add("conv", b.ConversationSid)
+		add("conv", b.ConversationID)
+		add("svc", b.ChatServiceSid)
+	} else {
+		add("sess", b.SessionSid)
+		add("svc", b.ServiceSid)
+	}
+	if resource {
+		kind := "conv"
+		if up == proxyAPI {
+			kind = "sess"
+		}
+		add(kind, b.Sid)
+		add(kind, b.ID)
+		add(kind, b.UniqueName)
+	}
+	return out
+}
+
+// bodyIDs are the fields of Twilio resources that name scopes.
+type bodyIDs struct {
+	Sid             string `json:"sid"`
+	ID              string `json:"id"`
+	UniqueName      string `json:"unique_name"`
+	ConversationSid string `json:"conversation_sid"`
+	ConversationID  string `json:"conversationId"`
+	ChatServiceSid  string `json:"chat_service_sid"`
+	SessionSid      string `json:"session_sid"`
+	ServiceSid      string `json:"service_sid"`
+}
+
+func stripPort(hostport string) string {
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		return h
+	}
+	return hostport
+}
+
+// quoteHost keeps a client-supplied host printable in an error message.
+func quoteHost(h string) string {
+	if len(h) > 100 {
+		h = h[:100]
+	}
+	return `"` + url.PathEscape(h) + `"`
+}

@@ -1,0 +1,282 @@
+// Package twiliofake is a small stateful stand-in for Twilio's Conversations
+// v1 and v2 and Proxy v1 APIs: it serves, updates and deletes participants,
+// answers 401 and 404 the way Twilio does, counts calls, and lets a test
+// add latency or take over a request. Other paths echo what they received.
+package twiliofake
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// SID builds a Twilio-shaped SID: prefix plus 32 hex digits of n.
+func SID(prefix string, n int) string { return fmt.Sprintf("%s%032x", prefix, n) }
+
+// Participant is one stored participant, whichever API it belongs to.
+type Participant struct {
+	Sid        string // MB…, KP… or conv_participant_…
+	Identity   string // Conversations v1 identity, Proxy identifier, v2 name
+	Attributes string
+	Updated    int // bumped by every update
+}
+
+type conversation struct {
+	uniqueName string
+	service    string // IS… for v1, KS… for Proxy sessions
+	parts      map[string]*Participant
+}
+
+// Fake is the upstream. Zero value is not usable: call New.
+type Fake struct {
+	// Accounts maps Basic-auth user to password. Requests with other
+	// credentials get Twilio's 401.
+	Accounts map[string]string
+	// Latency is added to every request.
+	Latency time.Duration
+	// Before, if set, runs first for every request; returning true means it
+	// wrote the response itself (to fail, hang, or rate-limit a request).
+	Before func(w http.ResponseWriter, r *http.Request) bool
+
+	mu    sync.Mutex
+	convs map[string]*conversation // by conversation or session id
+	calls map[string]int           // "METHOD path" -> count
+	total atomic.Int64
+}
+
+// New returns a fake with the given accounts and no data.
+func New(accounts map[string]string) *Fake {
+	return &Fake{Accounts: accounts, convs: map[string]*conversation{}, calls: map[string]int{}}
+}
+
+// AddConversation creates a conversation (v1 CH…, v2 conv_conversation_…)
+// or Proxy session (KC…) under service (IS…/KS…, or "" for v1's default).
+func (f *Fake) AddConversation(id, uniqueName, service string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.convs[id] = &conversation{uniqueName: uniqueName, service: service, parts: map[string]*Participant{}}
+}
+
+// AddParticipant adds a participant to an existing conversation or session.
+func (f *Fake) AddParticipant(conv string, p Participant) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	cp := p
+	f.convs[conv].parts[p.Sid] = &cp
+}
+
+// SetAttributes changes a participant behind the proxy's back (a write
+// made elsewhere).
+func (f *Fake) SetAttributes(conv, sid, attrs string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	p := f.convs[conv].parts[sid]
+	p.Attributes = attrs
+	p.Updated++
+}
+
+// Calls returns how many requests reached the fake for method and path.
+func (f *Fake) Calls(method, path string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.calls[method+" "+path]
+}
+
+// Total returns how many requests reached the fake.
+func (f *Fake) Total() int64 { return f.total.Load() }
+
+// Error writes Twilio's JSON error body.
+func Error(w http.ResponseWriter, status, code int, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(map[string]any{
+		"code": code, "message": msg, "more_info": "https://www.twilio.com/docs/errors/" + strconv.Itoa(code), "status": status,
+	})
+}
+
+// ServeHTTP serves the fake API.
+func (f *Fake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	f.total.Add(1)
+	f.mu.Lock()
+	f.calls[r.Method+" "+r.URL.Path]++
+	f.mu.Unlock()
+	if f.Before != nil && f.Before(w, r) {
+		return
+	}
+	if f.Latency > 0 {
+		select {
+		case <-time.After(f.Latency):
+		case <-r.Context().Done():
+			return
+		}
+	}
+	user, pass, ok := r.BasicAuth()
+	if want, known := f.Accounts[user]; !ok || !known || want != pass {
+		w.Header().Set("WWW-Authenticate", `Basic realm="Twilio API"`)
+		Error(w, http.StatusUnauthorized, 20003, "Authenticate")
+		return
+	}
+	w.Header().Set("Twilio-Request-Id", "RQ"+strconv.FormatInt(f.total.Load(), 16))
+	s := strings.Split(strings.TrimPrefix(r.URL.Path, "/"), "/")
+	switch {
+	case len(s) >= 5 && s[0] == "v1" && s[1] == "Conversations" && s[3] == "Participants":
+		f.participant(w, r, user, "", s[2], s[4:], v1JSON)
+	case len(s) >= 7 && s[0] == "v1" && s[1] == "Services" && s[3] == "Conversations" && s[5] == "Participants":
+		f.participant(w, r, user, s[2], s[4], s[6:], v1JSON)
+	case len(s) >= 7 && s[0] == "v1" && s[1] == "Services" && s[3] == "Sessions" && s[5] == "Participants":
+		f.participant(w, r, user, s[2], s[4], s[6:], proxyJSON)
+	case len(s) >= 5 && s[0] == "v2" && s[1] == "Conversations" && s[3] == "Participants":
+		f.participant(w, r, user, "", s[2], s[4:], v2JSON)
+	case len(s) == 3 && s[0] == "v1" && s[1] == "Conversations" && r.Method == http.MethodDelete:
+		f.mu.Lock()
+		delete(f.convs, f.resolveConv(s[2]))
+		f.mu.Unlock()
+		w.WriteHeader(http.StatusNoContent)
+	default:
+		f.echo(w, r)
+	}
+}
+
+// resolveConv maps a unique name to its id; callers hold f.mu.
+func (f *Fake) resolveConv(id string) string {
+	if _, ok := f.convs[id]; ok {
+		return id
+	}
+	for cid, c := range f.convs {
+		if c.uniqueName != "" && c.uniqueName == id {
+			return cid
+		}
+	}
+	return id
+}
+
+type render func(account, service, conv string, p *Participant, url string) any
+
+func (f *Fake) participant(w http.ResponseWriter, r *http.Request, account, service, convID string, rest []string, view render) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	cid := f.resolveConv(convID)
+	c, ok := f.convs[cid]
+	if !ok || (service != "" && c.service != "" && c.service != service) || len(rest) > 1 {
+		f.notFound(w, r)
+		return
+	}
+	var p *Participant
+	if len(rest) == 1 {
+		for _, q := range c.parts {
+			if q.Sid == rest[0] || (q.Identity != "" && q.Identity == rest[0]) {
+				p = q
+			}
+		}
+	}
+	switch {
+	case len(rest) == 0 && r.Method == http.MethodPost:
+		if err := r.ParseForm(); err != nil {
+			Error(w, http.StatusBadRequest, 20001, "bad form")
+			return
+		}
+		p = &Participant{Sid: SID("MB", len(c.parts)+1000), Identity: r.PostForm.Get("Identity"), Attributes: r.PostForm.Get("Attributes")}
+		c.parts[p.Sid] = p
+		writeJSON(w, http.StatusCreated, view(account, service, cid, p, r.URL.Path+"/"+p.Sid))
+	case p == nil:
+		f.notFound(w, r)
+	case r.Method == http.MethodGet:
+		writeJSON(w, http.StatusOK, view(account, service, cid, p, r.URL.Path))
+	case r.Method == http.MethodPost || r.Method == http.MethodPut:
+		attrs, err := readAttributes(r)
+		if err != nil {
+			Error(w, http.StatusBadRequest, 20001, err.Error())
+			return
+		}
+		p.Attributes = attrs
+		p.Updated++
+		writeJSON(w, http.StatusOK, view(account, service, cid, p, r.URL.Path))
+	case r.Method == http.MethodDelete:
+		delete(c.parts, p.Sid)
+		w.WriteHeader(http.StatusNoContent)
+	default:
+		Error(w, http.StatusMethodNotAllowed, 20004, "Method not allowed")
+	}
+}
+
+// readAttributes takes Attributes from a form (v1, Proxy) or "name" from
+// JSON (v2).
+func readAttributes(r *http.Request) (string, error) {
+	if strings.Contains(r.Header.Get("Content-Type"), "json") {
+		var body struct {
+			Name string `json:"name"`
+		}
+		if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&body); err != nil {
+			return "", fmt.Errorf("bad JSON: %w", err)
+		}
+		return body.Name, nil
+	}
+	if err := r.ParseForm(); err != nil {
+		return "", err
+	}
+	return r.PostForm.Get("Attributes"), nil
+}
+
+func (f *Fake) notFound(w http.ResponseWriter, r *http.Request) {
+	Error(w, http.StatusNotFound, 20404, "The requested resource "+r.URL.Path+" was not found")
+}
+
+// echo answers any other path with what it received (never the credentials).
+func (f *Fake) echo(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	hdr := map[string]string{}
+	for k := range r.Header {
+		if k != "Authorization" {
+			hdr[k] = r.Header.Get(k)
+		}
+	}
+	writeJSON(w, http.StatusOK, map[string]any{
+		"method": r.Method, "path": r.URL.Path, "query": r.URL.RawQuery, "host": r.Host,
+		"headers": hdr, "body_bytes": len(body),
+	})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, _ := json.Marshal(v)
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(status)
+	_, _ = w.Write(b)
+}
+
+const stamp = "2026-01-01T00:00:00Z"
+
+func v1JSON(account, service, conv string, p *Participant, url string) any {
+	m := map[string]any{
+		"account_sid": account, "conversation_sid": conv, "sid": p.Sid, "identity": p.Identity,
+		"attributes": p.Attributes, "messaging_binding": nil, "role_sid": nil,
+		"date_created": stamp, "date_updated": stamp, "url": "https://conversations.twilio.com" + url,
+		"last_read_message_index": p.Updated, "last_read_timestamp": nil,
+	}
+	if service != "" {
+		m["chat_service_sid"] = service
+	}
+	return m
+}
+
+func proxyJSON(account, service, sess string, p *Participant, url string) any {
+	return map[string]any{
+		"sid": p.Sid, "session_sid": sess, "service_sid": service, "account_sid": account,
+		"friendly_name": p.Attributes, "identifier": p.Identity, "proxy_identifier": "+15005550006",
+		"proxy_identifier_sid": SID("PN", 1), "date_deleted": nil, "date_created": stamp, "date_updated": stamp,
+		"url": "https://proxy.twilio.com" + url, "links": map[string]string{},
+	}
+}
+
+func v2JSON(account, _ string, conv string, p *Participant, _ string) any {
+	return map[string]any{
+		"id": p.Sid, "conversationId": conv, "accountId": account, "name": p.Attributes,
+		"type": "CUSTOMER", "addresses": []any{}, "createdAt": stamp, "updatedAt": stamp,
+	}
+}
