@@ -52,19 +52,14 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, rt ro
 			}
 		}
 	}
-	arrival := p.store.Epoch()
-	flightKey := key + "@" + strconv.FormatUint(p.store.Since(rt.tags), 10)
+	// The flight is keyed by the invalidation epoch at arrival: a read that
+	// arrives after a write's response never joins a fetch that began
+	// before it (DESIGN.md "Freshness"). Reads between writes still share.
+	flightKey := key + "@" + strconv.FormatUint(p.store.Epoch(), 10)
 	if noCache {
 		flightKey = "no-cache " + flightKey
 	}
 	res, leader, err := p.fetchShared(r, rt, key, flightKey)
-	if err == nil && !leader && !p.store.Valid(res.entry.Epoch, res.entry.Tags) && p.store.Since(res.entry.Tags) <= arrival {
-		// The shared fetch began before a write that finished before this
-		// request arrived (a write naming a scope only the body revealed):
-		// its data is older than what this client may see. Fetch anew.
-		flightKey = key + "@" + strconv.FormatUint(p.store.Since(res.entry.Tags), 10)
-		res, leader, err = p.fetchShared(r, rt, key, flightKey)
-	}
 	if err != nil {
 		rec.errMsg = err.Error()
 		status, msg := statusFor(r.Context(), err)

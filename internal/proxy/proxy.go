@@ -257,7 +257,7 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	rec.upstreamStatus = resp.StatusCode
 	rec.upstreamDur = p.now().Sub(rec.start)
 	if isWrite(resp.Request.Method) {
-		tags := rec.rt.tags
+		tags := rec.rt.writeTags
 		if resp.StatusCode < 300 {
 			tags = append(tags[:len(tags):len(tags)], p.writeBodyTags(rec.rt, resp)...)
 		}
@@ -296,9 +296,9 @@ func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) 
 	if ok {
 		rec.errMsg = err.Error()
 		rec.upstreamDur = p.now().Sub(rec.start)
-		if isWrite(r.Method) && len(rec.rt.tags) > 0 {
+		if isWrite(r.Method) && len(rec.rt.writeTags) > 0 {
 			// The write may have been applied before the failure.
-			p.store.Invalidate(rec.rt.tags...)
+			p.store.Invalidate(rec.rt.writeTags...)
 		}
 	}
 	status, msg := statusFor(r.Context(), err)

@@ -31,9 +31,11 @@ type route struct {
 	name string
 	// cacheable is true for the four participant read routes (any method).
 	cacheable bool
-	// tags are the invalidation scopes: for a read, those its entry belongs
-	// to; for a write, those it invalidates.
-	tags []string
+	// tags are the scopes a read's entry belongs to: the ids in its path
+	// plus a wildcard per kind. writeTags are those a write invalidates: the
+	// ids in its path, plus the kind's wildcard when an id is not a SID (a
+	// unique name may name what entries know by SID).
+	tags, writeTags []string
 	// resource is true for writes to a conversation or session itself
 	// (create, update, delete), whose response's sid and unique_name name
 	// further scopes.
@@ -123,7 +125,8 @@ func classify(up string, s []string) route {
 	if n < 2 || s[0] == "" {
 		return rt
 	}
-	tag := func(kind, id string) string { return up + "|" + kind + ":" + id }
+	var ids [][2]string // kind, id
+	scope := func(kind, id string) { ids = append(ids, [2]string{kind, id}) }
 	switch {
 	case up == conversations && s[0] == "v1":
 		// Optional service form: /v1/Services/{IS}/...
@@ -133,55 +136,85 @@ func classify(up string, s []string) route {
 			svc = s[2]
 			base = s[3:]
 			if len(base) == 0 {
-				rt.tags = []string{tag("svc", svc)}
-				return rt
+				scope("svc", svc)
 			}
 		}
 		switch {
 		case len(base) == 1 && (base[0] == "Conversations" || base[0] == "ConversationWithParticipants"):
 			rt.resource = true
 		case len(base) >= 2 && base[0] == "Conversations" && (len(base) == 2 || base[2] == "Participants") && len(base) <= 4:
-			rt.tags = []string{tag("conv", base[1])}
+			scope("conv", base[1])
 			rt.resource = len(base) == 2
 			if len(base) == 4 {
 				rt.cacheable = true
 				rt.name = routeConvParticipant
 				if svc != "" {
 					rt.name = routeConvSvcParticipant
-					rt.tags = append(rt.tags, tag("svc", svc))
+					scope("svc", svc)
 				}
 			}
 		case len(base) == 4 && base[0] == "Users" && base[2] == "Conversations":
-			rt.tags = []string{tag("conv", base[3])}
+			scope("conv", base[3])
 		}
 	case up == conversations && s[0] == "v2" && s[1] == "Conversations":
 		switch {
 		case n == 2:
 			rt.resource = true
 		case n == 3:
-			rt.tags, rt.resource = []string{tag("conv", s[2])}, true
+			scope("conv", s[2])
+			rt.resource = true
 		case n == 4 && (s[3] == "Participants" || s[3] == "Actions"):
-			rt.tags = []string{tag("conv", s[2])}
+			scope("conv", s[2])
 		case n == 5 && s[3] == "Participants":
-			rt.tags = []string{tag("conv", s[2])}
+			scope("conv", s[2])
 			rt.cacheable, rt.name = true, routeConv2Participant
 		}
 	case up == proxyAPI && s[0] == "v1" && s[1] == "Services" && n >= 3:
 		switch {
 		case n == 3:
-			rt.tags = []string{tag("svc", s[2])}
+			scope("svc", s[2])
 		case n == 4 && s[3] == "Sessions":
 			rt.resource = true
 		case n >= 5 && s[3] == "Sessions" && (n == 5 || (s[5] == "Participants" && n <= 7)):
-			rt.tags = []string{tag("sess", s[4])}
+			scope("sess", s[4])
 			rt.resource = n == 5
 			if n == 7 {
-				rt.tags = append(rt.tags, tag("svc", s[2]))
+				scope("svc", s[2])
 				rt.cacheable, rt.name = true, routeProxyParticipant
 			}
 		}
 	}
+	for _, kv := range ids {
+		t := scopeTag(up, kv[0], kv[1])
+		rt.writeTags = append(rt.writeTags, t)
+		if !sidLike(kv[1]) {
+			rt.writeTags = append(rt.writeTags, scopeTag(up, kv[0], "*"))
+		}
+		if rt.cacheable {
+			rt.tags = append(rt.tags, t, scopeTag(up, kv[0], "*"))
+		}
+	}
 	return rt
+}
+
+func scopeTag(up, kind, id string) string { return up + "|" + kind + ":" + id }
+
+// sidLike reports an id Twilio assigned (two capital letters and 32 hex
+// digits, or a v2 conv_… id) rather than a unique name.
+func sidLike(id string) bool {
+	if strings.HasPrefix(id, "conv_") {
+		return true
+	}
+	if len(id) != 34 || id[0] < 'A' || id[0] > 'Z' || id[1] < 'A' || id[1] > 'Z' {
+		return false
+	}
+	for i := 2; i < 34; i++ {
+		c := id[i]
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
+			return false
+		}
+	}
+	return true
 }
 
 // bodyTags returns the scopes named inside a JSON response of upstream up:
@@ -192,7 +225,7 @@ func bodyTags(up string, b *bodyIDs, resource bool) []string {
 	var out []string
 	add := func(kind, id string) {
 		if id != "" {
-			out = append(out, up+"|"+kind+":"+id)
+			out = append(out, scopeTag(up, kind, id))
 		}
 	}
 	if up == conversations {

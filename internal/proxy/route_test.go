@@ -185,11 +185,24 @@ func TestClassifyScopes(t *testing.T) {
 		{proxyAPI, "/v1/Services/" + ksvc + "/Sessions/" + sess1, false, "proxy|sess:" + sess1},
 		{proxyAPI, "/v1/Services/" + ksvc, false, "proxy|svc:" + ksvc},
 		{proxyAPI, "/v1/Services/" + ksvc + "/Sessions/" + sess1 + "/Interactions", false, ""},
+		// Addressed by unique name: the kind's wildcard goes too.
+		{conversations, "/v1/Conversations/support-room", false, "conversations|conv:support-room conversations|conv:*"},
+		{proxyAPI, "/v1/Services/" + ksvc + "/Sessions/my-session", false, "proxy|sess:my-session proxy|sess:*"},
 	}
 	for _, tc := range tests {
 		rt := classify(tc.up, strings.Split(strings.TrimPrefix(tc.path, "/"), "/"))
-		if rt.cacheable != tc.cacheable || strings.Join(rt.tags, " ") != tc.tags {
-			t.Errorf("%s %s: cacheable=%v tags=%q, want %v %q", tc.up, tc.path, rt.cacheable, strings.Join(rt.tags, " "), tc.cacheable, tc.tags)
+		if rt.cacheable != tc.cacheable || strings.Join(rt.writeTags, " ") != tc.tags {
+			t.Errorf("%s %s: cacheable=%v writeTags=%q, want %v %q", tc.up, tc.path, rt.cacheable, strings.Join(rt.writeTags, " "), tc.cacheable, tc.tags)
+		}
+		// A read's entry carries its scopes and each kind's wildcard.
+		var want []string
+		if tc.cacheable {
+			for _, tag := range rt.writeTags {
+				want = append(want, tag, tag[:strings.Index(tag, ":")+1]+"*")
+			}
+		}
+		if strings.Join(rt.tags, " ") != strings.Join(want, " ") {
+			t.Errorf("%s: read tags %q, want %q", tc.path, rt.tags, want)
 		}
 	}
 }

@@ -125,13 +125,13 @@ func (f *Fake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Twilio-Request-Id", "RQ"+strconv.FormatInt(f.total.Load(), 16))
 	s := strings.Split(strings.TrimPrefix(r.URL.Path, "/"), "/")
 	switch {
-	case len(s) >= 5 && s[0] == "v1" && s[1] == "Conversations" && s[3] == "Participants":
+	case len(s) >= 4 && s[0] == "v1" && s[1] == "Conversations" && s[3] == "Participants":
 		f.participant(w, r, user, "", s[2], s[4:], v1JSON)
-	case len(s) >= 7 && s[0] == "v1" && s[1] == "Services" && s[3] == "Conversations" && s[5] == "Participants":
+	case len(s) >= 6 && s[0] == "v1" && s[1] == "Services" && s[3] == "Conversations" && s[5] == "Participants":
 		f.participant(w, r, user, s[2], s[4], s[6:], v1JSON)
-	case len(s) >= 7 && s[0] == "v1" && s[1] == "Services" && s[3] == "Sessions" && s[5] == "Participants":
+	case len(s) >= 6 && s[0] == "v1" && s[1] == "Services" && s[3] == "Sessions" && s[5] == "Participants":
 		f.participant(w, r, user, s[2], s[4], s[6:], proxyJSON)
-	case len(s) >= 5 && s[0] == "v2" && s[1] == "Conversations" && s[3] == "Participants":
+	case len(s) >= 4 && s[0] == "v2" && s[1] == "Conversations" && s[3] == "Participants":
 		f.participant(w, r, user, "", s[2], s[4:], v2JSON)
 	case len(s) == 3 && s[0] == "v1" && s[1] == "Conversations" && r.Method == http.MethodDelete:
 		f.mu.Lock()
