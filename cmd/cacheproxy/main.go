@@ -119,7 +119,7 @@ func serve(ctx context.Context, cfg config.Config, logger zerolog.Logger) error 
 	logger.Info().Msg("shutting down: finishing in-flight requests")
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout.D())
 	defer cancel()
-	err = errors.Join(srv.Shutdown(sctx), admin.Shutdown(sctx))
+	err = errors.Join(srv.Shutdown(sctx), admin.Shutdown(sctx), p.Wait(sctx))
 	if err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}

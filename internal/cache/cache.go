@@ -56,6 +56,10 @@ func (e *Entry) Cost() int64 {
 type Store struct {
 	c   *ristretto.Cache[string, *Entry]
 	now func() time.Time
+	// life guards Set and Del against Close: a detached fetch may finish
+	// after shutdown closed the store, and ristretto must not be written then.
+	life   sync.RWMutex
+	closed bool
 
 	epoch     atomic.Uint64
 	mu        sync.RWMutex
@@ -90,12 +94,25 @@ func New(maxBytes int64, retention time.Duration, now func() time.Time) (*Store,
 	return &Store{c: c, now: now, marks: map[string]mark{}, retention: retention, lastPrune: now()}, nil
 }
 
-// Close stops the store's background goroutines.
-func (s *Store) Close() { s.c.Close() }
+// Close stops the store's background goroutines. Later Sets are dropped.
+func (s *Store) Close() {
+	s.life.Lock()
+	defer s.life.Unlock()
+	if !s.closed {
+		s.closed = true
+		s.c.Close()
+	}
+}
 
 // Wait blocks until pending Sets are applied (ristretto applies them
 // asynchronously); tests and purges use it.
-func (s *Store) Wait() { s.c.Wait() }
+func (s *Store) Wait() {
+	s.life.RLock()
+	defer s.life.RUnlock()
+	if !s.closed {
+		s.c.Wait()
+	}
+}
 
 // Epoch is the current invalidation epoch. A fetch records it before it
 // starts and stores it in its Entry.
@@ -119,11 +136,19 @@ func (s *Store) Set(e *Entry) bool {
 	if ttl <= 0 || !s.Valid(e.Epoch, e.Tags) {
 		return false
 	}
-	return s.c.SetWithTTL(e.Key, e, e.Cost(), ttl)
+	s.life.RLock()
+	defer s.life.RUnlock()
+	return !s.closed && s.c.SetWithTTL(e.Key, e, e.Cost(), ttl)
 }
 
 // Del removes one key.
-func (s *Store) Del(key string) { s.c.Del(key) }
+func (s *Store) Del(key string) {
+	s.life.RLock()
+	defer s.life.RUnlock()
+	if !s.closed {
+		s.c.Del(key)
+	}
+}
 
 // Invalidate makes every entry tagged with any of tags, fetched at an epoch
 // before this call, invisible from now on, and returns the new epoch.

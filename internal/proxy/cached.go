@@ -91,6 +91,8 @@ func (p *Proxy) fetchShared(r *http.Request, rt route, key, flightKey string) (*
 	ran := false // written by the flight goroutine; read only after its result arrives
 	ch := p.flights.DoChan(flightKey, func() (v any, err error) {
 		ran = true
+		p.fetches.Add(1)
+		defer p.fetches.Done()
 		defer func() {
 			if x := recover(); x != nil {
 				p.log.Error().Str("route", rt.name).Str("panic", fmt.Sprint(x)).Msg("upstream fetch panicked")

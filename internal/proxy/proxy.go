@@ -59,6 +59,7 @@ type Proxy struct {
 	now     func() time.Time
 	fp      *fingerprinter
 	ids     *requestIDs
+	fetches sync.WaitGroup // detached upstream fetches still running
 
 	ttl, negTTL       time.Duration
 	maxEntry, maxBody int64
@@ -181,6 +182,19 @@ type cancelBody struct {
 }
 
 func (b cancelBody) Close() error { err := b.ReadCloser.Close(); b.cancel(); return err }
+
+// Wait blocks until detached fetches (those whose clients all left) finish
+// or ctx ends. Call it after http.Server.Shutdown, before closing the store.
+func (p *Proxy) Wait(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() { p.fetches.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
 
 // ServeHTTP routes, serves and logs one request.
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {

@@ -1,0 +1,145 @@
+package proxy
+
+import (
+	"context"
+	"encoding/base64"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"cacheproxy/internal/config"
+)
+
+func TestUpstreamUnreachableIs502(t *testing.T) {
+	dead := "http://" + deadUpstreamAddr(t)
+	h := newHarnessWithURLs(t, dead, dead)
+	for _, tc := range []struct{ method, path string }{{"GET", pathConv}, {"POST", "/v1/Conversations"}, {"GET", "/v2/Conversations"}} {
+		s, _, body := readResp(t, h.do(tc.method, tc.path, basic(acctA, tokenA)))
+		checkTwilioError(t, s, body, http.StatusBadGateway)
+	}
+}
+
+// newHarnessWithURLs is a harness whose upstream URLs are replaced.
+func newHarnessWithURLs(t *testing.T, conv, prox string) *harness {
+	return newHarness(t, func(c *config.Config, _ *Options) {
+		c.Upstreams.Conversations.URL, c.Upstreams.Proxy.URL = conv, prox
+	})
+}
+
+func TestUpstreamTimeoutIs504(t *testing.T) {
+	hang := make(chan struct{})
+	defer close(hang)
+	h := newHarness(t, func(c *config.Config, _ *Options) {
+		c.Upstreams.Conversations.Timeout = config.Duration(50 * time.Millisecond)
+	})
+	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool {
+		select {
+		case <-hang:
+		case <-r.Context().Done():
+		}
+		return true
+	}
+	for _, tc := range []struct{ method, path string }{{"GET", pathConv}, {"POST", pathConv}, {"GET", "/v1/Conversations"}} {
+		s, _, body := readResp(t, h.do(tc.method, tc.path, basic(acctA, tokenA)))
+		checkTwilioError(t, s, body, http.StatusGatewayTimeout)
+	}
+}
+
+func TestHugeBodyIs413(t *testing.T) {
+	h := newHarness(t, func(c *config.Config, _ *Options) { c.Server.MaxBodyBytes = 1 << 10 })
+	// Known length: refused before anything is sent upstream.
+	s, _, body := readResp(t, h.doBody("POST", pathConv, basic(acctA, tokenA), strings.NewReader(strings.Repeat("a", 4<<10))))
+	checkTwilioError(t, s, body, http.StatusRequestEntityTooLarge)
+	if h.conv.Total() != 0 {
+		t.Fatalf("oversized body reached the upstream")
+	}
+	// Unknown length (chunked): cut off while streaming.
+	s, _, body = readResp(t, h.doBody("POST", pathConv, basic(acctA, tokenA), struct{ *strings.Reader }{strings.NewReader(strings.Repeat("a", 64<<10))}))
+	checkTwilioError(t, s, body, http.StatusRequestEntityTooLarge)
+}
+
+func TestClientGoneIsLoggedNotAnswered(t *testing.T) {
+	h := newHarness(t)
+	gate := make(chan struct{})
+	arrived := make(chan struct{}, 2)
+	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool { arrived <- struct{}{}; <-gate; return false }
+	defer close(gate)
+	for _, method := range []string{"POST", "GET"} { // pass-through and cached
+		ctx, cancel := context.WithCancel(context.Background())
+		req := httptestRequest(ctx, pathConv, basic(acctA, tokenA))
+		req.Method = method
+		w := newTrackingWriter()
+		done := make(chan struct{})
+		go func() { h.p.ServeHTTP(w, req); close(done) }()
+		<-arrived
+		cancel()
+		<-done
+		if w.wrote {
+			t.Fatalf("%s: client that went away got %d", method, w.code)
+		}
+	}
+	n := 0
+	for _, l := range h.logs.lines(t) {
+		if l["message"] == "request" && l["status"] == float64(499) {
+			n++
+		}
+	}
+	if n != 2 {
+		t.Fatalf("want 2 access-log lines with status 499, got %d:\n%s", n, h.logs.String())
+	}
+}
+
+func TestAccessLogLine(t *testing.T) {
+	h := newHarness(t)
+	h.get(pathConv)
+	h.settle()
+	h.get(pathConv, "X-Request-Id", "req-123")
+	lines := h.logs.lines(t)
+	var got []map[string]any
+	for _, l := range lines {
+		if l["message"] == "request" {
+			got = append(got, l)
+		}
+	}
+	if len(got) != 2 {
+		t.Fatalf("want one line per request, got %d", len(got))
+	}
+	for _, f := range []string{"request_id", "method", "route", "upstream", "status", "cache", "upstream_status", "upstream_ms", "queue_wait_ms", "retries", "bytes", "duration_ms", "account"} {
+		if _, ok := got[0][f]; !ok {
+			t.Errorf("access log lacks %q: %v", f, got[0])
+		}
+	}
+	if got[0]["cache"] != "miss" || got[1]["cache"] != "hit" || got[1]["request_id"] != "req-123" ||
+		got[0]["route"] != routeConvParticipant || got[0]["account"] != acctA || got[0]["upstream_status"] != float64(200) ||
+		got[0]["bytes"].(float64) < 100 {
+		t.Fatalf("access log lines wrong:\n%v\n%v", got[0], got[1])
+	}
+}
+
+// TestNoCredentialInLogs drives every path a request can take, at debug
+// level, and checks that no log line holds a token or Authorization value.
+func TestNoCredentialInLogs(t *testing.T) {
+	h := newHarness(t)
+	panicky := newHarness(t, func(_ *config.Config, o *Options) { o.Transport = panicTransport{NewTransport()} })
+	panicky.logs = h.logs
+	authA, authB, wrong := basic(acctA, tokenA), basic(acctB, tokenB), basic(acctA, "wrongSECRETwrong")
+	for _, auth := range []string{authA, authB, wrong, "Bearer " + tokenA, "Basic !!!" + tokenB} {
+		h.do("GET", pathConv, auth).Body.Close()
+		h.do("GET", pathConv, auth).Body.Close()
+		h.do("POST", pathConv, auth).Body.Close()
+		h.do("GET", "/nowhere", auth).Body.Close()
+		h.do("GET", "/v1/Services", auth).Body.Close()
+		panicky.do("GET", pathV2, auth).Body.Close()
+	}
+	logs := h.logs.String() + panicky.logs.String()
+	if !strings.Contains(logs, `"message":"request"`) {
+		t.Fatalf("no access log written")
+	}
+	for _, secret := range []string{tokenA, tokenB, "wrongSECRETwrong", authA, authB, wrong,
+		base64.StdEncoding.EncodeToString([]byte(acctA + ":" + tokenA)), "Authorization", "Basic "} {
+		if strings.Contains(logs, secret) {
+			t.Fatalf("logs contain %q", secret)
+		}
+	}
+}
