@@ -105,6 +105,8 @@ func serve(ctx context.Context, cfg config.Config, logger zerolog.Logger) error 
 		IdleTimeout:       cfg.Server.IdleTimeout.D(),
 		ErrorLog:          newStdLog(logger, "admin"),
 	}
+	// Shutdown runs this once the listener is closed.
+	srv.RegisterOnShutdown(func() { logger.Info().Msg("no longer accepting; finishing in-flight requests") })
 	errc := make(chan error, 2)
 	go func() { errc <- srv.Serve(ln) }()
 	go func() { errc <- admin.Serve(adminLn) }()
@@ -116,7 +118,7 @@ func serve(ctx context.Context, cfg config.Config, logger zerolog.Logger) error 
 	case err := <-errc:
 		return fmt.Errorf("serve: %w", err)
 	}
-	logger.Info().Msg("shutting down: finishing in-flight requests")
+	logger.Info().Msg("shutting down")
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout.D())
 	defer cancel()
 	err = errors.Join(srv.Shutdown(sctx), admin.Shutdown(sctx), p.Wait(sctx))

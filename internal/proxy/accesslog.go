@@ -5,7 +5,6 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"net/http"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -19,13 +18,15 @@ type record struct {
 	start          time.Time
 	route          string
 	upstream       string
-	account        string
+	account        [34]byte // the account SID, see accountOf
+	accountLen     int
 	cache          string // hit, miss, collapsed, bypass, refresh, or "" (not cacheable)
 	upstreamStatus int
 	upstreamDur    time.Duration
 	queueWait      time.Duration
 	retries        int
-	reqID          string
+	reqID          string // the client's X-Request-Id, or "" and reqNum
+	reqNum         uint64
 	errMsg         string
 	rt             route
 }
@@ -78,19 +79,11 @@ func newRequestIDs() *requestIDs {
 	return &requestIDs{prefix: hex.EncodeToString(b[:]) + "-"}
 }
 
-func (g *requestIDs) next() string {
-	return g.prefix + strconv.FormatUint(g.n.Add(1), 10)
-}
-
-// requestID keeps a sane client-sent X-Request-Id and makes one otherwise.
-func (g *requestIDs) from(r *http.Request) string {
-	if v := r.Header.Get("X-Request-Id"); v != "" && len(v) <= 64 && printableToken(v) {
-		return v
+// validRequestID accepts a client's X-Request-Id that is short and printable.
+func validRequestID(s string) bool {
+	if s == "" || len(s) > 64 {
+		return false
 	}
-	return g.next()
-}
-
-func printableToken(s string) bool {
 	for i := 0; i < len(s); i++ {
 		c := s[i]
 		if c <= ' ' || c >= 0x7f || c == '"' || c == '\\' {
@@ -100,32 +93,30 @@ func printableToken(s string) bool {
 	return true
 }
 
-// accountOf returns the Basic-auth user when it is a Twilio account or API
-// key SID (AC… or SK… and 32 hex digits), else "". The password is never
-// looked at, so it cannot leak into a log line or a metric label.
-func accountOf(auth string) string {
+// accountOf copies into dst the Basic-auth user when it is a Twilio account
+// or API key SID (AC… or SK… and 32 hex digits) and returns its length, else
+// 0. Only the first 48 base64 characters are decoded (the user, the colon and
+// one password byte, discarded), so the password cannot reach a log line or
+// a metric label.
+func accountOf(auth string, dst *[34]byte) int {
 	const prefix = "Basic "
-	if len(auth) < len(prefix) || !strings.EqualFold(auth[:len(prefix)], prefix) {
-		return ""
+	if len(auth) < len(prefix)+48 || !strings.EqualFold(auth[:len(prefix)], prefix) {
+		return 0
 	}
-	var buf [192]byte
-	enc := auth[len(prefix):]
-	if base64.StdEncoding.DecodedLen(len(enc)) > len(buf) {
-		return ""
+	var enc [48]byte
+	var dec [36]byte
+	copy(enc[:], auth[len(prefix):])
+	if _, err := base64.StdEncoding.Decode(dec[:], enc[:]); err != nil {
+		return 0
 	}
-	n, err := base64.StdEncoding.Decode(buf[:], []byte(enc))
-	if err != nil {
-		return ""
+	if dec[34] != ':' || (string(dec[:2]) != "AC" && string(dec[:2]) != "SK") {
+		return 0
 	}
-	user, _, ok := strings.Cut(string(buf[:min(n, 35)]), ":")
-	if !ok || len(user) != 34 || (user[:2] != "AC" && user[:2] != "SK") {
-		return ""
-	}
-	for i := 2; i < 34; i++ {
-		c := user[i]
+	for _, c := range dec[2:34] {
 		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
-			return ""
+			return 0
 		}
 	}
-	return user
+	copy(dst[:], dec[:34])
+	return 34
 }

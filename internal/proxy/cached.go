@@ -47,7 +47,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, rt ro
 				rec.cache = "hit"
 				ttl := int(e.Expires.Sub(now) / time.Second)
 				age := int(now.Sub(e.Stored) / time.Second)
-				p.writeEntry(w, r, e, "cacheproxy; hit; ttl="+strconv.Itoa(ttl), strconv.Itoa(age))
+				p.writeEntry(w, r, e, p.hdrs.hit(ttl), p.hdrs.age(age))
 				return
 			}
 		}
@@ -82,7 +82,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, rt ro
 	case res.stored:
 		fwd += "; stored"
 	}
-	p.writeEntry(w, r, res.entry, fwd, "")
+	p.writeEntry(w, r, res.entry, []string{fwd}, nil)
 }
 
 // fetchShared joins or starts the fetch for flightKey and waits for it or
@@ -147,7 +147,7 @@ func (p *Proxy) fetch(r *http.Request, rt route, key string) (*fetchResult, erro
 		Body:   body,
 		Stored: now,
 		Epoch:  epoch,
-		Tags:   rt.tags,
+		Tags:   rt.readTags(),
 	}
 	var ttl time.Duration
 	switch resp.StatusCode {
@@ -155,7 +155,7 @@ func (p *Proxy) fetch(r *http.Request, rt route, key string) (*fetchResult, erro
 		ttl = p.ttl
 		var ids bodyIDs
 		if jsonUnmarshal(body, &ids) == nil {
-			e.Tags = append(slices.Clip(e.Tags), bodyTags(rt.up.name, &ids, false)...)
+			e.Tags = append(e.Tags, bodyTags(rt.up.name, &ids, false)...)
 		}
 	case http.StatusNotFound:
 		ttl = p.negTTL
@@ -171,19 +171,50 @@ func (p *Proxy) fetch(r *http.Request, rt route, key string) (*fetchResult, erro
 
 // writeEntry sends a shared entry. The entry's header slices are shared
 // read-only (stored clipped, so an append elsewhere copies).
-func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, e *cache.Entry, cacheStatus, age string) {
+func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, e *cache.Entry, cacheStatus, age []string) {
 	h := w.Header()
 	for k, v := range e.Header {
 		h[k] = v
 	}
-	h["Cache-Status"] = []string{cacheStatus}
-	if age != "" {
-		h["Age"] = []string{age}
+	h["Cache-Status"] = cacheStatus
+	if age != nil {
+		h["Age"] = age
 	}
 	w.WriteHeader(e.Status)
 	if r.Method != http.MethodHead {
 		_, _ = w.Write(e.Body)
 	}
+}
+
+// hitHeaders holds the Cache-Status and Age values of hits, one per second
+// up to the longest TTL, built once so a hit formats nothing. The slices
+// are shared read-only (clipped: an append elsewhere copies).
+type hitHeaders struct {
+	hits, ages [][]string
+}
+
+func newHitHeaders(maxTTL time.Duration) hitHeaders {
+	n := min(int(maxTTL/time.Second)+1, 24*3600)
+	h := hitHeaders{hits: make([][]string, n), ages: make([][]string, n)}
+	for i := range n {
+		h.hits[i] = slices.Clip([]string{"cacheproxy; hit; ttl=" + strconv.Itoa(i)})
+		h.ages[i] = slices.Clip([]string{strconv.Itoa(i)})
+	}
+	return h
+}
+
+func (h hitHeaders) hit(ttl int) []string {
+	if ttl >= 0 && ttl < len(h.hits) {
+		return h.hits[ttl]
+	}
+	return []string{"cacheproxy; hit; ttl=" + strconv.Itoa(ttl)}
+}
+
+func (h hitHeaders) age(age int) []string {
+	if age >= 0 && age < len(h.ages) {
+		return h.ages[age]
+	}
+	return []string{strconv.Itoa(age)}
 }
 
 // key is upstream + path + query + credential fingerprint. The decoded path

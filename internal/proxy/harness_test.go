@@ -79,7 +79,7 @@ func (b *syncBuffer) Write(p []byte) (int, error) {
 func (b *syncBuffer) String() string { b.mu.Lock(); defer b.mu.Unlock(); return b.buf.String() }
 
 // lines returns the JSON log lines.
-func (b *syncBuffer) lines(t *testing.T) []map[string]any {
+func (b *syncBuffer) lines(t testing.TB) []map[string]any {
 	t.Helper()
 	var out []map[string]any
 	for _, l := range strings.Split(strings.TrimSpace(b.String()), "\n") {
@@ -109,7 +109,7 @@ func (c *countingFlights) DoChan(key string, fn func() (any, error)) <-chan sing
 }
 
 type harness struct {
-	t          *testing.T
+	t          testing.TB
 	conv, prox *twiliofake.Fake
 	convSrv    *httptest.Server
 	proxSrv    *httptest.Server
@@ -125,7 +125,7 @@ type harnessOpt func(*config.Config, *Options)
 
 // newHarness starts two fake upstreams (Conversations and Proxy), seeds
 // them, and puts a Proxy in front in a test server.
-func newHarness(t *testing.T, opts ...harnessOpt) *harness {
+func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 	t.Helper()
 	accounts := map[string]string{acctA: tokenA, acctB: tokenB}
 	h := &harness{t: t, conv: twiliofake.New(accounts), prox: twiliofake.New(accounts),
@@ -202,7 +202,7 @@ func (h *harness) get(path string, hdr ...string) (int, string, string) {
 	return readResp(h.t, h.do(http.MethodGet, path, basic(acctA, tokenA), hdr...))
 }
 
-func readResp(t *testing.T, resp *http.Response) (int, string, string) {
+func readResp(t testing.TB, resp *http.Response) (int, string, string) {
 	t.Helper()
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
@@ -216,7 +216,7 @@ func readResp(t *testing.T, resp *http.Response) (int, string, string) {
 func (h *harness) settle() { h.store.Wait() }
 
 // jsonField decodes one field of a JSON body.
-func jsonField(t *testing.T, body, field string) any {
+func jsonField(t testing.TB, body, field string) any {
 	t.Helper()
 	var m map[string]any
 	if err := json.Unmarshal([]byte(body), &m); err != nil {
@@ -226,7 +226,7 @@ func jsonField(t *testing.T, body, field string) any {
 }
 
 // checkTwilioError asserts Twilio's JSON error shape and status.
-func checkTwilioError(t *testing.T, status int, body string, want int) {
+func checkTwilioError(t testing.TB, status int, body string, want int) {
 	t.Helper()
 	if status != want {
 		t.Fatalf("status = %d, want %d (body %s)", status, want, body)
@@ -246,7 +246,7 @@ func checkTwilioError(t *testing.T, status int, body string, want int) {
 }
 
 // deadUpstreamAddr returns an address that refuses connections.
-func deadUpstreamAddr(t *testing.T) string {
+func deadUpstreamAddr(t testing.TB) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

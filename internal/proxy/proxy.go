@@ -18,6 +18,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -60,6 +61,7 @@ type Proxy struct {
 	fp      *fingerprinter
 	ids     *requestIDs
 	fetches sync.WaitGroup // detached upstream fetches still running
+	hdrs    hitHeaders
 
 	ttl, negTTL       time.Duration
 	maxEntry, maxBody int64
@@ -112,6 +114,7 @@ func New(o Options) (*Proxy, error) {
 		maxEntry: int64(c.Cache.MaxEntryBytes),
 		maxBody:  int64(c.Server.MaxBodyBytes),
 		maxFetch: max(maxFetchBytes, int64(c.Cache.MaxEntryBytes)),
+		hdrs:     newHitHeaders(max(c.Cache.TTL.D(), c.Cache.NegativeTTL.D())),
 	}
 	errLog := log.New(p.log.With().Str("component", "reverseproxy").Logger(), "", 0)
 	for name, uc := range map[string]config.Upstream{conversations: c.Upstreams.Conversations, proxyAPI: c.Upstreams.Proxy} {
@@ -203,10 +206,14 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	st.rw.ResponseWriter = w
 	rec := &st.rec
 	rec.start = p.now()
-	rec.reqID = p.ids.from(r)
+	if id := r.Header["X-Request-Id"]; len(id) == 1 && validRequestID(id[0]) {
+		rec.reqID = id[0]
+		w.Header()["X-Request-Id"] = id // echoed for correlation
+	} else {
+		rec.reqNum = p.ids.n.Add(1)
+	}
 	auth := r.Header.Get("Authorization")
-	rec.account = accountOf(auth)
-	w.Header()["X-Request-Id"] = []string{rec.reqID}
+	rec.accountLen = accountOf(auth, &rec.account)
 	defer func() {
 		if v := recover(); v != nil {
 			// http.ErrAbortHandler: the reverse proxy lost the upstream
@@ -271,9 +278,9 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	rec.upstreamStatus = resp.StatusCode
 	rec.upstreamDur = p.now().Sub(rec.start)
 	if isWrite(resp.Request.Method) {
-		tags := rec.rt.writeTags
+		tags := rec.rt.writeTags()
 		if resp.StatusCode < 300 {
-			tags = append(tags[:len(tags):len(tags)], p.writeBodyTags(rec.rt, resp)...)
+			tags = append(tags, p.writeBodyTags(rec.rt, resp)...)
 		}
 		if len(tags) > 0 {
 			p.store.Invalidate(tags...)
@@ -310,9 +317,9 @@ func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) 
 	if ok {
 		rec.errMsg = err.Error()
 		rec.upstreamDur = p.now().Sub(rec.start)
-		if isWrite(r.Method) && len(rec.rt.writeTags) > 0 {
+		if tags := rec.rt.writeTags(); isWrite(r.Method) && len(tags) > 0 {
 			// The write may have been applied before the failure.
-			p.store.Invalidate(rec.rt.writeTags...)
+			p.store.Invalidate(tags...)
 		}
 	}
 	status, msg := statusFor(r.Context(), err)
@@ -340,11 +347,15 @@ func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
 	if ev == nil {
 		return
 	}
-	ev.Str("request_id", rec.reqID).
-		Str("method", r.Method).
+	if rec.reqID != "" {
+		ev.Str("request_id", rec.reqID)
+	} else {
+		var buf [32]byte
+		ev.Bytes("request_id", strconv.AppendUint(append(buf[:0], p.ids.prefix...), rec.reqNum, 10))
+	}
+	ev.Str("method", r.Method).
 		Str("route", rec.route).
 		Str("upstream", rec.upstream).
-		Str("path", r.URL.Path).
 		Int("status", status).
 		Str("cache", rec.cache).
 		Int("upstream_status", rec.upstreamStatus).
@@ -353,7 +364,7 @@ func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
 		Int("retries", rec.retries).
 		Int64("bytes", w.bytes).
 		Float64("duration_ms", ms(p.now().Sub(rec.start))).
-		Str("account", rec.account)
+		Bytes("account", rec.account[:rec.accountLen])
 	if rec.errMsg != "" {
 		ev.Str("error", rec.errMsg)
 	}
@@ -367,19 +378,28 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 // so keys, logs and memory never hold a usable token.
 type fingerprinter struct{ pool sync.Pool }
 
+// hmacState is one pooled HMAC with its scratch space, so hashing a header
+// allocates nothing.
+type hmacState struct {
+	h   hash.Hash
+	in  []byte
+	sum [sha256.Size]byte
+}
+
 func newFingerprinter(secret []byte) *fingerprinter {
 	f := &fingerprinter{}
-	f.pool.New = func() any { return hmac.New(sha256.New, secret) }
+	f.pool.New = func() any { return &hmacState{h: hmac.New(sha256.New, secret)} }
 	return f
 }
 
 // appendHex appends the first 16 bytes of the fingerprint, hex-encoded.
 func (f *fingerprinter) appendHex(dst []byte, auth string) []byte {
-	h := f.pool.Get().(hash.Hash)
-	h.Reset()
-	_, _ = io.WriteString(h, auth)
-	var sum [sha256.Size]byte
-	h.Sum(sum[:0])
-	f.pool.Put(h)
-	return hex.AppendEncode(dst, sum[:16])
+	st := f.pool.Get().(*hmacState)
+	st.h.Reset()
+	st.in = append(st.in[:0], auth...)
+	st.h.Write(st.in)
+	dst = hex.AppendEncode(dst, st.h.Sum(st.sum[:0])[:16])
+	clear(st.in) // the pooled scratch must not keep a credential
+	f.pool.Put(st)
+	return dst
 }

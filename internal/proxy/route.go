@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"net"
 	"net/http"
 	"net/url"
 	"strings"
@@ -31,11 +30,10 @@ type route struct {
 	name string
 	// cacheable is true for the four participant read routes (any method).
 	cacheable bool
-	// tags are the scopes a read's entry belongs to: the ids in its path
-	// plus a wildcard per kind. writeTags are those a write invalidates: the
-	// ids in its path, plus the kind's wildcard when an id is not a SID (a
-	// unique name may name what entries know by SID).
-	tags, writeTags []string
+	// ids are the scopes the path names (kind, id), kept inline so the
+	// cache-hit path builds no strings; see readTags and writeTags.
+	ids  [2][2]string
+	nids int
 	// resource is true for writes to a conversation or session itself
 	// (create, update, delete), whose response's sid and unique_name name
 	// further scopes.
@@ -75,13 +73,11 @@ func (p *Proxy) resolve(r *http.Request) (route, *routeError) {
 			return route{}, rerr
 		}
 	}
-	segs := strings.Split(strings.TrimPrefix(path, "/"), "/")
-	for _, s := range segs {
-		if s == "." || s == ".." {
-			return route{}, &routeError{http.StatusBadRequest, "path must not contain . or .. segments"}
-		}
+	if hasDotSegment(path) {
+		return route{}, &routeError{http.StatusBadRequest, "path must not contain . or .. segments"}
 	}
-	rt := classify(up.name, segs)
+	var buf [maxSegments]string
+	rt := classify(up.name, splitPath(path, &buf))
 	rt.up, rt.path, rt.rawPath = up, path, raw
 	return rt, nil
 }
@@ -99,7 +95,11 @@ func (p *Proxy) byPath(path, raw string) (*upstream, string, string, *routeError
 			return p.ups[name], strings.TrimPrefix(path, "/"+name), raw, nil
 		}
 	}
-	segs := strings.SplitN(strings.TrimPrefix(path, "/"), "/", 4)
+	var buf [maxSegments]string
+	segs := splitPath(path, &buf)
+	if len(segs) == 0 {
+		segs = []string{""}
+	}
 	switch {
 	case segs[0] == "v2":
 		return p.ups[conversations], path, raw, nil
@@ -117,16 +117,46 @@ func (p *Proxy) byPath(path, raw string) (*upstream, string, string, *routeError
 	return nil, "", "", &routeError{http.StatusNotFound, "no Twilio API route for " + path + ": expected /v1/..., /v2/..., /proxy/v1/... or /conversations/v1/..."}
 }
 
+// maxSegments is more than any route classify knows; longer paths are
+// passed through as "other" (they name no scope).
+const maxSegments = 9
+
+// splitPath splits "/a/b/c" into buf without allocating; nil if the path
+// has more segments than buf holds.
+func splitPath(path string, buf *[maxSegments]string) []string {
+	path = strings.TrimPrefix(path, "/")
+	n := 0
+	for n < maxSegments {
+		i := strings.IndexByte(path, '/')
+		if i < 0 {
+			buf[n] = path
+			return buf[:n+1]
+		}
+		buf[n], path = path[:i], path[i+1:]
+		n++
+	}
+	return nil
+}
+
+func hasDotSegment(path string) bool {
+	for path != "" {
+		var seg string
+		seg, path, _ = strings.Cut(path, "/")
+		if seg == "." || seg == ".." {
+			return true
+		}
+	}
+	return false
+}
+
 // classify names the route of a path under an upstream and lists its
 // invalidation scopes (DESIGN.md "Freshness"). Tags are "<upstream>|<kind>:<id>".
 func classify(up string, s []string) route {
-	rt := route{name: up + ".other"}
-	n := len(s)
+	rt := route{name: otherRoute(up)}
+	n := len(s) // 0 for a path longer than any route
 	if n < 2 || s[0] == "" {
 		return rt
 	}
-	var ids [][2]string // kind, id
-	scope := func(kind, id string) { ids = append(ids, [2]string{kind, id}) }
 	switch {
 	case up == conversations && s[0] == "v1":
 		// Optional service form: /v1/Services/{IS}/...
@@ -136,65 +166,92 @@ func classify(up string, s []string) route {
 			svc = s[2]
 			base = s[3:]
 			if len(base) == 0 {
-				scope("svc", svc)
+				rt.scope("svc", svc)
 			}
 		}
 		switch {
 		case len(base) == 1 && (base[0] == "Conversations" || base[0] == "ConversationWithParticipants"):
 			rt.resource = true
 		case len(base) >= 2 && base[0] == "Conversations" && (len(base) == 2 || base[2] == "Participants") && len(base) <= 4:
-			scope("conv", base[1])
+			rt.scope("conv", base[1])
 			rt.resource = len(base) == 2
 			if len(base) == 4 {
 				rt.cacheable = true
 				rt.name = routeConvParticipant
 				if svc != "" {
 					rt.name = routeConvSvcParticipant
-					scope("svc", svc)
+					rt.scope("svc", svc)
 				}
 			}
 		case len(base) == 4 && base[0] == "Users" && base[2] == "Conversations":
-			scope("conv", base[3])
+			rt.scope("conv", base[3])
 		}
 	case up == conversations && s[0] == "v2" && s[1] == "Conversations":
 		switch {
 		case n == 2:
 			rt.resource = true
 		case n == 3:
-			scope("conv", s[2])
+			rt.scope("conv", s[2])
 			rt.resource = true
 		case n == 4 && (s[3] == "Participants" || s[3] == "Actions"):
-			scope("conv", s[2])
+			rt.scope("conv", s[2])
 		case n == 5 && s[3] == "Participants":
-			scope("conv", s[2])
+			rt.scope("conv", s[2])
 			rt.cacheable, rt.name = true, routeConv2Participant
 		}
 	case up == proxyAPI && s[0] == "v1" && s[1] == "Services" && n >= 3:
 		switch {
 		case n == 3:
-			scope("svc", s[2])
+			rt.scope("svc", s[2])
 		case n == 4 && s[3] == "Sessions":
 			rt.resource = true
 		case n >= 5 && s[3] == "Sessions" && (n == 5 || (s[5] == "Participants" && n <= 7)):
-			scope("sess", s[4])
+			rt.scope("sess", s[4])
 			rt.resource = n == 5
 			if n == 7 {
-				scope("svc", s[2])
+				rt.scope("svc", s[2])
 				rt.cacheable, rt.name = true, routeProxyParticipant
 			}
 		}
 	}
-	for _, kv := range ids {
-		t := scopeTag(up, kv[0], kv[1])
-		rt.writeTags = append(rt.writeTags, t)
+	return rt
+}
+
+// otherRoute names the pass-through route of an upstream without allocating.
+func otherRoute(up string) string {
+	if up == proxyAPI {
+		return "proxy.other"
+	}
+	return "conversations.other"
+}
+
+func (rt *route) scope(kind, id string) {
+	rt.ids[rt.nids] = [2]string{kind, id}
+	rt.nids++
+}
+
+// readTags are the scopes a read's entry belongs to: the ids in its path
+// plus a wildcard per kind.
+func (rt *route) readTags() []string {
+	out := make([]string, 0, 2*rt.nids)
+	for _, kv := range rt.ids[:rt.nids] {
+		out = append(out, scopeTag(rt.up.name, kv[0], kv[1]), scopeTag(rt.up.name, kv[0], "*"))
+	}
+	return out
+}
+
+// writeTags are the scopes a write invalidates: the ids in its path, plus
+// the kind's wildcard when an id is not a SID (a unique name may name what
+// entries know only by SID).
+func (rt *route) writeTags() []string {
+	var out []string
+	for _, kv := range rt.ids[:rt.nids] {
+		out = append(out, scopeTag(rt.up.name, kv[0], kv[1]))
 		if !sidLike(kv[1]) {
-			rt.writeTags = append(rt.writeTags, scopeTag(up, kv[0], "*"))
-		}
-		if rt.cacheable {
-			rt.tags = append(rt.tags, t, scopeTag(up, kv[0], "*"))
+			out = append(out, scopeTag(rt.up.name, kv[0], "*"))
 		}
 	}
-	return rt
+	return out
 }
 
 func scopeTag(up, kind, id string) string { return up + "|" + kind + ":" + id }
@@ -260,11 +317,13 @@ type bodyIDs struct {
 	ServiceSid      string `json:"service_sid"`
 }
 
+// stripPort removes a :port (host:443, [::1]:80) without allocating.
 func stripPort(hostport string) string {
-	if h, _, err := net.SplitHostPort(hostport); err == nil {
-		return h
+	i := strings.LastIndexByte(hostport, ':')
+	if i < 0 || i < strings.LastIndexByte(hostport, ']') {
+		return hostport
 	}
-	return hostport
+	return strings.TrimSuffix(strings.TrimPrefix(hostport[:i], "["), "]")
 }
 
 // quoteHost keeps a client-supplied host printable in an error message.

@@ -190,19 +190,21 @@ func TestClassifyScopes(t *testing.T) {
 		{proxyAPI, "/v1/Services/" + ksvc + "/Sessions/my-session", false, "proxy|sess:my-session proxy|sess:*"},
 	}
 	for _, tc := range tests {
-		rt := classify(tc.up, strings.Split(strings.TrimPrefix(tc.path, "/"), "/"))
-		if rt.cacheable != tc.cacheable || strings.Join(rt.writeTags, " ") != tc.tags {
-			t.Errorf("%s %s: cacheable=%v writeTags=%q, want %v %q", tc.up, tc.path, rt.cacheable, strings.Join(rt.writeTags, " "), tc.cacheable, tc.tags)
+		var buf [maxSegments]string
+		rt := classify(tc.up, splitPath(tc.path, &buf))
+		rt.up = &upstream{name: tc.up}
+		if rt.cacheable != tc.cacheable || strings.Join(rt.writeTags(), " ") != tc.tags {
+			t.Errorf("%s %s: cacheable=%v writeTags=%q, want %v %q", tc.up, tc.path, rt.cacheable, strings.Join(rt.writeTags(), " "), tc.cacheable, tc.tags)
 		}
 		// A read's entry carries its scopes and each kind's wildcard.
 		var want []string
 		if tc.cacheable {
-			for _, tag := range rt.writeTags {
+			for _, tag := range rt.writeTags() {
 				want = append(want, tag, tag[:strings.Index(tag, ":")+1]+"*")
 			}
 		}
-		if strings.Join(rt.tags, " ") != strings.Join(want, " ") {
-			t.Errorf("%s: read tags %q, want %q", tc.path, rt.tags, want)
+		if got := rt.readTags(); tc.cacheable && strings.Join(got, " ") != strings.Join(want, " ") {
+			t.Errorf("%s: read tags %q, want %q", tc.path, got, want)
 		}
 	}
 }
@@ -234,7 +236,7 @@ func FuzzResolve(f *testing.F) {
 		if rerr != nil && (rerr.status < 400 || rerr.msg == "") {
 			t.Fatalf("bad route error %+v", rerr)
 		}
-		if rt.cacheable && len(rt.tags) == 0 {
+		if rt.cacheable && len(rt.readTags()) == 0 {
 			t.Fatalf("cacheable route without scopes: %q", path)
 		}
 	})

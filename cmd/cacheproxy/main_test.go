@@ -1,0 +1,285 @@
+package main
+
+import (
+	"bufio"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"cacheproxy/internal/twiliofake"
+)
+
+var binary string
+
+// TestMain builds the real binary once; the tests run it as a process.
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "cacheproxy-bin")
+	if err != nil {
+		panic(err)
+	}
+	binary = filepath.Join(dir, "cacheproxy")
+	if out, err := exec.Command("go", "build", "-o", binary, ".").CombinedOutput(); err != nil {
+		panic("go build: " + err.Error() + "\n" + string(out))
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+var (
+	acct  = twiliofake.SID("AC", 1)
+	token = "binaryTestTokenSECRETxxxxxxxxxxx"
+	conv  = twiliofake.SID("CH", 1)
+	mb    = twiliofake.SID("MB", 1)
+	path  = "/v1/Conversations/" + conv + "/Participants/" + mb
+)
+
+func auth() string { return "Basic " + base64.StdEncoding.EncodeToString([]byte(acct+":"+token)) }
+
+// proc is a running cacheproxy with its log lines.
+type proc struct {
+	cmd    *exec.Cmd
+	addr   string
+	mu     sync.Mutex
+	lines  []string
+	stderr strings.Builder
+	events chan string // log messages as they arrive
+	done   chan error
+}
+
+func (p *proc) logs() string { p.mu.Lock(); defer p.mu.Unlock(); return strings.Join(p.lines, "\n") }
+
+// start runs the binary with a config file and waits for its start line.
+func start(t *testing.T, config string, env ...string) *proc {
+	t.Helper()
+	cfg := filepath.Join(t.TempDir(), "cacheproxy.toml")
+	if err := os.WriteFile(cfg, []byte(config), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p := &proc{cmd: exec.Command(binary, "-config", cfg), events: make(chan string, 100), done: make(chan error, 1)}
+	p.cmd.Env = append(os.Environ(), env...)
+	p.cmd.Stderr = &p.stderr
+	out, err := p.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	started := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			line := sc.Text()
+			p.mu.Lock()
+			p.lines = append(p.lines, line)
+			p.mu.Unlock()
+			var m map[string]any
+			if json.Unmarshal([]byte(line), &m) == nil {
+				msg, _ := m["message"].(string)
+				if msg == "cacheproxy started" {
+					started <- m["listen"].(string)
+				}
+				select {
+				case p.events <- msg:
+				default:
+				}
+			}
+		}
+		close(p.events)
+		p.done <- p.cmd.Wait()
+	}()
+	t.Cleanup(func() { _ = p.cmd.Process.Kill() })
+	select {
+	case p.addr = <-started:
+	case err := <-p.done:
+		t.Fatalf("cacheproxy exited at start: %v\n%s", err, p.stderr.String())
+	}
+	return p
+}
+
+func waitFor(t *testing.T, p *proc, msg string) {
+	t.Helper()
+	for m := range p.events {
+		if m == msg {
+			return
+		}
+	}
+	t.Fatalf("no %q log line; process ended: %v\nstderr: %s\nlogs:\n%s", msg, <-p.done, p.stderr.String(), p.logs())
+}
+
+func upstreamConfig(url string) string {
+	return `listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+[upstreams.conversations]
+url = "` + url + `"
+[upstreams.proxy]
+url = "` + url + `"
+`
+}
+
+func newFake(t *testing.T) (*twiliofake.Fake, *httptest.Server) {
+	f := twiliofake.New(map[string]string{acct: token})
+	f.AddConversation(conv, "", "")
+	f.AddParticipant(conv, twiliofake.Participant{Sid: mb, Identity: "alice"})
+	srv := httptest.NewServer(f)
+	t.Cleanup(srv.Close)
+	return f, srv
+}
+
+func TestSIGTERMFinishesInFlightRequests(t *testing.T) {
+	fake, up := newFake(t)
+	arrived, gate := make(chan struct{}, 1), make(chan struct{})
+	fake.Before = func(w http.ResponseWriter, r *http.Request) bool { arrived <- struct{}{}; <-gate; return false }
+	p := start(t, upstreamConfig(up.URL))
+
+	type result struct {
+		status int
+		body   string
+		err    error
+	}
+	res := make(chan result, 1)
+	go func() {
+		req, _ := http.NewRequest("GET", "http://"+p.addr+path, nil)
+		req.Header.Set("Authorization", auth())
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			res <- result{err: err}
+			return
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		res <- result{status: resp.StatusCode, body: string(b)}
+	}()
+	<-arrived // the request is in flight, held upstream
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, p, "no longer accepting; finishing in-flight requests")
+	// No longer accepting.
+	if c, err := net.Dial("tcp", p.addr); err == nil {
+		c.Close()
+		t.Fatalf("still accepting connections after SIGTERM")
+	}
+	close(gate)
+	r := <-res
+	if r.err != nil || r.status != 200 || !strings.Contains(r.body, mb) {
+		t.Fatalf("in-flight request: %+v", r)
+	}
+	if err := <-p.done; err != nil {
+		t.Fatalf("exit after SIGTERM: %v\n%s", err, p.stderr.String())
+	}
+	if strings.Contains(p.logs(), token) || strings.Contains(p.logs(), auth()) {
+		t.Fatalf("process logs hold the credential")
+	}
+}
+
+func TestInvalidConfigExitsNonZeroNamingTheKey(t *testing.T) {
+	for name, tc := range map[string]struct {
+		config string
+		env    []string
+		key    string
+	}{
+		"bad value":   {"[cache]\nttl = \"-1s\"\n", nil, "cache.ttl"},
+		"unknown key": {"[ratelimit]\nrequests_per_sec = 5\n", nil, "ratelimit.requests_per_sec"},
+		"bad env":     {"", []string{"CACHEPROXY_CACHE_MAX_BYTES=huge"}, "cache.max_bytes"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			cfg := filepath.Join(t.TempDir(), "c.toml")
+			if err := os.WriteFile(cfg, []byte(tc.config), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			cmd := exec.Command(binary, "-config", cfg)
+			cmd.Env = append(os.Environ(), tc.env...)
+			out, err := cmd.CombinedOutput()
+			var exit *exec.ExitError
+			if !errors.As(err, &exit) || exit.ExitCode() == 0 || !strings.Contains(string(out), tc.key) {
+				t.Fatalf("err %v, output %q; want non-zero exit naming %s", err, out, tc.key)
+			}
+		})
+	}
+	out, err := exec.Command(binary, "-config", "/nonexistent.toml").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "nonexistent.toml") {
+		t.Fatalf("missing file: %v %q", err, out)
+	}
+}
+
+func TestHelpListsEveryKey(t *testing.T) {
+	out, err := exec.Command(binary, "-help").CombinedOutput()
+	if err != nil {
+		t.Fatalf("-help: %v", err)
+	}
+	for _, k := range []string{"-config", "-set", "cache.ttl", "CACHEPROXY_CACHE_TTL", "ratelimit.max_wait", "upstreams.proxy.url"} {
+		if !strings.Contains(string(out), k) {
+			t.Errorf("-help lacks %s", k)
+		}
+	}
+}
+
+func TestServerHeaderLimits(t *testing.T) {
+	_, up := newFake(t)
+	p := start(t, upstreamConfig(up.URL)+"[server]\nread_header_timeout = \"200ms\"\nmax_header_bytes = \"4KiB\"\n")
+
+	// A client that never finishes its headers is cut off.
+	c, err := net.Dial("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "GET "+path+" HTTP/1.1\r\nHost: x\r\n")
+	c.SetReadDeadline(time.Now().Add(30 * time.Second)) // a safety net, not the assertion
+	b, err := io.ReadAll(c)
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("connection with unfinished headers was kept open")
+	}
+	if len(b) > 0 && !strings.Contains(string(b), "408") {
+		t.Fatalf("unexpected answer to a slow client: %q", b)
+	}
+
+	// Oversized headers get 431.
+	req, _ := http.NewRequest("GET", "http://"+p.addr+path, nil)
+	req.Header.Set("X-Big", strings.Repeat("a", 64<<10))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Fatalf("big headers: %d", resp.StatusCode)
+	}
+}
+
+func TestAdminHealth(t *testing.T) {
+	_, up := newFake(t)
+	p := start(t, upstreamConfig(up.URL))
+	var admin string
+	for _, l := range strings.Split(p.logs(), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(l), &m) == nil && m["admin_listen"] != nil {
+			admin = m["admin_listen"].(string)
+		}
+	}
+	for _, ep := range []string{"/healthz", "/readyz"} {
+		resp, err := http.Get("http://" + admin + ep)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("%s: %d", ep, resp.StatusCode)
+		}
+	}
+}

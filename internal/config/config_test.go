@@ -1,0 +1,132 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func writeFile(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "c.toml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestDefaultsWithoutAFile(t *testing.T) {
+	c, err := Load("", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Listen != "127.0.0.1:8080" || c.AdminListen != "127.0.0.1:9090" || c.Cache.TTL.D() != 30*time.Second ||
+		c.Cache.NegativeTTL.D() != 5*time.Second || c.Cache.MaxBytes != 64<<20 || c.RateLimit.RequestsPerSecond != 50 ||
+		c.RateLimit.MaxWait.D() != 2*time.Second || c.Upstreams.Conversations.URL != "https://conversations.twilio.com" ||
+		c.Upstreams.Proxy.URL != "https://proxy.twilio.com" {
+		t.Fatalf("defaults: %+v", c)
+	}
+}
+
+func TestFileEnvAndSetOverride(t *testing.T) {
+	p := writeFile(t, `
+listen = "127.0.0.1:7000"
+[upstreams.conversations]
+url = "http://127.0.0.1:1234"
+[cache]
+ttl = "10s"
+max_bytes = "128MiB"
+max_entry_bytes = 2048
+[ratelimit]
+requests_per_second = 20
+`)
+	env := []string{"CACHEPROXY_CACHE_TTL=12s", "CACHEPROXY_UPSTREAMS_PROXY_HOSTS=a.example, b.example", "PATH=/bin"}
+	c, err := Load(p, env, []string{"ratelimit.max_wait=750ms"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Listen != "127.0.0.1:7000" || c.Upstreams.Conversations.URL != "http://127.0.0.1:1234" || c.Cache.TTL.D() != 12*time.Second ||
+		c.Cache.MaxBytes != 128<<20 || c.Cache.MaxEntryBytes != 2048 || c.RateLimit.RequestsPerSecond != 20 ||
+		c.RateLimit.MaxWait.D() != 750*time.Millisecond || strings.Join(c.Upstreams.Proxy.Hosts, "|") != "a.example|b.example" ||
+		c.Cache.NegativeTTL.D() != 5*time.Second {
+		t.Fatalf("loaded: %+v", c)
+	}
+}
+
+func TestErrorsNameTheKey(t *testing.T) {
+	tests := []struct {
+		name, file string
+		env, sets  []string
+		key        string
+	}{
+		{"unknown key", "[cache]\ntll = \"1s\"\n", nil, nil, "cache.tll"},
+		{"bad duration", "[cache]\nttl = \"soon\"\n", nil, nil, "cache.ttl"},
+		{"zero ttl", "[cache]\nttl = \"0s\"\n", nil, nil, "cache.ttl"},
+		{"bad size", "[cache]\nmax_bytes = \"lots\"\n", nil, nil, "cache.max_bytes"},
+		{"tiny cache", "[cache]\nmax_bytes = \"1KiB\"\n", nil, nil, "cache.max_bytes"},
+		{"bad url", "[upstreams.proxy]\nurl = \"ftp://x\"\n", nil, nil, "upstreams.proxy.url"},
+		{"unknown upstream", "[upstreams.api]\nurl = \"https://api.twilio.com\"\n", nil, nil, "upstreams.api"},
+		{"bad rate", "[ratelimit]\nrequests_per_second = 0\n", nil, nil, "ratelimit.requests_per_second"},
+		{"wrong type", "[ratelimit]\nrequests_per_second = \"many\"\n", nil, nil, "ratelimit.requests_per_second"},
+		{"bad listen", "listen = \"nowhere\"\n", nil, nil, "listen"},
+		{"bad level", "[log]\nlevel = \"loud\"\n", nil, nil, "log.level"},
+		{"bad toml", "[cache\n", nil, nil, "c.toml"},
+		{"bad env", "", []string{"CACHEPROXY_CACHE_NEGATIVE_TTL=-"}, nil, "cache.negative_ttl"},
+		{"unknown env", "", []string{"CACHEPROXY_CACHE_TLL=1s"}, nil, "CACHEPROXY_CACHE_TLL"},
+		{"bad set", "", nil, []string{"cache.ttl=x"}, "cache.ttl"},
+		{"unknown set", "", nil, []string{"cache.tll=1s"}, "cache.tll"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			p := ""
+			if tc.file != "" {
+				p = writeFile(t, tc.file)
+			}
+			_, err := Load(p, tc.env, tc.sets)
+			if err == nil || !strings.Contains(err.Error(), tc.key) {
+				t.Fatalf("err = %v, want one naming %s", err, tc.key)
+			}
+		})
+	}
+}
+
+func TestByteSize(t *testing.T) {
+	for in, want := range map[string]int64{"64MiB": 64 << 20, "1 KiB": 1024, "2GB": 2e9, "10": 10, "5B": 5} {
+		var b ByteSize
+		if err := b.UnmarshalText([]byte(in)); err != nil || int64(b) != want {
+			t.Errorf("%q -> %d, %v; want %d", in, b, err, want)
+		}
+	}
+	for _, in := range []string{"", "-1", "1TiB?", "MiB", "99999999999999GiB"} {
+		var b ByteSize
+		if err := b.UnmarshalText([]byte(in)); err == nil {
+			t.Errorf("%q accepted", in)
+		}
+	}
+}
+
+// TestExampleFileDocumentsEveryKey keeps config.example.toml complete and
+// true: it loads, every key appears in it, and its values are the defaults.
+func TestExampleFileDocumentsEveryKey(t *testing.T) {
+	raw, err := os.ReadFile("../../config.example.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load("../../config.example.toml", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := Default()
+	if c.Listen != d.Listen || c.Cache != d.Cache || c.RateLimit != d.RateLimit || c.Server != d.Server || c.Log != d.Log ||
+		c.Upstreams.Conversations.URL != d.Upstreams.Conversations.URL || c.Upstreams.Proxy.Timeout != d.Upstreams.Proxy.Timeout {
+		t.Fatalf("example values differ from the defaults:\n%+v\n%+v", c, d)
+	}
+	for _, k := range Keys() {
+		leaf := k[strings.LastIndex(k, ".")+1:]
+		if !strings.Contains(string(raw), leaf+" =") && !strings.Contains(string(raw), "# "+leaf+" =") {
+			t.Errorf("config.example.toml does not document %s", k)
+		}
+	}
+}
