@@ -36,11 +36,11 @@ func TestSetGetExpire(t *testing.T) {
 		t.Fatal("Set refused")
 	}
 	s.Wait()
-	if _, ok := s.Get("k"); !ok {
+	if _, ok := s.Get("k", clk.now()); !ok {
 		t.Fatal("miss after Set")
 	}
 	clk.advance(11 * time.Second)
-	if _, ok := s.Get("k"); ok {
+	if _, ok := s.Get("k", clk.now()); ok {
 		t.Fatal("hit after Keep")
 	}
 }
@@ -51,16 +51,16 @@ func TestInvalidateHidesOnlyOlderEntriesOfTheScope(t *testing.T) {
 	s.Set(entry(s, clk, "b", "conv:2"))
 	s.Wait()
 	s.Invalidate("conv:1")
-	if _, ok := s.Get("a"); ok {
+	if _, ok := s.Get("a", clk.now()); ok {
 		t.Fatal("invalidated entry still served")
 	}
-	if _, ok := s.Get("b"); !ok {
+	if _, ok := s.Get("b", clk.now()); !ok {
 		t.Fatal("entry of another scope lost")
 	}
 	// Fetched after the invalidation: valid.
 	s.Set(entry(s, clk, "a", "conv:1"))
 	s.Wait()
-	if _, ok := s.Get("a"); !ok {
+	if _, ok := s.Get("a", clk.now()); !ok {
 		t.Fatal("fresh entry hidden")
 	}
 }
@@ -89,7 +89,7 @@ func TestCollisionSafe(t *testing.T) {
 	e := entry(s, clk, "real-key")
 	s.c.SetWithTTL("other-key", e, 1, time.Minute) // same value under another key
 	s.Wait()
-	if _, ok := s.Get("other-key"); ok {
+	if _, ok := s.Get("other-key", clk.now()); ok {
 		t.Fatal("entry served under a key that is not its own")
 	}
 }
@@ -102,4 +102,23 @@ func TestSetAfterCloseIsDropped(t *testing.T) {
 	}
 	s.Del("k")
 	s.Wait()
+}
+
+func TestStatsCountEntriesBytesAndEvictions(t *testing.T) {
+	clk := &clock{t: time.Now()}
+	s, err := New(1<<20, time.Minute, clk.now)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for i := 0; i < 200; i++ {
+		e := entry(s, clk, string(rune('a'+i%26))+string(rune(i)))
+		e.Body = make([]byte, 20<<10)
+		s.Set(e)
+		s.Wait()
+	}
+	st := s.Stats()
+	if st.Entries <= 0 || st.Bytes <= 0 || st.Bytes > 1<<20 || st.Evictions+st.Rejections == 0 {
+		t.Fatalf("stats after overfilling: %+v", st)
+	}
 }

@@ -90,6 +90,11 @@ type RateLimit struct {
 type Log struct {
 	// Level is debug, info, warn or error. Default info.
 	Level string `toml:"level"`
+	// Buffer batches log lines into writes of up to this size; warnings and
+	// errors are written at once. 0 writes every line. Default 64KiB.
+	Buffer ByteSize `toml:"buffer"`
+	// FlushInterval bounds how long a buffered line waits. Default 200ms.
+	FlushInterval Duration `toml:"flush_interval"`
 }
 
 // Default returns the configuration cacheproxy runs on without a file.
@@ -115,7 +120,7 @@ func Default() Config {
 			MaxBodyBytes:      10 << 20,
 		},
 		RateLimit: RateLimit{RequestsPerSecond: 50, MaxWait: Duration(2 * time.Second)},
-		Log:       Log{Level: "info"},
+		Log:       Log{Level: "info", Buffer: 64 << 10, FlushInterval: Duration(200 * time.Millisecond)},
 	}
 }
 
@@ -291,6 +296,12 @@ func (c Config) Validate() error {
 	}
 	if c.RateLimit.MaxWait <= 0 {
 		bad("ratelimit.max_wait", "must be > 0")
+	}
+	if c.Log.Buffer < 0 || c.Log.Buffer > 16<<20 {
+		bad("log.buffer", "must be between 0 and 16MiB")
+	}
+	if c.Log.FlushInterval <= 0 {
+		bad("log.flush_interval", "must be > 0")
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":

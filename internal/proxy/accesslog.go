@@ -120,3 +120,24 @@ func accountOf(auth string, dst *[34]byte) int {
 	copy(dst[:], dec[:34])
 	return 34
 }
+
+// clockText formats the access log's "time" field (RFC 3339, seconds, as
+// zerolog's default) once per second instead of once per request.
+type clockText struct {
+	cur atomic.Pointer[stampText]
+}
+
+type stampText struct {
+	sec  int64
+	text string
+}
+
+func (c *clockText) format(t time.Time) string {
+	sec := t.Unix()
+	if s := c.cur.Load(); s != nil && s.sec == sec {
+		return s.text
+	}
+	s := &stampText{sec: sec, text: t.UTC().Format(time.RFC3339)}
+	c.cur.Store(s)
+	return s.text
+}

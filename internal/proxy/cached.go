@@ -41,15 +41,13 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, rt ro
 		return
 	}
 	key := p.key(rt, r.URL.RawQuery, auth)
-	if !noCache {
-		if e, ok := p.store.Get(key); ok {
-			if now := p.now(); now.Before(e.Expires) {
-				rec.cache = "hit"
-				ttl := int(e.Expires.Sub(now) / time.Second)
-				age := int(now.Sub(e.Stored) / time.Second)
-				p.writeEntry(w, r, e, p.hdrs.hit(ttl), p.hdrs.age(age))
-				return
-			}
+	if now := rec.start; !noCache {
+		if e, ok := p.store.Get(key, now); ok && now.Before(e.Expires) {
+			rec.cache = "hit"
+			ttl := int(e.Expires.Sub(now) / time.Second)
+			age := int(now.Sub(e.Stored) / time.Second)
+			p.writeEntry(w, r, e, p.hdrs.hit(ttl), p.hdrs.age(age))
+			return
 		}
 	}
 	// The flight is keyed by the invalidation epoch at arrival: a read that

@@ -363,3 +363,27 @@ func TestPanicInFetchIsA502(t *testing.T) {
 		t.Fatalf("after panics: %d", s)
 	}
 }
+
+func TestFingerprintMemoMatchesHMAC(t *testing.T) {
+	f := newFingerprinter([]byte("k"))
+	g := newFingerprinter([]byte("k")) // same secret, other memo seeds
+	other := newFingerprinter([]byte("other"))
+	for i := 0; i < 3*fpMemoSize; i++ { // more headers than slots: evictions
+		auth := basic(acctA, fmt.Sprint("token", i))
+		a := string(f.appendHex(nil, auth))
+		b := string(f.appendHex(nil, auth)) // memoised
+		c := string(g.appendHex(nil, auth))
+		if a != b || a != c || len(a) != 32 {
+			t.Fatalf("fingerprint of %d differs: %s %s %s", i, a, b, c)
+		}
+		if a == string(other.appendHex(nil, auth)) {
+			t.Fatal("fingerprint does not depend on the secret")
+		}
+		if strings.Contains(a, "token") {
+			t.Fatal("fingerprint holds the token")
+		}
+	}
+	if string(f.appendHex(nil, basic(acctA, "x"))) == string(f.appendHex(nil, basic(acctA, "y"))) {
+		t.Fatal("different credentials share a fingerprint")
+	}
+}

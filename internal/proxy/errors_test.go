@@ -105,7 +105,7 @@ func TestAccessLogLine(t *testing.T) {
 	if len(got) != 2 {
 		t.Fatalf("want one line per request, got %d", len(got))
 	}
-	for _, f := range []string{"request_id", "method", "route", "upstream", "status", "cache", "upstream_status", "upstream_ms", "queue_wait_ms", "retries", "bytes", "duration_ms", "account"} {
+	for _, f := range []string{"request_id", "method", "route", "upstream", "status", "cache", "upstream_status", "upstream_us", "queue_wait_us", "retries", "bytes", "duration_us", "account"} {
 		if _, ok := got[0][f]; !ok {
 			t.Errorf("access log lacks %q: %v", f, got[0])
 		}
