@@ -124,6 +124,19 @@ func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Log
 		Str("conversations", cfg.Upstreams.Conversations.URL).Str("proxy", cfg.Upstreams.Proxy.URL).Msg("cacheproxy started")
 	_ = logw.Flush() // tooling waits for this line
 
+	go func() {
+		t := time.NewTicker(cfg.Log.SummaryInterval.D())
+		defer t.Stop()
+		var prev proxy.Summary
+		for {
+			select {
+			case <-t.C:
+				prev = p.LogSummary(prev)
+			case <-ctx.Done():
+				return
+			}
+		}
+	}()
 	select {
 	case <-ctx.Done():
 	case err := <-errc:
@@ -143,7 +156,7 @@ func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Log
 // retention is the longest an entry can outlive the invalidation of its
 // scope: its lifetime plus the slowest fetch.
 func retention(cfg config.Config) time.Duration {
-	return max(cfg.Cache.TTL.D(), cfg.Cache.NegativeTTL.D()) +
+	return max(cfg.Cache.TTL.D(), cfg.Cache.NegativeTTL.D()) + max(cfg.Cache.StaleIfError.D(), cfg.Cache.StaleWhileRevalidate.D()) +
 		max(cfg.Upstreams.Conversations.Timeout.D(), cfg.Upstreams.Proxy.Timeout.D()) + time.Minute
 }
 

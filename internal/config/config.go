@@ -64,6 +64,13 @@ type Cache struct {
 	// KeySecret keys the credential fingerprint in cache keys. Default: a
 	// random secret per process.
 	KeySecret string `toml:"key_secret"`
+	// StaleIfError serves an entry up to this long past its TTL when the
+	// upstream answers 429 or 5xx, cannot be reached, or the account's
+	// budget is spent. Default 60s; 0 disables.
+	StaleIfError Duration `toml:"stale_if_error"`
+	// StaleWhileRevalidate serves an entry up to this long past its TTL at
+	// once while one background fetch per key refreshes it. Default 0 (off).
+	StaleWhileRevalidate Duration `toml:"stale_while_revalidate"`
 }
 
 // Server holds the client-facing HTTP server's limits.
@@ -84,6 +91,21 @@ type RateLimit struct {
 	RequestsPerSecond int `toml:"requests_per_second"`
 	// MaxWait bounds how long a request waits for its turn. Default 2s.
 	MaxWait Duration `toml:"max_wait"`
+	// MaxConcurrent caps one account's upstream calls in flight. Default 25.
+	MaxConcurrent int `toml:"max_concurrent"`
+	// MaxRetries bounds retries of an upstream 429. Default 3; 0 disables.
+	MaxRetries int `toml:"max_retries"`
+	// BackoffBase and BackoffMax shape the retry wait: full jitter over
+	// base·2^attempt, at most max, unless the upstream sends Retry-After.
+	// Defaults 200ms and 5s.
+	BackoffBase Duration `toml:"backoff_base"`
+	BackoffMax  Duration `toml:"backoff_max"`
+	// ReplayBytes is the largest write body buffered so it can be retried.
+	// Default 64KiB.
+	ReplayBytes ByteSize `toml:"replay_bytes"`
+	// Recover is how long an account's rate, halved by an upstream 429,
+	// takes to climb back. Default 30s.
+	Recover Duration `toml:"recover"`
 }
 
 // Log configures the JSON logs.
@@ -95,6 +117,8 @@ type Log struct {
 	Buffer ByteSize `toml:"buffer"`
 	// FlushInterval bounds how long a buffered line waits. Default 200ms.
 	FlushInterval Duration `toml:"flush_interval"`
+	// SummaryInterval is the period of the summary line. Default 60s.
+	SummaryInterval Duration `toml:"summary_interval"`
 }
 
 // Default returns the configuration cacheproxy runs on without a file.
@@ -112,6 +136,7 @@ func Default() Config {
 			NegativeTTL:   Duration(5 * time.Second),
 			MaxBytes:      64 << 20,
 			MaxEntryBytes: 1 << 20,
+			StaleIfError:  Duration(60 * time.Second),
 		},
 		Server: Server{
 			ReadHeaderTimeout: Duration(10 * time.Second),
@@ -119,8 +144,11 @@ func Default() Config {
 			MaxHeaderBytes:    64 << 10,
 			MaxBodyBytes:      10 << 20,
 		},
-		RateLimit: RateLimit{RequestsPerSecond: 50, MaxWait: Duration(2 * time.Second)},
-		Log:       Log{Level: "info", Buffer: 64 << 10, FlushInterval: Duration(200 * time.Millisecond)},
+		RateLimit: RateLimit{RequestsPerSecond: 50, MaxWait: Duration(2 * time.Second), MaxConcurrent: 25, MaxRetries: 3,
+			BackoffBase: Duration(200 * time.Millisecond), BackoffMax: Duration(5 * time.Second), ReplayBytes: 64 << 10,
+			Recover: Duration(30 * time.Second)},
+		Log: Log{Level: "info", Buffer: 64 << 10, FlushInterval: Duration(200 * time.Millisecond),
+			SummaryInterval: Duration(60 * time.Second)},
 	}
 }
 
@@ -296,6 +324,33 @@ func (c Config) Validate() error {
 	}
 	if c.RateLimit.MaxWait <= 0 {
 		bad("ratelimit.max_wait", "must be > 0")
+	}
+	if c.RateLimit.MaxConcurrent <= 0 {
+		bad("ratelimit.max_concurrent", "must be > 0")
+	}
+	if c.RateLimit.MaxRetries < 0 || c.RateLimit.MaxRetries > 10 {
+		bad("ratelimit.max_retries", "must be between 0 and 10")
+	}
+	if c.RateLimit.BackoffBase <= 0 {
+		bad("ratelimit.backoff_base", "must be > 0")
+	}
+	if c.RateLimit.BackoffMax < c.RateLimit.BackoffBase {
+		bad("ratelimit.backoff_max", "must be >= ratelimit.backoff_base")
+	}
+	if c.RateLimit.ReplayBytes < 0 {
+		bad("ratelimit.replay_bytes", "must be >= 0")
+	}
+	if c.RateLimit.Recover <= 0 {
+		bad("ratelimit.recover", "must be > 0")
+	}
+	if c.Cache.StaleIfError < 0 {
+		bad("cache.stale_if_error", "must be >= 0")
+	}
+	if c.Cache.StaleWhileRevalidate < 0 {
+		bad("cache.stale_while_revalidate", "must be >= 0")
+	}
+	if c.Log.SummaryInterval <= 0 {
+		bad("log.summary_interval", "must be > 0")
 	}
 	if c.Log.Buffer < 0 || c.Log.Buffer > 16<<20 {
 		bad("log.buffer", "must be between 0 and 16MiB")

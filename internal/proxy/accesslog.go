@@ -23,9 +23,8 @@ type record struct {
 	cache          string // hit, miss, collapsed, bypass, refresh, or "" (not cacheable)
 	upstreamStatus int
 	upstreamDur    time.Duration
-	queueWait      time.Duration
-	retries        int
-	reqID          string // the client's X-Request-Id, or "" and reqNum
+	calls          callStats // queue wait, retries, upstream 429s
+	reqID          string    // the client's X-Request-Id, or "" and reqNum
 	reqNum         uint64
 	errMsg         string
 	rt             route

@@ -27,6 +27,7 @@ type fetchResult struct {
 	stored   bool
 	upStatus int
 	upDur    time.Duration
+	calls    callStats
 }
 
 // serveCached answers a GET or HEAD of a participant read route.
@@ -41,29 +42,52 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, rt ro
 		return
 	}
 	key := p.key(rt, r.URL.RawQuery, auth)
+	// stale is an expired entry still within its stale windows.
+	var stale *cache.Entry
 	if now := rec.start; !noCache {
-		if e, ok := p.store.Get(key, now); ok && now.Before(e.Expires) {
-			rec.cache = "hit"
-			ttl := int(e.Expires.Sub(now) / time.Second)
-			age := int(now.Sub(e.Stored) / time.Second)
-			p.writeEntry(w, r, e, p.hdrs.hit(ttl), p.hdrs.age(age))
-			return
+		if e, ok := p.store.Get(key, now); ok {
+			if now.Before(e.Expires) {
+				p.c.hits.Add(1)
+				rec.cache = "hit"
+				ttl := int(e.Expires.Sub(now) / time.Second)
+				age := int(now.Sub(e.Stored) / time.Second)
+				p.writeEntry(w, r, e, p.hdrs.hit(ttl), p.hdrs.age(age))
+				return
+			}
+			stale = e
+			if now.Before(e.Expires.Add(p.swr)) {
+				// Stale-while-revalidate: answer now, refresh in the
+				// background (one fetch per key: it is a flight).
+				p.c.stale.Add(1)
+				rec.cache = "stale"
+				p.flights.DoChan(p.flightKey(key, false), func() (any, error) { return p.runFetch(r, rt, key) })
+				age := int(now.Sub(e.Stored) / time.Second)
+				p.writeEntry(w, r, e, []string{"cacheproxy; hit; ttl=" + strconv.Itoa(int(e.Expires.Sub(now)/time.Second)) + "; detail=stale-while-revalidate"}, p.hdrs.age(age))
+				return
+			}
 		}
 	}
-	// The flight is keyed by the invalidation epoch at arrival: a read that
-	// arrives after a write's response never joins a fetch that began
-	// before it (DESIGN.md "Freshness"). Reads between writes still share.
-	flightKey := key + "@" + strconv.FormatUint(p.store.Epoch(), 10)
-	if noCache {
-		flightKey = "no-cache " + flightKey
+	res, leader, err := p.fetchShared(r, rt, key, p.flightKey(key, noCache))
+	if res != nil {
+		rec.calls = res.calls
 	}
-	res, leader, err := p.fetchShared(r, rt, key, flightKey)
+	if upstreamFailed(res, err) && stale != nil && rec.start.Before(stale.Expires.Add(p.staleIfError)) && r.Context().Err() == nil {
+		// Stale-if-error: an older answer beats a 429 or a 5xx.
+		p.c.stale.Add(1)
+		rec.cache = "stale"
+		fwd := "cacheproxy; fwd=stale"
+		if err == nil {
+			fwd += "; fwd-status=" + strconv.Itoa(res.upStatus)
+			rec.upstreamStatus, rec.upstreamDur = res.upStatus, res.upDur
+		} else {
+			rec.errMsg = err.Error()
+		}
+		p.writeEntry(w, r, stale, []string{fwd}, p.hdrs.age(int(rec.start.Sub(stale.Stored)/time.Second)))
+		return
+	}
 	if err != nil {
 		rec.errMsg = err.Error()
-		status, msg := statusFor(r.Context(), err)
-		if status != 0 {
-			twilioError(w, status, msg)
-		}
+		p.fail(w, r, err)
 		return
 	}
 	rec.upstreamStatus, rec.upstreamDur = res.upStatus, res.upDur
@@ -77,44 +101,73 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, rt ro
 	case !leader:
 		fwd += "; collapsed"
 		rec.cache = "collapsed"
+		p.c.collapsed.Add(1)
 	case res.stored:
 		fwd += "; stored"
+		p.c.misses.Add(1)
+	default:
+		p.c.misses.Add(1)
 	}
 	p.writeEntry(w, r, res.entry, []string{fwd}, nil)
+}
+
+// flightKey keys a fetch by the invalidation epoch at arrival: a read that
+// arrives after a write's response never joins a fetch that began before
+// it (DESIGN.md "Freshness"). Reads between writes still share.
+func (p *Proxy) flightKey(key string, noCache bool) string {
+	k := key + "@" + strconv.FormatUint(p.store.Epoch(), 10)
+	if noCache {
+		k = "no-cache " + k
+	}
+	return k
+}
+
+// upstreamFailed reports a fetch that an older answer should replace: no
+// answer at all, a 429 or a 5xx.
+func upstreamFailed(res *fetchResult, err error) bool {
+	if err != nil {
+		return true
+	}
+	return res.upStatus == http.StatusTooManyRequests || res.upStatus >= 500
 }
 
 // fetchShared joins or starts the fetch for flightKey and waits for it or
 // for the client to leave. leader reports whether this call ran the fetch.
 func (p *Proxy) fetchShared(r *http.Request, rt route, key, flightKey string) (*fetchResult, bool, error) {
 	ran := false // written by the flight goroutine; read only after its result arrives
-	ch := p.flights.DoChan(flightKey, func() (v any, err error) {
+	ch := p.flights.DoChan(flightKey, func() (any, error) {
 		ran = true
-		p.fetches.Add(1)
-		defer p.fetches.Done()
-		defer func() {
-			if x := recover(); x != nil {
-				p.log.Error().Str("route", rt.name).Str("panic", fmt.Sprint(x)).Msg("upstream fetch panicked")
-				v, err = nil, errFetchPanic
-			}
-		}()
-		return p.fetch(r, rt, key)
+		return p.runFetch(r, rt, key)
 	})
 	select {
 	case sr := <-ch:
-		if sr.Err != nil {
-			return nil, ran, sr.Err
-		}
-		return sr.Val.(*fetchResult), ran, nil
+		res, _ := sr.Val.(*fetchResult) // may carry call stats on error; nil after a panic
+		return res, ran, sr.Err
 	case <-r.Context().Done():
 		return nil, false, r.Context().Err()
 	}
+}
+
+// runFetch runs a flight's fetch: counted for shutdown, panics recovered
+// into an error for its waiters.
+func (p *Proxy) runFetch(r *http.Request, rt route, key string) (v any, err error) {
+	p.fetches.Add(1)
+	defer p.fetches.Done()
+	defer func() {
+		if x := recover(); x != nil {
+			p.log.Error().Str("route", rt.name).Str("panic", fmt.Sprint(x)).Msg("upstream fetch panicked")
+			v, err = nil, errFetchPanic
+		}
+	}()
+	return p.fetch(r, rt, key)
 }
 
 // fetch makes the one upstream call of a flight. It runs detached from the
 // client that started it (context.WithoutCancel) under the upstream's own
 // timeout, so other waiters get their answer if that client leaves.
 func (p *Proxy) fetch(r *http.Request, rt route, key string) (*fetchResult, error) {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), rt.up.timeout)
+	res := &fetchResult{}
+	ctx, cancel := context.WithTimeout(withStats(context.WithoutCancel(r.Context()), &res.calls), rt.up.timeout)
 	defer cancel()
 	epoch := p.store.Epoch()
 	u := *rt.up.target
@@ -127,7 +180,7 @@ func (p *Proxy) fetch(r *http.Request, rt route, key string) (*fetchResult, erro
 	start := p.now()
 	resp, err := rt.up.transport.RoundTrip(out)
 	if err != nil {
-		return nil, err
+		return res, err
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, p.maxFetch+1))
@@ -158,10 +211,10 @@ func (p *Proxy) fetch(r *http.Request, rt route, key string) (*fetchResult, erro
 	case http.StatusNotFound:
 		ttl = p.negTTL
 	}
-	res := &fetchResult{entry: e, upStatus: resp.StatusCode, upDur: now.Sub(start)}
+	res.entry, res.upStatus, res.upDur = e, resp.StatusCode, now.Sub(start)
 	if ttl > 0 && int64(len(body)) <= p.maxEntry && !noStoreResponse(resp.Header) {
 		e.Expires = now.Add(ttl)
-		e.Keep = e.Expires
+		e.Keep = e.Expires.Add(max(p.staleIfError, p.swr))
 		res.stored = p.store.Set(e)
 	}
 	return res, nil

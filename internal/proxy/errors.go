@@ -6,6 +6,8 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+
+	"cacheproxy/internal/ratelimit"
 )
 
 // Sentinel errors of the sidecar itself.
@@ -37,9 +39,12 @@ func twilioError(w http.ResponseWriter, status int, msg string) {
 func statusFor(clientCtx context.Context, err error) (int, string) {
 	var maxErr *http.MaxBytesError
 	var netErr net.Error
+	var rej *ratelimit.RejectedError
 	switch {
 	case clientCtx.Err() != nil && errors.Is(err, context.Canceled):
 		return 0, "client went away"
+	case errors.As(err, &rej):
+		return http.StatusTooManyRequests, "Too many requests: this account's upstream budget is spent (" + rej.Reason + ")"
 	case errors.As(err, &maxErr):
 		return http.StatusRequestEntityTooLarge, "request body larger than " + strconv.FormatInt(maxErr.Limit, 10) + " bytes"
 	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &netErr) && netErr.Timeout():

@@ -119,6 +119,7 @@ type harness struct {
 	clk        *clock
 	logs       *syncBuffer
 	cfg        config.Config
+	delays     chan time.Duration // retry waits the proxy asked for
 }
 
 type harnessOpt func(*config.Config, *Options)
@@ -129,7 +130,7 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 	t.Helper()
 	accounts := map[string]string{acctA: tokenA, acctB: tokenB}
 	h := &harness{t: t, conv: twiliofake.New(accounts), prox: twiliofake.New(accounts),
-		clk: &clock{t: time.Now()}, logs: &syncBuffer{}}
+		clk: &clock{t: time.Now()}, logs: &syncBuffer{}, delays: make(chan time.Duration, 100)}
 	h.conv.AddConversation(conv1, "support-room", "")
 	h.conv.AddParticipant(conv1, twiliofake.Participant{Sid: member1, Identity: "alice@example.com", Attributes: `{"v":0}`})
 	h.conv.AddConversation(conv2, "", isvc)
@@ -146,7 +147,19 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 	cfg := config.Default()
 	cfg.Upstreams.Conversations.URL = h.convSrv.URL
 	cfg.Upstreams.Proxy.URL = h.proxSrv.URL
-	o := Options{Now: h.clk.now, Logger: zerolog.New(h.logs).Level(zerolog.DebugLevel), KeySecret: []byte("test-secret")}
+	// Pacing is tested on its own; elsewhere it must not slow tests down.
+	cfg.RateLimit.RequestsPerSecond, cfg.RateLimit.MaxConcurrent = 1_000_000, 10_000
+	o := Options{Now: h.clk.now, Logger: zerolog.New(h.logs).Level(zerolog.DebugLevel), KeySecret: []byte("test-secret"),
+		// Retry waits end at once; the test reads what was asked for.
+		After: func(d time.Duration) <-chan time.Time {
+			select {
+			case h.delays <- d:
+			default:
+			}
+			ch := make(chan time.Time, 1)
+			ch <- time.Time{}
+			return ch
+		}}
 	for _, opt := range opts {
 		opt(&cfg, &o)
 	}

@@ -27,6 +27,7 @@ import (
 
 	"cacheproxy/internal/cache"
 	"cacheproxy/internal/config"
+	"cacheproxy/internal/ratelimit"
 
 	"github.com/rs/zerolog"
 	"golang.org/x/sync/singleflight"
@@ -51,6 +52,11 @@ type Options struct {
 	Now func() time.Time
 	// KeySecret keys credential fingerprints. If empty, a random one.
 	KeySecret []byte
+	// Limiter paces upstream calls per account. If nil, one is built from
+	// Config.RateLimit on the real clock.
+	Limiter *ratelimit.Limiter
+	// After waits between retries of an upstream 429. If nil, time.After.
+	After func(time.Duration) <-chan time.Time
 }
 
 // Proxy is the http.Handler clients talk to.
@@ -67,7 +73,10 @@ type Proxy struct {
 	hdrs    hitHeaders
 	stamp   clockText
 
+	c                 counters
+	lim               *ratelimit.Limiter
 	ttl, negTTL       time.Duration
+	staleIfError, swr time.Duration
 	maxEntry, maxBody int64
 	maxFetch          int64
 }
@@ -97,6 +106,16 @@ func New(o Options) (*Proxy, error) {
 	if o.Now == nil {
 		o.Now = time.Now
 	}
+	if o.After == nil {
+		o.After = time.After
+	}
+	rl := o.Config.RateLimit
+	if o.Limiter == nil {
+		o.Limiter = ratelimit.New(ratelimit.Config{
+			Rate: float64(rl.RequestsPerSecond), MaxConcurrent: rl.MaxConcurrent,
+			MaxWait: rl.MaxWait.D(), Recover: rl.Recover.D(),
+		}, nil)
+	}
 	if len(o.KeySecret) == 0 {
 		o.KeySecret = make([]byte, 32)
 		if _, err := io.ReadFull(randReader, o.KeySecret); err != nil {
@@ -105,31 +124,39 @@ func New(o Options) (*Proxy, error) {
 	}
 	c := o.Config
 	p := &Proxy{
-		ups:      map[string]*upstream{},
-		byHost:   map[string]*upstream{},
-		store:    o.Store,
-		flights:  new(singleflight.Group),
-		log:      o.Logger,
-		now:      o.Now,
-		fp:       newFingerprinter(o.KeySecret),
-		ids:      newRequestIDs(),
-		ttl:      c.Cache.TTL.D(),
-		negTTL:   c.Cache.NegativeTTL.D(),
-		maxEntry: int64(c.Cache.MaxEntryBytes),
-		maxBody:  int64(c.Server.MaxBodyBytes),
-		maxFetch: max(maxFetchBytes, int64(c.Cache.MaxEntryBytes)),
-		hdrs:     newHitHeaders(max(c.Cache.TTL.D(), c.Cache.NegativeTTL.D())),
+		ups:          map[string]*upstream{},
+		byHost:       map[string]*upstream{},
+		store:        o.Store,
+		flights:      new(singleflight.Group),
+		log:          o.Logger,
+		now:          o.Now,
+		fp:           newFingerprinter(o.KeySecret),
+		ids:          newRequestIDs(),
+		ttl:          c.Cache.TTL.D(),
+		negTTL:       c.Cache.NegativeTTL.D(),
+		lim:          o.Limiter,
+		staleIfError: c.Cache.StaleIfError.D(),
+		swr:          c.Cache.StaleWhileRevalidate.D(),
+		maxEntry:     int64(c.Cache.MaxEntryBytes),
+		maxBody:      int64(c.Server.MaxBodyBytes),
+		maxFetch:     max(maxFetchBytes, int64(c.Cache.MaxEntryBytes)),
+		hdrs:         newHitHeaders(max(c.Cache.TTL.D(), c.Cache.NegativeTTL.D())),
 	}
 	errLog := log.New(p.log.With().Str("component", "reverseproxy").Logger(), "", 0)
+	paced := &pacedTransport{
+		next: o.Transport, lim: o.Limiter, maxRetries: rl.MaxRetries,
+		base: rl.BackoffBase.D(), cap: rl.BackoffMax.D(), replayBytes: int64(rl.ReplayBytes),
+		after: o.After, now: o.Now, c: &p.c,
+	}
 	for name, uc := range map[string]config.Upstream{conversations: c.Upstreams.Conversations, proxyAPI: c.Upstreams.Proxy} {
 		target, err := url.Parse(uc.URL)
 		if err != nil {
 			return nil, fmt.Errorf("proxy: upstreams.%s.url: %w", name, err)
 		}
-		up := &upstream{name: name, target: target, transport: o.Transport, timeout: uc.Timeout.D()}
+		up := &upstream{name: name, target: target, transport: paced, timeout: uc.Timeout.D()}
 		up.rp = &httputil.ReverseProxy{
 			Rewrite:        func(pr *httputil.ProxyRequest) { pr.SetURL(target) },
-			Transport:      timeoutTransport{o.Transport, up.timeout},
+			Transport:      timeoutTransport{paced, up.timeout},
 			FlushInterval:  -1, // Twilio answers are small JSON: pass bytes on as they come
 			ErrorLog:       errLog,
 			ModifyResponse: p.modifyResponse,
@@ -259,7 +286,8 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rec *record, rt 
 	if r.Body != nil && r.Body != http.NoBody {
 		r.Body = http.MaxBytesReader(w, r.Body, p.maxBody)
 	}
-	out := r.WithContext(context.WithValue(r.Context(), recordKey{}, rec))
+	p.c.passthrough.Add(1)
+	out := r.WithContext(withStats(context.WithValue(r.Context(), recordKey{}, rec), &rec.calls))
 	if rt.path != r.URL.Path {
 		u := *r.URL
 		u.Path, u.RawPath = rt.path, rt.rawPath
@@ -326,11 +354,67 @@ func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) 
 			p.store.Invalidate(tags...)
 		}
 	}
+	p.fail(w, r, err)
+}
+
+// fail answers an upstream failure (nothing if the client went away).
+func (p *Proxy) fail(w http.ResponseWriter, r *http.Request, err error) {
 	status, msg := statusFor(r.Context(), err)
 	if status == 0 {
 		return
 	}
+	var rej *ratelimit.RejectedError
+	if errors.As(err, &rej) {
+		w.Header().Set("Retry-After", strconv.Itoa(int(max(1, (rej.RetryAfter+time.Second-1)/time.Second))))
+	}
 	twilioError(w, status, msg)
+}
+
+// Summary is the totals since the process started.
+type Summary struct {
+	Hits, Misses, Collapsed, Stale, Passthrough     int64
+	UpstreamCalls, Upstream429, Rejections, Retries int64
+	QueueWait                                       time.Duration
+	Cache                                           cache.Stats
+}
+
+// Summary reports the proxy's totals (it walks the cache: not for the
+// request path).
+func (p *Proxy) Summary() Summary {
+	return Summary{
+		Hits: p.c.hits.Load(), Misses: p.c.misses.Load(), Collapsed: p.c.collapsed.Load(),
+		Stale: p.c.stale.Load(), Passthrough: p.c.passthrough.Load(),
+		UpstreamCalls: p.c.upstreamCalls.Load(), Upstream429: p.c.upstream429.Load(),
+		Rejections: p.c.rejections.Load(), Retries: p.c.retries.Load(),
+		QueueWait: time.Duration(p.c.queueWaitNanos.Load()),
+		Cache:     p.store.Stats(),
+	}
+}
+
+// LogSummary writes the periodic summary line: what happened since prev
+// (the previous call's result), and the cache's state now.
+func (p *Proxy) LogSummary(prev Summary) Summary {
+	s := p.Summary()
+	reads := (s.Hits - prev.Hits) + (s.Misses - prev.Misses) + (s.Collapsed - prev.Collapsed) + (s.Stale - prev.Stale)
+	ratio := 0.0
+	if reads > 0 {
+		ratio = float64(s.Hits-prev.Hits) / float64(reads)
+	}
+	// Summaries are never sampled or filtered below warn: they carry 429s.
+	p.log.WithLevel(zerolog.NoLevel).Str("time", p.stamp.format(p.now())).
+		Float64("hit_ratio", ratio).
+		Int64("hits", s.Hits-prev.Hits).Int64("misses", s.Misses-prev.Misses).
+		Int64("collapsed", s.Collapsed-prev.Collapsed).Int64("stale", s.Stale-prev.Stale).
+		Int64("passthrough", s.Passthrough-prev.Passthrough).
+		Int64("upstream_calls", s.UpstreamCalls-prev.UpstreamCalls).
+		Int64("upstream_429s", s.Upstream429-prev.Upstream429).
+		Int64("rejections", s.Rejections-prev.Rejections).
+		Int64("retries", s.Retries-prev.Retries).
+		Int64("queue_wait_us", (s.QueueWait-prev.QueueWait).Microseconds()).
+		Int64("entries", s.Cache.Entries).Int64("bytes", s.Cache.Bytes).
+		Uint64("evictions", s.Cache.Evictions).
+		Msg("summary")
+	return s
 }
 
 // logRequest writes the access-log line. It never logs a header value.
@@ -366,8 +450,9 @@ func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
 		Str("cache", rec.cache).
 		Int("upstream_status", rec.upstreamStatus).
 		Int64("upstream_us", rec.upstreamDur.Microseconds()).
-		Int64("queue_wait_us", rec.queueWait.Microseconds()).
-		Int("retries", rec.retries).
+		Int64("queue_wait_us", rec.calls.queueWait.Microseconds()).
+		Int("retries", rec.calls.retries).
+		Int("upstream_429s", rec.calls.tooMany).
 		Int64("bytes", w.bytes).
 		Int64("duration_us", now.Sub(rec.start).Microseconds()).
 		Bytes("account", rec.account[:rec.accountLen])
