@@ -73,8 +73,9 @@ type account struct {
 
 	cutRate float64   // rate right after the last cut (0: never cut)
 	cutAt   time.Time // when
-	lim     ratelimit.Limiter
-	limRate float64
+	lim      ratelimit.Limiter
+	limRate  float64
+	lastTake time.Time // the slot the last Take returned
 }
 
 type waiter struct {
@@ -112,6 +113,18 @@ func (l *Limiter) Acquire(ctx context.Context, acct string) (release func(), wai
 		retry := time.Duration(float64(len(a.queue)+1) / rate * float64(time.Second))
 		l.mu.Unlock()
 		return nil, 0, &RejectedError{RetryAfter: retry, Reason: "queue full"}
+	}
+	// Fast path: nobody queued and this account's next slot already due.
+	// All Takes are serialised (here, or in the one dispatcher), so this
+	// Take returns at once: no goroutine hop, no wait.
+	if len(a.queue) == 0 && !a.running && (l.cfg.MaxConcurrent <= 0 || a.inflight < l.cfg.MaxConcurrent) {
+		lim := l.limiterLocked(a, start)
+		if !start.Before(a.lastTake.Add(perSlot(a.limRate))) {
+			a.lastTake = lim.Take()
+			a.inflight++
+			l.mu.Unlock()
+			return l.releaser(a), 0, nil
+		}
 	}
 	w := &waiter{granted: make(chan struct{}, 1)}
 	a.queue = append(a.queue, w)
@@ -193,9 +206,10 @@ func (l *Limiter) dispatch(a *account) {
 		lim := l.limiterLocked(a, l.clock.Now())
 		l.mu.Unlock()
 
-		lim.Take() // sleeps (on l.clock) until this account's next slot
+		took := lim.Take() // sleeps (on l.clock) until this account's next slot
 
 		l.mu.Lock()
+		a.lastTake = took
 		if len(a.queue) > 0 { // else everyone left while we slept: the slot lapses
 			w := a.queue[0]
 			a.queue = a.queue[1:]
@@ -248,13 +262,14 @@ func (l *Limiter) rateLocked(a *account, now time.Time) float64 {
 func (l *Limiter) limiterLocked(a *account, now time.Time) ratelimit.Limiter {
 	rate := l.rateLocked(a, now)
 	if a.lim == nil || math.Abs(rate-a.limRate) > 0.05*a.limRate {
-		per := time.Duration(float64(time.Second) / rate)
 		// Without slack: an idle account does not save up a burst.
-		a.lim = ratelimit.New(1, ratelimit.Per(per), ratelimit.WithoutSlack, ratelimit.WithClock(l.clock))
+		a.lim = ratelimit.New(1, ratelimit.Per(perSlot(rate)), ratelimit.WithoutSlack, ratelimit.WithClock(l.clock))
 		a.limRate = rate
 	}
 	return a.lim
 }
+
+func perSlot(rate float64) time.Duration { return time.Duration(float64(time.Second) / rate) }
 
 type realClock struct{}
 
