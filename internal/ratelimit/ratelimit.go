@@ -71,8 +71,8 @@ type account struct {
 	running  bool          // a dispatcher goroutine serves this account
 	wake     chan struct{} // nudges a dispatcher waiting for a free call slot
 
-	cutRate float64   // rate right after the last cut (0: never cut)
-	cutAt   time.Time // when
+	cutRate  float64   // rate right after the last cut (0: never cut)
+	cutAt    time.Time // when
 	lim      ratelimit.Limiter
 	limRate  float64
 	lastTake time.Time // the slot the last Take returned
