@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"strings"
@@ -11,6 +12,8 @@ import (
 
 	"cacheproxy/internal/config"
 	"cacheproxy/internal/twiliofake"
+
+	"go.uber.org/goleak"
 )
 
 // tightBudget: 1 call per second, a 1 ms wait bound. The first call takes
@@ -258,5 +261,43 @@ func TestSummaryLine(t *testing.T) {
 	}
 	if prev.Hits != 2 {
 		t.Fatalf("returned totals: %+v", prev)
+	}
+}
+
+// TestQueuedClientsThatLeaveLeakNothing: requests queued for a turn whose
+// clients go away return at once, and once the account's dispatcher has
+// slept to its next slot no goroutine remains.
+func TestQueuedClientsThatLeaveLeakNothing(t *testing.T) {
+	before := goleak.IgnoreCurrent()
+	t.Cleanup(func() { // registered first: runs after the servers close
+		goleak.VerifyNone(t, before,
+			goleak.IgnoreTopFunction("net/http.(*persistConn).readLoop"),
+			goleak.IgnoreTopFunction("net/http.(*persistConn).writeLoop"),
+			goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"))
+	})
+	h := newHarness(t, func(c *config.Config, _ *Options) {
+		c.RateLimit.RequestsPerSecond, c.RateLimit.MaxWait = 1, config.Duration(10*time.Second)
+	})
+	if s, _, _ := h.get(pathConv); s != 200 { // takes this second's slot
+		t.Fatalf("first read: %d", s)
+	}
+	for _, path := range []string{pathV2, pathSvc} {
+		ctx, cancel := context.WithCancel(context.Background())
+		w := newTrackingWriter()
+		done := make(chan struct{})
+		go func() { h.p.ServeHTTP(w, httptestRequest(ctx, path, basic(acctA, tokenA))); close(done) }()
+		cancel()
+		<-done
+		if w.wrote {
+			t.Fatalf("a client that left was answered %d", w.code)
+		}
+	}
+	if h.conv.Total() != 1 {
+		t.Fatalf("requests whose clients left reached the upstream")
+	}
+	// The dispatcher sleeps to its next slot (1 s at most here), sees an
+	// empty queue and exits.
+	if err := h.p.Wait(t.Context()); err != nil {
+		t.Fatal(err)
 	}
 }

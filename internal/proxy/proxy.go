@@ -217,14 +217,15 @@ type cancelBody struct {
 
 func (b cancelBody) Close() error { err := b.ReadCloser.Close(); b.cancel(); return err }
 
-// Wait blocks until detached fetches (those whose clients all left) finish
-// or ctx ends. Call it after http.Server.Shutdown, before closing the store.
+// Wait blocks until detached fetches (those whose clients all left) and
+// the limiter's dispatchers finish, or ctx ends. Call it after
+// http.Server.Shutdown, before closing the store.
 func (p *Proxy) Wait(ctx context.Context) error {
 	done := make(chan struct{})
 	go func() { p.fetches.Wait(); close(done) }()
 	select {
 	case <-done:
-		return nil
+		return p.lim.Wait(ctx)
 	case <-ctx.Done():
 		return ctx.Err()
 	}

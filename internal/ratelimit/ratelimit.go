@@ -63,6 +63,7 @@ type Limiter struct {
 
 	mu       sync.Mutex
 	accounts map[string]*account
+	running  sync.WaitGroup // dispatcher goroutines
 }
 
 type account struct {
@@ -130,6 +131,7 @@ func (l *Limiter) Acquire(ctx context.Context, acct string) (release func(), wai
 	a.queue = append(a.queue, w)
 	if !a.running {
 		a.running = true
+		l.running.Add(1)
 		go l.dispatch(a)
 	}
 	l.mu.Unlock()
@@ -189,8 +191,22 @@ func nudge(a *account) {
 	}
 }
 
+// Wait blocks until no dispatcher runs (each exits once its queue is
+// empty and its last slot has come) or ctx ends.
+func (l *Limiter) Wait(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() { l.running.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // dispatch serves one account's queue until it is empty.
 func (l *Limiter) dispatch(a *account) {
+	defer l.running.Done()
 	for {
 		l.mu.Lock()
 		if len(a.queue) == 0 {

@@ -1,0 +1,242 @@
+// Command limits runs the upstream-protection scenario on loopback: a fake
+// Twilio that allows L requests per second per account (429 with Twilio's
+// body above it) and answers in 50 ms, cacheproxy in front of it, and an
+// open-loop load of 300 requests/s for 10 s, Zipf-distributed (s = 1.1) over
+// 3,000 participants of the three APIs, one account. It prints one row per
+// scenario: paced as configured, and the same proxy without pacing.
+//
+//	go run ./bench/limits [-duration 10s] [-rate 300]
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"text/tabwriter"
+	"time"
+
+	"cacheproxy/internal/cache"
+	"cacheproxy/internal/config"
+	"cacheproxy/internal/proxy"
+	"cacheproxy/internal/twiliofake"
+
+	"github.com/rs/zerolog"
+)
+
+const (
+	account = "AC00000000000000000000000000000001"
+	token   = "benchtoken"
+	perAPI  = 1000
+)
+
+type scenario struct {
+	name    string
+	limit   int     // upstream L per second
+	pace    float64 // proxy requests_per_second (0: unpaced)
+	maxWait time.Duration
+}
+
+func main() {
+	duration := flag.Duration("duration", 10*time.Second, "load duration")
+	rate := flag.Int("rate", 300, "offered requests per second")
+	latency := flag.Duration("latency", 50*time.Millisecond, "upstream latency")
+	flag.Parse()
+	scenarios := []scenario{
+		{"L=100, paced 90/s", 100, 90, 2 * time.Second},
+		{"L=100, unpaced", 100, 0, 2 * time.Second},
+		{"L=50, paced 45/s, max_wait 1s", 50, 45, time.Second},
+		{"L=50, unpaced", 50, 0, time.Second},
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "scenario\tclient 200\tclient 429\t429 %\tupstream calls\tupstream 429\tupstream ok/s\tp50 ms\tp99 ms\tmax ms\twithin bound\t")
+	for _, sc := range scenarios {
+		r, err := run(sc, *rate, *duration, *latency)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "limits:", err)
+			os.Exit(1)
+		}
+		bound := sc.maxWait + *latency + 200*time.Millisecond
+		within := 0
+		for _, l := range r.latencies {
+			if l <= bound {
+				within++
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%.1f\t%d\t%d\t%.1f\t%.0f\t%.0f\t%.0f\t%d/%d (≤ %s)\t\n", sc.name, r.ok, r.tooMany,
+			100*float64(r.tooMany)/float64(len(r.latencies)), r.upCalls, r.up429, r.upOKPerSec,
+			ms(pct(r.latencies, 50)), ms(pct(r.latencies, 99)), ms(pct(r.latencies, 100)), within, len(r.latencies), bound)
+	}
+	tw.Flush()
+	fmt.Printf("(%d requests/s offered for %s, Zipf s=1.1 over %d participants, upstream latency %s, one account)\n",
+		*rate, *duration, 3*perAPI, *latency)
+}
+
+type result struct {
+	ok, tooMany, other int
+	latencies          []time.Duration
+	upCalls, up429     int64
+	upOKPerSec         float64
+}
+
+// limited wraps the fake with a per-account sliding one-second window.
+type limited struct {
+	next  http.Handler
+	limit int
+	mu    sync.Mutex
+	seen  map[string][]time.Time
+	calls atomic.Int64
+	tmr   atomic.Int64
+	first atomic.Int64 // unix nanos of the first and last processed call
+	last  atomic.Int64
+	ok    atomic.Int64
+}
+
+func (l *limited) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	l.calls.Add(1)
+	user, _, _ := r.BasicAuth()
+	now := time.Now()
+	l.mu.Lock()
+	win := l.seen[user]
+	for len(win) > 0 && now.Sub(win[0]) >= time.Second {
+		win = win[1:]
+	}
+	if len(win) >= l.limit {
+		l.seen[user] = win
+		l.mu.Unlock()
+		l.tmr.Add(1)
+		twiliofake.Error(w, http.StatusTooManyRequests, 20429, "Too Many Requests")
+		return
+	}
+	l.seen[user] = append(win, now)
+	l.mu.Unlock()
+	l.first.CompareAndSwap(0, now.UnixNano())
+	l.next.ServeHTTP(w, r)
+	l.last.Store(time.Now().UnixNano())
+	l.ok.Add(1)
+}
+
+func run(sc scenario, rate int, duration, latency time.Duration) (*result, error) {
+	fake := twiliofake.New(map[string]string{account: token})
+	fake.Latency = latency
+	conv, sess, v2 := twiliofake.SID("CH", 1), twiliofake.SID("KC", 1), "conv_conversation_1"
+	fake.AddConversation(conv, "", "")
+	fake.AddConversation(sess, "", twiliofake.SID("KS", 1))
+	fake.AddConversation(v2, "", "")
+	for i := range perAPI {
+		fake.AddParticipant(conv, twiliofake.Participant{Sid: twiliofake.SID("MB", i), Attributes: "{}"})
+		fake.AddParticipant(sess, twiliofake.Participant{Sid: twiliofake.SID("KP", i)})
+		fake.AddParticipant(v2, twiliofake.Participant{Sid: fmt.Sprintf("conv_participant_%d", i)})
+	}
+	up := &limited{next: fake, limit: sc.limit, seen: map[string][]time.Time{}}
+	upSrv, upURL, err := serve(up)
+	if err != nil {
+		return nil, err
+	}
+	defer upSrv.Close()
+
+	cfg := config.Default()
+	cfg.Upstreams.Conversations.URL, cfg.Upstreams.Proxy.URL = upURL, upURL
+	cfg.RateLimit.MaxWait = config.Duration(sc.maxWait)
+	cfg.RateLimit.RequestsPerSecond = int(sc.pace)
+	if sc.pace == 0 { // a plain caching proxy: no pacing, no retries
+		cfg.RateLimit.RequestsPerSecond, cfg.RateLimit.MaxConcurrent, cfg.RateLimit.MaxRetries = 1_000_000, 1_000_000, 0
+		cfg.Cache.StaleIfError = 0
+	}
+	store, err := cache.New(int64(cfg.Cache.MaxBytes), time.Hour, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer store.Close()
+	p, err := proxy.New(proxy.Options{Config: cfg, Store: store, Logger: zerolog.Nop()})
+	if err != nil {
+		return nil, err
+	}
+	pSrv, pURL, err := serve(p)
+	if err != nil {
+		return nil, err
+	}
+	defer pSrv.Close()
+
+	paths := make([]string, 0, 3*perAPI)
+	for i := range perAPI {
+		paths = append(paths,
+			"/v1/Conversations/"+conv+"/Participants/"+twiliofake.SID("MB", i),
+			"/v1/Services/"+twiliofake.SID("KS", 1)+"/Sessions/"+sess+"/Participants/"+twiliofake.SID("KP", i),
+			fmt.Sprintf("/v2/Conversations/%s/Participants/conv_participant_%d", v2, i))
+	}
+	zipf := rand.NewZipf(rand.New(rand.NewPCG(1, 2)), 1.1, 1, uint64(len(paths)-1))
+	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 1024}}
+
+	n := int(duration.Seconds() * float64(rate))
+	res := &result{latencies: make([]time.Duration, 0, n)}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	tick := time.NewTicker(time.Second / time.Duration(rate))
+	defer tick.Stop()
+	for i := 0; i < n; i++ {
+		<-tick.C
+		path := paths[zipf.Uint64()]
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			req, _ := http.NewRequestWithContext(context.Background(), "GET", pURL+path, nil)
+			req.SetBasicAuth(account, token)
+			start := time.Now()
+			resp, err := client.Do(req)
+			status := 0
+			if err == nil {
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				status = resp.StatusCode
+			}
+			d := time.Since(start)
+			mu.Lock()
+			defer mu.Unlock()
+			res.latencies = append(res.latencies, d)
+			switch status {
+			case 200:
+				res.ok++
+			case 429:
+				res.tooMany++
+			default:
+				res.other++
+			}
+		}()
+	}
+	wg.Wait()
+	res.upCalls, res.up429 = up.calls.Load(), up.tmr.Load()
+	if span := time.Duration(up.last.Load() - up.first.Load()); span > 0 {
+		res.upOKPerSec = float64(up.ok.Load()) / span.Seconds()
+	}
+	return res, nil
+}
+
+func serve(h http.Handler) (*http.Server, string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, "", err
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+	return srv, "http://" + ln.Addr().String(), nil
+}
+
+func pct(ls []time.Duration, p int) time.Duration {
+	if len(ls) == 0 {
+		return 0
+	}
+	s := slices.Clone(ls)
+	slices.Sort(s)
+	i := min(len(s)-1, len(s)*p/100)
+	return s[i]
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
