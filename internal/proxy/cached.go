@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"cacheproxy/internal/cache"
+
+	"golang.org/x/sync/singleflight"
 )
 
 var (
@@ -60,7 +62,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, rt ro
 				// background (one fetch per key: it is a flight).
 				p.c.stale.Add(1)
 				rec.cache = "stale"
-				p.flights.DoChan(p.flightKey(key, false), func() (any, error) { return p.runFetch(r, rt, key) })
+				p.startFlight(p.flightKey(key, false), func() (any, error) { return p.runFetch(r, rt, key) })
 				age := int(now.Sub(e.Stored) / time.Second)
 				p.writeEntry(w, r, e, []string{"cacheproxy; hit; ttl=" + strconv.Itoa(int(e.Expires.Sub(now)/time.Second)) + "; detail=stale-while-revalidate"}, p.hdrs.age(age))
 				return
@@ -135,7 +137,7 @@ func upstreamFailed(res *fetchResult, err error) bool {
 // for the client to leave. leader reports whether this call ran the fetch.
 func (p *Proxy) fetchShared(r *http.Request, rt route, key, flightKey string) (*fetchResult, bool, error) {
 	ran := false // written by the flight goroutine; read only after its result arrives
-	ch := p.flights.DoChan(flightKey, func() (any, error) {
+	ch := p.startFlight(flightKey, func() (any, error) {
 		ran = true
 		return p.runFetch(r, rt, key)
 	})
@@ -148,11 +150,25 @@ func (p *Proxy) fetchShared(r *http.Request, rt route, key, flightKey string) (*
 	}
 }
 
-// runFetch runs a flight's fetch: counted for shutdown, panics recovered
-// into an error for its waiters.
+// startFlight joins or starts the flight for key. Proxy.Wait waits for
+// it: the caller is counted before DoChan (so a flight cannot start
+// unseen), and uncounted only when the flight's result arrives, whether or
+// not the caller is still there to read it.
+func (p *Proxy) startFlight(key string, fn func() (any, error)) <-chan singleflight.Result {
+	p.fetches.Add()
+	ch := p.flights.DoChan(key, fn)
+	out := make(chan singleflight.Result, 1)
+	go func() {
+		sr := <-ch
+		p.fetches.Done()
+		out <- sr
+	}()
+	return out
+}
+
+// runFetch runs a flight's fetch, panics recovered into an error for its
+// waiters.
 func (p *Proxy) runFetch(r *http.Request, rt route, key string) (v any, err error) {
-	p.fetches.Add(1)
-	defer p.fetches.Done()
 	defer func() {
 		if x := recover(); x != nil {
 			p.log.Error().Str("route", rt.name).Str("panic", fmt.Sprint(x)).Msg("upstream fetch panicked")

@@ -264,9 +264,11 @@ func TestSummaryLine(t *testing.T) {
 	}
 }
 
-// TestQueuedClientsThatLeaveLeakNothing: requests queued for a turn whose
-// clients go away return at once, and once the account's dispatcher has
-// slept to its next slot no goroutine remains.
+// TestQueuedClientsThatLeaveLeakNothing: pass-through requests queued for a
+// turn whose clients go away return at once, never reach the upstream, and
+// once the account's dispatcher has slept to its next slot no goroutine
+// remains. (A cached read's shared fetch is detached from its clients: it
+// keeps its place until its turn or max_wait, then fills the cache.)
 func TestQueuedClientsThatLeaveLeakNothing(t *testing.T) {
 	before := goleak.IgnoreCurrent()
 	t.Cleanup(func() { // registered first: runs after the servers close
@@ -281,23 +283,24 @@ func TestQueuedClientsThatLeaveLeakNothing(t *testing.T) {
 	if s, _, _ := h.get(pathConv); s != 200 { // takes this second's slot
 		t.Fatalf("first read: %d", s)
 	}
-	for _, path := range []string{pathV2, pathSvc} {
+	for i := 0; i < 3; i++ {
 		ctx, cancel := context.WithCancel(context.Background())
 		w := newTrackingWriter()
 		done := make(chan struct{})
-		go func() { h.p.ServeHTTP(w, httptestRequest(ctx, path, basic(acctA, tokenA))); close(done) }()
+		req := httptestRequest(ctx, "/v1/Conversations", basic(acctA, tokenA))
+		go func() { h.p.ServeHTTP(w, req); close(done) }()
 		cancel()
 		<-done
 		if w.wrote {
 			t.Fatalf("a client that left was answered %d", w.code)
 		}
 	}
-	if h.conv.Total() != 1 {
-		t.Fatalf("requests whose clients left reached the upstream")
-	}
-	// The dispatcher sleeps to its next slot (1 s at most here), sees an
-	// empty queue and exits.
+	// The dispatcher sleeps to its next slot (1 s at most here), finds the
+	// queue empty and exits.
 	if err := h.p.Wait(t.Context()); err != nil {
 		t.Fatal(err)
+	}
+	if h.conv.Total() != 1 {
+		t.Fatalf("requests whose clients left reached the upstream: %d calls", h.conv.Total())
 	}
 }

@@ -27,6 +27,7 @@ import (
 
 	"cacheproxy/internal/cache"
 	"cacheproxy/internal/config"
+	"cacheproxy/internal/inflight"
 	"cacheproxy/internal/ratelimit"
 
 	"github.com/rs/zerolog"
@@ -69,7 +70,7 @@ type Proxy struct {
 	now     func() time.Time
 	fp      *fingerprinter
 	ids     *requestIDs
-	fetches sync.WaitGroup // detached upstream fetches still running
+	fetches inflight.Tracker // upstream fetches still running (detached ones too)
 	hdrs    hitHeaders
 	stamp   clockText
 
@@ -221,14 +222,10 @@ func (b cancelBody) Close() error { err := b.ReadCloser.Close(); b.cancel(); ret
 // the limiter's dispatchers finish, or ctx ends. Call it after
 // http.Server.Shutdown, before closing the store.
 func (p *Proxy) Wait(ctx context.Context) error {
-	done := make(chan struct{})
-	go func() { p.fetches.Wait(); close(done) }()
-	select {
-	case <-done:
-		return p.lim.Wait(ctx)
-	case <-ctx.Done():
-		return ctx.Err()
+	if err := p.fetches.Wait(ctx); err != nil {
+		return err
 	}
+	return p.lim.Wait(ctx)
 }
 
 // ServeHTTP routes, serves and logs one request.

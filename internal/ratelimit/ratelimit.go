@@ -19,6 +19,8 @@ import (
 	"sync"
 	"time"
 
+	"cacheproxy/internal/inflight"
+
 	"go.uber.org/ratelimit"
 )
 
@@ -63,7 +65,7 @@ type Limiter struct {
 
 	mu       sync.Mutex
 	accounts map[string]*account
-	running  sync.WaitGroup // dispatcher goroutines
+	running  inflight.Tracker // dispatcher goroutines
 }
 
 type account struct {
@@ -131,7 +133,7 @@ func (l *Limiter) Acquire(ctx context.Context, acct string) (release func(), wai
 	a.queue = append(a.queue, w)
 	if !a.running {
 		a.running = true
-		l.running.Add(1)
+		l.running.Add()
 		go l.dispatch(a)
 	}
 	l.mu.Unlock()
@@ -194,14 +196,7 @@ func nudge(a *account) {
 // Wait blocks until no dispatcher runs (each exits once its queue is
 // empty and its last slot has come) or ctx ends.
 func (l *Limiter) Wait(ctx context.Context) error {
-	done := make(chan struct{})
-	go func() { l.running.Wait(); close(done) }()
-	select {
-	case <-done:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	return l.running.Wait(ctx)
 }
 
 // dispatch serves one account's queue until it is empty.
