@@ -304,3 +304,19 @@ func TestQueuedClientsThatLeaveLeakNothing(t *testing.T) {
 		t.Fatalf("requests whose clients left reached the upstream: %d calls", h.conv.Total())
 	}
 }
+
+func TestStaleWhenTheBudgetIsSpent(t *testing.T) {
+	h := newHarness(t, tightBudget, func(c *config.Config, _ *Options) {
+		c.Cache.StaleIfError = config.Duration(time.Minute)
+	})
+	_, _, fresh := h.get(pathConv) // spends this second's only slot
+	h.settle()
+	h.clk.advance(45 * time.Second) // the entry expires; the limiter's second has not
+	s, cs, body := h.get(pathConv)
+	if s != 200 || cs != "cacheproxy; fwd=stale" || body != fresh {
+		t.Fatalf("with the budget spent: %d %q", s, cs)
+	}
+	if h.p.Summary().Rejections != 1 || h.conv.Total() != 1 {
+		t.Fatalf("summary %+v, upstream calls %d", h.p.Summary(), h.conv.Total())
+	}
+}
