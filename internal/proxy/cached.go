@@ -62,7 +62,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, rt ro
 				// background (one fetch per key: it is a flight).
 				p.c.stale.Add(1)
 				rec.cache = "stale"
-				p.startFlight(p.flightKey(key, false), func() (any, error) { return p.runFetch(r, rt, key) })
+				p.revalidate(r, rt, key)
 				age := int(now.Sub(e.Stored) / time.Second)
 				p.writeEntry(w, r, e, []string{"cacheproxy; hit; ttl=" + strconv.Itoa(int(e.Expires.Sub(now)/time.Second)) + "; detail=stale-while-revalidate"}, p.hdrs.age(age))
 				return
@@ -111,6 +111,13 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, rt ro
 		p.c.misses.Add(1)
 	}
 	p.writeEntry(w, r, res.entry, []string{fwd}, nil)
+}
+
+// revalidate starts (or joins) the fetch of key in the background. It is a
+// function of its own so that its closure's captures do not move the
+// hit path's variables to the heap.
+func (p *Proxy) revalidate(r *http.Request, rt route, key string) {
+	p.startFlight(p.flightKey(key, false), func() (any, error) { return p.runFetch(r, rt, key) })
 }
 
 // flightKey keys a fetch by the invalidation epoch at arrival: a read that
