@@ -12,7 +12,9 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -21,6 +23,9 @@ import (
 	"cacheproxy/internal/logbuf"
 	"cacheproxy/internal/proxy"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rs/zerolog"
 )
 
@@ -44,10 +49,12 @@ func run(args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("cacheproxy", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	configPath := fs.String("config", "", "TOML config `file` (see config.example.toml); without it the defaults apply")
+	version := fs.Bool("version", false, "print the version and build info, then exit")
+	healthcheck := fs.Bool("healthcheck", false, "probe this configuration's admin /healthz and exit 0 if healthy (for container HEALTHCHECKs: no shell tools needed)")
 	var sets setFlags
 	fs.Var(&sets, "set", "override one config key, `key=value` (repeatable), e.g. -set cache.ttl=10s")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: cacheproxy [-config FILE] [-set key=value ...]\n\nFlags:\n")
+		fmt.Fprintf(stderr, "usage: cacheproxy [-config FILE] [-set key=value ...] [-version] [-healthcheck]\n\nFlags:\n")
 		fs.PrintDefaults()
 		fmt.Fprintf(stderr, "\nConfig keys (TOML; env %sKEY overrides the file, -set overrides env):\n", config.EnvPrefix)
 		for _, k := range config.Keys() {
@@ -60,12 +67,23 @@ func run(args []string, stdout, stderr io.Writer) error {
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
+	if *version {
+		fmt.Fprintln(stdout, versionInfo())
+		return nil
+	}
 	cfg, err := config.Load(*configPath, os.Environ(), sets)
 	if err != nil {
 		return err
 	}
+	if *healthcheck {
+		return probe(cfg.AdminListen)
+	}
 	level, _ := zerolog.ParseLevel(cfg.Log.Level)
-	logw := logbuf.New(stdout, int(cfg.Log.Buffer))
+	var out io.Writer = stdout
+	if cfg.Log.Format == "console" {
+		out = zerolog.ConsoleWriter{Out: stdout, TimeFormat: time.RFC3339}
+	}
+	logw := logbuf.New(out, int(cfg.Log.Buffer))
 	stopFlush, flushed := make(chan struct{}), make(chan struct{})
 	go func() { logw.Run(cfg.Log.FlushInterval.D(), stopFlush); close(flushed) }()
 	defer func() { close(stopFlush); <-flushed }()
@@ -86,7 +104,9 @@ func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Log
 		return err
 	}
 	defer store.Close()
-	p, err := proxy.New(proxy.Options{Config: cfg, Store: store, Logger: accessLog, KeySecret: []byte(cfg.Cache.KeySecret)})
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	p, err := proxy.New(proxy.Options{Config: cfg, Store: store, Logger: accessLog, KeySecret: []byte(cfg.Cache.KeySecret), Registerer: reg})
 	if err != nil {
 		return err
 	}
@@ -106,20 +126,23 @@ func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Log
 		MaxHeaderBytes:    int(cfg.Server.MaxHeaderBytes),
 		ErrorLog:          newStdLog(logger, "http"),
 	}
+	var ready atomic.Bool
 	admin := &http.Server{
-		Handler:           adminMux(),
+		Handler:           adminMux(reg, &ready),
 		ReadHeaderTimeout: 5 * time.Second,
 		IdleTimeout:       cfg.Server.IdleTimeout.D(),
 		ErrorLog:          newStdLog(logger, "admin"),
 	}
 	// Shutdown runs this once the listener is closed.
 	srv.RegisterOnShutdown(func() {
+		ready.Store(false)
 		logger.Info().Msg("no longer accepting; finishing in-flight requests")
 		_ = logw.Flush()
 	})
 	errc := make(chan error, 2)
 	go func() { errc <- srv.Serve(ln) }()
 	go func() { errc <- admin.Serve(adminLn) }()
+	ready.Store(true)
 	logger.Info().Str("listen", ln.Addr().String()).Str("admin_listen", adminLn.Addr().String()).
 		Str("conversations", cfg.Upstreams.Conversations.URL).Str("proxy", cfg.Upstreams.Proxy.URL).Msg("cacheproxy started")
 	_ = logw.Flush() // tooling waits for this line
@@ -145,7 +168,8 @@ func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Log
 	logger.Info().Msg("shutting down")
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout.D())
 	defer cancel()
-	err = errors.Join(srv.Shutdown(sctx), admin.Shutdown(sctx), p.Wait(sctx))
+	// The admin listener goes last: /readyz answers 503 while requests drain.
+	err = errors.Join(srv.Shutdown(sctx), p.Wait(sctx), admin.Shutdown(sctx))
 	if err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}
@@ -160,13 +184,61 @@ func retention(cfg config.Config) time.Duration {
 		max(cfg.Upstreams.Conversations.Timeout.D(), cfg.Upstreams.Proxy.Timeout.D()) + time.Minute
 }
 
-func adminMux() *http.ServeMux {
+// adminMux serves the operator endpoints: liveness, readiness (503 once
+// shutdown begins, so the sidecar's pod leaves rotation) and metrics.
+func adminMux(reg *prometheus.Registry, ready *atomic.Bool) *http.ServeMux {
 	mux := http.NewServeMux()
-	ok := func(w http.ResponseWriter, _ *http.Request) {
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")
 		_, _ = io.WriteString(w, "ok\n")
-	}
-	mux.HandleFunc("GET /healthz", ok)
-	mux.HandleFunc("GET /readyz", ok)
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain")
+		if !ready.Load() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			_, _ = io.WriteString(w, "shutting down\n")
+			return
+		}
+		_, _ = io.WriteString(w, "ready\n")
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	return mux
+}
+
+// probe is -healthcheck: GET /healthz on the admin address, bounded.
+func probe(adminListen string) error {
+	host, port, err := net.SplitHostPort(adminListen)
+	if err != nil {
+		return fmt.Errorf("admin_listen: %w", err)
+	}
+	if host == "" || host == "0.0.0.0" || host == "::" {
+		host = "127.0.0.1"
+	}
+	c := &http.Client{Timeout: 3 * time.Second}
+	resp, err := c.Get("http://" + net.JoinHostPort(host, port) + "/healthz")
+	if err != nil {
+		return fmt.Errorf("healthcheck: %w", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("healthcheck: /healthz answered %d", resp.StatusCode)
+	}
+	return nil
+}
+
+// versionInfo is the module version (set for go install'ed builds) and the
+// VCS revision recorded at build time.
+func versionInfo() string {
+	bi, ok := debug.ReadBuildInfo()
+	if !ok {
+		return "cacheproxy (no build info)"
+	}
+	out := "cacheproxy " + bi.Main.Version + " " + bi.GoVersion
+	for _, s := range bi.Settings {
+		switch s.Key {
+		case "vcs.revision", "vcs.time", "vcs.modified", "GOOS", "GOARCH", "CGO_ENABLED":
+			out += " " + s.Key + "=" + s.Value
+		}
+	}
+	return out
 }

@@ -52,6 +52,7 @@ func auth() string { return "Basic " + base64.StdEncoding.EncodeToString([]byte(
 type proc struct {
 	cmd    *exec.Cmd
 	addr   string
+	admin  string
 	mu     sync.Mutex
 	lines  []string
 	stderr strings.Builder
@@ -90,6 +91,7 @@ func start(t *testing.T, config string, env ...string) *proc {
 			if json.Unmarshal([]byte(line), &m) == nil {
 				msg, _ := m["message"].(string)
 				if msg == "cacheproxy started" {
+					p.admin = m["admin_listen"].(string)
 					started <- m["listen"].(string)
 				}
 				select {
@@ -168,10 +170,15 @@ func TestSIGTERMFinishesInFlightRequests(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, p, "no longer accepting; finishing in-flight requests")
-	// No longer accepting.
+	// No longer accepting, and no longer ready.
 	if c, err := net.Dial("tcp", p.addr); err == nil {
 		c.Close()
 		t.Fatalf("still accepting connections after SIGTERM")
+	}
+	if resp, err := http.Get("http://" + p.admin + "/readyz"); err != nil || resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("/readyz while draining: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
 	}
 	close(gate)
 	r := <-res
@@ -262,24 +269,91 @@ func TestServerHeaderLimits(t *testing.T) {
 	}
 }
 
-func TestAdminHealth(t *testing.T) {
+func TestAdminEndpoints(t *testing.T) {
 	_, up := newFake(t)
 	p := start(t, upstreamConfig(up.URL))
-	var admin string
-	for _, l := range strings.Split(p.logs(), "\n") {
-		var m map[string]any
-		if json.Unmarshal([]byte(l), &m) == nil && m["admin_listen"] != nil {
-			admin = m["admin_listen"].(string)
+	get := func(path string) (int, string) {
+		resp, err := http.Get("http://" + p.admin + path)
+		if err != nil {
+			t.Fatal(err)
 		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
 	}
 	for _, ep := range []string{"/healthz", "/readyz"} {
-		resp, err := http.Get("http://" + admin + ep)
+		if s, _ := get(ep); s != 200 {
+			t.Fatalf("%s: %d", ep, s)
+		}
+	}
+	// Two reads: a miss, then a hit; then the metrics say so.
+	for i := 0; i < 2; i++ {
+		req, _ := http.NewRequest("GET", "http://"+p.addr+path, nil)
+		req.Header.Set("Authorization", auth())
+		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)
 		}
 		resp.Body.Close()
-		if resp.StatusCode != 200 {
-			t.Fatalf("%s: %d", ep, resp.StatusCode)
+	}
+	s, body := get("/metrics")
+	for _, want := range []string{
+		`cacheproxy_requests_total{cache="hit",route="conversations.v1.participant"} 1`,
+		`cacheproxy_requests_total{cache="miss",route="conversations.v1.participant"} 1`,
+		`cacheproxy_upstream_requests_total{status="200",upstream="conversations"} 1`,
+		"cacheproxy_upstream_latency_seconds_bucket", "cacheproxy_queue_wait_seconds_bucket",
+		"cacheproxy_coalesced_requests_total 0", "cacheproxy_rejections_total 0", "cacheproxy_retries_total 0",
+		"cacheproxy_cache_entries 1", "cacheproxy_cache_bytes", "cacheproxy_cache_evictions_total",
+		"go_goroutines", "process_resident_memory_bytes",
+	} {
+		if s != 200 || !strings.Contains(body, want) {
+			t.Errorf("/metrics lacks %q", want)
 		}
+	}
+	if strings.Contains(body, token) {
+		t.Fatal("metrics hold the token")
+	}
+	// -healthcheck probes the admin listener of its configuration.
+	if out, err := exec.Command(binary, "-healthcheck", "-set", "admin_listen="+p.admin).CombinedOutput(); err != nil {
+		t.Fatalf("-healthcheck against a healthy proxy: %v %s", err, out)
+	}
+	if err := exec.Command(binary, "-healthcheck", "-set", "admin_listen="+deadAddr(t)).Run(); err == nil {
+		t.Fatal("-healthcheck against nothing succeeded")
+	}
+}
+
+func deadAddr(t *testing.T) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+func TestVersion(t *testing.T) {
+	out, err := exec.Command(binary, "-version").CombinedOutput()
+	if err != nil || !strings.HasPrefix(string(out), "cacheproxy ") || !strings.Contains(string(out), "go1.") {
+		t.Fatalf("-version: %v %q", err, out)
+	}
+}
+
+func TestConsoleLogFormat(t *testing.T) {
+	cmd := exec.Command(binary, "-set", "log.format=console", "-set", "listen=127.0.0.1:0", "-set", "admin_listen=127.0.0.1:0")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	line, err := bufio.NewReader(out).ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.HasPrefix(line, "{") || !strings.Contains(line, "cacheproxy started") || !strings.Contains(line, "INF") {
+		t.Fatalf("console line: %q", line)
 	}
 }

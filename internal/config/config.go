@@ -112,6 +112,9 @@ type RateLimit struct {
 type Log struct {
 	// Level is debug, info, warn or error. Default info.
 	Level string `toml:"level"`
+	// Format is "json" (for machines) or "console" (zerolog's ConsoleWriter,
+	// for people at a terminal). Default json.
+	Format string `toml:"format"`
 	// Buffer batches log lines into writes of up to this size; warnings and
 	// errors are written at once. 0 writes every line. Default 64KiB.
 	Buffer ByteSize `toml:"buffer"`
@@ -147,7 +150,7 @@ func Default() Config {
 		RateLimit: RateLimit{RequestsPerSecond: 50, MaxWait: Duration(2 * time.Second), MaxConcurrent: 25, MaxRetries: 3,
 			BackoffBase: Duration(200 * time.Millisecond), BackoffMax: Duration(5 * time.Second), ReplayBytes: 64 << 10,
 			Recover: Duration(30 * time.Second)},
-		Log: Log{Level: "info", Buffer: 64 << 10, FlushInterval: Duration(200 * time.Millisecond),
+		Log: Log{Level: "info", Format: "json", Buffer: 64 << 10, FlushInterval: Duration(200 * time.Millisecond),
 			SummaryInterval: Duration(60 * time.Second)},
 	}
 }
@@ -357,6 +360,9 @@ func (c Config) Validate() error {
 	}
 	if c.Log.FlushInterval <= 0 {
 		bad("log.flush_interval", "must be > 0")
+	}
+	if c.Log.Format != "json" && c.Log.Format != "console" {
+		bad("log.format", "want json or console, got %q", c.Log.Format)
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":

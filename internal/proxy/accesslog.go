@@ -17,6 +17,7 @@ import (
 type record struct {
 	start          time.Time
 	route          string
+	routeID        int // index into routeNames, for metrics
 	upstream       string
 	account        [34]byte // the account SID, see accountOf
 	accountLen     int

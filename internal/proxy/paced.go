@@ -46,6 +46,8 @@ type pacedTransport struct {
 	after       func(time.Duration) <-chan time.Time
 	now         func() time.Time
 	c           *counters
+	m           *metrics
+	upstream    string
 }
 
 func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
@@ -64,6 +66,7 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		release, waited, err := t.lim.Acquire(ctx, account)
 		stats.queueWait += waited
 		t.c.queueWaitNanos.Add(int64(waited))
+		t.m.queueWait.Observe(waited.Seconds())
 		if err != nil {
 			var rej *ratelimit.RejectedError
 			if errors.As(err, &rej) {
@@ -72,11 +75,14 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			return nil, err
 		}
 		t.c.upstreamCalls.Add(1)
+		start := t.now()
 		resp, err := t.next.RoundTrip(req)
 		if err != nil {
+			t.m.observeUpstream(t.upstream, 0, 0)
 			release()
 			return nil, err
 		}
+		t.m.observeUpstream(t.upstream, resp.StatusCode, t.now().Sub(start))
 		if resp.StatusCode != http.StatusTooManyRequests {
 			resp.Body = &releasingBody{ReadCloser: resp.Body, release: release}
 			return resp, nil

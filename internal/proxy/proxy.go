@@ -30,6 +30,7 @@ import (
 	"cacheproxy/internal/inflight"
 	"cacheproxy/internal/ratelimit"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 	"golang.org/x/sync/singleflight"
 )
@@ -58,6 +59,9 @@ type Options struct {
 	Limiter *ratelimit.Limiter
 	// After waits between retries of an upstream 429. If nil, time.After.
 	After func(time.Duration) <-chan time.Time
+	// Registerer receives the proxy's metrics. If nil, they are kept in a
+	// registry of their own that nobody scrapes.
+	Registerer prometheus.Registerer
 }
 
 // Proxy is the http.Handler clients talk to.
@@ -75,6 +79,7 @@ type Proxy struct {
 	stamp   clockText
 
 	c                 counters
+	m                 *metrics
 	lim               *ratelimit.Limiter
 	ttl, negTTL       time.Duration
 	staleIfError, swr time.Duration
@@ -143,16 +148,20 @@ func New(o Options) (*Proxy, error) {
 		maxFetch:     max(maxFetchBytes, int64(c.Cache.MaxEntryBytes)),
 		hdrs:         newHitHeaders(max(c.Cache.TTL.D(), c.Cache.NegativeTTL.D())),
 	}
-	errLog := log.New(p.log.With().Str("component", "reverseproxy").Logger(), "", 0)
-	paced := &pacedTransport{
-		next: o.Transport, lim: o.Limiter, maxRetries: rl.MaxRetries,
-		base: rl.BackoffBase.D(), cap: rl.BackoffMax.D(), replayBytes: int64(rl.ReplayBytes),
-		after: o.After, now: o.Now, c: &p.c,
+	if o.Registerer == nil {
+		o.Registerer = prometheus.NewRegistry()
 	}
+	p.m = newMetrics(o.Registerer, p)
+	errLog := log.New(p.log.With().Str("component", "reverseproxy").Logger(), "", 0)
 	for name, uc := range map[string]config.Upstream{conversations: c.Upstreams.Conversations, proxyAPI: c.Upstreams.Proxy} {
 		target, err := url.Parse(uc.URL)
 		if err != nil {
 			return nil, fmt.Errorf("proxy: upstreams.%s.url: %w", name, err)
+		}
+		paced := &pacedTransport{
+			next: o.Transport, lim: o.Limiter, maxRetries: rl.MaxRetries,
+			base: rl.BackoffBase.D(), cap: rl.BackoffMax.D(), replayBytes: int64(rl.ReplayBytes),
+			after: o.After, now: o.Now, c: &p.c, m: p.m, upstream: name,
 		}
 		up := &upstream{name: name, target: target, transport: paced, timeout: uc.Timeout.D()}
 		up.rp = &httputil.ReverseProxy{
@@ -261,12 +270,12 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func (p *Proxy) serve(w *recordWriter, r *http.Request, rec *record, auth string) {
 	rt, rerr := p.resolve(r)
 	if rerr != nil {
-		rec.route = "unrouted"
+		rec.route, rec.routeID = "unrouted", len(routeNames)-1
 		rec.errMsg = rerr.msg
 		twilioError(w, rerr.status, rerr.msg)
 		return
 	}
-	rec.route, rec.upstream, rec.rt = rt.name, rt.up.name, rt
+	rec.route, rec.routeID, rec.upstream, rec.rt = rt.name, rt.id, rt.up.name, rt
 	if rt.cacheable && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
 		p.serveCached(w, r, rec, rt, auth)
 		return
@@ -417,6 +426,7 @@ func (p *Proxy) LogSummary(prev Summary) Summary {
 
 // logRequest writes the access-log line. It never logs a header value.
 func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
+	p.m.requests[rec.routeID][outcomeIndex(rec.cache)].Inc()
 	status := w.status
 	var ev *zerolog.Event
 	switch {

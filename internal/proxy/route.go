@@ -26,8 +26,10 @@ type route struct {
 	// path and rawPath are the request's path with any /proxy or
 	// /conversations prefix removed (decoded, and escaped as sent).
 	path, rawPath string
-	// name is a participant read route, or "<upstream>.other".
+	// name is a participant read route, or "<upstream>.other"; id is its
+	// index in routeNames.
 	name string
+	id   int
 	// cacheable is true for the four participant read routes (any method).
 	cacheable bool
 	// ids are the scopes the path names (kind, id), kept inline so the
@@ -78,6 +80,7 @@ func (p *Proxy) resolve(r *http.Request) (route, *routeError) {
 	}
 	var buf [maxSegments]string
 	rt := classify(up.name, splitPath(path, &buf))
+	rt.id = routeIndex(rt.name)
 	rt.up, rt.path, rt.rawPath = up, path, raw
 	return rt, nil
 }
