@@ -110,6 +110,9 @@ func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Log
 	if err != nil {
 		return err
 	}
+	if cfg.Admin.PurgeToken == "" && !proxy.IsLoopback(cfg.AdminListen) {
+		logger.Warn().Str("admin_listen", cfg.AdminListen).Msg("admin_listen is not loopback and admin.purge_token is not set: /purge is disabled")
+	}
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
@@ -128,7 +131,7 @@ func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Log
 	}
 	var ready atomic.Bool
 	admin := &http.Server{
-		Handler:           adminMux(reg, &ready),
+		Handler:           adminMux(reg, &ready, p.PurgeHandler(cfg.Admin.PurgeToken, proxy.IsLoopback(cfg.AdminListen))),
 		ReadHeaderTimeout: 5 * time.Second,
 		IdleTimeout:       cfg.Server.IdleTimeout.D(),
 		ErrorLog:          newStdLog(logger, "admin"),
@@ -186,7 +189,7 @@ func retention(cfg config.Config) time.Duration {
 
 // adminMux serves the operator endpoints: liveness, readiness (503 once
 // shutdown begins, so the sidecar's pod leaves rotation) and metrics.
-func adminMux(reg *prometheus.Registry, ready *atomic.Bool) *http.ServeMux {
+func adminMux(reg *prometheus.Registry, ready *atomic.Bool, purge http.Handler) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")
@@ -202,6 +205,7 @@ func adminMux(reg *prometheus.Registry, ready *atomic.Bool) *http.ServeMux {
 		_, _ = io.WriteString(w, "ready\n")
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.Handle("/purge", purge)
 	return mux
 }
 

@@ -27,11 +27,19 @@ type Config struct {
 	// ShutdownTimeout bounds how long SIGTERM waits for in-flight requests. Default 25s.
 	ShutdownTimeout Duration `toml:"shutdown_timeout"`
 
+	Admin     Admin     `toml:"admin"`
 	Upstreams Upstreams `toml:"upstreams"`
 	Cache     Cache     `toml:"cache"`
 	Server    Server    `toml:"server"`
 	RateLimit RateLimit `toml:"ratelimit"`
 	Log       Log       `toml:"log"`
+}
+
+// Admin configures the admin listener's endpoints.
+type Admin struct {
+	// PurgeToken, if set, is required as "Authorization: Bearer <token>" by
+	// POST /purge. Without it purge works only on a loopback admin_listen.
+	PurgeToken string `toml:"purge_token"`
 }
 
 // Upstreams are the only hosts cacheproxy ever connects to.

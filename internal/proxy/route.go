@@ -233,10 +233,11 @@ func (rt *route) scope(kind, id string) {
 	rt.nids++
 }
 
-// readTags are the scopes a read's entry belongs to: the ids in its path
-// plus a wildcard per kind.
+// readTags are the scopes a read's entry belongs to: its path (for purge),
+// the ids in its path, and a wildcard per kind.
 func (rt *route) readTags() []string {
-	out := make([]string, 0, 2*rt.nids)
+	out := make([]string, 0, 2*rt.nids+1)
+	out = append(out, pathTag(rt.up.name, rt.path))
 	for _, kv := range rt.ids[:rt.nids] {
 		out = append(out, scopeTag(rt.up.name, kv[0], kv[1]), scopeTag(rt.up.name, kv[0], "*"))
 	}

@@ -192,13 +192,14 @@ func TestClassifyScopes(t *testing.T) {
 	for _, tc := range tests {
 		var buf [maxSegments]string
 		rt := classify(tc.up, splitPath(tc.path, &buf))
-		rt.up = &upstream{name: tc.up}
+		rt.up, rt.path = &upstream{name: tc.up}, tc.path
 		if rt.cacheable != tc.cacheable || strings.Join(rt.writeTags(), " ") != tc.tags {
 			t.Errorf("%s %s: cacheable=%v writeTags=%q, want %v %q", tc.up, tc.path, rt.cacheable, strings.Join(rt.writeTags(), " "), tc.cacheable, tc.tags)
 		}
 		// A read's entry carries its scopes and each kind's wildcard.
 		var want []string
 		if tc.cacheable {
+			want = append(want, pathTag(tc.up, tc.path))
 			for _, tag := range rt.writeTags() {
 				want = append(want, tag, tag[:strings.Index(tag, ":")+1]+"*")
 			}

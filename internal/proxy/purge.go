@@ -1,0 +1,88 @@
+package proxy
+
+import (
+	"crypto/subtle"
+	"encoding/json"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+)
+
+// PurgeHandler serves POST /purge on the admin listener:
+//
+//	/purge?path=/v1/Conversations/CH…/Participants/MB…   one read, every credential and query
+//	/purge?conversation=CH…                              a Conversations v1/v2 conversation
+//	/purge?session=KC…                                   a Proxy session
+//
+// path is routed like a client request with the sidecar's own Host (the
+// /proxy/ and /conversations/ prefixes work). With a token, requests must
+// carry "Authorization: Bearer <token>"; without one, purge is refused
+// unless the admin listener is on loopback.
+func (p *Proxy) PurgeHandler(token string, adminLoopback bool) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPost {
+			w.Header().Set("Allow", "POST")
+			twilioError(w, http.StatusMethodNotAllowed, "purge takes POST")
+			return
+		}
+		if token == "" && !adminLoopback {
+			twilioError(w, http.StatusForbidden, "purge is disabled: admin_listen is not loopback and admin.purge_token is not set")
+			return
+		}
+		if token != "" {
+			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+			if !ok || subtle.ConstantTimeCompare([]byte(got), []byte(token)) != 1 {
+				twilioError(w, http.StatusUnauthorized, "purge needs Authorization: Bearer <admin.purge_token>")
+				return
+			}
+		}
+		q := r.URL.Query()
+		var tags []string
+		switch {
+		case q.Get("path") != "":
+			u, err := url.Parse(q.Get("path"))
+			if err != nil || !strings.HasPrefix(u.Path, "/") {
+				twilioError(w, http.StatusBadRequest, "path must be an absolute path")
+				return
+			}
+			rt, rerr := p.resolve(&http.Request{Method: http.MethodGet, URL: &url.URL{Path: u.Path}, Host: "cacheproxy.purge"})
+			if rerr != nil {
+				twilioError(w, rerr.status, rerr.msg)
+				return
+			}
+			if !rt.cacheable {
+				twilioError(w, http.StatusBadRequest, "not a cached route: "+rt.path)
+				return
+			}
+			tags = []string{pathTag(rt.up.name, rt.path)}
+		case q.Get("conversation") != "":
+			tags = []string{scopeTag(conversations, "conv", q.Get("conversation"))}
+		case q.Get("session") != "":
+			tags = []string{scopeTag(proxyAPI, "sess", q.Get("session"))}
+		default:
+			twilioError(w, http.StatusBadRequest, "give one of path, conversation or session")
+			return
+		}
+		epoch := p.store.Invalidate(tags...)
+		p.log.Info().Strs("scopes", tags).Uint64("epoch", epoch).Msg("purge")
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]any{"purged": tags, "epoch": epoch})
+	})
+}
+
+// pathTag is the scope of one cached path, for every credential and query.
+func pathTag(up, path string) string { return up + "|path:" + path }
+
+// IsLoopback reports whether a listen address only accepts local clients.
+func IsLoopback(addr string) bool {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
