@@ -124,17 +124,8 @@ func (l *limited) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func run(sc scenario, rate int, duration, latency time.Duration) (*result, error) {
-	fake := twiliofake.New(map[string]string{account: token})
+	fake := twiliofake.Seeded(account, token, perAPI)
 	fake.Latency = latency
-	conv, sess, v2 := twiliofake.SID("CH", 1), twiliofake.SID("KC", 1), "conv_conversation_1"
-	fake.AddConversation(conv, "", "")
-	fake.AddConversation(sess, "", twiliofake.SID("KS", 1))
-	fake.AddConversation(v2, "", "")
-	for i := range perAPI {
-		fake.AddParticipant(conv, twiliofake.Participant{Sid: twiliofake.SID("MB", i), Attributes: "{}"})
-		fake.AddParticipant(sess, twiliofake.Participant{Sid: twiliofake.SID("KP", i)})
-		fake.AddParticipant(v2, twiliofake.Participant{Sid: fmt.Sprintf("conv_participant_%d", i)})
-	}
 	up := &limited{next: fake, limit: sc.limit, seen: map[string][]time.Time{}}
 	upSrv, upURL, err := serve(up)
 	if err != nil {
@@ -165,13 +156,7 @@ func run(sc scenario, rate int, duration, latency time.Duration) (*result, error
 	}
 	defer pSrv.Close()
 
-	paths := make([]string, 0, 3*perAPI)
-	for i := range perAPI {
-		paths = append(paths,
-			"/v1/Conversations/"+conv+"/Participants/"+twiliofake.SID("MB", i),
-			"/v1/Services/"+twiliofake.SID("KS", 1)+"/Sessions/"+sess+"/Participants/"+twiliofake.SID("KP", i),
-			fmt.Sprintf("/v2/Conversations/%s/Participants/conv_participant_%d", v2, i))
-	}
+	paths := twiliofake.SeededPaths(perAPI)
 	zipf := rand.NewZipf(rand.New(rand.NewPCG(1, 2)), 1.1, 1, uint64(len(paths)-1))
 	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 1024}}
 

@@ -38,16 +38,4 @@ const (
 )
 
 // Seed makes n participants in one conversation of each API.
-func Seed(n int) *twiliofake.Fake {
-	f := twiliofake.New(map[string]string{Account: Token})
-	conv, sess, v2 := twiliofake.SID("CH", 1), twiliofake.SID("KC", 1), "conv_conversation_1"
-	f.AddConversation(conv, "", "")
-	f.AddConversation(sess, "", twiliofake.SID("KS", 1))
-	f.AddConversation(v2, "", "")
-	for i := range n {
-		f.AddParticipant(conv, twiliofake.Participant{Sid: twiliofake.SID("MB", i), Identity: fmt.Sprint("user", i), Attributes: "{}"})
-		f.AddParticipant(sess, twiliofake.Participant{Sid: twiliofake.SID("KP", i), Identity: "+1500555" + fmt.Sprintf("%04d", i)})
-		f.AddParticipant(v2, twiliofake.Participant{Sid: fmt.Sprintf("conv_participant_%d", i), Attributes: "name"})
-	}
-	return f
-}
+func Seed(n int) *twiliofake.Fake { return twiliofake.Seeded(Account, Token, n) }

@@ -50,11 +50,12 @@ func run(args []string, stdout, stderr io.Writer) error {
 	fs.SetOutput(stderr)
 	configPath := fs.String("config", "", "TOML config `file` (see config.example.toml); without it the defaults apply")
 	version := fs.Bool("version", false, "print the version and build info, then exit")
+	demo := fs.Bool("demo", false, "start a built-in Twilio-like upstream on loopback, point the proxy at it, and print two curl commands (a miss, then a hit): no Twilio account needed")
 	healthcheck := fs.Bool("healthcheck", false, "probe this configuration's admin /healthz and exit 0 if healthy (for container HEALTHCHECKs: no shell tools needed)")
 	var sets setFlags
 	fs.Var(&sets, "set", "override one config key, `key=value` (repeatable), e.g. -set cache.ttl=10s")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: cacheproxy [-config FILE] [-set key=value ...] [-version] [-healthcheck]\n\nFlags:\n")
+		fmt.Fprintf(stderr, "usage: cacheproxy [-config FILE] [-set key=value ...] [-demo] [-version] [-healthcheck]\n\nFlags:\n")
 		fs.PrintDefaults()
 		fmt.Fprintf(stderr, "\nConfig keys (TOML; env %sKEY overrides the file, -set overrides env):\n", config.EnvPrefix)
 		for _, k := range config.Keys() {
@@ -91,14 +92,22 @@ func run(args []string, stdout, stderr io.Writer) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	var onListen func(addr string)
+	if *demo {
+		stopDemo, err := startDemo(&cfg, stderr, &onListen)
+		if err != nil {
+			return err
+		}
+		defer stopDemo()
+	}
 	// The access log stamps its lines itself (once per second, not per line).
 	accessLog := zerolog.New(logw).Level(level)
-	return serve(ctx, cfg, logger, accessLog, logw)
+	return serve(ctx, cfg, logger, accessLog, logw, onListen)
 }
 
 // serve runs the proxy and admin listeners until ctx ends, then shuts down
 // gracefully: stop accepting, finish in-flight requests.
-func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Logger, logw *logbuf.Writer) error {
+func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Logger, logw *logbuf.Writer, onListen func(string)) error {
 	store, err := cache.New(int64(cfg.Cache.MaxBytes), retention(cfg), nil)
 	if err != nil {
 		return err
@@ -149,6 +158,9 @@ func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Log
 	logger.Info().Str("listen", ln.Addr().String()).Str("admin_listen", adminLn.Addr().String()).
 		Str("conversations", cfg.Upstreams.Conversations.URL).Str("proxy", cfg.Upstreams.Proxy.URL).Msg("cacheproxy started")
 	_ = logw.Flush() // tooling waits for this line
+	if onListen != nil {
+		onListen(ln.Addr().String())
+	}
 
 	go func() {
 		t := time.NewTicker(cfg.Log.SummaryInterval.D())

@@ -357,3 +357,40 @@ func TestConsoleLogFormat(t *testing.T) {
 		t.Fatalf("console line: %q", line)
 	}
 }
+
+func TestDemoShowsAMissThenAHit(t *testing.T) {
+	cmd := exec.Command(binary, "-demo", "-set", "listen=127.0.0.1:0", "-set", "admin_listen=127.0.0.1:0")
+	errOut, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	sc := bufio.NewScanner(errOut)
+	var curls []string
+	for sc.Scan() && len(curls) < 2 {
+		if line := strings.TrimSpace(sc.Text()); strings.HasPrefix(line, "curl ") {
+			curls = append(curls, line)
+		}
+	}
+	if len(curls) != 2 {
+		t.Fatalf("demo printed %d curl commands", len(curls))
+	}
+	for i, want := range []string{"cacheproxy; fwd=uri-miss; stored", "cacheproxy; hit; ttl="} {
+		// curl -si -u USER:PASS URL
+		f := strings.Fields(curls[i])
+		user, pass, _ := strings.Cut(f[3], ":")
+		req, _ := http.NewRequest("GET", f[4], nil)
+		req.SetBasicAuth(user, pass)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 || !strings.HasPrefix(resp.Header.Get("Cache-Status"), want) {
+			t.Fatalf("curl %d: %d %q, want %q", i+1, resp.StatusCode, resp.Header.Get("Cache-Status"), want)
+		}
+	}
+}

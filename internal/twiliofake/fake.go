@@ -280,3 +280,34 @@ func v2JSON(account, _ string, conv string, p *Participant, _ string) any {
 		"type": "CUSTOMER", "addresses": []any{}, "createdAt": stamp, "updatedAt": stamp,
 	}
 }
+
+// Seeded returns a fake with one account and n participants in one
+// conversation of each API: Conversations v1 (CH…1, MB…0 … MB…n-1), Proxy
+// (service KS…1, session KC…1, KP…i) and Conversations v2
+// (conv_conversation_1, conv_participant_i). Demo mode and the benchmarks
+// use it.
+func Seeded(account, token string, n int) *Fake {
+	f := New(map[string]string{account: token})
+	conv, sess, v2 := SID("CH", 1), SID("KC", 1), "conv_conversation_1"
+	f.AddConversation(conv, "", "")
+	f.AddConversation(sess, "", SID("KS", 1))
+	f.AddConversation(v2, "", "")
+	for i := range n {
+		f.AddParticipant(conv, Participant{Sid: SID("MB", i), Identity: fmt.Sprint("user", i), Attributes: "{}"})
+		f.AddParticipant(sess, Participant{Sid: SID("KP", i), Identity: fmt.Sprintf("+1500555%04d", i%10000)})
+		f.AddParticipant(v2, Participant{Sid: fmt.Sprintf("conv_participant_%d", i), Attributes: "name"})
+	}
+	return f
+}
+
+// SeededPaths lists the read paths of the participants Seeded made.
+func SeededPaths(n int) []string {
+	out := make([]string, 0, 3*n)
+	for i := range n {
+		out = append(out,
+			"/v1/Conversations/"+SID("CH", 1)+"/Participants/"+SID("MB", i),
+			"/v1/Services/"+SID("KS", 1)+"/Sessions/"+SID("KC", 1)+"/Participants/"+SID("KP", i),
+			fmt.Sprintf("/v2/Conversations/conv_conversation_1/Participants/conv_participant_%d", i))
+	}
+	return out
+}
