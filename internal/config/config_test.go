@@ -130,3 +130,10 @@ func TestExampleFileDocumentsEveryKey(t *testing.T) {
 		}
 	}
 }
+
+func TestContainerConfigLoads(t *testing.T) {
+	c, err := Load("../../deploy/container.toml", nil, nil)
+	if err != nil || c.Listen != "0.0.0.0:8080" || c.AdminListen != "0.0.0.0:9090" {
+		t.Fatalf("deploy/container.toml: %+v %v", c, err)
+	}
+}
