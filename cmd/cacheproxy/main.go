@@ -108,6 +108,12 @@ func run(args []string, stdout, stderr io.Writer) error {
 // serve runs the proxy and admin listeners until ctx ends, then shuts down
 // gracefully: stop accepting, finish in-flight requests.
 func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Logger, logw *logbuf.Writer, onListen func(string)) error {
+	// A soft memory limit (unless GOMEMLIMIT is set) makes the GC work
+	// harder before garbage doubles the cache's footprint: resident memory
+	// stays near cache.max_bytes plus the server's own needs.
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(int64(cfg.Cache.MaxBytes) + 48<<20)
+	}
 	store, err := cache.New(int64(cfg.Cache.MaxBytes), retention(cfg), nil)
 	if err != nil {
 		return err

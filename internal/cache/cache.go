@@ -32,21 +32,27 @@ type Entry struct {
 	Tags  []string
 }
 
-// entryOverhead approximates the bytes of an Entry beyond body and header
-// contents: struct, slice headers, map buckets.
-const entryOverhead = 256
+// Approximate bytes of an Entry beyond its strings and body, measured with
+// bench/memory: the struct and ristretto's item and map slot (≈400), the
+// header map's buckets (≈300 plus ≈64 a key), a slice header per value and
+// per tag.
+const (
+	entryOverhead  = 700
+	headerOverhead = 64
+	sliceOverhead  = 24
+)
 
 // Cost is the entry's memory in bytes, as ristretto accounts it.
 func (e *Entry) Cost() int64 {
 	n := len(e.Key) + len(e.Body) + entryOverhead
 	for k, vs := range e.Header {
-		n += len(k) + 16
+		n += len(k) + headerOverhead
 		for _, v := range vs {
-			n += len(v) + 16
+			n += len(v) + sliceOverhead
 		}
 	}
 	for _, t := range e.Tags {
-		n += len(t) + 16
+		n += len(t) + sliceOverhead
 	}
 	return int64(n)
 }

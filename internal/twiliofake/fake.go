@@ -169,8 +169,12 @@ func (f *Fake) participant(w http.ResponseWriter, r *http.Request, account, serv
 	}
 	var p *Participant
 	if len(rest) == 1 {
+		p = c.parts[rest[0]] // by SID; else by identity
 		for _, q := range c.parts {
-			if q.Sid == rest[0] || (q.Identity != "" && q.Identity == rest[0]) {
+			if p != nil {
+				break
+			}
+			if q.Identity != "" && q.Identity == rest[0] {
 				p = q
 			}
 		}
