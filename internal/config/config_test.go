@@ -137,3 +137,26 @@ func TestContainerConfigLoads(t *testing.T) {
 		t.Fatalf("deploy/container.toml: %+v %v", c, err)
 	}
 }
+
+// TestSidecarManifestConfigLoads keeps the ConfigMap in deploy/k8s valid.
+func TestSidecarManifestConfigLoads(t *testing.T) {
+	raw, err := os.ReadFile("../../deploy/k8s/sidecar.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(raw), "config.toml: |\n")
+	if !ok {
+		t.Fatal("no config.toml in the manifest")
+	}
+	var lines []string
+	for _, l := range strings.Split(rest, "\n") {
+		if !strings.HasPrefix(l, "    ") {
+			break
+		}
+		lines = append(lines, strings.TrimPrefix(l, "    "))
+	}
+	c, err := Load(writeFile(t, strings.Join(lines, "\n")), nil, nil)
+	if err != nil || c.AdminListen != "0.0.0.0:9090" || c.Cache.MaxBytes != 64<<20 {
+		t.Fatalf("manifest config: %+v %v", c, err)
+	}
+}
