@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"cacheproxy/internal/config"
 	"cacheproxy/internal/twiliofake"
 )
 
@@ -391,6 +392,26 @@ func TestDemoShowsAMissThenAHit(t *testing.T) {
 		resp.Body.Close()
 		if resp.StatusCode != 200 || !strings.HasPrefix(resp.Header.Get("Cache-Status"), want) {
 			t.Fatalf("curl %d: %d %q, want %q", i+1, resp.StatusCode, resp.Header.Get("Cache-Status"), want)
+		}
+	}
+}
+
+// TestEveryFlagAndKeyIsDocumented keeps -help, config.example.toml and the
+// README complete.
+func TestEveryFlagAndKeyIsDocumented(t *testing.T) {
+	readme, err := os.ReadFile("../../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	help, _ := exec.Command(binary, "-help").CombinedOutput()
+	for _, f := range []string{"-config", "-set", "-demo", "-version", "-healthcheck"} {
+		if !strings.Contains(string(readme), "`"+f) || !strings.Contains(string(help), f) {
+			t.Errorf("flag %s is not documented in the README and -help", f)
+		}
+	}
+	for _, k := range config.Keys() {
+		if !strings.Contains(string(readme), "`"+k+"`") || !strings.Contains(string(help), k) {
+			t.Errorf("key %s is not documented in the README and -help", k)
 		}
 	}
 }
