@@ -63,6 +63,9 @@ func (p *Proxy) resolve(r *http.Request) (route, *routeError) {
 	}
 	host = strings.ToLower(stripPort(host))
 	path, raw := r.URL.Path, r.URL.RawPath
+	if !strings.HasPrefix(path, "/") { // "OPTIONS *", or an absolute URI with no path
+		return route{}, &routeError{http.StatusBadRequest, "request target must be an absolute path"}
+	}
 	var up *upstream
 	if u, ok := p.byHost[host]; ok {
 		up = u

@@ -215,6 +215,7 @@ func FuzzResolve(f *testing.F) {
 		f.Add(s, "localhost")
 	}
 	f.Add("/v1/Services", "proxy.twilio.com")
+	f.Add("0", "proXY.twilio.Com") // an empty path on a Host-kept request (found by the fuzzer)
 	store, err := cache.New(1<<20, time.Minute, nil)
 	if err != nil {
 		f.Fatal(err)
