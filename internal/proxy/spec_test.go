@@ -1,0 +1,201 @@
+package proxy
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/url"
+	"os"
+	"regexp"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"cacheproxy/internal/cache"
+	"cacheproxy/internal/config"
+)
+
+// Twilio's own OpenAPI descriptions of the three APIs (testdata/twilio-oai,
+// MIT licensed): every path and method is walked, none is listed by hand.
+var specs = []struct {
+	file, upstream, host string
+}{
+	{"twilio_conversations_v1.json", conversations, "conversations.twilio.com"},
+	{"twilio_conversations_v2.json", conversations, "conversations.twilio.com"},
+	{"twilio_proxy_v1.json", proxyAPI, "proxy.twilio.com"},
+}
+
+type specOp struct {
+	spec     int
+	method   string
+	template string
+	opID     string
+}
+
+func loadSpecOps(t *testing.T) []specOp {
+	t.Helper()
+	var ops []specOp
+	for i, s := range specs {
+		raw, err := os.ReadFile("../../testdata/twilio-oai/" + s.file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var doc struct {
+			Paths map[string]map[string]json.RawMessage `json:"paths"`
+		}
+		if err := json.Unmarshal(raw, &doc); err != nil {
+			t.Fatal(err)
+		}
+		for path, item := range doc.Paths {
+			for method, op := range item {
+				m := strings.ToUpper(method)
+				switch m {
+				case "GET", "POST", "PUT", "PATCH", "DELETE":
+				default:
+					continue
+				}
+				var o struct {
+					OperationID string `json:"operationId"`
+				}
+				_ = json.Unmarshal(op, &o)
+				ops = append(ops, specOp{i, m, path, o.OperationID})
+			}
+		}
+	}
+	sort.Slice(ops, func(a, b int) bool { return ops[a].template+ops[a].method < ops[b].template+ops[b].method })
+	if len(ops) < 100 {
+		t.Fatalf("only %d operations in the specs", len(ops))
+	}
+	return ops
+}
+
+var paramRE = regexp.MustCompile(`\{([A-Za-z]+)\}`)
+
+// fill gives each path parameter a value of the shape Twilio uses.
+func fill(spec int, template string) string {
+	segs := strings.Split(template, "/")
+	for i, seg := range segs {
+		m := paramRE.FindStringSubmatch(seg)
+		if m == nil {
+			continue
+		}
+		var v string
+		switch name := m[1]; {
+		case name == "ChatServiceSid":
+			v = "IS" + strings.Repeat("1", 32)
+		case name == "ServiceSid":
+			v = "KS" + strings.Repeat("2", 32)
+		case name == "SessionSid":
+			v = "KC" + strings.Repeat("3", 32)
+		case name == "ConversationSid":
+			v = "CH" + strings.Repeat("4", 32)
+		case name == "ConversationId":
+			v = "conv_conversation_0001"
+		case name == "Sid" && segs[i-1] == "Services":
+			v = map[bool]string{true: "KS", false: "IS"}[specs[spec].upstream == proxyAPI] + strings.Repeat("5", 32)
+		case name == "Sid" && segs[i-1] == "Conversations":
+			v = "CH" + strings.Repeat("6", 32)
+		case name == "Sid" && segs[i-1] == "Sessions":
+			v = "KC" + strings.Repeat("7", 32)
+		case name == "id" || name == "ActionId":
+			v = "conv_" + strings.ToLower(segs[i-1]) + "_0002"
+		default:
+			v = "XX" + strings.Repeat("8", 32)
+		}
+		segs[i] = v
+	}
+	return strings.Join(segs, "/")
+}
+
+// The four participant reads DESIGN.md caches, by operationId.
+var cachedOps = map[string]bool{
+	"twilio_conversations_v1.json FetchConversationParticipant":        true,
+	"twilio_conversations_v1.json FetchServiceConversationParticipant": true,
+	"twilio_proxy_v1.json FetchParticipant":                            true,
+	"twilio_conversations_v2.json FetchParticipant":                    true,
+}
+
+// The writes DESIGN.md "Freshness" says invalidate: a participant, its
+// conversation or session, its service, /v1/Users/{U}/Conversations/{C}
+// (and v2's conversation actions), as path templates.
+var invalidatingWrites = []*regexp.Regexp{
+	regexp.MustCompile(`^/v1/(Services/\{ChatServiceSid\}/)?Conversations/\{ConversationSid\}/Participants(/\{Sid\})?$`),
+	regexp.MustCompile(`^/v1/(Services/\{ChatServiceSid\}/)?Conversations/\{Sid\}$`),
+	regexp.MustCompile(`^/v1/(Services/\{ChatServiceSid\}/)?Users/\{UserSid\}/Conversations/\{ConversationSid\}$`),
+	regexp.MustCompile(`^/v1/Services/\{Sid\}$`),
+	regexp.MustCompile(`^/v1/Services/\{ServiceSid\}/Sessions/\{SessionSid\}/Participants(/\{Sid\})?$`),
+	regexp.MustCompile(`^/v1/Services/\{ServiceSid\}/Sessions/\{Sid\}$`),
+	regexp.MustCompile(`^/v2/Conversations/\{ConversationId\}/(Participants(/\{id\})?|Actions)$`),
+	regexp.MustCompile(`^/v2/Conversations/\{id\}$`),
+	// Creating a conversation or session invalidates by the new resource's
+	// sid and unique name (from the response): a 404 remembered for a read
+	// under that unique name must not outlive the create.
+	regexp.MustCompile(`^/v1/(Services/\{ChatServiceSid\}/)?(Conversations|ConversationWithParticipants)$`),
+	regexp.MustCompile(`^/v1/Services/\{ServiceSid\}/Sessions$`),
+	regexp.MustCompile(`^/v2/Conversations$`),
+}
+
+func TestEverySpecOperationIsRoutedCachedAndInvalidatedAsDesigned(t *testing.T) {
+	store, err := cache.New(1<<20, time.Minute, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	p, err := New(Options{Config: config.Default(), Store: store})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resolve := func(method, host, path string) (route, *routeError) {
+		return p.resolve(&http.Request{Method: method, Host: host, URL: &url.URL{Path: path}})
+	}
+	cached := 0
+	for _, op := range loadSpecOps(t) {
+		s := specs[op.spec]
+		path := fill(op.spec, op.template)
+		name := fmt.Sprintf("%s %s %s", s.file, op.method, op.template)
+
+		// Host kept: the spec's own host.
+		rt, rerr := resolve(op.method, s.host, path)
+		if rerr != nil || rt.up.name != s.upstream || rt.path != path {
+			t.Errorf("%s with Host %s: %+v %v", name, s.host, rt, rerr)
+			continue
+		}
+		// Base URL replaced, with the upstream's prefix: always right.
+		if rt2, rerr := resolve(op.method, "127.0.0.1:8080", "/"+s.upstream+path); rerr != nil || rt2.up.name != s.upstream || rt2.path != path {
+			t.Errorf("%s with the /%s prefix: %v", name, s.upstream, rerr)
+		}
+		// Base URL replaced, no prefix: the path decides, except the one
+		// template both APIs share without a SID (/v1/Services).
+		rt3, rerr := resolve(op.method, "127.0.0.1:8080", path)
+		if op.template == "/v1/Services" {
+			if rerr == nil || rerr.status != http.StatusNotFound {
+				t.Errorf("%s: ambiguous, want a 404 that says so, got %+v", name, rt3)
+			}
+		} else if rerr != nil || rt3.up.name != s.upstream {
+			t.Errorf("%s by path: %+v %v", name, rt3, rerr)
+		}
+
+		// Only the four participant fetches are cached.
+		wantCached := op.method == "GET" && cachedOps[s.file+" "+op.opID]
+		if got := rt.cacheable && op.method == "GET"; got != wantCached {
+			t.Errorf("%s (%s): cached=%v, want %v", name, op.opID, got, wantCached)
+		}
+		if wantCached {
+			cached++
+		}
+		// Writes invalidate what DESIGN.md says, and nothing else does.
+		if op.method != "GET" {
+			want := false
+			for _, re := range invalidatingWrites {
+				want = want || re.MatchString(op.template)
+			}
+			if got := len(rt.writeTags()) > 0 || rt.resource; got != want {
+				t.Errorf("%s: invalidates=%v (tags %v), want %v", name, got, rt.writeTags(), want)
+			}
+		}
+	}
+	if cached != len(cachedOps) {
+		t.Fatalf("found %d cached operations in the specs, want %d", cached, len(cachedOps))
+	}
+}
