@@ -1,0 +1,116 @@
+package proxy
+
+import (
+	"errors"
+	"net/http"
+	"net/url"
+	"reflect"
+	"testing"
+
+	"github.com/twilio/twilio-go"
+	twclient "github.com/twilio/twilio-go/client"
+	conversationsv1 "github.com/twilio/twilio-go/rest/conversations/v1"
+)
+
+// rewrite sends twilio-go's requests to addr over plain HTTP. keepHost
+// keeps Twilio's Host header (a client that rewrites only scheme and host);
+// otherwise the Host is addr's, as when a base URL is replaced.
+type rewrite struct {
+	addr     string
+	keepHost bool
+}
+
+func (t rewrite) RoundTrip(r *http.Request) (*http.Response, error) {
+	r = r.Clone(r.Context())
+	r.URL.Scheme, r.URL.Host = "http", t.addr
+	if !t.keepHost {
+		r.Host = ""
+	}
+	return http.DefaultTransport.RoundTrip(r)
+}
+
+func twilioClient(user, pass string, rt http.RoundTripper) *twilio.RestClient {
+	c := &twclient.Client{Credentials: twclient.NewCredentials(user, pass), HTTPClient: &http.Client{Transport: rt}}
+	c.SetAccountSid(user)
+	return twilio.NewRestClientWithParams(twilio.ClientParams{Client: c})
+}
+
+func hostOf(u string) string { p, _ := url.Parse(u); return p.Host }
+
+func TestTwilioGoThroughTheProxy(t *testing.T) {
+	for _, mode := range []struct {
+		name     string
+		keepHost bool
+	}{{"host kept", true}, {"base url", false}} {
+		t.Run(mode.name, func(t *testing.T) {
+			h := newHarness(t)
+			via := twilioClient(acctA, tokenA, rewrite{hostOf(h.srv.URL), mode.keepHost})
+			directConv := twilioClient(acctA, tokenA, rewrite{hostOf(h.convSrv.URL), true})
+			directProx := twilioClient(acctA, tokenA, rewrite{hostOf(h.proxSrv.URL), true})
+
+			// fetchTwice checks the decoded struct against the upstream's and
+			// that the second fetch is served from cache.
+			fetchTwice := func(name string, fake interface{ Total() int64 }, viaProxy, direct func() (any, error)) {
+				t.Helper()
+				want, err := direct()
+				if err != nil {
+					t.Fatalf("%s direct: %v", name, err)
+				}
+				for i := 0; i < 2; i++ {
+					before := fake.Total()
+					got, err := viaProxy()
+					if err != nil {
+						t.Fatalf("%s through the proxy: %v", name, err)
+					}
+					if !reflect.DeepEqual(got, want) {
+						t.Fatalf("%s: decoded %+v, upstream sent %+v", name, got, want)
+					}
+					h.settle()
+					if calls := fake.Total() - before; (i == 0) != (calls == 1) || calls > 1 {
+						t.Fatalf("%s fetch %d made %d upstream calls", name, i+1, calls)
+					}
+				}
+			}
+			fetchTwice("ConversationsV1.FetchConversationParticipant", h.conv,
+				func() (any, error) { return via.ConversationsV1.FetchConversationParticipant(conv1, member1) },
+				func() (any, error) { return directConv.ConversationsV1.FetchConversationParticipant(conv1, member1) })
+			fetchTwice("ConversationsV1.FetchServiceConversationParticipant", h.conv,
+				func() (any, error) { return via.ConversationsV1.FetchServiceConversationParticipant(isvc, conv2, member2) },
+				func() (any, error) {
+					return directConv.ConversationsV1.FetchServiceConversationParticipant(isvc, conv2, member2)
+				})
+			fetchTwice("ProxyV1.FetchParticipant", h.prox,
+				func() (any, error) { return via.ProxyV1.FetchParticipant(ksvc, sess1, kp1) },
+				func() (any, error) { return directProx.ProxyV1.FetchParticipant(ksvc, sess1, kp1) })
+			fetchTwice("ConversationsV2.FetchParticipant", h.conv,
+				func() (any, error) { return via.ConversationsV2.FetchParticipant(v2conv, v2part) },
+				func() (any, error) { return directConv.ConversationsV2.FetchParticipant(v2conv, v2part) })
+
+			// An update through the proxy is seen by the next fetch.
+			params := (&conversationsv1.UpdateConversationParticipantParams{}).SetAttributes(`{"v":"updated"}`)
+			if _, err := via.ConversationsV1.UpdateConversationParticipant(conv1, member1, params); err != nil {
+				t.Fatal(err)
+			}
+			p, err := via.ConversationsV1.FetchConversationParticipant(conv1, member1)
+			if err != nil || p.Attributes == nil || *p.Attributes != `{"v":"updated"}` {
+				t.Fatalf("fetch after update: %+v %v", p, err)
+			}
+			// Deletes through the proxy: the next fetch is Twilio's 404.
+			if err := via.ConversationsV1.DeleteConversationParticipant(conv1, member1, nil); err != nil {
+				t.Fatal(err)
+			}
+			if err := via.ProxyV1.DeleteParticipant(ksvc, sess1, kp1); err != nil {
+				t.Fatal(err)
+			}
+			for name, fetch := range map[string]func() error{
+				"conversations v1": func() error { _, err := via.ConversationsV1.FetchConversationParticipant(conv1, member1); return err },
+				"proxy v1":         func() error { _, err := via.ProxyV1.FetchParticipant(ksvc, sess1, kp1); return err },
+			} {
+				var te *twclient.TwilioRestError
+				if err := fetch(); !errors.As(err, &te) || te.Status != 404 || te.Code != 20404 {
+					t.Fatalf("%s fetch after delete: %v", name, err)
+				}
+			}
+		})
+	}
+}
