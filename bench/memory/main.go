@@ -7,20 +7,18 @@ package main
 
 import (
 	"bufio"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"cacheproxy/bench/internal/run"
 	"cacheproxy/internal/twiliofake"
 )
 
@@ -33,23 +31,13 @@ func main() {
 	entries := flag.Int("entries", 100_000, "distinct participants to read")
 	maxBytes := flag.String("max-bytes", "64MiB", "cache.max_bytes")
 	flag.Parse()
-	if err := run(*entries, *maxBytes); err != nil {
+	if err := measure(*entries, *maxBytes); err != nil {
 		fmt.Fprintln(os.Stderr, "memory:", err)
 		os.Exit(1)
 	}
 }
 
-func run(entries int, maxBytes string) error {
-	dir, err := os.MkdirTemp("", "cacheproxy-mem")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(dir)
-	bin := filepath.Join(dir, "cacheproxy")
-	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/cacheproxy").CombinedOutput(); err != nil {
-		return fmt.Errorf("go build: %v\n%s", err, out)
-	}
-
+func measure(entries int, maxBytes string) error {
 	perAPI := (entries + 2) / 3
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -59,34 +47,16 @@ func run(entries int, maxBytes string) error {
 	go up.Serve(ln)
 	defer up.Close()
 
-	cmd := exec.Command(bin)
-	cmd.Env = append(os.Environ(),
-		"CACHEPROXY_LISTEN=127.0.0.1:0", "CACHEPROXY_ADMIN_LISTEN=127.0.0.1:0",
+	p, err := run.Start(
 		"CACHEPROXY_UPSTREAMS_CONVERSATIONS_URL=http://"+ln.Addr().String(),
 		"CACHEPROXY_UPSTREAMS_PROXY_URL=http://"+ln.Addr().String(),
 		"CACHEPROXY_CACHE_TTL=1h", "CACHEPROXY_CACHE_MAX_BYTES="+maxBytes,
 		"CACHEPROXY_RATELIMIT_REQUESTS_PER_SECOND=1000000", "CACHEPROXY_RATELIMIT_MAX_CONCURRENT=100000")
-	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		return err
 	}
-	if err := cmd.Start(); err != nil {
-		return err
-	}
-	defer cmd.Process.Kill()
-	var addr, admin string
-	sc := bufio.NewScanner(stdout)
-	for sc.Scan() {
-		var m map[string]any
-		if json.Unmarshal(sc.Bytes(), &m) == nil && m["listen"] != nil {
-			addr, admin = m["listen"].(string), m["admin_listen"].(string)
-			break
-		}
-	}
-	go io.Copy(io.Discard, stdout)
-	if addr == "" {
-		return fmt.Errorf("no start line")
-	}
+	defer p.Stop()
+	cmd, addr, admin := p.Cmd, p.Addr, p.Admin
 	baseRSS := rss(cmd.Process.Pid)
 
 	paths := twiliofake.SeededPaths(perAPI)[:entries]
@@ -126,7 +96,27 @@ func run(entries int, maxBytes string) error {
 	fmt.Printf("cache.max_bytes: %s; cache holds %s entries, %s bytes\n", maxBytes, metrics["cacheproxy_cache_entries"], metrics["cacheproxy_cache_bytes"])
 	fmt.Printf("resident memory: %s at start, %s after (VmHWM %s); Go heap in use %s bytes\n",
 		baseRSS["VmRSS"], after["VmRSS"], after["VmHWM"], metrics["go_memstats_heap_inuse_bytes"])
+	var hwmKB int64
+	fmt.Sscan(strings.TrimSuffix(after["VmHWM"], " kB"), &hwmKB)
+	limit := parseSize(maxBytes) + 64<<20
+	fmt.Printf("RESULT\tmemory: peak resident after %d distinct reads\t%d MiB\t<= max_bytes + 64 MiB = %d MiB\t%v\n",
+		len(paths), hwmKB/1024, limit>>20, hwmKB*1024 <= limit)
 	return nil
+}
+
+func parseSize(s string) int64 {
+	var n int64
+	var unit string
+	fmt.Sscanf(s, "%d%s", &n, &unit)
+	switch unit {
+	case "KiB":
+		return n << 10
+	case "MiB":
+		return n << 20
+	case "GiB":
+		return n << 30
+	}
+	return n
 }
 
 func rss(pid int) map[string]string {

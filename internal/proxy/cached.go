@@ -117,7 +117,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, rt ro
 // function of its own so that its closure's captures do not move the
 // hit path's variables to the heap.
 func (p *Proxy) revalidate(r *http.Request, rt route, key string) {
-	p.startFlight(p.flightKey(key, false), func() (any, error) { return p.runFetch(r, rt, key) })
+	p.doneLater(p.startFlight(p.flightKey(key, false), func() (any, error) { return p.runFetch(r, rt, key) }))
 }
 
 // flightKey keys a fetch by the invalidation epoch at arrival: a read that
@@ -150,27 +150,30 @@ func (p *Proxy) fetchShared(r *http.Request, rt route, key, flightKey string) (*
 	})
 	select {
 	case sr := <-ch:
+		p.fetches.Done()
 		res, _ := sr.Val.(*fetchResult) // may carry call stats on error; nil after a panic
 		return res, ran, sr.Err
 	case <-r.Context().Done():
+		p.doneLater(ch)
 		return nil, false, r.Context().Err()
 	}
 }
 
 // startFlight joins or starts the flight for key. Proxy.Wait waits for
 // it: the caller is counted before DoChan (so a flight cannot start
-// unseen), and uncounted only when the flight's result arrives, whether or
-// not the caller is still there to read it.
+// unseen) and must call p.fetches.Done once the result has arrived; a
+// caller that leaves first hands that to done, which waits for the result.
 func (p *Proxy) startFlight(key string, fn func() (any, error)) <-chan singleflight.Result {
 	p.fetches.Add()
-	ch := p.flights.DoChan(key, fn)
-	out := make(chan singleflight.Result, 1)
+	return p.flights.DoChan(key, fn)
+}
+
+// doneLater uncounts a caller that left before its flight's result came.
+func (p *Proxy) doneLater(ch <-chan singleflight.Result) {
 	go func() {
-		sr := <-ch
+		<-ch
 		p.fetches.Done()
-		out <- sr
 	}()
-	return out
 }
 
 // runFetch runs a flight's fetch, panics recovered into an error for its
