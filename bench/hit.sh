@@ -69,5 +69,7 @@ for r in $(seq "$rounds"); do
   run cacheproxy "http://$proxy$path"
 done
 awk '{sum[$1]+=$2; n[$1]++} END {b=sum["bare"]/n["bare"]; c=sum["cacheproxy"]/n["cacheproxy"];
-  printf "mean req/s: bare %.0f, cacheproxy %.0f, ratio %.3f\n", b, c, c/b}' "$tmp/results"
+  printf "mean req/s: bare %.0f, cacheproxy %.0f, ratio %.3f\n", b, c, c/b;
+  printf "RESULT\thit over loopback: cacheproxy / bare net/http req/s\t%.0f / %.0f = %.3f\t>= 0.90\t%s\n", c, b, c/b, (c/b >= 0.9) ? "true" : "false"}' "$tmp/results"
+echo "RESULT	hit over loopback: cacheproxy p50 / p99 (last round)	$p50 / $p99	-	-"
 echo "($(nproc) cores, $conns connections, wrk -t1, ${secs}s x $rounds rounds; proxy logs one JSON line per request to a file)"

@@ -55,6 +55,7 @@ func main() {
 		{"L=50, paced 45/s, max_wait 1s", 50, 45, time.Second},
 		{"L=50, unpaced", 50, 0, time.Second},
 	}
+	var results []string
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "scenario\tclient 200\tclient 429\t429 %\tupstream calls\tupstream 429\tupstream ok/s\tp50 ms\tp99 ms\tmax ms\twithin bound\t")
 	for _, sc := range scenarios {
@@ -70,6 +71,18 @@ func main() {
 				within++
 			}
 		}
+		if sc.pace > 0 {
+			results = append(results, fmt.Sprintf("RESULT\tlimits %s: upstream 429s\t%d\t0\t%v", sc.name, r.up429, r.up429 == 0))
+			if sc.limit == 100 { // the budget suffices: nobody may get a 429
+				results = append(results, fmt.Sprintf("RESULT\tlimits %s: client 429s\t%d\t0\t%v", sc.name, r.tooMany, r.tooMany == 0))
+			} else { // demand exceeds the budget: keep the upstream busy, answer in time
+				results = append(results,
+					fmt.Sprintf("RESULT\tlimits %s: upstream ok/s\t%.1f\t>= %.1f\t%v", sc.name, r.upOKPerSec, 0.9*sc.pace, r.upOKPerSec >= 0.9*sc.pace),
+					fmt.Sprintf("RESULT\tlimits %s: answered within %s\t%d/%d\tall\t%v", sc.name, bound, within, len(r.latencies), within == len(r.latencies)))
+			}
+		} else {
+			results = append(results, fmt.Sprintf("RESULT\tlimits %s: client 429s (for comparison)\t%.1f%%\t-\t-", sc.name, 100*float64(r.tooMany)/float64(len(r.latencies))))
+		}
 		fmt.Fprintf(tw, "%s\t%d\t%d\t%.1f\t%d\t%d\t%.1f\t%.0f\t%.0f\t%.0f\t%d/%d (≤ %s)\t\n", sc.name, r.ok, r.tooMany,
 			100*float64(r.tooMany)/float64(len(r.latencies)), r.upCalls, r.up429, r.upOKPerSec,
 			ms(pct(r.latencies, 50)), ms(pct(r.latencies, 99)), ms(pct(r.latencies, 100)), within, len(r.latencies), bound)
@@ -77,6 +90,9 @@ func main() {
 	tw.Flush()
 	fmt.Printf("(%d requests/s offered for %s, Zipf s=1.1 over %d participants, upstream latency %s, one account)\n",
 		*rate, *duration, 3*perAPI, *latency)
+	for _, r := range results {
+		fmt.Println(r)
+	}
 }
 
 type result struct {
