@@ -14,7 +14,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"slices"
@@ -23,6 +22,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"cacheproxy/bench/internal/run"
 	"cacheproxy/internal/cache"
 	"cacheproxy/internal/config"
 	"cacheproxy/internal/proxy"
@@ -31,11 +31,7 @@ import (
 	"github.com/rs/zerolog"
 )
 
-const (
-	account = "AC00000000000000000000000000000001"
-	token   = "benchtoken"
-	perAPI  = 1000
-)
+const perAPI = 1000
 
 type scenario struct {
 	name    string
@@ -59,7 +55,7 @@ func main() {
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "scenario\tclient 200\tclient 429\t429 %\tupstream calls\tupstream 429\tupstream ok/s\tp50 ms\tp99 ms\tmax ms\twithin bound\t")
 	for _, sc := range scenarios {
-		r, err := run(sc, *rate, *duration, *latency)
+		r, err := runScenario(sc, *rate, *duration, *latency)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "limits:", err)
 			os.Exit(1)
@@ -139,15 +135,15 @@ func (l *limited) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	l.ok.Add(1)
 }
 
-func run(sc scenario, rate int, duration, latency time.Duration) (*result, error) {
-	fake := twiliofake.Seeded(account, token, perAPI)
+func runScenario(sc scenario, rate int, duration, latency time.Duration) (*result, error) {
+	fake := twiliofake.Seeded(run.Account, run.Token, perAPI)
 	fake.Latency = latency
 	up := &limited{next: fake, limit: sc.limit, seen: map[string][]time.Time{}}
-	upSrv, upURL, err := serve(up)
+	upURL, stopUp, err := run.Serve(up)
 	if err != nil {
 		return nil, err
 	}
-	defer upSrv.Close()
+	defer stopUp()
 
 	cfg := config.Default()
 	cfg.Upstreams.Conversations.URL, cfg.Upstreams.Proxy.URL = upURL, upURL
@@ -166,11 +162,11 @@ func run(sc scenario, rate int, duration, latency time.Duration) (*result, error
 	if err != nil {
 		return nil, err
 	}
-	pSrv, pURL, err := serve(p)
+	pURL, stopP, err := run.Serve(p)
 	if err != nil {
 		return nil, err
 	}
-	defer pSrv.Close()
+	defer stopP()
 
 	paths := twiliofake.SeededPaths(perAPI)
 	zipf := rand.NewZipf(rand.New(rand.NewPCG(1, 2)), 1.1, 1, uint64(len(paths)-1))
@@ -189,7 +185,7 @@ func run(sc scenario, rate int, duration, latency time.Duration) (*result, error
 		go func() {
 			defer wg.Done()
 			req, _ := http.NewRequestWithContext(context.Background(), "GET", pURL+path, nil)
-			req.SetBasicAuth(account, token)
+			req.SetBasicAuth(run.Account, run.Token)
 			start := time.Now()
 			resp, err := client.Do(req)
 			status := 0
@@ -218,16 +214,6 @@ func run(sc scenario, rate int, duration, latency time.Duration) (*result, error
 		res.upOKPerSec = float64(up.ok.Load()) / span.Seconds()
 	}
 	return res, nil
-}
-
-func serve(h http.Handler) (*http.Server, string, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return nil, "", err
-	}
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
-	go srv.Serve(ln)
-	return srv, "http://" + ln.Addr().String(), nil
 }
 
 func pct(ls []time.Duration, p int) time.Duration {

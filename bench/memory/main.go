@@ -10,7 +10,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"strings"
@@ -20,11 +19,6 @@ import (
 
 	"cacheproxy/bench/internal/run"
 	"cacheproxy/internal/twiliofake"
-)
-
-const (
-	account = "AC00000000000000000000000000000001"
-	token   = "benchtoken"
 )
 
 func main() {
@@ -39,17 +33,14 @@ func main() {
 
 func measure(entries int, maxBytes string) error {
 	perAPI := (entries + 2) / 3
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	upURL, stopUp, err := run.Serve(twiliofake.Seeded(run.Account, run.Token, perAPI))
 	if err != nil {
 		return err
 	}
-	up := &http.Server{Handler: twiliofake.Seeded(account, token, perAPI), ReadHeaderTimeout: 10 * time.Second}
-	go up.Serve(ln)
-	defer up.Close()
+	defer stopUp()
 
 	p, err := run.Start(
-		"CACHEPROXY_UPSTREAMS_CONVERSATIONS_URL=http://"+ln.Addr().String(),
-		"CACHEPROXY_UPSTREAMS_PROXY_URL=http://"+ln.Addr().String(),
+		"CACHEPROXY_UPSTREAMS_CONVERSATIONS_URL="+upURL, "CACHEPROXY_UPSTREAMS_PROXY_URL="+upURL,
 		"CACHEPROXY_CACHE_TTL=1h", "CACHEPROXY_CACHE_MAX_BYTES="+maxBytes,
 		"CACHEPROXY_RATELIMIT_REQUESTS_PER_SECOND=1000000", "CACHEPROXY_RATELIMIT_MAX_CONCURRENT=100000")
 	if err != nil {
@@ -74,7 +65,7 @@ func measure(entries int, maxBytes string) error {
 					return
 				}
 				req, _ := http.NewRequest("GET", "http://"+addr+paths[i], nil)
-				req.SetBasicAuth(account, token)
+				req.SetBasicAuth(run.Account, run.Token)
 				resp, err := client.Do(req)
 				if err != nil {
 					failed.Add(1)

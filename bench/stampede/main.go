@@ -10,7 +10,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"slices"
@@ -19,11 +18,6 @@ import (
 
 	"cacheproxy/bench/internal/run"
 	"cacheproxy/internal/twiliofake"
-)
-
-const (
-	account = "AC00000000000000000000000000000001"
-	token   = "benchtoken"
 )
 
 func main() {
@@ -37,17 +31,14 @@ func main() {
 }
 
 func stampede(n int, latency time.Duration) error {
-	fake := twiliofake.Seeded(account, token, 1)
+	fake := twiliofake.Seeded(run.Account, run.Token, 1)
 	fake.Latency = latency
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	upURL, stopUp, err := run.Serve(fake)
 	if err != nil {
 		return err
 	}
-	up := &http.Server{Handler: fake, ReadHeaderTimeout: 10 * time.Second}
-	go up.Serve(ln)
-	defer up.Close()
-	p, err := run.Start("CACHEPROXY_UPSTREAMS_CONVERSATIONS_URL=http://"+ln.Addr().String(),
-		"CACHEPROXY_UPSTREAMS_PROXY_URL=http://"+ln.Addr().String())
+	defer stopUp()
+	p, err := run.Start("CACHEPROXY_UPSTREAMS_CONVERSATIONS_URL="+upURL, "CACHEPROXY_UPSTREAMS_PROXY_URL="+upURL)
 	if err != nil {
 		return err
 	}
@@ -56,7 +47,7 @@ func stampede(n int, latency time.Duration) error {
 	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: n}}
 	get := func(path string) (time.Duration, int, error) {
 		req, _ := http.NewRequest("GET", "http://"+p.Addr+path, nil)
-		req.SetBasicAuth(account, token)
+		req.SetBasicAuth(run.Account, run.Token)
 		start := time.Now()
 		resp, err := client.Do(req)
 		if err != nil {

@@ -12,6 +12,7 @@ import (
 	"os"
 	"time"
 
+	"cacheproxy/bench/internal/run"
 	"cacheproxy/internal/twiliofake"
 )
 
@@ -20,7 +21,7 @@ func main() {
 	latency := flag.Duration("latency", 0, "added to every request")
 	n := flag.Int("participants", 1000, "participants per API")
 	flag.Parse()
-	f := Seed(*n)
+	f := twiliofake.Seeded(run.Account, run.Token, *n)
 	f.Latency = *latency
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
@@ -30,12 +31,3 @@ func main() {
 	srv := &http.Server{Handler: f, ReadHeaderTimeout: 10 * time.Second}
 	log.Fatal(srv.Serve(ln))
 }
-
-// Account and Token are the benchmark's credentials.
-const (
-	Account = "AC00000000000000000000000000000001"
-	Token   = "benchtoken"
-)
-
-// Seed makes n participants in one conversation of each API.
-func Seed(n int) *twiliofake.Fake { return twiliofake.Seeded(Account, Token, n) }

@@ -7,9 +7,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"time"
 )
 
 // Proxy is a running cacheproxy.
@@ -63,4 +66,21 @@ func (p *Proxy) Stop() {
 	_ = p.Cmd.Process.Kill()
 	_ = p.Cmd.Wait()
 	os.RemoveAll(p.dir)
+}
+
+// Account and Token are the benchmarks' credentials, known to the fake.
+const (
+	Account = "AC00000000000000000000000000000001"
+	Token   = "benchtoken"
+)
+
+// Serve serves h on a free loopback port and returns its base URL.
+func Serve(h http.Handler) (url string, stop func(), err error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", nil, err
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+	return "http://" + ln.Addr().String(), func() { srv.Close() }, nil
 }
