@@ -75,7 +75,9 @@ func TestTwilioGoThroughTheProxy(t *testing.T) {
 				func() (any, error) { return via.ConversationsV1.FetchConversationParticipant(conv1, member1) },
 				func() (any, error) { return directConv.ConversationsV1.FetchConversationParticipant(conv1, member1) })
 			fetchTwice("ConversationsV1.FetchServiceConversationParticipant", h.conv,
-				func() (any, error) { return via.ConversationsV1.FetchServiceConversationParticipant(isvc, conv2, member2) },
+				func() (any, error) {
+					return via.ConversationsV1.FetchServiceConversationParticipant(isvc, conv2, member2)
+				},
 				func() (any, error) {
 					return directConv.ConversationsV1.FetchServiceConversationParticipant(isvc, conv2, member2)
 				})
