@@ -63,9 +63,10 @@ type Limiter struct {
 	cfg   Config
 	clock Clock
 
-	mu       sync.Mutex
-	accounts map[string]*account
-	running  inflight.Tracker // dispatcher goroutines
+	mu        sync.Mutex
+	accounts  map[string]*account
+	running   inflight.Tracker // dispatcher goroutines
+	lastPrune time.Time
 }
 
 type account struct {
@@ -106,6 +107,7 @@ func New(cfg Config, clock Clock) *Limiter {
 func (l *Limiter) Acquire(ctx context.Context, acct string) (release func(), waited time.Duration, err error) {
 	start := l.clock.Now()
 	l.mu.Lock()
+	l.pruneLocked(start)
 	a := l.accounts[acct]
 	if a == nil {
 		a = &account{wake: make(chan struct{}, 1)}
@@ -229,6 +231,32 @@ func (l *Limiter) dispatch(a *account) {
 		}
 		l.mu.Unlock()
 	}
+}
+
+// idleFor is how long an account must be idle before it is forgotten; a
+// slot interval is at most 1/MinRate, so forgetting it cannot grant an
+// early slot.
+func (l *Limiter) idleFor() time.Duration { return perSlot(l.cfg.MinRate) + time.Second }
+
+// pruneLocked forgets idle accounts, at most once per idleFor, so the map
+// does not grow with every account ever seen.
+func (l *Limiter) pruneLocked(now time.Time) {
+	if now.Sub(l.lastPrune) < l.idleFor() {
+		return
+	}
+	l.lastPrune = now
+	for id, a := range l.accounts {
+		if len(a.queue) == 0 && a.inflight == 0 && !a.running && a.cutRate == 0 && now.Sub(a.lastTake) > l.idleFor() {
+			delete(l.accounts, id)
+		}
+	}
+}
+
+// Accounts reports how many accounts the limiter remembers.
+func (l *Limiter) Accounts() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.accounts)
 }
 
 // Penalize cuts an account's rate in half (to at least MinRate) after an

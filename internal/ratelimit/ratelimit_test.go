@@ -3,6 +3,7 @@ package ratelimit
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -278,4 +279,26 @@ func TestPenalizeCutsAndRecovers(t *testing.T) {
 	if got := l.Rate("AC1"); got != 10 {
 		t.Fatalf("rate %v", got)
 	}
+}
+
+func TestIdleAccountsAreForgotten(t *testing.T) {
+	clk := newFakeClock()
+	l := New(Config{Rate: 10, MaxWait: time.Second}, clk)
+	for i := 0; i < 100; i++ {
+		r := <-acquire(l, clk, context.Background(), fmt.Sprint("AC", i))
+		r.release()
+	}
+	if n := l.Accounts(); n != 100 {
+		t.Fatalf("accounts = %d, want 100", n)
+	}
+	held := <-acquire(l, clk, context.Background(), "busy") // in flight: kept
+	l.Penalize("AC1")                                       // cut: kept until recovered
+	clk.Advance(3 * time.Second)
+	r := <-acquire(l, clk, context.Background(), "new") // prunes
+	r.release()
+	if n := l.Accounts(); n != 3 {
+		t.Fatalf("accounts after pruning = %d, want 3 (busy, cut, new)", n)
+	}
+	held.release()
+	clk.Advance(time.Minute)
 }
