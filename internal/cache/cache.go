@@ -144,9 +144,11 @@ func (s *Store) Get(key string, now time.Time) (*Entry, bool) {
 	return e, true
 }
 
-// Set stores e until e.Keep. It reports whether ristretto accepted the item
-// into its buffer; a drop by the admission policy is not an error. An entry
-// whose scopes were invalidated during its fetch is not stored.
+// Set stores e until e.Keep and returns once ristretto has applied it (its
+// Sets are asynchronous): a read that starts after Set returns finds the
+// entry, unless the admission policy dropped it, which is not an error. It
+// reports whether ristretto accepted the item. An entry whose scopes were
+// invalidated during its fetch is not stored.
 func (s *Store) Set(e *Entry) bool {
 	ttl := e.Keep.Sub(s.now())
 	if ttl <= 0 || !s.Valid(e.Epoch, e.Tags) {
@@ -154,7 +156,11 @@ func (s *Store) Set(e *Entry) bool {
 	}
 	s.life.RLock()
 	defer s.life.RUnlock()
-	return !s.closed && s.c.SetWithTTL(e.Key, e, e.Cost(), ttl)
+	if s.closed || !s.c.SetWithTTL(e.Key, e, e.Cost(), ttl) {
+		return false
+	}
+	s.c.Wait()
+	return true
 }
 
 // Del removes one key.

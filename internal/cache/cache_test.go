@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -120,5 +121,18 @@ func TestStatsCountEntriesBytesAndEvictions(t *testing.T) {
 	st := s.Stats()
 	if st.Entries <= 0 || st.Bytes <= 0 || st.Bytes > 1<<20 || st.Evictions+st.Rejections == 0 {
 		t.Fatalf("stats after overfilling: %+v", st)
+	}
+}
+
+func TestSetIsVisibleWhenItReturns(t *testing.T) {
+	s, clk := newStore(t)
+	for i := 0; i < 1000; i++ {
+		key := fmt.Sprint("k", i)
+		if !s.Set(entry(s, clk, key)) {
+			continue // dropped by the admission policy: allowed
+		}
+		if _, ok := s.Get(key, clk.now()); !ok {
+			t.Fatalf("entry %d accepted but not visible after Set returned", i)
+		}
 	}
 }
