@@ -72,55 +72,69 @@ func (p *Proxy) resolve(r *http.Request) (route, *routeError) {
 	} else if r.URL.Host != "" || host == "twilio.com" || strings.HasSuffix(host, ".twilio.com") {
 		return route{}, &routeError{http.StatusMisdirectedRequest, "host " + quoteHost(host) + " is not a configured upstream of cacheproxy"}
 	} else {
+		up, path, raw = p.byPrefix(path, raw)
+	}
+	// The path is split once; routing by path, the dot-segment check and
+	// classify all read the segments.
+	var buf [maxSegments]string
+	segs := splitPath(path, &buf)
+	if up == nil {
 		var rerr *routeError
-		up, path, raw, rerr = p.byPath(path, raw)
-		if rerr != nil {
+		if up, rerr = p.byPath(path, segs); rerr != nil {
 			return route{}, rerr
 		}
 	}
-	if hasDotSegment(path) {
+	if hasDotSegment(path, segs) {
 		return route{}, &routeError{http.StatusBadRequest, "path must not contain . or .. segments"}
 	}
-	var buf [maxSegments]string
-	rt := classify(up.name, splitPath(path, &buf))
+	rt := classify(up.name, segs)
 	rt.id = routeIndex(rt.name)
 	rt.up, rt.path, rt.rawPath = up, path, raw
 	return rt, nil
 }
 
-// byPath routes a request that arrived with the sidecar's own Host (the
-// client replaced its base URL): a /proxy or /conversations prefix, or else
-// the path itself, decides.
-func (p *Proxy) byPath(path, raw string) (*upstream, string, string, *routeError) {
-	for _, name := range []string{proxyAPI, conversations} {
-		prefix := "/" + name + "/"
-		if strings.HasPrefix(path, prefix) {
+// Path prefixes that name an upstream when a client replaced its base URL.
+const (
+	proxyPrefix         = "/" + proxyAPI
+	conversationsPrefix = "/" + conversations
+)
+
+// byPrefix strips a /proxy or /conversations prefix and returns its
+// upstream, or nil and the path unchanged.
+func (p *Proxy) byPrefix(path, raw string) (*upstream, string, string) {
+	for _, pre := range [...]string{proxyPrefix, conversationsPrefix} {
+		if len(path) > len(pre) && path[len(pre)] == '/' && strings.HasPrefix(path, pre) {
 			if raw != "" {
-				raw = strings.TrimPrefix(raw, "/"+name)
+				raw = strings.TrimPrefix(raw, pre)
 			}
-			return p.ups[name], strings.TrimPrefix(path, "/"+name), raw, nil
+			return p.ups[pre[1:]], path[len(pre):], raw
 		}
 	}
-	var buf [maxSegments]string
-	segs := splitPath(path, &buf)
+	return nil, path, raw
+}
+
+// byPath routes a request that arrived with the sidecar's own Host and no
+// prefix (the client replaced its base URL): the path itself decides.
+// segs is splitPath's result (nil for a path longer than any route).
+func (p *Proxy) byPath(path string, segs []string) (*upstream, *routeError) {
 	if len(segs) == 0 {
 		segs = []string{""}
 	}
 	switch {
 	case segs[0] == "v2":
-		return p.ups[conversations], path, raw, nil
+		return p.ups[conversations], nil
 	case segs[0] == "v1" && len(segs) > 1 && segs[1] == "Services":
 		if len(segs) > 2 && strings.HasPrefix(segs[2], "KS") {
-			return p.ups[proxyAPI], path, raw, nil
+			return p.ups[proxyAPI], nil
 		}
 		if len(segs) > 2 && strings.HasPrefix(segs[2], "IS") {
-			return p.ups[conversations], path, raw, nil
+			return p.ups[conversations], nil
 		}
-		return nil, "", "", &routeError{http.StatusNotFound, "cannot tell Proxy from Conversations for " + path + ": send Host: proxy.twilio.com or conversations.twilio.com, or use the /proxy/ or /conversations/ path prefix"}
+		return nil, &routeError{http.StatusNotFound, "cannot tell Proxy from Conversations for " + path + ": send Host: proxy.twilio.com or conversations.twilio.com, or use the /proxy/ or /conversations/ path prefix"}
 	case segs[0] == "v1" && len(segs) > 1 && segs[1] != "":
-		return p.ups[conversations], path, raw, nil
+		return p.ups[conversations], nil
 	}
-	return nil, "", "", &routeError{http.StatusNotFound, "no Twilio API route for " + path + ": expected /v1/..., /v2/..., /proxy/v1/... or /conversations/v1/..."}
+	return nil, &routeError{http.StatusNotFound, "no Twilio API route for " + path + ": expected /v1/..., /v2/..., /proxy/v1/... or /conversations/v1/..."}
 }
 
 // maxSegments is more than any route classify knows; longer paths are
@@ -144,10 +158,13 @@ func splitPath(path string, buf *[maxSegments]string) []string {
 	return nil
 }
 
-func hasDotSegment(path string) bool {
-	for path != "" {
-		var seg string
-		seg, path, _ = strings.Cut(path, "/")
+// hasDotSegment reports a "." or ".." segment, reading segs when the path
+// fit in them.
+func hasDotSegment(path string, segs []string) bool {
+	if segs == nil {
+		segs = strings.Split(path, "/")
+	}
+	for _, seg := range segs {
 		if seg == "." || seg == ".." {
 			return true
 		}
