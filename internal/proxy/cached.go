@@ -70,6 +70,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, rt ro
 		}
 	}
 	res, leader, err := p.fetchShared(r, rt, key, p.flightKey(key, noCache))
+	rec.viaUpstream = true
 	if res != nil {
 		rec.calls = res.calls
 	}

@@ -115,6 +115,12 @@ func TestAccessLogLine(t *testing.T) {
 		got[0]["bytes"].(float64) < 100 {
 		t.Fatalf("access log lines wrong:\n%v\n%v", got[0], got[1])
 	}
+	// A hit made no upstream call: no upstream fields rather than zeros.
+	for _, f := range []string{"upstream_status", "upstream_us", "queue_wait_us", "retries", "upstream_429s"} {
+		if _, ok := got[1][f]; ok {
+			t.Errorf("hit's access log has %q: %v", f, got[1])
+		}
+	}
 }
 
 // TestNoCredentialInLogs drives every path a request can take, at debug

@@ -294,6 +294,7 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rec *record, rt 
 		r.Body = http.MaxBytesReader(w, r.Body, p.maxBody)
 	}
 	p.c.passthrough.Add(1)
+	rec.viaUpstream = true
 	out := r.WithContext(withStats(context.WithValue(r.Context(), recordKey{}, rec), &rec.calls))
 	if rt.path != r.URL.Path {
 		u := *r.URL
@@ -455,13 +456,17 @@ func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
 		Str("route", rec.route).
 		Str("upstream", rec.upstream).
 		Int("status", status).
-		Str("cache", rec.cache).
-		Int("upstream_status", rec.upstreamStatus).
-		Int64("upstream_us", rec.upstreamDur.Microseconds()).
-		Int64("queue_wait_us", rec.calls.queueWait.Microseconds()).
-		Int("retries", rec.calls.retries).
-		Int("upstream_429s", rec.calls.tooMany).
-		Int64("bytes", w.bytes).
+		Str("cache", rec.cache)
+	if rec.viaUpstream {
+		// A hit, or an answer the sidecar gave itself, made no upstream
+		// call: its line has no upstream fields rather than zeros.
+		ev.Int("upstream_status", rec.upstreamStatus).
+			Int64("upstream_us", rec.upstreamDur.Microseconds()).
+			Int64("queue_wait_us", rec.calls.queueWait.Microseconds()).
+			Int("retries", rec.calls.retries).
+			Int("upstream_429s", rec.calls.tooMany)
+	}
+	ev.Int64("bytes", w.bytes).
 		Int64("duration_us", now.Sub(rec.start).Microseconds()).
 		Bytes("account", rec.account[:rec.accountLen])
 	if rec.errMsg != "" {
