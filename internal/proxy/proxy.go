@@ -72,6 +72,7 @@ type Proxy struct {
 	flights flightGroup
 	log     zerolog.Logger
 	now     func() time.Time
+	since   func(time.Time) time.Duration
 	fp      *fingerprinter
 	ids     *requestIDs
 	fetches inflight.Tracker // upstream fetches still running (detached ones too)
@@ -109,8 +110,12 @@ func New(o Options) (*Proxy, error) {
 	if o.Transport == nil {
 		o.Transport = NewTransport()
 	}
+	since := time.Since // one monotonic clock read, not time.Now's two
 	if o.Now == nil {
 		o.Now = time.Now
+	} else {
+		now := o.Now
+		since = func(t time.Time) time.Duration { return now().Sub(t) }
 	}
 	if o.After == nil {
 		o.After = time.After
@@ -136,6 +141,7 @@ func New(o Options) (*Proxy, error) {
 		flights:      new(singleflight.Group),
 		log:          o.Logger,
 		now:          o.Now,
+		since:        since,
 		fp:           newFingerprinter(o.KeySecret),
 		ids:          newRequestIDs(),
 		ttl:          c.Cache.TTL.D(),
@@ -444,8 +450,8 @@ func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
 	if ev == nil {
 		return
 	}
-	now := p.now()
-	ev.Str("time", p.stamp.format(now))
+	dur := p.since(rec.start)
+	ev.Str("time", p.stamp.format(rec.start.Add(dur)))
 	if rec.reqID != "" {
 		ev.Str("request_id", rec.reqID)
 	} else {
@@ -467,7 +473,7 @@ func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
 			Int("upstream_429s", rec.calls.tooMany)
 	}
 	ev.Int64("bytes", w.bytes).
-		Int64("duration_us", now.Sub(rec.start).Microseconds()).
+		Int64("duration_us", dur.Microseconds()).
 		Bytes("account", rec.account[:rec.accountLen])
 	if rec.errMsg != "" {
 		ev.Str("error", rec.errMsg)
