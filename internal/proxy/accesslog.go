@@ -15,13 +15,13 @@ import (
 // handler owns it; the reverse proxy's hooks find it through the request
 // context (one typed key, checked assertion).
 type record struct {
-	start      time.Time
-	route      string
-	routeID    int // index into routeNames, for metrics
-	upstream   string
-	account    [34]byte // the account SID, see accountOf
-	accountLen int
-	cache      string // hit, miss, collapsed, bypass, refresh, or "" (not cacheable)
+	start    time.Time
+	route    string
+	routeID  int // index into routeNames, for metrics
+	upstream string
+	cred     *credential // nil without an Authorization header
+	keyBuf   [192]byte   // the cache key of a read, built without allocating
+	cache    string      // hit, miss, collapsed, bypass, refresh, or "" (not cacheable)
 	// viaUpstream is set when the answer came from (or waited on) an
 	// upstream call; only then does the line carry the upstream fields.
 	viaUpstream    bool

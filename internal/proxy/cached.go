@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unsafe"
 
 	"cacheproxy/internal/cache"
 
@@ -43,7 +44,10 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, rt ro
 		p.forward(w, r, rec, rt)
 		return
 	}
-	key := p.key(rt, r.URL.RawQuery, auth)
+	// The key is looked up as a view of rec's buffer (no allocation on a
+	// hit) and copied before anything can keep it.
+	kb := p.appendKey(rec.keyBuf[:0], rt, r.URL.RawQuery, rec.cred)
+	key := unsafe.String(unsafe.SliceData(kb), len(kb))
 	// stale is an expired entry still within its stale windows.
 	var stale *cache.Entry
 	if now := rec.start; !noCache {
@@ -57,6 +61,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, rt ro
 				return
 			}
 			stale = e
+			key = strings.Clone(key)
 			if now.Before(e.Expires.Add(p.swr)) {
 				// Stale-while-revalidate: answer now, refresh in the
 				// background (one fetch per key: it is a flight).
@@ -68,6 +73,9 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, rt ro
 				return
 			}
 		}
+	}
+	if stale == nil {
+		key = strings.Clone(key)
 	}
 	res, leader, err := p.fetchShared(r, rt, key, p.flightKey(key, noCache))
 	rec.viaUpstream = true
@@ -295,18 +303,17 @@ func (h hitHeaders) age(age int) []string {
 	return []string{strconv.Itoa(age)}
 }
 
-// key is upstream + path + query + credential fingerprint. The decoded path
-// is used, so two spellings of one identity share an entry.
-func (p *Proxy) key(rt route, query, auth string) string {
-	var buf [256]byte
-	b := append(buf[:0], rt.up.name...)
+// appendKey appends the cache key: upstream + path + query + credential
+// fingerprint. The decoded path is used, so two spellings of one identity
+// share an entry.
+func (p *Proxy) appendKey(b []byte, rt route, query string, c *credential) []byte {
+	b = append(b, rt.up.name...)
 	b = append(b, ' ')
 	b = append(b, rt.path...)
 	b = append(b, '?')
 	b = append(b, query...)
 	b = append(b, ' ')
-	b = p.fp.appendHex(b, auth)
-	return string(b)
+	return append(b, c.hex[:]...)
 }
 
 // Hop-by-hop headers (RFC 9110 7.6.1) and headers that would make a shared
@@ -361,7 +368,7 @@ func cacheControl(h http.Header) (noCache, noStore bool) {
 			}
 		}
 	}
-	if len(h["Cache-Control"]) == 0 && strings.EqualFold(h.Get("Pragma"), "no-cache") {
+	if len(h["Cache-Control"]) == 0 && len(h["Pragma"]) > 0 && strings.EqualFold(h["Pragma"][0], "no-cache") {
 		noCache = true
 	}
 	return

@@ -370,20 +370,31 @@ func TestFingerprintMemoMatchesHMAC(t *testing.T) {
 	other := newFingerprinter([]byte("other"))
 	for i := 0; i < 3*fpMemoSize; i++ { // more headers than slots: evictions
 		auth := basic(acctA, fmt.Sprint("token", i))
-		a := string(f.appendHex(nil, auth))
-		b := string(f.appendHex(nil, auth)) // memoised
-		c := string(g.appendHex(nil, auth))
+		a := string(f.lookup(auth).hex[:])
+		b := string(f.lookup(auth).hex[:]) // memoised
+		c := string(g.lookup(auth).hex[:])
 		if a != b || a != c || len(a) != 32 {
 			t.Fatalf("fingerprint of %d differs: %s %s %s", i, a, b, c)
 		}
-		if a == string(other.appendHex(nil, auth)) {
+		if a == string(other.lookup(auth).hex[:]) {
 			t.Fatal("fingerprint does not depend on the secret")
 		}
 		if strings.Contains(a, "token") {
 			t.Fatal("fingerprint holds the token")
 		}
 	}
-	if string(f.appendHex(nil, basic(acctA, "x"))) == string(f.appendHex(nil, basic(acctA, "y"))) {
+	if f.lookup(basic(acctA, "x")).hex == f.lookup(basic(acctA, "y")).hex {
 		t.Fatal("different credentials share a fingerprint")
+	}
+	// The memo also holds the account SID, and only for SID users.
+	for _, tc := range []struct{ auth, want string }{
+		{basic(acctA, tokenA), acctA}, {basic(acctB, tokenB), acctB},
+		{basic("someone", tokenA), ""}, {"Bearer " + tokenA, ""},
+	} {
+		for range 2 {
+			if got := string(f.lookup(tc.auth).Account()); got != tc.want {
+				t.Fatalf("account of %q = %q, want %q", tc.auth[:10], got, tc.want)
+			}
+		}
 	}
 }
