@@ -15,13 +15,11 @@ import (
 // handler owns it; the reverse proxy's hooks find it through the request
 // context (one typed key, checked assertion).
 type record struct {
-	start    time.Time
-	route    string
-	routeID  int // index into routeNames, for metrics
-	upstream string
-	cred     *credential // nil without an Authorization header
-	keyBuf   [192]byte   // the cache key of a read, built without allocating
-	cache    string      // hit, miss, collapsed, bypass, refresh, or "" (not cacheable)
+	start   time.Time
+	routeID int         // index into routeNames: route and upstream, for logs and metrics
+	cred    *credential // nil without an Authorization header
+	keyBuf  [192]byte   // the cache key of a read, built without allocating
+	cache   string      // hit, miss, collapsed, bypass, refresh, or "" (not cacheable)
 	// viaUpstream is set when the answer came from (or waited on) an
 	// upstream call; only then does the line carry the upstream fields.
 	viaUpstream    bool
@@ -133,14 +131,21 @@ type clockText struct {
 type stampText struct {
 	sec  int64
 	text string
+	json []byte // text as a JSON string
 }
 
-func (c *clockText) format(t time.Time) string {
+func (c *clockText) format(t time.Time) string { return c.stamp(t).text }
+
+// json is format's result as a JSON string.
+func (c *clockText) json(t time.Time) []byte { return c.stamp(t).json }
+
+func (c *clockText) stamp(t time.Time) *stampText {
 	sec := t.Unix()
 	if s := c.cur.Load(); s != nil && s.sec == sec {
-		return s.text
+		return s
 	}
-	s := &stampText{sec: sec, text: t.UTC().Format(time.RFC3339)}
+	text := t.UTC().Format(time.RFC3339)
+	s := &stampText{sec: sec, text: text, json: []byte(`"` + text + `"`)}
 	c.cur.Store(s)
-	return s.text
+	return s
 }

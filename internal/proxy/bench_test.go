@@ -6,6 +6,8 @@ import (
 	"net/http/httptest"
 	"testing"
 
+	"cacheproxy/internal/config"
+
 	"github.com/rs/zerolog"
 )
 
@@ -23,8 +25,7 @@ func (w *discardWriter) Write(b []byte) (int, error) { return len(b), nil }
 // (credential HMAC), lookup, response headers, and the access-log line
 // (written to io.Discard, JSON still built).
 func BenchmarkHit(b *testing.B) {
-	h := newHarness(b)
-	h.p.log = zerolog.New(io.Discard)
+	h := newHarness(b, func(_ *config.Config, o *Options) { o.Logger = zerolog.New(io.Discard) })
 	h.get(pathConv)
 	h.settle()
 	req := httptest.NewRequest("GET", pathConv, nil)

@@ -71,6 +71,9 @@ type Proxy struct {
 	store   *cache.Store
 	flights flightGroup
 	log     zerolog.Logger
+	// access holds one logger per route and cache outcome with those
+	// fields (and the upstream) encoded once, for the access-log lines.
+	access  [len(routeNames)][len(outcomeNames)]zerolog.Logger
 	now     func() time.Time
 	since   func(time.Time) time.Duration
 	fp      *fingerprinter
@@ -158,6 +161,18 @@ func New(o Options) (*Proxy, error) {
 		o.Registerer = prometheus.NewRegistry()
 	}
 	p.m = newMetrics(o.Registerer, p)
+	for i, route := range routeNames {
+		up, _, _ := strings.Cut(route, ".") // a route's name begins with its upstream's
+		if i == len(routeNames)-1 {
+			up = "" // unrouted
+		}
+		for j, outcome := range outcomeNames {
+			if j == 0 {
+				outcome = "" // not a cacheable route
+			}
+			p.access[i][j] = p.log.With().Str("route", route).Str("upstream", up).Str("cache", outcome).Logger()
+		}
+	}
 	errLog := log.New(p.log.With().Str("component", "reverseproxy").Logger(), "", 0)
 	for name, uc := range map[string]config.Upstream{conversations: c.Upstreams.Conversations, proxyAPI: c.Upstreams.Proxy} {
 		target, err := url.Parse(uc.URL)
@@ -281,12 +296,12 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func (p *Proxy) serve(w *recordWriter, r *http.Request, rec *record, auth string) {
 	rt, rerr := p.resolve(r)
 	if rerr != nil {
-		rec.route, rec.routeID = "unrouted", len(routeNames)-1
+		rec.routeID = len(routeNames) - 1 // unrouted
 		rec.errMsg = rerr.msg
 		twilioError(w, rerr.status, rerr.msg)
 		return
 	}
-	rec.route, rec.routeID, rec.upstream, rec.rt = rt.name, rt.id, rt.up.name, rt
+	rec.routeID, rec.rt = rt.id, rt
 	if rt.cacheable && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
 		p.serveCached(w, r, rec, rt, auth)
 		return
@@ -438,36 +453,35 @@ func (p *Proxy) LogSummary(prev Summary) Summary {
 
 // logRequest writes the access-log line. It never logs a header value.
 func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
-	p.m.requests[rec.routeID][outcomeIndex(rec.cache)].Inc()
+	outcome := outcomeIndex(rec.cache)
+	p.m.requests[rec.routeID][outcome].Inc()
 	status := w.status
 	var ev *zerolog.Event
-	switch {
+	switch l := &p.access[rec.routeID][outcome]; {
 	case status == 0:
 		status = 499 // client went away before an answer: nothing was sent
-		ev = p.log.Info()
+		ev = l.Info()
 	case status >= 500:
-		ev = p.log.Error()
+		ev = l.Error()
 	case status == http.StatusTooManyRequests:
-		ev = p.log.Warn()
+		ev = l.Warn()
 	default:
-		ev = p.log.Info()
+		ev = l.Info()
 	}
 	if ev == nil {
 		return
 	}
 	dur := p.since(rec.start)
-	ev.Str("time", p.stamp.format(rec.start.Add(dur)))
+	ev.RawJSON("time", p.stamp.json(rec.start.Add(dur)))
+	var buf [64]byte
 	if rec.reqID != "" {
 		ev.Str("request_id", rec.reqID)
-	} else {
-		var buf [32]byte
-		ev.Bytes("request_id", strconv.AppendUint(append(buf[:0], p.ids.prefix...), rec.reqNum, 10))
+	} else { // the prefix is hex and the counter digits: nothing to escape
+		id := append(append(buf[:0], '"'), p.ids.prefix...)
+		ev.RawJSON("request_id", append(strconv.AppendUint(id, rec.reqNum, 10), '"'))
 	}
 	ev.Str("method", r.Method).
-		Str("route", rec.route).
-		Str("upstream", rec.upstream).
-		Int("status", status).
-		Str("cache", rec.cache)
+		Int("status", status)
 	if rec.viaUpstream {
 		// A hit, or an answer the sidecar gave itself, made no upstream
 		// call: its line has no upstream fields rather than zeros.
@@ -479,7 +493,7 @@ func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
 	}
 	ev.Int64("bytes", w.bytes).
 		Int64("duration_us", dur.Microseconds()).
-		Bytes("account", rec.cred.Account())
+		RawJSON("account", rec.cred.accountJSON())
 	if rec.errMsg != "" {
 		ev.Str("error", rec.errMsg)
 	}
@@ -506,16 +520,26 @@ const fpMemoSize = 1024
 
 // credential is what one Authorization value yields; immutable once made.
 type credential struct {
-	h1, h2     uint64
-	hex        [32]byte // first 16 bytes of the HMAC, hex-encoded
-	account    [34]byte
+	h1, h2 uint64
+	hex    [32]byte // first 16 bytes of the HMAC, hex-encoded
+	// account is the account or API-key SID (see accountOf) as a JSON
+	// string: `"AC…"`, or `""`.
+	account    [36]byte
 	accountLen int
 }
 
+var noAccountJSON = []byte(`""`)
+
 // Account is the account or API-key SID, or empty.
 func (c *credential) Account() []byte {
+	j := c.accountJSON()
+	return j[1 : len(j)-1]
+}
+
+// accountJSON is Account as a JSON string (SIDs need no escaping).
+func (c *credential) accountJSON() []byte {
 	if c == nil {
-		return nil
+		return noAccountJSON
 	}
 	return c.account[:c.accountLen]
 }
@@ -549,7 +573,12 @@ func (f *fingerprinter) lookup(auth string) *credential {
 	hex.Encode(c.hex[:], st.h.Sum(st.sum[:0])[:16])
 	clear(st.in) // the pooled scratch must not keep a credential
 	f.pool.Put(st)
-	c.accountLen = accountOf(auth, &c.account)
+	var sid [34]byte
+	n := accountOf(auth, &sid)
+	c.account[0] = '"'
+	copy(c.account[1:], sid[:n])
+	c.account[n+1] = '"'
+	c.accountLen = n + 2
 	slot.Store(c)
 	return c
 }
