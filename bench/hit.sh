@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Cache-hit throughput over loopback: cacheproxy serving a hit against a bare
 # net/http server returning the same bytes, same load tool (wrk), same
-# connections, alternated in one run. Prints a table and the ratio.
+# connections, alternated in one run. Prints a table, the ratio of the mean
+# rates, and the median and range of each round's ratio (this machine is
+# shared: rounds vary, pairs of adjacent runs vary less).
 # Usage: bash bench/hit.sh [seconds-per-round] [rounds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-secs=${1:-5}
-rounds=${2:-3}
+secs=${1:-3}
+rounds=${2:-10}
 conns=${CONNS:-32}
 
 if ! command -v wrk >/dev/null; then
@@ -68,8 +70,12 @@ for r in $(seq "$rounds"); do
   run bare "http://$bare$path"
   run cacheproxy "http://$proxy$path"
 done
-awk '{sum[$1]+=$2; n[$1]++} END {b=sum["bare"]/n["bare"]; c=sum["cacheproxy"]/n["cacheproxy"];
-  printf "mean req/s: bare %.0f, cacheproxy %.0f, ratio %.3f\n", b, c, c/b;
-  printf "RESULT\thit over loopback: cacheproxy / bare net/http req/s\t%.0f / %.0f = %.3f\t>= 0.90\t%s\n", c, b, c/b, (c/b >= 0.9) ? "true" : "false"}' "$tmp/results"
+# Each cacheproxy round against the bare round just before it, sorted.
+ratios=$(awk '$1=="bare" {b=$2} $1=="cacheproxy" {printf "%.3f\n", $2/b}' "$tmp/results" | sort -n | tr '\n' ' ')
+awk -v ratios="$ratios" '{sum[$1]+=$2; n[$1]++}
+  END {b=sum["bare"]/n["bare"]; c=sum["cacheproxy"]/n["cacheproxy"];
+  k=split(ratios, r, " "); med=(k%2) ? r[(k+1)/2] : (r[k/2]+r[k/2+1])/2;
+  printf "mean req/s: bare %.0f, cacheproxy %.0f, ratio %.3f; per round: median %.3f, range %s-%s\n", b, c, c/b, med, r[1], r[k];
+  printf "RESULT\thit over loopback: cacheproxy / bare net/http req/s\t%.0f / %.0f = %.3f (per round: median %.3f, %s-%s)\t>= 0.90\t%s\n", c, b, c/b, med, r[1], r[k], (c/b >= 0.9) ? "true" : "false"}' "$tmp/results"
 echo "RESULT	hit over loopback: cacheproxy p50 / p99 (last round)	$p50 / $p99	-	-"
 echo "($(nproc) cores, $conns connections, wrk -t1, ${secs}s x $rounds rounds; proxy logs one JSON line per request to a file)"
