@@ -193,9 +193,11 @@ func (s *Store) Invalidate(tags ...string) uint64 {
 	return e
 }
 
-// Valid reports whether data fetched at epoch is still good for tags.
+// Valid reports whether data fetched at epoch is still good for tags. When
+// nothing was invalidated since epoch (Invalidate raises the epoch before it
+// returns) the scopes need not be read.
 func (s *Store) Valid(epoch uint64, tags []string) bool {
-	return s.Since(tags) <= epoch
+	return s.epoch.Load() <= epoch || s.Since(tags) <= epoch
 }
 
 // Since returns the latest invalidation epoch of any of tags (0 if none).
