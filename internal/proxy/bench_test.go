@@ -42,3 +42,22 @@ func BenchmarkHit(b *testing.B) {
 		h.p.ServeHTTP(w, req)
 	}
 }
+
+// BenchmarkHitParallel is BenchmarkHit from every P at once: what shared
+// counters, locks and cache lines cost when the cores contend.
+func BenchmarkHitParallel(b *testing.B) {
+	h := newHarness(b, func(_ *config.Config, o *Options) { o.Logger = zerolog.New(io.Discard) })
+	h.get(pathConv)
+	h.settle()
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		req := httptest.NewRequest("GET", pathConv, nil)
+		req.Header.Set("Authorization", basic(acctA, tokenA))
+		w := &discardWriter{h: http.Header{}}
+		for pb.Next() {
+			clear(w.h)
+			h.p.ServeHTTP(w, req)
+		}
+	})
+}
