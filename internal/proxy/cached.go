@@ -273,32 +273,52 @@ func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, e *cache.Entr
 }
 
 // hitHeaders holds the Cache-Status and Age values of hits, one per second
-// up to the longest TTL, built once so a hit formats nothing. The slices
-// are shared read-only (clipped: an append elsewhere copies).
+// up to the longest TTL (at most an hour), built once so a hit formats
+// nothing. Each table is one array of strings that are substrings of one
+// block: a few objects for the GC to mark, not two per second of TTL. A
+// hit's header value is a one-element, capacity-clipped view of the array,
+// shared read-only (an append elsewhere copies).
 type hitHeaders struct {
-	hits, ages [][]string
+	hits, ages []string
 }
 
+const maxHitHeaders = 3600 + 1
+
 func newHitHeaders(maxTTL time.Duration) hitHeaders {
-	n := min(int(maxTTL/time.Second)+1, 24*3600)
-	h := hitHeaders{hits: make([][]string, n), ages: make([][]string, n)}
-	for i := range n {
-		h.hits[i] = slices.Clip([]string{"cacheproxy; hit; ttl=" + strconv.Itoa(i)})
-		h.ages[i] = slices.Clip([]string{strconv.Itoa(i)})
+	n := min(int(maxTTL/time.Second)+1, maxHitHeaders)
+	return hitHeaders{
+		hits: table(n, func(b []byte, i int) []byte {
+			return strconv.AppendInt(append(b, "cacheproxy; hit; ttl="...), int64(i), 10)
+		}),
+		ages: table(n, func(b []byte, i int) []byte { return strconv.AppendInt(b, int64(i), 10) }),
 	}
-	return h
+}
+
+// table returns the n strings format(nil, i), all cut from one string.
+func table(n int, format func([]byte, int) []byte) []string {
+	var block []byte
+	ends := make([]int, n)
+	for i := range n {
+		block = format(block, i)
+		ends[i] = len(block)
+	}
+	all, out, start := string(block), make([]string, n), 0
+	for i, end := range ends {
+		out[i], start = all[start:end], end
+	}
+	return out
 }
 
 func (h hitHeaders) hit(ttl int) []string {
 	if ttl >= 0 && ttl < len(h.hits) {
-		return h.hits[ttl]
+		return h.hits[ttl : ttl+1 : ttl+1]
 	}
 	return []string{"cacheproxy; hit; ttl=" + strconv.Itoa(ttl)}
 }
 
 func (h hitHeaders) age(age int) []string {
 	if age >= 0 && age < len(h.ages) {
-		return h.ages[age]
+		return h.ages[age : age+1 : age+1]
 	}
 	return []string{strconv.Itoa(age)}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -396,5 +397,21 @@ func TestFingerprintMemoMatchesHMAC(t *testing.T) {
 				t.Fatalf("account of %q = %q, want %q", tc.auth[:10], got, tc.want)
 			}
 		}
+	}
+}
+
+func TestHitHeadersTable(t *testing.T) {
+	h := newHitHeaders(2 * time.Hour) // longer than the table: the rest is formatted
+	for _, i := range []int{0, 1, 59, maxHitHeaders - 1, maxHitHeaders, 7200, -1} {
+		hit, age := h.hit(i), h.age(i)
+		if len(hit) != 1 || hit[0] != "cacheproxy; hit; ttl="+strconv.Itoa(i) || len(age) != 1 || age[0] != strconv.Itoa(i) {
+			t.Fatalf("%d: %q %q", i, hit, age)
+		}
+		if cap(hit) != 1 || cap(age) != 1 {
+			t.Fatalf("%d: shared values not clipped: cap %d, %d", i, cap(hit), cap(age))
+		}
+	}
+	if n := len(newHitHeaders(30 * time.Second).hits); n != 31 {
+		t.Fatalf("table for 30 s has %d values", n)
 	}
 }
