@@ -47,8 +47,8 @@ func measure(entries int, maxBytes string) error {
 		return err
 	}
 	defer p.Stop()
-	cmd, addr, admin := p.Cmd, p.Addr, p.Admin
-	baseRSS := rss(cmd.Process.Pid)
+	addr, admin := p.Addr, p.Admin
+	baseRSS := rss(p.Pid())
 
 	paths := twiliofake.SeededPaths(perAPI)[:entries]
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}, Timeout: 30 * time.Second}
@@ -82,7 +82,7 @@ func measure(entries int, maxBytes string) error {
 	wg.Wait()
 	elapsed := time.Since(start)
 	metrics := scrape("http://" + admin + "/metrics")
-	after := rss(cmd.Process.Pid)
+	after := rss(p.Pid())
 	fmt.Printf("reads: %d distinct participants in %s (%d failed)\n", len(paths), elapsed.Round(time.Millisecond), failed.Load())
 	fmt.Printf("cache.max_bytes: %s; cache holds %s entries, %s bytes\n", maxBytes, metrics["cacheproxy_cache_entries"], metrics["cacheproxy_cache_bytes"])
 	fmt.Printf("resident memory: %s at start, %s after (VmHWM %s); Go heap in use %s bytes\n",

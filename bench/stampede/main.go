@@ -31,14 +31,14 @@ func main() {
 }
 
 func stampede(n int, latency time.Duration) error {
-	fake := twiliofake.Seeded(run.Account, run.Token, 1)
-	fake.Latency = latency
-	upURL, stopUp, err := run.Serve(fake)
+	// The upstream runs in a process of its own, as Twilio does: in this
+	// one, its goroutines would queue behind the n clients'.
+	up, err := run.StartUpstream(latency)
 	if err != nil {
 		return err
 	}
-	defer stopUp()
-	p, err := run.Start("CACHEPROXY_UPSTREAMS_CONVERSATIONS_URL="+upURL, "CACHEPROXY_UPSTREAMS_PROXY_URL="+upURL)
+	defer up.Stop()
+	p, err := run.Start("CACHEPROXY_UPSTREAMS_CONVERSATIONS_URL="+up.URL, "CACHEPROXY_UPSTREAMS_PROXY_URL="+up.URL)
 	if err != nil {
 		return err
 	}
@@ -73,7 +73,10 @@ func stampede(n int, latency time.Duration) error {
 		return fmt.Errorf("warm-up read: %d %v", status, err)
 	}
 	path := paths[0]
-	before := fake.Total()
+	before, err := up.Calls()
+	if err != nil {
+		return err
+	}
 	start := make(chan struct{})
 	lat := make([]time.Duration, n)
 	var failed int
@@ -94,7 +97,11 @@ func stampede(n int, latency time.Duration) error {
 	}
 	close(start)
 	wg.Wait()
-	calls := fake.Total() - before
+	after, err := up.Calls()
+	if err != nil {
+		return err
+	}
+	calls := after - before
 	slices.Sort(lat)
 	p50, p99 := lat[n/2], lat[n*99/100]
 	fmt.Printf("%d concurrent cold reads, upstream latency %s: %d upstream call(s), %d failed, p50 %s, p99 %s, max %s\n",

@@ -1,6 +1,7 @@
 // Command upstream runs the fake Twilio upstream on loopback for the
-// benchmark scripts: participants of the three APIs for one account, with
-// optional latency.
+// benchmarks, in a process of its own (as Twilio is): participants of the
+// three APIs for one account, with optional latency. GET /_bench/calls
+// answers the number of API requests served so far.
 package main
 
 import (
@@ -28,6 +29,13 @@ func main() {
 		log.Fatal(err)
 	}
 	fmt.Fprintln(os.Stdout, ln.Addr().String()) // the scripts read the address
-	srv := &http.Server{Handler: f, ReadHeaderTimeout: 10 * time.Second}
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/_bench/calls" {
+			fmt.Fprintln(w, f.Total())
+			return
+		}
+		f.ServeHTTP(w, r)
+	})
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
 	log.Fatal(srv.Serve(ln))
 }
