@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 
-echo "== hit throughput (bench/hit.sh)";          bash bench/hit.sh 5 3   | tee -a "$out"
+echo "== hit throughput (bench/hit.sh)";          bash bench/hit.sh        | tee -a "$out"
 echo "== stampede (bench/stampede)";              go run ./bench/stampede | tee -a "$out"
 echo "== upstream protection (bench/limits)";     go run ./bench/limits   | tee -a "$out"
 echo "== memory (bench/memory)";                  go run ./bench/memory   | tee -a "$out"
