@@ -149,3 +149,19 @@ func TestNoCredentialInLogs(t *testing.T) {
 		}
 	}
 }
+
+// TestUnroutedPathNotLogged: the client's 404 names its path; the access
+// log does not (a path can hold a participant's identity).
+func TestUnroutedPathNotLogged(t *testing.T) {
+	h := newHarness(t)
+	for _, path := range []string{"/nowhere/jane@example.com", "/v1/Services/jane@example.com/Participants"} {
+		status, _, body := readResp(t, h.do("GET", path, basic(acctA, tokenA)))
+		if status != 404 || !strings.Contains(string(body), "jane@example.com") {
+			t.Fatalf("%s: %d %s", path, status, body)
+		}
+	}
+	logs := h.logs.String()
+	if strings.Count(logs, `"status":404`) != 2 || strings.Contains(logs, "jane@example.com") {
+		t.Fatalf("access log names the path or lacks the lines:\n%s", logs)
+	}
+}

@@ -297,7 +297,7 @@ func (p *Proxy) serve(w *recordWriter, r *http.Request, rec *record, auth string
 	rt, rerr := p.resolve(r)
 	if rerr != nil {
 		rec.routeID = len(routeNames) - 1 // unrouted
-		rec.errMsg = rerr.msg
+		rec.errMsg = rerr.logText()
 		twilioError(w, rerr.status, rerr.msg)
 		return
 	}

@@ -42,10 +42,20 @@ type route struct {
 	resource bool
 }
 
-// routeError is a request that maps to no configured upstream.
+// routeError is a request that maps to no configured upstream. msg is the
+// client's answer; logMsg, when set, is what the access log says instead
+// (it leaves out the path, which can hold a participant's identity).
 type routeError struct {
 	status int
 	msg    string
+	logMsg string
+}
+
+func (e *routeError) logText() string {
+	if e.logMsg != "" {
+		return e.logMsg
+	}
+	return e.msg
 }
 
 func (e *routeError) Error() string { return e.msg }
@@ -55,7 +65,7 @@ func (e *routeError) Error() string { return e.msg }
 // configured upstream is an error, never a connection.
 func (p *Proxy) resolve(r *http.Request) (route, *routeError) {
 	if r.Method == http.MethodConnect {
-		return route{}, &routeError{http.StatusMethodNotAllowed, "CONNECT is not supported: point the client's base URL or transport at cacheproxy over plain HTTP"}
+		return route{}, &routeError{status: http.StatusMethodNotAllowed, msg: "CONNECT is not supported: point the client's base URL or transport at cacheproxy over plain HTTP"}
 	}
 	host := r.Host
 	if r.URL.Host != "" { // absolute-URI request (client uses us as an HTTP proxy)
@@ -64,13 +74,13 @@ func (p *Proxy) resolve(r *http.Request) (route, *routeError) {
 	host = strings.ToLower(stripPort(host))
 	path, raw := r.URL.Path, r.URL.RawPath
 	if !strings.HasPrefix(path, "/") { // "OPTIONS *", or an absolute URI with no path
-		return route{}, &routeError{http.StatusBadRequest, "request target must be an absolute path"}
+		return route{}, &routeError{status: http.StatusBadRequest, msg: "request target must be an absolute path"}
 	}
 	var up *upstream
 	if u, ok := p.byHost[host]; ok {
 		up = u
 	} else if r.URL.Host != "" || host == "twilio.com" || strings.HasSuffix(host, ".twilio.com") {
-		return route{}, &routeError{http.StatusMisdirectedRequest, "host " + quoteHost(host) + " is not a configured upstream of cacheproxy"}
+		return route{}, &routeError{status: http.StatusMisdirectedRequest, msg: "host " + quoteHost(host) + " is not a configured upstream of cacheproxy"}
 	} else {
 		up, path, raw = p.byPrefix(path, raw)
 	}
@@ -85,7 +95,7 @@ func (p *Proxy) resolve(r *http.Request) (route, *routeError) {
 		}
 	}
 	if hasDotSegment(path, segs) {
-		return route{}, &routeError{http.StatusBadRequest, "path must not contain . or .. segments"}
+		return route{}, &routeError{status: http.StatusBadRequest, msg: "path must not contain . or .. segments"}
 	}
 	rt := classify(up.name, segs)
 	rt.id = routeIndex(rt.name)
@@ -130,11 +140,15 @@ func (p *Proxy) byPath(path string, segs []string) (*upstream, *routeError) {
 		if len(segs) > 2 && strings.HasPrefix(segs[2], "IS") {
 			return p.ups[conversations], nil
 		}
-		return nil, &routeError{http.StatusNotFound, "cannot tell Proxy from Conversations for " + path + ": send Host: proxy.twilio.com or conversations.twilio.com, or use the /proxy/ or /conversations/ path prefix"}
+		const how = ": send Host: proxy.twilio.com or conversations.twilio.com, or use the /proxy/ or /conversations/ path prefix"
+		return nil, &routeError{status: http.StatusNotFound, msg: "cannot tell Proxy from Conversations for " + path + how,
+			logMsg: "cannot tell Proxy from Conversations for this /v1/Services path" + how}
 	case segs[0] == "v1" && len(segs) > 1 && segs[1] != "":
 		return p.ups[conversations], nil
 	}
-	return nil, &routeError{http.StatusNotFound, "no Twilio API route for " + path + ": expected /v1/..., /v2/..., /proxy/v1/... or /conversations/v1/..."}
+	const expected = ": expected /v1/..., /v2/..., /proxy/v1/... or /conversations/v1/..."
+	return nil, &routeError{status: http.StatusNotFound, msg: "no Twilio API route for " + path + expected,
+		logMsg: "no Twilio API route for the path" + expected}
 }
 
 // maxSegments is more than any route classify knows; longer paths are
