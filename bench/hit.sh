@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Cache-hit throughput over loopback: cacheproxy serving a hit against a bare
 # net/http server returning the same bytes, same load tool (wrk), same
-# connections, alternated in one run. Prints a table, the ratio of the mean
+# connections, alternated in one run (in alternating order). Prints a table, the ratio of the mean
 # rates, and the median and range of each round's ratio (this machine is
 # shared: rounds vary, pairs of adjacent runs vary less).
 # Usage: bash bench/hit.sh [seconds-per-round] [rounds]
@@ -66,12 +66,17 @@ run() { # name url
 }
 
 printf '%-12s %12s %10s %10s\n' server req/s p50 p99
+# Rounds alternate the order (bare first, then cacheproxy first) so that a
+# drift in the machine's speed favours neither.
 for r in $(seq "$rounds"); do
-  run bare "http://$bare$path"
-  run cacheproxy "http://$proxy$path"
+  if [ $((r % 2)) = 1 ]; then
+    run bare "http://$bare$path"; run cacheproxy "http://$proxy$path"
+  else
+    run cacheproxy "http://$proxy$path"; run bare "http://$bare$path"
+  fi
 done
-# Each cacheproxy round against the bare round just before it, sorted.
-ratios=$(awk '$1=="bare" {b=$2} $1=="cacheproxy" {printf "%.3f\n", $2/b}' "$tmp/results" | sort -n | tr '\n' ' ')
+# Each round's cacheproxy rate over its bare rate, sorted.
+ratios=$(awk '{v[$1]=$2; if (NR%2==0) printf "%.3f\n", v["cacheproxy"]/v["bare"]}' "$tmp/results" | sort -n | tr '\n' ' ')
 awk -v ratios="$ratios" '{sum[$1]+=$2; n[$1]++}
   END {b=sum["bare"]/n["bare"]; c=sum["cacheproxy"]/n["cacheproxy"];
   k=split(ratios, r, " "); med=(k%2) ? r[(k+1)/2] : (r[k/2]+r[k/2+1])/2;
