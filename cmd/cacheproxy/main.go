@@ -105,14 +105,26 @@ func run(args []string, stdout, stderr io.Writer) error {
 	return serve(ctx, cfg, logger, accessLog, logw, onListen)
 }
 
+// The Go runtime's settings unless GOMEMLIMIT or GOGC say otherwise.
+const (
+	memoryOverhead = 48 << 20
+	gcPercent      = 400
+)
+
 // serve runs the proxy and admin listeners until ctx ends, then shuts down
 // gracefully: stop accepting, finish in-flight requests.
 func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Logger, logw *logbuf.Writer, onListen func(string)) error {
 	// A soft memory limit (unless GOMEMLIMIT is set) makes the GC work
 	// harder before garbage doubles the cache's footprint: resident memory
-	// stays near cache.max_bytes plus the server's own needs.
+	// stays near cache.max_bytes plus the server's own needs. Under that
+	// limit the GC may let garbage reach four times the live heap (unless
+	// GOGC is set): while the cache is small it collects a quarter as
+	// often, and once the cache is full the limit decides.
 	if os.Getenv("GOMEMLIMIT") == "" {
-		debug.SetMemoryLimit(int64(cfg.Cache.MaxBytes) + 48<<20)
+		debug.SetMemoryLimit(int64(cfg.Cache.MaxBytes) + memoryOverhead)
+	}
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(gcPercent)
 	}
 	store, err := cache.New(int64(cfg.Cache.MaxBytes), retention(cfg), nil)
 	if err != nil {

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -71,7 +73,10 @@ func start(t *testing.T, config string, env ...string) *proc {
 		t.Fatal(err)
 	}
 	p := &proc{cmd: exec.Command(binary, "-config", cfg), events: make(chan string, 100), done: make(chan error, 1)}
-	p.cmd.Env = append(os.Environ(), env...)
+	// The runtime's own settings are main's to choose unless a test says.
+	p.cmd.Env = append(slices.DeleteFunc(os.Environ(), func(kv string) bool {
+		return strings.HasPrefix(kv, "GOGC=") || strings.HasPrefix(kv, "GOMEMLIMIT=")
+	}), env...)
 	p.cmd.Stderr = &p.stderr
 	out, err := p.cmd.StdoutPipe()
 	if err != nil {
@@ -306,6 +311,9 @@ func TestAdminEndpoints(t *testing.T) {
 		"cacheproxy_coalesced_requests_total 0", "cacheproxy_rejections_total 0", "cacheproxy_retries_total 0",
 		"cacheproxy_cache_entries 1", "cacheproxy_cache_bytes", "cacheproxy_cache_evictions_total",
 		"go_goroutines", "process_resident_memory_bytes",
+		// The GC settings main makes when GOGC and GOMEMLIMIT are unset.
+		fmt.Sprintf("go_gc_gogc_percent %d\n", gcPercent),
+		fmt.Sprintf("go_gc_gomemlimit_bytes %g\n", float64(64<<20+memoryOverhead)),
 	} {
 		if s != 200 || !strings.Contains(body, want) {
 			t.Errorf("/metrics lacks %q", want)
