@@ -50,7 +50,8 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, rt ro
 	key := unsafe.String(unsafe.SliceData(kb), len(kb))
 	// stale is an expired entry still within its stale windows.
 	var stale *cache.Entry
-	if now := rec.start; !noCache {
+	now := rec.start
+	if !noCache {
 		if e, ok := p.store.Get(key, now); ok {
 			if now.Before(e.Expires) {
 				p.c.hits.Add(1)
@@ -61,21 +62,18 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, rt ro
 				return
 			}
 			stale = e
-			key = strings.Clone(key)
-			if now.Before(e.Expires.Add(p.swr)) {
-				// Stale-while-revalidate: answer now, refresh in the
-				// background (one fetch per key: it is a flight).
-				p.c.stale.Add(1)
-				rec.cache = "stale"
-				p.revalidate(r, rt, key)
-				age := int(now.Sub(e.Stored) / time.Second)
-				p.writeEntry(w, r, e, []string{"cacheproxy; hit; ttl=" + strconv.Itoa(int(e.Expires.Sub(now)/time.Second)) + "; detail=stale-while-revalidate"}, p.hdrs.age(age))
-				return
-			}
 		}
 	}
-	if stale == nil {
-		key = strings.Clone(key)
+	key = strings.Clone(key) // past a hit, flights and fetches keep the key
+	if stale != nil && now.Before(stale.Expires.Add(p.swr)) {
+		// Stale-while-revalidate: answer now, refresh in the background
+		// (one fetch per key: it is a flight).
+		p.c.stale.Add(1)
+		rec.cache = "stale"
+		p.revalidate(r, rt, key)
+		age := int(now.Sub(stale.Stored) / time.Second)
+		p.writeEntry(w, r, stale, []string{"cacheproxy; hit; ttl=" + strconv.Itoa(int(stale.Expires.Sub(now)/time.Second)) + "; detail=stale-while-revalidate"}, p.hdrs.age(age))
+		return
 	}
 	res, leader, err := p.fetchShared(r, rt, key, p.flightKey(key, noCache))
 	rec.viaUpstream = true

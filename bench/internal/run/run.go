@@ -56,37 +56,53 @@ func (p proc) Stop() {
 	os.RemoveAll(p.dir)
 }
 
+// launch builds pkg, starts it, and reads its stdout until ready accepts a
+// line (the program's start line); the rest of the output is discarded.
+func launch(pkg string, env []string, ready func(line []byte) bool, args ...string) (proc, error) {
+	pr, err := build(pkg, env, args...)
+	if err != nil {
+		return proc{}, err
+	}
+	stdout, err := pr.cmd.StdoutPipe()
+	if err == nil {
+		err = pr.cmd.Start()
+	}
+	if err != nil {
+		pr.Stop()
+		return proc{}, err
+	}
+	sc := bufio.NewScanner(stdout)
+	for sc.Scan() {
+		if ready(sc.Bytes()) {
+			go io.Copy(io.Discard, stdout)
+			return pr, nil
+		}
+	}
+	pr.Stop()
+	return proc{}, fmt.Errorf("%s did not start", pkg)
+}
+
 // Start builds ./cmd/cacheproxy and runs it with env (CACHEPROXY_*
 // settings; listeners default to free loopback ports), returning once it
 // logged its start line.
 func Start(env ...string) (*Proxy, error) {
-	pr, err := build("./cmd/cacheproxy", append([]string{"CACHEPROXY_LISTEN=127.0.0.1:0", "CACHEPROXY_ADMIN_LISTEN=127.0.0.1:0"}, env...))
+	p := &Proxy{}
+	pr, err := launch("./cmd/cacheproxy", append([]string{"CACHEPROXY_LISTEN=127.0.0.1:0", "CACHEPROXY_ADMIN_LISTEN=127.0.0.1:0"}, env...),
+		func(line []byte) bool {
+			var m struct {
+				Listen      string `json:"listen"`
+				AdminListen string `json:"admin_listen"`
+			}
+			if json.Unmarshal(line, &m) != nil || m.Listen == "" {
+				return false
+			}
+			p.Addr, p.Admin = m.Listen, m.AdminListen
+			return true
+		})
 	if err != nil {
 		return nil, err
 	}
-	p := &Proxy{proc: pr}
-	stdout, err := p.cmd.StdoutPipe()
-	if err != nil {
-		p.Stop()
-		return nil, err
-	}
-	if err := p.cmd.Start(); err != nil {
-		p.Stop()
-		return nil, err
-	}
-	sc := bufio.NewScanner(stdout)
-	for sc.Scan() {
-		var m map[string]any
-		if json.Unmarshal(sc.Bytes(), &m) == nil && m["listen"] != nil {
-			p.Addr, p.Admin = m["listen"].(string), m["admin_listen"].(string)
-			break
-		}
-	}
-	go io.Copy(io.Discard, stdout)
-	if p.Addr == "" {
-		p.Stop()
-		return nil, fmt.Errorf("cacheproxy did not start")
-	}
+	p.proc = pr
 	return p, nil
 }
 
@@ -99,29 +115,17 @@ type Upstream struct {
 }
 
 // StartUpstream builds and starts the fake upstream with the given added
-// latency.
+// latency; its first line is its address.
 func StartUpstream(latency time.Duration) (*Upstream, error) {
-	pr, err := build("./bench/upstream", nil, "-latency", latency.String())
+	u := &Upstream{}
+	pr, err := launch("./bench/upstream", nil, func(line []byte) bool {
+		u.URL = "http://" + string(line)
+		return true
+	}, "-latency", latency.String())
 	if err != nil {
 		return nil, err
 	}
-	u := &Upstream{proc: pr}
-	stdout, err := u.cmd.StdoutPipe()
-	if err != nil {
-		u.Stop()
-		return nil, err
-	}
-	if err := u.cmd.Start(); err != nil {
-		u.Stop()
-		return nil, err
-	}
-	sc := bufio.NewScanner(stdout)
-	if !sc.Scan() {
-		u.Stop()
-		return nil, fmt.Errorf("upstream did not start")
-	}
-	u.URL = "http://" + sc.Text()
-	go io.Copy(io.Discard, stdout)
+	u.proc = pr
 	return u, nil
 }
 
