@@ -25,8 +25,11 @@ import (
 	"cacheproxy/bench/internal/run"
 	"cacheproxy/internal/cache"
 	"cacheproxy/internal/config"
+	"cacheproxy/internal/invalidation"
 	"cacheproxy/internal/proxy"
+	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/twiliofake"
+	"cacheproxy/internal/wire"
 
 	"github.com/rs/zerolog"
 )
@@ -153,12 +156,15 @@ func runScenario(sc scenario, rate int, duration, latency time.Duration) (*resul
 		cfg.RateLimit.RequestsPerSecond, cfg.RateLimit.MaxConcurrent, cfg.RateLimit.MaxRetries = 1_000_000, 1_000_000, 0
 		cfg.Cache.StaleIfError = 0
 	}
-	store, err := cache.New(int64(cfg.Cache.MaxBytes), time.Hour, nil)
+	store, err := cache.New(int64(cfg.Cache.MaxBytes), nil)
 	if err != nil {
 		return nil, err
 	}
 	defer store.Close()
-	p, err := proxy.New(proxy.Options{Config: cfg, Store: store, Logger: zerolog.Nop()})
+	opts := wire.ProxyOptions(cfg)
+	opts.Store, opts.Invalidator = store, invalidation.New(wire.Retention(cfg), nil)
+	opts.Budget, opts.Logger = ratelimit.New(wire.Limiter(cfg.RateLimit), nil), zerolog.Nop()
+	p, err := proxy.New(opts)
 	if err != nil {
 		return nil, err
 	}

@@ -20,12 +20,14 @@ import (
 
 	"cacheproxy/internal/cache"
 	"cacheproxy/internal/config"
+	"cacheproxy/internal/invalidation"
 	"cacheproxy/internal/logbuf"
 	"cacheproxy/internal/proxy"
+	"cacheproxy/internal/ratelimit"
+	"cacheproxy/internal/wire"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rs/zerolog"
 )
 
@@ -126,18 +128,22 @@ func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Log
 	if os.Getenv("GOGC") == "" {
 		debug.SetGCPercent(gcPercent)
 	}
-	store, err := cache.New(int64(cfg.Cache.MaxBytes), retention(cfg), nil)
+	store, err := cache.New(int64(cfg.Cache.MaxBytes), nil)
 	if err != nil {
 		return err
 	}
 	defer store.Close()
+	limiter := ratelimit.New(wire.Limiter(cfg.RateLimit), nil)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	p, err := proxy.New(proxy.Options{Config: cfg, Store: store, Logger: accessLog, KeySecret: []byte(cfg.Cache.KeySecret), Registerer: reg})
+	opts := wire.ProxyOptions(cfg)
+	opts.Store, opts.Invalidator, opts.Budget = store, invalidation.New(wire.Retention(cfg), nil), limiter
+	opts.Logger, opts.Registerer = accessLog, reg
+	p, err := proxy.New(opts)
 	if err != nil {
 		return err
 	}
-	if cfg.Admin.PurgeToken == "" && !proxy.IsLoopback(cfg.AdminListen) {
+	if cfg.Admin.PurgeToken == "" && !isLoopback(cfg.AdminListen) {
 		logger.Warn().Str("admin_listen", cfg.AdminListen).Msg("admin_listen is not loopback and admin.purge_token is not set: /purge is disabled")
 	}
 	ln, err := net.Listen("tcp", cfg.Listen)
@@ -158,7 +164,7 @@ func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Log
 	}
 	var ready atomic.Bool
 	admin := &http.Server{
-		Handler:           adminMux(reg, &ready, p.PurgeHandler(cfg.Admin.PurgeToken, proxy.IsLoopback(cfg.AdminListen))),
+		Handler:           adminMux(reg, &ready, p.PurgeHandler(cfg.Admin.PurgeToken, isLoopback(cfg.AdminListen))),
 		ReadHeaderTimeout: 5 * time.Second,
 		IdleTimeout:       cfg.Server.IdleTimeout.D(),
 		ErrorLog:          newStdLog(logger, "admin"),
@@ -202,61 +208,11 @@ func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Log
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout.D())
 	defer cancel()
 	// The admin listener goes last: /readyz answers 503 while requests drain.
-	err = errors.Join(srv.Shutdown(sctx), p.Wait(sctx), admin.Shutdown(sctx))
+	err = errors.Join(srv.Shutdown(sctx), p.Wait(sctx), limiter.Wait(sctx), admin.Shutdown(sctx))
 	if err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	logger.Info().Msg("stopped")
-	return nil
-}
-
-// retention is the longest an entry can outlive the invalidation of its
-// scope: its lifetime plus the slowest fetch.
-func retention(cfg config.Config) time.Duration {
-	return max(cfg.Cache.TTL.D(), cfg.Cache.NegativeTTL.D()) + max(cfg.Cache.StaleIfError.D(), cfg.Cache.StaleWhileRevalidate.D()) +
-		max(cfg.Upstreams.Conversations.Timeout.D(), cfg.Upstreams.Proxy.Timeout.D()) + time.Minute
-}
-
-// adminMux serves the operator endpoints: liveness, readiness (503 once
-// shutdown begins, so the sidecar's pod leaves rotation) and metrics.
-func adminMux(reg *prometheus.Registry, ready *atomic.Bool, purge http.Handler) *http.ServeMux {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "text/plain")
-		_, _ = io.WriteString(w, "ok\n")
-	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		w.Header().Set("Content-Type", "text/plain")
-		if !ready.Load() {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			_, _ = io.WriteString(w, "shutting down\n")
-			return
-		}
-		_, _ = io.WriteString(w, "ready\n")
-	})
-	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	mux.Handle("/purge", purge)
-	return mux
-}
-
-// probe is -healthcheck: GET /healthz on the admin address, bounded.
-func probe(adminListen string) error {
-	host, port, err := net.SplitHostPort(adminListen)
-	if err != nil {
-		return fmt.Errorf("admin_listen: %w", err)
-	}
-	if host == "" || host == "0.0.0.0" || host == "::" {
-		host = "127.0.0.1"
-	}
-	c := &http.Client{Timeout: 3 * time.Second}
-	resp, err := c.Get("http://" + net.JoinHostPort(host, port) + "/healthz")
-	if err != nil {
-		return fmt.Errorf("healthcheck: %w", err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("healthcheck: /healthz answered %d", resp.StatusCode)
-	}
 	return nil
 }
 

@@ -2,23 +2,16 @@ package cache
 
 import (
 	"fmt"
-	"sync"
 	"testing"
 	"time"
+
+	"cacheproxy/internal/clock"
 )
 
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *clock) now() time.Time          { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
-func (c *clock) advance(d time.Duration) { c.mu.Lock(); c.t = c.t.Add(d); c.mu.Unlock() }
-
-func newStore(t *testing.T) (*Store, *clock) {
+func newStore(t *testing.T) (*Store, *clock.Fake) {
 	t.Helper()
-	clk := &clock{t: time.Now()}
-	s, err := New(8<<20, time.Minute, clk.now)
+	clk := clock.NewFake(time.Now())
+	s, err := New(8<<20, clk)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -26,71 +19,32 @@ func newStore(t *testing.T) (*Store, *clock) {
 	return s, clk
 }
 
-func entry(s *Store, clk *clock, key string, tags ...string) *Entry {
-	now := clk.now()
-	return &Entry{Key: key, Status: 200, Body: []byte("x"), Stored: now, Expires: now.Add(10 * time.Second), Keep: now.Add(10 * time.Second), Epoch: s.Epoch(), Tags: tags}
+func entry(clk *clock.Fake, key string, tags ...string) *Entry {
+	now := clk.Now()
+	return &Entry{Key: key, Status: 200, Body: []byte("x"), Stored: now, Expires: now.Add(10 * time.Second), Keep: now.Add(10 * time.Second), Tags: tags}
 }
 
 func TestSetGetExpire(t *testing.T) {
 	s, clk := newStore(t)
-	if !s.Set(entry(s, clk, "k", "conv:1")) {
+	if !s.Set(entry(clk, "k", "conv:1")) {
 		t.Fatal("Set refused")
 	}
 	s.Wait()
-	if _, ok := s.Get("k", clk.now()); !ok {
+	if _, ok := s.Get("k", clk.Now()); !ok {
 		t.Fatal("miss after Set")
 	}
-	clk.advance(11 * time.Second)
-	if _, ok := s.Get("k", clk.now()); ok {
+	clk.Advance(11 * time.Second)
+	if _, ok := s.Get("k", clk.Now()); ok {
 		t.Fatal("hit after Keep")
-	}
-}
-
-func TestInvalidateHidesOnlyOlderEntriesOfTheScope(t *testing.T) {
-	s, clk := newStore(t)
-	s.Set(entry(s, clk, "a", "conv:1"))
-	s.Set(entry(s, clk, "b", "conv:2"))
-	s.Wait()
-	s.Invalidate("conv:1")
-	if _, ok := s.Get("a", clk.now()); ok {
-		t.Fatal("invalidated entry still served")
-	}
-	if _, ok := s.Get("b", clk.now()); !ok {
-		t.Fatal("entry of another scope lost")
-	}
-	// Fetched after the invalidation: valid.
-	s.Set(entry(s, clk, "a", "conv:1"))
-	s.Wait()
-	if _, ok := s.Get("a", clk.now()); !ok {
-		t.Fatal("fresh entry hidden")
-	}
-}
-
-func TestSetRefusesAnEntryInvalidatedDuringItsFetch(t *testing.T) {
-	s, clk := newStore(t)
-	e := entry(s, clk, "a", "conv:1") // fetch starts
-	s.Invalidate("conv:1")            // a write lands meanwhile
-	if s.Set(e) {
-		t.Fatal("stale entry stored")
-	}
-}
-
-func TestMarksArePrunedAfterRetention(t *testing.T) {
-	s, clk := newStore(t)
-	s.Invalidate("conv:1")
-	clk.advance(2 * time.Minute)
-	s.Invalidate("conv:2")
-	if n := s.Stats().Scopes; n != 1 {
-		t.Fatalf("scopes = %d, want 1 after pruning", n)
 	}
 }
 
 func TestCollisionSafe(t *testing.T) {
 	s, clk := newStore(t)
-	e := entry(s, clk, "real-key")
+	e := entry(clk, "real-key")
 	s.c.SetWithTTL("other-key", e, 1, time.Minute) // same value under another key
 	s.Wait()
-	if _, ok := s.Get("other-key", clk.now()); ok {
+	if _, ok := s.Get("other-key", clk.Now()); ok {
 		t.Fatal("entry served under a key that is not its own")
 	}
 }
@@ -98,7 +52,7 @@ func TestCollisionSafe(t *testing.T) {
 func TestSetAfterCloseIsDropped(t *testing.T) {
 	s, clk := newStore(t)
 	s.Close()
-	if s.Set(entry(s, clk, "k")) {
+	if s.Set(entry(clk, "k")) {
 		t.Fatal("Set after Close accepted")
 	}
 	s.Del("k")
@@ -106,14 +60,14 @@ func TestSetAfterCloseIsDropped(t *testing.T) {
 }
 
 func TestStatsCountEntriesBytesAndEvictions(t *testing.T) {
-	clk := &clock{t: time.Now()}
-	s, err := New(1<<20, time.Minute, clk.now)
+	clk := clock.NewFake(time.Now())
+	s, err := New(1<<20, clk)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer s.Close()
 	for i := 0; i < 200; i++ {
-		e := entry(s, clk, string(rune('a'+i%26))+string(rune(i)))
+		e := entry(clk, string(rune('a'+i%26))+string(rune(i)))
 		e.Body = make([]byte, 20<<10)
 		s.Set(e)
 		s.Wait()
@@ -128,10 +82,10 @@ func TestSetIsVisibleWhenItReturns(t *testing.T) {
 	s, clk := newStore(t)
 	for i := 0; i < 1000; i++ {
 		key := fmt.Sprint("k", i)
-		if !s.Set(entry(s, clk, key)) {
+		if !s.Set(entry(clk, key)) {
 			continue // dropped by the admission policy: allowed
 		}
-		if _, ok := s.Get(key, clk.now()); !ok {
+		if _, ok := s.Get(key, clk.Now()); !ok {
 			t.Fatalf("entry %d accepted but not visible after Set returned", i)
 		}
 	}

@@ -2,13 +2,17 @@ package proxy
 
 import (
 	"crypto/rand"
-	"encoding/base64"
 	"encoding/hex"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"cacheproxy/internal/route"
+
+	"github.com/rs/zerolog"
 )
 
 // record collects what one request did, for its access-log line. The
@@ -16,10 +20,10 @@ import (
 // context (one typed key, checked assertion).
 type record struct {
 	start   time.Time
-	routeID int         // index into routeNames: route and upstream, for logs and metrics
+	routeID int         // index into route.Labels(): route and upstream, for logs and metrics
 	cred    *credential // nil without an Authorization header
 	keyBuf  [192]byte   // the cache key of a read, built without allocating
-	cache   string      // hit, miss, collapsed, bypass, refresh, or "" (not cacheable)
+	cache   outcome     // what the cache did (outcomeNone: not a cached route)
 	// viaUpstream is set when the answer came from (or waited on) an
 	// upstream call; only then does the line carry the upstream fields.
 	viaUpstream    bool
@@ -29,10 +33,49 @@ type record struct {
 	reqID          string    // the client's X-Request-Id, or "" and reqNum
 	reqNum         uint64
 	errMsg         string
-	rt             route
+	rt             route.Match
 }
 
 type recordKey struct{}
+
+// outcome is what the cache did for a request: a label of
+// cacheproxy_requests_total and the access line's "cache" field.
+type outcome uint8
+
+const (
+	outcomeNone outcome = iota // not a cached route
+	outcomeHit
+	outcomeMiss
+	outcomeCollapsed
+	outcomeStale
+	outcomeRefresh
+	outcomeBypass
+	numOutcomes
+)
+
+// outcomeNames are the label values, by outcome. outcomeNone's line has
+// no "cache" field.
+var outcomeNames = [numOutcomes]string{"none", "hit", "miss", "collapsed", "stale", "refresh", "bypass"}
+
+// accessLoggers returns one logger per route label and outcome, with
+// route, upstream and cache outcome encoded once.
+func accessLoggers(l zerolog.Logger) [][numOutcomes]zerolog.Logger {
+	labels := route.Labels()
+	out := make([][numOutcomes]zerolog.Logger, len(labels))
+	for i, name := range labels {
+		up, _, _ := strings.Cut(name, ".") // a route's name begins with its upstream's
+		if i == route.Unrouted() {
+			up = ""
+		}
+		for j, o := range outcomeNames {
+			if outcome(j) == outcomeNone {
+				o = ""
+			}
+			out[i][j] = l.With().Str("route", name).Str("upstream", up).Str("cache", o).Logger()
+		}
+	}
+	return out
+}
 
 // recordWriter wraps the client's ResponseWriter to learn the status and
 // byte count. Unwrap lets http.ResponseController reach Flush.
@@ -94,34 +137,6 @@ func validRequestID(s string) bool {
 	return true
 }
 
-// accountOf copies into dst the Basic-auth user when it is a Twilio account
-// or API key SID (AC… or SK… and 32 hex digits) and returns its length, else
-// 0. Only the first 48 base64 characters are decoded (the user, the colon and
-// one password byte, discarded), so the password cannot reach a log line or
-// a metric label.
-func accountOf(auth string, dst *[34]byte) int {
-	const prefix = "Basic "
-	if len(auth) < len(prefix)+48 || !strings.EqualFold(auth[:len(prefix)], prefix) {
-		return 0
-	}
-	var enc [48]byte
-	var dec [36]byte
-	copy(enc[:], auth[len(prefix):])
-	if _, err := base64.StdEncoding.Decode(dec[:], enc[:]); err != nil {
-		return 0
-	}
-	if dec[34] != ':' || (string(dec[:2]) != "AC" && string(dec[:2]) != "SK") {
-		return 0
-	}
-	for _, c := range dec[2:34] {
-		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
-			return 0
-		}
-	}
-	copy(dst[:], dec[:34])
-	return 34
-}
-
 // clockText formats the access log's "time" field (RFC 3339, seconds, as
 // zerolog's default) once per second instead of once per request.
 type clockText struct {
@@ -148,4 +163,52 @@ func (c *clockText) stamp(t time.Time) *stampText {
 	s := &stampText{sec: sec, text: text, json: []byte(`"` + text + `"`)}
 	c.cur.Store(s)
 	return s
+}
+
+// logRequest writes the access-log line. It never logs a header value.
+func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
+	p.m.requests[rec.routeID][rec.cache].Inc()
+	status := w.status
+	var ev *zerolog.Event
+	switch l := &p.access[rec.routeID][rec.cache]; {
+	case status == 0:
+		status = 499 // client went away before an answer: nothing was sent
+		ev = l.Info()
+	case status >= 500:
+		ev = l.Error()
+	case status == http.StatusTooManyRequests:
+		ev = l.Warn()
+	default:
+		ev = l.Info()
+	}
+	if ev == nil {
+		return
+	}
+	dur := p.clock.Since(rec.start)
+	ev.RawJSON("time", p.stamp.json(rec.start.Add(dur)))
+	var buf [64]byte
+	if rec.reqID != "" {
+		ev.Str("request_id", rec.reqID)
+	} else { // the prefix is hex and the counter digits: nothing to escape
+		id := append(append(buf[:0], '"'), p.ids.prefix...)
+		ev.RawJSON("request_id", append(strconv.AppendUint(id, rec.reqNum, 10), '"'))
+	}
+	ev.Str("method", r.Method).
+		Int("status", status)
+	if rec.viaUpstream {
+		// A hit, or an answer the sidecar gave itself, made no upstream
+		// call: its line has no upstream fields rather than zeros.
+		ev.Int("upstream_status", rec.upstreamStatus).
+			Int64("upstream_us", rec.upstreamDur.Microseconds()).
+			Int64("queue_wait_us", rec.calls.queueWait.Microseconds()).
+			Int("retries", rec.calls.retries).
+			Int("upstream_429s", rec.calls.tooMany)
+	}
+	ev.Int64("bytes", w.bytes).
+		Int64("duration_us", dur.Microseconds()).
+		RawJSON("account", rec.cred.accountJSON())
+	if rec.errMsg != "" {
+		ev.Str("error", rec.errMsg)
+	}
+	ev.Msg("request")
 }

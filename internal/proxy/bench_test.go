@@ -6,8 +6,6 @@ import (
 	"net/http/httptest"
 	"testing"
 
-	"cacheproxy/internal/config"
-
 	"github.com/rs/zerolog"
 )
 
@@ -25,7 +23,7 @@ func (w *discardWriter) Write(b []byte) (int, error) { return len(b), nil }
 // (credential HMAC), lookup, response headers, and the access-log line
 // (written to io.Discard, JSON still built).
 func BenchmarkHit(b *testing.B) {
-	h := newHarness(b, func(_ *config.Config, o *Options) { o.Logger = zerolog.New(io.Discard) })
+	h := newHarness(b, func(s *setup) { s.opts.Logger = zerolog.New(io.Discard) })
 	h.get(pathConv)
 	h.settle()
 	req := httptest.NewRequest("GET", pathConv, nil)
@@ -46,7 +44,7 @@ func BenchmarkHit(b *testing.B) {
 // BenchmarkHitParallel is BenchmarkHit from every P at once: what shared
 // counters, locks and cache lines cost when the cores contend.
 func BenchmarkHitParallel(b *testing.B) {
-	h := newHarness(b, func(_ *config.Config, o *Options) { o.Logger = zerolog.New(io.Discard) })
+	h := newHarness(b, func(s *setup) { s.opts.Logger = zerolog.New(io.Discard) })
 	h.get(pathConv)
 	h.settle()
 	b.ReportAllocs()

@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"cacheproxy/internal/config"
 	"cacheproxy/internal/twiliofake"
 )
 
@@ -27,7 +26,7 @@ func TestParticipantReadsAreCached(t *testing.T) {
 				t.Fatalf("first read: %d %q %s", status, cs, body1)
 			}
 			h.settle()
-			h.clk.advance(7 * time.Second)
+			h.clk.Advance(7 * time.Second)
 			resp := h.do(http.MethodGet, path, basic(acctA, tokenA))
 			status, cs, body2 := readResp(t, resp)
 			if status != 200 || cs != "cacheproxy; hit; ttl=23" || body2 != body1 {
@@ -48,7 +47,7 @@ func TestParticipantReadsAreCached(t *testing.T) {
 				t.Fatalf("HEAD: %q, upstream calls %d", cs, fake.Total())
 			}
 			// Past the TTL the entry is fetched again.
-			h.clk.advance(24 * time.Second)
+			h.clk.Advance(24 * time.Second)
 			if _, cs, _ := h.get(path); cs != "cacheproxy; fwd=uri-miss; stored" || fake.Calls("GET", path) != 2 {
 				t.Fatalf("after TTL: %q, calls %d", cs, fake.Calls("GET", path))
 			}
@@ -78,7 +77,7 @@ func TestNegativeCachingAndWhatIsNeverStored(t *testing.T) {
 	if s, cs, _ := h.get(missing); s != 404 || !strings.HasPrefix(cs, "cacheproxy; hit; ttl=") {
 		t.Fatalf("404 again: %d %q", s, cs)
 	}
-	h.clk.advance(6 * time.Second) // past negative_ttl (5s), within ttl (30s)
+	h.clk.Advance(6 * time.Second) // past negative_ttl (5s), within ttl (30s)
 	if _, cs, _ := h.get(missing); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") || h.conv.Calls("GET", missing) != 2 {
 		t.Fatalf("404 after negative TTL: %q calls %d", cs, h.conv.Calls("GET", missing))
 	}
@@ -88,6 +87,9 @@ func TestNegativeCachingAndWhatIsNeverStored(t *testing.T) {
 			path := pathV2 + fmt.Sprintf("?s=%d", status)
 			h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool {
 				if r.URL.RawQuery == fmt.Sprintf("s=%d", status) {
+					if status == http.StatusTooManyRequests {
+						w.Header().Set("Retry-After", "0") // retried at once, not on the harness's frozen clock
+					}
 					twiliofake.Error(w, status, 20000+status, "nope")
 					return true
 				}
@@ -123,7 +125,7 @@ func TestNegativeCachingAndWhatIsNeverStored(t *testing.T) {
 }
 
 func TestBodiesOverTheLimitAreServedNotStored(t *testing.T) {
-	h := newHarness(t, func(c *config.Config, _ *Options) { c.Cache.MaxEntryBytes = 100 })
+	h := newHarness(t, func(s *setup) { s.cfg.Cache.MaxEntryBytes = 100 })
 	for i := 0; i < 2; i++ {
 		s, cs, body := h.get(pathConv)
 		h.settle()
@@ -173,7 +175,7 @@ func TestQueryIsPartOfTheKey(t *testing.T) {
 }
 
 func TestMemoryIsBoundedByMaxBytes(t *testing.T) {
-	h := newHarness(t, func(c *config.Config, _ *Options) { c.Cache.MaxBytes = 1 << 20 })
+	h := newHarness(t, func(s *setup) { s.cfg.Cache.MaxBytes = 1 << 20 })
 	big := strings.Repeat("x", 20<<10)
 	for i := 0; i < 200; i++ { // 200 x 20 KiB = 4 MiB offered to a 1 MiB cache
 		sid := twiliofake.SID("MB", 5000+i)
@@ -220,7 +222,7 @@ func TestCredentialIsolation(t *testing.T) {
 // upstream holds both; each gets its own answer.
 func TestCredentialIsolationRace(t *testing.T) {
 	flights := &countingFlights{joined: make(chan string, 16)}
-	h := newHarness(t, func(_ *config.Config, o *Options) {})
+	h := newHarness(t, func(s *setup) {})
 	h.p.flights = flights
 	gate := make(chan struct{})
 	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool { <-gate; return false }
@@ -354,7 +356,7 @@ func (p panicTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 }
 
 func TestPanicInFetchIsA502(t *testing.T) {
-	h := newHarness(t, func(_ *config.Config, o *Options) { o.Transport = panicTransport{NewTransport()} })
+	h := newHarness(t, func(s *setup) { s.opts.Transport = panicTransport{NewTransport()} })
 	for i := 0; i < 3; i++ {
 		s, _, body := h.get(pathConv)
 		checkTwilioError(t, s, body, 502)

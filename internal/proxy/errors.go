@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"time"
 
 	"cacheproxy/internal/ratelimit"
 )
@@ -57,4 +58,17 @@ func statusFor(clientCtx context.Context, err error) (int, string) {
 		return 0, "client went away"
 	}
 	return http.StatusBadGateway, "upstream unreachable"
+}
+
+// fail answers an upstream failure (nothing if the client went away).
+func (p *Proxy) fail(w http.ResponseWriter, r *http.Request, err error) {
+	status, msg := statusFor(r.Context(), err)
+	if status == 0 {
+		return
+	}
+	var rej *ratelimit.RejectedError
+	if errors.As(err, &rej) {
+		w.Header().Set("Retry-After", strconv.Itoa(int(max(1, (rej.RetryAfter+time.Second-1)/time.Second))))
+	}
+	twilioError(w, status, msg)
 }

@@ -22,16 +22,16 @@ func TestUpstreamUnreachableIs502(t *testing.T) {
 
 // newHarnessWithURLs is a harness whose upstream URLs are replaced.
 func newHarnessWithURLs(t *testing.T, conv, prox string) *harness {
-	return newHarness(t, func(c *config.Config, _ *Options) {
-		c.Upstreams.Conversations.URL, c.Upstreams.Proxy.URL = conv, prox
+	return newHarness(t, func(s *setup) {
+		s.cfg.Upstreams.Conversations.URL, s.cfg.Upstreams.Proxy.URL = conv, prox
 	})
 }
 
 func TestUpstreamTimeoutIs504(t *testing.T) {
 	hang := make(chan struct{})
 	defer close(hang)
-	h := newHarness(t, func(c *config.Config, _ *Options) {
-		c.Upstreams.Conversations.Timeout = config.Duration(50 * time.Millisecond)
+	h := newHarness(t, func(s *setup) {
+		s.cfg.Upstreams.Conversations.Timeout = config.Duration(50 * time.Millisecond)
 	})
 	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool {
 		select {
@@ -47,7 +47,7 @@ func TestUpstreamTimeoutIs504(t *testing.T) {
 }
 
 func TestHugeBodyIs413(t *testing.T) {
-	h := newHarness(t, func(c *config.Config, _ *Options) { c.Server.MaxBodyBytes = 1 << 10 })
+	h := newHarness(t, func(s *setup) { s.cfg.Server.MaxBodyBytes = 1 << 10 })
 	// Known length: refused before anything is sent upstream.
 	s, _, body := readResp(t, h.doBody("POST", pathConv, basic(acctA, tokenA), strings.NewReader(strings.Repeat("a", 4<<10))))
 	checkTwilioError(t, s, body, http.StatusRequestEntityTooLarge)
@@ -111,7 +111,7 @@ func TestAccessLogLine(t *testing.T) {
 		}
 	}
 	if got[0]["cache"] != "miss" || got[1]["cache"] != "hit" || got[1]["request_id"] != "req-123" ||
-		got[0]["route"] != routeConvParticipant || got[0]["account"] != acctA || got[0]["upstream_status"] != float64(200) ||
+		got[0]["route"] != "conversations.v1.participant" || got[0]["account"] != acctA || got[0]["upstream_status"] != float64(200) ||
 		got[0]["bytes"].(float64) < 100 {
 		t.Fatalf("access log lines wrong:\n%v\n%v", got[0], got[1])
 	}
@@ -127,7 +127,7 @@ func TestAccessLogLine(t *testing.T) {
 // level, and checks that no log line holds a token or Authorization value.
 func TestNoCredentialInLogs(t *testing.T) {
 	h := newHarness(t)
-	panicky := newHarness(t, func(_ *config.Config, o *Options) { o.Transport = panicTransport{NewTransport()} })
+	panicky := newHarness(t, func(s *setup) { s.opts.Transport = panicTransport{NewTransport()} })
 	panicky.logs = h.logs
 	authA, authB, wrong := basic(acctA, tokenA), basic(acctB, tokenB), basic(acctA, "wrongSECRETwrong")
 	for _, auth := range []string{authA, authB, wrong, "Bearer " + tokenA, "Basic !!!" + tokenB} {

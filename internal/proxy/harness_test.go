@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"context"
 	"encoding/base64"
 	"encoding/json"
 	"io"
@@ -15,7 +16,11 @@ import (
 	"time"
 
 	"cacheproxy/internal/cache"
+	"cacheproxy/internal/clock"
 	"cacheproxy/internal/config"
+	"cacheproxy/internal/invalidation"
+	"cacheproxy/internal/ratelimit"
+	"cacheproxy/internal/route"
 	"cacheproxy/internal/twiliofake"
 
 	"github.com/rs/zerolog"
@@ -54,15 +59,6 @@ var (
 	pathProxy = "/v1/Services/" + ksvc + "/Sessions/" + sess1 + "/Participants/" + kp1
 	pathV2    = "/v2/Conversations/" + v2conv + "/Participants/" + v2part
 )
-
-// clock is an injected, manually advanced clock.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *clock) now() time.Time          { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
-func (c *clock) advance(d time.Duration) { c.mu.Lock(); c.t = c.t.Add(d); c.mu.Unlock() }
 
 // syncBuffer collects log lines from concurrent goroutines.
 type syncBuffer struct {
@@ -116,21 +112,33 @@ type harness struct {
 	p          *Proxy
 	srv        *httptest.Server
 	store      *cache.Store
-	clk        *clock
-	logs       *syncBuffer
-	cfg        config.Config
-	delays     chan time.Duration // retry waits the proxy asked for
+	lim        *ratelimit.Limiter
+	// clk drives the proxy, the cache and the invalidator; budgetClk the
+	// limiter when a test asks for it (budgetOnFakeClock), else the
+	// limiter runs on the real clock, where the harness's budget never
+	// makes anyone wait.
+	clk, budgetClk *clock.Fake
+	logs           *syncBuffer
+	cfg            config.Config
 }
 
-type harnessOpt func(*config.Config, *Options)
+// setup is what a harness option may change before the proxy is built.
+type setup struct {
+	cfg               config.Config
+	opts              Options
+	budgetOnFakeClock bool
+}
+
+type harnessOpt func(*setup)
 
 // newHarness starts two fake upstreams (Conversations and Proxy), seeds
 // them, and puts a Proxy in front in a test server.
 func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 	t.Helper()
 	accounts := map[string]string{acctA: tokenA, acctB: tokenB}
+	start := time.Now()
 	h := &harness{t: t, conv: twiliofake.New(accounts), prox: twiliofake.New(accounts),
-		clk: &clock{t: time.Now()}, logs: &syncBuffer{}, delays: make(chan time.Duration, 100)}
+		clk: clock.NewFake(start), budgetClk: clock.NewFake(start), logs: &syncBuffer{}}
 	h.conv.AddConversation(conv1, "support-room", "")
 	h.conv.AddParticipant(conv1, twiliofake.Participant{Sid: member1, Identity: "alice@example.com", Attributes: `{"v":0}`})
 	h.conv.AddConversation(conv2, "", isvc)
@@ -144,32 +152,39 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 	t.Cleanup(h.convSrv.Close)
 	t.Cleanup(h.proxSrv.Close)
 
-	cfg := config.Default()
-	cfg.Upstreams.Conversations.URL = h.convSrv.URL
-	cfg.Upstreams.Proxy.URL = h.proxSrv.URL
+	s := &setup{cfg: config.Default()}
+	s.cfg.Upstreams.Conversations.URL = h.convSrv.URL
+	s.cfg.Upstreams.Proxy.URL = h.proxSrv.URL
 	// Pacing is tested on its own; elsewhere it must not slow tests down.
-	cfg.RateLimit.RequestsPerSecond, cfg.RateLimit.MaxConcurrent = 1_000_000, 10_000
-	o := Options{Now: h.clk.now, Logger: zerolog.New(h.logs).Level(zerolog.DebugLevel), KeySecret: []byte("test-secret"),
-		// Retry waits end at once; the test reads what was asked for.
-		After: func(d time.Duration) <-chan time.Time {
-			select {
-			case h.delays <- d:
-			default:
-			}
-			ch := make(chan time.Time, 1)
-			ch <- time.Time{}
-			return ch
-		}}
+	s.cfg.RateLimit.RequestsPerSecond, s.cfg.RateLimit.MaxConcurrent = 1_000_000, 10_000
+	s.opts = Options{Clock: h.clk, Logger: zerolog.New(h.logs).Level(zerolog.DebugLevel), KeySecret: []byte("test-secret")}
 	for _, opt := range opts {
-		opt(&cfg, &o)
+		opt(s)
 	}
-	h.cfg = cfg
-	store, err := cache.New(int64(cfg.Cache.MaxBytes), time.Hour, h.clk.now)
+	h.cfg = s.cfg
+	store, err := cache.New(int64(s.cfg.Cache.MaxBytes), h.clk)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(store.Close)
-	o.Config, o.Store = cfg, store
+	var budgetClock clock.Clock = clock.Real{}
+	if s.budgetOnFakeClock {
+		budgetClock = h.budgetClk
+		// Let the limiter's dispatchers reach their last slot and exit.
+		t.Cleanup(func() { h.budgetClk.Advance(time.Hour) })
+	}
+	h.lim = ratelimit.New(limiterConfig(s.cfg.RateLimit), budgetClock)
+	o := s.opts
+	o.Upstreams = [route.NumUpstreams]Upstream{
+		route.Conversations: upstreamOptions(s.cfg.Upstreams.Conversations),
+		route.Proxy:         upstreamOptions(s.cfg.Upstreams.Proxy),
+	}
+	o.Store, o.Invalidator, o.Budget = store, invalidation.New(time.Hour, h.clk), h.lim
+	c := s.cfg
+	o.Freshness = Freshness{TTL: c.Cache.TTL.D(), NegativeTTL: c.Cache.NegativeTTL.D(), StaleIfError: c.Cache.StaleIfError.D(),
+		StaleWhileRevalidate: c.Cache.StaleWhileRevalidate.D(), MaxEntryBytes: int64(c.Cache.MaxEntryBytes)}
+	o.Retry = Retry{Max: c.RateLimit.MaxRetries, Base: c.RateLimit.BackoffBase.D(), Cap: c.RateLimit.BackoffMax.D(), ReplayBytes: int64(c.RateLimit.ReplayBytes)}
+	o.MaxBodyBytes = int64(c.Server.MaxBodyBytes)
 	p, err := New(o)
 	if err != nil {
 		t.Fatal(err)
@@ -178,6 +193,23 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 	h.srv = httptest.NewServer(p)
 	t.Cleanup(h.srv.Close)
 	return h
+}
+
+func limiterConfig(rl config.RateLimit) ratelimit.Config {
+	return ratelimit.Config{Rate: float64(rl.RequestsPerSecond), MaxConcurrent: rl.MaxConcurrent, MaxWait: rl.MaxWait.D(), Recover: rl.Recover.D()}
+}
+
+func upstreamOptions(u config.Upstream) Upstream {
+	return Upstream{URL: u.URL, Hosts: u.Hosts, Timeout: u.Timeout.D()}
+}
+
+// wait is what shutdown waits for: detached fetches, then the limiter's
+// dispatchers.
+func (h *harness) wait(ctx context.Context) error {
+	if err := h.p.Wait(ctx); err != nil {
+		return err
+	}
+	return h.lim.Wait(ctx)
 }
 
 // do sends a request to the proxy with the sidecar's own Host.
@@ -205,6 +237,44 @@ func (h *harness) doBody(method, path, auth string, body io.Reader, hdr ...strin
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		h.t.Fatal(err)
+	}
+	return resp
+}
+
+// goDo sends a request from another goroutine, for a test that must move a
+// clock while the request waits. The channel yields the response, or nil
+// if the request failed.
+func (h *harness) goDo(method, path, auth string) <-chan *http.Response {
+	h.t.Helper()
+	req, err := http.NewRequest(method, h.srv.URL+path, nil)
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	req.Header.Set("Authorization", auth)
+	ch := make(chan *http.Response, 1)
+	go func() {
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			resp = nil
+		}
+		ch <- resp
+	}()
+	return ch
+}
+
+// waitedOut sends a request that queues for its account's turn, lets
+// ratelimit.max_wait pass on the budget's fake clock (budgetOnFakeClock),
+// and returns the answer.
+func (h *harness) waitedOut(method, path, auth string) *http.Response {
+	h.t.Helper()
+	maxWait := h.cfg.RateLimit.MaxWait.D()
+	queued := h.budgetClk.ExpectAsked(maxWait)
+	answer := h.goDo(method, path, auth)
+	queued()
+	h.budgetClk.Advance(maxWait)
+	resp := <-answer
+	if resp == nil {
+		h.t.Fatal("request failed")
 	}
 	return resp
 }

@@ -16,11 +16,13 @@ import (
 	"go.uber.org/goleak"
 )
 
-// tightBudget: 1 call per second, a 1 ms wait bound. The first call takes
-// the second's only slot at once; any other call in that second is refused.
-func tightBudget(c *config.Config, _ *Options) {
-	c.RateLimit.RequestsPerSecond, c.RateLimit.MaxWait = 1, config.Duration(time.Millisecond)
-	c.RateLimit.MaxConcurrent = 100
+// tightBudget: 1 call per second, a 1 ms wait bound, on the budget's fake
+// clock. The first call takes the second's only slot at once; any other
+// call in that second is refused once its 1 ms has passed (waitedOut).
+func tightBudget(s *setup) {
+	s.budgetOnFakeClock = true
+	s.cfg.RateLimit.RequestsPerSecond, s.cfg.RateLimit.MaxWait = 1, config.Duration(time.Millisecond)
+	s.cfg.RateLimit.MaxConcurrent = 100
 }
 
 func check429(t *testing.T, resp *http.Response) {
@@ -64,8 +66,8 @@ func TestHitsAndCoalescedGroupsCostNoExtraSlots(t *testing.T) {
 			t.Fatalf("hit %d: %q", i, cs)
 		}
 	}
-	// The budget is spent: the next cold read is refused at once.
-	check429(t, h.do("GET", pathV2, basic(acctA, tokenA)))
+	// The budget is spent: the next cold read is refused.
+	check429(t, h.waitedOut("GET", pathV2, basic(acctA, tokenA)))
 	// Another account has its own budget.
 	if s, _, _ := readResp(t, h.do("GET", pathV2, basic(acctB, tokenB))); s != 200 {
 		t.Fatalf("account B: %d", s)
@@ -78,8 +80,8 @@ func TestHitsAndCoalescedGroupsCostNoExtraSlots(t *testing.T) {
 func TestWritesCountAgainstTheSameBudget(t *testing.T) {
 	h := newHarness(t, tightBudget)
 	h.update("POST", pathConv, "x") // as account B: takes B's slot
-	check429(t, h.do("GET", pathConv, basic(acctB, tokenB)))
-	check429(t, h.do("DELETE", pathConv, basic(acctB, tokenB)))
+	check429(t, h.waitedOut("GET", pathConv, basic(acctB, tokenB)))
+	check429(t, h.waitedOut("DELETE", pathConv, basic(acctB, tokenB)))
 	if h.conv.Total() != 1 {
 		t.Fatalf("upstream calls = %d, want 1", h.conv.Total())
 	}
@@ -102,19 +104,22 @@ func tooMany(f *twiliofake.Fake, n int, retryAfter string) *atomic.Int64 {
 }
 
 func TestUpstream429IsRetried(t *testing.T) {
-	h := newHarness(t, func(c *config.Config, _ *Options) { c.RateLimit.RequestsPerSecond = 40 })
+	h := newHarness(t, func(s *setup) { s.cfg.RateLimit.RequestsPerSecond = 40 })
 	seen := tooMany(h.conv, 2, "")
-	s, _, body := h.get(pathConv)
+	answer := h.goDo("GET", pathConv, basic(acctA, tokenA))
+	// Full jitter: attempt k waits at most backoff_base * 2^k.
+	for k, limit := range []time.Duration{200 * time.Millisecond, 400 * time.Millisecond} {
+		d := h.clk.WaitAsked(k + 1)[k]
+		if d < 0 || d > limit {
+			t.Fatalf("retry %d waited %s, want within [0, %s]", k, d, limit)
+		}
+		h.clk.Advance(d)
+	}
+	s, _, body := readResp(t, <-answer)
 	if s != 200 || !strings.Contains(body, member1) || seen.Load() != 3 {
 		t.Fatalf("read through two 429s: %d after %d calls", s, seen.Load())
 	}
-	// Full jitter: attempt k waits at most backoff_base * 2^k.
-	for k, limit := range []time.Duration{200 * time.Millisecond, 400 * time.Millisecond} {
-		if d := <-h.delays; d < 0 || d > limit {
-			t.Fatalf("retry %d waited %s, want within [0, %s]", k, d, limit)
-		}
-	}
-	if rate := h.p.lim.Rate(acctA); rate >= 40 {
+	if rate := h.lim.Rate(acctA); rate >= 40 {
 		t.Fatalf("account not slowed down after 429s: %v/s", rate)
 	}
 	var line map[string]any
@@ -131,11 +136,13 @@ func TestUpstream429IsRetried(t *testing.T) {
 func TestRetryAfterIsHonoured(t *testing.T) {
 	h := newHarness(t)
 	tooMany(h.conv, 1, "3")
-	if s, _, _ := h.get(pathConv); s != 200 {
-		t.Fatalf("status %d", s)
-	}
-	if d := <-h.delays; d != 3*time.Second {
+	answer := h.goDo("GET", pathConv, basic(acctA, tokenA))
+	if d := h.clk.WaitAsked(1)[0]; d != 3*time.Second {
 		t.Fatalf("waited %s, want the upstream's Retry-After of 3s", d)
+	}
+	h.clk.Advance(3 * time.Second)
+	if s, _, _ := readResp(t, <-answer); s != 200 {
+		t.Fatalf("status %d", s)
 	}
 	// A Retry-After beyond the request's remaining budget: no retry, the
 	// client gets the 429 (not stored).
@@ -147,7 +154,7 @@ func TestRetryAfterIsHonoured(t *testing.T) {
 }
 
 func TestRetriesGiveUpAfterMaxRetries(t *testing.T) {
-	h := newHarness(t, func(c *config.Config, _ *Options) { c.RateLimit.MaxRetries = 2 })
+	h := newHarness(t, func(s *setup) { s.cfg.RateLimit.MaxRetries = 2 })
 	seen := tooMany(h.conv, 100, "0")
 	if s, _, _ := h.get(pathConv); s != 429 || seen.Load() != 3 {
 		t.Fatalf("status %d after %d calls, want 429 after 3", s, seen.Load())
@@ -155,7 +162,7 @@ func TestRetriesGiveUpAfterMaxRetries(t *testing.T) {
 }
 
 func TestWritesAreRetriedOnlyWhenReplayable(t *testing.T) {
-	h := newHarness(t, func(c *config.Config, _ *Options) { c.RateLimit.ReplayBytes = 1 << 10 })
+	h := newHarness(t, func(s *setup) { s.cfg.RateLimit.ReplayBytes = 1 << 10 })
 	seen := tooMany(h.conv, 1, "0")
 	small := "Attributes=" + strings.Repeat("s", 100)
 	s, _, body := readResp(t, h.doBody("POST", "/v1/Conversations/"+conv1+"/Messages", basic(acctA, tokenA), strings.NewReader(small), "Content-Type", "application/x-www-form-urlencoded"))
@@ -186,19 +193,19 @@ func TestStaleIfError(t *testing.T) {
 		{"upstream gone", func(h *harness) { h.convSrv.CloseClientConnections(); h.convSrv.Close() }, "cacheproxy; fwd=stale"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			h := newHarness(t, func(c *config.Config, _ *Options) {
-				c.Cache.StaleIfError = config.Duration(time.Minute)
-				c.RateLimit.MaxRetries = 1
+			h := newHarness(t, func(s *setup) {
+				s.cfg.Cache.StaleIfError = config.Duration(time.Minute)
+				s.cfg.RateLimit.MaxRetries = 1
 			})
 			_, _, fresh := h.get(pathConv)
 			h.settle()
 			tc.fail(h)
-			h.clk.advance(45 * time.Second) // expired (ttl 30s), inside stale_if_error
+			h.clk.Advance(45 * time.Second) // expired (ttl 30s), inside stale_if_error
 			s, cs, body := h.get(pathConv)
 			if s != 200 || cs != tc.cache || body != fresh {
 				t.Fatalf("stale answer: %d %q", s, cs)
 			}
-			h.clk.advance(time.Minute) // past the stale window: the error shows
+			h.clk.Advance(time.Minute) // past the stale window: the error shows
 			if s, _, _ := h.get(pathConv); s == 200 {
 				t.Fatalf("served stale past stale_if_error")
 			}
@@ -207,15 +214,15 @@ func TestStaleIfError(t *testing.T) {
 }
 
 func TestStaleWhileRevalidate(t *testing.T) {
-	h := newHarness(t, func(c *config.Config, _ *Options) {
-		c.Cache.StaleWhileRevalidate = config.Duration(time.Minute)
+	h := newHarness(t, func(s *setup) {
+		s.cfg.Cache.StaleWhileRevalidate = config.Duration(time.Minute)
 	})
 	h.get(pathConv)
 	h.settle()
 	h.conv.SetAttributes(conv1, member1, "refreshed")
 	gate := make(chan struct{})
 	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool { <-gate; return false }
-	h.clk.advance(40 * time.Second)
+	h.clk.Advance(40 * time.Second)
 	for i := 0; i < 10; i++ { // answered at once, while the refresh is held
 		s, cs, body := h.get(pathConv)
 		if s != 200 || !strings.HasSuffix(cs, "detail=stale-while-revalidate") || strings.Contains(body, "refreshed") {
@@ -277,8 +284,8 @@ func TestQueuedClientsThatLeaveLeakNothing(t *testing.T) {
 			goleak.IgnoreTopFunction("net/http.(*persistConn).writeLoop"),
 			goleak.IgnoreTopFunction("internal/poll.runtime_pollWait"))
 	})
-	h := newHarness(t, func(c *config.Config, _ *Options) {
-		c.RateLimit.RequestsPerSecond, c.RateLimit.MaxWait = 1, config.Duration(10*time.Second)
+	h := newHarness(t, func(s *setup) {
+		s.cfg.RateLimit.RequestsPerSecond, s.cfg.RateLimit.MaxWait = 1, config.Duration(10*time.Second)
 	})
 	if s, _, _ := h.get(pathConv); s != 200 { // takes this second's slot
 		t.Fatalf("first read: %d", s)
@@ -297,7 +304,7 @@ func TestQueuedClientsThatLeaveLeakNothing(t *testing.T) {
 	}
 	// The dispatcher sleeps to its next slot (1 s at most here), finds the
 	// queue empty and exits.
-	if err := h.p.Wait(t.Context()); err != nil {
+	if err := h.wait(t.Context()); err != nil {
 		t.Fatal(err)
 	}
 	if h.conv.Total() != 1 {
@@ -306,13 +313,13 @@ func TestQueuedClientsThatLeaveLeakNothing(t *testing.T) {
 }
 
 func TestStaleWhenTheBudgetIsSpent(t *testing.T) {
-	h := newHarness(t, tightBudget, func(c *config.Config, _ *Options) {
-		c.Cache.StaleIfError = config.Duration(time.Minute)
+	h := newHarness(t, tightBudget, func(s *setup) {
+		s.cfg.Cache.StaleIfError = config.Duration(time.Minute)
 	})
 	_, _, fresh := h.get(pathConv) // spends this second's only slot
 	h.settle()
-	h.clk.advance(45 * time.Second) // the entry expires; the limiter's second has not
-	s, cs, body := h.get(pathConv)
+	h.clk.Advance(45 * time.Second) // the entry expires; the limiter's second has not
+	s, cs, body := readResp(t, h.waitedOut("GET", pathConv, basic(acctA, tokenA)))
 	if s != 200 || cs != "cacheproxy; fwd=stale" || body != fresh {
 		t.Fatalf("with the budget spent: %d %q", s, cs)
 	}

@@ -2,40 +2,27 @@ package proxy
 
 import (
 	"strconv"
+	"sync/atomic"
 	"time"
 
+	"cacheproxy/internal/cache"
+	"cacheproxy/internal/route"
+
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
 )
 
-// Route and cache-outcome label values, in index order.
-var (
-	routeNames = [...]string{routeConvParticipant, routeConvSvcParticipant, routeConv2Participant, routeProxyParticipant,
-		"conversations.other", "proxy.other", "unrouted"}
-	outcomeNames = [...]string{"none", "hit", "miss", "collapsed", "stale", "refresh", "bypass"}
-)
-
-func routeIndex(name string) int {
-	for i, n := range routeNames {
-		if n == name {
-			return i
-		}
-	}
-	return len(routeNames) - 1
-}
-
-func outcomeIndex(cache string) int {
-	for i, n := range outcomeNames[1:] {
-		if n == cache {
-			return i + 1
-		}
-	}
-	return 0
+// counters are the process-wide totals behind the summary line.
+type counters struct {
+	hits, misses, collapsed, stale, passthrough     atomic.Int64
+	upstreamCalls, upstream429, rejections, retries atomic.Int64
+	queueWaitNanos                                  atomic.Int64
 }
 
 // metrics are the proxy's Prometheus series. Counters the summary line
 // also needs live in counters and are read at scrape time.
 type metrics struct {
-	requests  [len(routeNames)][len(outcomeNames)]prometheus.Counter
+	requests  [][numOutcomes]prometheus.Counter // by route label and outcome
 	upstream  *prometheus.CounterVec
 	latency   *prometheus.HistogramVec
 	queueWait prometheus.Histogram
@@ -58,7 +45,8 @@ func newMetrics(reg prometheus.Registerer, p *Proxy) *metrics {
 	requests := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "cacheproxy_requests_total", Help: "Client requests by route and cache outcome.",
 	}, []string{"route", "cache"})
-	for i, r := range routeNames {
+	m.requests = make([][numOutcomes]prometheus.Counter, len(route.Labels()))
+	for i, r := range route.Labels() {
 		for j, o := range outcomeNames {
 			m.requests[i][j] = requests.WithLabelValues(r, o)
 		}
@@ -92,4 +80,51 @@ func (m *metrics) observeUpstream(upstream string, status int, d time.Duration) 
 	if status > 0 {
 		m.latency.WithLabelValues(upstream).Observe(d.Seconds())
 	}
+}
+
+// Summary is the totals since the process started.
+type Summary struct {
+	Hits, Misses, Collapsed, Stale, Passthrough     int64
+	UpstreamCalls, Upstream429, Rejections, Retries int64
+	QueueWait                                       time.Duration
+	Cache                                           cache.Stats
+}
+
+// Summary reports the proxy's totals (it walks the cache: not for the
+// request path).
+func (p *Proxy) Summary() Summary {
+	return Summary{
+		Hits: p.c.hits.Load(), Misses: p.c.misses.Load(), Collapsed: p.c.collapsed.Load(),
+		Stale: p.c.stale.Load(), Passthrough: p.c.passthrough.Load(),
+		UpstreamCalls: p.c.upstreamCalls.Load(), Upstream429: p.c.upstream429.Load(),
+		Rejections: p.c.rejections.Load(), Retries: p.c.retries.Load(),
+		QueueWait: time.Duration(p.c.queueWaitNanos.Load()),
+		Cache:     p.store.Stats(),
+	}
+}
+
+// LogSummary writes the periodic summary line: what happened since prev
+// (the previous call's result), and the cache's state now.
+func (p *Proxy) LogSummary(prev Summary) Summary {
+	s := p.Summary()
+	reads := (s.Hits - prev.Hits) + (s.Misses - prev.Misses) + (s.Collapsed - prev.Collapsed) + (s.Stale - prev.Stale)
+	ratio := 0.0
+	if reads > 0 {
+		ratio = float64(s.Hits-prev.Hits) / float64(reads)
+	}
+	// Summaries are never sampled or filtered below warn: they carry 429s.
+	p.log.WithLevel(zerolog.NoLevel).Str("time", p.stamp.format(p.clock.Now())).
+		Float64("hit_ratio", ratio).
+		Int64("hits", s.Hits-prev.Hits).Int64("misses", s.Misses-prev.Misses).
+		Int64("collapsed", s.Collapsed-prev.Collapsed).Int64("stale", s.Stale-prev.Stale).
+		Int64("passthrough", s.Passthrough-prev.Passthrough).
+		Int64("upstream_calls", s.UpstreamCalls-prev.UpstreamCalls).
+		Int64("upstream_429s", s.Upstream429-prev.Upstream429).
+		Int64("rejections", s.Rejections-prev.Rejections).
+		Int64("retries", s.Retries-prev.Retries).
+		Int64("queue_wait_us", (s.QueueWait-prev.QueueWait).Microseconds()).
+		Int64("entries", s.Cache.Entries).Int64("bytes", s.Cache.Bytes).
+		Uint64("evictions", s.Cache.Evictions).
+		Msg("summary")
+	return s
 }

@@ -3,10 +3,11 @@ package proxy
 import (
 	"crypto/subtle"
 	"encoding/json"
-	"net"
 	"net/http"
 	"net/url"
 	"strings"
+
+	"cacheproxy/internal/route"
 )
 
 // PurgeHandler serves POST /purge on the admin listener:
@@ -46,43 +47,27 @@ func (p *Proxy) PurgeHandler(token string, adminLoopback bool) http.Handler {
 				twilioError(w, http.StatusBadRequest, "path must be an absolute path")
 				return
 			}
-			rt, rerr := p.resolve(&http.Request{Method: http.MethodGet, URL: &url.URL{Path: u.Path}, Host: "cacheproxy.purge"})
+			m, rerr := p.router.Resolve(http.MethodGet, "cacheproxy.purge", "", u.Path, u.RawPath)
 			if rerr != nil {
-				twilioError(w, rerr.status, rerr.msg)
+				twilioError(w, rerr.Status, rerr.Msg)
 				return
 			}
-			if !rt.cacheable {
-				twilioError(w, http.StatusBadRequest, "not a cached route: "+rt.path)
+			if !m.Cacheable() {
+				twilioError(w, http.StatusBadRequest, "not a cached route: "+m.Path)
 				return
 			}
-			tags = []string{pathTag(rt.up.name, rt.path)}
+			tags = []string{route.PathTag(m.Upstream, m.Path)}
 		case q.Get("conversation") != "":
-			tags = []string{scopeTag(conversations, "conv", q.Get("conversation"))}
+			tags = []string{route.ConversationTag(q.Get("conversation"))}
 		case q.Get("session") != "":
-			tags = []string{scopeTag(proxyAPI, "sess", q.Get("session"))}
+			tags = []string{route.SessionTag(q.Get("session"))}
 		default:
 			twilioError(w, http.StatusBadRequest, "give one of path, conversation or session")
 			return
 		}
-		epoch := p.store.Invalidate(tags...)
+		epoch := p.inv.Invalidate(r.Context(), tags)
 		p.log.Info().Strs("scopes", tags).Uint64("epoch", epoch).Msg("purge")
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(map[string]any{"purged": tags, "epoch": epoch})
 	})
-}
-
-// pathTag is the scope of one cached path, for every credential and query.
-func pathTag(up, path string) string { return up + "|path:" + path }
-
-// IsLoopback reports whether a listen address only accepts local clients.
-func IsLoopback(addr string) bool {
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return false
-	}
-	if host == "localhost" {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
 }

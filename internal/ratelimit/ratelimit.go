@@ -19,18 +19,11 @@ import (
 	"sync"
 	"time"
 
+	"cacheproxy/internal/clock"
 	"cacheproxy/internal/inflight"
 
 	"go.uber.org/ratelimit"
 )
-
-// Clock is the limiter's time source: github.com/benbjohnson/clock's real
-// and mock clocks satisfy it (tests advance time instead of sleeping).
-type Clock interface {
-	Now() time.Time
-	Sleep(d time.Duration)
-	After(d time.Duration) <-chan time.Time
-}
 
 // Config sets the per-account budget.
 type Config struct {
@@ -61,7 +54,7 @@ func (e *RejectedError) Error() string {
 // Limiter holds one budget per account.
 type Limiter struct {
 	cfg   Config
-	clock Clock
+	clock clock.Clock
 
 	mu        sync.Mutex
 	accounts  map[string]*account
@@ -87,18 +80,15 @@ type waiter struct {
 	gone    bool          // left before being granted (guarded by Limiter.mu)
 }
 
-// New returns a Limiter. clock may be nil for the real clock.
-func New(cfg Config, clock Clock) *Limiter {
-	if clock == nil {
-		clock = realClock{}
-	}
+// New returns a Limiter on clk (the real clock if nil).
+func New(cfg Config, clk clock.Clock) *Limiter {
 	if cfg.Recover <= 0 {
 		cfg.Recover = 30 * time.Second
 	}
 	if cfg.MinRate <= 0 {
 		cfg.MinRate = 1
 	}
-	return &Limiter{cfg: cfg, clock: clock, accounts: map[string]*account{}}
+	return &Limiter{cfg: cfg, clock: clock.Or(clk), accounts: map[string]*account{}}
 }
 
 // Acquire waits for a turn to call upstream for account. On success it
@@ -259,9 +249,24 @@ func (l *Limiter) Accounts() int {
 	return len(l.accounts)
 }
 
-// Penalize cuts an account's rate in half (to at least MinRate) after an
-// upstream 429; it climbs back linearly over Recover.
-func (l *Limiter) Penalize(acct string) {
+// Outcome is what the upstream answered a call, as far as the budget cares.
+type Outcome uint8
+
+const (
+	// Served is any answer that says nothing about the budget.
+	Served Outcome = iota
+	// Throttled is the upstream's 429 (Twilio's 20429): the account sent
+	// more than Twilio allows.
+	Throttled
+)
+
+// Report tells the budget how an account's call went. Throttled cuts the
+// account's rate in half (to at least MinRate); it climbs back linearly
+// over Recover.
+func (l *Limiter) Report(acct string, o Outcome) {
+	if o != Throttled {
+		return
+	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	a := l.accounts[acct]
@@ -309,9 +314,3 @@ func (l *Limiter) limiterLocked(a *account, now time.Time) ratelimit.Limiter {
 }
 
 func perSlot(rate float64) time.Duration { return time.Duration(float64(time.Second) / rate) }
-
-type realClock struct{}
-
-func (realClock) Now() time.Time                         { return time.Now() }
-func (realClock) Sleep(d time.Duration)                  { time.Sleep(d) }
-func (realClock) After(d time.Duration) <-chan time.Time { return time.After(d) }

@@ -4,87 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
 	"testing"
 	"time"
+
+	"cacheproxy/internal/clock"
 
 	"go.uber.org/goleak"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
-
-// fakeClock is advanced by the test; pending reports how many sleepers and
-// timers wait on it, so a test knows when to advance.
-type fakeClock struct {
-	mu         sync.Mutex
-	now        time.Time
-	timers     []fakeTimer
-	registered int           // timers and sleeps ever registered
-	changed    chan struct{} // closed and replaced on every registration
-}
-
-type fakeTimer struct {
-	at time.Time
-	ch chan time.Time
-}
-
-func newFakeClock() *fakeClock {
-	return &fakeClock{now: time.Unix(1_700_000_000, 0), changed: make(chan struct{})}
-}
-
-func (c *fakeClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
-
-func (c *fakeClock) After(d time.Duration) <-chan time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	ch := make(chan time.Time, 1)
-	if d <= 0 {
-		ch <- c.now
-		return ch
-	}
-	c.timers = append(c.timers, fakeTimer{c.now.Add(d), ch})
-	c.registered++
-	close(c.changed)
-	c.changed = make(chan struct{})
-	return ch
-}
-
-func (c *fakeClock) Sleep(d time.Duration) { <-c.After(d) }
-
-// Advance moves time on and fires what is due.
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.now = c.now.Add(d)
-	kept := c.timers[:0]
-	for _, t := range c.timers {
-		if !t.at.After(c.now) {
-			t.ch <- c.now
-		} else {
-			kept = append(kept, t)
-		}
-	}
-	c.timers = kept
-}
-
-// expect returns a function that blocks until n timers or sleeps have been
-// registered after this call: the test then knows who waits on the clock.
-func (c *fakeClock) expect(n int) func() {
-	c.mu.Lock()
-	target := c.registered + n
-	c.mu.Unlock()
-	return func() {
-		for {
-			c.mu.Lock()
-			got, changed := c.registered, c.changed
-			c.mu.Unlock()
-			if got >= target {
-				return
-			}
-			<-changed
-		}
-	}
-}
 
 type result struct {
 	release func()
@@ -93,7 +21,7 @@ type result struct {
 	at      time.Time
 }
 
-func acquire(l *Limiter, clk *fakeClock, ctx context.Context, acct string) <-chan result {
+func acquire(l *Limiter, clk *clock.Fake, ctx context.Context, acct string) <-chan result {
 	ch := make(chan result, 1)
 	go func() {
 		rel, w, err := l.Acquire(ctx, acct)
@@ -103,7 +31,7 @@ func acquire(l *Limiter, clk *fakeClock, ctx context.Context, acct string) <-cha
 }
 
 func TestPacesCallsPerAccount(t *testing.T) {
-	clk := newFakeClock()
+	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
 	l := New(Config{Rate: 10, MaxWait: 10 * time.Second}, clk)
 	first := <-acquire(l, clk, context.Background(), "AC1")
 	if first.err != nil || first.waited != 0 {
@@ -112,7 +40,7 @@ func TestPacesCallsPerAccount(t *testing.T) {
 	first.release()
 	var got []result
 	for i := 0; i < 3; i++ {
-		wait := clk.expect(2) // the waiter's max-wait timer and the dispatcher's sleep
+		wait := clk.Expect(2) // the waiter's max-wait timer and the dispatcher's sleep
 		ch := acquire(l, clk, context.Background(), "AC1")
 		wait()
 		select {
@@ -143,15 +71,15 @@ func TestPacesCallsPerAccount(t *testing.T) {
 }
 
 func TestWaitingIsBounded(t *testing.T) {
-	clk := newFakeClock()
+	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
 	l := New(Config{Rate: 1, MaxWait: 2500 * time.Millisecond}, clk)
 	r := <-acquire(l, clk, context.Background(), "AC1")
 	r.release()
 	// Rate 1/s, max wait 2.5s: two may queue; the third is refused at once.
-	wait := clk.expect(2) // a's max-wait timer, the dispatcher's sleep
+	wait := clk.Expect(2) // a's max-wait timer, the dispatcher's sleep
 	a := acquire(l, clk, context.Background(), "AC1")
 	wait()
-	wait = clk.expect(1) // b's max-wait timer: b queues behind a
+	wait = clk.Expect(1) // b's max-wait timer: b queues behind a
 	b := acquire(l, clk, context.Background(), "AC1")
 	wait()
 	_, _, err := l.Acquire(context.Background(), "AC1")
@@ -159,14 +87,14 @@ func TestWaitingIsBounded(t *testing.T) {
 	if !errors.As(err, &rej) || rej.RetryAfter != 3*time.Second {
 		t.Fatalf("third waiter: %v, want rejection with RetryAfter 3s", err)
 	}
-	wait = clk.expect(1) // the dispatcher's sleep for b
+	wait = clk.Expect(1) // the dispatcher's sleep for b
 	clk.Advance(time.Second)
 	if r := <-a; r.err != nil || r.waited != time.Second {
 		t.Fatalf("first queued: %+v", r)
 	} else {
 		r.release()
 	}
-	l.Penalize("AC1") // 1/s is the floor: a cut cannot slow it further
+	l.Report("AC1", Throttled) // 1/s is the floor: a cut cannot slow it further
 	if l.Rate("AC1") != 1 {
 		t.Fatalf("rate below the floor: %v", l.Rate("AC1"))
 	}
@@ -181,10 +109,10 @@ func TestWaitingIsBounded(t *testing.T) {
 }
 
 func TestMaxWaitRejects(t *testing.T) {
-	clk := newFakeClock()
+	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
 	l := New(Config{Rate: 1, MaxConcurrent: 1, MaxWait: time.Second}, clk)
 	held := <-acquire(l, clk, context.Background(), "AC1") // holds the only call slot
-	wait := clk.expect(1)
+	wait := clk.Expect(1)
 	ch := acquire(l, clk, context.Background(), "AC1")
 	wait()
 	clk.Advance(time.Second)
@@ -198,12 +126,12 @@ func TestMaxWaitRejects(t *testing.T) {
 }
 
 func TestClientThatLeavesFreesItsPlace(t *testing.T) {
-	clk := newFakeClock()
+	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
 	l := New(Config{Rate: 1, MaxWait: 1500 * time.Millisecond}, clk)
 	r := <-acquire(l, clk, context.Background(), "AC1")
 	r.release()
 	ctx, cancel := context.WithCancel(context.Background())
-	wait := clk.expect(2)
+	wait := clk.Expect(2)
 	leaving := acquire(l, clk, ctx, "AC1") // fills the queue (bound 1)
 	wait()
 	if _, _, err := l.Acquire(context.Background(), "AC1"); err == nil {
@@ -214,7 +142,7 @@ func TestClientThatLeavesFreesItsPlace(t *testing.T) {
 		t.Fatalf("leaving waiter: %v", r.err)
 	}
 	// Its place is free: a new waiter is admitted and gets the slot.
-	wait = clk.expect(1)
+	wait = clk.Expect(1)
 	next := acquire(l, clk, context.Background(), "AC1")
 	wait() // its max-wait timer; the dispatcher still sleeps for the slot
 	clk.Advance(time.Second)
@@ -227,12 +155,12 @@ func TestClientThatLeavesFreesItsPlace(t *testing.T) {
 }
 
 func TestConcurrencyCap(t *testing.T) {
-	clk := newFakeClock()
+	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
 	l := New(Config{Rate: 1000, MaxConcurrent: 2, MaxWait: 10 * time.Second}, clk)
 	a := <-acquire(l, clk, context.Background(), "AC1")
 	clk.Advance(time.Millisecond)
 	b := <-acquire(l, clk, context.Background(), "AC1")
-	wait := clk.expect(1)
+	wait := clk.Expect(1)
 	c := acquire(l, clk, context.Background(), "AC1")
 	wait()
 	clk.Advance(time.Second) // time alone does not help: two calls are in flight
@@ -252,16 +180,16 @@ func TestConcurrencyCap(t *testing.T) {
 	clk.Advance(time.Second)
 }
 
-func TestPenalizeCutsAndRecovers(t *testing.T) {
-	clk := newFakeClock()
+func TestThrottledCutsAndRecovers(t *testing.T) {
+	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
 	l := New(Config{Rate: 40, MaxWait: time.Second, Recover: 10 * time.Second}, clk)
 	r := <-acquire(l, clk, context.Background(), "AC1")
 	r.release()
-	l.Penalize("AC1")
+	l.Report("AC1", Throttled)
 	if got := l.Rate("AC1"); got != 20 {
 		t.Fatalf("after one 429: %v/s, want 20", got)
 	}
-	l.Penalize("AC1")
+	l.Report("AC1", Throttled)
 	if got := l.Rate("AC1"); got != 10 {
 		t.Fatalf("after two: %v/s, want 10", got)
 	}
@@ -274,15 +202,15 @@ func TestPenalizeCutsAndRecovers(t *testing.T) {
 		t.Fatalf("recovered: %v/s, want 40", got)
 	}
 	// The queue bound follows the cut rate: 10/s x 1s = 10 waiters.
-	l.Penalize("AC1")
-	l.Penalize("AC1")
+	l.Report("AC1", Throttled)
+	l.Report("AC1", Throttled)
 	if got := l.Rate("AC1"); got != 10 {
 		t.Fatalf("rate %v", got)
 	}
 }
 
 func TestIdleAccountsAreForgotten(t *testing.T) {
-	clk := newFakeClock()
+	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
 	l := New(Config{Rate: 10, MaxWait: time.Second}, clk)
 	for i := 0; i < 100; i++ {
 		r := <-acquire(l, clk, context.Background(), fmt.Sprint("AC", i))
@@ -292,7 +220,7 @@ func TestIdleAccountsAreForgotten(t *testing.T) {
 		t.Fatalf("accounts = %d, want 100", n)
 	}
 	held := <-acquire(l, clk, context.Background(), "busy") // in flight: kept
-	l.Penalize("AC1")                                       // cut: kept until recovered
+	l.Report("AC1", Throttled)                              // cut: kept until recovered
 	clk.Advance(3 * time.Second)
 	r := <-acquire(l, clk, context.Background(), "new") // prunes
 	r.release()

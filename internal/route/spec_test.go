@@ -1,29 +1,26 @@
-package proxy
+package route
 
 import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"net/url"
 	"os"
 	"regexp"
 	"sort"
 	"strings"
 	"testing"
-	"time"
-
-	"cacheproxy/internal/cache"
-	"cacheproxy/internal/config"
 )
 
 // Twilio's own OpenAPI descriptions of the three APIs (testdata/twilio-oai,
 // MIT licensed): every path and method is walked, none is listed by hand.
 var specs = []struct {
-	file, upstream, host string
+	file     string
+	upstream Upstream
+	host     string
 }{
-	{"twilio_conversations_v1.json", conversations, "conversations.twilio.com"},
-	{"twilio_conversations_v2.json", conversations, "conversations.twilio.com"},
-	{"twilio_proxy_v1.json", proxyAPI, "proxy.twilio.com"},
+	{"twilio_conversations_v1.json", Conversations, "conversations.twilio.com"},
+	{"twilio_conversations_v2.json", Conversations, "conversations.twilio.com"},
+	{"twilio_proxy_v1.json", Proxy, "proxy.twilio.com"},
 }
 
 type specOp struct {
@@ -93,7 +90,7 @@ func fill(spec int, template string) string {
 		case name == "ConversationId":
 			v = "conv_conversation_0001"
 		case name == "Sid" && segs[i-1] == "Services":
-			v = map[bool]string{true: "KS", false: "IS"}[specs[spec].upstream == proxyAPI] + strings.Repeat("5", 32)
+			v = map[bool]string{true: "KS", false: "IS"}[specs[spec].upstream == Proxy] + strings.Repeat("5", 32)
 		case name == "Sid" && segs[i-1] == "Conversations":
 			v = "CH" + strings.Repeat("6", 32)
 		case name == "Sid" && segs[i-1] == "Sessions":
@@ -108,7 +105,7 @@ func fill(spec int, template string) string {
 	return strings.Join(segs, "/")
 }
 
-// The four participant reads DESIGN.md caches, by operationId.
+// The four participant reads the README caches, by operationId.
 var cachedOps = map[string]bool{
 	"twilio_conversations_v1.json FetchConversationParticipant":        true,
 	"twilio_conversations_v1.json FetchServiceConversationParticipant": true,
@@ -116,7 +113,7 @@ var cachedOps = map[string]bool{
 	"twilio_conversations_v2.json FetchParticipant":                    true,
 }
 
-// The writes DESIGN.md "Freshness" says invalidate: a participant, its
+// The writes the README's "Invalidation and read-your-writes" says invalidate: a participant, its
 // conversation or session, its service, /v1/Users/{U}/Conversations/{C}
 // (and v2's conversation actions), as path templates.
 var invalidatingWrites = []*regexp.Regexp{
@@ -137,17 +134,9 @@ var invalidatingWrites = []*regexp.Regexp{
 }
 
 func TestEverySpecOperationIsRoutedCachedAndInvalidatedAsDesigned(t *testing.T) {
-	store, err := cache.New(1<<20, time.Minute, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	p, err := New(Options{Config: config.Default(), Store: store})
-	if err != nil {
-		t.Fatal(err)
-	}
-	resolve := func(method, host, path string) (route, *routeError) {
-		return p.resolve(&http.Request{Method: method, Host: host, URL: &url.URL{Path: path}})
+	router := twilioRouter(t)
+	resolve := func(method, host, path string) (Match, *Error) {
+		return router.Resolve(method, host, "", path, "")
 	}
 	cached := 0
 	for _, op := range loadSpecOps(t) {
@@ -157,41 +146,41 @@ func TestEverySpecOperationIsRoutedCachedAndInvalidatedAsDesigned(t *testing.T) 
 
 		// Host kept: the spec's own host.
 		rt, rerr := resolve(op.method, s.host, path)
-		if rerr != nil || rt.up.name != s.upstream || rt.path != path {
+		if rerr != nil || rt.Upstream != s.upstream || rt.Path != path {
 			t.Errorf("%s with Host %s: %+v %v", name, s.host, rt, rerr)
 			continue
 		}
 		// Base URL replaced, with the upstream's prefix: always right.
-		if rt2, rerr := resolve(op.method, "127.0.0.1:8080", "/"+s.upstream+path); rerr != nil || rt2.up.name != s.upstream || rt2.path != path {
+		if rt2, rerr := resolve(op.method, "127.0.0.1:8080", "/"+s.upstream.String()+path); rerr != nil || rt2.Upstream != s.upstream || rt2.Path != path {
 			t.Errorf("%s with the /%s prefix: %v", name, s.upstream, rerr)
 		}
 		// Base URL replaced, no prefix: the path decides, except the one
 		// template both APIs share without a SID (/v1/Services).
 		rt3, rerr := resolve(op.method, "127.0.0.1:8080", path)
 		if op.template == "/v1/Services" {
-			if rerr == nil || rerr.status != http.StatusNotFound {
+			if rerr == nil || rerr.Status != http.StatusNotFound {
 				t.Errorf("%s: ambiguous, want a 404 that says so, got %+v", name, rt3)
 			}
-		} else if rerr != nil || rt3.up.name != s.upstream {
+		} else if rerr != nil || rt3.Upstream != s.upstream {
 			t.Errorf("%s by path: %+v %v", name, rt3, rerr)
 		}
 
 		// Only the four participant fetches are cached.
 		wantCached := op.method == "GET" && cachedOps[s.file+" "+op.opID]
-		if got := rt.cacheable && op.method == "GET"; got != wantCached {
+		if got := rt.Cacheable() && op.method == "GET"; got != wantCached {
 			t.Errorf("%s (%s): cached=%v, want %v", name, op.opID, got, wantCached)
 		}
 		if wantCached {
 			cached++
 		}
-		// Writes invalidate what DESIGN.md says, and nothing else does.
+		// Writes invalidate what the README says, and nothing else does.
 		if op.method != "GET" {
 			want := false
 			for _, re := range invalidatingWrites {
 				want = want || re.MatchString(op.template)
 			}
-			if got := len(rt.writeTags()) > 0 || rt.resource; got != want {
-				t.Errorf("%s: invalidates=%v (tags %v), want %v", name, got, rt.writeTags(), want)
+			if got := len(rt.WriteTags()) > 0 || rt.Resource(); got != want {
+				t.Errorf("%s: invalidates=%v (tags %v), want %v", name, got, rt.WriteTags(), want)
 			}
 		}
 	}

@@ -6,14 +6,56 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
+	"cacheproxy/internal/clock"
 	"cacheproxy/internal/ratelimit"
 )
+
+// NewTransport returns the upstream transport: no proxy from the
+// environment (only configured upstreams are ever contacted), bounded dials
+// and handshakes, and keep-alive pools sized for a busy sidecar.
+func NewTransport() *http.Transport {
+	return &http.Transport{
+		Proxy:                 nil,
+		DialContext:           (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		ForceAttemptHTTP2:     true,
+		MaxIdleConns:          256,
+		MaxIdleConnsPerHost:   128,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ExpectContinueTimeout: time.Second,
+	}
+}
+
+// timeoutTransport bounds each pass-through call by the upstream's timeout.
+type timeoutTransport struct {
+	rt      http.RoundTripper
+	timeout time.Duration
+}
+
+func (t timeoutTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	ctx, cancel := context.WithTimeout(r.Context(), t.timeout)
+	resp, err := t.rt.RoundTrip(r.WithContext(ctx))
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	resp.Body = cancelBody{resp.Body, cancel}
+	return resp, nil
+}
+
+type cancelBody struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (b cancelBody) Close() error { err := b.ReadCloser.Close(); b.cancel(); return err }
 
 // callStats is what the paced transport did for one request (or one
 // shared fetch): time queued for a turn, retries, upstream 429s.
@@ -25,29 +67,19 @@ type callStats struct {
 
 type statsKey struct{}
 
-// counters are the process-wide totals behind the summary line.
-type counters struct {
-	hits, misses, collapsed, stale, passthrough     atomic.Int64
-	upstreamCalls, upstream429, rejections, retries atomic.Int64
-	queueWaitNanos                                  atomic.Int64
-}
-
 // pacedTransport makes every upstream call (cached fetch or pass-through,
 // read or write) wait for its account's turn, and retries upstream 429s
 // (Twilio: "never processed and always safe to retry") with exponential
 // backoff and full jitter, or after the upstream's Retry-After, within the
 // request's deadline. Bodies are retried only when they can be replayed.
 type pacedTransport struct {
-	next        http.RoundTripper
-	lim         *ratelimit.Limiter
-	maxRetries  int
-	base, cap   time.Duration
-	replayBytes int64
-	after       func(time.Duration) <-chan time.Time
-	now         func() time.Time
-	c           *counters
-	m           *metrics
-	upstream    string
+	next     http.RoundTripper
+	budget   Budget
+	retry    Retry
+	clock    clock.Clock
+	c        *counters
+	m        *metrics
+	upstream string
 }
 
 func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
@@ -63,7 +95,7 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		return nil, err
 	}
 	for attempt := 0; ; attempt++ {
-		release, waited, err := t.lim.Acquire(ctx, account)
+		release, waited, err := t.budget.Acquire(ctx, account)
 		stats.queueWait += waited
 		t.c.queueWaitNanos.Add(int64(waited))
 		t.m.queueWait.Observe(waited.Seconds())
@@ -75,25 +107,25 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			return nil, err
 		}
 		t.c.upstreamCalls.Add(1)
-		start := t.now()
+		start := t.clock.Now()
 		resp, err := t.next.RoundTrip(req)
 		if err != nil {
 			t.m.observeUpstream(t.upstream, 0, 0)
 			release()
 			return nil, err
 		}
-		t.m.observeUpstream(t.upstream, resp.StatusCode, t.now().Sub(start))
+		t.m.observeUpstream(t.upstream, resp.StatusCode, t.clock.Since(start))
 		if resp.StatusCode != http.StatusTooManyRequests {
 			resp.Body = &releasingBody{ReadCloser: resp.Body, release: release}
 			return resp, nil
 		}
 		stats.tooMany++
 		t.c.upstream429.Add(1)
-		t.lim.Penalize(account)
+		t.budget.Report(account, ratelimit.Throttled)
 		delay := t.backoff(attempt, resp.Header.Get("Retry-After"))
 		deadline, hasDeadline := ctx.Deadline()
-		if attempt >= t.maxRetries || (req.Body != nil && req.Body != http.NoBody && replay == nil) ||
-			(hasDeadline && !t.now().Add(delay).Before(deadline)) {
+		if attempt >= t.retry.Max || (req.Body != nil && req.Body != http.NoBody && replay == nil) ||
+			(hasDeadline && !t.clock.Now().Add(delay).Before(deadline)) {
 			resp.Body = &releasingBody{ReadCloser: resp.Body, release: release}
 			return resp, nil // the client gets Twilio's 429 (or a stale answer)
 		}
@@ -101,7 +133,7 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		resp.Body.Close()
 		release()
 		select {
-		case <-t.after(delay):
+		case <-t.clock.After(delay):
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
@@ -120,14 +152,14 @@ func (t *pacedTransport) replayable(req *http.Request) (func() io.ReadCloser, er
 	if req.Body == nil || req.Body == http.NoBody {
 		return nil, nil
 	}
-	if req.ContentLength > t.replayBytes {
+	if req.ContentLength > t.retry.ReplayBytes {
 		return nil, nil
 	}
-	head, err := io.ReadAll(io.LimitReader(req.Body, t.replayBytes+1))
+	head, err := io.ReadAll(io.LimitReader(req.Body, t.retry.ReplayBytes+1))
 	if err != nil {
 		return nil, err
 	}
-	if int64(len(head)) > t.replayBytes {
+	if int64(len(head)) > t.retry.ReplayBytes {
 		req.Body = readCloser{io.MultiReader(bytes.NewReader(head), req.Body), req.Body}
 		return nil, nil
 	}
@@ -144,9 +176,9 @@ func (t *pacedTransport) backoff(attempt int, retryAfter string) time.Duration {
 		return time.Duration(s) * time.Second
 	}
 	if at, err := http.ParseTime(retryAfter); err == nil {
-		return max(at.Sub(t.now()), 0)
+		return max(at.Sub(t.clock.Now()), 0)
 	}
-	ceiling := min(t.cap, t.base<<min(attempt, 20))
+	ceiling := min(t.retry.Cap, t.retry.Base<<min(attempt, 20))
 	return rand.N(ceiling + 1)
 }
 
@@ -168,3 +200,20 @@ func (b *releasingBody) Close() error {
 func withStats(ctx context.Context, s *callStats) context.Context {
 	return context.WithValue(ctx, statsKey{}, s)
 }
+
+type readCloser struct {
+	io.Reader
+	io.Closer
+}
+
+// errReader returns err (if not nil) once the bytes before it are read.
+func errReader(err error) io.Reader {
+	if err == nil {
+		return strings.NewReader("")
+	}
+	return &failReader{err}
+}
+
+type failReader struct{ err error }
+
+func (f *failReader) Read([]byte) (int, error) { return 0, f.err }

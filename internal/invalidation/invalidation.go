@@ -1,0 +1,94 @@
+// Package invalidation keeps the freshness guarantee's state: an epoch that
+// every invalidation raises, and per scope tag the epoch of its last
+// invalidation. An entry records the epoch its fetch began at and the tags
+// it belongs to; it is valid while none of its tags was invalidated at a
+// later epoch (docs/architecture.md, "Freshness").
+//
+// Local is this process's state. It knows nothing of HTTP or of how entries
+// are stored.
+package invalidation
+
+import (
+	"context"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"cacheproxy/internal/clock"
+)
+
+// Local is the invalidation state of one process.
+type Local struct {
+	clock     clock.Clock
+	epoch     atomic.Uint64
+	mu        sync.RWMutex
+	marks     map[string]mark // scope tag -> last invalidation
+	retention time.Duration
+	lastPrune time.Time
+}
+
+type mark struct {
+	epoch uint64
+	at    time.Time
+}
+
+// New returns an empty Local on clk (the real clock if nil). retention is
+// the longest an entry can live (its keep time plus the longest fetch):
+// marks older than that can no longer hide anything and are forgotten.
+func New(retention time.Duration, clk clock.Clock) *Local {
+	clk = clock.Or(clk)
+	return &Local{clock: clk, marks: map[string]mark{}, retention: retention, lastPrune: clk.Now()}
+}
+
+// Epoch is the current epoch. A fetch records it before it starts.
+func (l *Local) Epoch() uint64 { return l.epoch.Load() }
+
+// Invalidate makes everything tagged with any of tags and fetched at an
+// epoch before this call invalid from now on, and returns the new epoch.
+// It is applied when it returns; ctx is for implementations that must
+// reach other processes (this one never waits).
+func (l *Local) Invalidate(_ context.Context, tags []string) uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	e := l.epoch.Add(1)
+	now := l.clock.Now()
+	for _, t := range tags {
+		l.marks[t] = mark{epoch: e, at: now}
+	}
+	if now.Sub(l.lastPrune) > l.retention {
+		for t, m := range l.marks {
+			if now.Sub(m.at) > l.retention {
+				delete(l.marks, t)
+			}
+		}
+		l.lastPrune = now
+	}
+	return e
+}
+
+// Valid reports whether data fetched at epoch is still good for tags. When
+// nothing was invalidated since epoch (Invalidate raises the epoch before
+// it returns) the marks need not be read.
+func (l *Local) Valid(epoch uint64, tags []string) bool {
+	return l.epoch.Load() <= epoch || l.since(tags) <= epoch
+}
+
+// since returns the latest invalidation epoch of any of tags (0 if none).
+func (l *Local) since(tags []string) uint64 {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	var latest uint64
+	for _, t := range tags {
+		if m, ok := l.marks[t]; ok && m.epoch > latest {
+			latest = m.epoch
+		}
+	}
+	return latest
+}
+
+// Scopes is the number of remembered invalidations.
+func (l *Local) Scopes() int {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return len(l.marks)
+}

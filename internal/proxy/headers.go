@@ -1,0 +1,131 @@
+package proxy
+
+import (
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Hop-by-hop headers (RFC 9110 7.6.1) and headers that would make a shared
+// fetch depend on one client: the fetch asks for the plain representation.
+var skipFetchHeader = map[string]bool{
+	"Connection": true, "Proxy-Connection": true, "Keep-Alive": true, "Proxy-Authenticate": true,
+	"Proxy-Authorization": true, "Te": true, "Trailer": true, "Transfer-Encoding": true, "Upgrade": true,
+	"Accept-Encoding": true, "Cache-Control": true, "Pragma": true, "Range": true, "If-Range": true,
+	"If-Match": true, "If-None-Match": true, "If-Modified-Since": true, "If-Unmodified-Since": true,
+	"Cookie": true, "Content-Length": true, "X-Request-Id": true,
+	"Forwarded": true, "X-Forwarded-For": true, "X-Forwarded-Host": true, "X-Forwarded-Proto": true,
+}
+
+func fetchHeader(in http.Header) http.Header {
+	out := make(http.Header, len(in))
+	for k, v := range in {
+		if !skipFetchHeader[k] {
+			out[k] = slices.Clone(v)
+		}
+	}
+	return out
+}
+
+// Response headers never stored: hop-by-hop ones, cookies, and those the
+// proxy sets itself per response.
+var skipStoredHeader = map[string]bool{
+	"Connection": true, "Keep-Alive": true, "Proxy-Authenticate": true, "Te": true, "Trailer": true,
+	"Transfer-Encoding": true, "Upgrade": true, "Set-Cookie": true, "Content-Length": true,
+	"Age": true, "Cache-Status": true, "X-Request-Id": true,
+}
+
+func storedHeader(in http.Header, bodyLen int) map[string][]string {
+	out := make(map[string][]string, len(in)+1)
+	for k, v := range in {
+		if !skipStoredHeader[k] {
+			out[k] = slices.Clip(slices.Clone(v))
+		}
+	}
+	out["Content-Length"] = []string{strconv.Itoa(bodyLen)}
+	return out
+}
+
+// cacheControl reads the client's Cache-Control (and HTTP/1.0 Pragma).
+func cacheControl(h http.Header) (noCache, noStore bool) {
+	for _, v := range h["Cache-Control"] {
+		for _, d := range strings.Split(v, ",") {
+			switch strings.ToLower(strings.TrimSpace(d)) {
+			case "no-cache", "max-age=0":
+				noCache = true
+			case "no-store":
+				noStore = true
+			}
+		}
+	}
+	if len(h["Cache-Control"]) == 0 && len(h["Pragma"]) > 0 && strings.EqualFold(h["Pragma"][0], "no-cache") {
+		noCache = true
+	}
+	return
+}
+
+// noStoreResponse reports an upstream response that forbids storing.
+func noStoreResponse(h http.Header) bool {
+	for _, v := range h["Cache-Control"] {
+		for _, d := range strings.Split(v, ",") {
+			switch strings.ToLower(strings.TrimSpace(d)) {
+			case "no-store":
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// hitHeaders holds the Cache-Status and Age values of hits, one per second
+// up to the longest TTL (at most an hour), built once so a hit formats
+// nothing. Each table is one array of strings that are substrings of one
+// block: a few objects for the GC to mark, not two per second of TTL. A
+// hit's header value is a one-element, capacity-clipped view of the array,
+// shared read-only (an append elsewhere copies).
+type hitHeaders struct {
+	hits, ages []string
+}
+
+const maxHitHeaders = 3600 + 1
+
+func newHitHeaders(maxTTL time.Duration) hitHeaders {
+	n := min(int(maxTTL/time.Second)+1, maxHitHeaders)
+	return hitHeaders{
+		hits: table(n, func(b []byte, i int) []byte {
+			return strconv.AppendInt(append(b, "cacheproxy; hit; ttl="...), int64(i), 10)
+		}),
+		ages: table(n, func(b []byte, i int) []byte { return strconv.AppendInt(b, int64(i), 10) }),
+	}
+}
+
+// table returns the n strings format(nil, i), all cut from one string.
+func table(n int, format func([]byte, int) []byte) []string {
+	var block []byte
+	ends := make([]int, n)
+	for i := range n {
+		block = format(block, i)
+		ends[i] = len(block)
+	}
+	all, out, start := string(block), make([]string, n), 0
+	for i, end := range ends {
+		out[i], start = all[start:end], end
+	}
+	return out
+}
+
+func (h hitHeaders) hit(ttl int) []string {
+	if ttl >= 0 && ttl < len(h.hits) {
+		return h.hits[ttl : ttl+1 : ttl+1]
+	}
+	return []string{"cacheproxy; hit; ttl=" + strconv.Itoa(ttl)}
+}
+
+func (h hitHeaders) age(age int) []string {
+	if age >= 0 && age < len(h.ages) {
+		return h.ages[age : age+1 : age+1]
+	}
+	return []string{strconv.Itoa(age)}
+}

@@ -1,0 +1,133 @@
+package route
+
+import "strings"
+
+// Match is where one request goes and what it means for the cache. It is a
+// value with its scopes inline, so routing a cache hit allocates nothing.
+type Match struct {
+	Upstream Upstream
+	// Path and RawPath are the request's path with any /proxy or
+	// /conversations prefix removed (decoded, and escaped as sent).
+	Path, RawPath string
+
+	row  *Row // nil: a pass-through route that names no scope
+	id   int  // index in Labels
+	ids  [maxScopes][2]string
+	nids int
+}
+
+// ID is the route's index in Labels.
+func (m *Match) ID() int { return m.id }
+
+// Name is the route's label in logs and metrics.
+func (m *Match) Name() string { return compiledTable.labels[m.id] }
+
+// Cacheable reports a cached route (for GET and HEAD).
+func (m *Match) Cacheable() bool { return m.row != nil && m.row.Cached }
+
+// Resource reports a route whose writes create, update or delete a
+// conversation or session itself.
+func (m *Match) Resource() bool { return m.row != nil && m.row.Resource }
+
+func (m *Match) scope(kind, id string) {
+	m.ids[m.nids] = [2]string{kind, id}
+	m.nids++
+}
+
+// ReadTags are the scopes a read's entry belongs to: its path (for purge),
+// the ids in its path, and a wildcard per kind.
+func (m *Match) ReadTags() []string {
+	out := make([]string, 0, 2*m.nids+1)
+	out = append(out, PathTag(m.Upstream, m.Path))
+	for _, kv := range m.ids[:m.nids] {
+		out = append(out, ScopeTag(m.Upstream, kv[0], kv[1]), ScopeTag(m.Upstream, kv[0], "*"))
+	}
+	return out
+}
+
+// WriteTags are the scopes a write invalidates: the ids in its path, plus
+// the kind's wildcard when an id is not a SID (a unique name may name what
+// entries know only by SID).
+func (m *Match) WriteTags() []string {
+	var out []string
+	for _, kv := range m.ids[:m.nids] {
+		out = append(out, ScopeTag(m.Upstream, kv[0], kv[1]))
+		if !SIDLike(kv[1]) {
+			out = append(out, ScopeTag(m.Upstream, kv[0], "*"))
+		}
+	}
+	return out
+}
+
+// ScopeTag is the tag of one scope: "<upstream>|<kind>:<id>".
+func ScopeTag(up Upstream, kind, id string) string { return up.String() + "|" + kind + ":" + id }
+
+// PathTag is the scope of one cached path, for every credential and query.
+func PathTag(up Upstream, path string) string { return up.String() + "|path:" + path }
+
+// ConversationTag and SessionTag are the scopes purge and webhooks name.
+func ConversationTag(id string) string { return ScopeTag(Conversations, kindConv, id) }
+
+// SessionTag is a Proxy session's scope.
+func SessionTag(id string) string { return ScopeTag(Proxy, kindSess, id) }
+
+// SIDLike reports an id Twilio assigned (two capital letters and 32 hex
+// digits, or a v2 conv_… id) rather than a unique name.
+func SIDLike(id string) bool {
+	if strings.HasPrefix(id, "conv_") {
+		return true
+	}
+	if len(id) != 34 || id[0] < 'A' || id[0] > 'Z' || id[1] < 'A' || id[1] > 'Z' {
+		return false
+	}
+	for i := 2; i < 34; i++ {
+		c := id[i]
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
+			return false
+		}
+	}
+	return true
+}
+
+// BodyIDs are the fields of Twilio resources that name scopes.
+type BodyIDs struct {
+	Sid             string `json:"sid"`
+	ID              string `json:"id"`
+	UniqueName      string `json:"unique_name"`
+	ConversationSid string `json:"conversation_sid"`
+	ConversationID  string `json:"conversationId"`
+	ChatServiceSid  string `json:"chat_service_sid"`
+	SessionSid      string `json:"session_sid"`
+	ServiceSid      string `json:"service_sid"`
+}
+
+// BodyTags returns the scopes named inside a JSON response of upstream up:
+// the conversation or session a participant belongs to, and for writes to a
+// conversation or session resource, its sid and unique name (a client may
+// address it by either).
+func BodyTags(up Upstream, b *BodyIDs, resource bool) []string {
+	var out []string
+	add := func(kind, id string) {
+		if id != "" {
+			out = append(out, ScopeTag(up, kind, id))
+		}
+	}
+	if up == Conversations {
+		add(kindConv, b.ConversationSid)
+		add(kindConv, b.ConversationID)
+		add(kindSvc, b.ChatServiceSid)
+	} else {
+		add(kindSess, b.SessionSid)
+		add(kindSvc, b.ServiceSid)
+	}
+	if resource {
+		kind := kindConv
+		if up == Proxy {
+			kind = kindSess
+		}
+		add(kind, b.Sid)
+		add(kind, b.ID)
+		add(kind, b.UniqueName)
+	}
+	return out
+}

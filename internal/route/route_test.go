@@ -1,0 +1,199 @@
+package route
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+
+	"cacheproxy/internal/twiliofake"
+)
+
+var (
+	conv1   = twiliofake.SID("CH", 1)
+	member1 = twiliofake.SID("MB", 1)
+	isvc    = twiliofake.SID("IS", 1)
+	conv2   = twiliofake.SID("CH", 2)
+	member2 = twiliofake.SID("MB", 2)
+	ksvc    = twiliofake.SID("KS", 1)
+	sess1   = twiliofake.SID("KC", 1)
+	kp1     = twiliofake.SID("KP", 1)
+	v2conv  = "conv_conversation_00000000000000000000000001"
+	v2part  = "conv_participant_00000000000000000000000001"
+
+	pathConv  = "/v1/Conversations/" + conv1 + "/Participants/" + member1
+	pathSvc   = "/v1/Services/" + isvc + "/Conversations/" + conv2 + "/Participants/" + member2
+	pathProxy = "/v1/Services/" + ksvc + "/Sessions/" + sess1 + "/Participants/" + kp1
+	pathV2    = "/v2/Conversations/" + v2conv + "/Participants/" + v2part
+)
+
+// twilioRouter routes by Twilio's own host names, as the defaults do.
+func twilioRouter(t testing.TB) *Router {
+	t.Helper()
+	r, err := NewRouter([NumUpstreams][]string{{"conversations.twilio.com"}, {"proxy.twilio.com"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func TestClassifyScopes(t *testing.T) {
+	tests := []struct {
+		up        Upstream
+		path      string
+		cacheable bool
+		tags      string
+	}{
+		{Conversations, pathConv, true, "conversations|conv:" + conv1},
+		{Conversations, pathSvc, true, "conversations|conv:" + conv2 + " conversations|svc:" + isvc},
+		{Conversations, pathV2, true, "conversations|conv:" + v2conv},
+		{Proxy, pathProxy, true, "proxy|sess:" + sess1 + " proxy|svc:" + ksvc},
+		{Conversations, "/v1/Conversations/" + conv1, false, "conversations|conv:" + conv1},
+		{Conversations, "/v1/Conversations/" + conv1 + "/Participants", false, "conversations|conv:" + conv1},
+		{Conversations, "/v1/Conversations/" + conv1 + "/Messages", false, ""},
+		{Conversations, "/v1/Services/" + isvc, false, "conversations|svc:" + isvc},
+		{Conversations, "/v1/Users/US1/Conversations/" + conv1, false, "conversations|conv:" + conv1},
+		{Conversations, "/v1/Services/" + isvc + "/Users/US1/Conversations/" + conv2, false, "conversations|conv:" + conv2},
+		{Conversations, "/v2/Conversations/" + v2conv, false, "conversations|conv:" + v2conv},
+		{Conversations, "/v2/Conversations/" + v2conv + "/Actions", false, "conversations|conv:" + v2conv},
+		{Proxy, "/v1/Services/" + ksvc + "/Sessions/" + sess1, false, "proxy|sess:" + sess1},
+		{Proxy, "/v1/Services/" + ksvc, false, "proxy|svc:" + ksvc},
+		{Proxy, "/v1/Services/" + ksvc + "/Sessions/" + sess1 + "/Interactions", false, ""},
+		// Addressed by unique name: the kind's wildcard goes too.
+		{Conversations, "/v1/Conversations/support-room", false, "conversations|conv:support-room conversations|conv:*"},
+		{Proxy, "/v1/Services/" + ksvc + "/Sessions/my-session", false, "proxy|sess:my-session proxy|sess:*"},
+	}
+	for _, tc := range tests {
+		var buf [maxSegments]string
+		rt := classify(tc.up, splitPath(tc.path, &buf))
+		rt.Path = tc.path
+		if rt.Cacheable() != tc.cacheable || strings.Join(rt.WriteTags(), " ") != tc.tags {
+			t.Errorf("%s %s: cacheable=%v writeTags=%q, want %v %q", tc.up, tc.path, rt.Cacheable(), strings.Join(rt.WriteTags(), " "), tc.cacheable, tc.tags)
+		}
+		// A read's entry carries its scopes and each kind's wildcard.
+		var want []string
+		if tc.cacheable {
+			want = append(want, PathTag(tc.up, tc.path))
+			for _, tag := range rt.WriteTags() {
+				want = append(want, tag, tag[:strings.Index(tag, ":")+1]+"*")
+			}
+		}
+		if got := rt.ReadTags(); tc.cacheable && strings.Join(got, " ") != strings.Join(want, " ") {
+			t.Errorf("%s: read tags %q, want %q", tc.path, got, want)
+		}
+	}
+}
+
+// TestLabelsDeriveFromTheTable: every cached row is a label of its own, in
+// table order; pass-through routes are labelled per upstream; "unrouted" is
+// last; a Match's ID indexes its label.
+func TestLabelsDeriveFromTheTable(t *testing.T) {
+	want := []string{"conversations.v1.participant", "conversations.v1.service_participant", "conversations.v2.participant",
+		"proxy.v1.participant", "conversations.other", "proxy.other", "unrouted"}
+	if got := Labels(); strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Fatalf("labels %q, want %q", got, want)
+	}
+	if Labels()[Unrouted()] != "unrouted" {
+		t.Fatalf("Unrouted() = %d", Unrouted())
+	}
+	r := twilioRouter(t)
+	for path, label := range map[string]string{pathConv: "conversations.v1.participant", pathSvc: "conversations.v1.service_participant",
+		pathV2: "conversations.v2.participant", "/proxy" + pathProxy: "proxy.v1.participant",
+		"/v1/Conversations": "conversations.other", "/proxy/v1/Services/" + ksvc: "proxy.other"} {
+		m, err := r.Resolve("GET", "localhost", "", path, "")
+		if err != nil || m.Name() != label || Labels()[m.ID()] != label {
+			t.Errorf("%s: %q (id %d) %v, want %q", path, m.Name(), m.ID(), err, label)
+		}
+	}
+}
+
+// TestANewCachedRouteIsOneRow: a table with a fifth cached row routes,
+// labels and scopes it with no other change.
+func TestANewCachedRouteIsOneRow(t *testing.T) {
+	table := append(append([]Row(nil), Table...), Row{Name: "conversations.v1.user", Upstream: Conversations, Cached: true,
+		Pattern: "/v1/Users/{user}", Scopes: []string{"user"}})
+	r := compile(table)
+	if got := r.labels[4]; got != "conversations.v1.user" || r.labels[len(r.labels)-1] != "unrouted" {
+		t.Fatalf("labels %q", r.labels)
+	}
+	rows := r.byLen[Conversations][3]
+	var found bool
+	for _, c := range rows {
+		if c.row.Name == "conversations.v1.user" && c.id == 4 && c.nscopes == 1 && c.scopes[0].pos == 2 {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatalf("the new row is not indexed: %+v", rows)
+	}
+}
+
+func TestMalformedTablesAreRefused(t *testing.T) {
+	for name, table := range map[string][]Row{
+		"scope that is no variable": {{Upstream: Conversations, Pattern: "/v1/Conversations/{conv}", Scopes: []string{"svc"}}},
+		"cached row without a name": {{Upstream: Conversations, Pattern: "/v1/X/{conv}", Cached: true}},
+		"overlapping rows": {{Upstream: Proxy, Pattern: "/v1/Services/{svc}"},
+			{Upstream: Proxy, Pattern: "/v1/{x}/KS1"}},
+		"too many scopes": {{Upstream: Proxy, Pattern: "/v1/{a}/{b}/{c}", Scopes: []string{"a", "b", "c"}}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			defer func() {
+				if recover() == nil {
+					t.Fatal("compiled without complaint")
+				}
+			}()
+			compile(table)
+		})
+	}
+}
+
+func TestDuplicateHostsAreRefused(t *testing.T) {
+	_, err := NewRouter([NumUpstreams][]string{{"x.twilio.com"}, {"X.twilio.com"}})
+	if err == nil || !strings.Contains(err.Error(), "upstreams.conversations.hosts and upstreams.proxy.hosts") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestBodyTags(t *testing.T) {
+	var ids BodyIDs
+	if err := json.Unmarshal([]byte(`{"sid":"`+conv1+`","unique_name":"room","chat_service_sid":"`+isvc+`"}`), &ids); err != nil {
+		t.Fatal(err)
+	}
+	got := strings.Join(BodyTags(Conversations, &ids, true), " ")
+	want := "conversations|svc:" + isvc + " conversations|conv:" + conv1 + " conversations|conv:room"
+	if got != want {
+		t.Fatalf("body tags %q, want %q", got, want)
+	}
+}
+
+// TestRoutingAHitAllocatesNothing: the hit path routes without allocating.
+func TestRoutingAHitAllocatesNothing(t *testing.T) {
+	r := twilioRouter(t)
+	if n := testing.AllocsPerRun(100, func() {
+		if _, err := r.Resolve("GET", "127.0.0.1:8080", "", pathConv, ""); err != nil {
+			t.Fatal(err)
+		}
+	}); n != 0 {
+		t.Fatalf("Resolve allocates %v times", n)
+	}
+}
+
+func FuzzResolve(f *testing.F) {
+	for _, s := range []string{pathConv, pathSvc, pathProxy, pathV2, "/proxy/v1/Services", "/v1/Services//x", "/%2e%2e/", "/v1", "/conversations/"} {
+		f.Add(s, "localhost")
+	}
+	f.Add("/v1/Services", "proxy.twilio.com")
+	f.Add("0", "proXY.twilio.Com") // an empty path on a Host-kept request (found by the fuzzer)
+	r := twilioRouter(f)
+	f.Fuzz(func(t *testing.T, path, host string) {
+		m, rerr := r.Resolve("GET", host, "", path, "")
+		if rerr == nil && (m.Upstream >= NumUpstreams || !strings.HasPrefix(m.Path, "/") || m.ID() < 0 || m.ID() >= Unrouted()) {
+			t.Fatalf("resolved without an upstream, path or label: %q %q -> %+v", host, path, m)
+		}
+		if rerr != nil && (rerr.Status < 400 || rerr.Msg == "") {
+			t.Fatalf("bad route error %+v", rerr)
+		}
+		if m.Cacheable() && len(m.ReadTags()) == 0 {
+			t.Fatalf("cacheable route without scopes: %q", path)
+		}
+	})
+}

@@ -1,0 +1,228 @@
+// Package route knows Twilio's paths: which configured upstream a request
+// goes to, which of its routes are cached, and which invalidation scopes a
+// path (or a response body) names. It holds no HTTP state: the proxy, the
+// purge endpoint and a webhook handler all call it with plain strings.
+//
+// Every route that is cached or names a scope is one row of Table; route
+// names, metric labels and indexes derive from it (docs/architecture.md,
+// "Routes").
+package route
+
+import (
+	"fmt"
+	"strings"
+)
+
+// Upstream is one of the Twilio APIs cacheproxy fronts.
+type Upstream uint8
+
+const (
+	Conversations Upstream = iota // conversations.twilio.com (v1 and v2)
+	Proxy                         // proxy.twilio.com
+	NumUpstreams
+)
+
+// String is the upstream's name: its config key under [upstreams] and its
+// metric label.
+func (u Upstream) String() string {
+	if u == Proxy {
+		return "proxy"
+	}
+	return "conversations"
+}
+
+// Row is one route that is cached or names invalidation scopes.
+type Row struct {
+	// Name is a cached route's name in logs and metrics. Rows that are
+	// not cached are labelled "<upstream>.other".
+	Name     string
+	Upstream Upstream
+	// Pattern is the path, with {kind} for a variable segment.
+	Pattern string
+	// Scopes are the variables of Pattern that are invalidation scopes
+	// (at most two), in the order their tags are listed.
+	Scopes []string
+	// Cached: GET and HEAD of this route are answered from the cache.
+	Cached bool
+	// Resource: a write creates, updates or deletes a conversation or
+	// session itself, whose response's sid and unique_name name further
+	// scopes (see BodyTags).
+	Resource bool
+}
+
+// Scope kinds.
+const (
+	kindConv = "conv"
+	kindSvc  = "svc"
+	kindSess = "sess"
+)
+
+// Table lists every route cacheproxy treats specially; anything else under
+// a configured upstream passes through as "<upstream>.other" and names no
+// scope. Adding a cached route is one row here (and its test).
+var Table = []Row{
+	// The cached participant reads.
+	{Name: "conversations.v1.participant", Upstream: Conversations, Cached: true,
+		Pattern: "/v1/Conversations/{conv}/Participants/{participant}", Scopes: []string{kindConv}},
+	{Name: "conversations.v1.service_participant", Upstream: Conversations, Cached: true,
+		Pattern: "/v1/Services/{svc}/Conversations/{conv}/Participants/{participant}", Scopes: []string{kindConv, kindSvc}},
+	{Name: "conversations.v2.participant", Upstream: Conversations, Cached: true,
+		Pattern: "/v2/Conversations/{conv}/Participants/{participant}", Scopes: []string{kindConv}},
+	{Name: "proxy.v1.participant", Upstream: Proxy, Cached: true,
+		Pattern: "/v1/Services/{svc}/Sessions/{sess}/Participants/{participant}", Scopes: []string{kindSess, kindSvc}},
+
+	// Writes to these invalidate the scopes they name.
+	{Upstream: Conversations, Pattern: "/v1/Services/{svc}", Scopes: []string{kindSvc}},
+	{Upstream: Conversations, Pattern: "/v1/Conversations", Resource: true},
+	{Upstream: Conversations, Pattern: "/v1/ConversationWithParticipants", Resource: true},
+	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/Conversations", Resource: true},
+	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/ConversationWithParticipants", Resource: true},
+	{Upstream: Conversations, Pattern: "/v1/Conversations/{conv}", Scopes: []string{kindConv}, Resource: true},
+	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/Conversations/{conv}", Scopes: []string{kindConv}, Resource: true},
+	{Upstream: Conversations, Pattern: "/v1/Conversations/{conv}/Participants", Scopes: []string{kindConv}},
+	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/Conversations/{conv}/Participants", Scopes: []string{kindConv}},
+	{Upstream: Conversations, Pattern: "/v1/Users/{user}/Conversations/{conv}", Scopes: []string{kindConv}},
+	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/Users/{user}/Conversations/{conv}", Scopes: []string{kindConv}},
+	{Upstream: Conversations, Pattern: "/v2/Conversations", Resource: true},
+	{Upstream: Conversations, Pattern: "/v2/Conversations/{conv}", Scopes: []string{kindConv}, Resource: true},
+	{Upstream: Conversations, Pattern: "/v2/Conversations/{conv}/Participants", Scopes: []string{kindConv}},
+	{Upstream: Conversations, Pattern: "/v2/Conversations/{conv}/Actions", Scopes: []string{kindConv}},
+	{Upstream: Proxy, Pattern: "/v1/Services/{svc}", Scopes: []string{kindSvc}},
+	{Upstream: Proxy, Pattern: "/v1/Services/{svc}/Sessions", Resource: true},
+	{Upstream: Proxy, Pattern: "/v1/Services/{svc}/Sessions/{sess}", Scopes: []string{kindSess}, Resource: true},
+	{Upstream: Proxy, Pattern: "/v1/Services/{svc}/Sessions/{sess}/Participants", Scopes: []string{kindSess}},
+}
+
+// maxScopes is how many scopes one path can name (Match keeps them inline).
+const maxScopes = 2
+
+// compiled is a Row split for matching: the literal segments to compare
+// and where the scopes stand.
+type compiled struct {
+	row    *Row
+	id     int   // label index
+	lits   []lit // literal segments
+	scopes [maxScopes]struct {
+		kind string
+		pos  int
+	}
+	nscopes int
+}
+
+type lit struct {
+	pos  int
+	text string
+}
+
+// rules is Table compiled: the rows of each upstream by segment count, so
+// classify compares a path with one or two rows.
+type rules struct {
+	labels []string
+	byLen  [NumUpstreams][maxSegments + 1][]compiled
+}
+
+var compiledTable = compile(Table)
+
+// Labels are the route labels of logs and metrics, in index order: each
+// cached row's name in Table order, then "<upstream>.other" for each
+// upstream, then "unrouted".
+func Labels() []string { return compiledTable.labels }
+
+// Unrouted is the label index of a request that maps to no upstream.
+func Unrouted() int { return len(compiledTable.labels) - 1 }
+
+// otherID is the label index of an upstream's pass-through routes.
+func otherID(up Upstream) int { return len(compiledTable.labels) - 1 - int(NumUpstreams) + int(up) }
+
+// compile checks and indexes a table; a malformed row is a programming
+// error caught by the package's tests.
+func compile(table []Row) *rules {
+	r := &rules{}
+	for i := range table {
+		if table[i].Cached {
+			r.labels = append(r.labels, table[i].Name)
+		}
+	}
+	ncached, cachedIDs := len(r.labels), 0
+	for i := range table {
+		row := &table[i]
+		segs := strings.Split(strings.TrimPrefix(row.Pattern, "/"), "/")
+		if !strings.HasPrefix(row.Pattern, "/") || len(segs) > maxSegments || len(row.Scopes) > maxScopes || row.Cached != (row.Name != "") {
+			panic(fmt.Sprintf("route: malformed row %+v", *row))
+		}
+		c := compiled{row: row, id: ncached + int(row.Upstream)} // "<upstream>.other"
+		if row.Cached {
+			c.id = cachedIDs
+			cachedIDs++
+		}
+		vars := map[string]int{}
+		for pos, s := range segs {
+			if strings.HasPrefix(s, "{") && strings.HasSuffix(s, "}") {
+				vars[s[1:len(s)-1]] = pos
+			} else {
+				c.lits = append(c.lits, lit{pos, s})
+			}
+		}
+		for _, kind := range row.Scopes {
+			pos, ok := vars[kind]
+			if !ok {
+				panic(fmt.Sprintf("route: scope %q is not a variable of %s", kind, row.Pattern))
+			}
+			c.scopes[c.nscopes].kind, c.scopes[c.nscopes].pos = kind, pos
+			c.nscopes++
+		}
+		for _, other := range r.byLen[row.Upstream][len(segs)] {
+			if overlap(other, c, len(segs)) {
+				panic(fmt.Sprintf("route: %s and %s overlap", other.row.Pattern, row.Pattern))
+			}
+		}
+		r.byLen[row.Upstream][len(segs)] = append(r.byLen[row.Upstream][len(segs)], c)
+	}
+	for up := range NumUpstreams {
+		r.labels = append(r.labels, up.String()+".other")
+	}
+	r.labels = append(r.labels, "unrouted")
+	return r
+}
+
+// overlap reports two rows of n segments that some path matches both:
+// at no position do both have different literals.
+func overlap(a, b compiled, n int) bool {
+	la, lb := make([]string, n), make([]string, n)
+	for _, l := range a.lits {
+		la[l.pos] = l.text
+	}
+	for _, l := range b.lits {
+		lb[l.pos] = l.text
+	}
+	for i := range n {
+		if la[i] != "" && lb[i] != "" && la[i] != lb[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// classify finds the row of a path's segments under an upstream; segs is
+// nil for a path longer than any row.
+func classify(up Upstream, segs []string) Match {
+	m := Match{Upstream: up, id: otherID(up)}
+	if len(segs) > maxSegments {
+		return m
+	}
+rows:
+	for i := range compiledTable.byLen[up][len(segs)] {
+		c := &compiledTable.byLen[up][len(segs)][i]
+		for _, l := range c.lits {
+			if segs[l.pos] != l.text {
+				continue rows
+			}
+		}
+		m.row, m.id = c.row, c.id
+		for _, s := range c.scopes[:c.nscopes] {
+			m.scope(s.kind, segs[s.pos])
+		}
+		return m
+	}
+	return m
+}

@@ -1,0 +1,48 @@
+// Package wire turns configuration into the parts' options, for the
+// binary and the benchmarks that build a proxy in process.
+package wire
+
+import (
+	"time"
+
+	"cacheproxy/internal/config"
+	"cacheproxy/internal/proxy"
+	"cacheproxy/internal/ratelimit"
+	"cacheproxy/internal/route"
+)
+
+// ProxyOptions is the part of the proxy's options that comes from
+// configuration alone: the caller adds the store, invalidator, budget,
+// logger and registry.
+func ProxyOptions(cfg config.Config) proxy.Options {
+	up := func(u config.Upstream) proxy.Upstream {
+		return proxy.Upstream{URL: u.URL, Hosts: u.Hosts, Timeout: u.Timeout.D()}
+	}
+	c, rl := cfg.Cache, cfg.RateLimit
+	return proxy.Options{
+		Upstreams: [route.NumUpstreams]proxy.Upstream{
+			route.Conversations: up(cfg.Upstreams.Conversations),
+			route.Proxy:         up(cfg.Upstreams.Proxy),
+		},
+		Freshness: proxy.Freshness{
+			TTL: c.TTL.D(), NegativeTTL: c.NegativeTTL.D(),
+			StaleIfError: c.StaleIfError.D(), StaleWhileRevalidate: c.StaleWhileRevalidate.D(),
+			MaxEntryBytes: int64(c.MaxEntryBytes),
+		},
+		Retry:        proxy.Retry{Max: rl.MaxRetries, Base: rl.BackoffBase.D(), Cap: rl.BackoffMax.D(), ReplayBytes: int64(rl.ReplayBytes)},
+		MaxBodyBytes: int64(cfg.Server.MaxBodyBytes),
+		KeySecret:    []byte(c.KeySecret),
+	}
+}
+
+// Limiter is the budget's configuration.
+func Limiter(rl config.RateLimit) ratelimit.Config {
+	return ratelimit.Config{Rate: float64(rl.RequestsPerSecond), MaxConcurrent: rl.MaxConcurrent, MaxWait: rl.MaxWait.D(), Recover: rl.Recover.D()}
+}
+
+// Retention is the longest an entry can outlive the invalidation of its
+// scope: its lifetime plus the slowest fetch.
+func Retention(cfg config.Config) time.Duration {
+	return max(cfg.Cache.TTL.D(), cfg.Cache.NegativeTTL.D()) + max(cfg.Cache.StaleIfError.D(), cfg.Cache.StaleWhileRevalidate.D()) +
+		max(cfg.Upstreams.Conversations.Timeout.D(), cfg.Upstreams.Proxy.Timeout.D()) + time.Minute
+}
