@@ -91,16 +91,18 @@ func (r *Router) Resolve(method, host, urlHost, path, rawPath string) (Match, *E
 	return m, nil
 }
 
+// prefixes name an upstream when a client replaced its base URL.
+var prefixes = [NumUpstreams]string{Conversations: "/conversations", Proxy: "/proxy"}
+
 // byPrefix strips a /proxy or /conversations prefix and returns its
 // upstream, or false and the path unchanged.
 func byPrefix(path, raw string) (Upstream, bool, string, string) {
-	for up := range NumUpstreams {
-		pre := "/" + up.String()
+	for up, pre := range prefixes {
 		if len(path) > len(pre) && path[len(pre)] == '/' && strings.HasPrefix(path, pre) {
 			if raw != "" {
 				raw = strings.TrimPrefix(raw, pre)
 			}
-			return up, true, path[len(pre):], raw
+			return Upstream(up), true, path[len(pre):], raw
 		}
 	}
 	return 0, false, path, raw
