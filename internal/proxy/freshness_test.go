@@ -85,7 +85,7 @@ func TestWriteCreatingAParticipantClearsA404(t *testing.T) {
 	}
 }
 
-// TestReadAfterWriteNeverSeesOlderData is the race of DESIGN.md
+// TestReadAfterWriteNeverSeesOlderData is the race of docs/architecture.md
 // "Freshness": read R1 starts a fetch that the upstream answers with
 // pre-write data; a write completes; read R2 arrives after the write's
 // response and must neither join R1's fetch nor find its result cached.
