@@ -91,6 +91,10 @@ func run(args []string, stdout, stderr io.Writer) error {
 	go func() { logw.Run(cfg.Log.FlushInterval.D(), stopFlush); close(flushed) }()
 	defer func() { close(stopFlush); <-flushed }()
 	logger := zerolog.New(logw).Level(level).With().Timestamp().Logger()
+	if unknown := config.UnknownEnv(os.Environ()); len(unknown) > 0 {
+		// Names only: a value may be a secret.
+		logger.Warn().Strs("variables", unknown).Msg("ignoring environment variables that name no config key")
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()

@@ -229,6 +229,28 @@ func TestInvalidConfigExitsNonZeroNamingTheKey(t *testing.T) {
 	}
 }
 
+// TestKubernetesServiceLinksDoNotStopStartup: a Service named cacheproxy
+// puts CACHEPROXY_PORT=tcp://… and friends into every pod; the sidecar
+// starts, and one warning names them without their values.
+func TestKubernetesServiceLinksDoNotStopStartup(t *testing.T) {
+	_, up := newFake(t)
+	p := start(t, upstreamConfig(up.URL), "CACHEPROXY_PORT=tcp://10.0.0.1:8080", "CACHEPROXY_SERVICE_HOST=10.0.0.99",
+		"CACHEPROXY_PORT_8080_TCP_ADDR=10.0.0.98")
+	var warning map[string]any
+	for _, l := range strings.Split(p.logs(), "\n") {
+		if strings.Contains(l, "ignoring environment") {
+			_ = json.Unmarshal([]byte(l), &warning)
+		}
+	}
+	vars := fmt.Sprint(warning["variables"])
+	if warning["level"] != "warn" || !strings.Contains(vars, "CACHEPROXY_SERVICE_HOST") || !strings.Contains(vars, "CACHEPROXY_PORT_8080_TCP_ADDR") {
+		t.Fatalf("warning: %v\nlogs:\n%s", warning, p.logs())
+	}
+	if strings.Contains(p.logs(), "10.0.0.9") {
+		t.Fatalf("a variable's value reached the log:\n%s", p.logs())
+	}
+}
+
 func TestHelpListsEveryKey(t *testing.T) {
 	out, err := exec.Command(binary, "-help").CombinedOutput()
 	if err != nil {

@@ -188,7 +188,7 @@ func Load(path string, environ, sets []string) (Config, error) {
 		}
 		key := envKey(keys, name)
 		if key == "" {
-			return c, fmt.Errorf("environment %s: unknown key", name)
+			continue // see UnknownEnv
 		}
 		if err := set(keys[key], val); err != nil {
 			return c, fmt.Errorf("environment %s (%s): %w", name, key, err)
@@ -208,6 +208,25 @@ func Load(path string, environ, sets []string) (Config, error) {
 		}
 	}
 	return c, c.Validate()
+}
+
+// UnknownEnv lists the CACHEPROXY_* variables of environ that name no key
+// (names only, never values). Load ignores them: Kubernetes injects
+// CACHEPROXY_PORT, CACHEPROXY_SERVICE_HOST and friends into every pod of a
+// namespace with a Service named cacheproxy, and a sidecar must not
+// crash-loop on them. The caller warns.
+func UnknownEnv(environ []string) []string {
+	c := Default()
+	keys := leaves(reflect.ValueOf(&c).Elem(), "")
+	var out []string
+	for _, kv := range environ {
+		name, _, _ := strings.Cut(kv, "=")
+		if strings.HasPrefix(name, EnvPrefix) && envKey(keys, name) == "" {
+			out = append(out, name)
+		}
+	}
+	sort.Strings(out)
+	return out
 }
 
 // Keys lists every dotted key, sorted; used by -help.

@@ -74,7 +74,6 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{"bad level", "[log]\nlevel = \"loud\"\n", nil, nil, "log.level"},
 		{"bad toml", "[cache\n", nil, nil, "c.toml"},
 		{"bad env", "", []string{"CACHEPROXY_CACHE_NEGATIVE_TTL=-"}, nil, "cache.negative_ttl"},
-		{"unknown env", "", []string{"CACHEPROXY_CACHE_TLL=1s"}, nil, "CACHEPROXY_CACHE_TLL"},
 		{"bad set", "", nil, []string{"cache.ttl=x"}, "cache.ttl"},
 		{"unknown set", "", nil, []string{"cache.tll=1s"}, "cache.tll"},
 	}
@@ -89,6 +88,26 @@ func TestErrorsNameTheKey(t *testing.T) {
 				t.Fatalf("err = %v, want one naming %s", err, tc.key)
 			}
 		})
+	}
+}
+
+// TestUnknownEnvironmentIsIgnoredAndNamed: Kubernetes' service links put
+// CACHEPROXY_PORT=tcp://… and friends into the pod; they are not keys, so
+// Load ignores them and UnknownEnv names them (never their values) for a
+// warning. A bad value of a known key is still an error.
+func TestUnknownEnvironmentIsIgnoredAndNamed(t *testing.T) {
+	env := []string{"CACHEPROXY_PORT=tcp://10.0.0.1:8080", "CACHEPROXY_SERVICE_HOST=10.0.0.1", "CACHEPROXY_CACHE_TLL=1s",
+		"CACHEPROXY_CACHE_TTL=7s", "HOME=/root"}
+	c, err := Load("", env, nil)
+	if err != nil || c.Cache.TTL.D() != 7*time.Second {
+		t.Fatalf("Load: %v %v", err, c.Cache.TTL)
+	}
+	got := strings.Join(UnknownEnv(env), " ")
+	if got != "CACHEPROXY_CACHE_TLL CACHEPROXY_PORT CACHEPROXY_SERVICE_HOST" {
+		t.Fatalf("UnknownEnv = %q", got)
+	}
+	if _, err := Load("", append(env, "CACHEPROXY_CACHE_TTL=soon"), nil); err == nil || !strings.Contains(err.Error(), "cache.ttl") {
+		t.Fatalf("bad value of a known key: %v", err)
 	}
 }
 
