@@ -96,8 +96,11 @@ func run(args []string, stdout, stderr io.Writer) error {
 		logger.Warn().Strs("variables", unknown).Msg("ignoring environment variables that name no config key")
 	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
+	// Two signals may matter: the first starts shutdown, a second skips
+	// the rest of shutdown_delay.
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
 	var onListen func(addr string)
 	if *demo {
 		stopDemo, err := startDemo(&cfg, stderr, &onListen)
@@ -108,7 +111,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	}
 	// The access log stamps its lines itself (once per second, not per line).
 	accessLog := zerolog.New(logw).Level(level)
-	return serve(ctx, cfg, logger, accessLog, logw, onListen)
+	return serve(sigs, cfg, logger, accessLog, logw, onListen)
 }
 
 // The Go runtime's settings unless GOMEMLIMIT or GOGC say otherwise.
@@ -117,9 +120,11 @@ const (
 	gcPercent      = 400
 )
 
-// serve runs the proxy and admin listeners until ctx ends, then shuts down
-// gracefully: stop accepting, finish in-flight requests.
-func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Logger, logw *logbuf.Writer, onListen func(string)) error {
+// serve runs the proxy and admin listeners until a signal arrives on sigs,
+// then shuts down gracefully: not ready at once, still serving for
+// shutdown_delay (unless a second signal comes), then stop accepting and
+// finish in-flight requests within shutdown_timeout.
+func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.Logger, logw *logbuf.Writer, onListen func(string)) error {
 	// A soft memory limit (unless GOMEMLIMIT is set) makes the GC work
 	// harder before garbage doubles the cache's footprint: resident memory
 	// stays near cache.max_bytes plus the server's own needs. Under that
@@ -173,11 +178,13 @@ func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Log
 		IdleTimeout:       cfg.Server.IdleTimeout.D(),
 		ErrorLog:          newStdLog(logger, "admin"),
 	}
-	// Shutdown runs this once the listener is closed.
+	// Shutdown runs this (in a goroutine of its own) once the listener is
+	// closed; "stopped" waits for it, so the lines come in order.
+	closed := make(chan struct{})
 	srv.RegisterOnShutdown(func() {
-		ready.Store(false)
 		logger.Info().Msg("no longer accepting; finishing in-flight requests")
 		_ = logw.Flush()
+		close(closed)
 	})
 	errc := make(chan error, 2)
 	go func() { errc <- srv.Serve(ln) }()
@@ -190,6 +197,8 @@ func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Log
 		onListen(ln.Addr().String())
 	}
 
+	stopSummary := make(chan struct{})
+	defer close(stopSummary)
 	go func() {
 		t := time.NewTicker(cfg.Log.SummaryInterval.D())
 		defer t.Stop()
@@ -198,21 +207,34 @@ func serve(ctx context.Context, cfg config.Config, logger, accessLog zerolog.Log
 			select {
 			case <-t.C:
 				prev = p.LogSummary(prev)
-			case <-ctx.Done():
+			case <-stopSummary:
 				return
 			}
 		}
 	}()
 	select {
-	case <-ctx.Done():
+	case sig := <-sigs:
+		ready.Store(false) // the pod leaves rotation at once
+		delay := cfg.ShutdownDelay.D()
+		logger.Info().Str("signal", sig.String()).Dur("shutdown_delay", delay).Msg("shutting down: not ready; still serving for shutdown_delay")
+		_ = logw.Flush()
+		if delay > 0 {
+			t := time.NewTimer(delay)
+			select {
+			case <-t.C:
+			case sig := <-sigs:
+				t.Stop()
+				logger.Info().Str("signal", sig.String()).Msg("second signal: skipping the rest of shutdown_delay")
+			}
+		}
 	case err := <-errc:
 		return fmt.Errorf("serve: %w", err)
 	}
-	logger.Info().Msg("shutting down")
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout.D())
 	defer cancel()
 	// The admin listener goes last: /readyz answers 503 while requests drain.
 	err = errors.Join(srv.Shutdown(sctx), p.Wait(sctx), limiter.Wait(sctx), admin.Shutdown(sctx))
+	<-closed
 	if err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}

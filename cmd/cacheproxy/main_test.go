@@ -199,6 +199,47 @@ func TestSIGTERMFinishesInFlightRequests(t *testing.T) {
 	}
 }
 
+// TestShutdownDelayKeepsServingUntilASecondSignal: after SIGTERM /readyz
+// is 503 at once but new connections are still accepted and served for
+// shutdown_delay (an hour here, so only the second signal can end it);
+// a second SIGTERM skips the rest, and the process drains and exits 0,
+// logging "no longer accepting" before "stopped".
+func TestShutdownDelayKeepsServingUntilASecondSignal(t *testing.T) {
+	_, up := newFake(t)
+	p := start(t, "shutdown_delay = \"1h\"\n"+upstreamConfig(up.URL))
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, p, "shutting down: not ready; still serving for shutdown_delay")
+	if resp, err := http.Get("http://" + p.admin + "/readyz"); err != nil || resp.StatusCode != http.StatusServiceUnavailable {
+		t.Fatalf("/readyz during shutdown_delay: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+	fresh := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}} // a new connection each time
+	for i := 0; i < 3; i++ {
+		req, _ := http.NewRequest("GET", "http://"+p.addr+path, nil)
+		req.Header.Set("Authorization", auth())
+		resp, err := fresh.Do(req)
+		if err != nil {
+			t.Fatalf("request %d during shutdown_delay: %v", i, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			t.Fatalf("request %d during shutdown_delay: %d", i, resp.StatusCode)
+		}
+	}
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, p, "second signal: skipping the rest of shutdown_delay")
+	waitFor(t, p, "no longer accepting; finishing in-flight requests")
+	waitFor(t, p, "stopped")
+	if err := <-p.done; err != nil {
+		t.Fatalf("exit: %v\n%s", err, p.stderr.String())
+	}
+}
+
 func TestInvalidConfigExitsNonZeroNamingTheKey(t *testing.T) {
 	for name, tc := range map[string]struct {
 		config string

@@ -26,6 +26,12 @@ type Config struct {
 	AdminListen string `toml:"admin_listen"`
 	// ShutdownTimeout bounds how long SIGTERM waits for in-flight requests. Default 25s.
 	ShutdownTimeout Duration `toml:"shutdown_timeout"`
+	// ShutdownDelay is how long the proxy keeps accepting and serving
+	// after SIGTERM, with /readyz already 503, before it stops accepting:
+	// in a pod the app gets SIGTERM at the same moment and may still need
+	// Twilio while it finishes. A second SIGTERM or SIGINT skips the rest.
+	// Default 0s (a plain process); the container config sets 5s.
+	ShutdownDelay Duration `toml:"shutdown_delay"`
 
 	Admin     Admin     `toml:"admin"`
 	Upstreams Upstreams `toml:"upstreams"`
@@ -324,6 +330,9 @@ func (c Config) Validate() error {
 	}
 	if c.ShutdownTimeout <= 0 {
 		bad("shutdown_timeout", "must be > 0")
+	}
+	if c.ShutdownDelay < 0 {
+		bad("shutdown_delay", "must be >= 0")
 	}
 	if c.Cache.TTL <= 0 {
 		bad("cache.ttl", "must be > 0")
