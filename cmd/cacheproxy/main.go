@@ -20,6 +20,7 @@ import (
 
 	"cacheproxy/internal/cache"
 	"cacheproxy/internal/config"
+	"cacheproxy/internal/inflight"
 	"cacheproxy/internal/invalidation"
 	"cacheproxy/internal/logbuf"
 	"cacheproxy/internal/proxy"
@@ -164,12 +165,17 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		ln.Close()
 		return fmt.Errorf("admin_listen: %w", err)
 	}
+	var conns connTracker
 	srv := &http.Server{
 		Handler:           p,
 		ReadHeaderTimeout: cfg.Server.ReadHeaderTimeout.D(),
-		IdleTimeout:       cfg.Server.IdleTimeout.D(),
-		MaxHeaderBytes:    int(cfg.Server.MaxHeaderBytes),
-		ErrorLog:          newStdLog(logger, "http"),
+		ReadTimeout:       cfg.Server.ReadTimeout.D(),
+		// No WriteTimeout: it would count the upstream's time too. The
+		// proxy sets a write deadline when each response starts.
+		IdleTimeout:    cfg.Server.IdleTimeout.D(),
+		MaxHeaderBytes: int(cfg.Server.MaxHeaderBytes),
+		ErrorLog:       newStdLog(logger, "http"),
+		ConnState:      conns.track,
 	}
 	var ready atomic.Bool
 	admin := &http.Server{
@@ -233,14 +239,47 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout.D())
 	defer cancel()
 	// The admin listener goes last: /readyz answers 503 while requests drain.
-	err = errors.Join(srv.Shutdown(sctx), p.Wait(sctx), limiter.Wait(sctx), admin.Shutdown(sctx))
+	err = srv.Shutdown(sctx)
+	if err != nil {
+		// Requests still running past shutdown_timeout: cut their
+		// connections so that they end now, and wait (briefly) for their
+		// handlers, so that each still gets its access-log line.
+		logger.Warn().Dur("shutdown_timeout", cfg.ShutdownTimeout.D()).Msg("shutdown_timeout passed: closing the connections of requests still running")
+		_ = srv.Close()
+		grace, cancelGrace := context.WithTimeout(context.Background(), closeGrace)
+		_ = conns.wait(grace)
+		cancelGrace()
+	}
+	err = errors.Join(err, p.Wait(sctx), limiter.Wait(sctx), admin.Shutdown(sctx))
 	<-closed
+	_ = logw.Flush()
 	if err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	logger.Info().Msg("stopped")
 	return nil
 }
+
+// closeGrace bounds the wait for handlers whose connections shutdown cut.
+const closeGrace = 5 * time.Second
+
+// connTracker counts the proxy listener's open connections (a handler runs
+// on its connection's goroutine, so a closed connection's handler is done).
+// It is told only of new and closed connections, not of every request.
+type connTracker struct {
+	open inflight.Tracker
+}
+
+func (c *connTracker) track(_ net.Conn, s http.ConnState) {
+	switch s {
+	case http.StateNew:
+		c.open.Add()
+	case http.StateClosed, http.StateHijacked:
+		c.open.Done()
+	}
+}
+
+func (c *connTracker) wait(ctx context.Context) error { return c.open.Wait(ctx) }
 
 // versionInfo is the module version (set for go install'ed builds) and the
 // VCS revision recorded at build time.

@@ -240,6 +240,99 @@ func TestShutdownDelayKeepsServingUntilASecondSignal(t *testing.T) {
 	}
 }
 
+// trickle sends a write whose body stops after its first sent bytes and
+// returns the connection: the rest of the body never comes.
+func trickle(t *testing.T, addr string, sent int) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	req := "POST /v1/Conversations/" + conv + "/Messages HTTP/1.1\r\nHost: localhost\r\nAuthorization: " + auth() +
+		"\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100000\r\n\r\nBody=" + strings.Repeat("x", sent)
+	if _, err := io.WriteString(c, req); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// accessLine returns the access-log line of the first request with method.
+func accessLine(t *testing.T, p *proc, method string) map[string]any {
+	t.Helper()
+	for _, l := range strings.Split(p.logs(), "\n") {
+		var m map[string]any
+		if json.Unmarshal([]byte(l), &m) == nil && m["message"] == "request" && m["method"] == method {
+			return m
+		}
+	}
+	t.Fatalf("no access line for %s:\n%s", method, p.logs())
+	return nil
+}
+
+// TestATricklingBodyGets408: a body that stops coming is answered 408 in
+// Twilio's shape once server.read_timeout passes, and logged.
+func TestATricklingBodyGets408(t *testing.T) {
+	fake, up := newFake(t)
+	fake.Before = func(w http.ResponseWriter, r *http.Request) bool {
+		_, _ = io.Copy(io.Discard, r.Body) // Twilio reads the whole form before answering
+		return false
+	}
+	p := start(t, upstreamConfig(up.URL)+"[server]\nread_timeout = \"300ms\"\n")
+	c := trickle(t, p.addr, 3)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	var e struct {
+		Code   int `json:"code"`
+		Status int `json:"status"`
+	}
+	if resp.StatusCode != http.StatusRequestTimeout || json.Unmarshal(b, &e) != nil || e.Code != 20408 {
+		t.Fatalf("trickled body: %d %s\n%s", resp.StatusCode, b, p.logs())
+	}
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	<-p.done
+	if line := accessLine(t, p, "POST"); line["status"] != float64(408) {
+		t.Fatalf("access line: %v", line)
+	}
+}
+
+// TestShutdownLogsTheRequestsItCuts: a request still running when
+// shutdown_timeout passes (a body that never completes, with a read
+// timeout far away) has its connection closed, and still gets its
+// access-log line before the process exits.
+func TestShutdownLogsTheRequestsItCuts(t *testing.T) {
+	fake, up := newFake(t)
+	arrived := make(chan struct{}, 1)
+	fake.Before = func(w http.ResponseWriter, r *http.Request) bool {
+		select {
+		case arrived <- struct{}{}:
+		default:
+		}
+		return false
+	}
+	p := start(t, "shutdown_timeout = \"300ms\"\n"+upstreamConfig(up.URL)+"[server]\nread_timeout = \"1h\"\n")
+	trickle(t, p.addr, 16<<10) // enough to push the head through the proxy's buffers
+	<-arrived                  // the proxy is streaming the body upstream
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, p, "shutdown_timeout passed: closing the connections of requests still running")
+	err := <-p.done
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 {
+		t.Fatalf("exit: %v (want 1: shutdown did not finish in time)", err)
+	}
+	if line := accessLine(t, p, "POST"); line["status"] == nil {
+		t.Fatalf("access line: %v", line)
+	}
+}
+
 func TestInvalidConfigExitsNonZeroNamingTheKey(t *testing.T) {
 	for name, tc := range map[string]struct {
 		config string

@@ -91,6 +91,13 @@ type Cache struct {
 type Server struct {
 	// ReadHeaderTimeout bounds reading a request's headers. Default 10s.
 	ReadHeaderTimeout Duration `toml:"read_header_timeout"`
+	// ReadTimeout bounds reading a whole request, headers and body: a body
+	// that trickles in gets 408 instead of holding its request. Default 30s.
+	ReadTimeout Duration `toml:"read_timeout"`
+	// WriteTimeout bounds writing a response to the client, from its first
+	// byte: a client that stops reading loses its connection instead of
+	// holding it (and its account's upstream slot). Default 30s.
+	WriteTimeout Duration `toml:"write_timeout"`
 	// IdleTimeout closes idle keep-alive connections. Default 120s.
 	IdleTimeout Duration `toml:"idle_timeout"`
 	// MaxHeaderBytes bounds request headers. Default 64KiB.
@@ -157,6 +164,8 @@ func Default() Config {
 		},
 		Server: Server{
 			ReadHeaderTimeout: Duration(10 * time.Second),
+			ReadTimeout:       Duration(30 * time.Second),
+			WriteTimeout:      Duration(30 * time.Second),
 			IdleTimeout:       Duration(120 * time.Second),
 			MaxHeaderBytes:    64 << 10,
 			MaxBodyBytes:      10 << 20,
@@ -348,6 +357,12 @@ func (c Config) Validate() error {
 	}
 	if c.Server.ReadHeaderTimeout <= 0 {
 		bad("server.read_header_timeout", "must be > 0")
+	}
+	if c.Server.ReadTimeout <= 0 {
+		bad("server.read_timeout", "must be > 0")
+	}
+	if c.Server.WriteTimeout <= 0 {
+		bad("server.write_timeout", "must be > 0")
 	}
 	if c.Server.IdleTimeout <= 0 {
 		bad("server.idle_timeout", "must be > 0")

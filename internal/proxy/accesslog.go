@@ -30,10 +30,15 @@ type record struct {
 	upstreamStatus int
 	upstreamDur    time.Duration
 	calls          callStats // queue wait, retries, upstream 429s
-	reqID          string    // the client's X-Request-Id, or "" and reqNum
-	reqNum         uint64
-	errMsg         string
-	rt             route.Match
+	// upstreamCut: the upstream's body failed after the client's answer
+	// had begun (a pass-through streamed to the client).
+	upstreamCut bool
+	// bodyErr is the failure reading the client's request body, if any.
+	bodyErr error
+	reqID       string // the client's X-Request-Id, or "" and reqNum
+	reqNum      uint64
+	errMsg      string
+	rt          route.Match
 }
 
 type recordKey struct{}
@@ -79,25 +84,49 @@ func accessLoggers(l zerolog.Logger) [][numOutcomes]zerolog.Logger {
 
 // recordWriter wraps the client's ResponseWriter to learn the status and
 // byte count. Unwrap lets http.ResponseController reach Flush.
+//
+// When the response starts it sets the connection's write deadline to
+// writeTimeout from then: a client that stops reading cannot hold the
+// handler (or, through it, an upstream slot) for longer. Every response
+// sets it afresh, so a deadline left by an earlier request on the same
+// keep-alive connection never applies.
 type recordWriter struct {
 	http.ResponseWriter
-	status int
-	bytes  int64
+	status       int
+	bytes        int64
+	writeErr     error // the first failed write: the client did not take the response
+	writeTimeout time.Duration
+}
+
+// writeDeadliner is what net/http's ResponseWriter offers (as
+// http.ResponseController uses it), without allocating a controller.
+type writeDeadliner interface{ SetWriteDeadline(time.Time) error }
+
+func (w *recordWriter) begin(code int) {
+	w.status = code
+	if w.writeTimeout > 0 {
+		if d, ok := w.ResponseWriter.(writeDeadliner); ok {
+			_ = d.SetWriteDeadline(time.Now().Add(w.writeTimeout))
+		}
+	}
 }
 
 func (w *recordWriter) WriteHeader(code int) {
 	if w.status == 0 && code >= 200 {
-		w.status = code
+		w.begin(code)
 	}
 	w.ResponseWriter.WriteHeader(code)
 }
 
 func (w *recordWriter) Write(b []byte) (int, error) {
 	if w.status == 0 {
-		w.status = http.StatusOK
+		w.begin(http.StatusOK)
 	}
 	n, err := w.ResponseWriter.Write(b)
 	w.bytes += int64(n)
+	if err != nil && w.writeErr == nil {
+		w.writeErr = err
+	}
 	return n, err
 }
 
@@ -171,6 +200,13 @@ func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
 	status := w.status
 	var ev *zerolog.Event
 	switch l := &p.access[rec.routeID][rec.cache]; {
+	case rec.upstreamCut:
+		ev = l.Error() // the upstream failed mid-body after the answer began
+	case w.writeErr != nil:
+		ev = l.Warn() // an interrupted transfer: bytes says how much was sent
+		if rec.errMsg == "" || rec.errMsg == http.ErrAbortHandler.Error() {
+			rec.errMsg = "response interrupted: the client did not take it: " + w.writeErr.Error()
+		}
 	case status == 0:
 		status = 499 // client went away before an answer: nothing was sent
 		ev = l.Info()

@@ -15,7 +15,14 @@ import (
 var (
 	errFetchPanic    = errors.New("upstream fetch panicked")
 	errResponseLarge = errors.New("upstream response larger than the fetch limit")
+	errUpstreamCut   = errors.New("upstream response cut off mid-body")
 )
+
+// clientBodyError is a failure reading the client's request body.
+type clientBodyError struct{ err error }
+
+func (e *clientBodyError) Error() string { return "reading the request body: " + e.err.Error() }
+func (e *clientBodyError) Unwrap() error { return e.err }
 
 // twilioError writes the JSON error shape Twilio's SDKs decode:
 // {"code":..,"message":..,"more_info":..,"status":..}. Codes are 20000 +
@@ -41,19 +48,28 @@ func statusFor(clientCtx context.Context, err error) (int, string) {
 	var maxErr *http.MaxBytesError
 	var netErr net.Error
 	var rej *ratelimit.RejectedError
+	var bodyErr *clientBodyError
 	switch {
+	case errors.As(err, &maxErr):
+		return http.StatusRequestEntityTooLarge, "request body larger than " + strconv.FormatInt(maxErr.Limit, 10) + " bytes"
+	case errors.As(err, &bodyErr) && errors.As(err, &netErr) && netErr.Timeout():
+		return http.StatusRequestTimeout, "request body not received within server.read_timeout"
+	case errors.As(err, &bodyErr):
+		// Usually the client left mid-body; if it is still there, it is
+		// told rather than sent net/http's implicit empty 200.
+		return http.StatusBadRequest, "request body could not be read"
 	case clientCtx.Err() != nil && errors.Is(err, context.Canceled):
 		return 0, "client went away"
 	case errors.As(err, &rej):
 		return http.StatusTooManyRequests, "Too many requests: this account's upstream budget is spent (" + rej.Reason + ")"
-	case errors.As(err, &maxErr):
-		return http.StatusRequestEntityTooLarge, "request body larger than " + strconv.FormatInt(maxErr.Limit, 10) + " bytes"
 	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &netErr) && netErr.Timeout():
 		return http.StatusGatewayTimeout, "upstream did not answer in time"
 	case errors.Is(err, errFetchPanic):
 		return http.StatusBadGateway, "upstream fetch failed"
 	case errors.Is(err, errResponseLarge):
 		return http.StatusBadGateway, "upstream response too large"
+	case errors.Is(err, errUpstreamCut):
+		return http.StatusBadGateway, "upstream response cut off"
 	case clientCtx.Err() != nil:
 		return 0, "client went away"
 	}

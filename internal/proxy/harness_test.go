@@ -184,7 +184,7 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 	o.Freshness = Freshness{TTL: c.Cache.TTL.D(), NegativeTTL: c.Cache.NegativeTTL.D(), StaleIfError: c.Cache.StaleIfError.D(),
 		StaleWhileRevalidate: c.Cache.StaleWhileRevalidate.D(), MaxEntryBytes: int64(c.Cache.MaxEntryBytes)}
 	o.Retry = Retry{Max: c.RateLimit.MaxRetries, Base: c.RateLimit.BackoffBase.D(), Cap: c.RateLimit.BackoffMax.D(), ReplayBytes: int64(c.RateLimit.ReplayBytes)}
-	o.MaxBodyBytes = int64(c.Server.MaxBodyBytes)
+	o.MaxBodyBytes, o.WriteTimeout = int64(c.Server.MaxBodyBytes), c.Server.WriteTimeout.D()
 	p, err := New(o)
 	if err != nil {
 		t.Fatal(err)

@@ -20,7 +20,7 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rec *record, up 
 		return
 	}
 	if r.Body != nil && r.Body != http.NoBody {
-		r.Body = http.MaxBytesReader(w, r.Body, p.maxBody)
+		r.Body = &clientBody{ReadCloser: http.MaxBytesReader(w, r.Body, p.maxBody), rec: rec}
 	}
 	p.c.passthrough.Add(1)
 	rec.viaUpstream = true
@@ -46,6 +46,9 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	}
 	rec.upstreamStatus = resp.StatusCode
 	rec.upstreamDur = p.clock.Since(rec.start)
+	if err := bufferSmall(resp, rec); err != nil {
+		return err
+	}
 	if isWrite(resp.Request.Method) {
 		tags := rec.rt.WriteTags()
 		if resp.StatusCode < 300 {
@@ -56,6 +59,76 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 		}
 	}
 	return nil
+}
+
+// bufferedResponseBytes: a pass-through response up to this size is read
+// from the upstream in full before the client gets a byte, so the
+// account's upstream slot (held until the upstream body is closed) is given
+// back at once however slowly the client reads. A larger one streams and
+// holds its slot at most until the client's write deadline.
+const bufferedResponseBytes = 1 << 20
+
+// bufferSmall reads a response of up to bufferedResponseBytes from the
+// upstream and closes the upstream body; a larger one streams on, its read
+// errors recorded in rec. An upstream failure while buffering is an error
+// before anything was sent: the client gets a 502.
+func bufferSmall(resp *http.Response, rec *record) error {
+	if resp.Body == nil || resp.Body == http.NoBody || resp.ContentLength > bufferedResponseBytes {
+		if resp.Body != nil && resp.Body != http.NoBody {
+			resp.Body = &cutBody{ReadCloser: resp.Body, rec: rec}
+		}
+		return nil
+	}
+	head, err := io.ReadAll(io.LimitReader(resp.Body, bufferedResponseBytes+1))
+	if err != nil {
+		resp.Body.Close()
+		return fmt.Errorf("%w: %w", errUpstreamCut, err)
+	}
+	if len(head) <= bufferedResponseBytes {
+		resp.Body.Close() // the upstream exchange is over: its slot goes back
+		resp.Body = io.NopCloser(bytes.NewReader(head))
+		return nil
+	}
+	resp.Body = &cutBody{ReadCloser: readCloser{io.MultiReader(bytes.NewReader(head), resp.Body), resp.Body}, rec: rec}
+	return nil
+}
+
+// cutBody records an upstream body that fails while it streams to the
+// client: the answer has begun, so the reverse proxy can only cut the
+// connection; the access line then says what happened.
+type cutBody struct {
+	io.ReadCloser
+	rec *record
+}
+
+func (b *cutBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil && err != io.EOF && !b.rec.upstreamCut {
+		b.rec.upstreamCut = true
+		b.rec.errMsg = "upstream response cut off mid-body: " + err.Error()
+	}
+	return n, err
+}
+
+// clientBody records a failure reading the client's request body, so that
+// a body that trickles past server.read_timeout is the client's fault
+// (408), not an upstream failure, whatever error the transport reports
+// (net/http cancels the request's context on a read error, so the
+// transport may well say "context canceled").
+type clientBody struct {
+	io.ReadCloser
+	rec *record
+}
+
+func (b *clientBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil && err != io.EOF {
+		err = &clientBodyError{err}
+		if b.rec.bodyErr == nil {
+			b.rec.bodyErr = err
+		}
+	}
+	return n, err
 }
 
 // maxWriteBodyPeek bounds how much of a write's response is read to learn
@@ -84,6 +157,9 @@ func writeBodyTags(m *route.Match, resp *http.Response) []string {
 func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) {
 	rec, ok := r.Context().Value(recordKey{}).(*record)
 	if ok {
+		if rec.bodyErr != nil {
+			err = rec.bodyErr // the cause, whatever the transport made of it
+		}
 		rec.errMsg = err.Error()
 		rec.upstreamDur = p.clock.Since(rec.start)
 		if tags := rec.rt.WriteTags(); isWrite(r.Method) && len(tags) > 0 {

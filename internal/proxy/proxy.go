@@ -119,6 +119,9 @@ type Options struct {
 	Retry       Retry
 	// MaxBodyBytes bounds a request body (413 beyond it).
 	MaxBodyBytes int64
+	// WriteTimeout bounds writing a response to the client, from its
+	// first byte. 0: no bound.
+	WriteTimeout time.Duration
 	// Logger receives one JSON line per request, with its own "time" field
 	// (so give it no Timestamp()). Zero value: no logs.
 	Logger zerolog.Logger
@@ -158,6 +161,7 @@ type Proxy struct {
 	fresh    Freshness
 	maxBody  int64
 	maxFetch int64
+	writeTO  time.Duration
 }
 
 // upstream is one configured Twilio API host.
@@ -212,6 +216,7 @@ func New(o Options) (*Proxy, error) {
 		ids:      newRequestIDs(),
 		fresh:    f,
 		maxBody:  o.MaxBodyBytes,
+		writeTO:  o.WriteTimeout,
 		maxFetch: max(maxFetchBytes, f.MaxEntryBytes),
 		hdrs:     newHitHeaders(max(f.TTL, f.NegativeTTL)),
 	}
@@ -253,7 +258,7 @@ func (p *Proxy) Wait(ctx context.Context) error {
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	st := statePool.Get().(*state)
 	*st = state{}
-	st.rw.ResponseWriter = w
+	st.rw.ResponseWriter, st.rw.writeTimeout = w, p.writeTO
 	rec := &st.rec
 	rec.start = p.clock.Now()
 	if id := r.Header["X-Request-Id"]; len(id) == 1 && validRequestID(id[0]) {
@@ -274,7 +279,9 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			// http.ErrAbortHandler: the reverse proxy lost the upstream
 			// mid-body; the connection is cut. Log it, then let net/http
 			// do the cutting.
-			rec.errMsg = fmt.Sprint(v)
+			if rec.errMsg == "" {
+				rec.errMsg = fmt.Sprint(v)
+			}
 			p.logRequest(r, rec, &st.rw)
 			panic(v)
 		}

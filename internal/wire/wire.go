@@ -31,6 +31,7 @@ func ProxyOptions(cfg config.Config) proxy.Options {
 		},
 		Retry:        proxy.Retry{Max: rl.MaxRetries, Base: rl.BackoffBase.D(), Cap: rl.BackoffMax.D(), ReplayBytes: int64(rl.ReplayBytes)},
 		MaxBodyBytes: int64(cfg.Server.MaxBodyBytes),
+		WriteTimeout: cfg.Server.WriteTimeout.D(),
 		KeySecret:    []byte(c.KeySecret),
 	}
 }
