@@ -35,10 +35,10 @@ type record struct {
 	upstreamCut bool
 	// bodyErr is the failure reading the client's request body, if any.
 	bodyErr error
-	reqID       string // the client's X-Request-Id, or "" and reqNum
-	reqNum      uint64
-	errMsg      string
-	rt          route.Match
+	reqID   string // the client's X-Request-Id, or "" and reqNum
+	reqNum  uint64
+	errMsg  string
+	rt      route.Match
 }
 
 type recordKey struct{}
