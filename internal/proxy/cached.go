@@ -197,7 +197,7 @@ func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string)
 	defer cancel()
 	epoch := p.inv.Epoch()
 	u := *up.target
-	u.Path, u.RawPath, u.RawQuery = m.Path, m.RawPath, r.URL.RawQuery
+	u.Path, u.RawPath, u.RawQuery = m.Unescaped(), m.Path, r.URL.RawQuery
 	out, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
 	if err != nil {
 		return nil, err
@@ -232,7 +232,7 @@ func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string)
 		ttl = p.fresh.TTL
 		var ids route.BodyIDs
 		if json.Unmarshal(body, &ids) == nil {
-			e.Tags = append(e.Tags, route.BodyTags(m.Upstream, &ids, false)...)
+			e.Tags = append(e.Tags, route.EntryBodyTags(m.Upstream, &ids)...)
 		}
 	case http.StatusNotFound:
 		ttl = p.fresh.NegativeTTL
@@ -264,8 +264,9 @@ func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, e *cache.Entr
 }
 
 // appendKey appends the cache key: upstream + path + query + credential
-// fingerprint. The decoded path is used, so two spellings of one identity
-// share an entry.
+// fingerprint. The path is the one sent upstream (escaped, normalised):
+// two requests share an entry only if the upstream would see the same
+// resource, and an escaped "/" or "?" never makes two paths one.
 func appendKey(b []byte, m *route.Match, query string, c *credential) []byte {
 	b = append(b, m.Upstream.String()...)
 	b = append(b, ' ')

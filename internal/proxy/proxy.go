@@ -292,7 +292,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func (p *Proxy) serve(w *recordWriter, r *http.Request, rec *record, auth string) {
-	m, rerr := p.router.Resolve(r.Method, r.Host, r.URL.Host, r.URL.Path, r.URL.RawPath)
+	m, rerr := p.router.Resolve(r.Method, r.Host, r.URL.Host, r.URL.EscapedPath())
 	if rerr != nil {
 		rec.routeID = route.Unrouted()
 		rec.errMsg = rerr.LogText()

@@ -47,7 +47,7 @@ func (p *Proxy) PurgeHandler(token string, adminLoopback bool) http.Handler {
 				twilioError(w, http.StatusBadRequest, "path must be an absolute path")
 				return
 			}
-			m, rerr := p.router.Resolve(http.MethodGet, "cacheproxy.purge", "", u.Path, u.RawPath)
+			m, rerr := p.router.Resolve(http.MethodGet, "cacheproxy.purge", "", u.EscapedPath())
 			if rerr != nil {
 				twilioError(w, rerr.Status, rerr.Msg)
 				return

@@ -7,6 +7,8 @@ import (
 	"reflect"
 	"testing"
 
+	"cacheproxy/internal/twiliofake"
+
 	"github.com/twilio/twilio-go"
 	twclient "github.com/twilio/twilio-go/client"
 	conversationsv1 "github.com/twilio/twilio-go/rest/conversations/v1"
@@ -114,5 +116,38 @@ func TestTwilioGoThroughTheProxy(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestTwilioGoIdentitiesWithReservedCharacters: identities with "/", "?",
+// "%", spaces or non-ASCII, passed to twilio-go escaped (it puts path
+// parameters into the URL as given), are fetched through the proxy as
+// Twilio sends them, and each keeps an entry of its own.
+func TestTwilioGoIdentitiesWithReservedCharacters(t *testing.T) {
+	h := newHarness(t)
+	identities := []string{"team/alice", "team", "q?x=1", "q", "100%", "Bob Smith", "zoë", "a%2Fb"}
+	for i, id := range identities {
+		h.conv.AddParticipant(conv1, twiliofake.Participant{Sid: twiliofake.SID("MB", 500+i), Identity: id})
+	}
+	via := twilioClient(acctA, tokenA, rewrite{hostOf(h.srv.URL), false})
+	direct := twilioClient(acctA, tokenA, rewrite{hostOf(h.convSrv.URL), true})
+	for round := 0; round < 2; round++ {
+		for _, id := range identities {
+			before := h.conv.Total()
+			want, err := direct.ConversationsV1.FetchConversationParticipant(conv1, url.PathEscape(id))
+			if err != nil || want.Identity == nil || *want.Identity != id {
+				t.Fatalf("%q straight from the upstream: %+v %v", id, want, err)
+			}
+			got, err := via.ConversationsV1.FetchConversationParticipant(conv1, url.PathEscape(id))
+			if err != nil || !reflect.DeepEqual(got, want) {
+				t.Fatalf("%q through the proxy: %+v %v, want %+v", id, got, err, want)
+			}
+			h.settle()
+			// The direct fetch is one call; the proxy's first read another,
+			// its second a hit.
+			if calls, wantCalls := h.conv.Total()-before, int64(2-round); calls != wantCalls {
+				t.Fatalf("%q round %d: %d upstream calls, want %d", id, round, calls, wantCalls)
+			}
+		}
 	}
 }

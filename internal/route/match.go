@@ -6,15 +6,22 @@ import "strings"
 // value with its scopes inline, so routing a cache hit allocates nothing.
 type Match struct {
 	Upstream Upstream
-	// Path and RawPath are the request's path with any /proxy or
-	// /conversations prefix removed (decoded, and escaped as sent).
-	Path, RawPath string
+	// Path is the request's path as it is sent upstream: escaped,
+	// normalised, with any /proxy or /conversations prefix removed. Cache
+	// keys and purge use it; scope ids are decoded.
+	Path string
 
 	row  *Row // nil: a pass-through route that names no scope
 	id   int  // index in Labels
 	ids  [maxScopes][2]string
 	nids int
+	// identity is the segment of Row.Identity (decoded): a user's identity,
+	// or a SID.
+	identity string
 }
+
+// Unescaped is Path decoded (url.URL.Path to Path's url.URL.RawPath).
+func (m *Match) Unescaped() string { return Unescape(m.Path) }
 
 // ID is the route's index in Labels.
 func (m *Match) ID() int { return m.id }
@@ -37,10 +44,13 @@ func (m *Match) scope(kind, id string) {
 // ReadTags are the scopes a read's entry belongs to: its path (for purge),
 // the ids in its path, and a wildcard per kind.
 func (m *Match) ReadTags() []string {
-	out := make([]string, 0, 2*m.nids+1)
+	out := make([]string, 0, 2*m.nids+3)
 	out = append(out, PathTag(m.Upstream, m.Path))
 	for _, kv := range m.ids[:m.nids] {
 		out = append(out, ScopeTag(m.Upstream, kv[0], kv[1]), ScopeTag(m.Upstream, kv[0], "*"))
+	}
+	if m.identity != "" && !SIDLike(m.identity) {
+		out = append(out, ScopeTag(m.Upstream, kindIdentity, m.identity), ScopeTag(m.Upstream, kindIdentity, "*"))
 	}
 	return out
 }
@@ -55,6 +65,15 @@ func (m *Match) WriteTags() []string {
 		if !SIDLike(kv[1]) {
 			out = append(out, ScopeTag(m.Upstream, kv[0], "*"))
 		}
+	}
+	switch {
+	case m.identity == "":
+	case !SIDLike(m.identity):
+		out = append(out, ScopeTag(m.Upstream, kindIdentity, m.identity))
+	case m.row.User:
+		// A user addressed by SID: which identity changed is unknown here
+		// (a 200's body names it; a delete's 204 does not).
+		out = append(out, ScopeTag(m.Upstream, kindIdentity, "*"))
 	}
 	return out
 }
@@ -89,6 +108,17 @@ func SIDLike(id string) bool {
 	return true
 }
 
+// EntryBodyTags are the scopes a cached response's body adds to its entry:
+// BodyTags, and the identity wildcard when it names an identity (a write
+// to a user addressed by SID invalidates every identity's reads).
+func EntryBodyTags(up Upstream, b *BodyIDs) []string {
+	out := BodyTags(up, b, false)
+	if up == Conversations && b.Identity != "" {
+		out = append(out, ScopeTag(up, kindIdentity, "*"))
+	}
+	return out
+}
+
 // BodyIDs are the fields of Twilio resources that name scopes.
 type BodyIDs struct {
 	Sid             string `json:"sid"`
@@ -99,6 +129,7 @@ type BodyIDs struct {
 	ChatServiceSid  string `json:"chat_service_sid"`
 	SessionSid      string `json:"session_sid"`
 	ServiceSid      string `json:"service_sid"`
+	Identity        string `json:"identity"`
 }
 
 // BodyTags returns the scopes named inside a JSON response of upstream up:
@@ -116,6 +147,7 @@ func BodyTags(up Upstream, b *BodyIDs, resource bool) []string {
 		add(kindConv, b.ConversationSid)
 		add(kindConv, b.ConversationID)
 		add(kindSvc, b.ChatServiceSid)
+		add(kindIdentity, b.Identity) // a participant's or user's identity
 	} else {
 		add(kindSess, b.SessionSid)
 		add(kindSvc, b.ServiceSid)

@@ -99,7 +99,7 @@ func TestLabelsDeriveFromTheTable(t *testing.T) {
 	for path, label := range map[string]string{pathConv: "conversations.v1.participant", pathSvc: "conversations.v1.service_participant",
 		pathV2: "conversations.v2.participant", "/proxy" + pathProxy: "proxy.v1.participant",
 		"/v1/Conversations": "conversations.other", "/proxy/v1/Services/" + ksvc: "proxy.other"} {
-		m, err := r.Resolve("GET", "localhost", "", path, "")
+		m, err := r.Resolve("GET", "localhost", "", path)
 		if err != nil || m.Name() != label || Labels()[m.ID()] != label {
 			t.Errorf("%s: %q (id %d) %v, want %q", path, m.Name(), m.ID(), err, label)
 		}
@@ -109,16 +109,16 @@ func TestLabelsDeriveFromTheTable(t *testing.T) {
 // TestANewCachedRouteIsOneRow: a table with a fifth cached row routes,
 // labels and scopes it with no other change.
 func TestANewCachedRouteIsOneRow(t *testing.T) {
-	table := append(append([]Row(nil), Table...), Row{Name: "conversations.v1.user", Upstream: Conversations, Cached: true,
-		Pattern: "/v1/Users/{user}", Scopes: []string{"user"}})
+	table := append(append([]Row(nil), Table...), Row{Name: "conversations.v1.role", Upstream: Conversations, Cached: true,
+		Pattern: "/v1/Roles/{role}", Scopes: []string{"role"}})
 	r := compile(table)
-	if got := r.labels[4]; got != "conversations.v1.user" || r.labels[len(r.labels)-1] != "unrouted" {
+	if got := r.labels[4]; got != "conversations.v1.role" || r.labels[len(r.labels)-1] != "unrouted" {
 		t.Fatalf("labels %q", r.labels)
 	}
 	rows := r.byLen[Conversations][3]
 	var found bool
 	for _, c := range rows {
-		if c.row.Name == "conversations.v1.user" && c.id == 4 && c.nscopes == 1 && c.scopes[0].pos == 2 {
+		if c.row.Name == "conversations.v1.role" && c.id == 4 && c.nscopes == 1 && c.scopes[0].pos == 2 {
 			found = true
 		}
 	}
@@ -169,7 +169,7 @@ func TestBodyTags(t *testing.T) {
 func TestRoutingAHitAllocatesNothing(t *testing.T) {
 	r := twilioRouter(t)
 	if n := testing.AllocsPerRun(100, func() {
-		if _, err := r.Resolve("GET", "127.0.0.1:8080", "", pathConv, ""); err != nil {
+		if _, err := r.Resolve("GET", "127.0.0.1:8080", "", pathConv); err != nil {
 			t.Fatal(err)
 		}
 	}); n != 0 {
@@ -185,7 +185,7 @@ func FuzzResolve(f *testing.F) {
 	f.Add("0", "proXY.twilio.Com") // an empty path on a Host-kept request (found by the fuzzer)
 	r := twilioRouter(f)
 	f.Fuzz(func(t *testing.T, path, host string) {
-		m, rerr := r.Resolve("GET", host, "", path, "")
+		m, rerr := r.Resolve("GET", host, "", path)
 		if rerr == nil && (m.Upstream >= NumUpstreams || !strings.HasPrefix(m.Path, "/") || m.ID() < 0 || m.ID() >= Unrouted()) {
 			t.Fatalf("resolved without an upstream, path or label: %q %q -> %+v", host, path, m)
 		}
@@ -196,4 +196,90 @@ func FuzzResolve(f *testing.F) {
 			t.Fatalf("cacheable route without scopes: %q", path)
 		}
 	})
+}
+
+// TestRoutingSeesThePathAsSentUpstream: an escaped "/" or "?" stays inside
+// its segment (it is what the upstream sees), escaped unreserved
+// characters are one spelling, and scope ids are decoded.
+func TestRoutingSeesThePathAsSentUpstream(t *testing.T) {
+	r := twilioRouter(t)
+	for _, tc := range []struct {
+		name, path, wantPath, wantLabel string
+		wantErr                         int
+	}{
+		{"escaped slash is one segment", "/v1/Conversations/" + conv1 + "%2FParticipants%2F" + member1,
+			"/v1/Conversations/" + conv1 + "%2FParticipants%2F" + member1, "conversations.other", 0},
+		{"escaped prefix slash is no prefix", "/proxy%2Fv1/Services/" + ksvc, "", "", 404},
+		{"escaped question mark stays in the path", "/v1/Conversations/" + conv1 + "/Participants/q%3fx=1",
+			"/v1/Conversations/" + conv1 + "/Participants/q%3Fx=1", "conversations.v1.participant", 0},
+		{"unreserved escapes are decoded", "/v1/%43onversations/" + conv1 + "/Participants/b%6Fb",
+			"/v1/Conversations/" + conv1 + "/Participants/bob", "conversations.v1.participant", 0},
+		{"escaped dot segments are dot segments", "/v1/Conversations/%2e%2E/x", "", "", 400},
+		{"malformed escape", "/v1/Conversations/%zz", "", "", 400},
+	} {
+		m, err := r.Resolve("GET", "localhost", "", tc.path)
+		switch {
+		case tc.wantErr != 0:
+			if err == nil || err.Status != tc.wantErr {
+				t.Errorf("%s: %+v %v, want %d", tc.name, m, err, tc.wantErr)
+			}
+		case err != nil || m.Path != tc.wantPath || m.Name() != tc.wantLabel:
+			t.Errorf("%s: path %q label %q %v, want %q %q", tc.name, m.Path, m.Name(), err, tc.wantPath, tc.wantLabel)
+		}
+	}
+	m, _ := r.Resolve("GET", "localhost", "", "/v1/Conversations/"+conv1+"/Participants/alice%2Fsmith%20%C3%A9")
+	if got := strings.Join(m.ReadTags(), " "); !strings.Contains(got, "conversations|identity:alice/smith é") {
+		t.Errorf("identity scope not decoded: %s", got)
+	}
+	if m.Unescaped() != "/v1/Conversations/"+conv1+"/Participants/alice/smith é" {
+		t.Errorf("Unescaped = %q", m.Unescaped())
+	}
+}
+
+func TestHostWithATrailingDotAndLongPaths(t *testing.T) {
+	r := twilioRouter(t)
+	if m, err := r.Resolve("GET", "proxy.twilio.com.", "", "/v1/Services"); err != nil || m.Upstream != Proxy {
+		t.Fatalf("proxy.twilio.com.: %+v %v", m, err)
+	}
+	long := "/v1/Conversations/" + conv1 + "/Messages/IM1/Receipts/DY1/a/b/c/d"
+	if m, err := r.Resolve("POST", "localhost", "", long); err != nil || m.Upstream != Conversations || m.Name() != "conversations.other" {
+		t.Fatalf("a path of many segments under the sidecar's Host: %+v %v", m, err)
+	}
+}
+
+// TestIdentityScopes: reads by identity carry the identity's scope (and
+// its wildcard); a write to a user by identity invalidates that identity,
+// by SID every identity; a participant write by SID names no identity.
+func TestIdentityScopes(t *testing.T) {
+	r := twilioRouter(t)
+	tags := func(method, path string, read bool) string {
+		m, err := r.Resolve(method, "localhost", "", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if read {
+			return strings.Join(m.ReadTags(), " ")
+		}
+		return strings.Join(m.WriteTags(), " ")
+	}
+	if got := tags("GET", "/v1/Conversations/"+conv1+"/Participants/alice", true); !strings.Contains(got, "conversations|identity:alice conversations|identity:*") {
+		t.Errorf("read by identity: %s", got)
+	}
+	if got := tags("GET", pathConv, true); strings.Contains(got, "identity") {
+		t.Errorf("read by SID names an identity in its path tags: %s", got)
+	}
+	for path, want := range map[string]string{
+		"/v1/Users/alice":                                         "conversations|identity:alice",
+		"/v1/Users/" + twiliofake.SID("US", 1):                    "conversations|identity:*",
+		"/v1/Services/" + isvc + "/Users/bob":                     "conversations|identity:bob",
+		"/v1/Conversations/" + conv1 + "/Participants/" + member1: "conversations|conv:" + conv1,
+	} {
+		if got := tags("DELETE", path, false); got != want {
+			t.Errorf("DELETE %s: %q, want %q", path, got, want)
+		}
+	}
+	ids := BodyIDs{Identity: "alice", ConversationSid: conv1}
+	if got := strings.Join(EntryBodyTags(Conversations, &ids), " "); got != "conversations|conv:"+conv1+" conversations|identity:alice conversations|identity:*" {
+		t.Errorf("entry body tags: %s", got)
+	}
 }

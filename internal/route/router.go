@@ -52,8 +52,12 @@ func NewRouter(hosts [NumUpstreams][]string) (*Router, error) {
 
 // Resolve maps a request to an upstream and route. host is the Host
 // header, urlHost the host of an absolute-URI request target (a client
-// using the sidecar as an HTTP proxy), path and rawPath the URL's.
-func (r *Router) Resolve(method, host, urlHost, path, rawPath string) (Match, *Error) {
+// using the sidecar as an HTTP proxy), and path the request's path as it
+// was escaped (url.URL.EscapedPath): routing, keys and the upstream all
+// see the path as it is sent upstream, so an escaped "/" (%2F) or "?"
+// (%3F) inside a segment never becomes a separator. Percent-encoded
+// unreserved characters are decoded (RFC 3986 6.2.2.2).
+func (r *Router) Resolve(method, host, urlHost, path string) (Match, *Error) {
 	if method == "CONNECT" {
 		return Match{}, &Error{Status: 405, Msg: "CONNECT is not supported: point the client's base URL or transport at cacheproxy over plain HTTP"}
 	}
@@ -61,9 +65,14 @@ func (r *Router) Resolve(method, host, urlHost, path, rawPath string) (Match, *E
 	if absolute {
 		host = urlHost
 	}
-	host = strings.ToLower(stripPort(host))
+	// A fully qualified name (proxy.twilio.com.) is the same host.
+	host = strings.TrimSuffix(strings.ToLower(stripPort(host)), ".")
 	if !strings.HasPrefix(path, "/") { // "OPTIONS *", or an absolute URI with no path
 		return Match{}, &Error{Status: 400, Msg: "request target must be an absolute path"}
+	}
+	path, ok := normalize(path)
+	if !ok {
+		return Match{}, &Error{Status: 400, Msg: "malformed percent-encoding in the path"}
 	}
 	up, known := r.byHost[host]
 	switch {
@@ -71,7 +80,7 @@ func (r *Router) Resolve(method, host, urlHost, path, rawPath string) (Match, *E
 	case absolute || host == "twilio.com" || strings.HasSuffix(host, ".twilio.com"):
 		return Match{}, &Error{Status: 421, Msg: "host " + quoteHost(host) + " is not a configured upstream of cacheproxy"}
 	default:
-		up, known, path, rawPath = byPrefix(path, rawPath)
+		up, known, path = byPrefix(path)
 	}
 	// The path is split once; routing by path, the dot-segment check and
 	// classify all read the segments.
@@ -87,7 +96,7 @@ func (r *Router) Resolve(method, host, urlHost, path, rawPath string) (Match, *E
 		return Match{}, &Error{Status: 400, Msg: "path must not contain . or .. segments"}
 	}
 	m := classify(up, segs)
-	m.Path, m.RawPath = path, rawPath
+	m.Path = path
 	return m, nil
 }
 
@@ -96,24 +105,21 @@ var prefixes = [NumUpstreams]string{Conversations: "/conversations", Proxy: "/pr
 
 // byPrefix strips a /proxy or /conversations prefix and returns its
 // upstream, or false and the path unchanged.
-func byPrefix(path, raw string) (Upstream, bool, string, string) {
+func byPrefix(path string) (Upstream, bool, string) {
 	for up, pre := range prefixes {
 		if len(path) > len(pre) && path[len(pre)] == '/' && strings.HasPrefix(path, pre) {
-			if raw != "" {
-				raw = strings.TrimPrefix(raw, pre)
-			}
-			return Upstream(up), true, path[len(pre):], raw
+			return Upstream(up), true, path[len(pre):]
 		}
 	}
-	return 0, false, path, raw
+	return 0, false, path
 }
 
 // byPath routes a request that arrived with the sidecar's own Host and no
 // prefix (the client replaced its base URL): the path itself decides.
 // segs is splitPath's result (nil for a path longer than any route).
 func byPath(path string, segs []string) (Upstream, *Error) {
-	if len(segs) == 0 {
-		segs = []string{""}
+	if segs == nil { // longer than any row: only the first segments decide
+		segs = strings.SplitN(strings.TrimPrefix(path, "/"), "/", 4)
 	}
 	switch {
 	case segs[0] == "v2":
@@ -178,6 +184,62 @@ func stripPort(hostport string) string {
 		return hostport
 	}
 	return strings.TrimSuffix(strings.TrimPrefix(hostport[:i], "["), "]")
+}
+
+// normalize decodes the percent-encoded unreserved characters of an
+// escaped path (RFC 3986 2.3: letters, digits, "-", ".", "_", "~") and
+// writes every other escape in upper case, so that equivalent spellings of
+// one path are one string; an escaped "/" or "?" stays escaped. It reports
+// false for a malformed escape. A path without "%" is returned as it is.
+func normalize(p string) (string, bool) {
+	i := strings.IndexByte(p, '%')
+	if i < 0 {
+		return p, true
+	}
+	b := make([]byte, 0, len(p))
+	b = append(b, p[:i]...)
+	for ; i < len(p); i++ {
+		if p[i] != '%' {
+			b = append(b, p[i])
+			continue
+		}
+		if i+2 >= len(p) || !isHex(p[i+1]) || !isHex(p[i+2]) {
+			return "", false
+		}
+		c := unhex(p[i+1])<<4 | unhex(p[i+2])
+		if 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || c == '-' || c == '.' || c == '_' || c == '~' {
+			b = append(b, c)
+		} else {
+			const upper = "0123456789ABCDEF"
+			b = append(b, '%', upper[c>>4], upper[c&15])
+		}
+		i += 2
+	}
+	return string(b), true
+}
+
+func isHex(c byte) bool { return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F' }
+
+func unhex(c byte) byte {
+	switch {
+	case c <= '9':
+		return c - '0'
+	case c <= 'F':
+		return c - 'A' + 10
+	}
+	return c - 'a' + 10
+}
+
+// Unescape decodes one escaped segment (or path); an escape that does not
+// decode leaves it as it is.
+func Unescape(s string) string {
+	if strings.IndexByte(s, '%') < 0 {
+		return s
+	}
+	if u, err := url.PathUnescape(s); err == nil {
+		return u
+	}
+	return s
 }
 
 // quoteHost keeps a client-supplied host printable in an error message.

@@ -48,6 +48,14 @@ type Row struct {
 	// session itself, whose response's sid and unique_name name further
 	// scopes (see BodyTags).
 	Resource bool
+	// Identity is a variable that may hold a Conversations user's identity
+	// instead of a SID: reads by identity carry its identity scope, and a
+	// write invalidates it.
+	Identity string
+	// User: the row is a user itself. A write to a user addressed by SID
+	// does not say which identity it changes, so it invalidates every
+	// identity's reads.
+	User bool
 }
 
 // Scope kinds.
@@ -55,6 +63,8 @@ const (
 	kindConv = "conv"
 	kindSvc  = "svc"
 	kindSess = "sess"
+	// kindIdentity scopes reads to the Conversations user they name.
+	kindIdentity = "identity"
 )
 
 // Table lists every route cacheproxy treats specially; anything else under
@@ -63,9 +73,9 @@ const (
 var Table = []Row{
 	// The cached participant reads.
 	{Name: "conversations.v1.participant", Upstream: Conversations, Cached: true,
-		Pattern: "/v1/Conversations/{conv}/Participants/{participant}", Scopes: []string{kindConv}},
+		Pattern: "/v1/Conversations/{conv}/Participants/{participant}", Scopes: []string{kindConv}, Identity: "participant"},
 	{Name: "conversations.v1.service_participant", Upstream: Conversations, Cached: true,
-		Pattern: "/v1/Services/{svc}/Conversations/{conv}/Participants/{participant}", Scopes: []string{kindConv, kindSvc}},
+		Pattern: "/v1/Services/{svc}/Conversations/{conv}/Participants/{participant}", Scopes: []string{kindConv, kindSvc}, Identity: "participant"},
 	{Name: "conversations.v2.participant", Upstream: Conversations, Cached: true,
 		Pattern: "/v2/Conversations/{conv}/Participants/{participant}", Scopes: []string{kindConv}},
 	{Name: "proxy.v1.participant", Upstream: Proxy, Cached: true,
@@ -83,6 +93,8 @@ var Table = []Row{
 	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/Conversations/{conv}/Participants", Scopes: []string{kindConv}},
 	{Upstream: Conversations, Pattern: "/v1/Users/{user}/Conversations/{conv}", Scopes: []string{kindConv}},
 	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/Users/{user}/Conversations/{conv}", Scopes: []string{kindConv}},
+	{Upstream: Conversations, Pattern: "/v1/Users/{user}", Identity: "user", User: true},
+	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/Users/{user}", Identity: "user", User: true},
 	{Upstream: Conversations, Pattern: "/v2/Conversations", Resource: true},
 	{Upstream: Conversations, Pattern: "/v2/Conversations/{conv}", Scopes: []string{kindConv}, Resource: true},
 	{Upstream: Conversations, Pattern: "/v2/Conversations/{conv}/Participants", Scopes: []string{kindConv}},
@@ -106,7 +118,8 @@ type compiled struct {
 		kind string
 		pos  int
 	}
-	nscopes int
+	nscopes  int
+	identity int // position of Row.Identity, or -1
 }
 
 type lit struct {
@@ -162,6 +175,14 @@ func compile(table []Row) *rules {
 			} else {
 				c.lits = append(c.lits, lit{pos, s})
 			}
+		}
+		c.identity = -1
+		if row.Identity != "" {
+			pos, ok := vars[row.Identity]
+			if !ok {
+				panic(fmt.Sprintf("route: identity %q is not a variable of %s", row.Identity, row.Pattern))
+			}
+			c.identity = pos
 		}
 		for _, kind := range row.Scopes {
 			pos, ok := vars[kind]
@@ -220,7 +241,10 @@ rows:
 		}
 		m.row, m.id = c.row, c.id
 		for _, s := range c.scopes[:c.nscopes] {
-			m.scope(s.kind, segs[s.pos])
+			m.scope(s.kind, Unescape(segs[s.pos]))
+		}
+		if c.identity >= 0 {
+			m.identity = Unescape(segs[c.identity])
 		}
 		return m
 	}

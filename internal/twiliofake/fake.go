@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -123,7 +124,14 @@ func (f *Fake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.Header().Set("Twilio-Request-Id", "RQ"+strconv.FormatInt(f.total.Load(), 16))
-	s := strings.Split(strings.TrimPrefix(r.URL.Path, "/"), "/")
+	// Split as sent, then decode each segment: an escaped "/" is part of
+	// an identity, as on Twilio.
+	s := strings.Split(strings.TrimPrefix(r.URL.EscapedPath(), "/"), "/")
+	for i, seg := range s {
+		if u, err := url.PathUnescape(seg); err == nil {
+			s[i] = u
+		}
+	}
 	switch {
 	case len(s) >= 4 && s[0] == "v1" && s[1] == "Conversations" && s[3] == "Participants":
 		f.participant(w, r, user, "", s[2], s[4:], v1JSON)

@@ -1,0 +1,78 @@
+package proxy
+
+import (
+	"strings"
+	"testing"
+)
+
+// TestAnEscapedSlashNeverSharesAnEntryWithTheRealPath: the upstream sees
+// "CH…%2FParticipants%2FMB…" as one segment (not the participant), and
+// the proxy keys and routes it the same way: the real participant read
+// afterwards is a miss that gets the participant, and the escaped read
+// never gets the participant's entry.
+func TestAnEscapedSlashNeverSharesAnEntryWithTheRealPath(t *testing.T) {
+	h := newHarness(t)
+	escaped := "/v1/Conversations/" + conv1 + "%2FParticipants%2F" + member1
+	if _, _, body := h.get(escaped); strings.Contains(body, `"identity"`) {
+		t.Fatalf("the escaped path reached the participant: %s", body)
+	}
+	h.settle()
+	s, cs, body := h.get(pathConv)
+	if s != 200 || !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") || !strings.Contains(body, member1) {
+		t.Fatalf("the real read after the escaped one: %d %q", s, cs)
+	}
+	h.settle()
+	if _, cs, body := h.get(escaped); strings.Contains(body, `"identity"`) || strings.HasPrefix(cs, "cacheproxy; hit") {
+		t.Fatalf("the escaped path was served the real entry: %q %s", cs, body)
+	}
+}
+
+// TestAnEscapedQuestionMarkIsPartOfThePath: ".../q%3Fx=1" (a participant
+// whose identity is "q?x=1") and ".../q?x=1" (identity "q", query x=1) are
+// different resources and different entries.
+func TestAnEscapedQuestionMarkIsPartOfThePath(t *testing.T) {
+	h := newHarness(t)
+	base := "/v1/Conversations/" + conv1 + "/Participants/"
+	if s, cs, _ := h.get(base + "q%3Fx=1"); s != 404 || cs != "cacheproxy; fwd=uri-miss; stored" {
+		t.Fatalf("q%%3Fx=1: %d %q", s, cs)
+	}
+	h.settle()
+	if _, cs, _ := h.get(base + "q?x=1"); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
+		t.Fatalf("q?x=1 was served q%%3Fx=1's entry: %q", cs)
+	}
+}
+
+// TestUserWritesInvalidateReadsOfTheirIdentity: a participant read by
+// identity and one by SID (whose body names the identity) are both
+// refetched after the user is deleted by identity, and after an update of
+// a user addressed by SID (which names no identity, so every identity's
+// reads go).
+func TestUserWritesInvalidateReadsOfTheirIdentity(t *testing.T) {
+	for _, user := range []string{"alice@example.com", "US00000000000000000000000000000001"} {
+		t.Run(user, func(t *testing.T) {
+			h := newHarness(t)
+			byIdentity := "/v1/Conversations/" + conv1 + "/Participants/alice@example.com"
+			for _, p := range []string{byIdentity, pathConv} {
+				h.get(p)
+				h.settle()
+				if _, cs, _ := h.get(p); !strings.HasPrefix(cs, "cacheproxy; hit") {
+					t.Fatalf("%s not cached: %q", p, cs)
+				}
+			}
+			h.update("POST", "/v1/Users/"+user, "x")
+			for _, p := range []string{byIdentity, pathConv} {
+				if _, cs, _ := h.get(p); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
+					t.Fatalf("%s after the user's update: %q", p, cs)
+				}
+			}
+		})
+	}
+	// Another identity's reads stay.
+	h := newHarness(t)
+	h.get(pathSvc) // bob
+	h.settle()
+	h.update("DELETE", "/v1/Users/alice@example.com", "")
+	if _, cs, _ := h.get(pathSvc); !strings.HasPrefix(cs, "cacheproxy; hit") {
+		t.Fatalf("bob's read after alice's delete: %q", cs)
+	}
+}
