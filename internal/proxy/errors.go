@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"cacheproxy/internal/ratelimit"
+	"cacheproxy/internal/twilioerr"
 )
 
 // Sentinel errors of the sidecar itself.
@@ -24,21 +25,15 @@ type clientBodyError struct{ err error }
 func (e *clientBodyError) Error() string { return "reading the request body: " + e.err.Error() }
 func (e *clientBodyError) Unwrap() error { return e.err }
 
-// twilioError writes the JSON error shape Twilio's SDKs decode:
-// {"code":..,"message":..,"more_info":..,"status":..}. Codes are 20000 +
-// the HTTP status (20404, 20429 as Twilio uses them).
+// twilioError answers with Twilio's JSON error shape (see twilioerr).
 func twilioError(w http.ResponseWriter, status int, msg string) {
-	code := 20000 + status
-	body := `{"code":` + strconv.Itoa(code) +
-		`,"message":` + strconv.Quote(msg) +
-		`,"more_info":"https://www.twilio.com/docs/errors/` + strconv.Itoa(code) +
-		`","status":` + strconv.Itoa(status) + "}"
+	body := twilioerr.Body(status, msg)
 	h := w.Header()
 	h.Set("Content-Type", "application/json")
 	h.Set("Content-Length", strconv.Itoa(len(body)))
 	h.Del("Cache-Status")
 	w.WriteHeader(status)
-	_, _ = w.Write([]byte(body))
+	_, _ = w.Write(body)
 }
 
 // statusFor decides, in one place, what an upstream failure means to the

@@ -76,3 +76,31 @@ func TestUserWritesInvalidateReadsOfTheirIdentity(t *testing.T) {
 		t.Fatalf("bob's read after alice's delete: %q", cs)
 	}
 }
+
+// TestDuplicateAuthorizationHeadersAreRefused: 400 in Twilio's shape,
+// nothing forwarded, nothing stored.
+func TestDuplicateAuthorizationHeadersAreRefused(t *testing.T) {
+	h := newHarness(t)
+	for _, path := range []string{pathConv, "/v1/Conversations"} {
+		raw := "GET " + path + " HTTP/1.1\r\nHost: localhost\r\nAuthorization: " + basic(acctA, tokenA) +
+			"\r\nAuthorization: " + basic(acctB, tokenB) + "\r\nConnection: close\r\n\r\n"
+		status, body := rawRequest(t, h.srv.Listener.Addr().String(), raw)
+		checkTwilioError(t, status, body, 400)
+	}
+	if n := h.conv.Total(); n != 0 {
+		t.Fatalf("forwarded %d requests", n)
+	}
+	if st := h.store.Stats(); st.Entries != 0 {
+		t.Fatalf("stored %d entries", st.Entries)
+	}
+}
+
+// TestEveryErrorBodyIsJSON: paths with control bytes and bad UTF-8 get
+// error bodies SDKs can decode.
+func TestEveryErrorBodyIsJSON(t *testing.T) {
+	h := newHarness(t)
+	for _, path := range []string{"/nope%00", "/nope%FF", "/v1/Services/%01x", "/v1/Services/%22%5C"} {
+		status, body := rawRequest(t, h.srv.Listener.Addr().String(), "GET "+path+" HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+		checkTwilioError(t, status, body, 404)
+	}
+}

@@ -300,6 +300,13 @@ func (p *Proxy) serve(w *recordWriter, r *http.Request, rec *record, auth string
 		return
 	}
 	rec.routeID, rec.rt = m.ID(), m
+	if len(r.Header["Authorization"]) > 1 {
+		// Which one would the upstream honour? An entry stored under one
+		// credential's key must hold only what that credential may read.
+		rec.errMsg = "more than one Authorization header"
+		twilioError(w, http.StatusBadRequest, "send one Authorization header, not several")
+		return
+	}
 	up := p.ups[m.Upstream]
 	if m.Cacheable() && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
 		p.serveCached(w, r, rec, up, auth)

@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"cacheproxy/internal/twiliofake"
+	"cacheproxy/internal/twilioerr"
 )
 
 var (
@@ -183,6 +184,9 @@ func FuzzResolve(f *testing.F) {
 	}
 	f.Add("/v1/Services", "proxy.twilio.com")
 	f.Add("0", "proXY.twilio.Com") // an empty path on a Host-kept request (found by the fuzzer)
+	f.Add("/nope\x00", "localhost")
+	f.Add("/v1/Services/\x01x", "localhost")
+	f.Add("/nope\xff", "\x00.twilio.com")
 	r := twilioRouter(f)
 	f.Fuzz(func(t *testing.T, path, host string) {
 		m, rerr := r.Resolve("GET", host, "", path)
@@ -191,6 +195,9 @@ func FuzzResolve(f *testing.F) {
 		}
 		if rerr != nil && (rerr.Status < 400 || rerr.Msg == "") {
 			t.Fatalf("bad route error %+v", rerr)
+		}
+		if rerr != nil && (!json.Valid(twilioerr.Body(rerr.Status, rerr.Msg)) || !json.Valid(twilioerr.Body(rerr.Status, rerr.LogText()))) {
+			t.Fatalf("error body is not JSON: %s", twilioerr.Body(rerr.Status, rerr.Msg))
 		}
 		if m.Cacheable() && len(m.ReadTags()) == 0 {
 			t.Fatalf("cacheable route without scopes: %q", path)
