@@ -5,8 +5,8 @@ import (
 	"strings"
 	"testing"
 
-	"cacheproxy/internal/twiliofake"
 	"cacheproxy/internal/twilioerr"
+	"cacheproxy/internal/twiliofake"
 )
 
 var (
