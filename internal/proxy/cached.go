@@ -246,10 +246,31 @@ func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string)
 	return res, nil
 }
 
-// writeEntry sends a shared entry. The entry's header slices are shared
-// read-only (stored clipped, so an append elsewhere copies).
+// writeEntry sends a shared entry, or a 304 or 412 when the request's
+// conditional headers say so (a 200 entry only). The entry's header
+// slices are shared read-only (stored clipped, so an append elsewhere
+// copies).
 func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, e *cache.Entry, cacheStatus, age []string) {
 	h := w.Header()
+	if e.Status == http.StatusOK && hasConditional(r.Header) {
+		switch code := precondition(r.Method, r.Header, e.Header); code {
+		case http.StatusPreconditionFailed:
+			twilioError(w, code, "precondition failed: the stored representation does not match If-Match or If-Unmodified-Since")
+			return
+		case http.StatusNotModified:
+			for k, v := range e.Header {
+				if k != "Content-Length" && k != "Content-Type" {
+					h[k] = v
+				}
+			}
+			h["Cache-Status"] = cacheStatus
+			if age != nil {
+				h["Age"] = age
+			}
+			w.WriteHeader(code)
+			return
+		}
+	}
 	for k, v := range e.Header {
 		h[k] = v
 	}
@@ -261,6 +282,11 @@ func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, e *cache.Entr
 	if r.Method != http.MethodHead {
 		_, _ = w.Write(e.Body)
 	}
+}
+
+// hasConditional reports a conditional request header.
+func hasConditional(h http.Header) bool {
+	return len(h["If-None-Match"]) > 0 || len(h["If-Modified-Since"]) > 0 || len(h["If-Match"]) > 0 || len(h["If-Unmodified-Since"]) > 0
 }
 
 // appendKey appends the cache key: upstream + path + query + credential
