@@ -68,7 +68,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 		p.writeEntry(w, r, stale, []string{"cacheproxy; hit; ttl=" + strconv.Itoa(int(stale.Expires.Sub(now)/time.Second)) + "; detail=stale-while-revalidate"}, p.hdrs.age(age))
 		return
 	}
-	res, leader, err := p.fetchShared(r, rec.rt, up, key, p.flightKey(key, noCache))
+	res, leader, err := p.fetchShared(r, rec.rt, up, key, p.flightKey(r, key, noCache))
 	rec.viaUpstream = true
 	if res != nil {
 		rec.calls = res.calls
@@ -110,6 +110,13 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 	default:
 		p.c.misses.Add(1)
 	}
+	if enc := contentCoding(res.entry.Header); enc != "" && !acceptsCoding(r.Header, enc) {
+		// The upstream compressed without being asked (the fetch asks for
+		// the plain representation); this client did not ask either.
+		rec.errMsg = "upstream answered with a content-coding the client did not accept"
+		twilioError(w, http.StatusBadGateway, "upstream answered with content-coding "+enc+", which the request did not accept")
+		return
+	}
 	p.writeEntry(w, r, res.entry, []string{fwd}, nil)
 }
 
@@ -117,14 +124,21 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 // function of its own so that its closure's captures do not move the
 // hit path's variables to the heap.
 func (p *Proxy) revalidate(r *http.Request, m route.Match, up *upstream, key string) {
-	p.doneLater(p.startFlight(p.flightKey(key, false), func() (any, error) { return p.runFetch(r, &m, up, key) }))
+	p.doneLater(p.startFlight(p.flightKey(r, key, false), func() (any, error) { return p.runFetch(r, &m, up, key) }))
 }
 
 // flightKey keys a fetch by the invalidation epoch at arrival: a read that
 // arrives after a write's response never joins a fetch that began before
 // it (docs/architecture.md, "Freshness"). Reads between writes still share.
-func (p *Proxy) flightKey(key string, noCache bool) string {
+//
+// The fetch forwards the first caller's Accept and Accept-Language (a
+// response may vary on them), so only reads that send the same values
+// share it.
+func (p *Proxy) flightKey(r *http.Request, key string, noCache bool) string {
 	k := key + "@" + strconv.FormatUint(p.inv.Epoch(), 10)
+	if a, l := r.Header["Accept"], r.Header["Accept-Language"]; len(a)+len(l) > 0 {
+		k += " " + strings.Join(a, ",") + " " + strings.Join(l, ",")
+	}
 	if noCache {
 		k = "no-cache " + k
 	}
@@ -238,7 +252,7 @@ func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string)
 		ttl = p.fresh.NegativeTTL
 	}
 	res.entry, res.upStatus, res.upDur = e, resp.StatusCode, now.Sub(start)
-	if ttl > 0 && int64(len(body)) <= p.fresh.MaxEntryBytes && !noStoreResponse(resp.Header) {
+	if ttl > 0 && int64(len(body)) <= p.fresh.MaxEntryBytes && !noStoreResponse(resp.Header) && sharable(resp.Header) {
 		e.Expires = now.Add(ttl)
 		e.Keep = e.Expires.Add(max(p.fresh.StaleIfError, p.fresh.StaleWhileRevalidate))
 		res.stored = p.keep(e)

@@ -67,3 +67,45 @@ func TestConditionalRequestsOnCachedEntries(t *testing.T) {
 		t.Fatalf("conditional reads reached the upstream: %d calls", n)
 	}
 }
+
+// TestVaryAndContentCoding: a response that varies on a header the shared
+// fetch cannot honour for everyone is not stored, and reads with another
+// Accept-Language never share its fetch; an unsolicited content-coding is
+// not stored, and not replayed to a client that did not accept it.
+func TestVaryAndContentCoding(t *testing.T) {
+	h := newHarness(t)
+	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool {
+		w.Header().Set("Vary", "Accept-Encoding, Accept-Language")
+		w.Header().Set("Content-Language", r.Header.Get("Accept-Language"))
+		return false
+	}
+	for i, lang := range []string{"en", "fr", "en"} {
+		resp := h.do("GET", pathConv, basic(acctA, tokenA), "Accept-Language", lang)
+		status, cs, _ := readResp(t, resp)
+		h.settle()
+		if status != 200 || cs != "cacheproxy; fwd=uri-miss" || resp.Header.Get("Content-Language") != lang {
+			t.Fatalf("read %d (%s): %d %q %q", i, lang, status, cs, resp.Header.Get("Content-Language"))
+		}
+	}
+	a := httptestRequest(t.Context(), pathConv, "")
+	a.Header.Set("Accept-Language", "en")
+	b := httptestRequest(t.Context(), pathConv, "")
+	b.Header.Set("Accept-Language", "fr")
+	if h.p.flightKey(a, "k", false) == h.p.flightKey(b, "k", false) {
+		t.Fatal("reads with different Accept-Language share a fetch")
+	}
+
+	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool {
+		w.Header().Set("Content-Encoding", "br")
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write([]byte{0x0b, 0x02, 0x80}) // not JSON: compressed
+		return true
+	}
+	status, _, body := readResp(t, h.do("GET", pathV2, basic(acctA, tokenA))) // Go's client asks for gzip only
+	checkTwilioError(t, status, body, http.StatusBadGateway)
+	resp := h.do("GET", pathV2, basic(acctA, tokenA), "Accept-Encoding", "br")
+	status, cs, _ := readResp(t, resp)
+	if status != 200 || cs != "cacheproxy; fwd=uri-miss" || resp.Header.Get("Content-Encoding") != "br" {
+		t.Fatalf("a client that accepts br: %d %q %q", status, cs, resp.Header.Get("Content-Encoding"))
+	}
+}

@@ -66,6 +66,48 @@ func cacheControl(h http.Header) (noCache, noStore bool) {
 	return
 }
 
+// sharable reports a response that one entry can answer for every client:
+// its Vary names nothing but Accept-Encoding (the fetch always asks for the
+// plain representation), and it is not content-coded (the transport decodes
+// what it asked for; anything else was not asked for).
+func sharable(h http.Header) bool {
+	for _, v := range h["Vary"] {
+		for _, f := range strings.Split(v, ",") {
+			if f = strings.TrimSpace(f); f != "" && !strings.EqualFold(f, "Accept-Encoding") {
+				return false
+			}
+		}
+	}
+	return contentCoding(h) == ""
+}
+
+// contentCoding is a response's Content-Encoding, "" for none or identity.
+func contentCoding(h map[string][]string) string {
+	v := strings.TrimSpace(strings.Join(h["Content-Encoding"], ","))
+	if strings.EqualFold(v, "identity") {
+		return ""
+	}
+	return v
+}
+
+// acceptsCoding reports whether the request's Accept-Encoding lists enc
+// (or *) with a non-zero weight.
+func acceptsCoding(h http.Header, enc string) bool {
+	for _, v := range h["Accept-Encoding"] {
+		for _, c := range strings.Split(v, ",") {
+			name, params, _ := strings.Cut(strings.TrimSpace(c), ";")
+			if !strings.EqualFold(strings.TrimSpace(name), enc) && strings.TrimSpace(name) != "*" {
+				continue
+			}
+			if q := strings.ReplaceAll(params, " ", ""); q == "q=0" || q == "q=0.0" || q == "q=0.00" || q == "q=0.000" {
+				continue
+			}
+			return true
+		}
+	}
+	return false
+}
+
 // noStoreResponse reports an upstream response that forbids storing.
 func noStoreResponse(h http.Header) bool {
 	for _, v := range h["Cache-Control"] {
