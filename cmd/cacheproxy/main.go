@@ -174,7 +174,7 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		// proxy sets a write deadline when each response starts.
 		IdleTimeout:    cfg.Server.IdleTimeout.D(),
 		MaxHeaderBytes: int(cfg.Server.MaxHeaderBytes),
-		ErrorLog:       newStdLog(logger, "http"),
+		ErrorLog:       proxy.StdLog(logger, "http"),
 		ConnState:      conns.track,
 	}
 	var ready atomic.Bool
@@ -182,7 +182,7 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		Handler:           adminMux(reg, &ready, p.PurgeHandler(cfg.Admin.PurgeToken, isLoopback(cfg.AdminListen))),
 		ReadHeaderTimeout: 5 * time.Second,
 		IdleTimeout:       cfg.Server.IdleTimeout.D(),
-		ErrorLog:          newStdLog(logger, "admin"),
+		ErrorLog:          proxy.StdLog(logger, "admin"),
 	}
 	// Shutdown runs this (in a goroutine of its own) once the listener is
 	// closed; "stopped" waits for it, so the lines come in order.

@@ -73,10 +73,16 @@ func accessLoggers(l zerolog.Logger) [][numOutcomes]zerolog.Logger {
 			up = ""
 		}
 		for j, o := range outcomeNames {
-			if outcome(j) == outcomeNone {
-				o = ""
+			// Fields are never empty strings: an unrouted line has no
+			// upstream, a route that is not cached no cache outcome.
+			c := l.With().Str("route", name)
+			if up != "" {
+				c = c.Str("upstream", up)
 			}
-			out[i][j] = l.With().Str("route", name).Str("upstream", up).Str("cache", o).Logger()
+			if outcome(j) != outcomeNone {
+				c = c.Str("cache", o)
+			}
+			out[i][j] = c.Logger()
 		}
 	}
 	return out
@@ -241,8 +247,10 @@ func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
 			Int("upstream_429s", rec.calls.tooMany)
 	}
 	ev.Int64("bytes", w.bytes).
-		Int64("duration_us", dur.Microseconds()).
-		RawJSON("account", rec.cred.accountJSON())
+		Int64("duration_us", dur.Microseconds())
+	if acct := rec.cred.accountJSON(); len(acct) > 2 { // no field rather than ""
+		ev.RawJSON("account", acct)
+	}
 	if rec.errMsg != "" {
 		ev.Str("error", rec.errMsg)
 	}

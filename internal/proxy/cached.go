@@ -87,17 +87,22 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 		p.writeEntry(w, r, stale, []string{fwd}, p.hdrs.age(int(rec.start.Sub(stale.Stored)/time.Second)))
 		return
 	}
+	rec.cache = outcomeMiss
+	if noCache {
+		rec.cache = outcomeRefresh
+	}
 	if err != nil {
+		if !leader && r.Context().Err() == nil {
+			rec.cache = outcomeCollapsed
+		}
 		rec.errMsg = err.Error()
 		p.fail(w, r, err)
 		return
 	}
 	rec.upstreamStatus, rec.upstreamDur = res.upStatus, res.upDur
 	fwd := "cacheproxy; fwd=uri-miss"
-	rec.cache = outcomeMiss
 	if noCache {
 		fwd = "cacheproxy; fwd=request"
-		rec.cache = outcomeRefresh
 	}
 	switch {
 	case !leader:
@@ -195,7 +200,7 @@ func (p *Proxy) doneLater(ch <-chan singleflight.Result) {
 func (p *Proxy) runFetch(r *http.Request, m *route.Match, up *upstream, key string) (v any, err error) {
 	defer func() {
 		if x := recover(); x != nil {
-			p.log.Error().Str("route", m.Name()).Str("panic", fmt.Sprint(x)).Msg("upstream fetch panicked")
+			p.events.Error().Str("route", m.Name()).Str("panic", fmt.Sprint(x)).Msg("upstream fetch panicked")
 			v, err = nil, errFetchPanic
 		}
 	}()
@@ -225,7 +230,9 @@ func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string)
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, p.maxFetch+1))
 	if err != nil {
-		return nil, err
+		// The answer had begun: a timeout stays a timeout (504), anything
+		// else is a cut, not an unreachable upstream.
+		return res, fmt.Errorf("%w: %w", errUpstreamCut, err)
 	}
 	if int64(len(body)) > p.maxFetch {
 		return nil, errResponseLarge

@@ -3,13 +3,17 @@ package proxy
 import (
 	"context"
 	"errors"
+	"log"
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/twilioerr"
+
+	"github.com/rs/zerolog"
 )
 
 // Sentinel errors of the sidecar itself.
@@ -82,4 +86,18 @@ func (p *Proxy) fail(w http.ResponseWriter, r *http.Request, err error) {
 		w.Header().Set("Retry-After", strconv.Itoa(int(max(1, (rej.RetryAfter+time.Second-1)/time.Second))))
 	}
 	twilioError(w, status, msg)
+}
+
+// StdLog adapts zerolog for the standard library's *log.Logger users
+// (net/http's and httputil's ErrorLog): one warn line each, with
+// component. l must stamp its own time.
+func StdLog(l zerolog.Logger, component string) *log.Logger {
+	return log.New(stdLogWriter{l.With().Str("component", component).Logger()}, "", 0)
+}
+
+type stdLogWriter struct{ l zerolog.Logger }
+
+func (w stdLogWriter) Write(p []byte) (int, error) {
+	w.l.Warn().Msg(strings.TrimSpace(string(p)))
+	return len(p), nil
 }

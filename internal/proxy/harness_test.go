@@ -192,7 +192,25 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 	h.p, h.store = p, store
 	h.srv = httptest.NewServer(p)
 	t.Cleanup(h.srv.Close)
+	t.Cleanup(func() { checkLogLines(t, h.logs) }) // runs after the server closed
 	return h
+}
+
+// checkLogLines holds every test's logs to the rule that each line is a
+// complete zerolog JSON line: a level, a time, and no field that is an
+// empty string.
+func checkLogLines(t testing.TB, logs *syncBuffer) {
+	t.Helper()
+	for _, l := range logs.lines(t) {
+		if l["level"] == nil || l["level"] == "" || l["time"] == nil || l["time"] == "" {
+			t.Errorf("log line without level or time: %v", l)
+		}
+		for k, v := range l {
+			if v == "" {
+				t.Errorf("log line with an empty %q: %v", k, l)
+			}
+		}
+	}
 }
 
 func limiterConfig(rl config.RateLimit) ratelimit.Config {

@@ -112,8 +112,9 @@ func (p *Proxy) LogSummary(prev Summary) Summary {
 	if reads > 0 {
 		ratio = float64(s.Hits-prev.Hits) / float64(reads)
 	}
-	// Summaries are never sampled or filtered below warn: they carry 429s.
-	p.log.WithLevel(zerolog.NoLevel).Str("time", p.stamp.format(p.clock.Now())).
+	// Summaries carry 429s: they are info lines that no log.level filters.
+	l := p.log.Level(zerolog.TraceLevel)
+	l.Info().Str("time", p.stamp.format(p.clock.Now())).
 		Float64("hit_ratio", ratio).
 		Int64("hits", s.Hits-prev.Hits).Int64("misses", s.Misses-prev.Misses).
 		Int64("collapsed", s.Collapsed-prev.Collapsed).Int64("stale", s.Stale-prev.Stale).

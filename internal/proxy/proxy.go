@@ -13,7 +13,6 @@ import (
 	"context"
 	"crypto/rand"
 	"fmt"
-	"log"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
@@ -146,6 +145,7 @@ type Proxy struct {
 	budget  Budget
 	flights flightGroup
 	log     zerolog.Logger
+	events  zerolog.Logger // lines other than the access log: timestamped
 	// access holds one logger per route and cache outcome with those
 	// fields (and the upstream) encoded once, for the access-log lines.
 	access  [][numOutcomes]zerolog.Logger
@@ -220,9 +220,12 @@ func New(o Options) (*Proxy, error) {
 		maxFetch: max(maxFetchBytes, f.MaxEntryBytes),
 		hdrs:     newHitHeaders(max(f.TTL, f.NegativeTTL)),
 	}
+	p.events = p.log.With().Timestamp().Logger()
 	p.m = newMetrics(o.Registerer, p)
 	p.access = accessLoggers(p.log)
-	errLog := log.New(p.log.With().Str("component", "reverseproxy").Logger(), "", 0)
+	// The reverse proxy's own lines (a body copy that failed) are complete
+	// log lines: level, time, component.
+	errLog := StdLog(p.events, "reverseproxy")
 	for i, uc := range o.Upstreams {
 		id := route.Upstream(i)
 		target, err := url.Parse(uc.URL)

@@ -66,7 +66,7 @@ func (p *Proxy) PurgeHandler(token string, adminLoopback bool) http.Handler {
 			return
 		}
 		epoch := p.inv.Invalidate(r.Context(), tags)
-		p.log.Info().Strs("scopes", tags).Uint64("epoch", epoch).Msg("purge")
+		p.events.Info().Strs("scopes", tags).Uint64("epoch", epoch).Msg("purge")
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(map[string]any{"purged": tags, "epoch": epoch})
 	})

@@ -167,6 +167,41 @@ func TestAnUpstreamCutMidBody(t *testing.T) {
 			if line["level"] != "error" || !strings.Contains(line["error"].(string), "upstream response cut off mid-body") {
 				t.Fatalf("access line: %v", line)
 			}
+			var rp map[string]any // the reverse proxy's own line: complete too (checkLogLines)
+			for _, l := range h.logs.lines(t) {
+				if l["component"] == "reverseproxy" {
+					rp = l
+				}
+			}
+			if rp["level"] != "warn" || rp["time"] == nil {
+				t.Fatalf("reverse proxy line: %v", rp)
+			}
 		})
+	}
+}
+
+// TestACachedFetchCutMidBody: the answer had begun, so it is "cut off",
+// not "unreachable"; the line says the read was a miss.
+func TestACachedFetchCutMidBody(t *testing.T) {
+	h := newHarness(t)
+	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool {
+		w.Header().Set("Content-Length", "1000")
+		_, _ = io.WriteString(w, `{"sid":`)
+		_ = http.NewResponseController(w).Flush()
+		panic(http.ErrAbortHandler)
+	}
+	status, _, body := h.get(pathConv)
+	checkTwilioError(t, status, body, http.StatusBadGateway)
+	if !strings.Contains(body, "cut off") {
+		t.Fatalf("message: %s", body)
+	}
+	var line map[string]any
+	for _, l := range h.logs.lines(t) {
+		if l["message"] == "request" {
+			line = l
+		}
+	}
+	if line["cache"] != "miss" || line["level"] != "error" || !strings.Contains(line["error"].(string), "cut off") {
+		t.Fatalf("access line: %v", line)
 	}
 }
