@@ -34,6 +34,11 @@ type Entry struct {
 	// invalidation package).
 	Epoch uint64
 	Tags  []string
+	// ValidAt memoises the one fact about an entry that changes: the
+	// latest invalidation epoch at which it was found still valid. While
+	// the epoch has not moved past it, a hit need not read the scope
+	// marks again. It is written atomically and only ever raised.
+	ValidAt atomic.Uint64
 }
 
 // Approximate bytes of an Entry beyond its strings and body, measured with

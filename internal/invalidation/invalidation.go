@@ -17,12 +17,14 @@ import (
 	"cacheproxy/internal/clock"
 )
 
-// Local is the invalidation state of one process.
+// Local is the invalidation state of one process. Reads never lock:
+// marks are a sync.Map, and a writer publishes an epoch only after its
+// marks (so every mark of an epoch is visible to whoever reads that epoch).
 type Local struct {
 	clock     clock.Clock
 	epoch     atomic.Uint64
-	mu        sync.RWMutex
-	marks     map[string]mark // scope tag -> last invalidation
+	mu        sync.Mutex // serialises writers
+	marks     sync.Map   // scope tag (string) -> mark
 	retention time.Duration
 	lastPrune time.Time
 }
@@ -37,10 +39,11 @@ type mark struct {
 // marks older than that can no longer hide anything and are forgotten.
 func New(retention time.Duration, clk clock.Clock) *Local {
 	clk = clock.Or(clk)
-	return &Local{clock: clk, marks: map[string]mark{}, retention: retention, lastPrune: clk.Now()}
+	return &Local{clock: clk, retention: retention, lastPrune: clk.Now()}
 }
 
-// Epoch is the current epoch. A fetch records it before it starts.
+// Epoch is the current epoch. A fetch records it before it starts. Every
+// mark of the epoch it returns is already visible to Valid.
 func (l *Local) Epoch() uint64 { return l.epoch.Load() }
 
 // Invalidate makes everything tagged with any of tags and fetched at an
@@ -50,17 +53,19 @@ func (l *Local) Epoch() uint64 { return l.epoch.Load() }
 func (l *Local) Invalidate(_ context.Context, tags []string) uint64 {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	e := l.epoch.Add(1)
+	e := l.epoch.Load() + 1
 	now := l.clock.Now()
 	for _, t := range tags {
-		l.marks[t] = mark{epoch: e, at: now}
+		l.marks.Store(t, mark{epoch: e, at: now})
 	}
+	l.epoch.Store(e) // published after its marks
 	if now.Sub(l.lastPrune) > l.retention {
-		for t, m := range l.marks {
-			if now.Sub(m.at) > l.retention {
-				delete(l.marks, t)
+		l.marks.Range(func(t, m any) bool {
+			if now.Sub(m.(mark).at) > l.retention {
+				l.marks.Delete(t)
 			}
-		}
+			return true
+		})
 		l.lastPrune = now
 	}
 	return e
@@ -75,20 +80,19 @@ func (l *Local) Valid(epoch uint64, tags []string) bool {
 
 // since returns the latest invalidation epoch of any of tags (0 if none).
 func (l *Local) since(tags []string) uint64 {
-	l.mu.RLock()
-	defer l.mu.RUnlock()
 	var latest uint64
 	for _, t := range tags {
-		if m, ok := l.marks[t]; ok && m.epoch > latest {
-			latest = m.epoch
+		if m, ok := l.marks.Load(t); ok && m.(mark).epoch > latest {
+			latest = m.(mark).epoch
 		}
 	}
 	return latest
 }
 
-// Scopes is the number of remembered invalidations.
+// Scopes is the number of remembered invalidations (it walks them: for
+// tests and stats, not the request path).
 func (l *Local) Scopes() int {
-	l.mu.RLock()
-	defer l.mu.RUnlock()
-	return len(l.marks)
+	n := 0
+	l.marks.Range(func(any, any) bool { n++; return true })
+	return n
 }

@@ -1,10 +1,15 @@
 package proxy
 
 import (
+	"context"
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
+	"sync/atomic"
 	"testing"
+
+	"cacheproxy/internal/clock"
 
 	"github.com/rs/zerolog"
 )
@@ -19,11 +24,18 @@ func (w *discardWriter) Header() http.Header         { return w.h }
 func (w *discardWriter) WriteHeader(c int)           { w.code = c }
 func (w *discardWriter) Write(b []byte) (int, error) { return len(b), nil }
 
+// benchSetup runs the proxy as in production: the real clock, and the
+// access log's JSON built and thrown away.
+func benchSetup(s *setup) {
+	s.opts.Logger = zerolog.New(io.Discard)
+	s.opts.Clock = clock.Real{}
+}
+
 // BenchmarkHit measures the cache-hit path in process: routing, key
 // (credential HMAC), lookup, response headers, and the access-log line
 // (written to io.Discard, JSON still built).
 func BenchmarkHit(b *testing.B) {
-	h := newHarness(b, func(s *setup) { s.opts.Logger = zerolog.New(io.Discard) })
+	h := newHarness(b, benchSetup)
 	h.get(pathConv)
 	h.settle()
 	req := httptest.NewRequest("GET", pathConv, nil)
@@ -44,7 +56,7 @@ func BenchmarkHit(b *testing.B) {
 // BenchmarkHitParallel is BenchmarkHit from every P at once: what shared
 // counters, locks and cache lines cost when the cores contend.
 func BenchmarkHitParallel(b *testing.B) {
-	h := newHarness(b, func(s *setup) { s.opts.Logger = zerolog.New(io.Discard) })
+	h := newHarness(b, benchSetup)
 	h.get(pathConv)
 	h.settle()
 	b.ReportAllocs()
@@ -58,4 +70,44 @@ func BenchmarkHitParallel(b *testing.B) {
 			h.p.ServeHTTP(w, req)
 		}
 	})
+}
+
+// BenchmarkHitUnderWrites is BenchmarkHitParallel with about one write in
+// a hundred requests, from every P: each write invalidates another
+// conversation's scopes (as a write through the sidecar does), so the
+// epoch keeps moving while the hit entry stays valid. Compare writes=1%
+// with writes=0% of the same run.
+func BenchmarkHitUnderWrites(b *testing.B) {
+	for _, every := range []int{0, 100} {
+		name := "writes=0%"
+		if every > 0 {
+			name = "writes=1%"
+		}
+		b.Run(name, func(b *testing.B) {
+			h := newHarness(b, benchSetup)
+			h.get(pathConv)
+			h.settle()
+			var writes atomic.Int64
+			b.ReportAllocs()
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				req := httptest.NewRequest("GET", pathConv, nil)
+				req.Header.Set("Authorization", basic(acctA, tokenA))
+				w := &discardWriter{h: http.Header{}}
+				for i := 1; pb.Next(); i++ {
+					if every > 0 && i%every == 0 {
+						n := writes.Add(1)
+						h.p.inv.Invalidate(context.Background(), []string{"conversations|conv:CH" + strconv.FormatInt(n%1000, 10)})
+						continue
+					}
+					clear(w.h)
+					h.p.ServeHTTP(w, req)
+				}
+			})
+			b.StopTimer()
+			if _, cs, _ := h.get(pathConv); cs[:16] != "cacheproxy; hit;" {
+				b.Fatalf("the hit entry was invalidated: %q", cs)
+			}
+		})
+	}
 }

@@ -104,3 +104,23 @@ func TestEveryErrorBodyIsJSON(t *testing.T) {
 		checkTwilioError(t, status, body, 404)
 	}
 }
+
+// TestTheValidityMemoNeverHidesAnInvalidation: a hit after an unrelated
+// write memoises the entry as valid at that epoch; a later write to its
+// conversation must still hide it.
+func TestTheValidityMemoNeverHidesAnInvalidation(t *testing.T) {
+	h := newHarness(t)
+	h.get(pathConv)
+	h.settle()
+	h.update("POST", "/v1/Conversations/"+conv2, "x") // unrelated: the epoch moves
+	if _, cs, _ := h.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; hit") {
+		t.Fatalf("after an unrelated write: %q", cs)
+	}
+	if _, cs, _ := h.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; hit") { // from the memo
+		t.Fatalf("again: %q", cs)
+	}
+	h.update("POST", "/v1/Conversations/"+conv1, "x")
+	if _, cs, _ := h.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
+		t.Fatalf("after a write to its conversation: %q", cs)
+	}
+}

@@ -46,7 +46,8 @@ type Store interface {
 // write's response was sent never returns data fetched before the write.
 type Invalidator interface {
 	// Epoch is the current epoch; a fetch records it before it starts,
-	// and coalesced reads share a fetch only within one epoch.
+	// and coalesced reads share a fetch only within one epoch. Every
+	// invalidation of the epoch it returns is already visible to Valid.
 	Epoch() uint64
 	// Invalidate makes everything tagged with any of tags and fetched
 	// before the call invalid, and returns the new epoch. It is applied
@@ -319,10 +320,24 @@ func (p *Proxy) serve(w *recordWriter, r *http.Request, rec *record, auth string
 }
 
 // lookup returns the entry under key if it is there and still valid.
+// Validity is memoised per entry and epoch (Entry.ValidAt): under write
+// traffic a hit reads the scope marks once per epoch, not on every hit.
+// That is sound because every mark of an epoch is visible before Epoch
+// returns it (Invalidator).
 func (p *Proxy) lookup(key string, now time.Time) (*cache.Entry, bool) {
 	e, ok := p.store.Get(key, now)
-	if !ok || !p.inv.Valid(e.Epoch, e.Tags) {
+	if !ok {
 		return nil, false
+	}
+	cur := p.inv.Epoch()
+	if e.Epoch >= cur || e.ValidAt.Load() >= cur {
+		return e, true
+	}
+	if !p.inv.Valid(e.Epoch, e.Tags) {
+		return nil, false
+	}
+	if v := e.ValidAt.Load(); v < cur {
+		e.ValidAt.CompareAndSwap(v, cur)
 	}
 	return e, true
 }
