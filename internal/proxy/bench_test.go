@@ -24,6 +24,13 @@ func (w *discardWriter) Header() http.Header         { return w.h }
 func (w *discardWriter) WriteHeader(c int)           { w.code = c }
 func (w *discardWriter) Write(b []byte) (int, error) { return len(b), nil }
 
+// hitRequest is a read of pathConv as account A, with a writer to reuse.
+func hitRequest() (*http.Request, *discardWriter) {
+	req := httptest.NewRequest("GET", pathConv, nil)
+	req.Header.Set("Authorization", basic(acctA, tokenA))
+	return req, &discardWriter{h: http.Header{}}
+}
+
 // benchSetup runs the proxy as in production: the real clock, and the
 // access log's JSON built and thrown away.
 func benchSetup(s *setup) {
@@ -38,9 +45,7 @@ func BenchmarkHit(b *testing.B) {
 	h := newHarness(b, benchSetup)
 	h.get(pathConv)
 	h.settle()
-	req := httptest.NewRequest("GET", pathConv, nil)
-	req.Header.Set("Authorization", basic(acctA, tokenA))
-	w := &discardWriter{h: http.Header{}}
+	req, w := hitRequest()
 	h.p.ServeHTTP(w, req)
 	if w.code != 200 || w.h.Get("Cache-Status")[:16] != "cacheproxy; hit;" {
 		b.Fatalf("not a hit: %d %v", w.code, w.h)
@@ -62,9 +67,7 @@ func BenchmarkHitParallel(b *testing.B) {
 	b.ReportAllocs()
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
-		req := httptest.NewRequest("GET", pathConv, nil)
-		req.Header.Set("Authorization", basic(acctA, tokenA))
-		w := &discardWriter{h: http.Header{}}
+		req, w := hitRequest()
 		for pb.Next() {
 			clear(w.h)
 			h.p.ServeHTTP(w, req)
@@ -91,9 +94,7 @@ func BenchmarkHitUnderWrites(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			b.RunParallel(func(pb *testing.PB) {
-				req := httptest.NewRequest("GET", pathConv, nil)
-				req.Header.Set("Authorization", basic(acctA, tokenA))
-				w := &discardWriter{h: http.Header{}}
+				req, w := hitRequest()
 				for i := 1; pb.Next(); i++ {
 					if every > 0 && i%every == 0 {
 						n := writes.Add(1)

@@ -272,35 +272,28 @@ func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string)
 // slices are shared read-only (stored clipped, so an append elsewhere
 // copies).
 func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, e *cache.Entry, cacheStatus, age []string) {
-	h := w.Header()
-	if e.Status == http.StatusOK && hasConditional(r.Header) {
+	status := e.Status
+	if status == http.StatusOK && hasConditional(r.Header) {
 		switch code := precondition(r.Method, r.Header, e.Header); code {
 		case http.StatusPreconditionFailed:
 			twilioError(w, code, "precondition failed: the stored representation does not match If-Match or If-Unmodified-Since")
 			return
 		case http.StatusNotModified:
-			for k, v := range e.Header {
-				if k != "Content-Length" && k != "Content-Type" {
-					h[k] = v
-				}
-			}
-			h["Cache-Status"] = cacheStatus
-			if age != nil {
-				h["Age"] = age
-			}
-			w.WriteHeader(code)
-			return
+			status = code
 		}
 	}
+	h := w.Header()
 	for k, v := range e.Header {
-		h[k] = v
+		if status != http.StatusNotModified || (k != "Content-Length" && k != "Content-Type") {
+			h[k] = v
+		}
 	}
 	h["Cache-Status"] = cacheStatus
 	if age != nil {
 		h["Age"] = age
 	}
-	w.WriteHeader(e.Status)
-	if r.Method != http.MethodHead {
+	w.WriteHeader(status)
+	if status != http.StatusNotModified && r.Method != http.MethodHead {
 		_, _ = w.Write(e.Body)
 	}
 }
