@@ -25,7 +25,7 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rec *record, up 
 	p.c.passthrough.Add(1)
 	rec.viaUpstream = true
 	out := r.WithContext(withStats(context.WithValue(r.Context(), recordKey{}, rec), &rec.calls))
-	if rec.rt.Path != r.URL.EscapedPath() { // a prefix removed, or escapes normalised
+	if rec.rt.Path != escapedPath(r) { // a prefix removed, or escapes normalised
 		u := *r.URL
 		u.Path, u.RawPath = rec.rt.Unescaped(), rec.rt.Path
 		out.URL = &u

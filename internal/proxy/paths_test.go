@@ -1,6 +1,9 @@
 package proxy
 
 import (
+	"bufio"
+	"net/http"
+	"net/url"
 	"strings"
 	"testing"
 )
@@ -122,5 +125,26 @@ func TestTheValidityMemoNeverHidesAnInvalidation(t *testing.T) {
 	h.update("POST", "/v1/Conversations/"+conv1, "x")
 	if _, cs, _ := h.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
 		t.Fatalf("after a write to its conversation: %q", cs)
+	}
+}
+
+// TestEscapedPathIsASpellingOfThePath: for every byte a request line may
+// carry, the path the hit path routes on decodes to the path net/http
+// parsed (it is a spelling of the same resource).
+func TestEscapedPathIsASpellingOfThePath(t *testing.T) {
+	for c := 0x21; c < 0x100; c++ {
+		for _, target := range []string{"/v1/a" + string([]byte{byte(c)}) + "b", "/v1/%2F" + string([]byte{byte(c)}) + "?q=1"} {
+			req, err := http.ReadRequest(bufio.NewReader(strings.NewReader("GET " + target + " HTTP/1.1\r\nHost: x\r\n\r\n")))
+			if err != nil {
+				continue // net/http refuses it: never reaches the proxy
+			}
+			got := escapedPath(req)
+			if dec, err := url.PathUnescape(got); err != nil || dec != req.URL.Path {
+				t.Fatalf("byte %#x: %q decodes to %q, net/http parsed %q", c, got, dec, req.URL.Path)
+			}
+		}
+	}
+	if got := escapedPath(&http.Request{URL: &url.URL{Path: "/a b"}}); got != "/a%20b" {
+		t.Fatalf("a request built in process: %q", got)
 	}
 }

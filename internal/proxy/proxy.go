@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"strings"
 	"time"
 
 	"cacheproxy/internal/cache"
@@ -296,7 +297,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func (p *Proxy) serve(w *recordWriter, r *http.Request, rec *record, auth string) {
-	m, rerr := p.router.Resolve(r.Method, r.Host, r.URL.Host, r.URL.EscapedPath())
+	m, rerr := p.router.Resolve(r.Method, r.Host, r.URL.Host, escapedPath(r))
 	if rerr != nil {
 		rec.routeID = route.Unrouted()
 		rec.errMsg = rerr.LogText()
@@ -346,4 +347,19 @@ func (p *Proxy) lookup(key string, now time.Time) (*cache.Entry, bool) {
 // its fetch (it would be invisible anyway).
 func (p *Proxy) keep(e *cache.Entry) bool {
 	return p.inv.Valid(e.Epoch, e.Tags) && p.store.Set(e)
+}
+
+// escapedPath is the request's path as the client sent it: for an
+// origin-form request the part of RequestURI before any query (one
+// IndexByte, where url.URL.EscapedPath re-escapes the decoded path byte by
+// byte on every hit); otherwise (an absolute URI, or a request built in
+// process) url.URL.EscapedPath.
+func escapedPath(r *http.Request) string {
+	if uri := r.RequestURI; len(uri) > 0 && uri[0] == '/' {
+		if i := strings.IndexByte(uri, '?'); i >= 0 {
+			uri = uri[:i]
+		}
+		return uri
+	}
+	return r.URL.EscapedPath()
 }
