@@ -24,6 +24,7 @@ type record struct {
 	cred    *credential // nil without an Authorization header
 	keyBuf  [192]byte   // the cache key of a read, built without allocating
 	cache   outcome     // what the cache did (outcomeNone: not a cached route)
+	hdr     reqHeaders  // the request headers the proxy reads
 	// viaUpstream is set when the answer came from (or waited on) an
 	// upstream call; only then does the line carry the upstream fields.
 	viaUpstream    bool

@@ -28,7 +28,7 @@ type fetchResult struct {
 
 // serveCached answers a GET or HEAD of a participant read route.
 func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *upstream, auth string) {
-	noCache, noStore := cacheControl(r.Header)
+	noCache, noStore := rec.hdr.cacheDirectives()
 	if auth == "" || noStore {
 		// Without credentials nothing is served from or put in the cache;
 		// no-store asks us to keep nothing.
@@ -51,7 +51,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 				rec.cache = outcomeHit
 				ttl := int(e.Expires.Sub(now) / time.Second)
 				age := int(now.Sub(e.Stored) / time.Second)
-				p.writeEntry(w, r, e, p.hdrs.hit(ttl), p.hdrs.age(age))
+				p.writeEntry(w, r, rec.hdr.conditional, e, p.hdrs.hit(ttl), p.hdrs.age(age))
 				return
 			}
 			stale = e
@@ -65,7 +65,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 		rec.cache = outcomeStale
 		p.revalidate(r, rec.rt, up, key)
 		age := int(now.Sub(stale.Stored) / time.Second)
-		p.writeEntry(w, r, stale, []string{"cacheproxy; hit; ttl=" + strconv.Itoa(int(stale.Expires.Sub(now)/time.Second)) + "; detail=stale-while-revalidate"}, p.hdrs.age(age))
+		p.writeEntry(w, r, rec.hdr.conditional, stale, []string{"cacheproxy; hit; ttl=" + strconv.Itoa(int(stale.Expires.Sub(now)/time.Second)) + "; detail=stale-while-revalidate"}, p.hdrs.age(age))
 		return
 	}
 	res, leader, err := p.fetchShared(r, rec.rt, up, key, p.flightKey(r, key, noCache))
@@ -84,7 +84,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 		} else {
 			rec.errMsg = err.Error()
 		}
-		p.writeEntry(w, r, stale, []string{fwd}, p.hdrs.age(int(rec.start.Sub(stale.Stored)/time.Second)))
+		p.writeEntry(w, r, rec.hdr.conditional, stale, []string{fwd}, p.hdrs.age(int(rec.start.Sub(stale.Stored)/time.Second)))
 		return
 	}
 	rec.cache = outcomeMiss
@@ -122,7 +122,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 		twilioError(w, http.StatusBadGateway, "upstream answered with content-coding "+enc+", which the request did not accept")
 		return
 	}
-	p.writeEntry(w, r, res.entry, []string{fwd}, nil)
+	p.writeEntry(w, r, rec.hdr.conditional, res.entry, []string{fwd}, nil)
 }
 
 // revalidate starts (or joins) the fetch of key in the background. It is a
@@ -271,9 +271,9 @@ func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string)
 // conditional headers say so (a 200 entry only). The entry's header
 // slices are shared read-only (stored clipped, so an append elsewhere
 // copies).
-func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, e *cache.Entry, cacheStatus, age []string) {
+func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, conditional bool, e *cache.Entry, cacheStatus, age []string) {
 	status := e.Status
-	if status == http.StatusOK && hasConditional(r.Header) {
+	if status == http.StatusOK && conditional {
 		switch code := precondition(r.Method, r.Header, e.Header); code {
 		case http.StatusPreconditionFailed:
 			twilioError(w, code, "precondition failed: the stored representation does not match If-Match or If-Unmodified-Since")
@@ -296,11 +296,6 @@ func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, e *cache.Entr
 	if status != http.StatusNotModified && r.Method != http.MethodHead {
 		_, _ = w.Write(e.Body)
 	}
-}
-
-// hasConditional reports a conditional request header.
-func hasConditional(h http.Header) bool {
-	return len(h["If-None-Match"]) > 0 || len(h["If-Modified-Since"]) > 0 || len(h["If-Match"]) > 0 || len(h["If-Unmodified-Since"]) > 0
 }
 
 // appendKey appends the cache key: upstream + path + query + credential

@@ -266,14 +266,15 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	st.rw.ResponseWriter, st.rw.writeTimeout = w, p.writeTO
 	rec := &st.rec
 	rec.start = p.clock.Now()
-	if id := r.Header["X-Request-Id"]; len(id) == 1 && validRequestID(id[0]) {
+	rec.hdr = scanHeaders(r.Header)
+	if id := rec.hdr.requestID; len(id) == 1 && validRequestID(id[0]) {
 		rec.reqID = id[0]
 		w.Header()["X-Request-Id"] = id // echoed for correlation
 	} else {
 		rec.reqNum = p.ids.n.Add(1)
 	}
-	var auth string // indexed directly: Header.Get would canonicalise the name
-	if v := r.Header["Authorization"]; len(v) > 0 {
+	var auth string
+	if v := rec.hdr.auth; len(v) > 0 {
 		auth = v[0]
 	}
 	if auth != "" {
@@ -291,6 +292,7 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			panic(v)
 		}
 		p.logRequest(r, rec, &st.rw)
+		rec.hdr = reqHeaders{} // a pooled state keeps no reference to a request's credentials
 		statePool.Put(st)
 	}()
 	p.serve(&st.rw, r, rec, auth)
@@ -305,7 +307,7 @@ func (p *Proxy) serve(w *recordWriter, r *http.Request, rec *record, auth string
 		return
 	}
 	rec.routeID, rec.rt = m.ID(), m
-	if len(r.Header["Authorization"]) > 1 {
+	if len(rec.hdr.auth) > 1 {
 		// Which one would the upstream honour? An entry stored under one
 		// credential's key must hold only what that credential may read.
 		rec.errMsg = "more than one Authorization header"
