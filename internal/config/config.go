@@ -127,6 +127,10 @@ type RateLimit struct {
 	// Recover is how long an account's rate, halved by an upstream 429,
 	// takes to climb back. Default 30s.
 	Recover Duration `toml:"recover"`
+	// UnauthorizedTTL is how long the upstream's 401 for a credential is
+	// answered locally, spending none of the account's budget: a flood of
+	// wrong tokens cannot crowd out the right one. Default 10s; 0 disables.
+	UnauthorizedTTL Duration `toml:"unauthorized_ttl"`
 }
 
 // Log configures the JSON logs.
@@ -172,7 +176,7 @@ func Default() Config {
 		},
 		RateLimit: RateLimit{RequestsPerSecond: 50, MaxWait: Duration(2 * time.Second), MaxConcurrent: 25, MaxRetries: 3,
 			BackoffBase: Duration(200 * time.Millisecond), BackoffMax: Duration(5 * time.Second), ReplayBytes: 64 << 10,
-			Recover: Duration(30 * time.Second)},
+			Recover: Duration(30 * time.Second), UnauthorizedTTL: Duration(10 * time.Second)},
 		Log: Log{Level: "info", Format: "json", Buffer: 64 << 10, FlushInterval: Duration(200 * time.Millisecond),
 			SummaryInterval: Duration(60 * time.Second)},
 	}
@@ -339,6 +343,9 @@ func (c Config) Validate() error {
 	}
 	if c.ShutdownTimeout <= 0 {
 		bad("shutdown_timeout", "must be > 0")
+	}
+	if c.RateLimit.UnauthorizedTTL < 0 {
+		bad("ratelimit.unauthorized_ttl", "must be >= 0")
 	}
 	if c.ShutdownDelay < 0 {
 		bad("shutdown_delay", "must be >= 0")

@@ -100,6 +100,9 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 		return
 	}
 	rec.upstreamStatus, rec.upstreamDur = res.upStatus, res.upDur
+	if res.upStatus == http.StatusUnauthorized {
+		p.refused.remember(rec.cred, p.clock.Now(), res.entry.Header, res.entry.Body)
+	}
 	fwd := "cacheproxy; fwd=uri-miss"
 	if noCache {
 		fwd = "cacheproxy; fwd=request"

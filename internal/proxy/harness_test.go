@@ -185,6 +185,7 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 		StaleWhileRevalidate: c.Cache.StaleWhileRevalidate.D(), MaxEntryBytes: int64(c.Cache.MaxEntryBytes)}
 	o.Retry = Retry{Max: c.RateLimit.MaxRetries, Base: c.RateLimit.BackoffBase.D(), Cap: c.RateLimit.BackoffMax.D(), ReplayBytes: int64(c.RateLimit.ReplayBytes)}
 	o.MaxBodyBytes, o.WriteTimeout = int64(c.Server.MaxBodyBytes), c.Server.WriteTimeout.D()
+	o.UnauthorizedTTL = c.RateLimit.UnauthorizedTTL.D()
 	p, err := New(o)
 	if err != nil {
 		t.Fatal(err)

@@ -46,8 +46,12 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	}
 	rec.upstreamStatus = resp.StatusCode
 	rec.upstreamDur = p.clock.Since(rec.start)
-	if err := bufferSmall(resp, rec); err != nil {
+	body, err := bufferSmall(resp, rec)
+	if err != nil {
 		return err
+	}
+	if resp.StatusCode == http.StatusUnauthorized && body != nil {
+		p.refused.remember(rec.cred, p.clock.Now(), resp.Header, body)
 	}
 	if isWrite(resp.Request.Method) {
 		tags := rec.rt.WriteTags()
@@ -69,28 +73,29 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 const bufferedResponseBytes = 1 << 20
 
 // bufferSmall reads a response of up to bufferedResponseBytes from the
-// upstream and closes the upstream body; a larger one streams on, its read
-// errors recorded in rec. An upstream failure while buffering is an error
-// before anything was sent: the client gets a 502.
-func bufferSmall(resp *http.Response, rec *record) error {
+// upstream, closes the upstream body and returns the bytes; a larger one
+// streams on (nil bytes), its read errors recorded in rec. An upstream
+// failure while buffering is an error before anything was sent: the client
+// gets a 502.
+func bufferSmall(resp *http.Response, rec *record) ([]byte, error) {
 	if resp.Body == nil || resp.Body == http.NoBody || resp.ContentLength > bufferedResponseBytes {
 		if resp.Body != nil && resp.Body != http.NoBody {
 			resp.Body = &cutBody{ReadCloser: resp.Body, rec: rec}
 		}
-		return nil
+		return nil, nil
 	}
 	head, err := io.ReadAll(io.LimitReader(resp.Body, bufferedResponseBytes+1))
 	if err != nil {
 		resp.Body.Close()
-		return fmt.Errorf("%w: %w", errUpstreamCut, err)
+		return nil, fmt.Errorf("%w: %w", errUpstreamCut, err)
 	}
 	if len(head) <= bufferedResponseBytes {
 		resp.Body.Close() // the upstream exchange is over: its slot goes back
 		resp.Body = io.NopCloser(bytes.NewReader(head))
-		return nil
+		return head, nil
 	}
 	resp.Body = &cutBody{ReadCloser: readCloser{io.MultiReader(bytes.NewReader(head), resp.Body), resp.Body}, rec: rec}
-	return nil
+	return nil, nil
 }
 
 // cutBody records an upstream body that fails while it streams to the

@@ -6,6 +6,7 @@ import (
 	"net/url"
 	"strings"
 	"testing"
+	"time"
 )
 
 // TestAnEscapedSlashNeverSharesAnEntryWithTheRealPath: the upstream sees
@@ -146,5 +147,42 @@ func TestEscapedPathIsASpellingOfThePath(t *testing.T) {
 	}
 	if got := escapedPath(&http.Request{URL: &url.URL{Path: "/a b"}}); got != "/a%20b" {
 		t.Fatalf("a request built in process: %q", got)
+	}
+}
+
+// TestAWrongTokenIsAnsweredLocally: the upstream's 401 for a credential is
+// answered locally for ratelimit.unauthorized_ttl (no upstream call, no
+// budget), for cached reads and pass-through alike; the account's right
+// token is unaffected; after the TTL the upstream is asked again.
+func TestAWrongTokenIsAnsweredLocally(t *testing.T) {
+	h := newHarness(t)
+	wrong := basic(acctA, "wrongtokenxxxxxxxxxxxxxxxxxxxxxx")
+	for _, path := range []string{pathConv, "/v1/Conversations"} {
+		for i := 0; i < 3; i++ {
+			status, _, body := readResp(t, h.do("GET", path, wrong))
+			if status != 401 || !strings.Contains(body, "20003") {
+				t.Fatalf("%s wrong token %d: %d %s", path, i, status, body)
+			}
+		}
+	}
+	if n := h.conv.Total(); n != 1 {
+		t.Fatalf("upstream calls for a wrong token = %d, want 1", n)
+	}
+	if s, _, _ := h.get(pathConv); s != 200 {
+		t.Fatalf("the right token: %d", s)
+	}
+	var local int
+	for _, l := range h.logs.lines(t) {
+		if e, _ := l["error"].(string); strings.Contains(e, "answered locally") {
+			local++
+		}
+	}
+	if local != 5 {
+		t.Fatalf("%d lines say the 401 was answered locally, want 5", local)
+	}
+	h.clk.Advance(11 * time.Second) // past unauthorized_ttl (10s)
+	before := h.conv.Total()
+	if s, _, _ := readResp(t, h.do("GET", pathV2, wrong)); s != 401 || h.conv.Total() != before+1 {
+		t.Fatalf("after the TTL: %d, upstream calls %d", s, h.conv.Total()-before)
 	}
 }

@@ -123,6 +123,9 @@ type Options struct {
 	// WriteTimeout bounds writing a response to the client, from its
 	// first byte. 0: no bound.
 	WriteTimeout time.Duration
+	// UnauthorizedTTL is how long the upstream's 401 for a credential is
+	// answered locally, spending no budget. 0: never.
+	UnauthorizedTTL time.Duration
 	// Logger receives one JSON line per request, with its own "time" field
 	// (so give it no Timestamp()). Zero value: no logs.
 	Logger zerolog.Logger
@@ -158,6 +161,7 @@ type Proxy struct {
 	hdrs    hitHeaders
 	stamp   clockText
 
+	refused  refusals
 	c        counters
 	m        *metrics
 	fresh    Freshness
@@ -219,6 +223,7 @@ func New(o Options) (*Proxy, error) {
 		fresh:    f,
 		maxBody:  o.MaxBodyBytes,
 		writeTO:  o.WriteTimeout,
+		refused:  refusals{ttl: o.UnauthorizedTTL},
 		maxFetch: max(maxFetchBytes, f.MaxEntryBytes),
 		hdrs:     newHitHeaders(max(f.TTL, f.NegativeTTL)),
 	}
@@ -312,6 +317,11 @@ func (p *Proxy) serve(w *recordWriter, r *http.Request, rec *record, auth string
 		// credential's key must hold only what that credential may read.
 		rec.errMsg = "more than one Authorization header"
 		twilioError(w, http.StatusBadRequest, "send one Authorization header, not several")
+		return
+	}
+	if ref := p.refused.lookup(rec.cred, rec.start); ref != nil {
+		rec.errMsg = "credential refused by the upstream within ratelimit.unauthorized_ttl: answered locally"
+		ref.write(w)
 		return
 	}
 	up := p.ups[m.Upstream]

@@ -1,0 +1,84 @@
+package proxy
+
+import (
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// refusals remembers, by credential fingerprint, the upstream's 401 for a
+// short time (ratelimit.unauthorized_ttl), so that a wrong token is
+// answered locally and spends none of its account's budget: a flood of
+// wrong tokens for an account cannot queue ahead of its right one. It
+// holds Twilio's error answer and the fingerprint, never the credential.
+type refusals struct {
+	ttl time.Duration
+	n   atomic.Int64 // entries, so the request path skips the map while it is empty
+	m   sync.Map     // credential fingerprint ([32]byte, hex) -> *refusal
+}
+
+type refusal struct {
+	until  time.Time
+	header http.Header
+	body   []byte
+}
+
+// maxRefusals bounds the memory of refusals; past it, expired ones are
+// swept and new ones are not remembered until there is room.
+const maxRefusals = 4096
+
+// remember records the upstream's 401 for c at now.
+func (f *refusals) remember(c *credential, now time.Time, h http.Header, body []byte) {
+	if f.ttl <= 0 || c == nil {
+		return
+	}
+	if f.n.Load() >= maxRefusals {
+		f.sweep(now)
+		if f.n.Load() >= maxRefusals {
+			return
+		}
+	}
+	r := &refusal{until: now.Add(f.ttl), header: storedHeader(h, len(body)), body: body}
+	if _, loaded := f.m.Swap(c.hex, r); !loaded {
+		f.n.Add(1)
+	}
+}
+
+// lookup returns c's remembered 401 if it has not expired at now.
+func (f *refusals) lookup(c *credential, now time.Time) *refusal {
+	if c == nil || f.n.Load() == 0 {
+		return nil
+	}
+	v, ok := f.m.Load(c.hex)
+	if !ok {
+		return nil
+	}
+	r := v.(*refusal)
+	if !now.Before(r.until) {
+		if f.m.CompareAndDelete(c.hex, v) {
+			f.n.Add(-1)
+		}
+		return nil
+	}
+	return r
+}
+
+func (f *refusals) sweep(now time.Time) {
+	f.m.Range(func(k, v any) bool {
+		if !now.Before(v.(*refusal).until) && f.m.CompareAndDelete(k, v) {
+			f.n.Add(-1)
+		}
+		return true
+	})
+}
+
+// write answers with the remembered 401.
+func (r *refusal) write(w http.ResponseWriter) {
+	h := w.Header()
+	for k, v := range r.header {
+		h[k] = v
+	}
+	w.WriteHeader(http.StatusUnauthorized)
+	_, _ = w.Write(r.body)
+}
