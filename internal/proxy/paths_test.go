@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"cacheproxy/internal/twiliofake"
 )
 
 // TestAnEscapedSlashNeverSharesAnEntryWithTheRealPath: the upstream sees
@@ -184,5 +186,29 @@ func TestAWrongTokenIsAnsweredLocally(t *testing.T) {
 	before := h.conv.Total()
 	if s, _, _ := readResp(t, h.do("GET", pathV2, wrong)); s != 401 || h.conv.Total() != before+1 {
 		t.Fatalf("after the TTL: %d, upstream calls %d", s, h.conv.Total()-before)
+	}
+}
+
+// TestOnlyAuthenticationFailuresAreRemembered: a 401 that is not Twilio's
+// 20003 (the credential itself) is passed on and not remembered.
+func TestOnlyAuthenticationFailuresAreRemembered(t *testing.T) {
+	h := newHarness(t)
+	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool {
+		if r.URL.Path == "/v1/Conversations" {
+			twiliofake.Error(w, 401, 20401, "not for this path")
+			return true
+		}
+		return false
+	}
+	for i := 0; i < 2; i++ {
+		if s, _, _ := readResp(t, h.do("GET", "/v1/Conversations", basic(acctA, tokenA))); s != 401 {
+			t.Fatalf("read %d: %d", i, s)
+		}
+	}
+	if n := h.conv.Calls("GET", "/v1/Conversations"); n != 2 {
+		t.Fatalf("upstream calls = %d, want 2", n)
+	}
+	if s, _, _ := h.get(pathConv); s != 200 {
+		t.Fatalf("the credential elsewhere: %d", s)
 	}
 }

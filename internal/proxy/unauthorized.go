@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"encoding/json"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -24,13 +25,24 @@ type refusal struct {
 	body   []byte
 }
 
+// authenticationFailed is Twilio's error code for a wrong credential.
+const authenticationFailed = 20003
+
 // maxRefusals bounds the memory of refusals; past it, expired ones are
 // swept and new ones are not remembered until there is room.
 const maxRefusals = 4096
 
-// remember records the upstream's 401 for c at now.
+// remember records the upstream's 401 for c at now, if it is Twilio's
+// authentication failure (code 20003: the credential itself is wrong, on
+// every path), not some other 401.
 func (f *refusals) remember(c *credential, now time.Time, h http.Header, body []byte) {
 	if f.ttl <= 0 || c == nil {
+		return
+	}
+	var e struct {
+		Code int `json:"code"`
+	}
+	if json.Unmarshal(body, &e) != nil || e.Code != authenticationFailed {
 		return
 	}
 	if f.n.Load() >= maxRefusals {
