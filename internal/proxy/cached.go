@@ -262,7 +262,7 @@ func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string)
 		ttl = p.fresh.NegativeTTL
 	}
 	res.entry, res.upStatus, res.upDur = e, resp.StatusCode, now.Sub(start)
-	if ttl > 0 && int64(len(body)) <= p.fresh.MaxEntryBytes && !noStoreResponse(resp.Header) && sharable(resp.Header) {
+	if ttl > 0 && int64(len(body)) <= p.fresh.MaxEntryBytes && storable(resp.Header) {
 		e.Expires = now.Add(ttl)
 		e.Keep = e.Expires.Add(max(p.fresh.StaleIfError, p.fresh.StaleWhileRevalidate))
 		res.stored = p.keep(e)

@@ -93,11 +93,19 @@ func (s *reqHeaders) cacheDirectives() (noCache, noStore bool) {
 	return
 }
 
-// sharable reports a response that one entry can answer for every client:
-// its Vary names nothing but Accept-Encoding (the fetch always asks for the
-// plain representation), and it is not content-coded (the transport decodes
-// what it asked for; anything else was not asked for).
-func sharable(h http.Header) bool {
+// storable reports an upstream response that one entry may hold for
+// every client: it does not forbid storing (Cache-Control: no-store), its
+// Vary names nothing but Accept-Encoding (the fetch always asks for the
+// plain representation), and it is not content-coded (the transport
+// decodes what it asked for; anything else was not asked for).
+func storable(h http.Header) bool {
+	for _, v := range h["Cache-Control"] {
+		for _, d := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(d), "no-store") {
+				return false
+			}
+		}
+	}
 	for _, v := range h["Vary"] {
 		for _, f := range strings.Split(v, ",") {
 			if f = strings.TrimSpace(f); f != "" && !strings.EqualFold(f, "Accept-Encoding") {
@@ -130,19 +138,6 @@ func acceptsCoding(h http.Header, enc string) bool {
 				continue
 			}
 			return true
-		}
-	}
-	return false
-}
-
-// noStoreResponse reports an upstream response that forbids storing.
-func noStoreResponse(h http.Header) bool {
-	for _, v := range h["Cache-Control"] {
-		for _, d := range strings.Split(v, ",") {
-			switch strings.ToLower(strings.TrimSpace(d)) {
-			case "no-store":
-				return true
-			}
 		}
 	}
 	return false
