@@ -21,7 +21,7 @@ type Match struct {
 }
 
 // Unescaped is Path decoded (url.URL.Path to Path's url.URL.RawPath).
-func (m *Match) Unescaped() string { return Unescape(m.Path) }
+func (m *Match) Unescaped() string { return unescape(m.Path) }
 
 // ID is the route's index in Labels.
 func (m *Match) ID() int { return m.id }

@@ -230,9 +230,9 @@ func unhex(c byte) byte {
 	return c - 'a' + 10
 }
 
-// Unescape decodes one escaped segment (or path); an escape that does not
+// unescape decodes one escaped segment (or path); an escape that does not
 // decode leaves it as it is.
-func Unescape(s string) string {
+func unescape(s string) string {
 	if strings.IndexByte(s, '%') < 0 {
 		return s
 	}

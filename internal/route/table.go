@@ -241,10 +241,10 @@ rows:
 		}
 		m.row, m.id = c.row, c.id
 		for _, s := range c.scopes[:c.nscopes] {
-			m.scope(s.kind, Unescape(segs[s.pos]))
+			m.scope(s.kind, unescape(segs[s.pos]))
 		}
 		if c.identity >= 0 {
-			m.identity = Unescape(segs[c.identity])
+			m.identity = unescape(segs[c.identity])
 		}
 		return m
 	}
