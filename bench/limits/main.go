@@ -163,7 +163,7 @@ func runScenario(sc scenario, rate int, duration, latency time.Duration) (*resul
 	defer store.Close()
 	opts := wire.ProxyOptions(cfg)
 	opts.Store, opts.Invalidator = store, invalidation.New(wire.Retention(cfg), nil)
-	opts.Budget, opts.Logger = ratelimit.New(wire.Limiter(cfg.RateLimit), nil), zerolog.Nop()
+	opts.Budget, opts.Logger = ratelimit.New(wire.Limiter(cfg.RateLimit, zerolog.Nop()), nil), zerolog.Nop()
 	p, err := proxy.New(opts)
 	if err != nil {
 		return nil, err

@@ -143,7 +143,7 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		return err
 	}
 	defer store.Close()
-	limiter := ratelimit.New(wire.Limiter(cfg.RateLimit), nil)
+	limiter := ratelimit.New(wire.Limiter(cfg.RateLimit, logger), nil)
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	opts := wire.ProxyOptions(cfg)

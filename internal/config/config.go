@@ -106,13 +106,17 @@ type Server struct {
 	MaxBodyBytes ByteSize `toml:"max_body_bytes"`
 }
 
-// RateLimit paces upstream calls per account.
+// RateLimit is each account's upstream budget (docs/budget.md).
 type RateLimit struct {
-	// RequestsPerSecond is the upstream budget of one account. Default 50.
+	// RequestsPerSecond, if not 0, is the most upstream calls one account
+	// starts in any one second (a sliding window: bursts pass while the
+	// window has room). Default 0: concurrency alone.
 	RequestsPerSecond int `toml:"requests_per_second"`
 	// MaxWait bounds how long a request waits for its turn. Default 2s.
 	MaxWait Duration `toml:"max_wait"`
-	// MaxConcurrent caps one account's upstream calls in flight. Default 25.
+	// MaxConcurrent caps one account's upstream calls in flight, the
+	// budget's primary control: Twilio limits an account's concurrent
+	// requests (20429). The cap adapts below it on 429s. Default 25.
 	MaxConcurrent int `toml:"max_concurrent"`
 	// MaxRetries bounds retries of an upstream 429. Default 3; 0 disables.
 	MaxRetries int `toml:"max_retries"`
@@ -124,9 +128,14 @@ type RateLimit struct {
 	// ReplayBytes is the largest write body buffered so it can be retried.
 	// Default 64KiB.
 	ReplayBytes ByteSize `toml:"replay_bytes"`
-	// Recover is how long an account's rate, halved by an upstream 429,
-	// takes to climb back. Default 30s.
+	// Recover is how long an account's concurrency cap, cut by an upstream
+	// 429, takes to climb back to max_concurrent. Default 30s.
 	Recover Duration `toml:"recover"`
+	// KeyAccounts maps API key SIDs to their account SIDs, so a key's calls
+	// count against its account's budget from the first one (otherwise
+	// learned from the key's first answer). Environment and -set form:
+	// "SK…=AC…,SK…=AC…".
+	KeyAccounts KeyAccounts `toml:"key_accounts"`
 	// UnauthorizedTTL is how long the upstream's 401 for a credential is
 	// answered locally, spending none of the account's budget: a flood of
 	// wrong tokens cannot crowd out the right one. Default 10s; 0 disables.
@@ -174,7 +183,7 @@ func Default() Config {
 			MaxHeaderBytes:    64 << 10,
 			MaxBodyBytes:      10 << 20,
 		},
-		RateLimit: RateLimit{RequestsPerSecond: 50, MaxWait: Duration(2 * time.Second), MaxConcurrent: 25, MaxRetries: 3,
+		RateLimit: RateLimit{MaxWait: Duration(2 * time.Second), MaxConcurrent: 25, MaxRetries: 3,
 			BackoffBase: Duration(200 * time.Millisecond), BackoffMax: Duration(5 * time.Second), ReplayBytes: 64 << 10,
 			Recover: Duration(30 * time.Second), UnauthorizedTTL: Duration(10 * time.Second)},
 		Log: Log{Level: "info", Format: "json", Buffer: 64 << 10, FlushInterval: Duration(200 * time.Millisecond),
@@ -380,8 +389,17 @@ func (c Config) Validate() error {
 	if c.Server.MaxBodyBytes <= 0 {
 		bad("server.max_body_bytes", "must be > 0")
 	}
-	if c.RateLimit.RequestsPerSecond <= 0 {
-		bad("ratelimit.requests_per_second", "must be > 0")
+	if c.RateLimit.RequestsPerSecond < 0 || c.RateLimit.RequestsPerSecond > maxRequestsPerSecond {
+		bad("ratelimit.requests_per_second", "must be between 0 (off) and %d", maxRequestsPerSecond)
+	}
+	if c.RateLimit.MaxConcurrent > maxConcurrent {
+		bad("ratelimit.max_concurrent", "must be <= %d", maxConcurrent)
+	}
+	for k, a := range c.RateLimit.KeyAccounts {
+		if !isSID(k, "SK") || !isSID(a, "AC") {
+			bad("ratelimit.key_accounts", "want API key SIDs (SK + 32 hex digits) mapped to account SIDs (AC + 32 hex digits)")
+			break
+		}
 	}
 	if c.RateLimit.MaxWait <= 0 {
 		bad("ratelimit.max_wait", "must be > 0")
@@ -492,3 +510,82 @@ func (b *ByteSize) UnmarshalTOML(v any) error {
 
 // MarshalText writes the size in bytes.
 func (b ByteSize) MarshalText() ([]byte, error) { return []byte(strconv.FormatInt(int64(b), 10)), nil }
+
+// Bounds that keep the budget's memory small: the rate window holds one
+// timestamp per call of the last second.
+const (
+	maxRequestsPerSecond = 100_000
+	maxConcurrent        = 100_000
+)
+
+// isSID reports whether s is a Twilio SID with prefix: two letters and 32
+// hex digits.
+func isSID(s, prefix string) bool {
+	if len(s) != 34 || !strings.HasPrefix(s, prefix) {
+		return false
+	}
+	for _, c := range s[2:] {
+		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
+			return false
+		}
+	}
+	return true
+}
+
+// KeyAccounts maps API key SIDs to account SIDs: a TOML table
+// { "SK…" = "AC…" }, or "SK…=AC…,SK…=AC…" in the environment and -set.
+type KeyAccounts map[string]string
+
+// UnmarshalText parses the "SK…=AC…,SK…=AC…" form; "" is empty.
+func (k *KeyAccounts) UnmarshalText(b []byte) error {
+	m := KeyAccounts{}
+	for _, pair := range strings.Split(string(b), ",") {
+		if pair = strings.TrimSpace(pair); pair == "" {
+			continue
+		}
+		key, acct, ok := strings.Cut(pair, "=")
+		if !ok {
+			return fmt.Errorf("want SK…=AC… pairs separated by commas, got %q", pair)
+		}
+		m[strings.TrimSpace(key)] = strings.TrimSpace(acct)
+	}
+	*k = m
+	return nil
+}
+
+// UnmarshalTOML accepts a table of strings, or the string form.
+func (k *KeyAccounts) UnmarshalTOML(v any) error {
+	switch v := v.(type) {
+	case string:
+		return k.UnmarshalText([]byte(v))
+	case map[string]any:
+		m := KeyAccounts{}
+		for key, a := range v {
+			s, ok := a.(string)
+			if !ok {
+				return fmt.Errorf("key_accounts.%s: want an account SID string", key)
+			}
+			m[key] = s
+		}
+		*k = m
+		return nil
+	}
+	return fmt.Errorf("want a table of API key SIDs to account SIDs, got %T", v)
+}
+
+// MarshalText writes the string form, keys sorted.
+func (k KeyAccounts) MarshalText() ([]byte, error) {
+	keys := make([]string, 0, len(k))
+	for key := range k {
+		keys = append(keys, key)
+	}
+	sort.Strings(keys)
+	var b strings.Builder
+	for i, key := range keys {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString(key + "=" + k[key])
+	}
+	return []byte(b.String()), nil
+}

@@ -3,6 +3,7 @@ package config
 import (
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -23,7 +24,7 @@ func TestDefaultsWithoutAFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	if c.Listen != "127.0.0.1:8080" || c.AdminListen != "127.0.0.1:9090" || c.Cache.TTL.D() != 30*time.Second ||
-		c.Cache.NegativeTTL.D() != 5*time.Second || c.Cache.MaxBytes != 64<<20 || c.RateLimit.RequestsPerSecond != 50 ||
+		c.Cache.NegativeTTL.D() != 5*time.Second || c.Cache.MaxBytes != 64<<20 || c.RateLimit.RequestsPerSecond != 0 || c.RateLimit.MaxConcurrent != 25 ||
 		c.RateLimit.MaxWait.D() != 2*time.Second || c.Upstreams.Conversations.URL != "https://conversations.twilio.com" ||
 		c.Upstreams.Proxy.URL != "https://proxy.twilio.com" {
 		t.Fatalf("defaults: %+v", c)
@@ -68,7 +69,9 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{"tiny cache", "[cache]\nmax_bytes = \"1KiB\"\n", nil, nil, "cache.max_bytes"},
 		{"bad url", "[upstreams.proxy]\nurl = \"ftp://x\"\n", nil, nil, "upstreams.proxy.url"},
 		{"unknown upstream", "[upstreams.api]\nurl = \"https://api.twilio.com\"\n", nil, nil, "upstreams.api"},
-		{"bad rate", "[ratelimit]\nrequests_per_second = 0\n", nil, nil, "ratelimit.requests_per_second"},
+		{"bad rate", "[ratelimit]\nrequests_per_second = -1\n", nil, nil, "ratelimit.requests_per_second"},
+		{"bad key account", "[ratelimit]\nkey_accounts = { SK1 = \"AC1\" }\n", nil, nil, "ratelimit.key_accounts"},
+		{"bad key account env", "", []string{"CACHEPROXY_RATELIMIT_KEY_ACCOUNTS=SK00000000000000000000000000000001"}, nil, "ratelimit.key_accounts"},
 		{"wrong type", "[ratelimit]\nrequests_per_second = \"many\"\n", nil, nil, "ratelimit.requests_per_second"},
 		{"bad listen", "listen = \"nowhere\"\n", nil, nil, "listen"},
 		{"bad level", "[log]\nlevel = \"loud\"\n", nil, nil, "log.level"},
@@ -138,7 +141,7 @@ func TestExampleFileDocumentsEveryKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := Default()
-	if c.Listen != d.Listen || c.Cache != d.Cache || c.RateLimit != d.RateLimit || c.Server != d.Server || c.Log != d.Log ||
+	if c.Listen != d.Listen || c.Cache != d.Cache || !reflect.DeepEqual(c.RateLimit, d.RateLimit) || c.Server != d.Server || c.Log != d.Log ||
 		c.Upstreams.Conversations.URL != d.Upstreams.Conversations.URL || c.Upstreams.Proxy.Timeout != d.Upstreams.Proxy.Timeout {
 		t.Fatalf("example values differ from the defaults:\n%+v\n%+v", c, d)
 	}
@@ -177,5 +180,25 @@ func TestSidecarManifestConfigLoads(t *testing.T) {
 	c, err := Load(writeFile(t, strings.Join(lines, "\n")), nil, nil)
 	if err != nil || c.AdminListen != "0.0.0.0:9090" || c.Cache.MaxBytes != 64<<20 {
 		t.Fatalf("manifest config: %+v %v", c, err)
+	}
+}
+
+func TestKeyAccountsFromFileEnvironmentAndSet(t *testing.T) {
+	const k1, k2, a1, a2 = "SK00000000000000000000000000000001", "SK00000000000000000000000000000002",
+		"AC00000000000000000000000000000001", "AC00000000000000000000000000000002"
+	c, err := Load(writeFile(t, "[ratelimit]\nkey_accounts = { "+k1+" = \""+a1+"\", "+k2+" = \""+a2+"\" }\n"), nil, nil)
+	if err != nil || len(c.RateLimit.KeyAccounts) != 2 || c.RateLimit.KeyAccounts[k1] != a1 || c.RateLimit.KeyAccounts[k2] != a2 {
+		t.Fatalf("from a table: %v %v", c.RateLimit.KeyAccounts, err)
+	}
+	c, err = Load("", []string{"CACHEPROXY_RATELIMIT_KEY_ACCOUNTS=" + k1 + "=" + a1 + ", " + k2 + "=" + a2}, nil)
+	if err != nil || len(c.RateLimit.KeyAccounts) != 2 || c.RateLimit.KeyAccounts[k2] != a2 {
+		t.Fatalf("from the environment: %v %v", c.RateLimit.KeyAccounts, err)
+	}
+	c, err = Load("", nil, []string{"ratelimit.key_accounts=" + k2 + "=" + a1})
+	if err != nil || len(c.RateLimit.KeyAccounts) != 1 || c.RateLimit.KeyAccounts[k2] != a1 {
+		t.Fatalf("from -set: %v %v", c.RateLimit.KeyAccounts, err)
+	}
+	if b, _ := (KeyAccounts{k2: a2, k1: a1}).MarshalText(); string(b) != k1+"="+a1+","+k2+"="+a2 {
+		t.Fatalf("text form %q", b)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
 
 	"github.com/rs/zerolog"
@@ -256,4 +257,22 @@ func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
 		ev.Str("error", rec.errMsg)
 	}
 	ev.Msg("request")
+}
+
+// BudgetLog logs the budget's decisions: cuts and learned keys at info,
+// growth at debug; never a credential.
+func BudgetLog(log zerolog.Logger) func(ratelimit.Event) {
+	return func(e ratelimit.Event) {
+		ev := log.Info()
+		if e.Kind == ratelimit.CapGrown {
+			ev = log.Debug()
+		}
+		ev = ev.Str("component", "budget").Str("decision", e.Kind.String()).Str("account", e.Account)
+		if e.Kind == ratelimit.KeyLearned {
+			ev = ev.Str("key", e.Key)
+		} else {
+			ev = ev.Int("from", e.From).Int("to", e.To).Int("in_flight", e.InFlight)
+		}
+		ev.Msg("budget")
+	}
 }

@@ -173,7 +173,7 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 		// Let the limiter's dispatchers reach their last slot and exit.
 		t.Cleanup(func() { h.budgetClk.Advance(time.Hour) })
 	}
-	h.lim = ratelimit.New(limiterConfig(s.cfg.RateLimit), budgetClock)
+	h.lim = ratelimit.New(limiterConfig(s.cfg.RateLimit, zerolog.New(h.logs).With().Timestamp().Logger()), budgetClock)
 	o := s.opts
 	o.Upstreams = [route.NumUpstreams]Upstream{
 		route.Conversations: upstreamOptions(s.cfg.Upstreams.Conversations),
@@ -214,8 +214,9 @@ func checkLogLines(t testing.TB, logs *syncBuffer) {
 	}
 }
 
-func limiterConfig(rl config.RateLimit) ratelimit.Config {
-	return ratelimit.Config{Rate: float64(rl.RequestsPerSecond), MaxConcurrent: rl.MaxConcurrent, MaxWait: rl.MaxWait.D(), Recover: rl.Recover.D()}
+func limiterConfig(rl config.RateLimit, log zerolog.Logger) ratelimit.Config {
+	return ratelimit.Config{Rate: rl.RequestsPerSecond, MaxConcurrent: rl.MaxConcurrent, MaxWait: rl.MaxWait.D(), Recover: rl.Recover.D(),
+		KeyAccounts: rl.KeyAccounts, OnEvent: BudgetLog(log)}
 }
 
 func upstreamOptions(u config.Upstream) Upstream {

@@ -60,12 +60,18 @@ type Invalidator interface {
 
 // Budget keeps each account's upstream calls within Twilio's limits.
 type Budget interface {
-	// Acquire waits for a turn to call upstream for account (bounded, and
-	// until ctx ends). On success the caller must call release when the
-	// call is over. A refusal is a *ratelimit.RejectedError.
-	Acquire(ctx context.Context, account string) (release func(), waited time.Duration, err error)
-	// Report tells the budget what the upstream answered.
-	Report(account string, o ratelimit.Outcome)
+	// Acquire waits for a turn to call upstream as user (the Basic-auth
+	// account or API key SID, or "") with credential (a fingerprint that
+	// tells callers of one account apart), bounded, and until ctx ends. On
+	// success the caller must end the lease with the call's outcome. A
+	// refusal is a *ratelimit.RejectedError.
+	Acquire(ctx context.Context, user, credential string) (ratelimit.Lease, error)
+	// Learn records that API key key belongs to account acct; Knows
+	// reports whether key's account is known.
+	Learn(key, acct string)
+	Knows(key string) bool
+	// Accounts reports each account's budget, for metrics and the summary.
+	Accounts() []ratelimit.State
 }
 
 // flightGroup is the part of singleflight.Group the proxy uses, an interface
@@ -242,6 +248,7 @@ func New(o Options) (*Proxy, error) {
 		paced := &pacedTransport{
 			next: o.Transport, budget: o.Budget, retry: o.Retry,
 			clock: p.clock, c: &p.c, m: p.m, upstream: id.String(),
+			fp: p.fp, refused: &p.refused,
 		}
 		up := &upstream{id: id, target: target, transport: paced, timeout: uc.Timeout}
 		up.rp = &httputil.ReverseProxy{

@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"cacheproxy/internal/clock"
@@ -80,6 +79,8 @@ type pacedTransport struct {
 	c        *counters
 	m        *metrics
 	upstream string
+	fp       *fingerprinter
+	refused  *refusals
 }
 
 func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
@@ -88,17 +89,24 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if stats == nil {
 		stats = &callStats{}
 	}
-	var acct [34]byte
-	account := string(acct[:accountOf(req.Header.Get("Authorization"), &acct)])
+	auth := req.Header.Get("Authorization")
+	var user, fingerprint string
+	var cred *credential
+	if auth != "" {
+		cred = t.fp.lookup(auth)
+		user, fingerprint = string(cred.Account()), string(cred.hex[:])
+	}
 	replay, err := t.replayable(req)
 	if err != nil {
 		return nil, err
 	}
 	for attempt := 0; ; attempt++ {
-		release, waited, err := t.budget.Acquire(ctx, account)
-		stats.queueWait += waited
-		t.c.queueWaitNanos.Add(int64(waited))
-		t.m.queueWait.Observe(waited.Seconds())
+		lease, err := t.budget.Acquire(ctx, user, fingerprint)
+		if lease != nil {
+			stats.queueWait += lease.Waited()
+			t.c.queueWaitNanos.Add(int64(lease.Waited()))
+			t.m.queueWait.Observe(lease.Waited().Seconds())
+		}
 		if err != nil {
 			var rej *ratelimit.RejectedError
 			if errors.As(err, &rej) {
@@ -106,32 +114,36 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			}
 			return nil, err
 		}
+		// The upstream may have refused this credential while it waited:
+		// the turn goes back unused and the refusal is answered here.
+		if ref := t.refused.lookup(cred, t.clock.Now()); ref != nil {
+			lease.Done(ratelimit.Unused)
+			return ref.response(req), nil
+		}
 		t.c.upstreamCalls.Add(1)
 		start := t.clock.Now()
 		resp, err := t.next.RoundTrip(req)
 		if err != nil {
 			t.m.observeUpstream(t.upstream, 0, 0)
-			release()
+			lease.Done(ratelimit.Failed)
 			return nil, err
 		}
 		t.m.observeUpstream(t.upstream, resp.StatusCode, t.clock.Since(start))
 		if resp.StatusCode != http.StatusTooManyRequests {
-			resp.Body = &releasingBody{ReadCloser: resp.Body, release: release}
+			resp.Body = &releasingBody{ReadCloser: resp.Body, lease: lease}
 			return resp, nil
 		}
 		stats.tooMany++
 		t.c.upstream429.Add(1)
-		t.budget.Report(account, ratelimit.Throttled)
+		lease.Done(ratelimit.Throttled)
 		delay := t.backoff(attempt, resp.Header.Get("Retry-After"))
 		deadline, hasDeadline := ctx.Deadline()
 		if attempt >= t.retry.Max || (req.Body != nil && req.Body != http.NoBody && replay == nil) ||
 			(hasDeadline && !t.clock.Now().Add(delay).Before(deadline)) {
-			resp.Body = &releasingBody{ReadCloser: resp.Body, release: release}
 			return resp, nil // the client gets Twilio's 429 (or a stale answer)
 		}
 		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 		resp.Body.Close()
-		release()
 		select {
 		case <-t.clock.After(delay):
 		case <-ctx.Done():
@@ -182,17 +194,16 @@ func (t *pacedTransport) backoff(attempt int, retryAfter string) time.Duration {
 	return rand.N(ceiling + 1)
 }
 
-// releasingBody gives the account's call slot back when the response body
-// is closed: a call is in flight until its body is read.
+// releasingBody gives the account's turn back when the response body is
+// closed: a call is in flight until its body is read.
 type releasingBody struct {
 	io.ReadCloser
-	release func()
-	once    sync.Once
+	lease ratelimit.Lease
 }
 
 func (b *releasingBody) Close() error {
 	err := b.ReadCloser.Close()
-	b.once.Do(b.release)
+	b.lease.Done(ratelimit.Served) // idempotent
 	return err
 }
 

@@ -1,7 +1,9 @@
 package proxy
 
 import (
+	"bytes"
 	"encoding/json"
+	"io"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -93,4 +95,16 @@ func (r *refusal) write(w http.ResponseWriter) {
 	}
 	w.WriteHeader(http.StatusUnauthorized)
 	_, _ = w.Write(r.body)
+}
+
+// response is the remembered 401 as the upstream's answer to req.
+func (r *refusal) response(req *http.Request) *http.Response {
+	h := make(http.Header, len(r.header))
+	for k, v := range r.header {
+		h[k] = v
+	}
+	return &http.Response{
+		Status: "401 Unauthorized", StatusCode: http.StatusUnauthorized, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header: h, Body: io.NopCloser(bytes.NewReader(r.body)), ContentLength: int64(len(r.body)), Request: req,
+	}
 }

@@ -1,43 +1,100 @@
-// Package ratelimit paces upstream calls per account so that an account
-// stays under Twilio's limits (HTTP 429, error 20429), without ever leaving a
-// caller waiting longer than a bound. It knows nothing of HTTP or caching.
+// Package ratelimit keeps each Twilio account's upstream calls within its
+// budget, without ever leaving a caller waiting longer than a bound. It
+// knows nothing of HTTP or caching: what it needs to know of an answer (the
+// upstream's 429, an API key's account) is passed in.
 //
-// Pacing is go.uber.org/ratelimit. Its Take() blocks and takes no context, so
-// callers never call it themselves: each account has a FIFO of waiters and,
-// while the FIFO is not empty, one dispatcher goroutine that calls Take() and
-// hands each slot to the first waiter still there. A caller whose context
-// ends, or whose max wait passes, leaves the FIFO at once and costs no slot;
-// the FIFO is bounded at rate × max wait (a longer queue could not be served
-// in time), and a caller beyond it is rejected at once. The dispatcher exits
-// when the FIFO empties, so no goroutine outlives the work.
+// Twilio limits an account's requests in flight (error 20429, "too many
+// concurrent requests"), so the budget is concurrency first:
+//
+//   - Cap. Each account has an adaptive cap on calls in flight, never above
+//     MaxConcurrent. A new account starts in slow start at a quarter of
+//     MaxConcurrent and grows by one for each call served while it is in
+//     use, up to MaxConcurrent. An upstream 429 cuts the cap to below the
+//     number that was in flight when it came, and by a tenth once per round
+//     of calls made at the cut cap; the cap then climbs back linearly to
+//     MaxConcurrent over Recover.
+//   - Rate (optional). At most Rate calls start in any one-second window (a
+//     sliding window): bursts pass at once as long as the window has room,
+//     which maps one to one onto an upstream limit of N calls per second.
+//   - Fairness. An account's waiting calls queue per credential and are
+//     served round-robin across credentials, so one credential (a wrong
+//     token, say) cannot take more than its share of turns. When the queue
+//     is full, the longest credential queue gives up its newest place.
+//   - Accounts. API keys (SK…) count against their account (AC…) once it
+//     is known, from Config.KeyAccounts or Learn; until then a key has its
+//     own budget.
+//
+// A caller whose context ends, or whose max wait passes, leaves the queue at
+// once and costs no turn. No goroutine runs while no call waits for the
+// rate window.
 package ratelimit
 
 import (
 	"context"
 	"fmt"
 	"math"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
 	"cacheproxy/internal/clock"
 	"cacheproxy/internal/inflight"
-
-	"go.uber.org/ratelimit"
 )
 
 // Config sets the per-account budget.
 type Config struct {
-	// Rate is upstream calls per second for one account.
-	Rate float64
-	// MaxConcurrent caps one account's calls in flight. <= 0: no cap.
+	// MaxConcurrent caps one account's calls in flight; the adaptive cap
+	// stays at or below it. Required (> 0).
 	MaxConcurrent int
+	// Rate is the most calls that start in any one second for one account.
+	// 0: no rate limit.
+	Rate int
 	// MaxWait bounds how long Acquire waits for a turn.
 	MaxWait time.Duration
-	// Recover is how long a cut rate takes to climb back to Rate.
+	// Recover is how long a cut cap takes to climb back to MaxConcurrent.
 	// Default 30s.
 	Recover time.Duration
-	// MinRate is the floor of cuts. Default 1 per second.
-	MinRate float64
+	// KeyAccounts maps API key SIDs to their account SIDs, known in advance.
+	KeyAccounts map[string]string
+	// OnEvent, if set, is told of every decision (never under a lock that
+	// Acquire waits on for long; it must not call the Limiter).
+	OnEvent func(Event)
+}
+
+// EventKind names a budget decision.
+type EventKind uint8
+
+const (
+	// CapCut: an upstream 429 lowered an account's cap.
+	CapCut EventKind = iota + 1
+	// CapGrown: an account's cap rose (slow start or recovery).
+	CapGrown
+	// KeyLearned: an API key was found to belong to an account.
+	KeyLearned
+)
+
+func (k EventKind) String() string {
+	switch k {
+	case CapCut:
+		return "cap_cut"
+	case CapGrown:
+		return "cap_grown"
+	case KeyLearned:
+		return "key_learned"
+	}
+	return "unknown"
+}
+
+// Event is one decision: for CapCut and CapGrown, the cap went From → To
+// with InFlight calls in flight; for KeyLearned, Key now counts against
+// Account.
+type Event struct {
+	Kind     EventKind
+	Account  string
+	Key      string
+	From, To int
+	InFlight int
 }
 
 // RejectedError is Acquire's answer when the account's budget cannot give
@@ -51,6 +108,51 @@ func (e *RejectedError) Error() string {
 	return fmt.Sprintf("rate limited: %s (retry after %s)", e.Reason, e.RetryAfter)
 }
 
+// Outcome is what the upstream answered a call, as far as the budget cares.
+type Outcome uint8
+
+const (
+	// Served is an answer that says the account is within its limit.
+	Served Outcome = iota
+	// Throttled is the upstream's 429 (Twilio's 20429): the account had
+	// more calls in flight than Twilio allows.
+	Throttled
+	// Failed is a call that got no answer (a transport error): it says
+	// nothing about the limit.
+	Failed
+	// Unused is a turn given back without a call.
+	Unused
+)
+
+// Lease is one turn: one upstream call in flight. Done ends it.
+type Lease interface {
+	// Waited is how long Acquire waited for the turn.
+	Waited() time.Duration
+	// Done frees the turn and tells the budget how the call went.
+	// Calls after the first do nothing.
+	Done(Outcome)
+}
+
+// State is one account's budget at a moment (for metrics and the summary).
+type State struct {
+	Account   string
+	Cap       int  // calls allowed in flight now
+	InFlight  int  // calls in flight
+	Queued    int  // calls waiting for a turn
+	Rate      int  // calls allowed per second (0: no rate limit)
+	Keys      int  // API keys known to count against this account
+	SlowStart bool // the cap has not yet met a 429 or MaxConcurrent
+}
+
+const (
+	// backoff is the multiplicative cut, once per round at the cut cap.
+	backoff = 0.9
+	// maxQueue bounds an account's waiting calls when no rate bounds it.
+	maxQueue = 4096
+	// maxKeys bounds the learned key → account map.
+	maxKeys = 10000
+)
+
 // Limiter holds one budget per account.
 type Limiter struct {
 	cfg   Config
@@ -58,26 +160,48 @@ type Limiter struct {
 
 	mu        sync.Mutex
 	accounts  map[string]*account
-	running   inflight.Tracker // dispatcher goroutines
+	keys      map[string]string // API key SID -> account SID
+	timers    inflight.Tracker  // goroutines waiting for a rate window
 	lastPrune time.Time
 }
 
 type account struct {
-	queue    []*waiter
+	id       string
 	inflight int
-	running  bool          // a dispatcher goroutine serves this account
-	wake     chan struct{} // nudges a dispatcher waiting for a free call slot
+	queued   int
+	creds    map[string]*credQueue // waiting calls by credential
+	ring     []*credQueue          // credentials with waiting calls, served in turn
+	next     int                   // index in ring served next
 
-	cutRate  float64   // rate right after the last cut (0: never cut)
-	cutAt    time.Time // when
-	lim      ratelimit.Limiter
-	limRate  float64
-	lastTake time.Time // the slot the last Take returned
+	// The cap: in slow start, cap itself; after, cap at cutAt recovering
+	// linearly to MaxConcurrent over Recover.
+	slowStart bool
+	cap       float64
+	cutAt     time.Time
+	gen       uint64 // cuts so far: a lease granted before the last cut is old news
+	shown     int    // the cap last reported in an event
+
+	window  []time.Time // start times of the last Rate calls (a ring)
+	wpos    int         // next slot of window; the oldest once full
+	wfull   bool
+	timer   bool // a goroutine waits for the window to open
+	lastUse time.Time
+}
+
+type credQueue struct {
+	id      string
+	waiters []*waiter
 }
 
 type waiter struct {
-	granted chan struct{} // buffered 1: the dispatcher never blocks on it
-	gone    bool          // left before being granted (guarded by Limiter.mu)
+	cred  *credQueue
+	start time.Time
+	reply chan grant // buffered 1: nobody blocks sending on it
+}
+
+type grant struct {
+	lease *lease
+	err   error
 }
 
 // New returns a Limiter on clk (the real clock if nil).
@@ -85,148 +209,406 @@ func New(cfg Config, clk clock.Clock) *Limiter {
 	if cfg.Recover <= 0 {
 		cfg.Recover = 30 * time.Second
 	}
-	if cfg.MinRate <= 0 {
-		cfg.MinRate = 1
+	if cfg.MaxConcurrent <= 0 {
+		cfg.MaxConcurrent = 1
 	}
-	return &Limiter{cfg: cfg, clock: clock.Or(clk), accounts: map[string]*account{}}
+	l := &Limiter{cfg: cfg, clock: clock.Or(clk), accounts: map[string]*account{}, keys: map[string]string{}}
+	for k, a := range cfg.KeyAccounts {
+		l.keys[k] = a
+	}
+	return l
 }
 
-// Acquire waits for a turn to call upstream for account. On success it
-// returns release, which the caller must call when the call is over (it
-// frees the concurrency slot), and how long it waited.
-func (l *Limiter) Acquire(ctx context.Context, acct string) (release func(), waited time.Duration, err error) {
+// Acquire waits for a turn to call upstream as user (an account or API key
+// SID, or "" for a request without one) with credential (an opaque
+// fingerprint that tells callers apart within the account).
+func (l *Limiter) Acquire(ctx context.Context, user, credential string) (Lease, error) {
 	start := l.clock.Now()
+	var events []Event
 	l.mu.Lock()
 	l.pruneLocked(start)
-	a := l.accounts[acct]
-	if a == nil {
-		a = &account{wake: make(chan struct{}, 1)}
-		l.accounts[acct] = a
-	}
-	rate := l.rateLocked(a, start)
-	if bound := max(1, int(rate*l.cfg.MaxWait.Seconds())); len(a.queue) >= bound {
-		retry := time.Duration(float64(len(a.queue)+1) / rate * float64(time.Second))
+	a := l.accountLocked(user)
+	a.lastUse = start
+	if a.queued == 0 && l.canStartLocked(a, start) {
+		ls := l.startLocked(a, start, start, &events)
 		l.mu.Unlock()
-		return nil, 0, &RejectedError{RetryAfter: retry, Reason: "queue full"}
+		l.emit(events)
+		return ls, nil
 	}
-	// Fast path: nobody queued and this account's next slot already due.
-	// All Takes are serialised (here, or in the one dispatcher), so this
-	// Take returns at once: no goroutine hop, no wait.
-	if len(a.queue) == 0 && !a.running && (l.cfg.MaxConcurrent <= 0 || a.inflight < l.cfg.MaxConcurrent) {
-		lim := l.limiterLocked(a, start)
-		if !start.Before(a.lastTake.Add(perSlot(a.limRate))) {
-			a.lastTake = lim.Take()
-			a.inflight++
-			l.mu.Unlock()
-			return l.releaser(a), 0, nil
-		}
+	if a.queued >= l.boundLocked() && !l.evictLocked(a, credential) {
+		retry := l.retryAfterLocked(a)
+		l.mu.Unlock()
+		return nil, &RejectedError{RetryAfter: retry, Reason: "queue full"}
 	}
-	w := &waiter{granted: make(chan struct{}, 1)}
-	a.queue = append(a.queue, w)
-	if !a.running {
-		a.running = true
-		l.running.Add()
-		go l.dispatch(a)
-	}
+	w := &waiter{start: start, reply: make(chan grant, 1)}
+	l.enqueueLocked(a, credential, w)
+	l.grantLocked(a, start, &events)
 	l.mu.Unlock()
+	l.emit(events)
 
 	timeout := l.clock.After(l.cfg.MaxWait)
 	select {
-	case <-w.granted:
-		return l.releaser(a), l.clock.Now().Sub(start), nil
+	case g := <-w.reply:
+		if g.err != nil {
+			return nil, g.err
+		}
+		return g.lease, nil
 	case <-ctx.Done():
 		l.leave(a, w)
-		return nil, l.clock.Now().Sub(start), ctx.Err()
+		return nil, ctx.Err()
 	case <-timeout:
 		l.leave(a, w)
 		l.mu.Lock()
-		retry := time.Duration(float64(len(a.queue)+1) / l.rateLocked(a, l.clock.Now()) * float64(time.Second))
+		retry := l.retryAfterLocked(a)
 		l.mu.Unlock()
-		return nil, l.clock.Now().Sub(start), &RejectedError{RetryAfter: retry, Reason: "waited max_wait"}
+		return nil, &RejectedError{RetryAfter: retry, Reason: "waited max_wait"}
 	}
 }
 
-// leave takes a waiter out of the queue; if the dispatcher granted it a
-// slot meanwhile, the slot is given back.
+// accountLocked returns user's budget: its account's when user is an API
+// key whose account is known.
+func (l *Limiter) accountLocked(user string) *account {
+	id := user
+	if acct, ok := l.keys[user]; ok {
+		id = acct
+	}
+	a := l.accounts[id]
+	if a == nil {
+		a = &account{id: id, creds: map[string]*credQueue{}, slowStart: true,
+			cap: math.Ceil(float64(l.cfg.MaxConcurrent) / 4)}
+		a.shown = int(a.cap)
+		if l.cfg.Rate > 0 {
+			a.window = make([]time.Time, l.cfg.Rate)
+		}
+		l.accounts[id] = a
+	}
+	return a
+}
+
+// capLocked is the account's cap at now, in whole calls.
+func (l *Limiter) capLocked(a *account, now time.Time) int {
+	return max(1, int(l.capAtLocked(a, now)))
+}
+
+// capAtLocked is the account's cap at now: in slow start, a.cap; after, a
+// cut cap on its linear way back to MaxConcurrent.
+func (l *Limiter) capAtLocked(a *account, now time.Time) float64 {
+	top := float64(l.cfg.MaxConcurrent)
+	if a.slowStart {
+		return a.cap
+	}
+	f := float64(now.Sub(a.cutAt)) / float64(l.cfg.Recover)
+	if f >= 1 || a.cutAt.IsZero() {
+		return top
+	}
+	return a.cap + (top-a.cap)*f
+}
+
+// windowOpenLocked reports whether a call may start at now under the rate,
+// and if not, how long until one may.
+func (l *Limiter) windowOpenLocked(a *account, now time.Time) (bool, time.Duration) {
+	if a.window == nil || !a.wfull {
+		return true, 0
+	}
+	wait := a.window[a.wpos].Add(time.Second).Sub(now)
+	return wait <= 0, wait
+}
+
+func (l *Limiter) canStartLocked(a *account, now time.Time) bool {
+	if a.inflight >= l.capLocked(a, now) {
+		return false
+	}
+	open, _ := l.windowOpenLocked(a, now)
+	return open
+}
+
+// startLocked gives a turn to a call that began waiting at since.
+func (l *Limiter) startLocked(a *account, since, now time.Time, events *[]Event) *lease {
+	a.inflight++
+	if a.window != nil {
+		a.window[a.wpos] = now
+		a.wpos++
+		if a.wpos == len(a.window) {
+			a.wpos, a.wfull = 0, true
+		}
+	}
+	if c := l.capLocked(a, now); c > a.shown {
+		*events = append(*events, Event{Kind: CapGrown, Account: a.id, From: a.shown, To: c, InFlight: a.inflight})
+		a.shown = c
+	}
+	return &lease{l: l, a: a, gen: a.gen, waited: now.Sub(since)}
+}
+
+// grantLocked gives turns to waiting calls, round-robin across credentials,
+// while the budget allows; if only the rate window stops it, a goroutine
+// comes back when the window opens.
+func (l *Limiter) grantLocked(a *account, now time.Time, events *[]Event) {
+	for a.queued > 0 && l.canStartLocked(a, now) {
+		w := l.popLocked(a)
+		w.reply <- grant{lease: l.startLocked(a, w.start, now, events)}
+	}
+	if a.queued == 0 || a.timer || a.inflight >= l.capLocked(a, now) {
+		return
+	}
+	_, wait := l.windowOpenLocked(a, now)
+	a.timer = true
+	l.timers.Add()
+	go func() {
+		defer l.timers.Done()
+		<-l.clock.After(wait)
+		var events []Event
+		l.mu.Lock()
+		a.timer = false
+		l.grantLocked(a, l.clock.Now(), &events)
+		l.mu.Unlock()
+		l.emit(events)
+	}()
+}
+
+func (l *Limiter) enqueueLocked(a *account, credential string, w *waiter) {
+	q := a.creds[credential]
+	if q == nil {
+		q = &credQueue{id: credential}
+		a.creds[credential] = q
+		// A new credential joins the rotation just before the one served
+		// next, so it waits at most one round.
+		a.ring = slices.Insert(a.ring, a.next, q)
+		a.next++
+		if a.next == len(a.ring) {
+			a.next = 0
+		}
+	}
+	w.cred = q
+	q.waiters = append(q.waiters, w)
+	a.queued++
+}
+
+// popLocked takes the next waiting call in round-robin order.
+func (l *Limiter) popLocked(a *account) *waiter {
+	q := a.ring[a.next]
+	w := q.waiters[0]
+	q.waiters[0] = nil
+	q.waiters = q.waiters[1:]
+	a.queued--
+	if len(q.waiters) == 0 {
+		l.dropCredLocked(a, a.next)
+	} else {
+		a.next++
+	}
+	if a.next >= len(a.ring) {
+		a.next = 0
+	}
+	return w
+}
+
+// dropCredLocked removes the empty credential queue at ring index i.
+func (l *Limiter) dropCredLocked(a *account, i int) {
+	delete(a.creds, a.ring[i].id)
+	a.ring = slices.Delete(a.ring, i, i+1)
+	if i < a.next {
+		a.next--
+	}
+	if a.next >= len(a.ring) {
+		a.next = 0
+	}
+}
+
+// removeLocked takes w out of its queue; false if it was not there.
+func (l *Limiter) removeLocked(a *account, w *waiter) bool {
+	q := w.cred
+	i := slices.Index(q.waiters, w)
+	if i < 0 {
+		return false
+	}
+	q.waiters = slices.Delete(q.waiters, i, i+1)
+	a.queued--
+	if len(q.waiters) == 0 {
+		l.dropCredLocked(a, slices.Index(a.ring, q))
+	}
+	return true
+}
+
+// boundLocked is how many calls may wait per account: as many as the rate
+// can serve within MaxWait, or maxQueue.
+func (l *Limiter) boundLocked() int {
+	if l.cfg.Rate > 0 {
+		return max(1, int(float64(l.cfg.Rate)*l.cfg.MaxWait.Seconds()))
+	}
+	return maxQueue
+}
+
+// evictLocked makes room in a full queue for a call of credential: the
+// longest credential queue gives up its newest waiter, unless the
+// newcomer's own queue would then be the longest.
+func (l *Limiter) evictLocked(a *account, credential string) bool {
+	own := 0
+	if q := a.creds[credential]; q != nil {
+		own = len(q.waiters)
+	}
+	var longest *credQueue
+	for _, q := range a.ring {
+		if longest == nil || len(q.waiters) > len(longest.waiters) {
+			longest = q
+		}
+	}
+	if longest == nil || len(longest.waiters) <= own+1 {
+		return false
+	}
+	w := longest.waiters[len(longest.waiters)-1]
+	l.removeLocked(a, w)
+	w.reply <- grant{err: &RejectedError{RetryAfter: l.retryAfterLocked(a), Reason: "queue full"}}
+	return true
+}
+
+// retryAfterLocked estimates when a turn would be free.
+func (l *Limiter) retryAfterLocked(a *account) time.Duration {
+	if l.cfg.Rate > 0 {
+		return time.Duration(float64(a.queued+1) / float64(l.cfg.Rate) * float64(time.Second))
+	}
+	return max(time.Second, l.cfg.MaxWait)
+}
+
+// leave takes a waiter out of the queue; if it was granted a turn
+// meanwhile, the turn is given back.
 func (l *Limiter) leave(a *account, w *waiter) {
 	l.mu.Lock()
-	select {
-	case <-w.granted:
-		a.inflight--
-	default:
-		w.gone = true
-		for i, q := range a.queue {
-			if q == w {
-				a.queue = append(a.queue[:i], a.queue[i+1:]...)
-				break
+	removed := l.removeLocked(a, w)
+	l.mu.Unlock()
+	if !removed {
+		if g := <-w.reply; g.lease != nil {
+			g.lease.Done(Unused)
+		}
+	}
+}
+
+// Wait blocks until no goroutine waits for a rate window (each ends within
+// a second of its queue emptying) or ctx ends.
+func (l *Limiter) Wait(ctx context.Context) error {
+	return l.timers.Wait(ctx)
+}
+
+type lease struct {
+	l      *Limiter
+	a      *account
+	gen    uint64
+	waited time.Duration
+	done   bool // guarded by l.mu
+}
+
+func (s *lease) Waited() time.Duration { return s.waited }
+
+func (s *lease) Done(o Outcome) {
+	l, a := s.l, s.a
+	var events []Event
+	l.mu.Lock()
+	if s.done {
+		l.mu.Unlock()
+		return
+	}
+	s.done = true
+	now := l.clock.Now()
+	n := a.inflight
+	a.inflight--
+	a.lastUse = now
+	switch o {
+	case Throttled:
+		l.cutLocked(a, s, n, now, &events)
+	case Served:
+		// Slow start: each call served while the cap is in use adds one.
+		if a.slowStart && (a.queued > 0 || n >= int(a.cap)) {
+			a.cap++
+			if a.cap >= float64(l.cfg.MaxConcurrent) {
+				a.slowStart, a.cap, a.cutAt = false, float64(l.cfg.MaxConcurrent), time.Time{}
 			}
 		}
 	}
+	l.grantLocked(a, now, &events)
 	l.mu.Unlock()
-	nudge(a)
+	l.emit(events)
 }
 
-func (l *Limiter) releaser(a *account) func() {
-	var once sync.Once
-	return func() {
-		once.Do(func() {
-			l.mu.Lock()
-			a.inflight--
-			l.mu.Unlock()
-			nudge(a)
-		})
+// cutLocked lowers the cap after a 429 that came with n calls in flight
+// (this one included): the upstream allows fewer than n, and, once per
+// round at the current cap, a tenth less than the cap.
+func (l *Limiter) cutLocked(a *account, s *lease, n int, now time.Time, events *[]Event) {
+	cur := l.capAtLocked(a, now)
+	target := float64(n - 1)
+	if s.gen == a.gen {
+		target = min(target, cur*backoff)
 	}
-}
-
-func nudge(a *account) {
-	select {
-	case a.wake <- struct{}{}:
-	default:
+	target = max(1, math.Floor(min(cur, target)))
+	if target >= cur && !a.slowStart {
+		return
 	}
+	from := l.capLocked(a, now)
+	a.slowStart, a.cap, a.cutAt = false, target, now
+	a.gen++
+	a.shown = int(target)
+	*events = append(*events, Event{Kind: CapCut, Account: a.id, From: from, To: int(target), InFlight: n})
 }
 
-// Wait blocks until no dispatcher runs (each exits once its queue is
-// empty and its last slot has come) or ctx ends.
-func (l *Limiter) Wait(ctx context.Context) error {
-	return l.running.Wait(ctx)
-}
-
-// dispatch serves one account's queue until it is empty.
-func (l *Limiter) dispatch(a *account) {
-	defer l.running.Done()
-	for {
-		l.mu.Lock()
-		if len(a.queue) == 0 {
-			a.running = false
-			l.mu.Unlock()
-			return
-		}
-		if l.cfg.MaxConcurrent > 0 && a.inflight >= l.cfg.MaxConcurrent {
-			l.mu.Unlock()
-			<-a.wake // a release or a departure
-			continue
-		}
-		lim := l.limiterLocked(a, l.clock.Now())
-		l.mu.Unlock()
-
-		took := lim.Take() // sleeps (on l.clock) until this account's next slot
-
-		l.mu.Lock()
-		a.lastTake = took
-		if len(a.queue) > 0 { // else everyone left while we slept: the slot lapses
-			w := a.queue[0]
-			a.queue = a.queue[1:]
-			a.inflight++
-			w.granted <- struct{}{}
-		}
-		l.mu.Unlock()
+// Learn records that API key key belongs to account acct, so the key's
+// calls count against the account's budget from now on. Keys given in
+// Config.KeyAccounts are not overridden.
+func (l *Limiter) Learn(key, acct string) {
+	if !strings.HasPrefix(key, "SK") || !strings.HasPrefix(acct, "AC") {
+		return
 	}
+	l.mu.Lock()
+	if _, ok := l.keys[key]; ok || len(l.keys) >= maxKeys {
+		l.mu.Unlock() // configured or learned before: the first answer stands
+		return
+	}
+	l.keys[key] = acct
+	l.mu.Unlock()
+	l.emit([]Event{{Kind: KeyLearned, Account: acct, Key: key}})
 }
 
-// idleFor is how long an account must be idle before it is forgotten; a
-// slot interval is at most 1/MinRate, so forgetting it cannot grant an
-// early slot.
-func (l *Limiter) idleFor() time.Duration { return perSlot(l.cfg.MinRate) + time.Second }
+// Knows reports whether key's account is known.
+func (l *Limiter) Knows(key string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	_, ok := l.keys[key]
+	return ok
+}
+
+// Accounts reports every remembered account's budget, sorted by account.
+func (l *Limiter) Accounts() []State {
+	now := l.clock.Now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	keys := map[string]int{}
+	for _, acct := range l.keys {
+		keys[acct]++
+	}
+	out := make([]State, 0, len(l.accounts))
+	for _, a := range l.accounts {
+		out = append(out, State{Account: a.id, Cap: l.capLocked(a, now), InFlight: a.inflight, Queued: a.queued,
+			Rate: l.cfg.Rate, Keys: keys[a.id], SlowStart: a.slowStart})
+	}
+	slices.SortFunc(out, func(x, y State) int { return strings.Compare(x.Account, y.Account) })
+	return out
+}
+
+// State reports one account's budget (the account user counts against).
+func (l *Limiter) State(user string) State {
+	l.mu.Lock()
+	id := user
+	if acct, ok := l.keys[user]; ok {
+		id = acct
+	}
+	l.mu.Unlock()
+	for _, s := range l.Accounts() {
+		if s.Account == id {
+			return s
+		}
+	}
+	return State{Account: id, Cap: int(math.Ceil(float64(l.cfg.MaxConcurrent) / 4)), Rate: l.cfg.Rate, SlowStart: true}
+}
+
+// idleFor is how long an account must be idle before it is forgotten: by
+// then its cap has recovered and its rate window is empty.
+func (l *Limiter) idleFor() time.Duration { return l.cfg.Recover + 2*time.Second }
 
 // pruneLocked forgets idle accounts, at most once per idleFor, so the map
 // does not grow with every account ever seen.
@@ -236,81 +618,17 @@ func (l *Limiter) pruneLocked(now time.Time) {
 	}
 	l.lastPrune = now
 	for id, a := range l.accounts {
-		if len(a.queue) == 0 && a.inflight == 0 && !a.running && a.cutRate == 0 && now.Sub(a.lastTake) > l.idleFor() {
+		if a.queued == 0 && a.inflight == 0 && !a.timer && now.Sub(a.lastUse) > l.idleFor() {
 			delete(l.accounts, id)
 		}
 	}
 }
 
-// Accounts reports how many accounts the limiter remembers.
-func (l *Limiter) Accounts() int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return len(l.accounts)
-}
-
-// Outcome is what the upstream answered a call, as far as the budget cares.
-type Outcome uint8
-
-const (
-	// Served is any answer that says nothing about the budget.
-	Served Outcome = iota
-	// Throttled is the upstream's 429 (Twilio's 20429): the account sent
-	// more than Twilio allows.
-	Throttled
-)
-
-// Report tells the budget how an account's call went. Throttled cuts the
-// account's rate in half (to at least MinRate); it climbs back linearly
-// over Recover.
-func (l *Limiter) Report(acct string, o Outcome) {
-	if o != Throttled {
+func (l *Limiter) emit(events []Event) {
+	if l.cfg.OnEvent == nil {
 		return
 	}
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	a := l.accounts[acct]
-	if a == nil {
-		return
+	for _, e := range events {
+		l.cfg.OnEvent(e)
 	}
-	now := l.clock.Now()
-	a.cutRate = math.Max(l.rateLocked(a, now)/2, l.cfg.MinRate)
-	a.cutAt = now
 }
-
-// Rate reports an account's current rate (for logs and tests).
-func (l *Limiter) Rate(acct string) float64 {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if a := l.accounts[acct]; a != nil {
-		return l.rateLocked(a, l.clock.Now())
-	}
-	return l.cfg.Rate
-}
-
-// rateLocked is the account's rate at now: Rate, or a cut rate recovering.
-func (l *Limiter) rateLocked(a *account, now time.Time) float64 {
-	if a.cutRate == 0 {
-		return l.cfg.Rate
-	}
-	f := float64(now.Sub(a.cutAt)) / float64(l.cfg.Recover)
-	if f >= 1 {
-		a.cutRate = 0
-		return l.cfg.Rate
-	}
-	return a.cutRate + (l.cfg.Rate-a.cutRate)*f
-}
-
-// limiterLocked returns the uber limiter for the account's current rate,
-// rebuilt when the rate has moved by more than 5%.
-func (l *Limiter) limiterLocked(a *account, now time.Time) ratelimit.Limiter {
-	rate := l.rateLocked(a, now)
-	if a.lim == nil || math.Abs(rate-a.limRate) > 0.05*a.limRate {
-		// Without slack: an idle account does not save up a burst.
-		a.lim = ratelimit.New(1, ratelimit.Per(perSlot(rate)), ratelimit.WithoutSlack, ratelimit.WithClock(l.clock))
-		a.limRate = rate
-	}
-	return a.lim
-}
-
-func perSlot(rate float64) time.Duration { return time.Duration(float64(time.Second) / rate) }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"runtime"
 	"testing"
 	"time"
 
@@ -15,218 +16,321 @@ import (
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 type result struct {
-	release func()
-	waited  time.Duration
-	err     error
-	at      time.Time
+	lease Lease
+	err   error
+	at    time.Time
 }
 
-func acquire(l *Limiter, clk *clock.Fake, ctx context.Context, acct string) <-chan result {
+func acquire(l *Limiter, clk *clock.Fake, ctx context.Context, user, cred string) <-chan result {
 	ch := make(chan result, 1)
 	go func() {
-		rel, w, err := l.Acquire(ctx, acct)
-		ch <- result{rel, w, err, clk.Now()}
+		ls, err := l.Acquire(ctx, user, cred)
+		ch <- result{ls, err, clk.Now()}
 	}()
 	return ch
 }
 
-func TestPacesCallsPerAccount(t *testing.T) {
-	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
-	l := New(Config{Rate: 10, MaxWait: 10 * time.Second}, clk)
-	first := <-acquire(l, clk, context.Background(), "AC1")
-	if first.err != nil || first.waited != 0 {
-		t.Fatalf("first call waited: %+v", first)
-	}
-	first.release()
-	var got []result
-	for i := 0; i < 3; i++ {
-		wait := clk.Expect(2) // the waiter's max-wait timer and the dispatcher's sleep
-		ch := acquire(l, clk, context.Background(), "AC1")
-		wait()
-		select {
-		case r := <-ch:
-			t.Fatalf("granted before its slot: %+v", r)
-		default:
+// queued waits until user's account has n calls waiting.
+func queued(t *testing.T, l *Limiter, user string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for l.State(user).Queued != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("queue of %s: %+v, want %d waiting", user, l.State(user), n)
 		}
+		runtime.Gosched()
+	}
+}
+
+func newFake() *clock.Fake { return clock.NewFake(time.Unix(1_700_000_000, 0)) }
+
+func TestRateWindowLetsBurstsThrough(t *testing.T) {
+	clk := newFake()
+	l := New(Config{MaxConcurrent: 100, Rate: 5, MaxWait: 10 * time.Second}, clk)
+	steady(l, "AC1") // the cap is not what this test is about
+	clk.Advance(time.Second)
+	// A burst of 5 passes at once: the window has room.
+	for i := range 5 {
+		ls, err := l.Acquire(context.Background(), "AC1", "c")
+		if err != nil || ls.Waited() != 0 {
+			t.Fatalf("call %d of the burst: waited %v, %v", i, ls, err)
+		}
+		ls.Done(Served)
 		clk.Advance(100 * time.Millisecond)
-		r := <-ch
-		if r.err != nil {
-			t.Fatal(r.err)
-		}
-		r.release()
-		got = append(got, r)
 	}
-	for i, r := range got {
-		if r.waited != 100*time.Millisecond {
-			t.Fatalf("call %d waited %s, want 100ms (10/s)", i, r.waited)
-		}
+	// The sixth waits until the first leaves the window: 1s after it.
+	wait := clk.Expect(2) // its max-wait timer and the window's timer
+	sixth := acquire(l, clk, context.Background(), "AC1", "c")
+	wait()
+	clk.Advance(499 * time.Millisecond)
+	select {
+	case r := <-sixth:
+		t.Fatalf("sixth call within the window: %+v", r)
+	default:
 	}
-	// Another account has its own budget: no wait.
-	if r := <-acquire(l, clk, context.Background(), "AC2"); r.err != nil || r.waited != 0 {
-		t.Fatalf("other account waited: %+v", r)
-	} else {
-		r.release()
+	clk.Advance(time.Millisecond)
+	r := <-sixth
+	if r.err != nil || r.lease.Waited() != 500*time.Millisecond {
+		t.Fatalf("sixth call: %+v, want a turn after 500ms", r)
 	}
-	clk.Advance(time.Second) // let the dispatchers finish
+	r.lease.Done(Served)
+	if err := l.Wait(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func TestWaitingIsBounded(t *testing.T) {
-	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
-	l := New(Config{Rate: 1, MaxWait: 2500 * time.Millisecond}, clk)
-	r := <-acquire(l, clk, context.Background(), "AC1")
-	r.release()
+	clk := newFake()
+	l := New(Config{MaxConcurrent: 1, Rate: 1, MaxWait: 2500 * time.Millisecond}, clk)
+	held, _ := l.Acquire(context.Background(), "AC1", "c")
 	// Rate 1/s, max wait 2.5s: two may queue; the third is refused at once.
-	wait := clk.Expect(2) // a's max-wait timer, the dispatcher's sleep
-	a := acquire(l, clk, context.Background(), "AC1")
-	wait()
-	wait = clk.Expect(1) // b's max-wait timer: b queues behind a
-	b := acquire(l, clk, context.Background(), "AC1")
-	wait()
-	_, _, err := l.Acquire(context.Background(), "AC1")
+	a := acquire(l, clk, context.Background(), "AC1", "c")
+	queued(t, l, "AC1", 1)
+	b := acquire(l, clk, context.Background(), "AC1", "c")
+	queued(t, l, "AC1", 2)
+	_, err := l.Acquire(context.Background(), "AC1", "c")
 	var rej *RejectedError
-	if !errors.As(err, &rej) || rej.RetryAfter != 3*time.Second {
-		t.Fatalf("third waiter: %v, want rejection with RetryAfter 3s", err)
+	if !errors.As(err, &rej) || rej.RetryAfter != 3*time.Second || rej.Reason != "queue full" {
+		t.Fatalf("third waiter: %v, want queue full with RetryAfter 3s", err)
 	}
-	wait = clk.Expect(1) // the dispatcher's sleep for b
-	clk.Advance(time.Second)
-	if r := <-a; r.err != nil || r.waited != time.Second {
-		t.Fatalf("first queued: %+v", r)
-	} else {
-		r.release()
+	wait := clk.Expect(1) // the window's timer
+	held.Done(Served)
+	wait()
+	clk.Advance(time.Second) // the window frees one start
+	r := <-a
+	if r.err != nil {
+		t.Fatalf("first queued: %v", r.err)
 	}
-	l.Report("AC1", Throttled) // 1/s is the floor: a cut cannot slow it further
-	if l.Rate("AC1") != 1 {
-		t.Fatalf("rate below the floor: %v", l.Rate("AC1"))
-	}
+	wait = clk.Expect(1)
+	r.lease.Done(Served)
 	wait()
 	clk.Advance(time.Second)
 	if r := <-b; r.err != nil {
 		t.Fatalf("second queued: %v", r.err)
 	} else {
-		r.release()
+		r.lease.Done(Served)
 	}
 	clk.Advance(time.Second)
+	if err := l.Wait(context.Background()); err != nil {
+		t.Fatal(err)
+	}
 }
 
 func TestMaxWaitRejects(t *testing.T) {
-	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
-	l := New(Config{Rate: 1, MaxConcurrent: 1, MaxWait: time.Second}, clk)
-	held := <-acquire(l, clk, context.Background(), "AC1") // holds the only call slot
+	clk := newFake()
+	l := New(Config{MaxConcurrent: 1, MaxWait: time.Second}, clk)
+	held, _ := l.Acquire(context.Background(), "AC1", "c") // holds the only turn
 	wait := clk.Expect(1)
-	ch := acquire(l, clk, context.Background(), "AC1")
+	ch := acquire(l, clk, context.Background(), "AC1", "c")
 	wait()
 	clk.Advance(time.Second)
 	r := <-ch
 	var rej *RejectedError
-	if !errors.As(r.err, &rej) || r.waited != time.Second {
+	if !errors.As(r.err, &rej) || rej.Reason != "waited max_wait" {
 		t.Fatalf("waiter past max wait: %+v", r)
 	}
-	held.release()
-	clk.Advance(time.Second)
+	if st := l.State("AC1"); st.Queued != 0 || st.InFlight != 1 {
+		t.Fatalf("after the rejection: %+v", st)
+	}
+	held.Done(Served)
 }
 
 func TestClientThatLeavesFreesItsPlace(t *testing.T) {
-	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
-	l := New(Config{Rate: 1, MaxWait: 1500 * time.Millisecond}, clk)
-	r := <-acquire(l, clk, context.Background(), "AC1")
-	r.release()
+	clk := newFake()
+	l := New(Config{MaxConcurrent: 1, MaxWait: time.Minute}, clk)
+	held, _ := l.Acquire(context.Background(), "AC1", "c")
 	ctx, cancel := context.WithCancel(context.Background())
-	wait := clk.Expect(2)
-	leaving := acquire(l, clk, ctx, "AC1") // fills the queue (bound 1)
-	wait()
-	if _, _, err := l.Acquire(context.Background(), "AC1"); err == nil {
-		t.Fatal("queue bound not enforced")
-	}
+	leaving := acquire(l, clk, ctx, "AC1", "c")
+	queued(t, l, "AC1", 1)
+	next := acquire(l, clk, context.Background(), "AC1", "c")
+	queued(t, l, "AC1", 2)
 	cancel()
 	if r := <-leaving; !errors.Is(r.err, context.Canceled) {
 		t.Fatalf("leaving waiter: %v", r.err)
 	}
-	// Its place is free: a new waiter is admitted and gets the slot.
-	wait = clk.Expect(1)
-	next := acquire(l, clk, context.Background(), "AC1")
-	wait() // its max-wait timer; the dispatcher still sleeps for the slot
-	clk.Advance(time.Second)
-	if r := <-next; r.err != nil {
+	queued(t, l, "AC1", 1)
+	held.Done(Served)
+	r := <-next
+	if r.err != nil {
 		t.Fatalf("next waiter: %v", r.err)
-	} else {
-		r.release()
 	}
-	clk.Advance(time.Second)
+	r.lease.Done(Served)
+	r.lease.Done(Throttled) // a second Done does nothing
+	if st := l.State("AC1"); st.InFlight != 0 || st.Cap != 1 || st.Queued != 0 {
+		t.Fatalf("after all calls: %+v", st)
+	}
 }
 
 func TestConcurrencyCap(t *testing.T) {
-	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
-	l := New(Config{Rate: 1000, MaxConcurrent: 2, MaxWait: 10 * time.Second}, clk)
-	a := <-acquire(l, clk, context.Background(), "AC1")
-	clk.Advance(time.Millisecond)
-	b := <-acquire(l, clk, context.Background(), "AC1")
-	wait := clk.Expect(1)
-	c := acquire(l, clk, context.Background(), "AC1")
-	wait()
+	clk := newFake()
+	l := New(Config{MaxConcurrent: 8, MaxWait: 10 * time.Second}, clk) // slow start at 2
+	a, _ := l.Acquire(context.Background(), "AC1", "c")
+	b, _ := l.Acquire(context.Background(), "AC1", "c")
+	c := acquire(l, clk, context.Background(), "AC1", "c")
+	queued(t, l, "AC1", 1)
 	clk.Advance(time.Second) // time alone does not help: two calls are in flight
 	select {
 	case r := <-c:
 		t.Fatalf("third call started with two in flight: %+v", r)
 	default:
 	}
-	a.release()
-	a.release() // idempotent
+	a.Done(Served)
 	r := <-c
 	if r.err != nil {
 		t.Fatal(r.err)
 	}
-	b.release()
-	r.release()
-	clk.Advance(time.Second)
+	b.Done(Served)
+	r.lease.Done(Served)
 }
 
-func TestThrottledCutsAndRecovers(t *testing.T) {
-	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
-	l := New(Config{Rate: 40, MaxWait: time.Second, Recover: 10 * time.Second}, clk)
-	r := <-acquire(l, clk, context.Background(), "AC1")
-	r.release()
-	l.Report("AC1", Throttled)
-	if got := l.Rate("AC1"); got != 20 {
-		t.Fatalf("after one 429: %v/s, want 20", got)
+// granted is one call's answer, tagged with its credential.
+type granted struct {
+	cred string
+	result
+}
+
+func acquireTagged(l *Limiter, clk *clock.Fake, out chan<- granted, cred string) {
+	go func() {
+		ls, err := l.Acquire(context.Background(), "AC1", cred)
+		out <- granted{cred, result{ls, err, clk.Now()}}
+	}()
+}
+
+// turnOf serves turns (each call is done at once) until cred's call is
+// granted, and returns which turn it was.
+func turnOf(t *testing.T, answers <-chan granted, cred string) int {
+	t.Helper()
+	for turn := 1; ; turn++ {
+		g := <-answers
+		if g.err != nil {
+			t.Fatalf("%s: %v", g.cred, g.err)
+		}
+		g.lease.Done(Served)
+		if g.cred == cred {
+			return turn
+		}
 	}
-	l.Report("AC1", Throttled)
-	if got := l.Rate("AC1"); got != 10 {
-		t.Fatalf("after two: %v/s, want 10", got)
+}
+
+// A full queue makes room by taking the newest place of the longest
+// credential queue, not the newcomer's.
+func TestFullQueueEvictsTheLongestCredential(t *testing.T) {
+	clk := newFake()
+	l := New(Config{MaxConcurrent: 1, Rate: 100, MaxWait: 30 * time.Millisecond}, clk) // 3 may wait
+	held, _ := l.Acquire(context.Background(), "AC1", "wrong")
+	answers := make(chan granted, 10)
+	for i := range 3 {
+		acquireTagged(l, clk, answers, "wrong")
+		queued(t, l, "AC1", i+1)
 	}
-	clk.Advance(5 * time.Second)
-	if got := l.Rate("AC1"); got != 25 {
-		t.Fatalf("half way back: %v/s, want 25", got)
+	if _, err := l.Acquire(context.Background(), "AC1", "wrong"); err == nil {
+		t.Fatal("a fourth wrong call was admitted to a full queue")
 	}
-	clk.Advance(5 * time.Second)
-	if got := l.Rate("AC1"); got != 40 {
-		t.Fatalf("recovered: %v/s, want 40", got)
+	acquireTagged(l, clk, answers, "right")
+	g := <-answers
+	var rej *RejectedError
+	if g.cred != "wrong" || !errors.As(g.err, &rej) || rej.Reason != "queue full" {
+		t.Fatalf("want a wrong waiter evicted, got %+v", g)
 	}
-	// The queue bound follows the cut rate: 10/s x 1s = 10 waiters.
-	l.Report("AC1", Throttled)
-	l.Report("AC1", Throttled)
-	if got := l.Rate("AC1"); got != 10 {
-		t.Fatalf("rate %v", got)
+	queued(t, l, "AC1", 3)
+	held.Done(Served)
+	if turn := turnOf(t, answers, "right"); turn > 2 {
+		t.Fatalf("right credential served at turn %d, want 1 or 2", turn)
 	}
+	turnOf(t, answers, "wrong")
+}
+
+// Turns go round-robin across credentials: 50 calls of one credential
+// waiting ahead of one call of another do not make it wait for them.
+func TestTurnsAreFairAcrossCredentials(t *testing.T) {
+	clk := newFake()
+	l := New(Config{MaxConcurrent: 1, MaxWait: time.Minute}, clk)
+	held, _ := l.Acquire(context.Background(), "AC1", "wrong")
+	answers := make(chan granted, 60)
+	for range 50 {
+		acquireTagged(l, clk, answers, "wrong")
+	}
+	queued(t, l, "AC1", 50)
+	acquireTagged(l, clk, answers, "right")
+	queued(t, l, "AC1", 51)
+	held.Done(Served)
+	// One turn for a wrong call at most, then the right one.
+	if turn := turnOf(t, answers, "right"); turn > 2 {
+		t.Fatalf("right credential served at turn %d, want 1 or 2", turn)
+	}
+	for range 49 {
+		g := <-answers
+		g.lease.Done(Served)
+	}
+}
+
+func TestAPIKeysShareTheirAccountsBudget(t *testing.T) {
+	const acct, key1, key2 = "AC00000000000000000000000000000001", "SK00000000000000000000000000000001", "SK00000000000000000000000000000002"
+	clk := newFake()
+	var events []Event
+	l := New(Config{MaxConcurrent: 1, MaxWait: time.Minute, KeyAccounts: map[string]string{key1: acct},
+		OnEvent: func(e Event) { events = append(events, e) }}, clk)
+	held, _ := l.Acquire(context.Background(), acct, "account's own")
+	// key1 is configured: it waits for the account's one turn.
+	viaKey1 := acquire(l, clk, context.Background(), key1, "key 1")
+	queued(t, l, acct, 1)
+	// key2 is not known yet: its own budget, no wait.
+	ls2, err := l.Acquire(context.Background(), key2, "key 2")
+	if err != nil || ls2.Waited() != 0 {
+		t.Fatalf("unknown key waited: %v", err)
+	}
+	ls2.Done(Served)
+	l.Learn(key2, acct)
+	if !l.Knows(key2) || len(events) != 1 || events[0].Kind != KeyLearned || events[0].Key != key2 || events[0].Account != acct {
+		t.Fatalf("learning: knows %v, events %+v", l.Knows(key2), events)
+	}
+	viaKey2 := acquire(l, clk, context.Background(), key2, "key 2")
+	queued(t, l, acct, 2)
+	if st := l.State(key2); st.Account != acct || st.Keys != 2 || st.InFlight != 1 || st.Queued != 2 {
+		t.Fatalf("key 2's budget: %+v, want the account's, with two keys", st)
+	}
+	l.Learn(key1, "AC00000000000000000000000000000009") // configured: stands
+	l.Learn("AC00000000000000000000000000000003", acct) // not a key
+	if st := l.State(key1); st.Account != acct {
+		t.Fatalf("configured key moved: %+v", st)
+	}
+	held.Done(Served)
+	r := <-viaKey1
+	r.lease.Done(Served)
+	r = <-viaKey2
+	r.lease.Done(Served)
+}
+
+// Requests without credentials have a budget of their own, never an
+// account's.
+func TestNoCredentialIsNotAnAccount(t *testing.T) {
+	clk := newFake()
+	l := New(Config{MaxConcurrent: 1, MaxWait: time.Minute}, clk)
+	anon, _ := l.Acquire(context.Background(), "", "")
+	ls, err := l.Acquire(context.Background(), "AC1", "c")
+	if err != nil || ls.Waited() != 0 {
+		t.Fatalf("account waited behind an anonymous call: %v", err)
+	}
+	ls.Done(Served)
+	anon.Done(Served)
 }
 
 func TestIdleAccountsAreForgotten(t *testing.T) {
-	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
-	l := New(Config{Rate: 10, MaxWait: time.Second}, clk)
+	clk := newFake()
+	l := New(Config{MaxConcurrent: 10, MaxWait: time.Second, Recover: 10 * time.Second}, clk)
 	for i := 0; i < 100; i++ {
-		r := <-acquire(l, clk, context.Background(), fmt.Sprint("AC", i))
-		r.release()
+		ls, _ := l.Acquire(context.Background(), fmt.Sprint("AC", i), "c")
+		ls.Done(Served)
 	}
-	if n := l.Accounts(); n != 100 {
+	if n := len(l.Accounts()); n != 100 {
 		t.Fatalf("accounts = %d, want 100", n)
 	}
-	held := <-acquire(l, clk, context.Background(), "busy") // in flight: kept
-	l.Report("AC1", Throttled)                              // cut: kept until recovered
-	clk.Advance(3 * time.Second)
-	r := <-acquire(l, clk, context.Background(), "new") // prunes
-	r.release()
-	if n := l.Accounts(); n != 3 {
-		t.Fatalf("accounts after pruning = %d, want 3 (busy, cut, new)", n)
+	held, _ := l.Acquire(context.Background(), "busy", "c") // in flight: kept
+	clk.Advance(13 * time.Second)
+	ls, _ := l.Acquire(context.Background(), "new", "c") // prunes
+	ls.Done(Served)
+	if n := len(l.Accounts()); n != 2 {
+		t.Fatalf("accounts after pruning = %d, want 2 (busy, new)", n)
 	}
-	held.release()
-	clk.Advance(time.Minute)
+	held.Done(Served)
 }

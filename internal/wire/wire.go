@@ -9,6 +9,8 @@ import (
 	"cacheproxy/internal/proxy"
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
+
+	"github.com/rs/zerolog"
 )
 
 // ProxyOptions is the part of the proxy's options that comes from
@@ -37,9 +39,13 @@ func ProxyOptions(cfg config.Config) proxy.Options {
 	}
 }
 
-// Limiter is the budget's configuration.
-func Limiter(rl config.RateLimit) ratelimit.Config {
-	return ratelimit.Config{Rate: float64(rl.RequestsPerSecond), MaxConcurrent: rl.MaxConcurrent, MaxWait: rl.MaxWait.D(), Recover: rl.Recover.D()}
+// Limiter is the budget's configuration; its decisions go to log (cuts and
+// learned keys at info, growth at debug).
+func Limiter(rl config.RateLimit, log zerolog.Logger) ratelimit.Config {
+	return ratelimit.Config{
+		MaxConcurrent: rl.MaxConcurrent, Rate: rl.RequestsPerSecond, MaxWait: rl.MaxWait.D(), Recover: rl.Recover.D(),
+		KeyAccounts: rl.KeyAccounts, OnEvent: proxy.BudgetLog(log),
+	}
 }
 
 // Retention is the longest an entry can outlive the invalidation of its
