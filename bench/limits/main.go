@@ -1,11 +1,22 @@
-// Command limits runs the upstream-protection scenario on loopback: a fake
-// Twilio that allows L requests per second per account (429 with Twilio's
-// body above it) and answers in 50 ms, cacheproxy in front of it, and an
-// open-loop load of 300 requests/s for 10 s, Zipf-distributed (s = 1.1) over
-// 3,000 participants of the three APIs, one account. It prints one row per
-// scenario: paced as configured, and the same proxy without pacing.
+// Command limits runs the upstream-protection scenarios on loopback, each
+// side by side with the same proxy unprotected:
 //
-//	go run ./bench/limits [-duration 10s] [-rate 300]
+//   - Rate: a fake Twilio that allows L requests per second per account (429
+//     with Twilio's body above it) and answers in 50 ms, cacheproxy in front
+//     of it, and an open-loop load of 300 requests/s for 10 s,
+//     Zipf-distributed (s = 1.1) over 3,000 participants of the three APIs,
+//     one account: paced with ratelimit.requests_per_second, and unpaced.
+//
+//   - Concurrency: a fake Twilio that answers 429 (20429) when the account
+//     has more than 10 requests in flight and answers in 100 ms; 300
+//     concurrent cold reads of distinct participants, with max_concurrent
+//     at the limit (10), above it (25, learned from the 429s), and unpaced.
+//
+//   - Wrong token: on the concurrency-limited upstream, 600 requests with a
+//     wrong token for the account (200 at once), and one with the right
+//     token in the middle of them.
+//
+//     go run ./bench/limits [-duration 10s] [-rate 300]
 package main
 
 import (
@@ -56,7 +67,7 @@ func main() {
 	}
 	var results []string
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "scenario\tclient 200\tclient 429\t429 %\tupstream calls\tupstream 429\tupstream ok/s\tp50 ms\tp99 ms\tmax ms\twithin bound\t")
+	fmt.Fprintln(tw, "scenario\tclient 200\tclient 429\t429 %\tupstream calls\tupstream 429\tupstream ok/s\tp50 ms\tp90 ms\tp99 ms\tmax ms\twithin bound\t")
 	for _, sc := range scenarios {
 		r, err := runScenario(sc, *rate, *duration, *latency)
 		if err != nil {
@@ -73,7 +84,10 @@ func main() {
 		if sc.pace > 0 {
 			results = append(results, fmt.Sprintf("RESULT\tlimits %s: upstream 429s\t%d\t0\t%v", sc.name, r.up429, r.up429 == 0))
 			if sc.limit == 100 { // the budget suffices: nobody may get a 429
-				results = append(results, fmt.Sprintf("RESULT\tlimits %s: client 429s\t%d\t0\t%v", sc.name, r.tooMany, r.tooMany == 0))
+				p90 := pct(r.latencies, 90)
+				results = append(results, fmt.Sprintf("RESULT\tlimits %s: client 429s\t%d\t0\t%v", sc.name, r.tooMany, r.tooMany == 0),
+					fmt.Sprintf("RESULT\tlimits %s: client p50 / p90 / p99\t%.0f / %.0f / %.0f ms\tp90 <= 400 ms\t%v", sc.name,
+						ms(pct(r.latencies, 50)), ms(p90), ms(pct(r.latencies, 99)), p90 <= 400*time.Millisecond))
 			} else { // demand exceeds the budget: keep the upstream busy, answer in time
 				results = append(results,
 					fmt.Sprintf("RESULT\tlimits %s: upstream ok/s\t%.1f\t>= %.1f\t%v", sc.name, r.upOKPerSec, 0.9*sc.pace, r.upOKPerSec >= 0.9*sc.pace),
@@ -82,13 +96,14 @@ func main() {
 		} else {
 			results = append(results, fmt.Sprintf("RESULT\tlimits %s: client 429s (for comparison)\t%.1f%%\t-\t-", sc.name, 100*float64(r.tooMany)/float64(len(r.latencies))))
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%.1f\t%d\t%d\t%.1f\t%.0f\t%.0f\t%.0f\t%d/%d (≤ %s)\t\n", sc.name, r.ok, r.tooMany,
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%.1f\t%d\t%d\t%.1f\t%.0f\t%.0f\t%.0f\t%.0f\t%d/%d (≤ %s)\t\n", sc.name, r.ok, r.tooMany,
 			100*float64(r.tooMany)/float64(len(r.latencies)), r.upCalls, r.up429, r.upOKPerSec,
-			ms(pct(r.latencies, 50)), ms(pct(r.latencies, 99)), ms(pct(r.latencies, 100)), within, len(r.latencies), bound)
+			ms(pct(r.latencies, 50)), ms(pct(r.latencies, 90)), ms(pct(r.latencies, 99)), ms(pct(r.latencies, 100)), within, len(r.latencies), bound)
 	}
 	tw.Flush()
-	fmt.Printf("(%d requests/s offered for %s, Zipf s=1.1 over %d participants, upstream latency %s, one account)\n",
+	fmt.Printf("(%d requests/s offered for %s, Zipf s=1.1 over %d participants, upstream latency %s, one account)\n\n",
 		*rate, *duration, 3*perAPI, *latency)
+	results = append(results, concurrency()...)
 	for _, r := range results {
 		fmt.Println(r)
 	}
@@ -153,7 +168,7 @@ func runScenario(sc scenario, rate int, duration, latency time.Duration) (*resul
 	cfg.RateLimit.MaxWait = config.Duration(sc.maxWait)
 	cfg.RateLimit.RequestsPerSecond = int(sc.pace)
 	if sc.pace == 0 { // a plain caching proxy: no pacing, no retries
-		cfg.RateLimit.RequestsPerSecond, cfg.RateLimit.MaxConcurrent, cfg.RateLimit.MaxRetries = 1_000_000, 1_000_000, 0
+		cfg.RateLimit.RequestsPerSecond, cfg.RateLimit.MaxConcurrent, cfg.RateLimit.MaxRetries = 0, 100_000, 0
 		cfg.Cache.StaleIfError = 0
 	}
 	store, err := cache.New(int64(cfg.Cache.MaxBytes), nil)

@@ -467,6 +467,11 @@ func TestAdminEndpoints(t *testing.T) {
 		"cacheproxy_coalesced_requests_total 0", "cacheproxy_rejections_total 0", "cacheproxy_retries_total 0",
 		"cacheproxy_cache_entries 1", "cacheproxy_cache_bytes", "cacheproxy_cache_evictions_total",
 		"go_goroutines", "process_resident_memory_bytes",
+		// The account's budget, by account SID: slow start's cap (a
+		// quarter of max_concurrent 25), nothing in flight or waiting.
+		`cacheproxy_budget_concurrency_cap{account="` + acct + `"} 7`, `cacheproxy_budget_in_flight{account="` + acct + `"} 0`,
+		`cacheproxy_budget_queued{account="` + acct + `"} 0`, `cacheproxy_budget_rate_limit{account="` + acct + `"} 0`,
+		`cacheproxy_budget_learned_keys{account="` + acct + `"} 0`,
 		// The GC settings main makes when GOGC and GOMEMLIMIT are unset.
 		fmt.Sprintf("go_gc_gogc_percent %d\n", gcPercent),
 		fmt.Sprintf("go_gc_gomemlimit_bytes %g\n", float64(64<<20+memoryOverhead)),

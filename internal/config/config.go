@@ -512,9 +512,9 @@ func (b *ByteSize) UnmarshalTOML(v any) error {
 func (b ByteSize) MarshalText() ([]byte, error) { return []byte(strconv.FormatInt(int64(b), 10)), nil }
 
 // Bounds that keep the budget's memory small: the rate window holds one
-// timestamp per call of the last second.
+// timestamp (8 bytes) per call of the last second.
 const (
-	maxRequestsPerSecond = 100_000
+	maxRequestsPerSecond = 10_000
 	maxConcurrent        = 100_000
 )
 

@@ -103,6 +103,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 	if res.upStatus == http.StatusUnauthorized {
 		p.refused.remember(rec.cred, p.clock.Now(), res.entry.Header, res.entry.Body)
 	}
+	p.learnKey(rec.cred, res.upStatus, res.entry.Body)
 	fwd := "cacheproxy; fwd=uri-miss"
 	if noCache {
 		fwd = "cacheproxy; fwd=request"

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
+	"encoding/json"
 	"hash"
 	"hash/maphash"
 	"strings"
@@ -111,14 +112,50 @@ func accountOf(auth string, dst *[34]byte) int {
 	if _, err := base64.StdEncoding.Decode(dec[:], enc[:]); err != nil {
 		return 0
 	}
-	if dec[34] != ':' || (string(dec[:2]) != "AC" && string(dec[:2]) != "SK") {
+	if dec[34] != ':' || (string(dec[:2]) != "AC" && string(dec[:2]) != "SK") || !sidOf(string(dec[:34]), dst) {
 		return 0
 	}
-	for _, c := range dec[2:34] {
+	return 34
+}
+
+// sidOf copies s into dst if it is two letters and 32 hex digits.
+func sidOf(s string, dst *[34]byte) bool {
+	if len(s) != 34 {
+		return false
+	}
+	for _, c := range []byte(s[2:]) {
 		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
-			return 0
+			return false
 		}
 	}
-	copy(dst[:], dec[:34])
-	return 34
+	copy(dst[:], s)
+	return true
+}
+
+// learnKey tells the budget which account an API key belongs to, from the
+// first successful answer the key gets: Twilio's resources name their
+// account (account_sid in v1, accountId in v2). Until then the key has a
+// budget of its own.
+func (p *Proxy) learnKey(c *credential, status int, body []byte) {
+	if c == nil || status < 200 || status > 299 || len(body) == 0 {
+		return
+	}
+	user := c.Account()
+	if len(user) != 34 || string(user[:2]) != "SK" || p.budget.Knows(string(user)) {
+		return
+	}
+	var owner struct {
+		V1 string `json:"account_sid"`
+		V2 string `json:"accountId"`
+	}
+	if json.Unmarshal(body, &owner) != nil {
+		return
+	}
+	for _, acct := range []string{owner.V1, owner.V2} {
+		var sid [34]byte
+		if len(acct) == 34 && strings.HasPrefix(acct, "AC") && sidOf(acct, &sid) {
+			p.budget.Learn(string(user), acct)
+			return
+		}
+	}
 }

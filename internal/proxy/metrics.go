@@ -1,11 +1,13 @@
 package proxy
 
 import (
+	"slices"
 	"strconv"
 	"sync/atomic"
 	"time"
 
 	"cacheproxy/internal/cache"
+	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -66,8 +68,57 @@ func newMetrics(reg prometheus.Registerer, p *Proxy) *metrics {
 		gauge("cacheproxy_cache_entries", "Entries in the cache.", func() float64 { return float64(p.store.Stats().Entries) }),
 		gauge("cacheproxy_cache_bytes", "Bytes held by the cache (body + headers + key).", func() float64 { return float64(p.store.Stats().Bytes) }),
 		counter("cacheproxy_cache_evictions_total", "Entries evicted to stay within cache.max_bytes.", func() int64 { return int64(p.store.Stats().Evictions) }),
+		budgetCollector{p.budget},
 	)
 	return m
+}
+
+// budgetCollector reports each account's budget at scrape time, labelled
+// by account SID (an API key's SID until its account is known; "none" for
+// requests without credentials), never by credential.
+type budgetCollector struct{ b Budget }
+
+var budgetDescs = [...]*prometheus.Desc{
+	prometheus.NewDesc("cacheproxy_budget_concurrency_cap", "Upstream calls the account may have in flight now (adaptive, at most ratelimit.max_concurrent).", []string{"account"}, nil),
+	prometheus.NewDesc("cacheproxy_budget_in_flight", "The account's upstream calls in flight.", []string{"account"}, nil),
+	prometheus.NewDesc("cacheproxy_budget_queued", "The account's requests waiting for a turn.", []string{"account"}, nil),
+	prometheus.NewDesc("cacheproxy_budget_rate_limit", "Upstream calls the account may start per second (0: no rate limit).", []string{"account"}, nil),
+	prometheus.NewDesc("cacheproxy_budget_learned_keys", "API keys known to count against the account.", []string{"account"}, nil),
+}
+
+func (c budgetCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range budgetDescs {
+		ch <- d
+	}
+}
+
+func (c budgetCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, st := range c.b.Accounts() {
+		acct := budgetLabel(st.Account)
+		for i, v := range [...]int{st.Cap, st.InFlight, st.Queued, st.Rate, st.Keys} {
+			ch <- prometheus.MustNewConstMetric(budgetDescs[i], prometheus.GaugeValue, float64(v), acct)
+		}
+	}
+}
+
+func budgetLabel(account string) string {
+	if account == "" {
+		return "none"
+	}
+	return account
+}
+
+// maxSummaryBudgets bounds the accounts listed in a summary line.
+const maxSummaryBudgets = 20
+
+// budgetStates is the summary line's list of account budgets.
+type budgetStates []ratelimit.State
+
+func (b budgetStates) MarshalZerologArray(a *zerolog.Array) {
+	for _, st := range b {
+		a.Dict(zerolog.Dict().Str("account", budgetLabel(st.Account)).Int("cap", st.Cap).Int("in_flight", st.InFlight).
+			Int("queued", st.Queued).Int("rate", st.Rate).Int("keys", st.Keys))
+	}
 }
 
 // observeUpstream records one upstream call.
@@ -107,6 +158,9 @@ func (p *Proxy) Summary() Summary {
 // (the previous call's result), and the cache's state now.
 func (p *Proxy) LogSummary(prev Summary) Summary {
 	s := p.Summary()
+	budgets := p.budget.Accounts()
+	// The busiest accounts first.
+	slices.SortStableFunc(budgets, func(a, b ratelimit.State) int { return (b.InFlight + b.Queued) - (a.InFlight + a.Queued) })
 	reads := (s.Hits - prev.Hits) + (s.Misses - prev.Misses) + (s.Collapsed - prev.Collapsed) + (s.Stale - prev.Stale)
 	ratio := 0.0
 	if reads > 0 {
@@ -126,6 +180,7 @@ func (p *Proxy) LogSummary(prev Summary) Summary {
 		Int64("queue_wait_us", (s.QueueWait-prev.QueueWait).Microseconds()).
 		Int64("entries", s.Cache.Entries).Int64("bytes", s.Cache.Bytes).
 		Uint64("evictions", s.Cache.Evictions).
+		Int("budgets_total", len(budgets)).Array("budgets", budgetStates(budgets[:min(len(budgets), maxSummaryBudgets)])).
 		Msg("summary")
 	return s
 }

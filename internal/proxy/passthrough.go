@@ -53,6 +53,7 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	if resp.StatusCode == http.StatusUnauthorized && body != nil {
 		p.refused.remember(rec.cred, p.clock.Now(), resp.Header, body)
 	}
+	p.learnKey(rec.cred, resp.StatusCode, body)
 	if isWrite(resp.Request.Method) {
 		tags := rec.rt.WriteTags()
 		if resp.StatusCode < 300 {

@@ -163,6 +163,7 @@ type Limiter struct {
 	keys      map[string]string // API key SID -> account SID
 	timers    inflight.Tracker  // goroutines waiting for a rate window
 	lastPrune time.Time
+	changed   chan struct{} // closed at the next change, if anyone asked (Changed)
 }
 
 type account struct {
@@ -181,10 +182,9 @@ type account struct {
 	gen       uint64 // cuts so far: a lease granted before the last cut is old news
 	shown     int    // the cap last reported in an event
 
-	window  []time.Time // start times of the last Rate calls (a ring)
-	wpos    int         // next slot of window; the oldest once full
-	wfull   bool
-	timer   bool // a goroutine waits for the window to open
+	window  []int64 // start times (Unix ns) of the last Rate calls: grows to Rate, then a ring
+	wpos    int     // once full, the oldest slot (the next to overwrite)
+	timer   bool    // a goroutine waits for the window to open
 	lastUse time.Time
 }
 
@@ -274,14 +274,16 @@ func (l *Limiter) accountLocked(user string) *account {
 	}
 	a := l.accounts[id]
 	if a == nil {
-		a = &account{id: id, creds: map[string]*credQueue{}, slowStart: true,
-			cap: math.Ceil(float64(l.cfg.MaxConcurrent) / 4)}
-		a.shown = int(a.cap)
-		if l.cfg.Rate > 0 {
-			a.window = make([]time.Time, l.cfg.Rate)
-		}
+		a = l.newAccount(id)
 		l.accounts[id] = a
 	}
+	return a
+}
+
+// newAccount is a budget in slow start at a quarter of MaxConcurrent.
+func (l *Limiter) newAccount(id string) *account {
+	a := &account{id: id, creds: map[string]*credQueue{}, slowStart: true, cap: math.Ceil(float64(l.cfg.MaxConcurrent) / 4)}
+	a.shown = int(a.cap)
 	return a
 }
 
@@ -307,10 +309,10 @@ func (l *Limiter) capAtLocked(a *account, now time.Time) float64 {
 // windowOpenLocked reports whether a call may start at now under the rate,
 // and if not, how long until one may.
 func (l *Limiter) windowOpenLocked(a *account, now time.Time) (bool, time.Duration) {
-	if a.window == nil || !a.wfull {
+	if l.cfg.Rate <= 0 || len(a.window) < l.cfg.Rate {
 		return true, 0
 	}
-	wait := a.window[a.wpos].Add(time.Second).Sub(now)
+	wait := time.Duration(a.window[a.wpos] + int64(time.Second) - now.UnixNano())
 	return wait <= 0, wait
 }
 
@@ -324,12 +326,14 @@ func (l *Limiter) canStartLocked(a *account, now time.Time) bool {
 
 // startLocked gives a turn to a call that began waiting at since.
 func (l *Limiter) startLocked(a *account, since, now time.Time, events *[]Event) *lease {
+	l.changedLocked()
 	a.inflight++
-	if a.window != nil {
-		a.window[a.wpos] = now
-		a.wpos++
-		if a.wpos == len(a.window) {
-			a.wpos, a.wfull = 0, true
+	if l.cfg.Rate > 0 {
+		if len(a.window) < l.cfg.Rate {
+			a.window = append(a.window, now.UnixNano())
+		} else {
+			a.window[a.wpos] = now.UnixNano()
+			a.wpos = (a.wpos + 1) % len(a.window)
 		}
 	}
 	if c := l.capLocked(a, now); c > a.shown {
@@ -381,6 +385,7 @@ func (l *Limiter) enqueueLocked(a *account, credential string, w *waiter) {
 	w.cred = q
 	q.waiters = append(q.waiters, w)
 	a.queued++
+	l.changedLocked()
 }
 
 // popLocked takes the next waiting call in round-robin order.
@@ -422,6 +427,7 @@ func (l *Limiter) removeLocked(a *account, w *waiter) bool {
 	}
 	q.waiters = slices.Delete(q.waiters, i, i+1)
 	a.queued--
+	l.changedLocked()
 	if len(q.waiters) == 0 {
 		l.dropCredLocked(a, slices.Index(a.ring, q))
 	}
@@ -481,6 +487,25 @@ func (l *Limiter) leave(a *account, w *waiter) {
 	}
 }
 
+// Changed returns a channel that is closed at the next change of any
+// account's calls in flight or waiting: tests wait on it instead of
+// polling.
+func (l *Limiter) Changed() <-chan struct{} {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.changed == nil {
+		l.changed = make(chan struct{})
+	}
+	return l.changed
+}
+
+func (l *Limiter) changedLocked() {
+	if l.changed != nil {
+		close(l.changed)
+		l.changed = nil
+	}
+}
+
 // Wait blocks until no goroutine waits for a rate window (each ends within
 // a second of its queue emptying) or ctx ends.
 func (l *Limiter) Wait(ctx context.Context) error {
@@ -506,6 +531,7 @@ func (s *lease) Done(o Outcome) {
 		return
 	}
 	s.done = true
+	l.changedLocked()
 	now := l.clock.Now()
 	n := a.inflight
 	a.inflight--
@@ -544,7 +570,9 @@ func (l *Limiter) cutLocked(a *account, s *lease, n int, now time.Time, events *
 	a.slowStart, a.cap, a.cutAt = false, target, now
 	a.gen++
 	a.shown = int(target)
-	*events = append(*events, Event{Kind: CapCut, Account: a.id, From: from, To: int(target), InFlight: n})
+	if int(target) < from {
+		*events = append(*events, Event{Kind: CapCut, Account: a.id, From: from, To: int(target), InFlight: n})
+	}
 }
 
 // Learn records that API key key belongs to account acct, so the key's
@@ -577,33 +605,43 @@ func (l *Limiter) Accounts() []State {
 	now := l.clock.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	keys := map[string]int{}
-	for _, acct := range l.keys {
-		keys[acct]++
-	}
+	keys := l.keyCountsLocked()
 	out := make([]State, 0, len(l.accounts))
 	for _, a := range l.accounts {
-		out = append(out, State{Account: a.id, Cap: l.capLocked(a, now), InFlight: a.inflight, Queued: a.queued,
-			Rate: l.cfg.Rate, Keys: keys[a.id], SlowStart: a.slowStart})
+		out = append(out, l.stateLocked(a, now, keys[a.id]))
 	}
 	slices.SortFunc(out, func(x, y State) int { return strings.Compare(x.Account, y.Account) })
 	return out
 }
 
-// State reports one account's budget (the account user counts against).
+// State reports the budget user (an account or API key SID) counts
+// against; an account not remembered reports a new account's budget.
 func (l *Limiter) State(user string) State {
+	now := l.clock.Now()
 	l.mu.Lock()
+	defer l.mu.Unlock()
 	id := user
 	if acct, ok := l.keys[user]; ok {
 		id = acct
 	}
-	l.mu.Unlock()
-	for _, s := range l.Accounts() {
-		if s.Account == id {
-			return s
-		}
+	a := l.accounts[id]
+	if a == nil {
+		a = l.newAccount(id)
 	}
-	return State{Account: id, Cap: int(math.Ceil(float64(l.cfg.MaxConcurrent) / 4)), Rate: l.cfg.Rate, SlowStart: true}
+	return l.stateLocked(a, now, l.keyCountsLocked()[id])
+}
+
+func (l *Limiter) stateLocked(a *account, now time.Time, keys int) State {
+	return State{Account: a.id, Cap: l.capLocked(a, now), InFlight: a.inflight, Queued: a.queued,
+		Rate: l.cfg.Rate, Keys: keys, SlowStart: a.slowStart}
+}
+
+func (l *Limiter) keyCountsLocked() map[string]int {
+	n := map[string]int{}
+	for _, acct := range l.keys {
+		n[acct]++
+	}
+	return n
 }
 
 // idleFor is how long an account must be idle before it is forgotten: by

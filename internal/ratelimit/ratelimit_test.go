@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"runtime"
 	"testing"
 	"time"
 
@@ -33,12 +32,17 @@ func acquire(l *Limiter, clk *clock.Fake, ctx context.Context, user, cred string
 // queued waits until user's account has n calls waiting.
 func queued(t *testing.T, l *Limiter, user string, n int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for l.State(user).Queued != n {
-		if time.Now().After(deadline) {
+	timeout := time.After(time.Minute)
+	for {
+		changed := l.Changed()
+		if l.State(user).Queued == n {
+			return
+		}
+		select {
+		case <-changed:
+		case <-timeout:
 			t.Fatalf("queue of %s: %+v, want %d waiting", user, l.State(user), n)
 		}
-		runtime.Gosched()
 	}
 }
 

@@ -44,11 +44,19 @@ type Fake struct {
 	// Before, if set, runs first for every request; returning true means it
 	// wrote the response itself (to fail, hang, or rate-limit a request).
 	Before func(w http.ResponseWriter, r *http.Request) bool
+	// MaxInFlight, if > 0, is Twilio's concurrency limit: an account with
+	// that many requests in flight gets 429 (20429) at once for another.
+	// KeyOwner maps API key SIDs to the account they count against.
+	MaxInFlight int
+	KeyOwner    map[string]string
 
-	mu    sync.Mutex
-	convs map[string]*conversation // by conversation or session id
-	calls map[string]int           // "METHOD path" -> count
-	total atomic.Int64
+	mu       sync.Mutex
+	inflight map[string]int // by account, while MaxInFlight > 0
+	peak     map[string]int
+	tooMany  atomic.Int64
+	convs    map[string]*conversation // by conversation or session id
+	calls    map[string]int           // "METHOD path" -> count
+	total    atomic.Int64
 }
 
 // New returns a fake with the given accounts and no data.
@@ -107,6 +115,15 @@ func (f *Fake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.mu.Lock()
 	f.calls[r.Method+" "+r.URL.Path]++
 	f.mu.Unlock()
+	if f.MaxInFlight > 0 {
+		acct, ok := f.enter(r)
+		if !ok {
+			f.tooMany.Add(1)
+			Error(w, http.StatusTooManyRequests, 20429, "Too many requests")
+			return
+		}
+		defer f.leave(acct)
+	}
 	if f.Before != nil && f.Before(w, r) {
 		return
 	}
@@ -123,6 +140,10 @@ func (f *Fake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		Error(w, http.StatusUnauthorized, 20003, "Authenticate")
 		return
 	}
+	account := user // an API key's resources belong to its account
+	if owner, ok := f.KeyOwner[user]; ok {
+		account = owner
+	}
 	w.Header().Set("Twilio-Request-Id", "RQ"+strconv.FormatInt(f.total.Load(), 16))
 	// Split as sent, then decode each segment: an escaped "/" is part of
 	// an identity, as on Twilio.
@@ -134,13 +155,13 @@ func (f *Fake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	switch {
 	case len(s) >= 4 && s[0] == "v1" && s[1] == "Conversations" && s[3] == "Participants":
-		f.participant(w, r, user, "", s[2], s[4:], v1JSON)
+		f.participant(w, r, account, "", s[2], s[4:], v1JSON)
 	case len(s) >= 6 && s[0] == "v1" && s[1] == "Services" && s[3] == "Conversations" && s[5] == "Participants":
-		f.participant(w, r, user, s[2], s[4], s[6:], v1JSON)
+		f.participant(w, r, account, s[2], s[4], s[6:], v1JSON)
 	case len(s) >= 6 && s[0] == "v1" && s[1] == "Services" && s[3] == "Sessions" && s[5] == "Participants":
-		f.participant(w, r, user, s[2], s[4], s[6:], proxyJSON)
+		f.participant(w, r, account, s[2], s[4], s[6:], proxyJSON)
 	case len(s) >= 4 && s[0] == "v2" && s[1] == "Conversations" && s[3] == "Participants":
-		f.participant(w, r, user, "", s[2], s[4:], v2JSON)
+		f.participant(w, r, account, "", s[2], s[4:], v2JSON)
 	case len(s) == 3 && s[0] == "v1" && s[1] == "Conversations" && r.Method == http.MethodDelete:
 		f.mu.Lock()
 		delete(f.convs, f.resolveConv(s[2]))
@@ -323,3 +344,40 @@ func SeededPaths(n int) []string {
 	}
 	return out
 }
+
+// enter counts a request against its account's concurrency limit; false if
+// the account is at MaxInFlight.
+func (f *Fake) enter(r *http.Request) (string, bool) {
+	acct, _, _ := r.BasicAuth()
+	if owner, ok := f.KeyOwner[acct]; ok {
+		acct = owner
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.inflight == nil {
+		f.inflight, f.peak = map[string]int{}, map[string]int{}
+	}
+	if f.inflight[acct] >= f.MaxInFlight {
+		return acct, false
+	}
+	f.inflight[acct]++
+	f.peak[acct] = max(f.peak[acct], f.inflight[acct])
+	return acct, true
+}
+
+func (f *Fake) leave(acct string) {
+	f.mu.Lock()
+	f.inflight[acct]--
+	f.mu.Unlock()
+}
+
+// Peak is the most requests account (or its keys) had in flight at once,
+// while MaxInFlight is set.
+func (f *Fake) Peak(account string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.peak[account]
+}
+
+// TooMany counts the 429s of MaxInFlight.
+func (f *Fake) TooMany() int64 { return f.tooMany.Load() }
