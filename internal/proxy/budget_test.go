@@ -143,16 +143,15 @@ func TestAWrongTokenCannotStarveTheRightOne(t *testing.T) {
 	waitFor(t, h, func() bool { return h.lim.State(acctA).Queued == flood-3+1 })
 	// Each wrong call that ends frees one turn; count how many end before
 	// the right one reaches the upstream.
-	ended := 0
-	for {
+	for ended := 1; ; ended++ {
 		release <- struct{}{}
-		ended++
 		if <-arrived == "right" {
 			break
 		}
-	}
-	if ended > 2 {
-		t.Fatalf("the right token reached the upstream after %d wrong calls ended, want at most 2 (round-robin)", ended)
+		if ended == 2 {
+			close(release) // let the held calls end before the test fails
+			t.Fatal("the right token did not reach the upstream after two wrong calls ended (want round-robin turns)")
+		}
 	}
 	if s, _, _ := readResp(t, <-right); s != 200 {
 		t.Fatalf("right token: %d", s)

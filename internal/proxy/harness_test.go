@@ -170,7 +170,7 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 	var budgetClock clock.Clock = clock.Real{}
 	if s.budgetOnFakeClock {
 		budgetClock = h.budgetClk
-		// Let the limiter's dispatchers reach their last slot and exit.
+		// Let the limiter's window timers fire and exit.
 		t.Cleanup(func() { h.budgetClk.Advance(time.Hour) })
 	}
 	h.lim = ratelimit.New(limiterConfig(s.cfg.RateLimit, zerolog.New(h.logs).With().Timestamp().Logger()), budgetClock)
@@ -224,7 +224,7 @@ func upstreamOptions(u config.Upstream) Upstream {
 }
 
 // wait is what shutdown waits for: detached fetches, then the limiter's
-// dispatchers.
+// rate-window timers.
 func (h *harness) wait(ctx context.Context) error {
 	if err := h.p.Wait(ctx); err != nil {
 		return err

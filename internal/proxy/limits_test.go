@@ -273,7 +273,7 @@ func TestSummaryLine(t *testing.T) {
 
 // TestQueuedClientsThatLeaveLeakNothing: pass-through requests queued for a
 // turn whose clients go away return at once, never reach the upstream, and
-// once the account's dispatcher has slept to its next slot no goroutine
+// once the account's rate window has opened no goroutine
 // remains. (A cached read's shared fetch is detached from its clients: it
 // keeps its place until its turn or max_wait, then fills the cache.)
 func TestQueuedClientsThatLeaveLeakNothing(t *testing.T) {
@@ -302,8 +302,8 @@ func TestQueuedClientsThatLeaveLeakNothing(t *testing.T) {
 			t.Fatalf("a client that left was answered %d", w.code)
 		}
 	}
-	// The dispatcher sleeps to its next slot (1 s at most here), finds the
-	// queue empty and exits.
+	// The window's timer sleeps until the window opens (1 s at most here),
+	// finds the queue empty and exits.
 	if err := h.wait(t.Context()); err != nil {
 		t.Fatal(err)
 	}
