@@ -20,6 +20,7 @@ import (
 
 	"cacheproxy/internal/cache"
 	"cacheproxy/internal/config"
+	"cacheproxy/internal/fleet"
 	"cacheproxy/internal/inflight"
 	"cacheproxy/internal/invalidation"
 	"cacheproxy/internal/logbuf"
@@ -148,6 +149,24 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	opts := wire.ProxyOptions(cfg)
 	opts.Store, opts.Invalidator, opts.Budget = store, invalidation.New(wire.Retention(cfg), nil), limiter
+	if cfg.Redis.URL != "" {
+		f, err := fleet.Open(wire.Fleet(cfg))
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		opts.Shared = f
+		inv := fleet.NewInvalidator(f, invalidation.New(wire.Retention(cfg), nil), cfg.Redis.InvalidationWait.D(), func(err error) {
+			logger.Warn().Str("component", "fleet").Str("error", err.Error()).Msg("fleet-wide invalidation incomplete: this replica is up to date, others may hold older copies until cache.ttl")
+		})
+		defer inv.Close()
+		opts.Invalidator = inv
+		go func() {
+			if f.Connected(context.Background()) == nil {
+				logger.Info().Str("component", "fleet").Str("key_prefix", cfg.Redis.KeyPrefix).Msg("connected to Redis: sharing entries and invalidations")
+			}
+		}()
+	}
 	opts.Logger, opts.Registerer = accessLog, reg
 	p, err := proxy.New(opts)
 	if err != nil {

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"cacheproxy/internal/config"
+	"cacheproxy/internal/redistest"
 	"cacheproxy/internal/twiliofake"
 )
 
@@ -339,9 +340,10 @@ func TestInvalidConfigExitsNonZeroNamingTheKey(t *testing.T) {
 		env    []string
 		key    string
 	}{
-		"bad value":   {"[cache]\nttl = \"-1s\"\n", nil, "cache.ttl"},
-		"unknown key": {"[ratelimit]\nrequests_per_sec = 5\n", nil, "ratelimit.requests_per_sec"},
-		"bad env":     {"", []string{"CACHEPROXY_CACHE_MAX_BYTES=huge"}, "cache.max_bytes"},
+		"bad value":                {"[cache]\nttl = \"-1s\"\n", nil, "cache.ttl"},
+		"unknown key":              {"[ratelimit]\nrequests_per_sec = 5\n", nil, "ratelimit.requests_per_sec"},
+		"bad env":                  {"", []string{"CACHEPROXY_CACHE_MAX_BYTES=huge"}, "cache.max_bytes"},
+		"redis without key_secret": {"", []string{"CACHEPROXY_REDIS_URL=redis://127.0.0.1:1"}, "cache.key_secret"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			cfg := filepath.Join(t.TempDir(), "c.toml")
@@ -581,6 +583,44 @@ func TestEveryFlagAndKeyIsDocumented(t *testing.T) {
 	for _, k := range config.Keys() {
 		if !strings.Contains(string(readme), "`"+k+"`") || !strings.Contains(string(help), k) {
 			t.Errorf("key %s is not documented in the README and -help", k)
+		}
+	}
+}
+
+// TestFleetOfTwoBinaries: two cacheproxy processes share entries through a
+// password-protected redis-server; the password and the key secret are
+// never logged.
+func TestFleetOfTwoBinaries(t *testing.T) {
+	const password, secret = "redis-pass-0123456789", "fleet-secret-0123456789"
+	srv := redistest.Start(t, "--requirepass", password)
+	fake, up := newFake(t)
+	env := []string{"CACHEPROXY_REDIS_URL=redis://:" + password + "@" + srv.Addr, "CACHEPROXY_CACHE_KEY_SECRET=" + secret}
+	a, b := start(t, upstreamConfig(up.URL), env...), start(t, upstreamConfig(up.URL), env...)
+	read := func(p *proc) string {
+		req, _ := http.NewRequest("GET", "http://"+p.addr+path, nil)
+		req.Header.Set("Authorization", auth())
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.Header.Get("Cache-Status")
+	}
+	for _, p := range []*proc{a, b} {
+		waitFor(t, p, "connected to Redis: sharing entries and invalidations")
+	}
+	if cs := read(a); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
+		t.Fatalf("A: %q", cs)
+	}
+	if cs := read(b); !strings.HasSuffix(cs, "detail=shared") {
+		t.Fatalf("B: %q, want an answer from the shared tier", cs)
+	}
+	if n := fake.Calls("GET", path); n != 1 {
+		t.Fatalf("upstream calls %d, want 1", n)
+	}
+	for _, p := range []*proc{a, b} {
+		if logs := p.logs() + p.stderr.String(); strings.Contains(logs, password) || strings.Contains(logs, secret) {
+			t.Fatal("a log holds the Redis password or the key secret")
 		}
 	}
 }

@@ -39,6 +39,23 @@ type Config struct {
 	Server    Server    `toml:"server"`
 	RateLimit RateLimit `toml:"ratelimit"`
 	Log       Log       `toml:"log"`
+	Redis     Redis     `toml:"redis"`
+}
+
+// Redis is the fleet tier (docs/fleet.md): replicas share entries and
+// invalidations through it. An empty URL keeps everything local.
+type Redis struct {
+	// URL is redis://[user:pass@]host:port/db (rediss:// for TLS). Default
+	// "": local only. Requires cache.key_secret, the same on every replica.
+	URL string `toml:"url"`
+	// KeyPrefix starts every key cacheproxy writes. Default "cacheproxy:".
+	KeyPrefix string `toml:"key_prefix"`
+	// Timeout bounds each Redis call; a slow Redis never slows an L1 hit,
+	// which makes none. Default 50ms.
+	Timeout Duration `toml:"timeout"`
+	// InvalidationWait bounds how long a write's response waits for the
+	// other replicas to apply its invalidation. Default 100ms.
+	InvalidationWait Duration `toml:"invalidation_wait"`
 }
 
 // Admin configures the admin listener's endpoints.
@@ -186,6 +203,7 @@ func Default() Config {
 		RateLimit: RateLimit{MaxWait: Duration(2 * time.Second), MaxConcurrent: 25, MaxRetries: 3,
 			BackoffBase: Duration(200 * time.Millisecond), BackoffMax: Duration(5 * time.Second), ReplayBytes: 64 << 10,
 			Recover: Duration(30 * time.Second), UnauthorizedTTL: Duration(10 * time.Second)},
+		Redis: Redis{KeyPrefix: "cacheproxy:", Timeout: Duration(50 * time.Millisecond), InvalidationWait: Duration(100 * time.Millisecond)},
 		Log: Log{Level: "info", Format: "json", Buffer: 64 << 10, FlushInterval: Duration(200 * time.Millisecond),
 			SummaryInterval: Duration(60 * time.Second)},
 	}
@@ -352,6 +370,19 @@ func (c Config) Validate() error {
 	}
 	if c.ShutdownTimeout <= 0 {
 		bad("shutdown_timeout", "must be > 0")
+	}
+	if u := c.Redis.URL; u != "" {
+		if !strings.HasPrefix(u, "redis://") && !strings.HasPrefix(u, "rediss://") {
+			bad("redis.url", "want redis://[user:pass@]host:port[/db] or rediss://…")
+		} else if c.Cache.KeySecret == "" {
+			bad("cache.key_secret", "is required with redis.url: every replica must derive the same keys (set it from a Secret, e.g. CACHEPROXY_CACHE_KEY_SECRET)")
+		}
+	}
+	if c.Redis.Timeout <= 0 {
+		bad("redis.timeout", "must be > 0")
+	}
+	if c.Redis.InvalidationWait <= 0 {
+		bad("redis.invalidation_wait", "must be > 0")
 	}
 	if c.RateLimit.UnauthorizedTTL < 0 {
 		bad("ratelimit.unauthorized_ttl", "must be >= 0")

@@ -70,6 +70,8 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{"bad url", "[upstreams.proxy]\nurl = \"ftp://x\"\n", nil, nil, "upstreams.proxy.url"},
 		{"unknown upstream", "[upstreams.api]\nurl = \"https://api.twilio.com\"\n", nil, nil, "upstreams.api"},
 		{"bad rate", "[ratelimit]\nrequests_per_second = -1\n", nil, nil, "ratelimit.requests_per_second"},
+		{"redis without key_secret", "[redis]\nurl = \"redis://127.0.0.1:6379\"\n", nil, nil, "cache.key_secret"},
+		{"bad redis url", "[redis]\nurl = \"http://x\"\n", nil, nil, "redis.url"},
 		{"bad key account", "[ratelimit]\nkey_accounts = { SK1 = \"AC1\" }\n", nil, nil, "ratelimit.key_accounts"},
 		{"bad key account env", "", []string{"CACHEPROXY_RATELIMIT_KEY_ACCOUNTS=SK00000000000000000000000000000001"}, nil, "ratelimit.key_accounts"},
 		{"wrong type", "[ratelimit]\nrequests_per_second = \"many\"\n", nil, nil, "ratelimit.requests_per_second"},
@@ -142,7 +144,7 @@ func TestExampleFileDocumentsEveryKey(t *testing.T) {
 	}
 	d := Default()
 	if c.Listen != d.Listen || c.Cache != d.Cache || !reflect.DeepEqual(c.RateLimit, d.RateLimit) || c.Server != d.Server || c.Log != d.Log ||
-		c.Upstreams.Conversations.URL != d.Upstreams.Conversations.URL || c.Upstreams.Proxy.Timeout != d.Upstreams.Proxy.Timeout {
+		c.Upstreams.Conversations.URL != d.Upstreams.Conversations.URL || c.Upstreams.Proxy.Timeout != d.Upstreams.Proxy.Timeout || c.Redis != d.Redis {
 		t.Fatalf("example values differ from the defaults:\n%+v\n%+v", c, d)
 	}
 	for _, k := range Keys() {

@@ -57,12 +57,13 @@ const (
 	outcomeStale
 	outcomeRefresh
 	outcomeBypass
+	outcomeShared // answered from the fleet's shared tier (L2)
 	numOutcomes
 )
 
 // outcomeNames are the label values, by outcome. outcomeNone's line has
 // no "cache" field.
-var outcomeNames = [numOutcomes]string{"none", "hit", "miss", "collapsed", "stale", "refresh", "bypass"}
+var outcomeNames = [numOutcomes]string{"none", "hit", "miss", "collapsed", "stale", "refresh", "bypass", "shared"}
 
 // accessLoggers returns one logger per route label and outcome, with
 // route, upstream and cache outcome encoded once.

@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -58,6 +59,16 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 		}
 	}
 	key = strings.Clone(key) // past a hit, flights and fetches keep the key
+	if p.shared != nil && !noCache {
+		if e := p.sharedGet(r, key, auth); e != nil && now.Before(e.Expires) {
+			p.c.shared.Add(1)
+			rec.cache = outcomeShared
+			ttl := int(e.Expires.Sub(now) / time.Second)
+			p.writeEntry(w, r, rec.hdr.conditional, e, []string{"cacheproxy; hit; ttl=" + strconv.Itoa(ttl) + "; detail=shared"},
+				p.hdrs.age(max(0, int(now.Sub(e.Stored)/time.Second))))
+			return
+		}
+	}
 	if stale != nil && now.Before(stale.Expires.Add(p.fresh.StaleWhileRevalidate)) {
 		// Stale-while-revalidate: answer now, refresh in the background
 		// (one fetch per key: it is a flight).
@@ -127,6 +138,27 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 		return
 	}
 	p.writeEntry(w, r, rec.hdr.conditional, res.entry, []string{fwd}, nil)
+}
+
+// sharedGet looks key up in the fleet's shared tier and, if it holds a
+// valid entry, keeps it in L1 too. The local epoch is read before the
+// lookup, as for a fetch: an invalidation that arrives meanwhile makes the
+// copy invalid here.
+func (p *Proxy) sharedGet(r *http.Request, key, auth string) *cache.Entry {
+	epoch := p.inv.Epoch()
+	e, err := p.shared.Get(r.Context(), key, auth)
+	if err != nil || e == nil {
+		if err != nil {
+			p.c.sharedErrors.Add(1)
+		}
+		return nil
+	}
+	e.Epoch = epoch
+	if !p.inv.Valid(epoch, e.Tags) {
+		return nil
+	}
+	p.store.Set(e)
+	return e
 }
 
 // revalidate starts (or joins) the fetch of key in the background. It is a
@@ -219,6 +251,13 @@ func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string)
 	ctx, cancel := context.WithTimeout(withStats(context.WithoutCancel(r.Context()), &res.calls), up.timeout)
 	defer cancel()
 	epoch := p.inv.Epoch()
+	var fleetEpoch uint64
+	fleetErr := errNoShared
+	if p.shared != nil {
+		if fleetEpoch, fleetErr = p.shared.Epoch(ctx); fleetErr != nil {
+			p.c.sharedErrors.Add(1)
+		}
+	}
 	u := *up.target
 	u.Path, u.RawPath, u.RawQuery = m.Unescaped(), m.Path, r.URL.RawQuery
 	out, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
@@ -267,9 +306,19 @@ func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string)
 		e.Expires = now.Add(ttl)
 		e.Keep = e.Expires.Add(max(p.fresh.StaleIfError, p.fresh.StaleWhileRevalidate))
 		res.stored = p.keep(e)
+		if res.stored && fleetErr == nil {
+			// Shared before the waiters are answered: a read through
+			// another replica that starts after this one's answer finds it.
+			if p.shared.Set(ctx, e, r.Header.Get("Authorization"), fleetEpoch, now) != nil {
+				p.c.sharedErrors.Add(1)
+			}
+		}
 	}
 	return res, nil
 }
+
+// errNoShared: no shared tier to fill.
+var errNoShared = errors.New("no shared tier")
 
 // writeEntry sends a shared entry, or a 304 or 412 when the request's
 // conditional headers say so (a 200 entry only). The entry's header

@@ -18,6 +18,7 @@ import (
 	"cacheproxy/internal/cache"
 	"cacheproxy/internal/clock"
 	"cacheproxy/internal/config"
+	"cacheproxy/internal/fleet"
 	"cacheproxy/internal/invalidation"
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
@@ -120,6 +121,7 @@ type harness struct {
 	clk, budgetClk *clock.Fake
 	logs           *syncBuffer
 	cfg            config.Config
+	inv            *fleet.Invalidator // with a shared tier
 }
 
 // setup is what a harness option may change before the proxy is built.
@@ -127,6 +129,7 @@ type setup struct {
 	cfg               config.Config
 	opts              Options
 	budgetOnFakeClock bool
+	fleet             *fleet.Fleet // the replica's shared tier, if any
 }
 
 type harnessOpt func(*setup)
@@ -180,6 +183,13 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 		route.Proxy:         upstreamOptions(s.cfg.Upstreams.Proxy),
 	}
 	o.Store, o.Invalidator, o.Budget = store, invalidation.New(time.Hour, h.clk), h.lim
+	if s.fleet != nil {
+		inv := fleet.NewInvalidator(s.fleet, invalidation.New(time.Hour, h.clk), 5*time.Second, func(err error) { t.Logf("fleet: %v", err) })
+		t.Cleanup(inv.Close)
+		waitSubscribed(t, inv)
+		h.inv = inv
+		o.Invalidator, o.Shared = inv, s.fleet
+	}
 	c := s.cfg
 	o.Freshness = Freshness{TTL: c.Cache.TTL.D(), NegativeTTL: c.Cache.NegativeTTL.D(), StaleIfError: c.Cache.StaleIfError.D(),
 		StaleWhileRevalidate: c.Cache.StaleWhileRevalidate.D(), MaxEntryBytes: int64(c.Cache.MaxEntryBytes)}

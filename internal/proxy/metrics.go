@@ -17,6 +17,7 @@ import (
 // counters are the process-wide totals behind the summary line.
 type counters struct {
 	hits, misses, collapsed, stale, passthrough     atomic.Int64
+	shared, sharedErrors                            atomic.Int64
 	upstreamCalls, upstream429, rejections, retries atomic.Int64
 	queueWaitNanos                                  atomic.Int64
 }
@@ -65,6 +66,8 @@ func newMetrics(reg prometheus.Registerer, p *Proxy) *metrics {
 		counter("cacheproxy_retries_total", "Retries of upstream 429s.", p.c.retries.Load),
 		counter("cacheproxy_upstream_429_total", "Upstream 429 answers.", p.c.upstream429.Load),
 		counter("cacheproxy_stale_total", "Reads answered with a stale entry.", p.c.stale.Load),
+		counter("cacheproxy_l2_hits_total", "Reads answered from the fleet's shared tier (redis.url).", p.c.shared.Load),
+		counter("cacheproxy_l2_errors_total", "Calls to the fleet's shared tier that failed or timed out (each a miss, never a client error).", p.c.sharedErrors.Load),
 		gauge("cacheproxy_cache_entries", "Entries in the cache.", func() float64 { return float64(p.store.Stats().Entries) }),
 		gauge("cacheproxy_cache_bytes", "Bytes held by the cache (body + headers + key).", func() float64 { return float64(p.store.Stats().Bytes) }),
 		counter("cacheproxy_cache_evictions_total", "Entries evicted to stay within cache.max_bytes.", func() int64 { return int64(p.store.Stats().Evictions) }),
@@ -137,6 +140,7 @@ func (m *metrics) observeUpstream(upstream string, status int, d time.Duration) 
 type Summary struct {
 	Hits, Misses, Collapsed, Stale, Passthrough     int64
 	UpstreamCalls, Upstream429, Rejections, Retries int64
+	Shared, SharedErrors                            int64 // L2 hits, failed L2 calls
 	QueueWait                                       time.Duration
 	Cache                                           cache.Stats
 }
@@ -149,6 +153,7 @@ func (p *Proxy) Summary() Summary {
 		Stale: p.c.stale.Load(), Passthrough: p.c.passthrough.Load(),
 		UpstreamCalls: p.c.upstreamCalls.Load(), Upstream429: p.c.upstream429.Load(),
 		Rejections: p.c.rejections.Load(), Retries: p.c.retries.Load(),
+		Shared: p.c.shared.Load(), SharedErrors: p.c.sharedErrors.Load(),
 		QueueWait: time.Duration(p.c.queueWaitNanos.Load()),
 		Cache:     p.store.Stats(),
 	}
@@ -161,10 +166,11 @@ func (p *Proxy) LogSummary(prev Summary) Summary {
 	budgets := p.budget.Accounts()
 	// The busiest accounts first.
 	slices.SortStableFunc(budgets, func(a, b ratelimit.State) int { return (b.InFlight + b.Queued) - (a.InFlight + a.Queued) })
-	reads := (s.Hits - prev.Hits) + (s.Misses - prev.Misses) + (s.Collapsed - prev.Collapsed) + (s.Stale - prev.Stale)
+	hits := (s.Hits - prev.Hits) + (s.Shared - prev.Shared) // L1 and L2
+	reads := hits + (s.Misses - prev.Misses) + (s.Collapsed - prev.Collapsed) + (s.Stale - prev.Stale)
 	ratio := 0.0
 	if reads > 0 {
-		ratio = float64(s.Hits-prev.Hits) / float64(reads)
+		ratio = float64(hits) / float64(reads)
 	}
 	// Summaries carry 429s: they are info lines that no log.level filters.
 	l := p.log.Level(zerolog.TraceLevel)
@@ -177,6 +183,7 @@ func (p *Proxy) LogSummary(prev Summary) Summary {
 		Int64("upstream_429s", s.Upstream429-prev.Upstream429).
 		Int64("rejections", s.Rejections-prev.Rejections).
 		Int64("retries", s.Retries-prev.Retries).
+		Int64("l2_hits", s.Shared-prev.Shared).Int64("l2_errors", s.SharedErrors-prev.SharedErrors).
 		Int64("queue_wait_us", (s.QueueWait-prev.QueueWait).Microseconds()).
 		Int64("entries", s.Cache.Entries).Int64("bytes", s.Cache.Bytes).
 		Uint64("evictions", s.Cache.Evictions).

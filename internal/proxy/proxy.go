@@ -74,6 +74,20 @@ type Budget interface {
 	Accounts() []ratelimit.State
 }
 
+// Shared is the fleet's shared tier (L2, docs/fleet.md): entries that other
+// replicas fetched, sealed under the credential that fetched them, valid
+// while no write anywhere in the fleet has invalidated their scopes.
+// Optional: nil keeps everything local. Its errors are misses.
+type Shared interface {
+	// Epoch is the fleet's invalidation epoch, read before a fetch.
+	Epoch(ctx context.Context) (uint64, error)
+	// Get returns key's shared entry for the credential auth if it is
+	// valid; nil if none is.
+	Get(ctx context.Context, key, auth string) (*cache.Entry, error)
+	// Set shares e, fetched with auth from fleet epoch epoch on.
+	Set(ctx context.Context, e *cache.Entry, auth string, epoch uint64, now time.Time) error
+}
+
 // flightGroup is the part of singleflight.Group the proxy uses, an interface
 // so tests may substitute it (as groupcache does).
 type flightGroup interface {
@@ -122,8 +136,10 @@ type Options struct {
 	Store       Store
 	Invalidator Invalidator
 	Budget      Budget
-	Freshness   Freshness
-	Retry       Retry
+	// Shared is the fleet's shared tier; nil: none.
+	Shared    Shared
+	Freshness Freshness
+	Retry     Retry
 	// MaxBodyBytes bounds a request body (413 beyond it).
 	MaxBodyBytes int64
 	// WriteTimeout bounds writing a response to the client, from its
@@ -154,6 +170,7 @@ type Proxy struct {
 	store   Store
 	inv     Invalidator
 	budget  Budget
+	shared  Shared
 	flights flightGroup
 	log     zerolog.Logger
 	events  zerolog.Logger // lines other than the access log: timestamped
@@ -221,6 +238,7 @@ func New(o Options) (*Proxy, error) {
 		store:    o.Store,
 		inv:      o.Invalidator,
 		budget:   o.Budget,
+		shared:   o.Shared,
 		flights:  new(singleflight.Group),
 		log:      o.Logger,
 		clock:    clock.Or(o.Clock),

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"cacheproxy/internal/config"
+	"cacheproxy/internal/fleet"
 	"cacheproxy/internal/proxy"
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
@@ -53,4 +54,10 @@ func Limiter(rl config.RateLimit, log zerolog.Logger) ratelimit.Config {
 func Retention(cfg config.Config) time.Duration {
 	return max(cfg.Cache.TTL.D(), cfg.Cache.NegativeTTL.D()) + max(cfg.Cache.StaleIfError.D(), cfg.Cache.StaleWhileRevalidate.D()) +
 		max(cfg.Upstreams.Conversations.Timeout.D(), cfg.Upstreams.Proxy.Timeout.D()) + time.Minute
+}
+
+// Fleet is the shared tier's configuration.
+func Fleet(cfg config.Config) fleet.Config {
+	return fleet.Config{URL: cfg.Redis.URL, Prefix: cfg.Redis.KeyPrefix, Timeout: cfg.Redis.Timeout.D(),
+		Secret: []byte(cfg.Cache.KeySecret), Retention: Retention(cfg)}
 }

@@ -1,0 +1,331 @@
+// Package fleet is the tier that replicas of cacheproxy share through
+// Redis (docs/fleet.md): a second cache tier behind each replica's own
+// (L2 behind ristretto's L1), and the fleet's invalidation marks.
+//
+// Nothing readable goes into Redis. Key names are keyed hashes (HMAC-SHA256
+// under cache.key_secret) of the cache key or scope; values are sealed with
+// AES-256-GCM under a key derived (HKDF-SHA256) from cache.key_secret and
+// the request's Authorization value, with the key name as additional data:
+// an entry opens only for the credential that fetched it.
+//
+// Freshness across the fleet follows the local design (docs/architecture.md,
+// "Freshness"): Redis holds an epoch counter and, per scope, the epoch of
+// its last invalidation. A fetch reads the epoch before it starts; its
+// shared entry is valid while none of its scopes has a mark above that
+// epoch. An invalidation raises the epoch and sets the marks in one script,
+// before the write's response is sent.
+//
+// Redis errors never reach a client: a failed or slow call (bounded by
+// redis.timeout) is a miss, and the caller goes on with L1 and the
+// upstream. The client is github.com/redis/rueidis (RESP3, pipelining,
+// Cluster and TLS support, Lua helpers); its client-side cache is off: it
+// is flushed when a connection drops, and L1 must survive that.
+package fleet
+
+import (
+	"context"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/hkdf"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"net/http"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"cacheproxy/internal/cache"
+
+	"github.com/redis/rueidis"
+)
+
+// Config sets up the fleet tier.
+type Config struct {
+	// URL is redis://… or rediss://… (rueidis.ParseURL).
+	URL string
+	// Prefix starts every key.
+	Prefix string
+	// Timeout bounds each call.
+	Timeout time.Duration
+	// Secret is cache.key_secret: the same on every replica.
+	Secret []byte
+	// Retention is how long an invalidation mark must outlive it: the
+	// longest an entry fetched before it can stay in Redis.
+	Retention time.Duration
+}
+
+// Fleet is the connection to Redis and what is derived from the secret.
+type Fleet struct {
+	cfg    Config
+	client atomic.Pointer[rueidis.Client] // nil until connected
+	nameK  []byte                         // keys key names
+	up     atomic.Bool
+	errors atomic.Int64
+	stop   chan struct{}
+	done   chan struct{}
+}
+
+// errNotConnected: Redis has not been reached yet (a miss, like any error).
+var errNotConnected = errors.New("redis: not connected yet")
+
+// ErrNoSecret: the fleet tier needs cache.key_secret.
+var ErrNoSecret = errors.New("fleet: cache.key_secret is required")
+
+// Open checks cfg and connects to Redis in the background: a replica
+// starts, and serves from L1 and the upstream, while Redis is unreachable;
+// it tries again every second until it connects (rueidis reconnects by
+// itself after that).
+func Open(cfg Config) (*Fleet, error) {
+	if len(cfg.Secret) == 0 {
+		return nil, ErrNoSecret
+	}
+	opt, err := rueidis.ParseURL(cfg.URL)
+	if err != nil {
+		// Not %w: the parser's message quotes the URL, password and all.
+		return nil, errors.New("redis.url: not a valid redis:// or rediss:// URL (the value is not shown: it may hold a password)")
+	}
+	opt.DisableCache = true
+	opt.ConnWriteTimeout = max(cfg.Timeout, time.Second)
+	opt.Dialer.Timeout = max(cfg.Timeout, time.Second)
+	f := &Fleet{cfg: cfg, nameK: derive(cfg.Secret, "cacheproxy key names v1", ""), stop: make(chan struct{}), done: make(chan struct{})}
+	go f.connect(opt)
+	return f, nil
+}
+
+func (f *Fleet) connect(opt rueidis.ClientOption) {
+	defer close(f.done)
+	for {
+		c, err := rueidis.NewClient(opt)
+		if err == nil {
+			f.client.Store(&c)
+			f.up.Store(true)
+			return
+		}
+		f.result(err)
+		select {
+		case <-f.stop:
+			return
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// Connected blocks until the first connection is made or ctx ends.
+func (f *Fleet) Connected(ctx context.Context) error {
+	select {
+	case <-f.done:
+		if f.client.Load() == nil {
+			return errNotConnected
+		}
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Close stops connecting and ends the connections.
+func (f *Fleet) Close() {
+	close(f.stop)
+	<-f.done
+	if c := f.client.Load(); c != nil {
+		(*c).Close()
+	}
+}
+
+// c is the client, or nil before the first connection.
+func (f *Fleet) c() rueidis.Client {
+	if c := f.client.Load(); c != nil {
+		return *c
+	}
+	return nil
+}
+
+// Up reports whether the last call succeeded.
+func (f *Fleet) Up() bool { return f.up.Load() }
+
+// Errors counts failed calls.
+func (f *Fleet) Errors() int64 { return f.errors.Load() }
+
+func (f *Fleet) result(err error) error {
+	if err != nil && !rueidis.IsRedisNil(err) {
+		f.up.Store(false)
+		f.errors.Add(1)
+		return err
+	}
+	f.up.Store(true)
+	return nil
+}
+
+func (f *Fleet) ctx(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, f.cfg.Timeout)
+}
+
+// derive is HKDF-SHA256 of secret for info and salt, 32 bytes.
+func derive(secret []byte, info, salt string) []byte {
+	k, err := hkdf.Key(sha256.New, secret, []byte(salt), info, 32)
+	if err != nil {
+		panic(err) // only for a length HKDF cannot give; 32 it always can
+	}
+	return k
+}
+
+// name is a key name: the prefix, a kind and a keyed hash of what it names.
+func (f *Fleet) name(kind, what string) string {
+	m := hmac.New(sha256.New, f.nameK)
+	m.Write([]byte(kind))
+	m.Write([]byte{0})
+	m.Write([]byte(what))
+	return f.cfg.Prefix + kind + ":" + hex.EncodeToString(m.Sum(nil)[:20])
+}
+
+func (f *Fleet) epochKey() string { return f.cfg.Prefix + "epoch" }
+
+// Epoch reads the fleet's invalidation epoch, before a fetch.
+func (f *Fleet) Epoch(ctx context.Context) (uint64, error) {
+	c := f.c()
+	if c == nil {
+		return 0, errNotConnected
+	}
+	ctx, cancel := f.ctx(ctx)
+	defer cancel()
+	n, err := c.Do(ctx, c.B().Get().Key(f.epochKey()).Build()).AsUint64()
+	if rueidis.IsRedisNil(err) {
+		return 0, f.result(nil)
+	}
+	return n, f.result(err)
+}
+
+// invalidate raises the epoch and marks each scope with it, in one script.
+var invalidate = rueidis.NewLuaScript(`
+local e = redis.call('INCR', KEYS[1])
+for i = 2, #KEYS do redis.call('SET', KEYS[i], e, 'PX', ARGV[1]) end
+return e`)
+
+// Invalidate marks tags invalidated now, fleet-wide.
+func (f *Fleet) Invalidate(ctx context.Context, tags []string) error {
+	c := f.c()
+	if c == nil {
+		return errNotConnected
+	}
+	if len(tags) == 0 {
+		return nil
+	}
+	ctx, cancel := f.ctx(ctx)
+	defer cancel()
+	keys := make([]string, 0, len(tags)+1)
+	keys = append(keys, f.epochKey())
+	for _, t := range tags {
+		keys = append(keys, f.name("m", t))
+	}
+	return f.result(invalidate.Exec(ctx, c, keys, []string{strconv.FormatInt(f.cfg.Retention.Milliseconds(), 10)}).Error())
+}
+
+// sealed is an entry as it is stored in Redis, before sealing.
+type sealed struct {
+	Status  int                 `json:"s"`
+	Header  map[string][]string `json:"h"`
+	Body    []byte              `json:"b"`
+	Stored  int64               `json:"t"`
+	Expires int64               `json:"x"`
+	Keep    int64               `json:"k"`
+	Tags    []string            `json:"g"`
+	Epoch   uint64              `json:"e"` // the fleet epoch when its fetch began
+}
+
+// aead is AES-256-GCM under the key of auth.
+func (f *Fleet) aead(auth string) (cipher.AEAD, error) {
+	block, err := aes.NewCipher(derive(f.cfg.Secret, "cacheproxy entries v1", auth))
+	if err != nil {
+		return nil, err
+	}
+	return cipher.NewGCM(block)
+}
+
+// Set shares e (fetched with auth, its fetch begun at fleet epoch epoch)
+// until e.Keep.
+func (f *Fleet) Set(ctx context.Context, e *cache.Entry, auth string, epoch uint64, now time.Time) error {
+	c := f.c()
+	if c == nil {
+		return errNotConnected
+	}
+	ttl := e.Keep.Sub(now)
+	if ttl <= 0 {
+		return nil
+	}
+	plain, err := json.Marshal(sealed{Status: e.Status, Header: e.Header, Body: e.Body, Stored: e.Stored.UnixNano(),
+		Expires: e.Expires.UnixNano(), Keep: e.Keep.UnixNano(), Tags: e.Tags, Epoch: epoch})
+	if err != nil {
+		return err
+	}
+	a, err := f.aead(auth)
+	if err != nil {
+		return err
+	}
+	name := f.name("e", e.Key)
+	nonce := make([]byte, a.NonceSize(), a.NonceSize()+len(plain)+a.Overhead())
+	if _, err := rand.Read(nonce); err != nil {
+		return err
+	}
+	val := a.Seal(nonce, nonce, plain, []byte(name))
+	ctx, cancel := f.ctx(ctx)
+	defer cancel()
+	return f.result(c.Do(ctx, c.B().Set().Key(name).Value(rueidis.BinaryString(val)).Px(ttl).Build()).Error())
+}
+
+// Get returns the shared entry of key, opened with auth, if it is still
+// valid fleet-wide; nil if there is none (or it cannot be opened).
+func (f *Fleet) Get(ctx context.Context, key, auth string) (*cache.Entry, error) {
+	c := f.c()
+	if c == nil {
+		return nil, errNotConnected
+	}
+	ctx, cancel := f.ctx(ctx)
+	defer cancel()
+	name := f.name("e", key)
+	val, err := c.Do(ctx, c.B().Get().Key(name).Build()).AsBytes()
+	if rueidis.IsRedisNil(err) {
+		return nil, f.result(nil)
+	}
+	if err := f.result(err); err != nil {
+		return nil, err
+	}
+	a, err := f.aead(auth)
+	if err != nil {
+		return nil, err
+	}
+	if len(val) < a.NonceSize() {
+		return nil, nil
+	}
+	plain, err := a.Open(nil, val[:a.NonceSize()], val[a.NonceSize():], []byte(name))
+	if err != nil {
+		return nil, nil // not this credential's, or damaged: a miss
+	}
+	var s sealed
+	if err := json.Unmarshal(plain, &s); err != nil {
+		return nil, nil
+	}
+	if len(s.Tags) > 0 {
+		cmds := make(rueidis.Commands, len(s.Tags))
+		for i, t := range s.Tags {
+			cmds[i] = c.B().Get().Key(f.name("m", t)).Build()
+		}
+		for _, r := range c.DoMulti(ctx, cmds...) {
+			mark, err := r.AsUint64()
+			if rueidis.IsRedisNil(err) {
+				continue
+			}
+			if err := f.result(err); err != nil {
+				return nil, err
+			}
+			if mark > s.Epoch {
+				return nil, nil // invalidated after its fetch began
+			}
+		}
+	}
+	return &cache.Entry{Key: key, Status: s.Status, Header: http.Header(s.Header), Body: s.Body,
+		Stored: time.Unix(0, s.Stored), Expires: time.Unix(0, s.Expires), Keep: time.Unix(0, s.Keep), Tags: s.Tags}, nil
+}

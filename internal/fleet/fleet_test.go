@@ -1,0 +1,80 @@
+package fleet
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"cacheproxy/internal/cache"
+	"cacheproxy/internal/redistest"
+)
+
+func open(t *testing.T, url string) *Fleet {
+	t.Helper()
+	f, err := Open(Config{URL: url, Prefix: "t:", Timeout: time.Second, Secret: []byte("secret"), Retention: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := f.Connected(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(f.Close)
+	return f
+}
+
+// An entry opens only with the credential that fetched it, and only until
+// one of its scopes is invalidated after its fetch began.
+func TestEntriesOpenOnlyForTheirCredentialUntilInvalidated(t *testing.T) {
+	f := open(t, redistest.Start(t).URL())
+	ctx := context.Background()
+	now := time.Now()
+	e := &cache.Entry{Key: "k", Status: 200, Header: map[string][]string{"Content-Type": {"application/json"}}, Body: []byte(`{"a":1}`),
+		Stored: now, Expires: now.Add(time.Minute), Keep: now.Add(time.Minute), Tags: []string{"scope-a", "scope-b"}}
+	epoch, err := f.Epoch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Set(ctx, e, "Basic right", epoch, now); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := f.Get(ctx, "k", "Basic wrong"); err != nil || got != nil {
+		t.Fatalf("opened with another credential: %+v %v", got, err)
+	}
+	got, err := f.Get(ctx, "k", "Basic right")
+	if err != nil || got == nil || string(got.Body) != `{"a":1}` || got.Status != 200 || !got.Expires.Equal(e.Expires.Round(0)) {
+		t.Fatalf("with its credential: %+v %v", got, err)
+	}
+	if err := f.Invalidate(ctx, []string{"scope-other"}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := f.Get(ctx, "k", "Basic right"); got == nil {
+		t.Fatal("another scope's invalidation dropped the entry")
+	}
+	if err := f.Invalidate(ctx, []string{"scope-b"}); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := f.Get(ctx, "k", "Basic right"); got != nil {
+		t.Fatal("the entry survived its scope's invalidation")
+	}
+	// An entry whose fetch began after the invalidation is valid.
+	epoch, _ = f.Epoch(ctx)
+	if err := f.Set(ctx, e, "Basic right", epoch, now); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := f.Get(ctx, "k", "Basic right"); got == nil {
+		t.Fatal("an entry fetched after the invalidation is not served")
+	}
+}
+
+func TestOpenNeedsASecretAndHidesTheURL(t *testing.T) {
+	if _, err := Open(Config{URL: "redis://x:6379"}); err != ErrNoSecret {
+		t.Fatalf("no secret: %v", err)
+	}
+	_, err := Open(Config{URL: "redis://user:hunter2@[::1:bad", Secret: []byte("s")})
+	if err == nil || strings.Contains(err.Error(), "hunter2") {
+		t.Fatalf("bad URL: %v", err)
+	}
+}

@@ -1,0 +1,262 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"cacheproxy/internal/fleet"
+	"cacheproxy/internal/redistest"
+)
+
+// withFleet gives a replica the shared tier on the redis-server at url,
+// with the harness's key secret (the same on every replica).
+func withFleet(t *testing.T, url string) harnessOpt {
+	return func(s *setup) {
+		f, err := fleet.Open(fleet.Config{URL: url, Prefix: "cacheproxy:", Timeout: time.Second,
+			Secret: s.opts.KeySecret, Retention: time.Hour})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := f.Connected(ctx); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(f.Close)
+		s.fleet = f
+	}
+}
+
+// replicas starts n proxies that share one fake Twilio (the first's) and
+// the redis-server srv.
+func replicas(t *testing.T, n int, srv *redistest.Server, opts ...harnessOpt) []*harness {
+	first := newHarness(t, append(opts, withFleet(t, srv.URL()))...)
+	out := []*harness{first}
+	for range n - 1 {
+		h := newHarness(t, append(opts, withFleet(t, srv.URL()), func(s *setup) {
+			s.cfg.Upstreams.Conversations.URL, s.cfg.Upstreams.Proxy.URL = first.convSrv.URL, first.proxSrv.URL
+		})...)
+		h.conv, h.prox = first.conv, first.prox // the one upstream, for assertions
+		out = append(out, h)
+	}
+	return out
+}
+
+// Point 1 of the fleet issue: a read through A, then the same read through
+// B, makes one upstream call; B answers from the shared tier, and then
+// from its own L1.
+func TestFleetSharesEntries(t *testing.T) {
+	srv := redistest.Start(t)
+	r := replicas(t, 3, srv)
+	a, b, c := r[0], r[1], r[2]
+	for _, path := range []string{pathConv, pathV2} {
+		s, cs, body := a.get(path)
+		if s != 200 || cs != "cacheproxy; fwd=uri-miss; stored" {
+			t.Fatalf("A: %d %q", s, cs)
+		}
+		for _, h := range []*harness{b, c} {
+			s, cs2, body2 := h.get(path)
+			if s != 200 || !strings.HasPrefix(cs2, "cacheproxy; hit; ttl=") || !strings.HasSuffix(cs2, "; detail=shared") || body2 != body {
+				t.Fatalf("second replica: %d %q", s, cs2)
+			}
+			if _, cs3, _ := h.get(path); !strings.HasPrefix(cs3, "cacheproxy; hit; ttl=") || strings.Contains(cs3, "shared") {
+				t.Fatalf("second replica, again: %q, want an L1 hit", cs3)
+			}
+		}
+		if n := a.conv.Calls("GET", path); n != 1 {
+			t.Fatalf("upstream calls for %s = %d, want 1", path, n)
+		}
+	}
+	// An L1 hit makes no Redis call.
+	before := commandsProcessed(t, srv)
+	for range 20 {
+		if _, cs, _ := b.get(pathConv); strings.Contains(cs, "shared") || !strings.HasPrefix(cs, "cacheproxy; hit") {
+			t.Fatalf("L1 hit: %q", cs)
+		}
+	}
+	if n := commandsProcessed(t, srv) - before; n != 0 {
+		t.Fatalf("Redis ran %d commands during 20 L1 hits, want 0", n)
+	}
+	if commandsProcessed(t, srv) == 0 {
+		t.Fatal("the command count sees nothing")
+	}
+	// Another credential never opens A's entry: its own miss.
+	if s, cs, _ := readResp(t, b.do("GET", pathConv, basic(acctB, tokenB))); s != 200 || !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
+		t.Fatalf("account B through B: %d %q", s, cs)
+	}
+	if b.p.Summary().Shared != 2 {
+		t.Fatalf("summary: %+v", b.p.Summary())
+	}
+}
+
+// A write through A invalidates the shared entry: B, which holds no copy
+// of its own, fetches the new data instead of the shared old one.
+func TestFleetWriteInvalidatesSharedEntries(t *testing.T) {
+	r := replicas(t, 2, redistest.Start(t))
+	a, b := r[0], r[1]
+	_, _, before := a.get(pathConv) // shared
+	a.update("POST", pathConv, `{"v":1}`)
+	s, cs, after := b.get(pathConv)
+	if s != 200 || strings.Contains(cs, "shared") || after == before || !strings.Contains(after, `{\"v\":1}`) {
+		t.Fatalf("B after A's write: %d %q %s", s, cs, after)
+	}
+	// What B fetched is shared again, for A's next read after its own L1
+	// copy went with the write.
+	if _, cs, body := a.get(pathConv); !strings.HasSuffix(cs, "detail=shared") || body != after {
+		t.Fatalf("A after B's fetch: %q", cs)
+	}
+}
+
+// Point 2: a dump of Redis (every key and value, and the RDB file) holds no
+// participant data, identity, phone number, path, SID or token in clear.
+func TestFleetStoresNothingReadable(t *testing.T) {
+	srv := redistest.Start(t)
+	r := replicas(t, 2, srv)
+	for _, path := range []string{pathConv, pathProxy, pathV2} {
+		if s, _, _ := r[0].get(path); s != 200 {
+			t.Fatalf("%s: %d", path, s)
+		}
+	}
+	r[0].update("POST", pathConv, "written")
+	dump := srv.Dump(t)
+	srv.CLI(t, "SAVE")
+	rdb, err := os.ReadFile(filepath.Join(srv.Dir, "dump.rdb"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(dump, "cacheproxy:e:") || !strings.Contains(dump, "cacheproxy:m:") {
+		t.Fatalf("the dump holds no entries or marks:\n%s", dump)
+	}
+	for _, secret := range []string{member1, conv1, kp1, sess1, ksvc, v2part, v2conv, acctA, tokenA, "alice@example.com",
+		"+15005550001", "15005550001", "Alice", "Dana", "Participants", "Conversations", "account_sid", "written", "test-secret"} {
+		if strings.Contains(dump, secret) || strings.Contains(string(rdb), secret) {
+			t.Errorf("Redis holds %q in clear", secret)
+		}
+	}
+}
+
+// Point 6 (part): with Redis gone, every replica answers from L1 and the
+// upstream, and says so in its error count; when Redis is back, sharing
+// resumes without a restart.
+func TestFleetSurvivesRedisOutage(t *testing.T) {
+	srv := redistest.Start(t)
+	r := replicas(t, 2, srv)
+	a, b := r[0], r[1]
+	a.get(pathConv)
+	srv.Stop()
+	for i, h := range []*harness{a, b} {
+		for _, path := range []string{pathV2, pathProxy} {
+			if s, _, _ := h.get(path); s != 200 {
+				t.Fatalf("replica %d, %s with Redis down: %d", i, path, s)
+			}
+		}
+	}
+	a.update("POST", pathConv, "during the outage")
+	if s, _, body := b.get(pathConv); s != 200 || !strings.Contains(body, "during the outage") {
+		t.Fatalf("B's read after A's write during the outage: %d %s", s, body)
+	}
+	if a.p.Summary().SharedErrors == 0 || b.p.Summary().SharedErrors == 0 {
+		t.Fatalf("errors not counted: A %+v, B %+v", a.p.Summary(), b.p.Summary())
+	}
+	srv.Restart(t)
+	// The first call on a dropped connection may fail while rueidis
+	// reconnects; a few distinct reads (bounded) show sharing resumed.
+	for i := range 20 {
+		path := fmt.Sprintf("%s?attempt=%d", pathConv, i)
+		a.get(path)
+		if _, cs, _ := b.get(path); strings.HasSuffix(cs, "detail=shared") {
+			return
+		}
+	}
+	t.Fatal("sharing did not resume after Redis came back")
+}
+
+// commandsProcessed counts the data commands Redis has run (connection
+// upkeep such as PING, HELLO, CLIENT and INFO left out).
+func commandsProcessed(t *testing.T, srv *redistest.Server) int {
+	t.Helper()
+	n := 0
+	for _, l := range strings.Split(srv.CLI(t, "INFO", "commandstats"), "\n") {
+		name, rest, ok := strings.Cut(strings.TrimSpace(l), ":calls=")
+		if !ok || !strings.HasPrefix(name, "cmdstat_") {
+			continue
+		}
+		switch strings.TrimPrefix(name, "cmdstat_") {
+		case "ping", "hello", "info", "client|setinfo", "client|setname", "client|tracking", "select", "auth":
+			continue
+		}
+		var c int
+		fmt.Sscan(strings.Split(rest, ",")[0], &c)
+		n += c
+	}
+	return n
+}
+
+// waitSubscribed waits (bounded) until inv hears the fleet's invalidations:
+// a replica that starts is told of writes once its subscription is up.
+func waitSubscribed(t testing.TB, inv *fleet.Invalidator) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !inv.Subscribed() {
+		if time.Now().After(deadline) {
+			t.Fatal("the replica never subscribed to the fleet's invalidations")
+		}
+		time.Sleep(5 * time.Millisecond) // waiting for a connection to another process
+	}
+}
+
+// Point 4: 500 rounds of "update through A, then at once read through B
+// and through C": no stale answer, though B and C hold the participant in
+// their own L1 from the round before.
+func TestFleetReadYourWritesAcrossReplicas(t *testing.T) {
+	r := replicas(t, 3, redistest.Start(t))
+	a, b, c := r[0], r[1], r[2]
+	for round := range 500 {
+		attrs := fmt.Sprintf(`{"round":%d}`, round)
+		a.update("POST", pathConv, attrs)
+		for name, h := range map[string]*harness{"B": b, "C": c} {
+			if s, cs, body := h.get(pathConv); s != 200 || !strings.Contains(body, fmt.Sprintf(`{\"round\":%d}`, round)) {
+				t.Fatalf("round %d, %s: %d %q %s", round, name, s, cs, body)
+			}
+		}
+	}
+	if n := a.inv.Sent.Load(); n != 500 {
+		t.Fatalf("invalidations sent %d, want 500", n)
+	}
+	if b.inv.Received.Load() != 500 || c.inv.Received.Load() != 500 || a.inv.Acked.Load() != 1500 || a.inv.Unacked.Load() != 0 {
+		t.Fatalf("received %d and %d, acknowledged %d, unacknowledged %d", b.inv.Received.Load(), c.inv.Received.Load(),
+			a.inv.Acked.Load(), a.inv.Unacked.Load())
+	}
+}
+
+// A purge through one replica's admin endpoint reaches the whole fleet:
+// the others' own copies and the shared entries.
+func TestFleetPurgeReachesEveryReplica(t *testing.T) {
+	r := replicas(t, 2, redistest.Start(t))
+	a, b := r[0], r[1]
+	a.warm(pathConv)
+	b.warm(pathConv) // from the shared tier, then in B's L1
+	if !b.cachedFor(pathConv, basic(acctA, tokenA)) {
+		t.Fatal("B holds no copy")
+	}
+	if s, _ := purge(t, a.p.PurgeHandler("", true), "path="+pathConv, ""); s != 200 {
+		t.Fatalf("purge: %d", s)
+	}
+	// B's copy and the shared entry went: B fetches anew, and A then
+	// gets what B fetched.
+	before := a.conv.Calls("GET", pathConv)
+	if _, cs, _ := b.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
+		t.Fatalf("B after the purge: %q, want a miss", cs)
+	}
+	if _, cs, _ := a.get(pathConv); !strings.HasSuffix(cs, "detail=shared") {
+		t.Fatalf("A after the purge and B's fetch: %q, want B's fetch from the shared tier", cs)
+	}
+	if n := a.conv.Calls("GET", pathConv) - before; n != 1 {
+		t.Fatalf("upstream calls after the purge: %d, want 1", n)
+	}
+}
