@@ -161,8 +161,9 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		})
 		defer inv.Close()
 		opts.Invalidator = inv
+		fleetMetrics(reg, f, inv)
 		go func() {
-			if f.Connected(context.Background()) == nil {
+			if inv.WaitSubscribed(context.Background()) == nil {
 				logger.Info().Str("component", "fleet").Str("key_prefix", cfg.Redis.KeyPrefix).Msg("connected to Redis: sharing entries and invalidations")
 			}
 		}()
@@ -315,4 +316,25 @@ func versionInfo() string {
 		}
 	}
 	return out
+}
+
+// fleetMetrics registers the fleet tier's state and invalidation counts.
+func fleetMetrics(reg prometheus.Registerer, f *fleet.Fleet, inv *fleet.Invalidator) {
+	counter := func(name, help string, v func() int64) prometheus.Collector {
+		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, func() float64 { return float64(v()) })
+	}
+	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cacheproxy_redis_up",
+			Help: "1 while the last Redis call succeeded and this replica hears the fleet's invalidations, else 0."},
+			func() float64 {
+				if f.Up() && inv.Subscribed() {
+					return 1
+				}
+				return 0
+			}),
+		counter("cacheproxy_fleet_invalidations_sent_total", "Invalidations this replica sent to the fleet.", inv.Sent.Load),
+		counter("cacheproxy_fleet_invalidations_received_total", "Other replicas' invalidations applied here.", inv.Received.Load),
+		counter("cacheproxy_fleet_invalidations_acked_total", "Acknowledgements this replica's invalidations got.", inv.Acked.Load),
+		counter("cacheproxy_fleet_invalidations_unacked_total", "Replicas that did not acknowledge within redis.invalidation_wait.", inv.Unacked.Load),
+	)
 }

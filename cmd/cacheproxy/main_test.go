@@ -618,6 +618,29 @@ func TestFleetOfTwoBinaries(t *testing.T) {
 	if n := fake.Calls("GET", path); n != 1 {
 		t.Fatalf("upstream calls %d, want 1", n)
 	}
+	// A write through B reaches A's copy before B answers it.
+	req, _ := http.NewRequest("POST", "http://"+b.addr+path, strings.NewReader("Attributes=%7B%22v%22%3A2%7D"))
+	req.Header.Set("Authorization", auth())
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("write through B: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+	if cs := read(a); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
+		t.Fatalf("A after B's write: %q, want a miss", cs)
+	}
+	resp, err := http.Get("http://" + a.admin + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{"cacheproxy_redis_up 1", "cacheproxy_fleet_invalidations_received_total 1", "cacheproxy_l2_hits_total 0"} {
+		if !strings.Contains(string(metrics), want) {
+			t.Errorf("A's /metrics lacks %q", want)
+		}
+	}
 	for _, p := range []*proc{a, b} {
 		if logs := p.logs() + p.stderr.String(); strings.Contains(logs, password) || strings.Contains(logs, secret) {
 			t.Fatal("a log holds the Redis password or the key secret")

@@ -48,6 +48,8 @@ type Invalidator struct {
 
 	Sent, Received, Acked, Unacked atomic.Int64
 	subscribed                     atomic.Bool
+	firstSub                       chan struct{} // closed at the first subscription
+	firstOnce                      sync.Once
 
 	stop context.CancelFunc
 	done chan struct{}
@@ -75,7 +77,7 @@ func NewInvalidator(f *Fleet, local *invalidation.Local, wait time.Duration, onE
 	_, _ = rand.Read(id[:])
 	ctx, cancel := context.WithCancel(context.Background())
 	i := &Invalidator{local: local, f: f, wait: wait, onError: onError, id: hex.EncodeToString(id[:]), seal: seal,
-		waiters: map[uint64]chan struct{}{}, stop: cancel, done: make(chan struct{})}
+		waiters: map[uint64]chan struct{}{}, stop: cancel, done: make(chan struct{}), firstSub: make(chan struct{})}
 	go i.subscribe(ctx)
 	return i
 }
@@ -84,6 +86,17 @@ func NewInvalidator(f *Fleet, local *invalidation.Local, wait time.Duration, onE
 func (i *Invalidator) Close() {
 	i.stop()
 	<-i.done
+}
+
+// WaitSubscribed blocks until this replica first hears the fleet's
+// invalidations, or ctx ends.
+func (i *Invalidator) WaitSubscribed(ctx context.Context) error {
+	select {
+	case <-i.firstSub:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // Subscribed reports whether this replica hears the fleet's invalidations.
@@ -181,7 +194,11 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 			cmd := c.B().Subscribe().Channel(i.channel(), i.ackChannel(i.id)).Build()
 			hooked := rueidis.WithOnSubscriptionHook(ctx, func(sub rueidis.PubSubSubscription) {
 				// Both channels confirmed: this replica hears the fleet.
-				i.subscribed.Store(sub.Kind == "subscribe" && sub.Count == 2)
+				up := sub.Kind == "subscribe" && sub.Count == 2
+				i.subscribed.Store(up)
+				if up {
+					i.firstOnce.Do(func() { close(i.firstSub) })
+				}
 			})
 			err := c.Receive(hooked, cmd, func(m rueidis.PubSubMessage) {
 				// Never dropped: a replica that falls behind slows its own

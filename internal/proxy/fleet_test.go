@@ -201,12 +201,10 @@ func commandsProcessed(t *testing.T, srv *redistest.Server) int {
 // a replica that starts is told of writes once its subscription is up.
 func waitSubscribed(t testing.TB, inv *fleet.Invalidator) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !inv.Subscribed() {
-		if time.Now().After(deadline) {
-			t.Fatal("the replica never subscribed to the fleet's invalidations")
-		}
-		time.Sleep(5 * time.Millisecond) // waiting for a connection to another process
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := inv.WaitSubscribed(ctx); err != nil {
+		t.Fatal("the replica never subscribed to the fleet's invalidations")
 	}
 }
 
