@@ -89,6 +89,9 @@ func Open(cfg Config) (*Fleet, error) {
 		return nil, errors.New("redis.url: not a valid redis:// or rediss:// URL (the value is not shown: it may hold a password)")
 	}
 	opt.DisableCache = true
+	// No retries inside rueidis: an error is a miss here at once, and a
+	// dropped subscription returns to Invalidator, which must know.
+	opt.DisableRetry = true
 	opt.ConnWriteTimeout = max(cfg.Timeout, time.Second)
 	opt.Dialer.Timeout = max(cfg.Timeout, time.Second)
 	f := &Fleet{cfg: cfg, nameK: derive(cfg.Secret, "cacheproxy key names v1", ""), stop: make(chan struct{}), done: make(chan struct{})}

@@ -190,6 +190,11 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 	}()
 	defer func() { close(work); wg.Wait() }()
 	for ctx.Err() == nil {
+		// Not hearing the fleet (yet, or any more): what this replica
+		// holds may have been written elsewhere meanwhile. Trust none of it
+		// now and again each second until the stream is back; the first
+		// subscription also drops what was fetched before it.
+		i.local.InvalidateAll()
 		if c := i.f.c(); c != nil {
 			cmd := c.B().Subscribe().Channel(i.channel(), i.ackChannel(i.id)).Build()
 			hooked := rueidis.WithOnSubscriptionHook(ctx, func(sub rueidis.PubSubSubscription) {
@@ -197,6 +202,7 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 				up := sub.Kind == "subscribe" && sub.Count == 2
 				i.subscribed.Store(up)
 				if up {
+					i.local.InvalidateAll() // invalidations sent while it was not listening
 					i.firstOnce.Do(func() { close(i.firstSub) })
 				}
 			})
@@ -209,6 +215,7 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 				case <-ctx.Done():
 				}
 			})
+			i.local.InvalidateAll() // before anyone can see it is not subscribed
 			i.subscribed.Store(false)
 			if ctx.Err() == nil {
 				i.fail(errors.New("invalidation stream lost: " + errString(err)))

@@ -23,7 +23,8 @@ import (
 type Local struct {
 	clock     clock.Clock
 	epoch     atomic.Uint64
-	mu        sync.Mutex // serialises writers
+	floor     atomic.Uint64 // data fetched before this epoch is invalid (InvalidateAll)
+	mu        sync.Mutex    // serialises writers
 	marks     sync.Map   // scope tag (string) -> mark
 	retention time.Duration
 	lastPrune time.Time
@@ -71,11 +72,23 @@ func (l *Local) Invalidate(_ context.Context, tags []string) uint64 {
 	return e
 }
 
+// InvalidateAll makes everything fetched before this call invalid, whatever
+// its tags (a process that may have missed invalidations from elsewhere
+// trusts nothing it holds), and returns the new epoch.
+func (l *Local) InvalidateAll() uint64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	e := l.epoch.Load() + 1
+	l.floor.Store(e)
+	l.epoch.Store(e) // published after the floor
+	return e
+}
+
 // Valid reports whether data fetched at epoch is still good for tags. When
 // nothing was invalidated since epoch (Invalidate raises the epoch before
 // it returns) the marks need not be read.
 func (l *Local) Valid(epoch uint64, tags []string) bool {
-	return l.epoch.Load() <= epoch || l.since(tags) <= epoch
+	return l.epoch.Load() <= epoch || (epoch >= l.floor.Load() && l.since(tags) <= epoch)
 }
 
 // since returns the latest invalidation epoch of any of tags (0 if none).

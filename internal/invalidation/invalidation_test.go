@@ -46,3 +46,20 @@ func TestMarksArePrunedAfterRetention(t *testing.T) {
 		t.Fatalf("scopes = %d, want 1 after pruning", n)
 	}
 }
+
+func TestInvalidateAllHidesEverythingFetchedBefore(t *testing.T) {
+	l := New(time.Hour, nil)
+	before := l.Epoch()
+	l.Invalidate(t.Context(), []string{"other"})
+	if !l.Valid(before, []string{"a"}) {
+		t.Fatal("an unrelated invalidation hid the entry")
+	}
+	l.InvalidateAll()
+	if l.Valid(before, []string{"a"}) || l.Valid(before, nil) {
+		t.Fatal("InvalidateAll left an older entry valid")
+	}
+	after := l.Epoch()
+	if !l.Valid(after, []string{"a"}) {
+		t.Fatal("an entry fetched after InvalidateAll is invalid")
+	}
+}

@@ -148,7 +148,19 @@ func TestFleetSurvivesRedisOutage(t *testing.T) {
 	r := replicas(t, 2, srv)
 	a, b := r[0], r[1]
 	a.get(pathConv)
+	if _, cs, _ := b.get(pathConv); !strings.HasSuffix(cs, "detail=shared") { // now in B's L1 too
+		t.Fatalf("B before the outage: %q", cs)
+	}
 	srv.Stop()
+	// B no longer hears the fleet's invalidations: it drops what it holds
+	// (and keeps dropping it each second until the stream is back).
+	deadline := time.Now().Add(30 * time.Second)
+	for b.inv.Subscribed() {
+		if time.Now().After(deadline) {
+			t.Fatal("B did not notice that Redis is gone")
+		}
+		time.Sleep(5 * time.Millisecond) // waiting for another process's end to reach B
+	}
 	for i, h := range []*harness{a, b} {
 		for _, path := range []string{pathV2, pathProxy} {
 			if s, _, _ := h.get(path); s != 200 {
@@ -156,7 +168,7 @@ func TestFleetSurvivesRedisOutage(t *testing.T) {
 			}
 		}
 	}
-	a.update("POST", pathConv, "during the outage")
+	a.update("POST", pathConv, "during the outage") // B is not told
 	if s, _, body := b.get(pathConv); s != 200 || !strings.Contains(body, "during the outage") {
 		t.Fatalf("B's read after A's write during the outage: %d %s", s, body)
 	}
