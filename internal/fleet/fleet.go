@@ -34,7 +34,9 @@ import (
 	"encoding/json"
 	"errors"
 	"net/http"
+	"net/url"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -83,7 +85,7 @@ func Open(cfg Config) (*Fleet, error) {
 	if len(cfg.Secret) == 0 {
 		return nil, ErrNoSecret
 	}
-	opt, err := rueidis.ParseURL(cfg.URL)
+	opt, err := rueidis.ParseURL(seeds(cfg.URL))
 	if err != nil {
 		// Not %w: the parser's message quotes the URL, password and all.
 		return nil, errors.New("redis.url: not a valid redis:// or rediss:// URL (the value is not shown: it may hold a password)")
@@ -202,13 +204,19 @@ func (f *Fleet) Epoch(ctx context.Context) (uint64, error) {
 	return n, f.result(err)
 }
 
-// invalidate raises the epoch and marks each scope with it, in one script.
-var invalidate = rueidis.NewLuaScript(`
-local e = redis.call('INCR', KEYS[1])
-for i = 2, #KEYS do redis.call('SET', KEYS[i], e, 'PX', ARGV[1]) end
-return e`)
+// raiseMark sets a scope's mark to an epoch unless it already holds a later
+// one (two writers' marks may land in either order). One key per call, so
+// that a Redis Cluster can run it wherever the key lives.
+var raiseMark = rueidis.NewLuaScript(`
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if cur < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
+return 1`)
 
-// Invalidate marks tags invalidated now, fleet-wide.
+// Invalidate marks tags invalidated now, fleet-wide: it raises the epoch,
+// then marks each scope with the new epoch. A fetch that reads the epoch
+// after the raise began after the write it follows (the proxy invalidates
+// once the upstream has answered the write), and the marks are in place
+// before the write's response is sent, which is when readers may look.
 func (f *Fleet) Invalidate(ctx context.Context, tags []string) error {
 	c := f.c()
 	if c == nil {
@@ -219,12 +227,21 @@ func (f *Fleet) Invalidate(ctx context.Context, tags []string) error {
 	}
 	ctx, cancel := f.ctx(ctx)
 	defer cancel()
-	keys := make([]string, 0, len(tags)+1)
-	keys = append(keys, f.epochKey())
-	for _, t := range tags {
-		keys = append(keys, f.name("m", t))
+	epoch, err := c.Do(ctx, c.B().Incr().Key(f.epochKey()).Build()).AsInt64()
+	if err := f.result(err); err != nil {
+		return err
 	}
-	return f.result(invalidate.Exec(ctx, c, keys, []string{strconv.FormatInt(f.cfg.Retention.Milliseconds(), 10)}).Error())
+	e, px := strconv.FormatInt(epoch, 10), strconv.FormatInt(f.cfg.Retention.Milliseconds(), 10)
+	execs := make([]rueidis.LuaExec, len(tags))
+	for i, t := range tags {
+		execs[i] = rueidis.LuaExec{Keys: []string{f.name("m", t)}, Args: []string{e, px}}
+	}
+	for _, r := range raiseMark.ExecMulti(ctx, c, execs...) {
+		if err := f.result(r.Error()); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // sealed is an entry as it is stored in Redis, before sealing.
@@ -331,4 +348,34 @@ func (f *Fleet) Get(ctx context.Context, key, auth string) (*cache.Entry, error)
 	}
 	return &cache.Entry{Key: key, Status: s.Status, Header: http.Header(s.Header), Body: s.Body,
 		Stored: time.Unix(0, s.Stored), Expires: time.Unix(0, s.Expires), Keep: time.Unix(0, s.Keep), Tags: s.Tags}, nil
+}
+
+// seeds turns a URL with several comma-separated hosts (the seeds of a
+// Redis Cluster: redis://user:pass@h1:p1,h2:p2/…) into the form rueidis
+// parses, the first host and an addr parameter for each other one.
+func seeds(u string) string {
+	scheme, rest, ok := strings.Cut(u, "://")
+	if !ok {
+		return u
+	}
+	end := strings.IndexAny(rest, "/?")
+	if end < 0 {
+		end = len(rest)
+	}
+	authority, tail := rest[:end], rest[end:]
+	userinfo, hosts := "", authority
+	if i := strings.LastIndexByte(authority, '@'); i >= 0 {
+		userinfo, hosts = authority[:i+1], authority[i+1:]
+	}
+	list := strings.Split(hosts, ",")
+	if len(list) < 2 {
+		return u
+	}
+	var extra strings.Builder
+	for _, h := range list[1:] {
+		extra.WriteString("addr=" + url.QueryEscape(strings.TrimSpace(h)) + "&")
+	}
+	path, query, _ := strings.Cut(tail, "?")
+	q := strings.TrimSuffix(extra.String()+query, "&")
+	return scheme + "://" + userinfo + strings.TrimSpace(list[0]) + path + "?" + q
 }

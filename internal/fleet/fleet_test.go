@@ -78,3 +78,16 @@ func TestOpenNeedsASecretAndHidesTheURL(t *testing.T) {
 		t.Fatalf("bad URL: %v", err)
 	}
 }
+
+func TestSeedsOfACluster(t *testing.T) {
+	for in, want := range map[string]string{
+		"redis://127.0.0.1:7000":              "redis://127.0.0.1:7000",
+		"redis://u:p@h1:1,h2:2,h3:3/0":        "redis://u:p@h1:1/0?addr=h2%3A2&addr=h3%3A3",
+		"rediss://h1:1, h2:2?dial_timeout=1s": "rediss://h1:1?addr=h2%3A2&dial_timeout=1s",
+		"redis://user:p%40ss@h1:1,h2:2":       "redis://user:p%40ss@h1:1?addr=h2%3A2",
+	} {
+		if got := seeds(in); got != want {
+			t.Errorf("seeds(%q) = %q, want %q", in, got, want)
+		}
+	}
+}

@@ -24,10 +24,10 @@ import (
 //
 //  1. into Redis's marks (which shared entries are checked against);
 //  2. into this replica's marks;
-//  3. to every other replica, over Redis pub/sub, sealed under a key
+//  3. to every other replica, over Redis sharded pub/sub, sealed under a key
 //     derived from cache.key_secret: each applies it to its own marks and
 //     acknowledges; the writer waits for as many acknowledgements as
-//     PUBLISH reported receivers, at most InvalidationWait.
+//     SPUBLISH reported receivers, at most InvalidationWait.
 //
 // A replica that does not acknowledge in time is counted and logged
 // (OnError); one whose subscription has dropped is told nothing until it
@@ -102,8 +102,11 @@ func (i *Invalidator) WaitSubscribed(ctx context.Context) error {
 // Subscribed reports whether this replica hears the fleet's invalidations.
 func (i *Invalidator) Subscribed() bool { return i.subscribed.Load() }
 
-func (i *Invalidator) channel() string             { return i.f.cfg.Prefix + "inv" }
-func (i *Invalidator) ackChannel(id string) string { return i.f.cfg.Prefix + "ack:" + id }
+// The fleet's channels are sharded (SPUBLISH, SSUBSCRIBE: Redis 7 and
+// Valkey) and share one hash slot: on a Cluster every replica then
+// listens on the node that owns it, and SPUBLISH counts all of them.
+func (i *Invalidator) channel() string             { return i.f.cfg.Prefix + "{inv}" }
+func (i *Invalidator) ackChannel(id string) string { return i.f.cfg.Prefix + "{inv}ack:" + id }
 
 // Epoch is this replica's epoch.
 func (i *Invalidator) Epoch() uint64 { return i.local.Epoch() }
@@ -151,7 +154,7 @@ func (i *Invalidator) broadcast(ctx context.Context, tags []string) {
 		i.mu.Unlock()
 	}()
 	pctx, cancel := i.f.ctx(ctx)
-	receivers, err := c.Do(pctx, c.B().Publish().Channel(i.channel()).Message(rueidis.BinaryString(sealed)).Build()).AsInt64()
+	receivers, err := c.Do(pctx, c.B().Spublish().Channel(i.channel()).Message(rueidis.BinaryString(sealed)).Build()).AsInt64()
 	cancel()
 	if err := i.f.result(err); err != nil {
 		i.fail(err)
@@ -196,10 +199,10 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 		// subscription also drops what was fetched before it.
 		i.local.InvalidateAll()
 		if c := i.f.c(); c != nil {
-			cmd := c.B().Subscribe().Channel(i.channel(), i.ackChannel(i.id)).Build()
+			cmd := c.B().Ssubscribe().Channel(i.channel(), i.ackChannel(i.id)).Build()
 			hooked := rueidis.WithOnSubscriptionHook(ctx, func(sub rueidis.PubSubSubscription) {
 				// Both channels confirmed: this replica hears the fleet.
-				up := sub.Kind == "subscribe" && sub.Count == 2
+				up := sub.Kind == "ssubscribe" && sub.Count == 2
 				i.subscribed.Store(up)
 				if up {
 					i.local.InvalidateAll() // invalidations sent while it was not listening
@@ -276,5 +279,5 @@ func (i *Invalidator) handle(ctx context.Context, m rueidis.PubSubMessage) {
 	}
 	actx, cancel := i.f.ctx(ctx)
 	defer cancel()
-	i.f.result(c.Do(actx, c.B().Publish().Channel(i.ackChannel(msg.From)).Message(strconv.FormatUint(msg.Seq, 10)).Build()).Error())
+	i.f.result(c.Do(actx, c.B().Spublish().Channel(i.ackChannel(msg.From)).Message(strconv.FormatUint(msg.Seq, 10)).Build()).Error())
 }

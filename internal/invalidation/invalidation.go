@@ -25,7 +25,7 @@ type Local struct {
 	epoch     atomic.Uint64
 	floor     atomic.Uint64 // data fetched before this epoch is invalid (InvalidateAll)
 	mu        sync.Mutex    // serialises writers
-	marks     sync.Map   // scope tag (string) -> mark
+	marks     sync.Map      // scope tag (string) -> mark
 	retention time.Duration
 	lastPrune time.Time
 }

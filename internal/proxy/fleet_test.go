@@ -34,7 +34,7 @@ func withFleet(t *testing.T, url string) harnessOpt {
 
 // replicas starts n proxies that share one fake Twilio (the first's) and
 // the redis-server srv.
-func replicas(t *testing.T, n int, srv *redistest.Server, opts ...harnessOpt) []*harness {
+func replicas(t *testing.T, n int, srv interface{ URL() string }, opts ...harnessOpt) []*harness {
 	first := newHarness(t, append(opts, withFleet(t, srv.URL()))...)
 	out := []*harness{first}
 	for range n - 1 {
@@ -268,5 +268,39 @@ func TestFleetPurgeReachesEveryReplica(t *testing.T) {
 	}
 	if n := a.conv.Calls("GET", pathConv) - before; n != 1 {
 		t.Fatalf("upstream calls after the purge: %d, want 1", n)
+	}
+}
+
+// Point 7: the same guarantees on a 3-master Redis Cluster: shared
+// entries, read-your-writes across replicas, nothing readable.
+func TestFleetOnARedisCluster(t *testing.T) {
+	cl := redistest.StartCluster(t, 3)
+	r := replicas(t, 3, cl)
+	a, b, c := r[0], r[1], r[2]
+	for _, path := range []string{pathConv, pathProxy, pathV2} {
+		a.get(path)
+		if _, cs, _ := b.get(path); !strings.HasSuffix(cs, "detail=shared") {
+			t.Fatalf("B, %s: %q", path, cs)
+		}
+	}
+	for round := range 50 {
+		a.update("POST", pathConv, fmt.Sprintf(`{"round":%d}`, round))
+		for name, h := range map[string]*harness{"B": b, "C": c} {
+			if s, cs, body := h.get(pathConv); s != 200 || !strings.Contains(body, fmt.Sprintf(`{\"round\":%d}`, round)) {
+				t.Fatalf("round %d, %s: %d %q", round, name, s, cs)
+			}
+		}
+	}
+	dump := cl.Dump(t)
+	if !strings.Contains(dump, "cacheproxy:e:") {
+		t.Fatalf("no shared entries in the cluster:\n%s", dump)
+	}
+	for _, secret := range []string{member1, conv1, kp1, acctA, tokenA, "alice@example.com", "+15005550001"} {
+		if strings.Contains(dump, secret) {
+			t.Errorf("the cluster holds %q in clear", secret)
+		}
+	}
+	if a.p.Summary().SharedErrors+b.p.Summary().SharedErrors != 0 {
+		t.Fatalf("errors against the cluster: %+v %+v", a.p.Summary(), b.p.Summary())
 	}
 }

@@ -118,3 +118,50 @@ func freeAddr(t testing.TB) string {
 
 // String describes the server for failure messages.
 func (s *Server) String() string { return fmt.Sprintf("redis-server on %s", s.Addr) }
+
+// Cluster is a Redis Cluster of masters started by the test.
+type Cluster struct {
+	Nodes []*Server
+}
+
+// URL names every node, comma-separated: the seeds cacheproxy connects to.
+func (c *Cluster) URL() string {
+	addrs := make([]string, len(c.Nodes))
+	for i, n := range c.Nodes {
+		addrs[i] = n.Addr
+	}
+	return "redis://" + strings.Join(addrs, ",")
+}
+
+// StartCluster runs n masters with --cluster-enabled, joins them with
+// redis-cli --cluster create, and waits until the cluster is ok.
+func StartCluster(t testing.TB, n int, args ...string) *Cluster {
+	t.Helper()
+	c := &Cluster{}
+	create := []string{"--cluster", "create"}
+	for range n {
+		s := Start(t, append([]string{"--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"}, args...)...)
+		c.Nodes = append(c.Nodes, s)
+		create = append(create, s.Addr)
+	}
+	c.Nodes[0].CLI(t, append(create, "--cluster-replicas", "0", "--cluster-yes")...)
+	deadline := time.Now().Add(30 * time.Second)
+	for _, s := range c.Nodes {
+		for !strings.Contains(s.CLI(t, "CLUSTER", "INFO"), "cluster_state:ok") {
+			if time.Now().After(deadline) {
+				t.Fatalf("cluster not ok: %s", s.CLI(t, "CLUSTER", "INFO"))
+			}
+			time.Sleep(50 * time.Millisecond) // waiting for other processes to agree
+		}
+	}
+	return c
+}
+
+// Dump is every node's Dump.
+func (c *Cluster) Dump(t testing.TB) string {
+	var b strings.Builder
+	for _, s := range c.Nodes {
+		b.WriteString(s.Dump(t))
+	}
+	return b.String()
+}
