@@ -647,3 +647,42 @@ func TestFleetOfTwoBinaries(t *testing.T) {
 		}
 	}
 }
+
+// TestFleetOverTLSWithAnACLUser: the fleet over rediss:// to a
+// redis-server that accepts only TLS (its certificate signed by a CA the
+// processes trust through SSL_CERT_FILE) and only an ACL user.
+func TestFleetOverTLSWithAnACLUser(t *testing.T) {
+	const user, password, secret = "cacheproxy", "acl-pass-0123456789", "fleet-secret-0123456789"
+	srv, caFile := redistest.StartTLS(t, "--user", "default", "off", "--user", user, "on", ">"+password, "~cacheproxy:*", "&cacheproxy:*", "+@all")
+	fake, up := newFake(t)
+	env := []string{"CACHEPROXY_REDIS_URL=rediss://" + user + ":" + password + "@" + srv.Addr, "CACHEPROXY_CACHE_KEY_SECRET=" + secret,
+		"SSL_CERT_FILE=" + caFile}
+	a, b := start(t, upstreamConfig(up.URL), env...), start(t, upstreamConfig(up.URL), env...)
+	for _, p := range []*proc{a, b} {
+		waitFor(t, p, "connected to Redis: sharing entries and invalidations")
+	}
+	read := func(p *proc) string {
+		req, _ := http.NewRequest("GET", "http://"+p.addr+path, nil)
+		req.Header.Set("Authorization", auth())
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.Header.Get("Cache-Status")
+	}
+	if cs := read(a); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
+		t.Fatalf("A: %q", cs)
+	}
+	if cs := read(b); !strings.HasSuffix(cs, "detail=shared") {
+		t.Fatalf("B over TLS: %q, want an answer from the shared tier", cs)
+	}
+	if n := fake.Calls("GET", path); n != 1 {
+		t.Fatalf("upstream calls %d, want 1", n)
+	}
+	for _, p := range []*proc{a, b} {
+		if logs := p.logs() + p.stderr.String(); strings.Contains(logs, password) || strings.Contains(logs, secret) {
+			t.Fatal("a log holds the Redis password or the key secret")
+		}
+	}
+}

@@ -5,8 +5,16 @@ package redistest
 
 import (
 	"bufio"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"fmt"
+	"math/big"
 	"net"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -21,6 +29,7 @@ type Server struct {
 	Dir  string // its working directory (the RDB file goes there)
 	cmd  *exec.Cmd
 	args []string
+	tls  bool // Addr is a TLS port
 }
 
 // URL is the server's redis:// URL.
@@ -30,20 +39,84 @@ func (s *Server) URL() string { return "redis://" + s.Addr }
 // arguments (e.g. "--requirepass", "x") until the test ends.
 func Start(t testing.TB, args ...string) *Server {
 	t.Helper()
+	return run(t, false, args)
+}
+
+// StartTLS runs redis-server accepting only TLS on its port, with a
+// certificate for 127.0.0.1 signed by a CA made for the test; the CA's
+// certificate is at CAFile (for SSL_CERT_FILE).
+func StartTLS(t testing.TB, args ...string) (s *Server, caFile string) {
+	t.Helper()
+	dir := t.TempDir()
+	caFile, certFile, keyFile := writeCerts(t, dir)
+	return run(t, true, append([]string{"--tls-cert-file", certFile, "--tls-key-file", keyFile, "--tls-ca-cert-file", caFile,
+		"--tls-auth-clients", "no"}, args...)), caFile
+}
+
+func run(t testing.TB, tls bool, args []string) *Server {
+	t.Helper()
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		t.Fatal("redis-server not found: install it (apt-get install redis-server), or run bash .ci/run, which does")
 	}
-	s := &Server{Addr: freeAddr(t), Dir: t.TempDir(), args: args}
+	s := &Server{Addr: freeAddr(t), Dir: t.TempDir(), args: args, tls: tls}
 	s.start(t)
 	t.Cleanup(s.Stop)
 	return s
 }
 
+// writeCerts makes a CA and a server certificate for 127.0.0.1 signed by
+// it, and writes them (PEM) into dir.
+func writeCerts(t testing.TB, dir string) (caFile, certFile, keyFile string) {
+	t.Helper()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := time.Now()
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "cacheproxy test CA"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "127.0.0.1"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour), IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1)},
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	write := func(name, typ string, b []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: b}), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	return write("ca.pem", "CERTIFICATE", caDER), write("server.pem", "CERTIFICATE", der), write("server.key", "EC PRIVATE KEY", keyDER)
+}
+
 func (s *Server) start(t testing.TB) {
 	t.Helper()
 	_, port, _ := net.SplitHostPort(s.Addr)
-	argv := append([]string{"--bind", "127.0.0.1", "--port", port, "--dir", s.Dir, "--save", "", "--appendonly", "no",
-		"--daemonize", "no", "--logfile", filepath.Join(s.Dir, "redis.log")}, s.args...)
+	ports := []string{"--port", port}
+	if s.tls {
+		ports = []string{"--port", "0", "--tls-port", port}
+	}
+	argv := append([]string{"--bind", "127.0.0.1"}, ports...)
+	argv = append(argv, "--dir", s.Dir, "--save", "", "--appendonly", "no", "--daemonize", "no",
+		"--logfile", filepath.Join(s.Dir, "redis.log"))
+	argv = append(argv, s.args...)
 	s.cmd = exec.Command("redis-server", argv...)
 	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)
