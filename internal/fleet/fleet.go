@@ -379,3 +379,44 @@ func seeds(u string) string {
 	q := strings.TrimSuffix(extra.String()+query, "&")
 	return scheme + "://" + userinfo + strings.TrimSpace(list[0]) + path + "?" + q
 }
+
+// Lease takes key's fetch lease for ttl (SET NX PX): a random token if this
+// replica won it, "" if another replica holds it. It lapses by itself, so
+// a replica that dies while fetching holds up the others for ttl at most.
+func (f *Fleet) Lease(ctx context.Context, key string, ttl time.Duration) (string, error) {
+	c := f.c()
+	if c == nil {
+		return "", errNotConnected
+	}
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", err
+	}
+	token := hex.EncodeToString(b[:])
+	ctx, cancel := f.ctx(ctx)
+	defer cancel()
+	err := c.Do(ctx, c.B().Set().Key(f.name("l", key)).Value(token).Nx().Px(ttl).Build()).Error()
+	if rueidis.IsRedisNil(err) {
+		return "", f.result(nil)
+	}
+	if err := f.result(err); err != nil {
+		return "", err
+	}
+	return token, nil
+}
+
+// unlease deletes a lease only if it still holds the token that took it.
+var unlease = rueidis.NewLuaScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0`)
+
+// Unlease gives key's lease back (if token still holds it).
+func (f *Fleet) Unlease(ctx context.Context, key, token string) error {
+	c := f.c()
+	if c == nil {
+		return errNotConnected
+	}
+	ctx, cancel := f.ctx(ctx)
+	defer cancel()
+	return f.result(unlease.Exec(ctx, c, []string{f.name("l", key)}, []string{token}).Error())
+}

@@ -22,6 +22,7 @@ import (
 type fetchResult struct {
 	entry    *cache.Entry
 	stored   bool
+	shared   bool // another replica's fetch, from the shared tier
 	upStatus int
 	upDur    time.Duration
 	calls    callStats
@@ -60,7 +61,9 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 	}
 	key = strings.Clone(key) // past a hit, flights and fetches keep the key
 	if p.shared != nil && !noCache {
-		if e := p.sharedGet(r, key, auth); e != nil && now.Before(e.Expires) {
+		// The local epoch is read before the lookup, as for a fetch: an
+		// invalidation that arrives meanwhile makes the copy invalid here.
+		if e := p.sharedFill(r.Context(), key, auth, p.inv.Epoch()); e != nil && now.Before(e.Expires) {
 			p.c.shared.Add(1)
 			rec.cache = outcomeShared
 			ttl := int(e.Expires.Sub(now) / time.Second)
@@ -79,7 +82,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 		p.writeEntry(w, r, rec.hdr.conditional, stale, []string{"cacheproxy; hit; ttl=" + strconv.Itoa(int(stale.Expires.Sub(now)/time.Second)) + "; detail=stale-while-revalidate"}, p.hdrs.age(age))
 		return
 	}
-	res, leader, err := p.fetchShared(r, rec.rt, up, key, p.flightKey(r, key, noCache))
+	res, leader, err := p.fetchShared(r, rec.rt, up, key, p.flightKey(r, key, noCache), !noCache)
 	rec.viaUpstream = true
 	if res != nil {
 		rec.calls = res.calls
@@ -108,6 +111,14 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 		}
 		rec.errMsg = err.Error()
 		p.fail(w, r, err)
+		return
+	}
+	if res.shared { // another replica fetched it meanwhile
+		p.c.shared.Add(1)
+		rec.cache, rec.viaUpstream = outcomeShared, false
+		e := res.entry
+		p.writeEntry(w, r, rec.hdr.conditional, e, []string{"cacheproxy; hit; ttl=" + strconv.Itoa(int(e.Expires.Sub(now)/time.Second)) + "; detail=shared"},
+			p.hdrs.age(max(0, int(now.Sub(e.Stored)/time.Second))))
 		return
 	}
 	rec.upstreamStatus, rec.upstreamDur = res.upStatus, res.upDur
@@ -140,32 +151,11 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 	p.writeEntry(w, r, rec.hdr.conditional, res.entry, []string{fwd}, nil)
 }
 
-// sharedGet looks key up in the fleet's shared tier and, if it holds a
-// valid entry, keeps it in L1 too. The local epoch is read before the
-// lookup, as for a fetch: an invalidation that arrives meanwhile makes the
-// copy invalid here.
-func (p *Proxy) sharedGet(r *http.Request, key, auth string) *cache.Entry {
-	epoch := p.inv.Epoch()
-	e, err := p.shared.Get(r.Context(), key, auth)
-	if err != nil || e == nil {
-		if err != nil {
-			p.c.sharedErrors.Add(1)
-		}
-		return nil
-	}
-	e.Epoch = epoch
-	if !p.inv.Valid(epoch, e.Tags) {
-		return nil
-	}
-	p.store.Set(e)
-	return e
-}
-
 // revalidate starts (or joins) the fetch of key in the background. It is a
 // function of its own so that its closure's captures do not move the
 // hit path's variables to the heap.
 func (p *Proxy) revalidate(r *http.Request, m route.Match, up *upstream, key string) {
-	p.doneLater(p.startFlight(p.flightKey(r, key, false), func() (any, error) { return p.runFetch(r, &m, up, key) }))
+	p.doneLater(p.startFlight(p.flightKey(r, key, false), func() (any, error) { return p.runFetch(r, &m, up, key, true) }))
 }
 
 // flightKey keys a fetch by the invalidation epoch at arrival: a read that
@@ -197,11 +187,14 @@ func upstreamFailed(res *fetchResult, err error) bool {
 
 // fetchShared joins or starts the fetch for flightKey and waits for it or
 // for the client to leave. leader reports whether this call ran the fetch.
-func (p *Proxy) fetchShared(r *http.Request, m route.Match, up *upstream, key, flightKey string) (*fetchResult, bool, error) {
+//
+// fleetWide lets the fetch wait for another replica's fetch of the same key
+// instead of making its own (not for no-cache, which asks for a fetch).
+func (p *Proxy) fetchShared(r *http.Request, m route.Match, up *upstream, key, flightKey string, fleetWide bool) (*fetchResult, bool, error) {
 	ran := false // written by the flight goroutine; read only after its result arrives
 	ch := p.startFlight(flightKey, func() (any, error) {
 		ran = true
-		return p.runFetch(r, &m, up, key)
+		return p.runFetch(r, &m, up, key, fleetWide)
 	})
 	select {
 	case sr := <-ch:
@@ -233,20 +226,20 @@ func (p *Proxy) doneLater(ch <-chan singleflight.Result) {
 
 // runFetch runs a flight's fetch, panics recovered into an error for its
 // waiters.
-func (p *Proxy) runFetch(r *http.Request, m *route.Match, up *upstream, key string) (v any, err error) {
+func (p *Proxy) runFetch(r *http.Request, m *route.Match, up *upstream, key string, fleetWide bool) (v any, err error) {
 	defer func() {
 		if x := recover(); x != nil {
 			p.events.Error().Str("route", m.Name()).Str("panic", fmt.Sprint(x)).Msg("upstream fetch panicked")
 			v, err = nil, errFetchPanic
 		}
 	}()
-	return p.fetch(r, m, up, key)
+	return p.fetch(r, m, up, key, fleetWide)
 }
 
 // fetch makes the one upstream call of a flight. It runs detached from the
 // client that started it (context.WithoutCancel) under the upstream's own
 // timeout, so other waiters get their answer if that client leaves.
-func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string) (*fetchResult, error) {
+func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string, fleetWide bool) (*fetchResult, error) {
 	res := &fetchResult{}
 	ctx, cancel := context.WithTimeout(withStats(context.WithoutCancel(r.Context()), &res.calls), up.timeout)
 	defer cancel()
@@ -257,6 +250,16 @@ func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string)
 		if fleetEpoch, fleetErr = p.shared.Epoch(ctx); fleetErr != nil {
 			p.c.sharedErrors.Add(1)
 		}
+	}
+	if fleetWide && fleetErr == nil {
+		// One upstream call per cold key across the fleet: take the key's
+		// lease, or wait for the replica that holds it to share its fill.
+		e, release := p.fleetFill(ctx, key, r.Header.Get("Authorization"), epoch, up.timeout)
+		if e != nil {
+			res.entry, res.upStatus, res.stored, res.shared = e, e.Status, true, true
+			return res, nil
+		}
+		defer release()
 	}
 	u := *up.target
 	u.Path, u.RawPath, u.RawQuery = m.Unescaped(), m.Path, r.URL.RawQuery
@@ -315,6 +318,69 @@ func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string)
 		}
 	}
 	return res, nil
+}
+
+// fleetPoll is how often a replica waiting for another's fetch looks for
+// its fill (a wait on another process, on the real clock).
+const fleetPoll = 5 * time.Millisecond
+
+// fleetFill takes key's fleet-wide lease, or waits for the replica that
+// holds it to share its fill, bounded by ctx (the upstream timeout). It
+// returns the shared entry (kept in L1 too), or nil and the function that
+// gives the lease back after this replica's own fetch. Any Redis trouble
+// means fetching here.
+func (p *Proxy) fleetFill(ctx context.Context, key, auth string, epoch uint64, ttl time.Duration) (*cache.Entry, func()) {
+	none := func() {}
+	waited := false
+	tick := time.NewTicker(fleetPoll)
+	defer tick.Stop()
+	for {
+		token, err := p.shared.Lease(ctx, key, ttl)
+		if err != nil {
+			p.c.sharedErrors.Add(1)
+			return nil, none
+		}
+		unlease := func() { _ = p.shared.Unlease(context.WithoutCancel(ctx), key, token) }
+		// The fill may have come just before the lease was free (the
+		// holder shares it, then lets go): look before fetching.
+		if e := p.sharedFill(ctx, key, auth, epoch); e != nil {
+			if token != "" {
+				unlease()
+			}
+			return e, none
+		}
+		if token != "" {
+			p.c.leasesWon.Add(1)
+			return nil, unlease
+		}
+		if !waited {
+			waited = true
+			p.c.leasesWaited.Add(1)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, none
+		case <-tick.C:
+		}
+	}
+}
+
+// sharedFill is key's shared entry for auth, if valid here too for data
+// fetched from the local epoch on (then kept in L1).
+func (p *Proxy) sharedFill(ctx context.Context, key, auth string, epoch uint64) *cache.Entry {
+	e, err := p.shared.Get(ctx, key, auth)
+	if err != nil {
+		p.c.sharedErrors.Add(1)
+	}
+	if e == nil {
+		return nil
+	}
+	e.Epoch = epoch
+	if !p.inv.Valid(epoch, e.Tags) {
+		return nil
+	}
+	p.store.Set(e)
+	return e
 }
 
 // errNoShared: no shared tier to fill.

@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -302,5 +303,54 @@ func TestFleetOnARedisCluster(t *testing.T) {
 	}
 	if a.p.Summary().SharedErrors+b.p.Summary().SharedErrors != 0 {
 		t.Fatalf("errors against the cluster: %+v %+v", a.p.Summary(), b.p.Summary())
+	}
+}
+
+// Point 5: three replicas each get 100 concurrent cold reads of the same
+// participant: one upstream call in all. The upstream holds its one call
+// until the two other replicas wait on the key's fleet-wide lease.
+func TestFleetMakesOneUpstreamCallPerColdKey(t *testing.T) {
+	r := replicas(t, 3, redistest.Start(t))
+	release := make(chan struct{})
+	r[0].conv.Before = func(w http.ResponseWriter, req *http.Request) bool { <-release; return false }
+	answers := make(chan string, 300)
+	for _, h := range r {
+		for range 100 {
+			go func() {
+				s, cs, _ := readResp(t, h.do("GET", pathConv, basic(acctA, tokenA)))
+				answers <- fmt.Sprint(s, " ", cs)
+			}()
+		}
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		waiting := 0
+		for _, h := range r {
+			waiting += int(h.p.Summary().LeasesWaited)
+		}
+		if waiting == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			close(release)
+			t.Fatalf("%d replicas wait on the lease, want 2", waiting)
+		}
+		time.Sleep(time.Millisecond) // waiting for other replicas' calls to Redis
+	}
+	close(release)
+	for range 300 {
+		if a := <-answers; !strings.HasPrefix(a, "200 ") {
+			t.Fatalf("answer %q", a)
+		}
+	}
+	if n := r[0].conv.Calls("GET", pathConv); n != 1 {
+		t.Fatalf("upstream calls %d, want 1", n)
+	}
+	won := 0
+	for _, h := range r {
+		won += int(h.p.Summary().LeasesWon)
+	}
+	if won != 1 {
+		t.Fatalf("leases won %d, want 1", won)
 	}
 }

@@ -86,6 +86,10 @@ type Shared interface {
 	Get(ctx context.Context, key, auth string) (*cache.Entry, error)
 	// Set shares e, fetched with auth from fleet epoch epoch on.
 	Set(ctx context.Context, e *cache.Entry, auth string, epoch uint64, now time.Time) error
+	// Lease takes key's fleet-wide fetch lease for ttl: a token if this
+	// replica won it, "" if another holds it. Unlease gives it back.
+	Lease(ctx context.Context, key string, ttl time.Duration) (string, error)
+	Unlease(ctx context.Context, key, token string) error
 }
 
 // flightGroup is the part of singleflight.Group the proxy uses, an interface
