@@ -161,7 +161,11 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		})
 		defer inv.Close()
 		opts.Invalidator = inv
-		fleetMetrics(reg, f, inv)
+		budget := fleet.NewBudget(limiter, f, cfg.RateLimit.MaxConcurrent,
+			max(cfg.Upstreams.Conversations.Timeout.D(), cfg.Upstreams.Proxy.Timeout.D()), cfg.RateLimit.MaxWait.D())
+		defer budget.Close()
+		opts.Budget = budget
+		fleetMetrics(reg, f, inv, budget)
 		go func() {
 			if inv.WaitSubscribed(context.Background()) == nil {
 				logger.Info().Str("component", "fleet").Str("key_prefix", cfg.Redis.KeyPrefix).Msg("connected to Redis: sharing entries and invalidations")
@@ -319,7 +323,7 @@ func versionInfo() string {
 }
 
 // fleetMetrics registers the fleet tier's state and invalidation counts.
-func fleetMetrics(reg prometheus.Registerer, f *fleet.Fleet, inv *fleet.Invalidator) {
+func fleetMetrics(reg prometheus.Registerer, f *fleet.Fleet, inv *fleet.Invalidator, budget *fleet.Budget) {
 	counter := func(name, help string, v func() int64) prometheus.Collector {
 		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, func() float64 { return float64(v()) })
 	}
@@ -336,5 +340,9 @@ func fleetMetrics(reg prometheus.Registerer, f *fleet.Fleet, inv *fleet.Invalida
 		counter("cacheproxy_fleet_invalidations_received_total", "Other replicas' invalidations applied here.", inv.Received.Load),
 		counter("cacheproxy_fleet_invalidations_acked_total", "Acknowledgements this replica's invalidations got.", inv.Acked.Load),
 		counter("cacheproxy_fleet_invalidations_unacked_total", "Replicas that did not acknowledge within redis.invalidation_wait.", inv.Unacked.Load),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cacheproxy_fleet_replicas", Help: "Replicas seen in the last five seconds."},
+			func() float64 { return float64(budget.Replicas()) }),
+		counter("cacheproxy_fleet_budget_waits_total", "Upstream calls that waited for a slot of their account's fleet-wide max_concurrent.", budget.Waited.Load),
+		counter("cacheproxy_fleet_budget_fallbacks_total", "Upstream calls made on this replica's share of the cap because Redis could not be asked.", budget.Fallbacks.Load),
 	)
 }

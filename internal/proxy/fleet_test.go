@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"cacheproxy/internal/config"
 	"cacheproxy/internal/fleet"
 	"cacheproxy/internal/redistest"
 )
@@ -175,6 +176,9 @@ func TestFleetSurvivesRedisOutage(t *testing.T) {
 	}
 	if a.p.Summary().SharedErrors == 0 || b.p.Summary().SharedErrors == 0 {
 		t.Fatalf("errors not counted: A %+v, B %+v", a.p.Summary(), b.p.Summary())
+	}
+	if a.budget.Fallbacks.Load() == 0 {
+		t.Fatal("A's upstream calls during the outage did not fall back to its share of the budget")
 	}
 	srv.Restart(t)
 	// The first call on a dropped connection may fail while rueidis
@@ -352,5 +356,40 @@ func TestFleetMakesOneUpstreamCallPerColdKey(t *testing.T) {
 	}
 	if won != 1 {
 		t.Fatalf("leases won %d, want 1", won)
+	}
+}
+
+// Point 3: max_concurrent is a total for the fleet. Three replicas, a fake
+// Twilio that answers 429 above 10 requests in flight per account, 100
+// concurrent cold reads of distinct participants sent to each replica at
+// once: all answered, no 429 from Twilio, never more than 10 in flight.
+func TestFleetBudgetIsAccountWide(t *testing.T) {
+	r := replicas(t, 3, redistest.Start(t), realRetries, func(s *setup) {
+		s.cfg.RateLimit.MaxConcurrent, s.cfg.RateLimit.MaxWait = 10, config.Duration(time.Minute)
+	})
+	paths := twilioLimit(r[0], 10, 300)
+	answers := make(chan int, 300)
+	for i, h := range r {
+		for _, path := range paths[i*100 : (i+1)*100] {
+			go func() {
+				s, _, _ := readResp(t, h.do("GET", path, basic(acctA, tokenA)))
+				answers <- s
+			}()
+		}
+	}
+	for range 300 {
+		if s := <-answers; s != 200 {
+			t.Fatalf("status %d", s)
+		}
+	}
+	if n, peak := r[0].conv.TooMany(), r[0].conv.Peak(acctA); n != 0 || peak > 10 {
+		t.Fatalf("Twilio answered %d 429s, peak in flight %d: want 0, <= 10", n, peak)
+	}
+	waited := int64(0)
+	for _, h := range r {
+		waited += h.budget.Waited.Load()
+	}
+	if waited == 0 {
+		t.Fatal("no call waited for a fleet slot: the test did not exceed the fleet's cap")
 	}
 }

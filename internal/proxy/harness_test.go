@@ -122,6 +122,7 @@ type harness struct {
 	logs           *syncBuffer
 	cfg            config.Config
 	inv            *fleet.Invalidator // with a shared tier
+	budget         *fleet.Budget
 }
 
 // setup is what a harness option may change before the proxy is built.
@@ -189,6 +190,9 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 		waitSubscribed(t, inv)
 		h.inv = inv
 		o.Invalidator, o.Shared = inv, s.fleet
+		budget := fleet.NewBudget(h.lim, s.fleet, s.cfg.RateLimit.MaxConcurrent, s.cfg.Upstreams.Conversations.Timeout.D(), s.cfg.RateLimit.MaxWait.D())
+		t.Cleanup(budget.Close)
+		h.budget, o.Budget = budget, budget
 	}
 	c := s.cfg
 	o.Freshness = Freshness{TTL: c.Cache.TTL.D(), NegativeTTL: c.Cache.NegativeTTL.D(), StaleIfError: c.Cache.StaleIfError.D(),

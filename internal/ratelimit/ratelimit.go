@@ -592,6 +592,17 @@ func (l *Limiter) Learn(key, acct string) {
 	l.emit([]Event{{Kind: KeyLearned, Account: acct, Key: key}})
 }
 
+// AccountOf is the account user counts against: its account if user is an
+// API key whose account is known, else user.
+func (l *Limiter) AccountOf(user string) string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if acct, ok := l.keys[user]; ok {
+		return acct
+	}
+	return user
+}
+
 // Knows reports whether key's account is known.
 func (l *Limiter) Knows(key string) bool {
 	l.mu.Lock()

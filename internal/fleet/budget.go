@@ -1,0 +1,217 @@
+package fleet
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"cacheproxy/internal/ratelimit"
+
+	"github.com/redis/rueidis"
+)
+
+// Budget makes an account's ratelimit.max_concurrent a total for the whole
+// fleet (it satisfies proxy.Budget). A call first gets its turn from this
+// replica's Limiter (fair turns across credentials, bounded waiting, the
+// adaptive cap: ratelimit's rules, docs/budget.md), then one of the
+// account's slots in Redis: a sorted set of slot leases scored by their
+// expiry on Redis's clock, so a crashed replica's slots come back after
+// the upstream timeout by themselves. A replica that cannot reach Redis
+// falls back to its share of the account's cap: the cap divided by the
+// replicas last seen (each replica announces itself every second).
+type Budget struct {
+	local   *ratelimit.Limiter
+	f       *Fleet
+	cap     int
+	ttl     time.Duration // a slot's lease: the upstream timeout
+	maxWait time.Duration
+	id      string
+
+	replicas atomic.Int64 // last seen, at least 1
+	mu       sync.Mutex
+	fallback map[string]int // calls in flight per account on the local share
+
+	Waited, Fallbacks atomic.Int64
+
+	stop context.CancelFunc
+	done chan struct{}
+}
+
+// budgetPoll is how often a call waiting for a fleet slot asks again (a
+// wait on other processes, on the real clock).
+const budgetPoll = 5 * time.Millisecond
+
+// NewBudget wraps local with the fleet's account-wide cap of maxConcurrent
+// calls; a slot lapses after ttl. Close stops the replica's announcements.
+func NewBudget(local *ratelimit.Limiter, f *Fleet, maxConcurrent int, ttl, maxWait time.Duration) *Budget {
+	var id [12]byte
+	_, _ = rand.Read(id[:])
+	ctx, cancel := context.WithCancel(context.Background())
+	b := &Budget{local: local, f: f, cap: maxConcurrent, ttl: ttl, maxWait: maxWait, id: hex.EncodeToString(id[:]),
+		fallback: map[string]int{}, stop: cancel, done: make(chan struct{})}
+	b.replicas.Store(1)
+	go b.announce(ctx)
+	return b
+}
+
+// Close stops announcing this replica.
+func (b *Budget) Close() {
+	b.stop()
+	<-b.done
+}
+
+// Replicas is the number of replicas last seen.
+func (b *Budget) Replicas() int { return int(b.replicas.Load()) }
+
+// announce records this replica in Redis every second and counts the
+// replicas seen in the last five.
+var announce = rueidis.NewLuaScript(`
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 5000)
+redis.call('PEXPIRE', KEYS[1], 10000)
+return redis.call('ZCARD', KEYS[1])`)
+
+func (b *Budget) announce(ctx context.Context) {
+	defer close(b.done)
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		if c := b.f.c(); c != nil {
+			actx, cancel := b.f.ctx(ctx)
+			n, err := announce.Exec(actx, c, []string{b.f.cfg.Prefix + "replicas"}, []string{b.id}).AsInt64()
+			cancel()
+			if b.f.result(err) == nil && n > 0 {
+				b.replicas.Store(n)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// takeSlot leases one of the account's slots until it is given back or
+// lapses, if fewer than ARGV[1] are held; Redis's clock times them.
+var takeSlot = rueidis.NewLuaScript(`
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0`)
+
+// Acquire waits for this replica's turn, then for a slot of the account's
+// fleet-wide cap (within ratelimit.max_wait in all).
+func (b *Budget) Acquire(ctx context.Context, user, credential string) (ratelimit.Lease, error) {
+	start := time.Now()
+	ls, err := b.local.Acquire(ctx, user, credential)
+	if err != nil {
+		return nil, err
+	}
+	acct := b.local.AccountOf(user)
+	key := b.f.name("b", acct) // one key per account: one Cluster slot
+	var idb [12]byte
+	_, _ = rand.Read(idb[:])
+	slot := hex.EncodeToString(idb[:])
+	args := []string{strconv.Itoa(b.cap), strconv.FormatInt(b.ttl.Milliseconds(), 10), slot}
+	deadline := time.NewTimer(max(0, b.maxWait-time.Since(start)))
+	defer deadline.Stop()
+	tick := time.NewTicker(budgetPoll)
+	defer tick.Stop()
+	waited := false
+	for {
+		got, err := b.take(ctx, key, args)
+		if err != nil {
+			if release, ok := b.share(acct); ok {
+				b.Fallbacks.Add(1)
+				return &fleetLease{Lease: ls, release: release}, nil
+			}
+		} else if got {
+			return &fleetLease{Lease: ls, release: func() { b.give(key, slot) }}, nil
+		}
+		if !waited {
+			waited = true
+			b.Waited.Add(1)
+		}
+		select {
+		case <-ctx.Done():
+			ls.Done(ratelimit.Unused)
+			return nil, ctx.Err()
+		case <-deadline.C:
+			ls.Done(ratelimit.Unused)
+			return nil, &ratelimit.RejectedError{RetryAfter: time.Second, Reason: "fleet-wide max_concurrent reached for max_wait"}
+		case <-tick.C:
+		}
+	}
+}
+
+func (b *Budget) take(ctx context.Context, key string, args []string) (bool, error) {
+	c := b.f.c()
+	if c == nil {
+		return false, errNotConnected
+	}
+	ctx, cancel := b.f.ctx(ctx)
+	defer cancel()
+	n, err := takeSlot.Exec(ctx, c, []string{key}, args).AsInt64()
+	if err := b.f.result(err); err != nil {
+		return false, err
+	}
+	return n == 1, nil
+}
+
+func (b *Budget) give(key, slot string) {
+	c := b.f.c()
+	if c == nil {
+		return // it lapses by itself
+	}
+	ctx, cancel := b.f.ctx(context.Background())
+	defer cancel()
+	b.f.result(c.Do(ctx, c.B().Zrem().Key(key).Member(slot).Build()).Error())
+}
+
+// share takes one of this replica's share of the account's cap, for when
+// Redis cannot be asked: the cap divided by the replicas last seen.
+func (b *Budget) share(acct string) (func(), bool) {
+	limit := max(1, b.cap/max(1, int(b.replicas.Load())))
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.fallback[acct] >= limit {
+		return nil, false
+	}
+	b.fallback[acct]++
+	return func() {
+		b.mu.Lock()
+		if b.fallback[acct]--; b.fallback[acct] == 0 {
+			delete(b.fallback, acct)
+		}
+		b.mu.Unlock()
+	}, true
+}
+
+// fleetLease gives the fleet slot back with the local turn.
+type fleetLease struct {
+	ratelimit.Lease
+	once    sync.Once
+	release func()
+}
+
+func (l *fleetLease) Done(o ratelimit.Outcome) {
+	l.once.Do(l.release)
+	l.Lease.Done(o)
+}
+
+// Learn, Knows and Accounts are the local Limiter's.
+func (b *Budget) Learn(key, acct string)      { b.local.Learn(key, acct) }
+func (b *Budget) Knows(key string) bool       { return b.local.Knows(key) }
+func (b *Budget) Accounts() []ratelimit.State { return b.local.Accounts() }
