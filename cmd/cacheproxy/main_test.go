@@ -636,7 +636,8 @@ func TestFleetOfTwoBinaries(t *testing.T) {
 	}
 	metrics, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	for _, want := range []string{"cacheproxy_redis_up 1", "cacheproxy_fleet_invalidations_received_total 1", "cacheproxy_l2_hits_total 0"} {
+	for _, want := range []string{"cacheproxy_redis_up 1", "cacheproxy_fleet_invalidations_received_total 1", "cacheproxy_l2_hits_total 0",
+		"cacheproxy_l2_latency_seconds_count 4", "cacheproxy_fleet_replicas ", "cacheproxy_fleet_budget_waits_total 0", "cacheproxy_fleet_leases_won_total 2"} {
 		if !strings.Contains(string(metrics), want) {
 			t.Errorf("A's /metrics lacks %q", want)
 		}

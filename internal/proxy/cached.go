@@ -368,7 +368,9 @@ func (p *Proxy) fleetFill(ctx context.Context, key, auth string, epoch uint64, t
 // sharedFill is key's shared entry for auth, if valid here too for data
 // fetched from the local epoch on (then kept in L1).
 func (p *Proxy) sharedFill(ctx context.Context, key, auth string, epoch uint64) *cache.Entry {
+	start := p.clock.Now()
 	e, err := p.shared.Get(ctx, key, auth)
+	p.m.l2.Observe(p.clock.Since(start).Seconds())
 	if err != nil {
 		p.c.sharedErrors.Add(1)
 	}

@@ -29,6 +29,7 @@ type metrics struct {
 	upstream  *prometheus.CounterVec
 	latency   *prometheus.HistogramVec
 	queueWait prometheus.Histogram
+	l2        prometheus.Histogram
 }
 
 func newMetrics(reg prometheus.Registerer, p *Proxy) *metrics {
@@ -40,6 +41,10 @@ func newMetrics(reg prometheus.Registerer, p *Proxy) *metrics {
 			Name: "cacheproxy_upstream_latency_seconds", Help: "Time to the upstream's response headers.",
 			Buckets: []float64{.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
 		}, []string{"upstream"}),
+		l2: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "cacheproxy_l2_latency_seconds", Help: "Time of a lookup in the fleet's shared tier (redis.url), hit or miss.",
+			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1},
+		}),
 		queueWait: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "cacheproxy_queue_wait_seconds", Help: "Time an upstream call waited for its account's turn.",
 			Buckets: []float64{0, .001, .01, .05, .1, .25, .5, 1, 2, 5},
@@ -60,7 +65,7 @@ func newMetrics(reg prometheus.Registerer, p *Proxy) *metrics {
 	gauge := func(name, help string, v func() float64) prometheus.Collector {
 		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, v)
 	}
-	reg.MustRegister(requests, m.upstream, m.latency, m.queueWait,
+	reg.MustRegister(requests, m.upstream, m.latency, m.queueWait, m.l2,
 		counter("cacheproxy_coalesced_requests_total", "Reads answered by another request's upstream call.", p.c.collapsed.Load),
 		counter("cacheproxy_rejections_total", "Requests refused because the account's budget was spent (429).", p.c.rejections.Load),
 		counter("cacheproxy_retries_total", "Retries of upstream 429s.", p.c.retries.Load),
