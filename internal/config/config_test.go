@@ -162,26 +162,36 @@ func TestContainerConfigLoads(t *testing.T) {
 	}
 }
 
-// TestSidecarManifestConfigLoads keeps the ConfigMap in deploy/k8s valid.
+// TestSidecarManifestConfigLoads keeps the ConfigMaps in deploy/k8s valid;
+// the fleet's with the environment its Secret gives.
 func TestSidecarManifestConfigLoads(t *testing.T) {
-	raw, err := os.ReadFile("../../deploy/k8s/sidecar.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, rest, ok := strings.Cut(string(raw), "config.toml: |\n")
-	if !ok {
-		t.Fatal("no config.toml in the manifest")
-	}
-	var lines []string
-	for _, l := range strings.Split(rest, "\n") {
-		if !strings.HasPrefix(l, "    ") {
-			break
+	for file, env := range map[string][]string{
+		"sidecar.yaml":        nil,
+		"native-sidecar.yaml": nil,
+		"fleet.yaml":          {"CACHEPROXY_REDIS_URL=rediss://u:p@redis:6379", "CACHEPROXY_CACHE_KEY_SECRET=s"},
+	} {
+		raw, err := os.ReadFile("../../deploy/k8s/" + file)
+		if err != nil {
+			t.Fatal(err)
 		}
-		lines = append(lines, strings.TrimPrefix(l, "    "))
-	}
-	c, err := Load(writeFile(t, strings.Join(lines, "\n")), nil, nil)
-	if err != nil || c.AdminListen != "0.0.0.0:9090" || c.Cache.MaxBytes != 64<<20 {
-		t.Fatalf("manifest config: %+v %v", c, err)
+		_, rest, ok := strings.Cut(string(raw), "config.toml: |\n")
+		if !ok {
+			t.Fatalf("%s: no config.toml in the manifest", file)
+		}
+		var lines []string
+		for _, l := range strings.Split(rest, "\n") {
+			if !strings.HasPrefix(l, "    ") {
+				break
+			}
+			lines = append(lines, strings.TrimPrefix(l, "    "))
+		}
+		c, err := Load(writeFile(t, strings.Join(lines, "\n")), env, nil)
+		if err != nil || c.AdminListen != "0.0.0.0:9090" || c.Cache.MaxBytes != 64<<20 || c.RateLimit.MaxConcurrent != 25 {
+			t.Fatalf("%s: %+v %v", file, c, err)
+		}
+		if (env != nil) != (c.Redis.URL != "") {
+			t.Fatalf("%s: redis.url %q", file, c.Redis.URL)
+		}
 	}
 }
 
