@@ -11,6 +11,7 @@ trap 'rm -f "$out"' EXIT
 echo "== hit throughput (bench/hit.sh)";          bash bench/hit.sh        | tee -a "$out"
 echo "== stampede (bench/stampede)";              go run ./bench/stampede | tee -a "$out"
 echo "== upstream protection (bench/limits)";     go run ./bench/limits   | tee -a "$out"
+echo "== fleet (bench/fleet)";                    go run ./bench/fleet    | tee -a "$out"
 echo "== memory (bench/memory)";                  go run ./bench/memory   | tee -a "$out"
 
 echo

@@ -22,7 +22,7 @@ import (
 type fetchResult struct {
 	entry    *cache.Entry
 	stored   bool
-	shared   bool // another replica's fetch, from the shared tier
+	shared   bool // another replica's fetch (its lease), from the shared tier
 	upStatus int
 	upDur    time.Duration
 	calls    callStats
@@ -113,12 +113,10 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 		p.fail(w, r, err)
 		return
 	}
-	if res.shared { // another replica fetched it meanwhile
-		p.c.shared.Add(1)
-		rec.cache, rec.viaUpstream = outcomeShared, false
-		e := res.entry
-		p.writeEntry(w, r, rec.hdr.conditional, e, []string{"cacheproxy; hit; ttl=" + strconv.Itoa(int(e.Expires.Sub(now)/time.Second)) + "; detail=shared"},
-			p.hdrs.age(max(0, int(now.Sub(e.Stored)/time.Second))))
+	if res.shared { // collapsed into another replica's fetch
+		p.c.collapsed.Add(1)
+		rec.cache, rec.viaUpstream = outcomeCollapsed, false
+		p.writeEntry(w, r, rec.hdr.conditional, res.entry, []string{"cacheproxy; fwd=uri-miss; collapsed; detail=fleet"}, nil)
 		return
 	}
 	rec.upstreamStatus, rec.upstreamDur = res.upStatus, res.upDur

@@ -17,7 +17,7 @@ import (
 
 // withFleet gives a replica the shared tier on the redis-server at url,
 // with the harness's key secret (the same on every replica).
-func withFleet(t *testing.T, url string) harnessOpt {
+func withFleet(t testing.TB, url string) harnessOpt {
 	return func(s *setup) {
 		f, err := fleet.Open(fleet.Config{URL: url, Prefix: "cacheproxy:", Timeout: time.Second,
 			Secret: s.opts.KeySecret, Retention: time.Hour})
@@ -342,10 +342,18 @@ func TestFleetMakesOneUpstreamCallPerColdKey(t *testing.T) {
 		time.Sleep(time.Millisecond) // waiting for other replicas' calls to Redis
 	}
 	close(release)
+	fleetCollapsed := 0
 	for range 300 {
-		if a := <-answers; !strings.HasPrefix(a, "200 ") {
+		a := <-answers
+		if !strings.HasPrefix(a, "200 ") {
 			t.Fatalf("answer %q", a)
 		}
+		if strings.HasSuffix(a, "cacheproxy; fwd=uri-miss; collapsed; detail=fleet") {
+			fleetCollapsed++
+		}
+	}
+	if fleetCollapsed < 2 { // the two waiting replicas' flights (a late read is an L1 hit)
+		t.Fatalf("%d answers collapsed into another replica's fetch, want at least 2", fleetCollapsed)
 	}
 	if n := r[0].conv.Calls("GET", pathConv); n != 1 {
 		t.Fatalf("upstream calls %d, want 1", n)
