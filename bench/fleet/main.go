@@ -209,7 +209,7 @@ func replica(upURL, redisURL, prefix string) (string, func(), error) {
 			return "", nil, err
 		}
 		inv := fleet.NewInvalidator(f, invalidation.New(wire.Retention(cfg), nil), cfg.Redis.InvalidationWait.D(), nil)
-		budget := fleet.NewBudget(limiter, f, cfg.RateLimit.MaxConcurrent, cfg.Upstreams.Conversations.Timeout.D(), cfg.RateLimit.MaxWait.D())
+		budget := fleet.NewBudget(limiter, f, cfg.RateLimit.MaxConcurrent, cfg.RateLimit.RequestsPerSecond, cfg.Upstreams.Conversations.Timeout.D(), cfg.RateLimit.MaxWait.D())
 		stops = append(stops, f.Close, inv.Close, budget.Close)
 		opts.Shared, opts.Invalidator, opts.Budget = f, inv, budget
 	}

@@ -161,7 +161,7 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		})
 		defer inv.Close()
 		opts.Invalidator = inv
-		budget := fleet.NewBudget(limiter, f, cfg.RateLimit.MaxConcurrent,
+		budget := fleet.NewBudget(limiter, f, cfg.RateLimit.MaxConcurrent, cfg.RateLimit.RequestsPerSecond,
 			max(cfg.Upstreams.Conversations.Timeout.D(), cfg.Upstreams.Proxy.Timeout.D()), cfg.RateLimit.MaxWait.D())
 		defer budget.Close()
 		opts.Budget = budget

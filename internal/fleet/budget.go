@@ -14,8 +14,9 @@ import (
 	"github.com/redis/rueidis"
 )
 
-// Budget makes an account's ratelimit.max_concurrent a total for the whole
-// fleet (it satisfies proxy.Budget). A call first gets its turn from this
+// Budget makes an account's ratelimit.max_concurrent and
+// ratelimit.requests_per_second totals for the whole fleet (it satisfies
+// proxy.Budget). A call first gets its turn from this
 // replica's Limiter (fair turns across credentials, bounded waiting, the
 // adaptive cap: ratelimit's rules, docs/budget.md), then one of the
 // account's slots in Redis: a sorted set of slot leases scored by their
@@ -27,6 +28,7 @@ type Budget struct {
 	local   *ratelimit.Limiter
 	f       *Fleet
 	cap     int
+	rate    int           // calls per second for the fleet; 0: none
 	ttl     time.Duration // a slot's lease: the upstream timeout
 	maxWait time.Duration
 	id      string
@@ -46,12 +48,13 @@ type Budget struct {
 const budgetPoll = 5 * time.Millisecond
 
 // NewBudget wraps local with the fleet's account-wide cap of maxConcurrent
-// calls; a slot lapses after ttl. Close stops the replica's announcements.
-func NewBudget(local *ratelimit.Limiter, f *Fleet, maxConcurrent int, ttl, maxWait time.Duration) *Budget {
+// calls in flight and, if rate > 0, rate calls started per second; a slot
+// lapses after ttl. Close stops the replica's announcements.
+func NewBudget(local *ratelimit.Limiter, f *Fleet, maxConcurrent, rate int, ttl, maxWait time.Duration) *Budget {
 	var id [12]byte
 	_, _ = rand.Read(id[:])
 	ctx, cancel := context.WithCancel(context.Background())
-	b := &Budget{local: local, f: f, cap: maxConcurrent, ttl: ttl, maxWait: maxWait, id: hex.EncodeToString(id[:]),
+	b := &Budget{local: local, f: f, cap: maxConcurrent, rate: rate, ttl: ttl, maxWait: maxWait, id: hex.EncodeToString(id[:]),
 		fallback: map[string]int{}, stop: cancel, done: make(chan struct{})}
 	b.replicas.Store(1)
 	go b.announce(ctx)
@@ -98,18 +101,30 @@ func (b *Budget) announce(ctx context.Context) {
 	}
 }
 
-// takeSlot leases one of the account's slots until it is given back or
-// lapses, if fewer than ARGV[1] are held; Redis's clock times them.
+// takeSlot leases one of the account's slots (KEYS[1]) until it is given
+// back or lapses, if fewer than ARGV[1] are held and, with a rate (ARGV[4]
+// > 0), fewer than ARGV[4] calls started in the last second (KEYS[2], a
+// sliding window of start times, as on one replica: docs/budget.md). Both
+// on Redis's clock. It returns 1 when taken, 0 when the slots are full,
+// and -ms when only the rate window is: how long until it opens.
 var takeSlot = rueidis.NewLuaScript(`
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+local rate = tonumber(ARGV[4])
+if rate > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 1000)
+  if redis.call('ZCARD', KEYS[2]) >= rate then
+    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    return -math.max(1, tonumber(oldest[2]) + 1000 - now)
+  end
+  redis.call('ZADD', KEYS[2], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], 2000)
 end
-return 0`)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1`)
 
 // Acquire waits for this replica's turn, then for a slot of the account's
 // fleet-wide cap (within ratelimit.max_wait in all).
@@ -120,18 +135,21 @@ func (b *Budget) Acquire(ctx context.Context, user, credential string) (ratelimi
 		return nil, err
 	}
 	acct := b.local.AccountOf(user)
-	key := b.f.name("b", acct) // one key per account: one Cluster slot
+	// The account's keys share a hash tag: one Cluster slot.
+	tag := b.f.name("a", acct)
+	tag = tag[:len(b.f.cfg.Prefix)] + "{" + tag[len(b.f.cfg.Prefix):] + "}"
+	key, window := tag+":slots", tag+":rate"
 	var idb [12]byte
 	_, _ = rand.Read(idb[:])
 	slot := hex.EncodeToString(idb[:])
-	args := []string{strconv.Itoa(b.cap), strconv.FormatInt(b.ttl.Milliseconds(), 10), slot}
+	args := []string{strconv.Itoa(b.cap), strconv.FormatInt(b.ttl.Milliseconds(), 10), slot, strconv.Itoa(b.rate)}
 	deadline := time.NewTimer(max(0, b.maxWait-time.Since(start)))
 	defer deadline.Stop()
 	tick := time.NewTicker(budgetPoll)
 	defer tick.Stop()
 	waited := false
 	for {
-		got, err := b.take(ctx, key, args)
+		got, err := b.take(ctx, []string{key, window}, args)
 		if err != nil {
 			if release, ok := b.share(acct); ok {
 				b.Fallbacks.Add(1)
@@ -156,14 +174,14 @@ func (b *Budget) Acquire(ctx context.Context, user, credential string) (ratelimi
 	}
 }
 
-func (b *Budget) take(ctx context.Context, key string, args []string) (bool, error) {
+func (b *Budget) take(ctx context.Context, keys []string, args []string) (bool, error) {
 	c := b.f.c()
 	if c == nil {
 		return false, errNotConnected
 	}
 	ctx, cancel := b.f.ctx(ctx)
 	defer cancel()
-	n, err := takeSlot.Exec(ctx, c, []string{key}, args).AsInt64()
+	n, err := takeSlot.Exec(ctx, c, keys, args).AsInt64()
 	if err := b.f.result(err); err != nil {
 		return false, err
 	}

@@ -2,11 +2,13 @@ package fleet
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"testing"
 	"time"
 
 	"cacheproxy/internal/cache"
+	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/redistest"
 )
 
@@ -89,5 +91,43 @@ func TestSeedsOfACluster(t *testing.T) {
 		if got := seeds(in); got != want {
 			t.Errorf("seeds(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// The fleet's rate is one window for every replica: two budgets (two
+// replicas) on one Redis start at most Rate calls of an account within a
+// second, together.
+func TestBudgetRateIsFleetWide(t *testing.T) {
+	srv := redistest.Start(t)
+	var budgets []*Budget
+	for range 2 {
+		f := open(t, srv.URL())
+		local := ratelimit.New(ratelimit.Config{MaxConcurrent: 100, MaxWait: time.Minute}, nil)
+		b := NewBudget(local, f, 100, 5, time.Minute, 50*time.Millisecond)
+		t.Cleanup(b.Close)
+		budgets = append(budgets, b)
+	}
+	granted, refused := 0, 0
+	start := time.Now()
+	for i := range 10 {
+		ls, err := budgets[i%2].Acquire(context.Background(), "AC1", "c")
+		var rej *ratelimit.RejectedError
+		switch {
+		case err == nil:
+			granted++
+			ls.Done(ratelimit.Served)
+		case errors.As(err, &rej):
+			refused++
+		default:
+			t.Fatal(err)
+		}
+	}
+	// 5 per second for both together: at most 5 per second begun (the ten
+	// calls take about a quarter of a second; a slower machine allows more,
+	// never fewer).
+	allowed := 5 * int(time.Since(start)/time.Second+1)
+	if granted < 5 || granted > allowed || granted+refused != 10 {
+		t.Fatalf("granted %d, refused %d in %s: want 5 to %d granted (a rate of 5 per second for both replicas together)",
+			granted, refused, time.Since(start), allowed)
 	}
 }

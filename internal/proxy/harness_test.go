@@ -190,7 +190,7 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 		waitSubscribed(t, inv)
 		h.inv = inv
 		o.Invalidator, o.Shared = inv, s.fleet
-		budget := fleet.NewBudget(h.lim, s.fleet, s.cfg.RateLimit.MaxConcurrent, s.cfg.Upstreams.Conversations.Timeout.D(), s.cfg.RateLimit.MaxWait.D())
+		budget := fleet.NewBudget(h.lim, s.fleet, s.cfg.RateLimit.MaxConcurrent, s.cfg.RateLimit.RequestsPerSecond, s.cfg.Upstreams.Conversations.Timeout.D(), s.cfg.RateLimit.MaxWait.D())
 		t.Cleanup(budget.Close)
 		h.budget, o.Budget = budget, budget
 	}
