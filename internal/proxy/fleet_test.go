@@ -401,3 +401,51 @@ func TestFleetBudgetIsAccountWide(t *testing.T) {
 		t.Fatal("no call waited for a fleet slot: the test did not exceed the fleet's cap")
 	}
 }
+
+// Point 6 under load: Redis is killed while two replicas serve reads and
+// writes, then started again: every request is answered, none with an
+// error, and sharing resumes.
+func TestFleetSurvivesRedisKilledUnderLoad(t *testing.T) {
+	srv := redistest.Start(t)
+	r := replicas(t, 2, srv)
+	paths := []string{pathConv, pathProxy, pathV2, pathSvc}
+	const workers, each = 4, 150
+	answered := make(chan int, workers*each)
+	for w := range workers {
+		go func() {
+			for i := range each {
+				h := r[(w+i)%2]
+				path := paths[(w*each+i)%len(paths)]
+				if i%10 == 9 && path != pathProxy { // now and then a write
+					s, _, _ := readResp(t, h.doBody("POST", path, basic(acctA, tokenA), strings.NewReader("Attributes=x"), "Content-Type", "application/x-www-form-urlencoded"))
+					answered <- s
+					continue
+				}
+				s, _, _ := readResp(t, h.do("GET", path, basic(acctA, tokenA)))
+				answered <- s
+			}
+		}()
+	}
+	for n := 1; n <= workers*each; n++ {
+		if s := <-answered; s != 200 {
+			t.Fatalf("request %d: status %d", n, s)
+		}
+		switch n {
+		case workers * each / 3:
+			srv.Stop()
+		case 2 * workers * each / 3:
+			srv.Restart(t)
+		}
+	}
+	if r[0].p.Summary().SharedErrors+r[1].p.Summary().SharedErrors == 0 {
+		t.Fatal("no Redis call failed: Redis was not down under load")
+	}
+	for i := range 20 { // sharing resumes (bounded: reconnects take a moment)
+		path := fmt.Sprintf("%s?after=%d", pathConv, i)
+		r[0].get(path)
+		if _, cs, _ := r[1].get(path); strings.HasSuffix(cs, "detail=shared") {
+			return
+		}
+	}
+	t.Fatal("sharing did not resume after Redis came back")
+}
