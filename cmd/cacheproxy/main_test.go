@@ -587,37 +587,61 @@ func TestEveryFlagAndKeyIsDocumented(t *testing.T) {
 	}
 }
 
-// TestFleetOfTwoBinaries: two cacheproxy processes share entries through a
-// password-protected redis-server; the password and the key secret are
-// never logged.
-func TestFleetOfTwoBinaries(t *testing.T) {
-	const password, secret = "redis-pass-0123456789", "fleet-secret-0123456789"
-	srv := redistest.Start(t, "--requirepass", password)
+// fleetOfTwo starts two cacheproxy processes with env (a shared Redis) in
+// front of one fake upstream, waits until both hear the fleet, and checks
+// that a read through the first is answered by the second from Redis with
+// one upstream call.
+func fleetOfTwo(t *testing.T, env []string) (a, b *proc) {
+	t.Helper()
 	fake, up := newFake(t)
-	env := []string{"CACHEPROXY_REDIS_URL=redis://:" + password + "@" + srv.Addr, "CACHEPROXY_CACHE_KEY_SECRET=" + secret}
-	a, b := start(t, upstreamConfig(up.URL), env...), start(t, upstreamConfig(up.URL), env...)
-	read := func(p *proc) string {
-		req, _ := http.NewRequest("GET", "http://"+p.addr+path, nil)
-		req.Header.Set("Authorization", auth())
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		return resp.Header.Get("Cache-Status")
-	}
+	a, b = start(t, upstreamConfig(up.URL), env...), start(t, upstreamConfig(up.URL), env...)
 	for _, p := range []*proc{a, b} {
 		waitFor(t, p, "connected to Redis: sharing entries and invalidations")
 	}
-	if cs := read(a); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
+	if cs := cacheStatus(t, a); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
 		t.Fatalf("A: %q", cs)
 	}
-	if cs := read(b); !strings.HasSuffix(cs, "detail=shared") {
+	if cs := cacheStatus(t, b); !strings.HasSuffix(cs, "detail=shared") {
 		t.Fatalf("B: %q, want an answer from the shared tier", cs)
 	}
 	if n := fake.Calls("GET", path); n != 1 {
 		t.Fatalf("upstream calls %d, want 1", n)
 	}
+	return a, b
+}
+
+// cacheStatus reads the participant through p and returns its Cache-Status.
+func cacheStatus(t *testing.T, p *proc) string {
+	t.Helper()
+	req, _ := http.NewRequest("GET", "http://"+p.addr+path, nil)
+	req.Header.Set("Authorization", auth())
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.Header.Get("Cache-Status")
+}
+
+// noSecretsLogged fails if a process's output holds any of secrets.
+func noSecretsLogged(t *testing.T, procs []*proc, secrets ...string) {
+	t.Helper()
+	for _, p := range procs {
+		for _, s := range secrets {
+			if strings.Contains(p.logs()+p.stderr.String(), s) {
+				t.Fatal("a log holds the Redis password or the key secret")
+			}
+		}
+	}
+}
+
+// TestFleetOfTwoBinaries: two cacheproxy processes share entries through a
+// password-protected redis-server, and a write through one reaches the
+// other's copy; the password and the key secret are never logged.
+func TestFleetOfTwoBinaries(t *testing.T) {
+	const password, secret = "redis-pass-0123456789", "fleet-secret-0123456789"
+	srv := redistest.Start(t, "--requirepass", password)
+	a, b := fleetOfTwo(t, []string{"CACHEPROXY_REDIS_URL=redis://:" + password + "@" + srv.Addr, "CACHEPROXY_CACHE_KEY_SECRET=" + secret})
 	// A write through B reaches A's copy before B answers it.
 	req, _ := http.NewRequest("POST", "http://"+b.addr+path, strings.NewReader("Attributes=%7B%22v%22%3A2%7D"))
 	req.Header.Set("Authorization", auth())
@@ -627,7 +651,7 @@ func TestFleetOfTwoBinaries(t *testing.T) {
 	} else {
 		resp.Body.Close()
 	}
-	if cs := read(a); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
+	if cs := cacheStatus(t, a); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
 		t.Fatalf("A after B's write: %q, want a miss", cs)
 	}
 	resp, err := http.Get("http://" + a.admin + "/metrics")
@@ -642,11 +666,7 @@ func TestFleetOfTwoBinaries(t *testing.T) {
 			t.Errorf("A's /metrics lacks %q", want)
 		}
 	}
-	for _, p := range []*proc{a, b} {
-		if logs := p.logs() + p.stderr.String(); strings.Contains(logs, password) || strings.Contains(logs, secret) {
-			t.Fatal("a log holds the Redis password or the key secret")
-		}
-	}
+	noSecretsLogged(t, []*proc{a, b}, password, secret)
 }
 
 // TestFleetOverTLSWithAnACLUser: the fleet over rediss:// to a
@@ -655,35 +675,7 @@ func TestFleetOfTwoBinaries(t *testing.T) {
 func TestFleetOverTLSWithAnACLUser(t *testing.T) {
 	const user, password, secret = "cacheproxy", "acl-pass-0123456789", "fleet-secret-0123456789"
 	srv, caFile := redistest.StartTLS(t, "--user", "default", "off", "--user", user, "on", ">"+password, "~cacheproxy:*", "&cacheproxy:*", "+@all")
-	fake, up := newFake(t)
-	env := []string{"CACHEPROXY_REDIS_URL=rediss://" + user + ":" + password + "@" + srv.Addr, "CACHEPROXY_CACHE_KEY_SECRET=" + secret,
-		"SSL_CERT_FILE=" + caFile}
-	a, b := start(t, upstreamConfig(up.URL), env...), start(t, upstreamConfig(up.URL), env...)
-	for _, p := range []*proc{a, b} {
-		waitFor(t, p, "connected to Redis: sharing entries and invalidations")
-	}
-	read := func(p *proc) string {
-		req, _ := http.NewRequest("GET", "http://"+p.addr+path, nil)
-		req.Header.Set("Authorization", auth())
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		return resp.Header.Get("Cache-Status")
-	}
-	if cs := read(a); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
-		t.Fatalf("A: %q", cs)
-	}
-	if cs := read(b); !strings.HasSuffix(cs, "detail=shared") {
-		t.Fatalf("B over TLS: %q, want an answer from the shared tier", cs)
-	}
-	if n := fake.Calls("GET", path); n != 1 {
-		t.Fatalf("upstream calls %d, want 1", n)
-	}
-	for _, p := range []*proc{a, b} {
-		if logs := p.logs() + p.stderr.String(); strings.Contains(logs, password) || strings.Contains(logs, secret) {
-			t.Fatal("a log holds the Redis password or the key secret")
-		}
-	}
+	a, b := fleetOfTwo(t, []string{"CACHEPROXY_REDIS_URL=rediss://" + user + ":" + password + "@" + srv.Addr,
+		"CACHEPROXY_CACHE_KEY_SECRET=" + secret, "SSL_CERT_FILE=" + caFile})
+	noSecretsLogged(t, []*proc{a, b}, password, secret)
 }

@@ -268,10 +268,7 @@ func (l *Limiter) Acquire(ctx context.Context, user, credential string) (Lease, 
 // accountLocked returns user's budget: its account's when user is an API
 // key whose account is known.
 func (l *Limiter) accountLocked(user string) *account {
-	id := user
-	if acct, ok := l.keys[user]; ok {
-		id = acct
-	}
+	id := l.idLocked(user)
 	a := l.accounts[id]
 	if a == nil {
 		a = l.newAccount(id)
@@ -597,6 +594,11 @@ func (l *Limiter) Learn(key, acct string) {
 func (l *Limiter) AccountOf(user string) string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	return l.idLocked(user)
+}
+
+// idLocked is the account user counts against.
+func (l *Limiter) idLocked(user string) string {
 	if acct, ok := l.keys[user]; ok {
 		return acct
 	}
@@ -631,10 +633,7 @@ func (l *Limiter) State(user string) State {
 	now := l.clock.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	id := user
-	if acct, ok := l.keys[user]; ok {
-		id = acct
-	}
+	id := l.idLocked(user)
 	a := l.accounts[id]
 	if a == nil {
 		a = l.newAccount(id)
