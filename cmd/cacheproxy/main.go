@@ -166,6 +166,12 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		defer budget.Close()
 		opts.Budget = budget
 		fleetMetrics(reg, f, inv, budget)
+		opts.SummaryFields = func(e *zerolog.Event) {
+			e.Bool("redis_up", f.Up() && inv.Subscribed()).Int("replicas", budget.Replicas()).
+				Int64("invalidations_sent_total", inv.Sent.Load()).Int64("invalidations_received_total", inv.Received.Load()).
+				Int64("invalidations_unacked_total", inv.Unacked.Load()).
+				Int64("budget_waits_total", budget.Waited.Load()).Int64("budget_fallbacks_total", budget.Fallbacks.Load())
+		}
 		go func() {
 			if inv.WaitSubscribed(context.Background()) == nil {
 				logger.Info().Str("component", "fleet").Str("key_prefix", cfg.Redis.KeyPrefix).Msg("connected to Redis: sharing entries and invalidations")

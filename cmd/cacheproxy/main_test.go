@@ -641,7 +641,8 @@ func noSecretsLogged(t *testing.T, procs []*proc, secrets ...string) {
 func TestFleetOfTwoBinaries(t *testing.T) {
 	const password, secret = "redis-pass-0123456789", "fleet-secret-0123456789"
 	srv := redistest.Start(t, "--requirepass", password)
-	a, b := fleetOfTwo(t, []string{"CACHEPROXY_REDIS_URL=redis://:" + password + "@" + srv.Addr, "CACHEPROXY_CACHE_KEY_SECRET=" + secret})
+	a, b := fleetOfTwo(t, []string{"CACHEPROXY_REDIS_URL=redis://:" + password + "@" + srv.Addr, "CACHEPROXY_CACHE_KEY_SECRET=" + secret,
+		"CACHEPROXY_LOG_SUMMARY_INTERVAL=100ms"})
 	// A write through B reaches A's copy before B answers it.
 	req, _ := http.NewRequest("POST", "http://"+b.addr+path, strings.NewReader("Attributes=%7B%22v%22%3A2%7D"))
 	req.Header.Set("Authorization", auth())
@@ -664,6 +665,24 @@ func TestFleetOfTwoBinaries(t *testing.T) {
 		"cacheproxy_l2_latency_seconds_count 4", "cacheproxy_fleet_replicas ", "cacheproxy_fleet_budget_waits_total 0", "cacheproxy_fleet_leases_won_total 2"} {
 		if !strings.Contains(string(metrics), want) {
 			t.Errorf("A's /metrics lacks %q", want)
+		}
+	}
+	// The summary line carries the fleet's state and totals.
+	var summary string
+	for range 50 { // summaries every 100ms; the first may predate the write
+		waitFor(t, a, "summary")
+		for _, l := range strings.Split(a.logs(), "\n") {
+			if strings.Contains(l, `"message":"summary"`) {
+				summary = l
+			}
+		}
+		if strings.Contains(summary, `"invalidations_received_total":1`) {
+			break
+		}
+	}
+	for _, want := range []string{`"redis_up":true`, `"invalidations_received_total":1`, `"l2_hits":`, `"leases_won":`, `"budget_fallbacks_total":0`} {
+		if !strings.Contains(summary, want) {
+			t.Errorf("summary line lacks %s: %s", want, summary)
 		}
 	}
 	noSecretsLogged(t, []*proc{a, b}, password, secret)

@@ -131,3 +131,46 @@ func TestBudgetRateIsFleetWide(t *testing.T) {
 			granted, refused, time.Since(start), allowed)
 	}
 }
+
+// A fetch lease is one replica's at a time, is given back only by the
+// token that took it, and lapses by itself: a replica that died while
+// fetching holds the others up for the lease's time at most.
+func TestLeasesLapseAndBelongToTheirTaker(t *testing.T) {
+	srv := redistest.Start(t)
+	a, b := open(t, srv.URL()), open(t, srv.URL())
+	ctx := context.Background()
+	tokA, err := a.Lease(ctx, "k", time.Minute)
+	if err != nil || tokA == "" {
+		t.Fatalf("first lease: %q %v", tokA, err)
+	}
+	if tok, err := b.Lease(ctx, "k", time.Minute); err != nil || tok != "" {
+		t.Fatalf("second replica took a held lease: %q %v", tok, err)
+	}
+	if err := b.Unlease(ctx, "k", "not-the-token"); err != nil {
+		t.Fatal(err)
+	}
+	if tok, _ := b.Lease(ctx, "k", time.Minute); tok != "" {
+		t.Fatal("a wrong token gave the lease back")
+	}
+	if err := a.Unlease(ctx, "k", tokA); err != nil {
+		t.Fatal(err)
+	}
+	if tok, _ := b.Lease(ctx, "k", 50*time.Millisecond); tok == "" {
+		t.Fatal("a given-back lease could not be taken")
+	}
+	// b "dies" holding it; the lease lapses on Redis's clock.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		tok, err := a.Lease(ctx, "k", time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if tok != "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("a dead replica's lease never lapsed")
+		}
+		time.Sleep(10 * time.Millisecond) // waiting on Redis's clock
+	}
+}

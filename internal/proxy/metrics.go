@@ -183,7 +183,11 @@ func (p *Proxy) LogSummary(prev Summary) Summary {
 	}
 	// Summaries carry 429s: they are info lines that no log.level filters.
 	l := p.log.Level(zerolog.TraceLevel)
-	l.Info().Str("time", p.stamp.format(p.clock.Now())).
+	ev := l.Info()
+	if p.summary != nil {
+		p.summary(ev)
+	}
+	ev.Str("time", p.stamp.format(p.clock.Now())).
 		Float64("hit_ratio", ratio).
 		Int64("hits", s.Hits-prev.Hits).Int64("misses", s.Misses-prev.Misses).
 		Int64("collapsed", s.Collapsed-prev.Collapsed).Int64("stale", s.Stale-prev.Stale).

@@ -141,9 +141,12 @@ type Options struct {
 	Invalidator Invalidator
 	Budget      Budget
 	// Shared is the fleet's shared tier; nil: none.
-	Shared    Shared
-	Freshness Freshness
-	Retry     Retry
+	Shared Shared
+	// SummaryFields, if set, adds fields to each summary line (the fleet's
+	// state and totals).
+	SummaryFields func(*zerolog.Event)
+	Freshness     Freshness
+	Retry         Retry
 	// MaxBodyBytes bounds a request body (413 beyond it).
 	MaxBodyBytes int64
 	// WriteTimeout bounds writing a response to the client, from its
@@ -175,6 +178,7 @@ type Proxy struct {
 	inv     Invalidator
 	budget  Budget
 	shared  Shared
+	summary func(*zerolog.Event)
 	flights flightGroup
 	log     zerolog.Logger
 	events  zerolog.Logger // lines other than the access log: timestamped
@@ -243,6 +247,7 @@ func New(o Options) (*Proxy, error) {
 		inv:      o.Invalidator,
 		budget:   o.Budget,
 		shared:   o.Shared,
+		summary:  o.SummaryFields,
 		flights:  new(singleflight.Group),
 		log:      o.Logger,
 		clock:    clock.Or(o.Clock),
