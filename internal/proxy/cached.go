@@ -63,7 +63,11 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 	if p.shared != nil && !noCache {
 		// The local epoch is read before the lookup, as for a fetch: an
 		// invalidation that arrives meanwhile makes the copy invalid here.
-		if e := p.sharedFill(r.Context(), key, auth, p.inv.Epoch()); e != nil && now.Before(e.Expires) {
+		e := p.sharedFill(r.Context(), key, auth, p.inv.Epoch())
+		if e != nil && !now.Before(e.Expires) && (stale == nil || e.Expires.After(stale.Expires)) {
+			stale = e // expired, still within its stale windows: as good as a local one
+		}
+		if e != nil && now.Before(e.Expires) {
 			p.c.shared.Add(1)
 			rec.cache = outcomeShared
 			ttl := int(e.Expires.Sub(now) / time.Second)
@@ -340,8 +344,9 @@ func (p *Proxy) fleetFill(ctx context.Context, key, auth string, epoch uint64, t
 		}
 		unlease := func() { _ = p.shared.Unlease(context.WithoutCancel(ctx), key, token) }
 		// The fill may have come just before the lease was free (the
-		// holder shares it, then lets go): look before fetching.
-		if e := p.sharedFill(ctx, key, auth, epoch); e != nil {
+		// holder shares it, then lets go): look before fetching. Only a
+		// fresh one will do.
+		if e := p.sharedFill(ctx, key, auth, epoch); e != nil && p.clock.Now().Before(e.Expires) {
 			if token != "" {
 				unlease()
 			}

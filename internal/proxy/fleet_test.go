@@ -13,6 +13,7 @@ import (
 	"cacheproxy/internal/config"
 	"cacheproxy/internal/fleet"
 	"cacheproxy/internal/redistest"
+	"cacheproxy/internal/twiliofake"
 )
 
 // withFleet gives a replica the shared tier on the redis-server at url,
@@ -448,4 +449,22 @@ func TestFleetSurvivesRedisKilledUnderLoad(t *testing.T) {
 		}
 	}
 	t.Fatal("sharing did not resume after Redis came back")
+}
+
+// Stale windows work across the fleet: a replica that never read the
+// participant serves the shared copy, expired but within
+// cache.stale_if_error, when Twilio fails.
+func TestFleetStaleIfErrorFromTheSharedTier(t *testing.T) {
+	r := replicas(t, 2, redistest.Start(t), func(s *setup) { s.cfg.Cache.StaleIfError = config.Duration(time.Minute) })
+	a, b := r[0], r[1]
+	_, _, fresh := a.get(pathConv)
+	a.conv.Before = func(w http.ResponseWriter, req *http.Request) bool {
+		twiliofake.Error(w, 500, 20500, "Internal Server Error")
+		return true
+	}
+	b.clk.Advance(45 * time.Second) // expired (ttl 30s), inside stale_if_error
+	s, cs, body := b.get(pathConv)
+	if s != 200 || cs != "cacheproxy; fwd=stale; fwd-status=500" || body != fresh {
+		t.Fatalf("B with Twilio failing: %d %q", s, cs)
+	}
 }
