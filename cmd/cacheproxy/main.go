@@ -26,6 +26,7 @@ import (
 	"cacheproxy/internal/logbuf"
 	"cacheproxy/internal/proxy"
 	"cacheproxy/internal/ratelimit"
+	"cacheproxy/internal/webhooks"
 	"cacheproxy/internal/wire"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -195,6 +196,12 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		ln.Close()
 		return fmt.Errorf("admin_listen: %w", err)
 	}
+	hooks, hooksLn, err := webhookServer(cfg, opts.Invalidator, logger)
+	if err != nil {
+		ln.Close()
+		adminLn.Close()
+		return err
+	}
 	var conns connTracker
 	srv := &http.Server{
 		Handler:           p,
@@ -222,9 +229,13 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		_ = logw.Flush()
 		close(closed)
 	})
-	errc := make(chan error, 2)
+	errc := make(chan error, 3)
 	go func() { errc <- srv.Serve(ln) }()
 	go func() { errc <- admin.Serve(adminLn) }()
+	if hooks != nil {
+		go func() { errc <- hooks.Serve(hooksLn) }()
+		logger.Info().Str("webhooks_listen", hooksLn.Addr().String()).Bool("forward", cfg.Webhooks.ForwardTo != "").Msg("listening for Twilio's webhooks")
+	}
 	ready.Store(true)
 	logger.Info().Str("listen", ln.Addr().String()).Str("admin_listen", adminLn.Addr().String()).
 		Str("conversations", cfg.Upstreams.Conversations.URL).Str("proxy", cfg.Upstreams.Proxy.URL).Msg("cacheproxy started")
@@ -280,6 +291,9 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		_ = conns.wait(grace)
 		cancelGrace()
 	}
+	if hooks != nil {
+		err = errors.Join(err, hooks.Shutdown(sctx))
+	}
 	err = errors.Join(err, p.Wait(sctx), limiter.Wait(sctx), admin.Shutdown(sctx))
 	<-closed
 	_ = logw.Flush()
@@ -288,6 +302,26 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 	}
 	logger.Info().Msg("stopped")
 	return nil
+}
+
+// webhookServer is the listener for Twilio's webhooks (webhooks.listen),
+// or nil when it is off. It serves only the webhook endpoints.
+func webhookServer(cfg config.Config, inv proxy.Invalidator, logger zerolog.Logger) (*http.Server, net.Listener, error) {
+	w := cfg.Webhooks
+	if w.Listen == "" {
+		return nil, nil, nil
+	}
+	h, err := webhooks.New(webhooks.Config{PublicURL: w.PublicURL, AuthTokens: w.AuthTokens, ForwardTo: w.ForwardTo,
+		Invalidator: inv, Logger: logger})
+	if err != nil {
+		return nil, nil, err
+	}
+	ln, err := net.Listen("tcp", w.Listen)
+	if err != nil {
+		return nil, nil, fmt.Errorf("webhooks.listen: %w", err)
+	}
+	return &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+		IdleTimeout: cfg.Server.IdleTimeout.D(), ErrorLog: proxy.StdLog(logger, "webhooks")}, ln, nil
 }
 
 // closeGrace bounds the wait for handlers whose connections shutdown cut.

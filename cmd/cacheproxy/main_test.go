@@ -629,7 +629,7 @@ func noSecretsLogged(t *testing.T, procs []*proc, secrets ...string) {
 	for _, p := range procs {
 		for _, s := range secrets {
 			if strings.Contains(p.logs()+p.stderr.String(), s) {
-				t.Fatal("a log holds the Redis password or the key secret")
+				t.Fatal("a log holds a secret (a password, key secret or auth token)")
 			}
 		}
 	}
@@ -697,4 +697,44 @@ func TestFleetOverTLSWithAnACLUser(t *testing.T) {
 	a, b := fleetOfTwo(t, []string{"CACHEPROXY_REDIS_URL=rediss://" + user + ":" + password + "@" + srv.Addr,
 		"CACHEPROXY_CACHE_KEY_SECRET=" + secret, "SSL_CERT_FILE=" + caFile})
 	noSecretsLogged(t, []*proc{a, b}, password, secret)
+}
+
+// TestWebhookListenerServesOnlyWebhooks: with webhooks.listen set, the
+// binary serves Twilio's webhook endpoints there (an unsigned request gets
+// 403 in Twilio's error shape), never the proxy; the tokens are not logged.
+func TestWebhookListenerServesOnlyWebhooks(t *testing.T) {
+	const token1, token2 = "hook-token-one-0123456789abcdef", "hook-token-two-0123456789abcdef"
+	_, up := newFake(t)
+	p := start(t, upstreamConfig(up.URL), "CACHEPROXY_WEBHOOKS_LISTEN=127.0.0.1:0", "CACHEPROXY_WEBHOOKS_PUBLIC_URL=https://hooks.example.com",
+		"CACHEPROXY_WEBHOOKS_AUTH_TOKENS="+token1+","+token2)
+	var addr string
+	for _, l := range strings.Split(p.logs(), "\n") {
+		var line map[string]any
+		if json.Unmarshal([]byte(l), &line) == nil && line["message"] == "listening for Twilio's webhooks" {
+			addr, _ = line["webhooks_listen"].(string)
+		}
+	}
+	if addr == "" {
+		t.Fatalf("no webhook listener line:\n%s", p.logs())
+	}
+	resp, err := http.Post("http://"+addr+"/webhooks/conversations", "application/x-www-form-urlencoded", strings.NewReader("EventType=onParticipantUpdated"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 403 || !strings.Contains(string(body), `"code":20403`) {
+		t.Fatalf("unsigned webhook: %d %s", resp.StatusCode, body)
+	}
+	req, _ := http.NewRequest("GET", "http://"+addr+path, nil)
+	req.Header.Set("Authorization", auth())
+	resp, err = http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 404 {
+		t.Fatalf("a proxy read on the webhook listener: %d, want 404", resp.StatusCode)
+	}
+	noSecretsLogged(t, []*proc{p}, token1, token2)
 }

@@ -40,6 +40,22 @@ type Config struct {
 	RateLimit RateLimit `toml:"ratelimit"`
 	Log       Log       `toml:"log"`
 	Redis     Redis     `toml:"redis"`
+	Webhooks  Webhooks  `toml:"webhooks"`
+}
+
+// Webhooks is the listener for Twilio's own events (docs/webhooks.md):
+// signed webhooks and Event Streams that invalidate what they change.
+type Webhooks struct {
+	// Listen is the webhook listener's address. Default "": off.
+	Listen string `toml:"listen"`
+	// PublicURL is the base URL Twilio calls, as Twilio signs it.
+	PublicURL string `toml:"public_url"`
+	// AuthTokens are the auth tokens that may have signed a request
+	// (CACHEPROXY_WEBHOOKS_AUTH_TOKENS, comma-separated). Never logged.
+	AuthTokens []string `toml:"auth_tokens"`
+	// ForwardTo, if set, is the app's own webhook base URL: each request
+	// is forwarded after invalidating, and the app's answer relayed.
+	ForwardTo string `toml:"forward_to"`
 }
 
 // Redis is the fleet tier (docs/fleet.md): replicas share entries and
@@ -376,6 +392,22 @@ func (c Config) Validate() error {
 			bad("redis.url", "want redis://[user:pass@]host:port[/db] or rediss://…")
 		} else if c.Cache.KeySecret == "" {
 			bad("cache.key_secret", "is required with redis.url: every replica must derive the same keys (set it from a Secret, e.g. CACHEPROXY_CACHE_KEY_SECRET)")
+		}
+	}
+	if w := c.Webhooks; w.Listen != "" {
+		if _, _, err := net.SplitHostPort(w.Listen); err != nil {
+			bad("webhooks.listen", "want host:port")
+		}
+		if u, err := url.Parse(w.PublicURL); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+			bad("webhooks.public_url", "want the absolute URL Twilio calls (https://…), as it signs it")
+		}
+		if len(w.AuthTokens) == 0 {
+			bad("webhooks.auth_tokens", "at least one auth token is needed to check Twilio's signatures")
+		}
+		if w.ForwardTo != "" {
+			if u, err := url.Parse(w.ForwardTo); err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+				bad("webhooks.forward_to", "want an absolute http(s) URL")
+			}
 		}
 	}
 	if c.Redis.Timeout <= 0 {

@@ -31,13 +31,8 @@ func (e *clientBodyError) Unwrap() error { return e.err }
 
 // twilioError answers with Twilio's JSON error shape (see twilioerr).
 func twilioError(w http.ResponseWriter, status int, msg string) {
-	body := twilioerr.Body(status, msg)
-	h := w.Header()
-	h.Set("Content-Type", "application/json")
-	h.Set("Content-Length", strconv.Itoa(len(body)))
-	h.Del("Cache-Status")
-	w.WriteHeader(status)
-	_, _ = w.Write(body)
+	w.Header().Del("Cache-Status")
+	twilioerr.Write(w, status, msg)
 }
 
 // statusFor decides, in one place, what an upstream failure means to the

@@ -122,6 +122,7 @@ type harness struct {
 	logs           *syncBuffer
 	cfg            config.Config
 	inv            *fleet.Invalidator // with a shared tier
+	invalidator    Invalidator        // the proxy's, whichever
 	budget         *fleet.Budget
 }
 
@@ -194,6 +195,7 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 		t.Cleanup(budget.Close)
 		h.budget, o.Budget = budget, budget
 	}
+	h.invalidator = o.Invalidator
 	c := s.cfg
 	o.Freshness = Freshness{TTL: c.Cache.TTL.D(), NegativeTTL: c.Cache.NegativeTTL.D(), StaleIfError: c.Cache.StaleIfError.D(),
 		StaleWhileRevalidate: c.Cache.StaleWhileRevalidate.D(), MaxEntryBytes: int64(c.Cache.MaxEntryBytes)}

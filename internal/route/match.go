@@ -109,15 +109,32 @@ func SIDLike(id string) bool {
 }
 
 // EntryBodyTags are the scopes a cached response's body adds to its entry:
-// BodyTags, and the identity wildcard when it names an identity (a write
-// to a user addressed by SID invalidates every identity's reads).
+// BodyTags, the identity wildcard when it names an identity (a write to a
+// user addressed by SID invalidates every identity's reads), and for a
+// Conversations participant its own scope (ParticipantTag), whatever path
+// it was read by (SID or identity, conversation SID or unique name,
+// service form or not).
 func EntryBodyTags(up Upstream, b *BodyIDs) []string {
 	out := BodyTags(up, b, false)
-	if up == Conversations && b.Identity != "" {
-		out = append(out, ScopeTag(up, kindIdentity, "*"))
+	if up == Conversations {
+		if b.Identity != "" {
+			out = append(out, ScopeTag(up, kindIdentity, "*"))
+		}
+		for _, id := range []string{b.Sid, b.ID} {
+			if id != "" {
+				out = append(out, ParticipantTag(id))
+			}
+		}
 	}
 	return out
 }
+
+// ParticipantTag is one Conversations participant's scope (v1 MB… SID or
+// v2 conv_participant_… id), which webhooks name.
+func ParticipantTag(id string) string { return ScopeTag(Conversations, kindParticipant, id) }
+
+// IdentityTag is the scope of the reads that name a Conversations identity.
+func IdentityTag(identity string) string { return ScopeTag(Conversations, kindIdentity, identity) }
 
 // BodyIDs are the fields of Twilio resources that name scopes.
 type BodyIDs struct {

@@ -65,6 +65,8 @@ const (
 	kindSess = "sess"
 	// kindIdentity scopes reads to the Conversations user they name.
 	kindIdentity = "identity"
+	// kindParticipant scopes an entry to the participant its body is.
+	kindParticipant = "participant"
 )
 
 // Table lists every route cacheproxy treats specially; anything else under

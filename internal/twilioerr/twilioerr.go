@@ -5,8 +5,19 @@ package twilioerr
 
 import (
 	"encoding/json"
+	"net/http"
 	"strconv"
 )
+
+// Write answers with status and Twilio's error body for msg.
+func Write(w http.ResponseWriter, status int, msg string) {
+	body := Body(status, msg)
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(status)
+	_, _ = w.Write(body)
+}
 
 // Body is the error body for status with message msg. It is always valid
 // JSON, whatever msg holds (control characters, invalid UTF-8: a message

@@ -1,0 +1,362 @@
+// Package webhooks listens to Twilio's own events (docs/webhooks.md) and
+// invalidates what they change: writes made anywhere else than through
+// cacheproxy (the Console, the Conversations SDKs, Studio, another
+// backend, Twilio itself).
+//
+//   - POST /webhooks/conversations: Conversations v1 post-event webhooks
+//     (form-encoded, EventType onParticipantUpdated and friends).
+//   - POST /webhooks/events: an Event Streams webhook sink (a JSON array of
+//     CloudEvents, com.twilio.conversations.participant.updated and
+//     friends; at least once, in any order).
+//   - POST /webhooks/orchestrator: Conversations v2 status callbacks
+//     (JSON, PARTICIPANT_UPDATED and friends).
+//
+// Only Twilio can invalidate: every request must carry a valid
+// X-Twilio-Signature, checked with twilio-go's RequestValidator against
+// the public URL Twilio called and each configured auth token. Invalidation
+// is idempotent, so duplicate and out-of-order deliveries are harmless;
+// pre-event webhooks (onParticipantUpdate …) change nothing yet and
+// invalidate nothing.
+package webhooks
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"cacheproxy/internal/route"
+	"cacheproxy/internal/twilioerr"
+
+	"github.com/rs/zerolog"
+	"github.com/twilio/twilio-go/client"
+)
+
+// MaxBodyBytes bounds a webhook request's body.
+const MaxBodyBytes = 1 << 20
+
+// Invalidator is what an event invalidates through (the proxy's, fleet-wide
+// when Redis is configured).
+type Invalidator interface {
+	Invalidate(ctx context.Context, tags []string) uint64
+}
+
+// Config sets up the handler.
+type Config struct {
+	// PublicURL is the base URL Twilio calls, as Twilio signs it.
+	PublicURL string
+	// AuthTokens may have signed a request.
+	AuthTokens []string
+	// ForwardTo, if set, is the app's own webhook base URL.
+	ForwardTo string
+	// Invalidator applies the events.
+	Invalidator Invalidator
+	// Logger gets a line per refusal (warn) and per event (debug).
+	Logger zerolog.Logger
+	// Client forwards requests; default: a client with a 10 s timeout.
+	Client *http.Client
+}
+
+// Handler serves the webhook endpoints.
+type Handler struct {
+	cfg        Config
+	public     string
+	forward    *url.URL
+	validators []client.RequestValidator
+	client     *http.Client
+
+	Accepted, Refused, Invalidations atomic.Int64
+}
+
+// New checks cfg and returns the handler.
+func New(cfg Config) (*Handler, error) {
+	if _, err := url.Parse(cfg.PublicURL); err != nil || cfg.PublicURL == "" {
+		return nil, errors.New("webhooks: public_url is required")
+	}
+	if len(cfg.AuthTokens) == 0 {
+		return nil, errors.New("webhooks: at least one auth token is required")
+	}
+	h := &Handler{cfg: cfg, public: strings.TrimSuffix(cfg.PublicURL, "/"), client: cfg.Client}
+	if h.client == nil {
+		h.client = &http.Client{Timeout: 10 * time.Second}
+	}
+	for _, t := range cfg.AuthTokens {
+		h.validators = append(h.validators, client.NewRequestValidator(t))
+	}
+	if cfg.ForwardTo != "" {
+		u, err := url.Parse(cfg.ForwardTo)
+		if err != nil || u.Host == "" {
+			return nil, errors.New("webhooks: forward_to is not an absolute URL")
+		}
+		h.forward = u
+	}
+	return h, nil
+}
+
+// source is which of Twilio's event sources a path serves.
+type source int
+
+const (
+	conversationsV1 source = iota + 1
+	eventStreams
+	orchestrator
+)
+
+var sources = map[string]source{
+	"/webhooks/conversations": conversationsV1,
+	"/webhooks/events":        eventStreams,
+	"/webhooks/orchestrator":  orchestrator,
+}
+
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	src, ok := sources[r.URL.Path]
+	if !ok {
+		twilioerr.Write(w, http.StatusNotFound, "not a webhook endpoint: POST /webhooks/conversations, /webhooks/events or /webhooks/orchestrator")
+		return
+	}
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		twilioerr.Write(w, http.StatusMethodNotAllowed, "webhooks are POSTed")
+		return
+	}
+	body, err := io.ReadAll(io.LimitReader(r.Body, MaxBodyBytes+1))
+	if err != nil {
+		twilioerr.Write(w, http.StatusBadRequest, "the request body could not be read")
+		return
+	}
+	if len(body) > MaxBodyBytes {
+		twilioerr.Write(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("a webhook body is at most %d bytes", MaxBodyBytes))
+		return
+	}
+	signed := h.public + r.URL.Path
+	if r.URL.RawQuery != "" {
+		signed += "?" + r.URL.RawQuery
+	}
+	isJSON := r.URL.Query().Has("bodySHA256")
+	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err == nil && mt == "application/json" {
+		isJSON = true
+	}
+	if !h.valid(signed, r.Header.Get("X-Twilio-Signature"), body, isJSON) {
+		h.Refused.Add(1)
+		// Neither the signature nor the body: the body may hold personal data.
+		h.cfg.Logger.Warn().Str("component", "webhooks").Str("path", r.URL.Path).Int("body_bytes", len(body)).
+			Bool("signed", r.Header.Get("X-Twilio-Signature") != "").Msg("webhook refused: no valid X-Twilio-Signature for webhooks.public_url and webhooks.auth_tokens")
+		twilioerr.Write(w, http.StatusForbidden, "invalid or missing X-Twilio-Signature")
+		return
+	}
+	h.Accepted.Add(1)
+	tags, kinds := eventTags(src, body, isJSON)
+	if len(tags) > 0 {
+		h.cfg.Invalidator.Invalidate(r.Context(), tags)
+		h.Invalidations.Add(1)
+	}
+	h.cfg.Logger.Debug().Str("component", "webhooks").Str("path", r.URL.Path).Strs("events", kinds).Int("scopes", len(tags)).Msg("webhook applied")
+	if h.forward == nil {
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	h.relay(w, r, body)
+}
+
+// valid reports whether sig is Twilio's signature of the request with one
+// of the tokens: over the URL and the form parameters, or, for a JSON
+// body, over the URL (with its bodySHA256) and the body's hash.
+func (h *Handler) valid(signed, sig string, body []byte, isJSON bool) bool {
+	if sig == "" {
+		return false
+	}
+	var params map[string]string
+	if !isJSON {
+		form, err := url.ParseQuery(string(body))
+		if err != nil {
+			return false
+		}
+		params = make(map[string]string, len(form))
+		for k, v := range form {
+			params[k] = v[0]
+		}
+	}
+	for _, v := range h.validators {
+		if isJSON && v.ValidateBody(signed, body, sig) || !isJSON && v.Validate(signed, params, sig) {
+			return true
+		}
+	}
+	return false
+}
+
+// relay forwards the request unchanged to forward_to (the path after
+// /webhooks appended) and relays the app's answer.
+func (h *Handler) relay(w http.ResponseWriter, r *http.Request, body []byte) {
+	u := *h.forward
+	u.Path = strings.TrimSuffix(u.Path, "/") + strings.TrimPrefix(r.URL.Path, "/webhooks")
+	u.RawQuery = r.URL.RawQuery
+	out, err := http.NewRequestWithContext(r.Context(), r.Method, u.String(), bytes.NewReader(body))
+	if err != nil {
+		twilioerr.Write(w, http.StatusBadGateway, "webhooks.forward_to: the request could not be built")
+		return
+	}
+	for k, v := range r.Header {
+		if k != "Connection" && k != "Keep-Alive" && k != "Te" && k != "Trailer" && k != "Transfer-Encoding" && k != "Upgrade" {
+			out.Header[k] = v
+		}
+	}
+	resp, err := h.client.Do(out)
+	if err != nil {
+		h.cfg.Logger.Warn().Str("component", "webhooks").Str("error", err.Error()).Msg("webhook forward failed")
+		twilioerr.Write(w, http.StatusBadGateway, "webhooks.forward_to did not answer")
+		return
+	}
+	defer resp.Body.Close()
+	for k, v := range resp.Header {
+		w.Header()[k] = v
+	}
+	w.WriteHeader(resp.StatusCode)
+	_, _ = io.Copy(w, io.LimitReader(resp.Body, MaxBodyBytes))
+}
+
+// eventTags are the scopes the events in body invalidate, and the event
+// types seen (for the log).
+func eventTags(src source, body []byte, isJSON bool) (tags, kinds []string) {
+	add := func(kind string, t ...string) {
+		kinds = append(kinds, kind)
+		for _, x := range t {
+			if !strings.HasSuffix(x, ":") { // an empty id names nothing
+				tags = append(tags, x)
+			}
+		}
+	}
+	switch src {
+	case conversationsV1:
+		f := fields{}
+		if isJSON {
+			_ = json.Unmarshal(body, &f)
+		} else if form, err := url.ParseQuery(string(body)); err == nil {
+			for k, v := range form {
+				f[k] = v[0]
+			}
+		}
+		add(f["EventType"], conversationsV1Tags(f["EventType"], f)...)
+	case eventStreams:
+		var events []struct {
+			Type string `json:"type"`
+			Data fields `json:"data"`
+		}
+		if err := json.Unmarshal(body, &events); err != nil {
+			var one struct {
+				Type string `json:"type"`
+				Data fields `json:"data"`
+			}
+			if json.Unmarshal(body, &one) == nil {
+				events = append(events, one)
+			}
+		}
+		for _, e := range events {
+			add(e.Type, eventStreamsTags(e.Type, e.Data)...)
+		}
+	case orchestrator:
+		var e struct {
+			EventType string `json:"eventType"`
+			Type      string `json:"type"`
+			Data      fields `json:"data"`
+			Resource  fields `json:"resource"`
+		}
+		_ = json.Unmarshal(body, &e)
+		f := fields{}
+		_ = json.Unmarshal(body, &f)
+		for _, more := range []fields{e.Resource, e.Data} { // the resource's own fields win
+			for k, v := range more {
+				f[k] = v
+			}
+		}
+		kind := e.EventType
+		if kind == "" {
+			kind = e.Type
+		}
+		add(kind, orchestratorTags(kind, f)...)
+	}
+	return tags, kinds
+}
+
+// fields are an event's string fields (others are ignored).
+type fields map[string]string
+
+func (f *fields) UnmarshalJSON(b []byte) error {
+	var raw map[string]json.RawMessage
+	if err := json.Unmarshal(b, &raw); err != nil {
+		return err
+	}
+	*f = fields{}
+	for k, v := range raw {
+		var s string
+		if json.Unmarshal(v, &s) == nil {
+			(*f)[k] = s
+		}
+	}
+	return nil
+}
+
+// participantTags: the participant's reads, whatever path they used; when
+// one joins or leaves, also the reads that name its identity (a "not
+// found" remembered before it joined).
+func participantTags(sid, identity string, membership bool) []string {
+	out := []string{route.ParticipantTag(sid)}
+	if membership && identity != "" {
+		out = append(out, route.IdentityTag(identity))
+	}
+	return out
+}
+
+func conversationsV1Tags(eventType string, f fields) []string {
+	switch eventType {
+	case "onParticipantAdded", "onParticipantRemoved":
+		return participantTags(f["ParticipantSid"], f["Identity"], true)
+	case "onParticipantUpdated":
+		return participantTags(f["ParticipantSid"], f["Identity"], false)
+	case "onConversationUpdated", "onConversationRemoved", "onConversationStateUpdated":
+		return []string{route.ConversationTag(f["ConversationSid"])}
+	case "onUserUpdated", "onUserRemoved":
+		return []string{route.IdentityTag(f["Identity"])}
+	}
+	return nil // pre-events, messages, and what is not cached
+}
+
+func eventStreamsTags(typ string, f fields) []string {
+	switch typ {
+	case "com.twilio.conversations.participant.added", "com.twilio.conversations.participant.removed":
+		return participantTags(f["ParticipantSid"], f["Identity"], true)
+	case "com.twilio.conversations.participant.updated":
+		return participantTags(f["ParticipantSid"], f["Identity"], false)
+	case "com.twilio.conversations.conversation.updated", "com.twilio.conversations.conversation.removed",
+		"com.twilio.conversations.conversation-state.updated":
+		return []string{route.ConversationTag(f["ConversationSid"])}
+	case "com.twilio.conversations.user.updated", "com.twilio.conversations.user.removed":
+		return []string{route.IdentityTag(f["Identity"])}
+	}
+	return nil
+}
+
+func orchestratorTags(typ string, f fields) []string {
+	conv := f["conversationId"]
+	switch typ {
+	case "PARTICIPANT_ADDED", "PARTICIPANT_UPDATED", "PARTICIPANT_REMOVED":
+		id := f["participantId"]
+		if id == "" {
+			id = f["id"]
+		}
+		return []string{route.ParticipantTag(id)}
+	case "CONVERSATION_UPDATED", "CONVERSATION_DELETED", "CONVERSATION_REMOVED", "CONVERSATION_CLOSED":
+		if conv == "" {
+			conv = f["id"]
+		}
+		return []string{route.ConversationTag(conv)}
+	}
+	return nil
+}

@@ -1,0 +1,341 @@
+package webhooks
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"os/exec"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+
+	"cacheproxy/internal/route"
+
+	"github.com/rs/zerolog"
+)
+
+// The tests sign their requests with twilio-node (clients/node/sign.js):
+// code nobody here wrote.
+func TestMain(m *testing.M) {
+	_, errNode := exec.LookPath("node")
+	_, errPkgs := os.Stat("../../clients/node/node_modules/.package-lock.json")
+	if errNode != nil || errPkgs != nil {
+		fmt.Fprintln(os.Stderr, "internal/webhooks: node or the npm packages of clients/node are missing: run `bash .ci/run`, which installs them (npm ci) and runs every test")
+		os.Exit(1)
+	}
+	os.Exit(m.Run())
+}
+
+const (
+	public   = "https://hooks.example.com/twilio"
+	token    = "0123456789abcdef0123456789abcdef"
+	other    = "fedcba9876543210fedcba9876543210"
+	member   = "MB00000000000000000000000000000001"
+	conv     = "CH00000000000000000000000000000001"
+	account  = "AC00000000000000000000000000000001"
+	identity = "alice@example.com"
+	chatSvc  = "IS00000000000000000000000000000001"
+	userSid  = "US00000000000000000000000000000001"
+	v2part   = "conv_participant_1"
+	v2conv   = "conv_conversation_1"
+)
+
+// recorder is an Invalidator that remembers what it was told.
+type recorder struct {
+	mu    sync.Mutex
+	calls [][]string
+}
+
+func (r *recorder) Invalidate(_ context.Context, tags []string) uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.calls = append(r.calls, tags)
+	return uint64(len(r.calls))
+}
+
+func (r *recorder) all() [][]string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([][]string(nil), r.calls...)
+}
+
+type logBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *logBuf) Write(p []byte) (int, error) { l.mu.Lock(); defer l.mu.Unlock(); return l.b.Write(p) }
+func (l *logBuf) String() string              { l.mu.Lock(); defer l.mu.Unlock(); return l.b.String() }
+
+func newHandler(t *testing.T, forward string) (*Handler, *recorder, *logBuf) {
+	t.Helper()
+	rec, logs := &recorder{}, &logBuf{}
+	h, err := New(Config{PublicURL: public, AuthTokens: []string{other, token}, ForwardTo: forward, Invalidator: rec,
+		Logger: zerolog.New(logs).Level(zerolog.DebugLevel)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h, rec, logs
+}
+
+// sign asks twilio-node for the signature of a request to path: form
+// params, or a JSON body (then the URL gains bodySHA256).
+func sign(t *testing.T, tok, path string, params map[string]string, body *string) (signedURL, sig string) {
+	t.Helper()
+	in := map[string]any{"token": tok, "url": public + path}
+	if body != nil {
+		in["body"] = *body
+	} else {
+		in["params"] = params
+	}
+	raw, _ := json.Marshal(in)
+	cmd := exec.Command("node", "../../clients/node/sign.js")
+	cmd.Stdin = bytes.NewReader(raw)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("sign.js: %v", err)
+	}
+	var res struct{ URL, Signature string }
+	if err := json.Unmarshal(out, &res); err != nil {
+		t.Fatal(err)
+	}
+	return res.URL, res.Signature
+}
+
+// post sends a form webhook signed with tok to path.
+func postForm(t *testing.T, h http.Handler, tok, path string, params map[string]string) *httptest.ResponseRecorder {
+	t.Helper()
+	_, sig := sign(t, tok, path, params, nil)
+	form := url.Values{}
+	for k, v := range params {
+		form.Set(k, v)
+	}
+	req := httptest.NewRequest("POST", path, strings.NewReader(form.Encode()))
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("X-Twilio-Signature", sig)
+	w := httptest.NewRecorder()
+	h.ServeHTTP(w, req)
+	return w
+}
+
+// postJSON sends a JSON webhook (bodySHA256) signed with tok to path.
+func postJSON(t *testing.T, h http.Handler, tok, path, body string) *httptest.ResponseRecorder {
+	t.Helper()
+	signed, sig := sign(t, tok, path, nil, &body)
+	u, _ := url.Parse(signed)
+	req := httptest.NewRequest("POST", path+"?"+u.RawQuery, strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("X-Twilio-Signature", sig)
+	w := httptest.NewRecorder()
+	h.ServeHTTP(w, req)
+	return w
+}
+
+func TestConversationsWebhooksInvalidateWhatTheyChange(t *testing.T) {
+	base := map[string]string{"AccountSid": account, "ConversationSid": conv, "ParticipantSid": member, "Identity": identity,
+		"ChatServiceSid": chatSvc, "UserSid": userSid, "Source": "SDK"}
+	for _, tc := range []struct {
+		event string
+		want  []string
+	}{
+		{"onParticipantUpdated", []string{route.ParticipantTag(member)}},
+		{"onParticipantAdded", []string{route.ParticipantTag(member), route.IdentityTag(identity)}},
+		{"onParticipantRemoved", []string{route.ParticipantTag(member), route.IdentityTag(identity)}},
+		{"onConversationUpdated", []string{route.ConversationTag(conv)}},
+		{"onConversationRemoved", []string{route.ConversationTag(conv)}},
+		{"onConversationStateUpdated", []string{route.ConversationTag(conv)}},
+		{"onUserUpdated", []string{route.IdentityTag(identity)}},
+		{"onParticipantUpdate", nil}, // a pre-event: nothing has changed yet
+		{"onMessageAdded", nil},      // not cached: accepted, costs nothing
+	} {
+		t.Run(tc.event, func(t *testing.T) {
+			h, rec, _ := newHandler(t, "")
+			params := map[string]string{"EventType": tc.event}
+			for k, v := range base {
+				params[k] = v
+			}
+			w := postForm(t, h, token, "/webhooks/conversations", params)
+			if w.Code != http.StatusNoContent {
+				t.Fatalf("status %d: %s", w.Code, w.Body)
+			}
+			got := rec.all()
+			if tc.want == nil {
+				if len(got) != 0 {
+					t.Fatalf("invalidated %v", got)
+				}
+				return
+			}
+			if len(got) != 1 || !reflect.DeepEqual(got[0], tc.want) {
+				t.Fatalf("invalidated %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestEventStreamsSinkInvalidatesEachEvent(t *testing.T) {
+	h, rec, _ := newHandler(t, "")
+	body := `[
+ {"specversion":"1.0","type":"com.twilio.conversations.participant.updated","source":"x","id":"EV1",
+  "data":{"AccountSid":"` + account + `","ParticipantSid":"` + member + `","Identity":"` + identity + `","ConversationSid":"` + conv + `","MessagingBinding":{"Address":"+15005550001"}}},
+ {"specversion":"1.0","type":"com.twilio.conversations.conversation.updated","source":"x","id":"EV2",
+  "data":{"AccountSid":"` + account + `","ConversationSid":"` + conv + `","State":"active"}},
+ {"specversion":"1.0","type":"com.twilio.conversations.user.updated","source":"x","id":"EV3",
+  "data":{"AccountSid":"` + account + `","UserSid":"` + userSid + `","Identity":"` + identity + `"}},
+ {"specversion":"1.0","type":"com.twilio.conversations.message.added","source":"x","id":"EV4","data":{"ConversationSid":"` + conv + `"}}
+]`
+	for range 2 { // delivered twice (at least once): harmless
+		if w := postJSON(t, h, token, "/webhooks/events", body); w.Code != http.StatusNoContent {
+			t.Fatalf("status %d: %s", w.Code, w.Body)
+		}
+	}
+	want := []string{route.ParticipantTag(member), route.ConversationTag(conv), route.IdentityTag(identity)}
+	got := rec.all()
+	if len(got) != 2 || !reflect.DeepEqual(got[0], want) || !reflect.DeepEqual(got[1], want) {
+		t.Fatalf("invalidated %v, want %v twice", got, want)
+	}
+}
+
+func TestOrchestratorCallbacksInvalidateV2Reads(t *testing.T) {
+	h, rec, _ := newHandler(t, "")
+	for body, want := range map[string]string{
+		`{"eventType":"PARTICIPANT_UPDATED","timestamp":"2026-01-01T00:00:00Z","data":{"id":"` + v2part + `","conversationId":"` + v2conv + `"}}`: route.ParticipantTag(v2part),
+		`{"eventType":"CONVERSATION_UPDATED","timestamp":"2026-01-01T00:00:00Z","data":{"id":"` + v2conv + `"}}`:                                  route.ConversationTag(v2conv),
+	} {
+		before := len(rec.all())
+		if w := postJSON(t, h, token, "/webhooks/orchestrator", body); w.Code != http.StatusNoContent {
+			t.Fatalf("status %d: %s", w.Code, w.Body)
+		}
+		got := rec.all()
+		if len(got) != before+1 || !reflect.DeepEqual(got[before], []string{want}) {
+			t.Fatalf("%s: invalidated %v, want [%s]", body, got[before:], want)
+		}
+	}
+}
+
+// Only Twilio can invalidate: a missing or wrong signature, another
+// token, a changed body or another URL get 403 in Twilio's error shape,
+// invalidate nothing, are not forwarded, and are logged without the
+// signature or the body.
+func TestOnlyTwilioCanInvalidate(t *testing.T) {
+	forwarded := 0
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { forwarded++ }))
+	defer app.Close()
+	h, rec, logs := newHandler(t, app.URL)
+	params := map[string]string{"EventType": "onParticipantUpdated", "ConversationSid": conv, "ParticipantSid": member, "Identity": identity}
+	_, good := sign(t, token, "/webhooks/conversations", params, nil)
+	_, wrongToken := sign(t, "not-a-configured-token-000000000", "/webhooks/conversations", params, nil)
+	_, otherPath := sign(t, token, "/webhooks/events", params, nil)
+	form := url.Values{}
+	for k, v := range params {
+		form.Set(k, v)
+	}
+	tampered := url.Values{}
+	for k, v := range params {
+		tampered.Set(k, v)
+	}
+	tampered.Set("ParticipantSid", "MB00000000000000000000000000000009")
+	for name, tc := range map[string]struct{ body, sig string }{
+		"missing":     {form.Encode(), ""},
+		"wrong token": {form.Encode(), wrongToken},
+		"other URL":   {form.Encode(), otherPath},
+		"tampered":    {tampered.Encode(), good},
+		"garbage":     {form.Encode(), "not base64 at all"},
+	} {
+		req := httptest.NewRequest("POST", "/webhooks/conversations", strings.NewReader(tc.body))
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		if tc.sig != "" {
+			req.Header.Set("X-Twilio-Signature", tc.sig)
+		}
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, req)
+		var e struct {
+			Code   int `json:"code"`
+			Status int `json:"status"`
+		}
+		if w.Code != http.StatusForbidden || json.Unmarshal(w.Body.Bytes(), &e) != nil || e.Code != 20403 || e.Status != 403 {
+			t.Fatalf("%s: %d %s", name, w.Code, w.Body)
+		}
+	}
+	if got := rec.all(); len(got) != 0 || forwarded != 0 {
+		t.Fatalf("refused requests invalidated %v, forwarded %d", got, forwarded)
+	}
+	if l := logs.String(); strings.Count(l, "webhook refused") != 5 || strings.Contains(l, good) || strings.Contains(l, identity) || strings.Contains(l, member) {
+		t.Fatalf("refusal log lines: %s", l)
+	}
+}
+
+func TestBadRequestsGetClearAnswers(t *testing.T) {
+	h, rec, _ := newHandler(t, "")
+	for _, tc := range []struct {
+		method, path string
+		body         io.Reader
+		status       int
+	}{
+		{"GET", "/webhooks/conversations", nil, http.StatusMethodNotAllowed},
+		{"POST", "/webhooks/other", strings.NewReader(""), http.StatusNotFound},
+		{"POST", "/v1/Conversations", strings.NewReader(""), http.StatusNotFound},
+		{"POST", "/webhooks/events", strings.NewReader(strings.Repeat("x", MaxBodyBytes+1)), http.StatusRequestEntityTooLarge},
+	} {
+		req := httptest.NewRequest(tc.method, tc.path, tc.body)
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, req)
+		if w.Code != tc.status || !json.Valid(w.Body.Bytes()) {
+			t.Fatalf("%s %s: %d %s, want %d", tc.method, tc.path, w.Code, w.Body, tc.status)
+		}
+	}
+	if len(rec.all()) != 0 {
+		t.Fatal("a bad request invalidated something")
+	}
+}
+
+// With forward_to, the request goes on to the app unchanged (after the
+// invalidation) and the app's answer comes back as it is: pre-event
+// webhooks keep working with cacheproxy in front.
+func TestForwardToRelaysTheAppsAnswer(t *testing.T) {
+	type seen struct {
+		path, query, sig, body string
+	}
+	got := make(chan seen, 2)
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		got <- seen{r.URL.Path, r.URL.RawQuery, r.Header.Get("X-Twilio-Signature"), string(b)}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusOK)
+		io.WriteString(w, `{"friendly_name":"changed by the app"}`) // a pre-event's answer
+	}))
+	defer app.Close()
+	h, rec, _ := newHandler(t, app.URL+"/app/hooks")
+	params := map[string]string{"EventType": "onConversationUpdate", "ConversationSid": conv}
+	w := postForm(t, h, token, "/webhooks/conversations", params)
+	if w.Code != 200 || w.Body.String() != `{"friendly_name":"changed by the app"}` {
+		t.Fatalf("relayed answer: %d %s", w.Code, w.Body)
+	}
+	s := <-got
+	form := url.Values{}
+	for k, v := range params {
+		form.Set(k, v)
+	}
+	if s.path != "/app/hooks/conversations" || s.sig == "" || s.body != form.Encode() {
+		t.Fatalf("forwarded: %+v", s)
+	}
+	if len(rec.all()) != 0 {
+		t.Fatal("a pre-event invalidated something")
+	}
+	body := `[{"type":"com.twilio.conversations.participant.updated","data":{"ParticipantSid":"` + member + `"}}]`
+	if w := postJSON(t, h, token, "/webhooks/events", body); w.Code != 200 {
+		t.Fatalf("events relayed: %d", w.Code)
+	}
+	if s := <-got; s.path != "/app/hooks/events" || !strings.HasPrefix(s.query, "bodySHA256=") || s.body != body {
+		t.Fatalf("forwarded: %+v", s)
+	}
+	if len(rec.all()) != 1 {
+		t.Fatal("the forwarded event did not invalidate first")
+	}
+}
