@@ -76,6 +76,15 @@ func TestAParticipantWebhookInvalidatesItsReads(t *testing.T) {
 	if !h.cachedFor(pathSvc, basic(acctA, tokenA)) {
 		t.Fatal("another participant's read was dropped")
 	}
+	// The service form of the path goes too (the event names no service).
+	h.conv.SetAttributes(conv2, member2, "changed too")
+	if s := signedWebhook(t, h.invalidator, map[string]string{"EventType": "onParticipantUpdated", "ConversationSid": conv2,
+		"ParticipantSid": member2, "Identity": "bob"}); s != http.StatusNoContent {
+		t.Fatalf("webhook: %d", s)
+	}
+	if s, cs, body := h.get(pathSvc); s != 200 || strings.HasPrefix(cs, "cacheproxy; hit") || !strings.Contains(body, "changed too") {
+		t.Fatalf("service form after the webhook: %d %q", s, cs)
+	}
 }
 
 // An event through one replica's webhook listener reaches every replica.
