@@ -196,7 +196,7 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		ln.Close()
 		return fmt.Errorf("admin_listen: %w", err)
 	}
-	hooks, hooksLn, err := webhookServer(cfg, opts.Invalidator, logger)
+	hooks, hooksLn, err := webhookServer(cfg, opts.Invalidator, logger, reg)
 	if err != nil {
 		ln.Close()
 		adminLn.Close()
@@ -306,13 +306,13 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 
 // webhookServer is the listener for Twilio's webhooks (webhooks.listen),
 // or nil when it is off. It serves only the webhook endpoints.
-func webhookServer(cfg config.Config, inv proxy.Invalidator, logger zerolog.Logger) (*http.Server, net.Listener, error) {
+func webhookServer(cfg config.Config, inv proxy.Invalidator, logger zerolog.Logger, reg prometheus.Registerer) (*http.Server, net.Listener, error) {
 	w := cfg.Webhooks
 	if w.Listen == "" {
 		return nil, nil, nil
 	}
 	h, err := webhooks.New(webhooks.Config{PublicURL: w.PublicURL, AuthTokens: w.AuthTokens, ForwardTo: w.ForwardTo,
-		Invalidator: inv, Logger: logger})
+		Invalidator: inv, Logger: logger, Registerer: reg})
 	if err != nil {
 		return nil, nil, err
 	}

@@ -736,5 +736,16 @@ func TestWebhookListenerServesOnlyWebhooks(t *testing.T) {
 	if resp.StatusCode != 404 {
 		t.Fatalf("a proxy read on the webhook listener: %d, want 404", resp.StatusCode)
 	}
+	resp, err = http.Get("http://" + p.admin + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{`cacheproxy_webhooks_total{outcome="rejected",source="conversations"} 1`, `cacheproxy_webhooks_total{outcome="rejected",source="unknown"} 1`} {
+		if !strings.Contains(string(metrics), want) {
+			t.Errorf("/metrics lacks %s", want)
+		}
+	}
 	noSecretsLogged(t, []*proc{p}, token1, token2)
 }

@@ -171,7 +171,7 @@ func TestSidecarManifestConfigLoads(t *testing.T) {
 	for file, env := range map[string][]string{
 		"sidecar.yaml":        nil,
 		"native-sidecar.yaml": nil,
-		"fleet.yaml":          {"CACHEPROXY_REDIS_URL=rediss://u:p@redis:6379", "CACHEPROXY_CACHE_KEY_SECRET=s"},
+		"fleet.yaml":          {"CACHEPROXY_REDIS_URL=rediss://u:p@redis:6379", "CACHEPROXY_CACHE_KEY_SECRET=s", "CACHEPROXY_WEBHOOKS_AUTH_TOKENS=t"},
 	} {
 		raw, err := os.ReadFile("../../deploy/k8s/" + file)
 		if err != nil {
@@ -192,8 +192,8 @@ func TestSidecarManifestConfigLoads(t *testing.T) {
 		if err != nil || c.AdminListen != "0.0.0.0:9090" || c.Cache.MaxBytes != 64<<20 || c.RateLimit.MaxConcurrent != 25 {
 			t.Fatalf("%s: %+v %v", file, c, err)
 		}
-		if (env != nil) != (c.Redis.URL != "") {
-			t.Fatalf("%s: redis.url %q", file, c.Redis.URL)
+		if (env != nil) != (c.Redis.URL != "") || (env != nil) != (c.Webhooks.Listen != "") {
+			t.Fatalf("%s: redis.url %q, webhooks.listen %q", file, c.Redis.URL, c.Webhooks.Listen)
 		}
 	}
 }

@@ -36,6 +36,7 @@ import (
 	"cacheproxy/internal/route"
 	"cacheproxy/internal/twilioerr"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 	"github.com/twilio/twilio-go/client"
 )
@@ -63,6 +64,8 @@ type Config struct {
 	Logger zerolog.Logger
 	// Client forwards requests; default: a client with a 10 s timeout.
 	Client *http.Client
+	// Registerer receives cacheproxy_webhooks_total; nil: none.
+	Registerer prometheus.Registerer
 }
 
 // Handler serves the webhook endpoints.
@@ -72,9 +75,21 @@ type Handler struct {
 	forward    *url.URL
 	validators []client.RequestValidator
 	client     *http.Client
+	total      *prometheus.CounterVec
 
 	Accepted, Refused, Invalidations atomic.Int64
 }
+
+// Outcomes of a webhook request, the outcome label of
+// cacheproxy_webhooks_total: accepted (it invalidated), ignored (valid,
+// nothing cached to invalidate), forwarded (relayed to forward_to after
+// invalidating), rejected (a bad signature or request).
+const (
+	outcomeAccepted  = "accepted"
+	outcomeIgnored   = "ignored"
+	outcomeForwarded = "forwarded"
+	outcomeRejected  = "rejected"
+)
 
 // New checks cfg and returns the handler.
 func New(cfg Config) (*Handler, error) {
@@ -84,7 +99,15 @@ func New(cfg Config) (*Handler, error) {
 	if len(cfg.AuthTokens) == 0 {
 		return nil, errors.New("webhooks: at least one auth token is required")
 	}
-	h := &Handler{cfg: cfg, public: strings.TrimSuffix(cfg.PublicURL, "/"), client: cfg.Client}
+	h := &Handler{cfg: cfg, public: strings.TrimSuffix(cfg.PublicURL, "/"), client: cfg.Client,
+		total: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "cacheproxy_webhooks_total",
+			Help: "Webhook requests by source (conversations, events, orchestrator, unknown) and outcome (accepted, ignored, forwarded, rejected)."},
+			[]string{"source", "outcome"})}
+	if cfg.Registerer != nil {
+		if err := cfg.Registerer.Register(h.total); err != nil {
+			return nil, err
+		}
+	}
 	if h.client == nil {
 		h.client = &http.Client{Timeout: 10 * time.Second}
 	}
@@ -105,10 +128,13 @@ func New(cfg Config) (*Handler, error) {
 type source int
 
 const (
-	conversationsV1 source = iota + 1
+	unknownSource source = iota
+	conversationsV1
 	eventStreams
 	orchestrator
 )
+
+var sourceNames = [...]string{"unknown", "conversations", "events", "orchestrator"}
 
 var sources = map[string]source{
 	"/webhooks/conversations": conversationsV1,
@@ -117,23 +143,45 @@ var sources = map[string]source{
 }
 
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	src, ok := sources[r.URL.Path]
-	if !ok {
-		twilioerr.Write(w, http.StatusNotFound, "not a webhook endpoint: POST /webhooks/conversations, /webhooks/events or /webhooks/orchestrator")
+	start := time.Now()
+	src := sources[r.URL.Path]
+	var kinds []string
+	outcome, status, reason := outcomeRejected, 0, ""
+	defer func() {
+		h.total.WithLabelValues(sourceNames[src], outcome).Inc()
+		// The webhook's line: what came, and what it did (never the body).
+		ev := h.cfg.Logger.Info()
+		if outcome == outcomeRejected {
+			ev = h.cfg.Logger.Warn()
+		}
+		// Neither the signature nor the body: the body may hold personal data.
+		ev = ev.Str("component", "webhooks").Str("source", sourceNames[src]).Str("method", r.Method).Str("path", r.URL.Path).
+			Strs("events", kinds).Str("outcome", outcome).Int("status", status).Int64("duration_us", time.Since(start).Microseconds())
+		if reason != "" {
+			ev = ev.Str("error", reason)
+		}
+		ev.Msg("webhook")
+	}()
+	fail := func(code int, msg string) {
+		status, reason = code, msg
+		twilioerr.Write(w, code, msg)
+	}
+	if src == unknownSource {
+		fail(http.StatusNotFound, "not a webhook endpoint: POST /webhooks/conversations, /webhooks/events or /webhooks/orchestrator")
 		return
 	}
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
-		twilioerr.Write(w, http.StatusMethodNotAllowed, "webhooks are POSTed")
+		fail(http.StatusMethodNotAllowed, "webhooks are POSTed")
 		return
 	}
 	body, err := io.ReadAll(io.LimitReader(r.Body, MaxBodyBytes+1))
 	if err != nil {
-		twilioerr.Write(w, http.StatusBadRequest, "the request body could not be read")
+		fail(http.StatusBadRequest, "the request body could not be read")
 		return
 	}
 	if len(body) > MaxBodyBytes {
-		twilioerr.Write(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("a webhook body is at most %d bytes", MaxBodyBytes))
+		fail(http.StatusRequestEntityTooLarge, fmt.Sprintf("a webhook body is at most %d bytes", MaxBodyBytes))
 		return
 	}
 	signed := h.public + r.URL.Path
@@ -146,24 +194,25 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if !h.valid(signed, r.Header.Get("X-Twilio-Signature"), body, isJSON) {
 		h.Refused.Add(1)
-		// Neither the signature nor the body: the body may hold personal data.
-		h.cfg.Logger.Warn().Str("component", "webhooks").Str("path", r.URL.Path).Int("body_bytes", len(body)).
-			Bool("signed", r.Header.Get("X-Twilio-Signature") != "").Msg("webhook refused: no valid X-Twilio-Signature for webhooks.public_url and webhooks.auth_tokens")
-		twilioerr.Write(w, http.StatusForbidden, "invalid or missing X-Twilio-Signature")
+		fail(http.StatusForbidden, "invalid or missing X-Twilio-Signature (for webhooks.public_url and webhooks.auth_tokens)")
 		return
 	}
 	h.Accepted.Add(1)
-	tags, kinds := eventTags(src, body, isJSON)
+	var tags []string
+	tags, kinds = eventTags(src, body, isJSON)
+	outcome = outcomeIgnored
 	if len(tags) > 0 {
 		h.cfg.Invalidator.Invalidate(r.Context(), tags)
 		h.Invalidations.Add(1)
+		outcome = outcomeAccepted
 	}
-	h.cfg.Logger.Debug().Str("component", "webhooks").Str("path", r.URL.Path).Strs("events", kinds).Int("scopes", len(tags)).Msg("webhook applied")
 	if h.forward == nil {
-		w.WriteHeader(http.StatusNoContent)
+		status = http.StatusNoContent
+		w.WriteHeader(status)
 		return
 	}
-	h.relay(w, r, body)
+	outcome = outcomeForwarded
+	status = h.relay(w, r, body)
 }
 
 // valid reports whether sig is Twilio's signature of the request with one
@@ -193,15 +242,16 @@ func (h *Handler) valid(signed, sig string, body []byte, isJSON bool) bool {
 }
 
 // relay forwards the request unchanged to forward_to (the path after
-// /webhooks appended) and relays the app's answer.
-func (h *Handler) relay(w http.ResponseWriter, r *http.Request, body []byte) {
+// /webhooks appended) and relays the app's answer; it returns the status
+// sent.
+func (h *Handler) relay(w http.ResponseWriter, r *http.Request, body []byte) int {
 	u := *h.forward
 	u.Path = strings.TrimSuffix(u.Path, "/") + strings.TrimPrefix(r.URL.Path, "/webhooks")
 	u.RawQuery = r.URL.RawQuery
 	out, err := http.NewRequestWithContext(r.Context(), r.Method, u.String(), bytes.NewReader(body))
 	if err != nil {
 		twilioerr.Write(w, http.StatusBadGateway, "webhooks.forward_to: the request could not be built")
-		return
+		return http.StatusBadGateway
 	}
 	for k, v := range r.Header {
 		if k != "Connection" && k != "Keep-Alive" && k != "Te" && k != "Trailer" && k != "Transfer-Encoding" && k != "Upgrade" {
@@ -212,7 +262,7 @@ func (h *Handler) relay(w http.ResponseWriter, r *http.Request, body []byte) {
 	if err != nil {
 		h.cfg.Logger.Warn().Str("component", "webhooks").Str("error", err.Error()).Msg("webhook forward failed")
 		twilioerr.Write(w, http.StatusBadGateway, "webhooks.forward_to did not answer")
-		return
+		return http.StatusBadGateway
 	}
 	defer resp.Body.Close()
 	for k, v := range resp.Header {
@@ -220,6 +270,7 @@ func (h *Handler) relay(w http.ResponseWriter, r *http.Request, body []byte) {
 	}
 	w.WriteHeader(resp.StatusCode)
 	_, _ = io.Copy(w, io.LimitReader(resp.Body, MaxBodyBytes))
+	return resp.StatusCode
 }
 
 // eventTags are the scopes the events in body invalidate, and the event

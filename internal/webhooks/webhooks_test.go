@@ -18,6 +18,8 @@ import (
 
 	"cacheproxy/internal/route"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/rs/zerolog"
 )
 
@@ -266,7 +268,7 @@ func TestOnlyTwilioCanInvalidate(t *testing.T) {
 	if got := rec.all(); len(got) != 0 || forwarded != 0 {
 		t.Fatalf("refused requests invalidated %v, forwarded %d", got, forwarded)
 	}
-	if l := logs.String(); strings.Count(l, "webhook refused") != 5 || strings.Contains(l, good) || strings.Contains(l, identity) || strings.Contains(l, member) {
+	if l := logs.String(); strings.Count(l, `"outcome":"rejected"`) != 5 || strings.Contains(l, good) || strings.Contains(l, identity) || strings.Contains(l, member) {
 		t.Fatalf("refusal log lines: %s", l)
 	}
 }
@@ -337,5 +339,33 @@ func TestForwardToRelaysTheAppsAnswer(t *testing.T) {
 	}
 	if len(rec.all()) != 1 {
 		t.Fatal("the forwarded event did not invalidate first")
+	}
+}
+
+// Each request counts in cacheproxy_webhooks_total{source,outcome} and has
+// a log line with its event types.
+func TestWebhooksAreCountedAndLogged(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	rec, logs := &recorder{}, &logBuf{}
+	h, err := New(Config{PublicURL: public, AuthTokens: []string{token}, Invalidator: rec, Logger: zerolog.New(logs), Registerer: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	postForm(t, h, token, "/webhooks/conversations", map[string]string{"EventType": "onParticipantUpdated", "ParticipantSid": member})
+	postForm(t, h, token, "/webhooks/conversations", map[string]string{"EventType": "onMessageAdded"})
+	postForm(t, h, other, "/webhooks/conversations", map[string]string{"EventType": "onParticipantUpdated", "ParticipantSid": member})
+	postJSON(t, h, token, "/webhooks/events", `[{"type":"com.twilio.conversations.conversation.updated","data":{"ConversationSid":"`+conv+`"}}]`)
+	for labels, want := range map[[2]string]float64{
+		{"conversations", "accepted"}: 1, {"conversations", "ignored"}: 1, {"conversations", "rejected"}: 1, {"events", "accepted"}: 1,
+	} {
+		if got := testutil.ToFloat64(h.total.WithLabelValues(labels[0], labels[1])); got != want {
+			t.Errorf("cacheproxy_webhooks_total%v = %v, want %v", labels, got, want)
+		}
+	}
+	l := logs.String()
+	for _, want := range []string{`"events":["onParticipantUpdated"]`, `"events":["onMessageAdded"]`, `"events":["com.twilio.conversations.conversation.updated"]`, `"outcome":"ignored"`} {
+		if !strings.Contains(l, want) {
+			t.Errorf("log lacks %s:\n%s", want, l)
+		}
 	}
 }
