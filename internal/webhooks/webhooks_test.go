@@ -4,18 +4,17 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
-	"os"
 	"os/exec"
 	"reflect"
 	"strings"
 	"sync"
 	"testing"
 
+	"cacheproxy/internal/nodetest"
 	"cacheproxy/internal/route"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -24,16 +23,8 @@ import (
 )
 
 // The tests sign their requests with twilio-node (clients/node/sign.js):
-// code nobody here wrote.
-func TestMain(m *testing.M) {
-	_, errNode := exec.LookPath("node")
-	_, errPkgs := os.Stat("../../clients/node/node_modules/.package-lock.json")
-	if errNode != nil || errPkgs != nil {
-		fmt.Fprintln(os.Stderr, "internal/webhooks: node or the npm packages of clients/node are missing: run `bash .ci/run`, which installs them (npm ci) and runs every test")
-		os.Exit(1)
-	}
-	os.Exit(m.Run())
-}
+// code nobody here wrote. `bash .ci/run` installs it.
+func TestMain(m *testing.M) { nodetest.Main(m, "internal/webhooks") }
 
 const (
 	public   = "https://hooks.example.com/twilio"
