@@ -655,15 +655,10 @@ func TestFleetOfTwoBinaries(t *testing.T) {
 	if cs := cacheStatus(t, a); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
 		t.Fatalf("A after B's write: %q, want a miss", cs)
 	}
-	resp, err := http.Get("http://" + a.admin + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	metrics, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
+	metrics := scrape(t, a)
 	for _, want := range []string{"cacheproxy_redis_up 1", "cacheproxy_fleet_invalidations_received_total 1", "cacheproxy_l2_hits_total 0",
 		"cacheproxy_l2_latency_seconds_count 4", "cacheproxy_fleet_replicas ", "cacheproxy_fleet_budget_waits_total 0", "cacheproxy_fleet_leases_won_total 2"} {
-		if !strings.Contains(string(metrics), want) {
+		if !strings.Contains(metrics, want) {
 			t.Errorf("A's /metrics lacks %q", want)
 		}
 	}
@@ -736,16 +731,23 @@ func TestWebhookListenerServesOnlyWebhooks(t *testing.T) {
 	if resp.StatusCode != 404 {
 		t.Fatalf("a proxy read on the webhook listener: %d, want 404", resp.StatusCode)
 	}
-	resp, err = http.Get("http://" + p.admin + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	metrics, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
+	metrics := scrape(t, p)
 	for _, want := range []string{`cacheproxy_webhooks_total{outcome="rejected",source="conversations"} 1`, `cacheproxy_webhooks_total{outcome="rejected",source="unknown"} 1`} {
-		if !strings.Contains(string(metrics), want) {
+		if !strings.Contains(metrics, want) {
 			t.Errorf("/metrics lacks %s", want)
 		}
 	}
 	noSecretsLogged(t, []*proc{p}, token1, token2)
+}
+
+// scrape returns p's /metrics.
+func scrape(t *testing.T, p *proc) string {
+	t.Helper()
+	resp, err := http.Get("http://" + p.admin + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
 }

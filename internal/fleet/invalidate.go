@@ -117,11 +117,12 @@ func (i *Invalidator) Valid(epoch uint64, tags []string) bool { return i.local.V
 // Invalidate marks tags in Redis and here, tells the other replicas and
 // waits for them (bounded); it returns this replica's new epoch.
 func (i *Invalidator) Invalidate(ctx context.Context, tags []string) uint64 {
-	if err := i.f.Invalidate(ctx, tags); err != nil {
+	err := i.f.Invalidate(ctx, tags)
+	if err != nil {
 		i.fail(err)
 	}
 	epoch := i.local.Invalidate(ctx, tags)
-	if len(tags) > 0 {
+	if len(tags) > 0 && err == nil { // Redis just failed: a second wait for it would only delay the write
 		i.broadcast(ctx, tags)
 	}
 	return epoch
