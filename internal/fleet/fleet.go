@@ -41,6 +41,7 @@ import (
 	"time"
 
 	"cacheproxy/internal/cache"
+	"cacheproxy/internal/clock"
 
 	"github.com/redis/rueidis"
 )
@@ -58,11 +59,16 @@ type Config struct {
 	// Retention is how long an invalidation mark must outlive it: the
 	// longest an entry fetched before it can stay in Redis.
 	Retention time.Duration
+	// ClaimTTL is how long a cold key's claim holds before it lapses.
+	ClaimTTL time.Duration
+	// Clock is the replica's clock (the proxy's); if nil, the real one.
+	Clock clock.Clock
 }
 
 // Fleet is the connection to Redis and what is derived from the secret.
 type Fleet struct {
 	cfg    Config
+	clock  clock.Clock
 	client atomic.Pointer[rueidis.Client] // nil until connected
 	nameK  []byte                         // keys key names
 	up     atomic.Bool
@@ -96,7 +102,7 @@ func Open(cfg Config) (*Fleet, error) {
 	opt.DisableRetry = true
 	opt.ConnWriteTimeout = max(cfg.Timeout, time.Second)
 	opt.Dialer.Timeout = max(cfg.Timeout, time.Second)
-	f := &Fleet{cfg: cfg, nameK: derive(cfg.Secret, "cacheproxy key names v1", ""), stop: make(chan struct{}), done: make(chan struct{})}
+	f := &Fleet{cfg: cfg, clock: clock.Or(cfg.Clock), nameK: derive(cfg.Secret, "cacheproxy key names v1", ""), stop: make(chan struct{}), done: make(chan struct{})}
 	go f.connect(opt)
 	return f, nil
 }

@@ -3,7 +3,6 @@ package proxy
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -18,83 +17,93 @@ import (
 	"golang.org/x/sync/singleflight"
 )
 
-// fetchResult is what one upstream fetch produced, shared by its waiters.
+// fetchResult is what one flight produced, shared by its waiters.
 type fetchResult struct {
 	entry    *cache.Entry
 	stored   bool
-	shared   bool // another replica's fetch (its lease), from the shared tier
+	from     source // fromUpstream, or the tier that answered instead
 	upStatus int
 	upDur    time.Duration
 	calls    callStats
 }
 
-// serveCached answers a GET or HEAD of a participant read route.
+// reply is one way out of serveCached: what the cache did (the outcome
+// counted and logged) and what to send: an entry with its Cache-Status
+// and Age values, an error answer, or, with neither, a pass-through.
+type reply struct {
+	outcome outcome
+	status  []string // the Cache-Status value
+	entry   *cache.Entry
+	age     []string // the Age value; nil: none
+	err     error    // instead of an entry: the error answer (statusFor)
+}
+
+var (
+	bypassStatus    = []string{"cacheproxy; fwd=bypass"}
+	collapsedStatus = []string{"cacheproxy; fwd=uri-miss; collapsed; detail=fleet"}
+)
+
+// serveCached answers a GET or HEAD of a participant read route. It makes
+// only HTTP decisions; the tiers are sequenced by p.tiers.
 func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *upstream, auth string) {
 	noCache, noStore := rec.hdr.cacheDirectives()
 	if auth == "" || noStore {
 		// Without credentials nothing is served from or put in the cache;
 		// no-store asks us to keep nothing.
-		rec.cache = outcomeBypass
-		w.Header()["Cache-Status"] = []string{"cacheproxy; fwd=bypass"}
-		p.forward(w, r, rec, up)
+		p.answer(w, r, rec, up, reply{outcome: outcomeBypass, status: bypassStatus})
 		return
 	}
 	// The key is looked up as a view of rec's buffer (no allocation on a
-	// hit) and copied before anything can keep it.
+	// hit); lookup copies it before anything can keep it.
 	kb := appendKey(rec.keyBuf[:0], &rec.rt, r.URL.RawQuery, rec.cred)
 	key := unsafe.String(unsafe.SliceData(kb), len(kb))
-	// stale is an expired entry still within its stale windows.
-	var stale *cache.Entry
 	now := rec.start
-	if !noCache {
-		if e, ok := p.lookup(key, now); ok {
-			if now.Before(e.Expires) {
-				p.c.hits.Add(1)
-				rec.cache = outcomeHit
-				ttl := int(e.Expires.Sub(now) / time.Second)
-				age := int(now.Sub(e.Stored) / time.Second)
-				p.writeEntry(w, r, rec.hdr.conditional, e, p.hdrs.hit(ttl), p.hdrs.age(age))
-				return
-			}
-			stale = e
-		}
+	var f found
+	if noCache {
+		f.key = strings.Clone(key)
+	} else {
+		f = p.tiers.lookup(r.Context(), key, auth, now)
 	}
-	key = strings.Clone(key) // past a hit, flights and fetches keep the key
-	if p.shared != nil && !noCache {
-		// The local epoch is read before the lookup, as for a fetch: an
-		// invalidation that arrives meanwhile makes the copy invalid here.
-		e := p.sharedFill(r.Context(), key, auth, p.inv.Epoch())
-		if e != nil && !now.Before(e.Expires) && (stale == nil || e.Expires.After(stale.Expires)) {
-			stale = e // expired, still within its stale windows: as good as a local one
-		}
-		if e != nil && now.Before(e.Expires) {
-			p.c.shared.Add(1)
-			rec.cache = outcomeShared
-			ttl := int(e.Expires.Sub(now) / time.Second)
-			p.writeEntry(w, r, rec.hdr.conditional, e, []string{"cacheproxy; hit; ttl=" + strconv.Itoa(ttl) + "; detail=shared"},
-				p.hdrs.age(max(0, int(now.Sub(e.Stored)/time.Second))))
-			return
-		}
-	}
-	if stale != nil && now.Before(stale.Expires.Add(p.fresh.StaleWhileRevalidate)) {
+	switch {
+	case f.fresh != nil:
+		p.answer(w, r, rec, up, p.hit(f.fresh, f.from, now))
+	case f.stale != nil && now.Before(f.stale.Expires.Add(p.fresh.StaleWhileRevalidate)):
 		// Stale-while-revalidate: answer now, refresh in the background
 		// (one fetch per key: it is a flight).
-		p.c.stale.Add(1)
-		rec.cache = outcomeStale
-		p.revalidate(r, rec.rt, up, key)
-		age := int(now.Sub(stale.Stored) / time.Second)
-		p.writeEntry(w, r, rec.hdr.conditional, stale, []string{"cacheproxy; hit; ttl=" + strconv.Itoa(int(stale.Expires.Sub(now)/time.Second)) + "; detail=stale-while-revalidate"}, p.hdrs.age(age))
-		return
+		p.revalidate(r, rec.rt, up, f.key)
+		ttl := strconv.Itoa(int(f.stale.Expires.Sub(now) / time.Second))
+		p.answer(w, r, rec, up, reply{outcome: outcomeStale, entry: f.stale,
+			status: []string{"cacheproxy; hit; ttl=" + ttl + "; detail=stale-while-revalidate"}, age: p.hdrs.age(age(f.stale, now))})
+	default:
+		p.answer(w, r, rec, up, p.miss(r, rec, up, f, noCache))
 	}
-	res, leader, err := p.fetchShared(r, rec.rt, up, key, p.flightKey(r, key, noCache), !noCache)
+}
+
+// hit is the reply for a fresh entry from tier from.
+func (p *Proxy) hit(e *cache.Entry, from source, now time.Time) reply {
+	ttl := int(e.Expires.Sub(now) / time.Second)
+	if from == fromL2 {
+		return reply{outcome: outcomeShared, entry: e, status: []string{"cacheproxy; hit; ttl=" + strconv.Itoa(ttl) + "; detail=shared"},
+			age: p.hdrs.age(age(e, now))}
+	}
+	return reply{outcome: outcomeHit, entry: e, status: p.hdrs.hit(ttl), age: p.hdrs.age(age(e, now))}
+}
+
+// age is e's age at now in whole seconds, never negative.
+func age(e *cache.Entry, now time.Time) int {
+	return max(0, int(now.Sub(e.Stored)/time.Second))
+}
+
+// miss fetches key (or joins its flight) and replies with the answer, or
+// with a stale entry when the upstream failed (stale-if-error).
+func (p *Proxy) miss(r *http.Request, rec *record, up *upstream, f found, noCache bool) reply {
+	res, leader, err := p.fetchShared(r, rec.rt, up, f.key, p.flightKey(r, f.key, noCache), noCache)
 	rec.viaUpstream = true
 	if res != nil {
 		rec.calls = res.calls
 	}
-	if upstreamFailed(res, err) && stale != nil && rec.start.Before(stale.Expires.Add(p.fresh.StaleIfError)) && r.Context().Err() == nil {
+	if s := f.stale; upstreamFailed(res, err) && s != nil && rec.start.Before(s.Expires.Add(p.fresh.StaleIfError)) && r.Context().Err() == nil {
 		// Stale-if-error: an older answer beats a 429 or a 5xx.
-		p.c.stale.Add(1)
-		rec.cache = outcomeStale
 		fwd := "cacheproxy; fwd=stale"
 		if err == nil {
 			fwd += "; fwd-status=" + strconv.Itoa(res.upStatus)
@@ -102,26 +111,25 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 		} else {
 			rec.errMsg = err.Error()
 		}
-		p.writeEntry(w, r, rec.hdr.conditional, stale, []string{fwd}, p.hdrs.age(int(rec.start.Sub(stale.Stored)/time.Second)))
-		return
+		return reply{outcome: outcomeStale, entry: s, status: []string{fwd}, age: p.hdrs.age(age(s, rec.start))}
 	}
-	rec.cache = outcomeMiss
+	o := outcomeMiss
 	if noCache {
-		rec.cache = outcomeRefresh
+		o = outcomeRefresh
 	}
 	if err != nil {
 		if !leader && r.Context().Err() == nil {
-			rec.cache = outcomeCollapsed
+			o = outcomeCollapsed
 		}
-		rec.errMsg = err.Error()
-		p.fail(w, r, err)
-		return
+		return reply{outcome: o, err: err}
 	}
-	if res.shared { // collapsed into another replica's fetch
-		p.c.collapsed.Add(1)
-		rec.cache, rec.viaUpstream = outcomeCollapsed, false
-		p.writeEntry(w, r, rec.hdr.conditional, res.entry, []string{"cacheproxy; fwd=uri-miss; collapsed; detail=fleet"}, nil)
-		return
+	switch res.from {
+	case fromFleet: // collapsed into another replica's fetch
+		rec.viaUpstream = false
+		return reply{outcome: outcomeCollapsed, entry: res.entry, status: collapsedStatus}
+	case fromL1: // filled by a flight that ended as this one began
+		rec.viaUpstream = false
+		return p.hit(res.entry, fromL1, p.clock.Now())
 	}
 	rec.upstreamStatus, rec.upstreamDur = res.upStatus, res.upDur
 	if res.upStatus == http.StatusUnauthorized {
@@ -135,29 +143,41 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 	switch {
 	case !leader:
 		fwd += "; collapsed"
-		rec.cache = outcomeCollapsed
-		p.c.collapsed.Add(1)
+		o = outcomeCollapsed
 	case res.stored:
 		fwd += "; stored"
-		p.c.misses.Add(1)
-	default:
-		p.c.misses.Add(1)
 	}
 	if enc := contentCoding(res.entry.Header); enc != "" && !acceptsCoding(r.Header, enc) {
 		// The upstream compressed without being asked (the fetch asks for
 		// the plain representation); this client did not ask either.
-		rec.errMsg = "upstream answered with a content-coding the client did not accept"
-		twilioError(w, http.StatusBadGateway, "upstream answered with content-coding "+enc+", which the request did not accept")
+		return reply{outcome: o, err: &codingError{enc}}
+	}
+	return reply{outcome: o, entry: res.entry, status: []string{fwd}}
+}
+
+// answer sends a reply and counts it: the outcome, the counter and the
+// Cache-Status value are set together, here only.
+func (p *Proxy) answer(w *recordWriter, r *http.Request, rec *record, up *upstream, a reply) {
+	rec.cache = a.outcome
+	switch {
+	case a.err != nil:
+		rec.errMsg = a.err.Error()
+		p.fail(w, r, a.err)
+		return
+	case a.entry == nil:
+		w.Header()["Cache-Status"] = a.status
+		p.forward(w, r, rec, up)
 		return
 	}
-	p.writeEntry(w, r, rec.hdr.conditional, res.entry, []string{fwd}, nil)
+	p.c.count(a.outcome)
+	p.writeEntry(w, r, rec.hdr.conditional, a.entry, a.status, a.age)
 }
 
 // revalidate starts (or joins) the fetch of key in the background. It is a
 // function of its own so that its closure's captures do not move the
 // hit path's variables to the heap.
 func (p *Proxy) revalidate(r *http.Request, m route.Match, up *upstream, key string) {
-	p.doneLater(p.startFlight(p.flightKey(r, key, false), func() (any, error) { return p.runFetch(r, &m, up, key, true) }))
+	p.doneLater(p.startFlight(p.flightKey(r, key, false), func() (any, error) { return p.runFetch(r, &m, up, key, false) }))
 }
 
 // flightKey keys a fetch by the invalidation epoch at arrival: a read that
@@ -190,13 +210,13 @@ func upstreamFailed(res *fetchResult, err error) bool {
 // fetchShared joins or starts the fetch for flightKey and waits for it or
 // for the client to leave. leader reports whether this call ran the fetch.
 //
-// fleetWide lets the fetch wait for another replica's fetch of the same key
-// instead of making its own (not for no-cache, which asks for a fetch).
-func (p *Proxy) fetchShared(r *http.Request, m route.Match, up *upstream, key, flightKey string, fleetWide bool) (*fetchResult, bool, error) {
+// noCache asks for a fetch: not another replica's, nor an entry that L1
+// got meanwhile.
+func (p *Proxy) fetchShared(r *http.Request, m route.Match, up *upstream, key, flightKey string, noCache bool) (*fetchResult, bool, error) {
 	ran := false // written by the flight goroutine; read only after its result arrives
 	ch := p.startFlight(flightKey, func() (any, error) {
 		ran = true
-		return p.runFetch(r, &m, up, key, fleetWide)
+		return p.runFetch(r, &m, up, key, noCache)
 	})
 	select {
 	case sr := <-ch:
@@ -228,41 +248,35 @@ func (p *Proxy) doneLater(ch <-chan singleflight.Result) {
 
 // runFetch runs a flight's fetch, panics recovered into an error for its
 // waiters.
-func (p *Proxy) runFetch(r *http.Request, m *route.Match, up *upstream, key string, fleetWide bool) (v any, err error) {
+func (p *Proxy) runFetch(r *http.Request, m *route.Match, up *upstream, key string, noCache bool) (v any, err error) {
 	defer func() {
 		if x := recover(); x != nil {
 			p.events.Error().Str("route", m.Name()).Str("panic", fmt.Sprint(x)).Msg("upstream fetch panicked")
 			v, err = nil, errFetchPanic
 		}
 	}()
-	return p.fetch(r, m, up, key, fleetWide)
+	return p.fetch(r, m, up, key, noCache)
 }
 
-// fetch makes the one upstream call of a flight. It runs detached from the
-// client that started it (context.WithoutCancel) under the upstream's own
-// timeout, so other waiters get their answer if that client leaves.
-func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string, fleetWide bool) (*fetchResult, error) {
-	res := &fetchResult{}
-	ctx, cancel := context.WithTimeout(withStats(context.WithoutCancel(r.Context()), &res.calls), up.timeout)
+// fetch fills key for a flight through the tiers. It runs detached from
+// the client that started it (context.WithoutCancel) under the upstream's
+// own timeout, so other waiters get their answer if that client leaves.
+func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string, noCache bool) (*fetchResult, error) {
+	var calls callStats
+	ctx, cancel := context.WithTimeout(withStats(context.WithoutCancel(r.Context()), &calls), up.timeout)
 	defer cancel()
-	epoch := p.inv.Epoch()
-	var fleetEpoch uint64
-	fleetErr := errNoShared
-	if p.shared != nil {
-		if fleetEpoch, fleetErr = p.shared.Epoch(ctx); fleetErr != nil {
-			p.c.sharedErrors.Add(1)
-		}
+	res, err := p.tiers.fill(ctx, key, r.Header.Get("Authorization"), noCache, func(ctx context.Context, epoch uint64) (*fetchResult, error) {
+		return p.fetchUpstream(ctx, r, m, up, key, epoch)
+	})
+	if res != nil {
+		res.calls = calls
 	}
-	if fleetWide && fleetErr == nil {
-		// One upstream call per cold key across the fleet: take the key's
-		// lease, or wait for the replica that holds it to share its fill.
-		e, release := p.fleetFill(ctx, key, r.Header.Get("Authorization"), epoch, up.timeout)
-		if e != nil {
-			res.entry, res.upStatus, res.stored, res.shared = e, e.Status, true, true
-			return res, nil
-		}
-		defer release()
-	}
+	return res, err
+}
+
+// fetchUpstream makes the one upstream call of a fill. The entry it
+// returns has Expires and Keep set when it may be stored.
+func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Match, up *upstream, key string, epoch uint64) (*fetchResult, error) {
 	u := *up.target
 	u.Path, u.RawPath, u.RawQuery = m.Unescaped(), m.Path, r.URL.RawQuery
 	out, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
@@ -270,6 +284,7 @@ func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string,
 		return nil, err
 	}
 	out.Header = fetchHeader(r.Header)
+	res := &fetchResult{}
 	start := p.clock.Now()
 	resp, err := up.transport.RoundTrip(out)
 	if err != nil {
@@ -310,86 +325,9 @@ func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string,
 	if ttl > 0 && int64(len(body)) <= p.fresh.MaxEntryBytes && storable(resp.Header) {
 		e.Expires = now.Add(ttl)
 		e.Keep = e.Expires.Add(max(p.fresh.StaleIfError, p.fresh.StaleWhileRevalidate))
-		res.stored = p.keep(e)
-		if res.stored && fleetErr == nil {
-			// Shared before the waiters are answered: a read through
-			// another replica that starts after this one's answer finds it.
-			if p.shared.Set(ctx, e, r.Header.Get("Authorization"), fleetEpoch, now) != nil {
-				p.c.sharedErrors.Add(1)
-			}
-		}
 	}
 	return res, nil
 }
-
-// fleetPoll is how often a replica waiting for another's fetch looks for
-// its fill (a wait on another process, on the real clock).
-const fleetPoll = 5 * time.Millisecond
-
-// fleetFill takes key's fleet-wide lease, or waits for the replica that
-// holds it to share its fill, bounded by ctx (the upstream timeout). It
-// returns the shared entry (kept in L1 too), or nil and the function that
-// gives the lease back after this replica's own fetch. Any Redis trouble
-// means fetching here.
-func (p *Proxy) fleetFill(ctx context.Context, key, auth string, epoch uint64, ttl time.Duration) (*cache.Entry, func()) {
-	none := func() {}
-	waited := false
-	tick := time.NewTicker(fleetPoll)
-	defer tick.Stop()
-	for {
-		token, err := p.shared.Lease(ctx, key, ttl)
-		if err != nil {
-			p.c.sharedErrors.Add(1)
-			return nil, none
-		}
-		unlease := func() { _ = p.shared.Unlease(context.WithoutCancel(ctx), key, token) }
-		// The fill may have come just before the lease was free (the
-		// holder shares it, then lets go): look before fetching. Only a
-		// fresh one will do.
-		if e := p.sharedFill(ctx, key, auth, epoch); e != nil && p.clock.Now().Before(e.Expires) {
-			if token != "" {
-				unlease()
-			}
-			return e, none
-		}
-		if token != "" {
-			p.c.leasesWon.Add(1)
-			return nil, unlease
-		}
-		if !waited {
-			waited = true
-			p.c.leasesWaited.Add(1)
-		}
-		select {
-		case <-ctx.Done():
-			return nil, none
-		case <-tick.C:
-		}
-	}
-}
-
-// sharedFill is key's shared entry for auth, if valid here too for data
-// fetched from the local epoch on (then kept in L1).
-func (p *Proxy) sharedFill(ctx context.Context, key, auth string, epoch uint64) *cache.Entry {
-	start := p.clock.Now()
-	e, err := p.shared.Get(ctx, key, auth)
-	p.m.l2.Observe(p.clock.Since(start).Seconds())
-	if err != nil {
-		p.c.sharedErrors.Add(1)
-	}
-	if e == nil {
-		return nil
-	}
-	e.Epoch = epoch
-	if !p.inv.Valid(epoch, e.Tags) {
-		return nil
-	}
-	p.store.Set(e)
-	return e
-}
-
-// errNoShared: no shared tier to fill.
-var errNoShared = errors.New("no shared tier")
 
 // writeEntry sends a shared entry, or a 304 or 412 when the request's
 // conditional headers say so (a 200 entry only). The entry's header

@@ -29,6 +29,15 @@ type clientBodyError struct{ err error }
 func (e *clientBodyError) Error() string { return "reading the request body: " + e.err.Error() }
 func (e *clientBodyError) Unwrap() error { return e.err }
 
+// codingError: the upstream compressed a cached read without being asked
+// (the fetch asks for the plain representation), and this client did not
+// ask either.
+type codingError struct{ coding string }
+
+func (e *codingError) Error() string {
+	return "upstream answered with a content-coding the client did not accept"
+}
+
 // twilioError answers with Twilio's JSON error shape (see twilioerr).
 func twilioError(w http.ResponseWriter, status int, msg string) {
 	w.Header().Del("Cache-Status")
@@ -43,7 +52,10 @@ func statusFor(clientCtx context.Context, err error) (int, string) {
 	var netErr net.Error
 	var rej *ratelimit.RejectedError
 	var bodyErr *clientBodyError
+	var coding *codingError
 	switch {
+	case errors.As(err, &coding):
+		return http.StatusBadGateway, "upstream answered with content-coding " + coding.coding + ", which the request did not accept"
 	case errors.As(err, &maxErr):
 		return http.StatusRequestEntityTooLarge, "request body larger than " + strconv.FormatInt(maxErr.Limit, 10) + " bytes"
 	case errors.As(err, &bodyErr) && errors.As(err, &netErr) && netErr.Timeout():

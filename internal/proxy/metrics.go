@@ -22,6 +22,22 @@ type counters struct {
 	queueWaitNanos                                  atomic.Int64
 }
 
+// count adds one answer with outcome o to its counter.
+func (c *counters) count(o outcome) {
+	switch o {
+	case outcomeHit:
+		c.hits.Add(1)
+	case outcomeShared:
+		c.shared.Add(1)
+	case outcomeStale:
+		c.stale.Add(1)
+	case outcomeMiss, outcomeRefresh:
+		c.misses.Add(1)
+	case outcomeCollapsed:
+		c.collapsed.Add(1)
+	}
+}
+
 // metrics are the proxy's Prometheus series. Counters the summary line
 // also needs live in counters and are read at scrape time.
 type metrics struct {

@@ -24,6 +24,7 @@ import (
 	"cacheproxy/internal/inflight"
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
+	"cacheproxy/internal/tier"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
@@ -74,24 +75,6 @@ type Budget interface {
 	Accounts() []ratelimit.State
 }
 
-// Shared is the fleet's shared tier (L2, docs/fleet.md): entries that other
-// replicas fetched, sealed under the credential that fetched them, valid
-// while no write anywhere in the fleet has invalidated their scopes.
-// Optional: nil keeps everything local. Its errors are misses.
-type Shared interface {
-	// Epoch is the fleet's invalidation epoch, read before a fetch.
-	Epoch(ctx context.Context) (uint64, error)
-	// Get returns key's shared entry for the credential auth if it is
-	// valid; nil if none is.
-	Get(ctx context.Context, key, auth string) (*cache.Entry, error)
-	// Set shares e, fetched with auth from fleet epoch epoch on.
-	Set(ctx context.Context, e *cache.Entry, auth string, epoch uint64, now time.Time) error
-	// Lease takes key's fleet-wide fetch lease for ttl: a token if this
-	// replica won it, "" if another holds it. Unlease gives it back.
-	Lease(ctx context.Context, key string, ttl time.Duration) (string, error)
-	Unlease(ctx context.Context, key, token string) error
-}
-
 // flightGroup is the part of singleflight.Group the proxy uses, an interface
 // so tests may substitute it (as groupcache does).
 type flightGroup interface {
@@ -140,8 +123,10 @@ type Options struct {
 	Store       Store
 	Invalidator Invalidator
 	Budget      Budget
-	// Shared is the fleet's shared tier; nil: none.
-	Shared Shared
+	// Shared is the fleet's shared tier (L2, docs/fleet.md): entries
+	// other replicas fetched, and the claims that make one fetch of a cold
+	// key for the fleet. If nil, tier.None: this replica alone.
+	Shared tier.Tier
 	// SummaryFields, if set, adds fields to each summary line (the fleet's
 	// state and totals).
 	SummaryFields func(*zerolog.Event)
@@ -176,8 +161,8 @@ type Proxy struct {
 	router  *route.Router
 	store   Store
 	inv     Invalidator
+	tiers   tiers
 	budget  Budget
-	shared  Shared
 	summary func(*zerolog.Event)
 	flights flightGroup
 	log     zerolog.Logger
@@ -246,7 +231,6 @@ func New(o Options) (*Proxy, error) {
 		store:    o.Store,
 		inv:      o.Invalidator,
 		budget:   o.Budget,
-		shared:   o.Shared,
 		summary:  o.SummaryFields,
 		flights:  new(singleflight.Group),
 		log:      o.Logger,
@@ -262,6 +246,10 @@ func New(o Options) (*Proxy, error) {
 	}
 	p.events = p.log.With().Timestamp().Logger()
 	p.m = newMetrics(o.Registerer, p)
+	p.tiers = tiers{l1: o.Store, l2: tier.None{}, inv: o.Invalidator, clock: p.clock, c: &p.c}
+	if o.Shared != nil {
+		p.tiers.l2 = timedTier{Tier: o.Shared, clock: p.clock, latency: p.m.l2}
+	}
 	p.access = accessLoggers(p.log)
 	// The reverse proxy's own lines (a body copy that failed) are complete
 	// log lines: level, time, component.
@@ -364,35 +352,6 @@ func (p *Proxy) serve(w *recordWriter, r *http.Request, rec *record, auth string
 		return
 	}
 	p.forward(w, r, rec, up)
-}
-
-// lookup returns the entry under key if it is there and still valid.
-// Validity is memoised per entry and epoch (Entry.ValidAt): under write
-// traffic a hit reads the scope marks once per epoch, not on every hit.
-// That is sound because every mark of an epoch is visible before Epoch
-// returns it (Invalidator).
-func (p *Proxy) lookup(key string, now time.Time) (*cache.Entry, bool) {
-	e, ok := p.store.Get(key, now)
-	if !ok {
-		return nil, false
-	}
-	cur := p.inv.Epoch()
-	if e.Epoch >= cur || e.ValidAt.Load() >= cur {
-		return e, true
-	}
-	if !p.inv.Valid(e.Epoch, e.Tags) {
-		return nil, false
-	}
-	if v := e.ValidAt.Load(); v < cur {
-		e.ValidAt.CompareAndSwap(v, cur)
-	}
-	return e, true
-}
-
-// keep stores a fetched entry unless its scopes were invalidated during
-// its fetch (it would be invisible anyway).
-func (p *Proxy) keep(e *cache.Entry) bool {
-	return p.inv.Valid(e.Epoch, e.Tags) && p.store.Set(e)
 }
 
 // escapedPath is the request's path as the client sent it: for an

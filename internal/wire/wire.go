@@ -59,5 +59,6 @@ func Retention(cfg config.Config) time.Duration {
 // Fleet is the shared tier's configuration.
 func Fleet(cfg config.Config) fleet.Config {
 	return fleet.Config{URL: cfg.Redis.URL, Prefix: cfg.Redis.KeyPrefix, Timeout: cfg.Redis.Timeout.D(),
-		Secret: []byte(cfg.Cache.KeySecret), Retention: Retention(cfg)}
+		Secret: []byte(cfg.Cache.KeySecret), Retention: Retention(cfg),
+		ClaimTTL: max(cfg.Upstreams.Conversations.Timeout.D(), cfg.Upstreams.Proxy.Timeout.D())}
 }
