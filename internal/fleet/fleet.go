@@ -250,16 +250,20 @@ func (f *Fleet) Invalidate(ctx context.Context, tags []string) error {
 	return nil
 }
 
-// sealed is an entry as it is stored in Redis, before sealing.
+// sealed is an entry as it is stored in Redis, before sealing. Its times
+// are lifetimes in milliseconds as the writer measured them when it
+// shared the entry, never the writer's wall clock (replicas' clocks
+// differ): a reader takes off what Redis says has passed since (the key's
+// PTTL against Life) and reads them on its own clock.
 type sealed struct {
-	Status  int                 `json:"s"`
-	Header  map[string][]string `json:"h"`
-	Body    []byte              `json:"b"`
-	Stored  int64               `json:"t"`
-	Expires int64               `json:"x"`
-	Keep    int64               `json:"k"`
-	Tags    []string            `json:"g"`
-	Epoch   uint64              `json:"e"` // the fleet epoch when its fetch began
+	Status int                 `json:"s"`
+	Header map[string][]string `json:"h"`
+	Body   []byte              `json:"b"`
+	Age    int64               `json:"a"` // since the response arrived
+	Fresh  int64               `json:"f"` // freshness left
+	Life   int64               `json:"l"` // time left in Redis (the key's PX)
+	Tags   []string            `json:"g"`
+	Epoch  uint64              `json:"e"` // the fleet epoch when its fetch began
 }
 
 // aead is AES-256-GCM under the key of auth.
@@ -278,12 +282,12 @@ func (f *Fleet) Set(ctx context.Context, e *cache.Entry, auth string, epoch uint
 	if c == nil {
 		return errNotConnected
 	}
-	ttl := e.Keep.Sub(now)
+	ttl := e.Keep.Sub(now).Milliseconds()
 	if ttl <= 0 {
 		return nil
 	}
-	plain, err := json.Marshal(sealed{Status: e.Status, Header: e.Header, Body: e.Body, Stored: e.Stored.UnixNano(),
-		Expires: e.Expires.UnixNano(), Keep: e.Keep.UnixNano(), Tags: e.Tags, Epoch: epoch})
+	plain, err := json.Marshal(sealed{Status: e.Status, Header: e.Header, Body: e.Body, Age: max(0, now.Sub(e.Stored).Milliseconds()),
+		Fresh: e.Expires.Sub(now).Milliseconds(), Life: ttl, Tags: e.Tags, Epoch: epoch})
 	if err != nil {
 		return err
 	}
@@ -299,7 +303,7 @@ func (f *Fleet) Set(ctx context.Context, e *cache.Entry, auth string, epoch uint
 	val := a.Seal(nonce, nonce, plain, []byte(name))
 	ctx, cancel := f.ctx(ctx)
 	defer cancel()
-	return f.result(c.Do(ctx, c.B().Set().Key(name).Value(rueidis.BinaryString(val)).Px(ttl).Build()).Error())
+	return f.result(c.Do(ctx, c.B().Set().Key(name).Value(rueidis.BinaryString(val)).Px(time.Duration(ttl)*time.Millisecond).Build()).Error())
 }
 
 // Get returns the shared entry of key, opened with auth, if it is still
@@ -312,13 +316,19 @@ func (f *Fleet) Get(ctx context.Context, key, auth string) (*cache.Entry, error)
 	ctx, cancel := f.ctx(ctx)
 	defer cancel()
 	name := f.name("e", key)
-	val, err := c.Do(ctx, c.B().Get().Key(name).Build()).AsBytes()
+	rs := c.DoMulti(ctx, c.B().Get().Key(name).Build(), c.B().Pttl().Key(name).Build())
+	val, err := rs[0].AsBytes()
 	if rueidis.IsRedisNil(err) {
 		return nil, f.result(nil)
 	}
 	if err := f.result(err); err != nil {
 		return nil, err
 	}
+	left, err := rs[1].AsInt64()
+	if err := f.result(err); err != nil {
+		return nil, err
+	}
+	now := f.clock.Now()
 	a, err := f.aead(auth)
 	if err != nil {
 		return nil, err
@@ -352,8 +362,14 @@ func (f *Fleet) Get(ctx context.Context, key, auth string) (*cache.Entry, error)
 			}
 		}
 	}
+	if left <= 0 {
+		return nil, nil // expired meanwhile (-2), or kept without a lifetime (-1): not ours
+	}
+	// What passed since it was shared, on Redis's clock.
+	passed := time.Duration(max(0, s.Life-left)) * time.Millisecond
+	ms := func(n int64) time.Duration { return time.Duration(n) * time.Millisecond }
 	return &cache.Entry{Key: key, Status: s.Status, Header: http.Header(s.Header), Body: s.Body,
-		Stored: time.Unix(0, s.Stored), Expires: time.Unix(0, s.Expires), Keep: time.Unix(0, s.Keep), Tags: s.Tags}, nil
+		Stored: now.Add(-ms(s.Age) - passed), Expires: now.Add(ms(s.Fresh) - passed), Keep: now.Add(ms(left)), Tags: s.Tags}, nil
 }
 
 // seeds turns a URL with several comma-separated hosts (the seeds of a

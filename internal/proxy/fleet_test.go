@@ -38,9 +38,19 @@ func withFleet(t testing.TB, url string) harnessOpt {
 // replicas starts n proxies that share one fake Twilio (the first's) and
 // the redis-server srv.
 func replicas(t *testing.T, n int, srv interface{ URL() string }, opts ...harnessOpt) []*harness {
-	first := newHarness(t, append(opts, withFleet(t, srv.URL()))...)
+	each := make([][]harnessOpt, n)
+	for i := range each {
+		each[i] = opts
+	}
+	return replicasEach(t, srv, each...)
+}
+
+// replicasEach starts one replica per element of each, with those options,
+// sharing one fake Twilio (the first's) and the redis-server srv.
+func replicasEach(t *testing.T, srv interface{ URL() string }, each ...[]harnessOpt) []*harness {
+	first := newHarness(t, append(each[0], withFleet(t, srv.URL()))...)
 	out := []*harness{first}
-	for range n - 1 {
+	for _, opts := range each[1:] {
 		h := newHarness(t, append(opts, withFleet(t, srv.URL()), func(s *setup) {
 			s.cfg.Upstreams.Conversations.URL, s.cfg.Upstreams.Proxy.URL = first.convSrv.URL, first.proxSrv.URL
 		})...)
