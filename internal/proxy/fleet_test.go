@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -465,16 +466,36 @@ func TestFleetSurvivesRedisKilledUnderLoad(t *testing.T) {
 // participant serves the shared copy, expired but within
 // cache.stale_if_error, when Twilio fails.
 func TestFleetStaleIfErrorFromTheSharedTier(t *testing.T) {
-	r := replicas(t, 2, redistest.Start(t), func(s *setup) { s.cfg.Cache.StaleIfError = config.Duration(time.Minute) })
+	srv := redistest.Start(t)
+	r := replicas(t, 2, srv, func(s *setup) { s.cfg.Cache.StaleIfError = config.Duration(time.Minute) })
 	a, b := r[0], r[1]
 	_, _, fresh := a.get(pathConv)
 	a.conv.Before = func(w http.ResponseWriter, req *http.Request) bool {
 		twiliofake.Error(w, 500, 20500, "Internal Server Error")
 		return true
 	}
-	b.clk.Advance(45 * time.Second) // expired (ttl 30s), inside stale_if_error
+	// Shared entries age on Redis's clock (their time left), not on a
+	// replica's: 45 s pass there. Expired (ttl 30s), inside stale_if_error.
+	passInRedis(t, srv, 45*time.Second)
 	s, cs, body := b.get(pathConv)
 	if s != 200 || cs != "cacheproxy; fwd=stale; fwd-status=500" || body != fresh {
 		t.Fatalf("B with Twilio failing: %d %q", s, cs)
+	}
+}
+
+// passInRedis makes d pass for the shared entries in srv: each entry's
+// time left (PTTL), which is what readers measure their age by, drops by d.
+func passInRedis(t *testing.T, srv *redistest.Server, d time.Duration) {
+	t.Helper()
+	keys := strings.Fields(srv.CLI(t, "--scan", "--pattern", "cacheproxy:e:*"))
+	if len(keys) == 0 {
+		t.Fatal("no shared entries in Redis")
+	}
+	for _, k := range keys {
+		left, err := strconv.ParseInt(strings.TrimSpace(srv.CLI(t, "PTTL", k)), 10, 64)
+		if err != nil || left <= d.Milliseconds() {
+			t.Fatalf("PTTL of an entry: %d %v", left, err)
+		}
+		srv.CLI(t, "PEXPIRE", k, strconv.FormatInt(left-d.Milliseconds(), 10))
 	}
 }
