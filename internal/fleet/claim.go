@@ -2,11 +2,19 @@ package fleet
 
 import (
 	"context"
+	"strconv"
 	"time"
 
 	"cacheproxy/internal/cache"
 	"cacheproxy/internal/tier"
+
+	"github.com/redis/rueidis"
 )
+
+// ClaimTTL is how long a cold key's claim outlives its holder: the holder
+// renews it while it fetches, so a replica that dies mid-fetch holds up
+// the others for this long at most, then one of them takes over.
+const ClaimTTL = time.Second
 
 // claimPoll is how often a replica waiting for another's fill looks for
 // it (a wait on another process, on the real clock).
@@ -21,6 +29,8 @@ type claim struct {
 	auth  string
 	epoch uint64
 	token string
+	stop  chan struct{} // ends the heartbeat of a claim won
+	beat  chan struct{} // closed when the heartbeat has ended
 }
 
 var _ tier.Tier = (*Fleet)(nil)
@@ -37,11 +47,47 @@ func (f *Fleet) Claim(ctx context.Context, key, auth string) (tier.Claim, error)
 	return cl, cl.try(ctx)
 }
 
-// try takes the lease if it is free.
+// try takes the lease if it is free. A lease won is renewed by a
+// heartbeat until Release: it lapses ClaimTTL after its holder died (or
+// lost Redis), and a waiter takes over.
 func (cl *claim) try(ctx context.Context) error {
 	token, err := cl.f.Lease(ctx, cl.key, cl.f.cfg.ClaimTTL)
 	cl.token = token
+	if token != "" {
+		cl.stop, cl.beat = make(chan struct{}), make(chan struct{})
+		go cl.heartbeat()
+	}
 	return err
+}
+
+// renew extends a lease only if it still holds the token that took it.
+var renew = rueidis.NewLuaScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0`)
+
+// heartbeat renews the claim's lease three times a ClaimTTL until stop.
+func (cl *claim) heartbeat() {
+	defer close(cl.beat)
+	ttl := cl.f.cfg.ClaimTTL
+	tick := time.NewTicker(ttl / 3)
+	defer tick.Stop()
+	for {
+		select {
+		case <-cl.stop:
+			return
+		case <-tick.C:
+		}
+		c := cl.f.c()
+		if c == nil {
+			continue
+		}
+		ctx, cancel := cl.f.ctx(context.Background())
+		held, err := renew.Exec(ctx, c, []string{cl.f.name("l", cl.key)}, []string{cl.token, strconv.FormatInt(ttl.Milliseconds(), 10)}).AsInt64()
+		cancel()
+		if cl.f.result(err) == nil && held == 0 {
+			return // lapsed and taken: another replica fetches too
+		}
+	}
 }
 
 // Won reports whether this replica holds the key's lease.
@@ -77,9 +123,12 @@ func (cl *claim) Share(ctx context.Context, e *cache.Entry) error {
 	return cl.f.Set(ctx, e, cl.auth, cl.epoch, cl.f.clock.Now())
 }
 
-// Release gives the lease back if this replica holds it.
+// Release ends the heartbeat and gives the lease back if this replica
+// holds it.
 func (cl *claim) Release() {
 	if cl.token != "" {
+		close(cl.stop)
+		<-cl.beat
 		_ = cl.f.Unlease(context.Background(), cl.key, cl.token)
 		cl.token = ""
 	}

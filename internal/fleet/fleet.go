@@ -37,6 +37,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -75,6 +76,7 @@ type Fleet struct {
 	errors atomic.Int64
 	stop   chan struct{}
 	done   chan struct{}
+	closed sync.Once
 }
 
 // errNotConnected: Redis has not been reached yet (a miss, like any error).
@@ -140,11 +142,13 @@ func (f *Fleet) Connected(ctx context.Context) error {
 
 // Close stops connecting and ends the connections.
 func (f *Fleet) Close() {
-	close(f.stop)
-	<-f.done
-	if c := f.client.Load(); c != nil {
-		(*c).Close()
-	}
+	f.closed.Do(func() {
+		close(f.stop)
+		<-f.done
+		if c := f.client.Load(); c != nil {
+			(*c).Close()
+		}
+	})
 }
 
 // c is the client, or nil before the first connection.

@@ -259,13 +259,19 @@ func (p *Proxy) runFetch(r *http.Request, m *route.Match, up *upstream, key stri
 }
 
 // fetch fills key for a flight through the tiers. It runs detached from
-// the client that started it (context.WithoutCancel) under the upstream's
-// own timeout, so other waiters get their answer if that client leaves.
+// the client that started it (context.WithoutCancel), so other waiters get
+// their answer if that client leaves. Waiting for another replica's fill
+// is bounded by the upstream's timeout, and so is this replica's own
+// upstream call, from its start: a replica that takes over the claim of
+// one that died mid-fetch still has its whole timeout.
 func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string, noCache bool) (*fetchResult, error) {
 	var calls callStats
-	ctx, cancel := context.WithTimeout(withStats(context.WithoutCancel(r.Context()), &calls), up.timeout)
+	detached := withStats(context.WithoutCancel(r.Context()), &calls)
+	ctx, cancel := context.WithTimeout(detached, up.timeout)
 	defer cancel()
-	res, err := p.tiers.fill(ctx, key, r.Header.Get("Authorization"), noCache, func(ctx context.Context, epoch uint64) (*fetchResult, error) {
+	res, err := p.tiers.fill(ctx, key, r.Header.Get("Authorization"), noCache, func(epoch uint64) (*fetchResult, error) {
+		ctx, cancel := context.WithTimeout(detached, up.timeout)
+		defer cancel()
 		return p.fetchUpstream(ctx, r, m, up, key, epoch)
 	})
 	if res != nil {

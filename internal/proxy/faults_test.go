@@ -1,8 +1,10 @@
 package proxy
 
 import (
+	"net/http"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -56,5 +58,52 @@ func TestFleetClockSkew(t *testing.T) {
 				t.Fatalf("upstream calls %d, want 1 (B shares A's entry)", n)
 			}
 		})
+	}
+}
+
+// Finding 6: the replica holding a cold key's claim dies mid-fetch (its
+// Redis connection ends; its upstream call hangs). The replica waiting on
+// the claim takes it over once it lapses (fleet.ClaimTTL, as its holder no
+// longer renews it) and makes its own call with its own full upstream
+// timeout: 200, not 504.
+func TestFleetClaimTakeoverWhenTheHolderDies(t *testing.T) {
+	r := replicas(t, 2, redistest.Start(t))
+	a, b := r[0], r[1]
+	hang := make(chan struct{})
+	defer close(hang)
+	var calls atomic.Int64
+	a.conv.Before = func(w http.ResponseWriter, req *http.Request) bool {
+		if calls.Add(1) == 1 {
+			<-hang // the dying replica's call never comes back in time
+		}
+		return false
+	}
+	go a.do("GET", pathConv, basic(acctA, tokenA)) // its answer never matters
+	waitUntil(t, "A holds the claim", func() bool { return a.p.Summary().LeasesWon == 1 })
+	a.fleet.Close() // A is gone: its claim is no longer renewed
+	start := time.Now()
+	s, cs, body := b.get(pathConv)
+	t.Logf("B answered after %v", time.Since(start))
+	if s != 200 || cs != "cacheproxy; fwd=uri-miss; stored" || !strings.Contains(body, member1) {
+		t.Fatalf("B: %d %q %s", s, cs, body)
+	}
+	if w, won := b.p.Summary().LeasesWaited, b.p.Summary().LeasesWon; w != 1 || won != 1 {
+		t.Fatalf("B waited %d, won %d: want it to wait, then take over", w, won)
+	}
+	if n := calls.Load(); n != 2 {
+		t.Fatalf("upstream calls %d, want 2 (the dead one's and B's)", n)
+	}
+}
+
+// waitUntil polls cond (state another goroutine or process changes) for
+// up to 30 s.
+func waitUntil(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(2 * time.Millisecond) // another goroutine's or process's progress
 	}
 }

@@ -22,7 +22,7 @@ import (
 func withFleet(t testing.TB, url string) harnessOpt {
 	return func(s *setup) {
 		f, err := fleet.Open(fleet.Config{URL: url, Prefix: "cacheproxy:", Timeout: time.Second,
-			Secret: s.opts.KeySecret, Retention: time.Hour, ClaimTTL: s.cfg.Upstreams.Conversations.Timeout.D(), Clock: s.opts.Clock})
+			Secret: s.opts.KeySecret, Retention: time.Hour, ClaimTTL: fleet.ClaimTTL, Clock: s.opts.Clock})
 		if err != nil {
 			t.Fatal(err)
 		}

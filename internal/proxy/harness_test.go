@@ -124,6 +124,7 @@ type harness struct {
 	inv            *fleet.Invalidator // with a shared tier
 	invalidator    Invalidator        // the proxy's, whichever
 	budget         *fleet.Budget
+	fleet          *fleet.Fleet // with a shared tier
 }
 
 // setup is what a harness option may change before the proxy is built.
@@ -189,7 +190,7 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 		inv := fleet.NewInvalidator(s.fleet, invalidation.New(time.Hour, h.clk), 5*time.Second, func(err error) { t.Logf("fleet: %v", err) })
 		t.Cleanup(inv.Close)
 		waitSubscribed(t, inv)
-		h.inv = inv
+		h.inv, h.fleet = inv, s.fleet
 		o.Invalidator, o.Shared = inv, s.fleet
 		budget := fleet.NewBudget(h.lim, s.fleet, s.cfg.RateLimit.MaxConcurrent, s.cfg.RateLimit.RequestsPerSecond, s.cfg.Upstreams.Conversations.Timeout.D(), s.cfg.RateLimit.MaxWait.D())
 		t.Cleanup(budget.Close)

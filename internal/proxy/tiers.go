@@ -122,9 +122,10 @@ func (t *tiers) failed(err error) {
 	}
 }
 
-// fetchFunc makes the upstream call for a fill: entries it returns carry
-// epoch, and Expires and Keep are set when they may be stored.
-type fetchFunc func(ctx context.Context, epoch uint64) (*fetchResult, error)
+// fetchFunc makes the upstream call for a fill, under its own timeout:
+// entries it returns carry epoch, and Expires and Keep are set when they
+// may be stored.
+type fetchFunc func(epoch uint64) (*fetchResult, error)
 
 // fill runs inside a flight. It looks in L1 once more (a flight that
 // ended just before this one began may have filled it), claims the key
@@ -149,13 +150,13 @@ func (t *tiers) fill(ctx context.Context, key, auth string, noCache bool, fetch 
 			return &fetchResult{entry: e, upStatus: e.Status, stored: true, from: fromFleet}, nil
 		}
 	}
-	res, err := fetch(ctx, epoch)
+	res, err := fetch(epoch)
 	if err != nil || res.entry.Expires.IsZero() {
 		return res, err
 	}
 	res.stored = t.keep(res.entry)
-	if res.stored {
-		t.failed(cl.Share(ctx, res.entry))
+	if res.stored { // the wait may have used up ctx; Redis calls have their own bound
+		t.failed(cl.Share(context.WithoutCancel(ctx), res.entry))
 	}
 	return res, nil
 }

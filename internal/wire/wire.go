@@ -60,5 +60,5 @@ func Retention(cfg config.Config) time.Duration {
 func Fleet(cfg config.Config) fleet.Config {
 	return fleet.Config{URL: cfg.Redis.URL, Prefix: cfg.Redis.KeyPrefix, Timeout: cfg.Redis.Timeout.D(),
 		Secret: []byte(cfg.Cache.KeySecret), Retention: Retention(cfg),
-		ClaimTTL: max(cfg.Upstreams.Conversations.Timeout.D(), cfg.Upstreams.Proxy.Timeout.D())}
+		ClaimTTL: fleet.ClaimTTL}
 }
