@@ -14,7 +14,10 @@ import (
 
 // adminMux serves the operator endpoints: liveness, readiness (503 once
 // shutdown begins, so the sidecar's pod leaves rotation) and metrics.
-func adminMux(reg *prometheus.Registry, ready *atomic.Bool, purge http.Handler) *http.ServeMux {
+//
+// With Redis, a replica is ready only while it trusts its L1 (trusted): it
+// hears the fleet's invalidations and every writer counts it.
+func adminMux(reg *prometheus.Registry, ready *atomic.Bool, trusted func() bool, purge http.Handler) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")
@@ -25,6 +28,11 @@ func adminMux(reg *prometheus.Registry, ready *atomic.Bool, purge http.Handler) 
 		if !ready.Load() {
 			w.WriteHeader(http.StatusServiceUnavailable)
 			_, _ = io.WriteString(w, "shutting down\n")
+			return
+		}
+		if !trusted() {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			_, _ = io.WriteString(w, "not yet hearing the fleet's invalidations\n")
 			return
 		}
 		_, _ = io.WriteString(w, "ready\n")

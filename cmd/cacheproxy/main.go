@@ -149,6 +149,7 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	opts := wire.ProxyOptions(cfg)
+	trusted := func() bool { return true } // with Redis: while the replica hears the fleet's stream
 	opts.Store, opts.Invalidator, opts.Budget = store, invalidation.New(wire.Retention(cfg), nil), limiter
 	if cfg.Redis.URL != "" {
 		f, err := fleet.Open(wire.Fleet(cfg))
@@ -158,8 +159,9 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		defer f.Close()
 		opts.Shared = f
 		inv := fleet.NewInvalidator(f, invalidation.New(wire.Retention(cfg), nil), cfg.Redis.InvalidationWait.D(), func(err error) {
-			logger.Warn().Str("component", "fleet").Str("error", err.Error()).Msg("fleet-wide invalidation incomplete: this replica is up to date, others may hold older copies until cache.ttl")
+			fleetTrouble(logger, err)
 		})
+		trusted = inv.Trusted
 		defer inv.Close()
 		opts.Invalidator = inv
 		budget := fleet.NewBudget(limiter, f, cfg.RateLimit.MaxConcurrent, cfg.RateLimit.RequestsPerSecond,
@@ -174,7 +176,7 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 				Int64("budget_waits_total", budget.Waited.Load()).Int64("budget_fallbacks_total", budget.Fallbacks.Load())
 		}
 		go func() {
-			if inv.WaitSubscribed(context.Background()) == nil {
+			if inv.WaitTrusted(context.Background()) == nil {
 				logger.Info().Str("component", "fleet").Str("key_prefix", cfg.Redis.KeyPrefix).Msg("connected to Redis: sharing entries and invalidations")
 			}
 		}()
@@ -216,7 +218,7 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 	}
 	var ready atomic.Bool
 	admin := &http.Server{
-		Handler:           adminMux(reg, &ready, p.PurgeHandler(cfg.Admin.PurgeToken, isLoopback(cfg.AdminListen))),
+		Handler:           adminMux(reg, &ready, trusted, p.PurgeHandler(cfg.Admin.PurgeToken, isLoopback(cfg.AdminListen))),
 		ReadHeaderTimeout: 5 * time.Second,
 		IdleTimeout:       cfg.Server.IdleTimeout.D(),
 		ErrorLog:          proxy.StdLog(logger, "admin"),
@@ -362,6 +364,29 @@ func versionInfo() string {
 	return out
 }
 
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// fleetTrouble logs what the fleet tier reports: garbage in Redis and an
+// invalidation this replica cannot open (another cache.key_secret) as
+// errors an operator must act on, anything else (Redis away, a replica
+// that did not acknowledge) as a warning. Never a secret or a value.
+func fleetTrouble(logger zerolog.Logger, err error) {
+	ev := logger.Warn()
+	msg := "fleet: Redis or another replica did not answer in time; invalidations not yet in Redis are kept and retried, and this replica trusts no shared entry they cover meanwhile"
+	switch {
+	case errors.Is(err, fleet.ErrCorrupt):
+		ev, msg = logger.Error(), "fleet: Redis holds garbage in the fleet's epoch, floor or marks; this replica drops its cache each second until they read right"
+	case errors.Is(err, fleet.ErrOtherSecret):
+		ev, msg = logger.Error(), "fleet: replicas disagree on cache.key_secret; set the same secret (or list the old one in cache.previous_key_secrets during a rotation)"
+	}
+	ev.Str("component", "fleet").Str("error", err.Error()).Msg(msg)
+}
+
 // fleetMetrics registers the fleet tier's state and invalidation counts.
 func fleetMetrics(reg prometheus.Registerer, f *fleet.Fleet, inv *fleet.Invalidator, budget *fleet.Budget) {
 	counter := func(name, help string, v func() int64) prometheus.Collector {
@@ -369,9 +394,9 @@ func fleetMetrics(reg prometheus.Registerer, f *fleet.Fleet, inv *fleet.Invalida
 	}
 	reg.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cacheproxy_redis_up",
-			Help: "1 while the last Redis call succeeded and this replica hears the fleet's invalidations, else 0."},
+			Help: "1 while the last Redis call succeeded, the fleet's state in Redis reads right and this replica hears the fleet's invalidations, else 0."},
 			func() float64 {
-				if f.Up() && inv.Subscribed() {
+				if f.Up() && f.Healthy() && inv.Subscribed() {
 					return 1
 				}
 				return 0
@@ -383,6 +408,15 @@ func fleetMetrics(reg prometheus.Registerer, f *fleet.Fleet, inv *fleet.Invalida
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cacheproxy_fleet_replicas", Help: "Replicas seen in the last five seconds."},
 			func() float64 { return float64(budget.Replicas()) }),
 		counter("cacheproxy_fleet_budget_waits_total", "Upstream calls that waited for a slot of their account's fleet-wide max_concurrent.", budget.Waited.Load),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cacheproxy_fleet_trusted",
+			Help: "1 while this replica trusts its L1: it hears the fleet's invalidations and every writer counts it (also /readyz)."},
+			func() float64 { return b2f(inv.Trusted()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cacheproxy_fleet_invalidations_unsent",
+			Help: "Invalidations applied here that Redis has not taken yet (retried; 1 for 'everything' once over 1024)."},
+			func() float64 { return float64(inv.Unsent()) }),
+		counter("cacheproxy_fleet_invalidations_unopened_total", "Invalidations this replica could not open (another cache.key_secret): each dropped its whole L1.", inv.Unopened.Load),
+		counter("cacheproxy_fleet_state_errors_total", "Reads of the fleet's epoch, floor or marks in Redis that were not valid numbers (garbage).", f.CorruptReads),
+		counter("cacheproxy_fleet_rewinds_total", "Times this replica found Redis's epoch lower than one it had seen (a restart from older data, a failover) and raised the floor.", f.Rewinds),
 		counter("cacheproxy_fleet_budget_fallbacks_total", "Upstream calls made on this replica's share of the cap because Redis could not be asked.", budget.Fallbacks.Load),
 	)
 }

@@ -77,6 +77,9 @@ type Fleet struct {
 	stop   chan struct{}
 	done   chan struct{}
 	closed sync.Once
+	st     state
+	unsent unsent // invalidations not yet in Redis (the Invalidator's)
+	wg     sync.WaitGroup
 }
 
 // errNotConnected: Redis has not been reached yet (a miss, like any error).
@@ -106,6 +109,7 @@ func Open(cfg Config) (*Fleet, error) {
 	opt.Dialer.Timeout = max(cfg.Timeout, time.Second)
 	f := &Fleet{cfg: cfg, clock: clock.Or(cfg.Clock), nameK: derive(cfg.Secret, "cacheproxy key names v1", ""), stop: make(chan struct{}), done: make(chan struct{})}
 	go f.connect(opt)
+	f.wg.Go(f.watch)
 	return f, nil
 }
 
@@ -145,6 +149,7 @@ func (f *Fleet) Close() {
 	f.closed.Do(func() {
 		close(f.stop)
 		<-f.done
+		f.wg.Wait()
 		if c := f.client.Load(); c != nil {
 			(*c).Close()
 		}
@@ -207,11 +212,18 @@ func (f *Fleet) Epoch(ctx context.Context) (uint64, error) {
 	}
 	ctx, cancel := f.ctx(ctx)
 	defer cancel()
-	n, err := c.Do(ctx, c.B().Get().Key(f.epochKey()).Build()).AsUint64()
-	if rueidis.IsRedisNil(err) {
-		return 0, f.result(nil)
+	seen := f.st.seen.Load()
+	rs := c.DoMulti(ctx, c.B().Get().Key(f.epochKey()).Build(), c.B().Get().Key(f.floorKey()).Build())
+	n, err := f.number(rs[0])
+	if err != nil {
+		return 0, err
 	}
-	return n, f.result(err)
+	floor, err := f.number(rs[1])
+	if err != nil {
+		return 0, err
+	}
+	f.observeFloor(floor)
+	return f.checked(ctx, c, n, seen)
 }
 
 // raiseMark sets a scope's mark to an epoch unless it already holds a later
@@ -237,11 +249,25 @@ func (f *Fleet) Invalidate(ctx context.Context, tags []string) error {
 	}
 	ctx, cancel := f.ctx(ctx)
 	defer cancel()
-	epoch, err := c.Do(ctx, c.B().Incr().Key(f.epochKey()).Build()).AsInt64()
+	seen := f.st.seen.Load()
+	epoch, err := c.Do(ctx, c.B().Incr().Key(f.epochKey()).Build()).AsUint64()
 	if err := f.result(err); err != nil {
+		if garbage(err) { // not an integer, or it would overflow
+			return f.corrupt()
+		}
 		return err
 	}
-	e, px := strconv.FormatInt(epoch, 10), strconv.FormatInt(f.cfg.Retention.Milliseconds(), 10)
+	if epoch > maxEpoch {
+		return f.corrupt()
+	}
+	if epoch <= seen { // went backwards: the floor is raised past what was seen, then the marks
+		if epoch, err = f.rewind(ctx, c, seen); err != nil {
+			return err
+		}
+	} else if _, err := f.checked(ctx, c, epoch, seen); err != nil {
+		return err
+	}
+	e, px := strconv.FormatUint(epoch, 10), strconv.FormatInt(f.cfg.Retention.Milliseconds(), 10)
 	execs := make([]rueidis.LuaExec, len(tags))
 	for i, t := range tags {
 		execs[i] = rueidis.LuaExec{Keys: []string{f.name("m", t)}, Args: []string{e, px}}
@@ -320,7 +346,12 @@ func (f *Fleet) Get(ctx context.Context, key, auth string) (*cache.Entry, error)
 	ctx, cancel := f.ctx(ctx)
 	defer cancel()
 	name := f.name("e", key)
-	rs := c.DoMulti(ctx, c.B().Get().Key(name).Build(), c.B().Pttl().Key(name).Build())
+	seen := f.st.seen.Load()
+	rs := c.DoMulti(ctx, c.B().Get().Key(name).Build(), c.B().Pttl().Key(name).Build(),
+		c.B().Get().Key(f.epochKey()).Build(), c.B().Get().Key(f.floorKey()).Build())
+	if err := f.current(ctx, c, rs[2], rs[3], seen); err != nil {
+		return nil, err
+	}
 	val, err := rs[0].AsBytes()
 	if rueidis.IsRedisNil(err) {
 		return nil, f.result(nil)
@@ -348,17 +379,17 @@ func (f *Fleet) Get(ctx context.Context, key, auth string) (*cache.Entry, error)
 	if err := json.Unmarshal(plain, &s); err != nil {
 		return nil, nil
 	}
+	if s.Epoch < f.st.floor.Load() || f.unsent.covers(s.Tags) {
+		return nil, nil // shared before Redis went backwards, or hidden by a write not yet in Redis
+	}
 	if len(s.Tags) > 0 {
 		cmds := make(rueidis.Commands, len(s.Tags))
 		for i, t := range s.Tags {
 			cmds[i] = c.B().Get().Key(f.name("m", t)).Build()
 		}
 		for _, r := range c.DoMulti(ctx, cmds...) {
-			mark, err := r.AsUint64()
-			if rueidis.IsRedisNil(err) {
-				continue
-			}
-			if err := f.result(err); err != nil {
+			mark, err := f.number(r)
+			if err != nil {
 				return nil, err
 			}
 			if mark > s.Epoch {
@@ -374,6 +405,23 @@ func (f *Fleet) Get(ctx context.Context, key, auth string) (*cache.Entry, error)
 	ms := func(n int64) time.Duration { return time.Duration(n) * time.Millisecond }
 	return &cache.Entry{Key: key, Status: s.Status, Header: http.Header(s.Header), Body: s.Body,
 		Stored: now.Add(-ms(s.Age) - passed), Expires: now.Add(ms(s.Fresh) - passed), Keep: now.Add(ms(left)), Tags: s.Tags}, nil
+}
+
+// current checks the epoch and floor read with an entry: garbage is an
+// error, and a Redis that went backwards is rewound before the entry is
+// looked at (its floor then hides it).
+func (f *Fleet) current(ctx context.Context, c rueidis.Client, epoch, floor rueidis.RedisResult, seen uint64) error {
+	n, err := f.number(epoch)
+	if err != nil {
+		return err
+	}
+	fl, err := f.number(floor)
+	if err != nil {
+		return err
+	}
+	f.observeFloor(fl)
+	_, err = f.checked(ctx, c, n, seen)
+	return err
 }
 
 // seeds turns a URL with several comma-separated hosts (the seeds of a

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -47,19 +48,42 @@ type Invalidator struct {
 	waiters map[uint64]chan struct{}
 
 	Sent, Received, Acked, Unacked atomic.Int64
-	subscribed                     atomic.Bool
+	// Unopened counts invalidations this replica could not open (sealed
+	// under another cache.key_secret): each dropped its whole L1.
+	Unopened   atomic.Int64
+	subscribed atomic.Bool
+	// trusted: subscribed, and announced long enough that every writer
+	// counts this replica among those it waits for. Until then nothing is
+	// valid here (so nothing is kept in or served from L1).
+	trusted   atomic.Bool
+	peers     atomic.Int64 // other replicas with this secret, subscribed
+	keyID     string       // names this fleet secret in announcements
+	lastAlarm atomic.Int64
+	kick      chan struct{} // unsent invalidations to retry
 	firstSub                       chan struct{} // closed at the first subscription
 	firstOnce                      sync.Once
+	firstTrust                     chan struct{} // closed when first trusted
+	trustOnce                      sync.Once
 
 	stop context.CancelFunc
 	done chan struct{}
 }
 
-// message is one invalidation on the wire (sealed).
+// message is one invalidation on the wire (sealed). All: everything
+// (invalidations that could not be kept while Redis was away).
 type message struct {
 	From string   `json:"f"`
 	Seq  uint64   `json:"s"`
 	Tags []string `json:"t"`
+	All  bool     `json:"a,omitempty"`
+}
+
+// ack is an acknowledgement on the wire (sealed like the invalidations,
+// so that nobody without the secret can forge one).
+type ack struct {
+	To  string `json:"t"`
+	Seq uint64 `json:"s"`
+	By  string `json:"b"`
 }
 
 // NewInvalidator starts this replica's subscription to the fleet's
@@ -77,8 +101,17 @@ func NewInvalidator(f *Fleet, local *invalidation.Local, wait time.Duration, onE
 	_, _ = rand.Read(id[:])
 	ctx, cancel := context.WithCancel(context.Background())
 	i := &Invalidator{local: local, f: f, wait: wait, onError: onError, id: hex.EncodeToString(id[:]), seal: seal,
-		waiters: map[uint64]chan struct{}{}, stop: cancel, done: make(chan struct{}), firstSub: make(chan struct{})}
-	go i.subscribe(ctx)
+		waiters: map[uint64]chan struct{}{}, stop: cancel, done: make(chan struct{}), firstSub: make(chan struct{}), firstTrust: make(chan struct{}),
+		keyID: hex.EncodeToString(derive(f.cfg.Secret, "cacheproxy key id v1", "")[:6]), kick: make(chan struct{}, 1)}
+	reset := func() { i.local.InvalidateAll() }
+	f.st.onReset.Store(&reset)
+	report := i.fail
+	f.st.onError.Store(&report)
+	var wg sync.WaitGroup
+	wg.Go(func() { i.subscribe(ctx) })
+	wg.Go(func() { i.retry(ctx) })
+	wg.Go(func() { i.announce(ctx) })
+	go func() { wg.Wait(); close(i.done) }()
 	return i
 }
 
@@ -99,6 +132,17 @@ func (i *Invalidator) WaitSubscribed(ctx context.Context) error {
 	}
 }
 
+// WaitTrusted blocks until this replica is first trusted (it hears the
+// stream and writers count it), or ctx ends.
+func (i *Invalidator) WaitTrusted(ctx context.Context) error {
+	select {
+	case <-i.firstTrust:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // Subscribed reports whether this replica hears the fleet's invalidations.
 func (i *Invalidator) Subscribed() bool { return i.subscribed.Load() }
 
@@ -111,21 +155,84 @@ func (i *Invalidator) ackChannel(id string) string { return i.f.cfg.Prefix + "{i
 // Epoch is this replica's epoch.
 func (i *Invalidator) Epoch() uint64 { return i.local.Epoch() }
 
-// Valid checks this replica's marks.
-func (i *Invalidator) Valid(epoch uint64, tags []string) bool { return i.local.Valid(epoch, tags) }
+// Valid checks this replica's marks; nothing is valid while the replica is
+// not trusted (not hearing the stream, or not yet counted by writers).
+func (i *Invalidator) Valid(epoch uint64, tags []string) bool {
+	return i.trusted.Load() && i.local.Valid(epoch, tags)
+}
+
+// Trusted reports whether this replica hears the fleet's invalidations
+// and every writer waits for it: only then is its L1 served (/readyz).
+func (i *Invalidator) Trusted() bool { return i.trusted.Load() }
+
+// Unsent is the number of invalidations applied here but not yet in
+// Redis (1 for "everything").
+func (i *Invalidator) Unsent() int64 { return i.f.unsent.n.Load() }
 
 // Invalidate marks tags in Redis and here, tells the other replicas and
-// waits for them (bounded); it returns this replica's new epoch.
+// waits for them (bounded); it returns this replica's new epoch. An
+// invalidation Redis did not take in time is kept (bounded) and retried
+// until Redis takes it, then told to the others; meanwhile this replica
+// trusts no shared entry it covers.
 func (i *Invalidator) Invalidate(ctx context.Context, tags []string) uint64 {
+	if len(tags) == 0 {
+		return i.local.Invalidate(ctx, tags)
+	}
+	if i.f.unsent.n.Load() > 0 {
+		i.f.unsent.add(tags) // after those before it, in order
+		i.retryNow()
+		return i.local.Invalidate(ctx, tags)
+	}
 	err := i.f.Invalidate(ctx, tags)
 	if err != nil {
+		i.f.unsent.add(tags)
+		i.retryNow()
 		i.fail(err)
 	}
 	epoch := i.local.Invalidate(ctx, tags)
-	if len(tags) > 0 && err == nil { // Redis just failed: a second wait for it would only delay the write
-		i.broadcast(ctx, tags)
+	if err == nil || errors.Is(err, ErrCorrupt) { // Redis answers: the others can be told at once
+		i.broadcast(ctx, message{Tags: tags})
 	}
 	return epoch
+}
+
+func (i *Invalidator) retryNow() {
+	select {
+	case i.kick <- struct{}{}:
+	default:
+	}
+}
+
+// retry puts unsent invalidations into Redis, oldest first, every 50 ms
+// while there are any, and tells the other replicas of each once it is in.
+func (i *Invalidator) retry(ctx context.Context) {
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-i.kick:
+		case <-tick.C:
+		}
+		for {
+			tags, all, ok := i.f.unsent.head()
+			if !ok {
+				break
+			}
+			var err error
+			if all {
+				err = i.f.InvalidateAll(ctx)
+			} else {
+				err = i.f.Invalidate(ctx, tags)
+			}
+			if err != nil {
+				break
+			}
+			i.f.unsent.done(all)
+			i.broadcast(ctx, message{Tags: tags, All: all})
+		}
+	}
 }
 
 func (i *Invalidator) fail(err error) {
@@ -134,17 +241,32 @@ func (i *Invalidator) fail(err error) {
 	}
 }
 
-func (i *Invalidator) broadcast(ctx context.Context, tags []string) {
+// sealMsg seals v (JSON) for channel ch.
+func (i *Invalidator) sealMsg(v any, ch string) []byte {
+	plain, _ := json.Marshal(v)
+	nonce := make([]byte, i.seal.NonceSize(), i.seal.NonceSize()+len(plain)+i.seal.Overhead())
+	_, _ = rand.Read(nonce)
+	return i.seal.Seal(nonce, nonce, plain, []byte(ch))
+}
+
+// openMsg opens what sealMsg sealed for ch into v.
+func (i *Invalidator) openMsg(raw []byte, ch string, v any) bool {
+	if len(raw) < i.seal.NonceSize() {
+		return false
+	}
+	plain, err := i.seal.Open(nil, raw[:i.seal.NonceSize()], raw[i.seal.NonceSize():], []byte(ch))
+	return err == nil && json.Unmarshal(plain, v) == nil
+}
+
+func (i *Invalidator) broadcast(ctx context.Context, msg message) {
 	c := i.f.c()
 	if c == nil {
 		i.fail(errNotConnected)
 		return
 	}
 	seq := i.seq.Add(1)
-	plain, _ := json.Marshal(message{From: i.id, Seq: seq, Tags: tags})
-	nonce := make([]byte, i.seal.NonceSize(), i.seal.NonceSize()+len(plain)+i.seal.Overhead())
-	_, _ = rand.Read(nonce)
-	sealed := i.seal.Seal(nonce, nonce, plain, []byte(i.channel()))
+	msg.From, msg.Seq = i.id, seq
+	sealed := i.sealMsg(msg, i.channel())
 	acks := make(chan struct{}, 64)
 	i.mu.Lock()
 	i.waiters[seq] = acks
@@ -162,6 +284,10 @@ func (i *Invalidator) broadcast(ctx context.Context, tags []string) {
 		return
 	}
 	i.Sent.Add(1)
+	// Only replicas that announced themselves with this secret are
+	// waited for: a stray subscriber (a redis-cli left open, a replica
+	// with another secret) costs nothing.
+	receivers = min(receivers, i.peers.Load()+1) // +1: this replica hears (and acknowledges) its own
 	timeout := time.NewTimer(i.wait)
 	defer timeout.Stop()
 	for got := int64(0); got < receivers; got++ {
@@ -182,7 +308,6 @@ func (i *Invalidator) broadcast(ctx context.Context, tags []string) {
 // subscribe listens to the fleet's invalidations and this replica's
 // acknowledgements until ctx ends, subscribing again after a drop.
 func (i *Invalidator) subscribe(ctx context.Context) {
-	defer close(i.done)
 	work := make(chan rueidis.PubSubMessage, 1024)
 	var wg sync.WaitGroup
 	wg.Add(1)
@@ -219,6 +344,7 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 				case <-ctx.Done():
 				}
 			})
+			i.trusted.Store(false)
 			i.local.InvalidateAll() // before anyone can see it is not subscribed
 			i.subscribed.Store(false)
 			if ctx.Err() == nil {
@@ -240,15 +366,17 @@ func errString(err error) string {
 }
 
 // handle applies another replica's invalidation and acknowledges it, or
-// counts an acknowledgement of this replica's.
+// counts an acknowledgement of this replica's. One it cannot open (sealed
+// under another cache.key_secret, as during a rotation) might cover
+// anything: it drops the whole L1 and is acknowledged all the same.
 func (i *Invalidator) handle(ctx context.Context, m rueidis.PubSubMessage) {
 	if m.Channel == i.ackChannel(i.id) {
-		seq, err := strconv.ParseUint(m.Message, 10, 64)
-		if err != nil {
-			return
+		var a ack
+		if !i.openMsg([]byte(m.Message), m.Channel, &a) || a.To != i.id {
+			return // forged, or not for this replica
 		}
 		i.mu.Lock()
-		ch := i.waiters[seq]
+		ch := i.waiters[a.Seq]
 		i.mu.Unlock()
 		if ch != nil {
 			select {
@@ -258,19 +386,17 @@ func (i *Invalidator) handle(ctx context.Context, m rueidis.PubSubMessage) {
 		}
 		return
 	}
-	raw := []byte(m.Message)
-	if len(raw) < i.seal.NonceSize() {
-		return
-	}
-	plain, err := i.seal.Open(nil, raw[:i.seal.NonceSize()], raw[i.seal.NonceSize():], []byte(i.channel()))
-	if err != nil {
-		return // not sealed with this fleet's secret
-	}
 	var msg message
-	if json.Unmarshal(plain, &msg) != nil {
+	if !i.openMsg([]byte(m.Message), i.channel(), &msg) {
+		i.unopened()
 		return
 	}
-	if msg.From != i.id {
+	switch {
+	case msg.From == i.id:
+	case msg.All:
+		i.local.InvalidateAll()
+		i.Received.Add(1)
+	default:
 		i.local.Invalidate(ctx, msg.Tags)
 		i.Received.Add(1)
 	}
@@ -280,5 +406,81 @@ func (i *Invalidator) handle(ctx context.Context, m rueidis.PubSubMessage) {
 	}
 	actx, cancel := i.f.ctx(ctx)
 	defer cancel()
-	i.f.result(c.Do(actx, c.B().Spublish().Channel(i.ackChannel(msg.From)).Message(strconv.FormatUint(msg.Seq, 10)).Build()).Error())
+	ch := i.ackChannel(msg.From)
+	i.f.result(c.Do(actx, c.B().Spublish().Channel(ch).Message(rueidis.BinaryString(i.sealMsg(ack{To: msg.From, Seq: msg.Seq, By: i.id}, ch))).Build()).Error())
+}
+
+// ErrOtherSecret: an invalidation on the fleet's channel was sealed under
+// another cache.key_secret than this replica's.
+var ErrOtherSecret = errors.New("fleet: an invalidation could not be opened: another replica uses another cache.key_secret (or cache.previous_key_secrets lacks it); this replica drops its whole cache on each")
+
+// unopened drops everything (the invalidation could cover anything) and
+// says so at most once a minute.
+func (i *Invalidator) unopened() {
+	i.local.InvalidateAll()
+	i.Unopened.Add(1)
+	now := time.Now().UnixNano()
+	if last := i.lastAlarm.Load(); now-last > int64(time.Minute) && i.lastAlarm.CompareAndSwap(last, now) {
+		i.fail(ErrOtherSecret)
+	}
+}
+
+// announcePeer records a subscribed replica (ARGV[2] == "1") under its
+// key id and returns the replicas announced in the last three seconds.
+var announcePeer = rueidis.NewLuaScript(`
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if ARGV[2] == '1' then redis.call('ZADD', KEYS[1], now, ARGV[1]) else redis.call('ZREM', KEYS[1], ARGV[1]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 3000)
+redis.call('PEXPIRE', KEYS[1], 10000)
+return redis.call('ZRANGE', KEYS[1], 0, -1)`)
+
+// announce tells the fleet every half second that this replica hears the
+// stream, and counts the others with this secret (those a write waits
+// for). A replica becomes trusted a second and a half after it first
+// announced itself while subscribed: by then every writer counts it.
+func (i *Invalidator) announce(ctx context.Context) {
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	var since time.Time // announced while subscribed, without a gap, since
+	me := i.keyID + ":" + i.id
+	for {
+		sub := i.subscribed.Load()
+		if c := i.f.c(); c != nil {
+			actx, cancel := i.f.ctx(ctx)
+			arg := "0"
+			if sub {
+				arg = "1"
+			}
+			members, err := announcePeer.Exec(actx, c, []string{i.channel() + "peers"}, []string{me, arg}).AsStrSlice()
+			cancel()
+			if i.f.result(err) == nil {
+				n := int64(0)
+				for _, m := range members {
+					if m != me && strings.HasPrefix(m, i.keyID+":") {
+						n++
+					}
+				}
+				i.peers.Store(n)
+			} else {
+				sub = false
+			}
+		}
+		switch {
+		case !sub || !i.subscribed.Load():
+			since = time.Time{}
+			i.trusted.Store(false)
+		case since.IsZero():
+			since = time.Now()
+		case time.Since(since) >= 1500*time.Millisecond && !i.trusted.Load():
+			i.local.InvalidateAll() // nothing from before is kept
+			i.trusted.Store(true)
+			i.trustOnce.Do(func() { close(i.firstTrust) })
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
 }

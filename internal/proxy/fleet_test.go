@@ -58,6 +58,9 @@ func replicasEach(t *testing.T, srv interface{ URL() string }, each ...[]harness
 		h.conv, h.prox = first.conv, first.prox // the one upstream, for assertions
 		out = append(out, h)
 	}
+	for _, h := range out {
+		waitTrusted(t, h.inv)
+	}
 	return out
 }
 
@@ -193,6 +196,9 @@ func TestFleetSurvivesRedisOutage(t *testing.T) {
 		t.Fatal("A's upstream calls during the outage did not fall back to its share of the budget")
 	}
 	srv.Restart(t)
+	// Each replica trusts the stream again once it is subscribed and
+	// counted by the others (fleet.Invalidator.Trusted).
+	waitUntil(t, "both replicas trust the stream again", func() bool { return a.inv.Trusted() && b.inv.Trusted() })
 	// The first call on a dropped connection may fail while rueidis
 	// reconnects; a few distinct reads (bounded) show sharing resumed.
 	for i := range 20 {
@@ -224,6 +230,17 @@ func commandsProcessed(t *testing.T, srv *redistest.Server) int {
 		n += c
 	}
 	return n
+}
+
+// waitTrusted waits (bounded) until inv's replica is trusted: it hears the
+// stream and every writer counts it.
+func waitTrusted(t testing.TB, inv *fleet.Invalidator) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := inv.WaitTrusted(ctx); err != nil {
+		t.Fatal("the replica was never trusted: ", err)
+	}
 }
 
 // waitSubscribed waits (bounded) until inv hears the fleet's invalidations:
@@ -452,6 +469,7 @@ func TestFleetSurvivesRedisKilledUnderLoad(t *testing.T) {
 	if r[0].p.Summary().SharedErrors+r[1].p.Summary().SharedErrors == 0 {
 		t.Fatal("no Redis call failed: Redis was not down under load")
 	}
+	waitUntil(t, "both replicas trust the stream again", func() bool { return r[0].inv.Trusted() && r[1].inv.Trusted() })
 	for i := range 20 { // sharing resumes (bounded: reconnects take a moment)
 		path := fmt.Sprintf("%s?after=%d", pathConv, i)
 		r[0].get(path)
