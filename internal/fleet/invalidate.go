@@ -229,8 +229,8 @@ func (i *Invalidator) retry(ctx context.Context) {
 			if err != nil {
 				break
 			}
-			i.f.unsent.done(all)
 			i.broadcast(ctx, message{Tags: tags, All: all})
+			i.f.unsent.done(all) // after the broadcast: none left means every replica was told
 		}
 	}
 }
@@ -388,7 +388,7 @@ func (i *Invalidator) handle(ctx context.Context, m rueidis.PubSubMessage) {
 	}
 	var msg message
 	if !i.openMsg([]byte(m.Message), i.channel(), &msg) {
-		i.unopened()
+		i.unopened(ctx)
 		return
 	}
 	switch {
@@ -414,10 +414,15 @@ func (i *Invalidator) handle(ctx context.Context, m rueidis.PubSubMessage) {
 // another cache.key_secret than this replica's.
 var ErrOtherSecret = errors.New("fleet: an invalidation could not be opened: another replica uses another cache.key_secret (or cache.previous_key_secrets lacks it); this replica drops its whole cache on each")
 
-// unopened drops everything (the invalidation could cover anything) and
-// says so at most once a minute.
-func (i *Invalidator) unopened() {
+// unopened drops everything (the invalidation could cover anything): L1,
+// and, for this replica, every shared entry fetched before the fleet's
+// current epoch (the writer raised it before it sent; its marks are under
+// names this replica cannot compute). It says so at most once a minute.
+func (i *Invalidator) unopened(ctx context.Context) {
 	i.local.InvalidateAll()
+	if epoch, err := i.f.Epoch(ctx); err == nil {
+		i.f.observeFloor(epoch)
+	}
 	i.Unopened.Add(1)
 	now := time.Now().UnixNano()
 	if last := i.lastAlarm.Load(); now-last > int64(time.Minute) && i.lastAlarm.CompareAndSwap(last, now) {

@@ -1,7 +1,9 @@
 package proxy
 
 import (
+	"net"
 	"net/http"
+	"os/exec"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -105,5 +107,167 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 			t.Fatalf("timed out waiting until %s", what)
 		}
 		time.Sleep(2 * time.Millisecond) // another goroutine's or process's progress
+	}
+}
+
+// redisTimeout sets the replica's redis.timeout.
+func redisTimeout(d time.Duration) harnessOpt { return func(s *setup) { s.redisTimeout = d } }
+
+// through makes a replica reach Redis through link instead.
+func through(t *testing.T, link *redistest.Link) harnessOpt {
+	return func(s *setup) { withFleet(t, link.URL())(s) }
+}
+
+// attrs is the attributes a read of the participant returns.
+func attrs(t *testing.T, h *harness) string {
+	t.Helper()
+	s, _, body := h.get(pathConv)
+	if s != 200 {
+		t.Fatalf("read: %d %s", s, body)
+	}
+	_, rest, _ := strings.Cut(body, `"attributes":"`)
+	v, _, _ := strings.Cut(rest, `","`)
+	return v
+}
+
+// Findings 1 and 2: a write through A whose fleet invalidation does not
+// reach Redis (Redis slow on A's link; Redis killed, then restarted from
+// its AOF) is kept and retried until Redis takes it. Meanwhile A trusts
+// no shared entry it covers; afterwards neither A nor B serves the data
+// from before the write.
+func TestFleetInvalidationThatMissedRedisIsRetried(t *testing.T) {
+	cases := map[string]struct {
+		args  []string
+		fault func(t *testing.T, srv *redistest.Server, link *redistest.Link) (recover func())
+	}{
+		"slow": {fault: func(t *testing.T, _ *redistest.Server, link *redistest.Link) func() {
+			link.Latency(t, 200) // past A's redis.timeout of 50 ms
+			return link.Clear
+		}},
+		"killed, restarted from its AOF": {args: []string{"--appendonly", "yes", "--appendfsync", "always"},
+			fault: func(t *testing.T, srv *redistest.Server, _ *redistest.Link) func() {
+				srv.Stop()
+				return func() { srv.Restart(t) }
+			}},
+	}
+	for name, tc := range cases {
+		t.Run(name, func(t *testing.T) {
+			srv := redistest.Start(t, tc.args...)
+			link := redistest.NewLink(t, srv.Addr)
+			r := replicasEach(t, srv, []harnessOpt{redisTimeout(50 * time.Millisecond), through(t, link)}, nil)
+			a, b := r[0], r[1]
+			before := attrs(t, a)
+			if _, cs, _ := b.get(pathConv); !strings.HasSuffix(cs, "detail=shared") {
+				t.Fatalf("B before: %q", cs)
+			}
+			recover := tc.fault(t, srv, link)
+			a.update("POST", pathConv, `{"v":1}`)
+			if a.inv.Unsent() == 0 {
+				t.Fatal("the write's invalidation reached Redis: the fault did not bite")
+			}
+			if got := attrs(t, a); got == before {
+				t.Fatalf("A during the fault: %s, the data from before its write", got)
+			}
+			recover()
+			waitUntil(t, "A's invalidation is in Redis and told", func() bool { return a.inv.Unsent() == 0 })
+			waitUntil(t, "both trust the stream", func() bool { return a.inv.Trusted() && b.inv.Trusted() })
+			for name, h := range map[string]*harness{"A": a, "B": b} {
+				if got := attrs(t, h); got == before || !strings.Contains(got, `\"v\":1`) {
+					t.Fatalf("%s after Redis recovered: %s, want the write's data", name, got)
+				}
+			}
+		})
+	}
+}
+
+// Finding 5: garbage in the fleet's epoch (not a number, or so large that
+// INCR overflows) is an error, not silence: counted, unhealthy, and a
+// write's invalidation still reaches the other replicas, which read the
+// write's data. Once the key is repaired, the replica is healthy again.
+func TestFleetGarbageInRedisIsAnError(t *testing.T) {
+	for _, garbage := range []string{"garbage", "9223372036854775807"} {
+		t.Run(garbage, func(t *testing.T) {
+			srv := redistest.Start(t)
+			r := replicas(t, 2, srv)
+			a, b := r[0], r[1]
+			before := attrs(t, a)
+			attrs(t, b) // in B's L1
+			srv.CLI(t, "SET", "cacheproxy:epoch", garbage)
+			a.update("POST", pathConv, `{"v":1}`)
+			if a.fleet.CorruptReads() == 0 || a.fleet.Healthy() {
+				t.Fatalf("garbage not noticed: %d reads, healthy %v", a.fleet.CorruptReads(), a.fleet.Healthy())
+			}
+			if got := attrs(t, b); got == before {
+				t.Fatalf("B after A's write with garbage in Redis: %s, the data from before", got)
+			}
+			srv.CLI(t, "DEL", "cacheproxy:epoch")
+			waitUntil(t, "A is healthy again", a.fleet.Healthy)
+		})
+	}
+}
+
+// Finding 5, acknowledgements: a stray subscriber on the fleet's channel
+// (a redis-cli left open) is not waited for; only replicas that announced
+// themselves with the fleet's secret are.
+func TestFleetStraySubscriberCostsNothing(t *testing.T) {
+	srv := redistest.Start(t)
+	r := replicas(t, 2, srv)
+	host, port, _ := net.SplitHostPort(srv.Addr)
+	stray := exec.Command("redis-cli", "-h", host, "-p", port, "SSUBSCRIBE", "cacheproxy:{inv}")
+	if err := stray.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = stray.Process.Kill(); _ = stray.Wait() })
+	waitUntil(t, "the stray subscriber listens", func() bool {
+		return strings.Contains(srv.CLI(t, "PUBSUB", "SHARDNUMSUB", "cacheproxy:{inv}"), "3")
+	})
+	for range 5 {
+		r[0].update("POST", pathConv, `{"v":1}`)
+	}
+	if n, acked := r[0].inv.Unacked.Load(), r[0].inv.Acked.Load(); n != 0 || acked < 10 {
+		t.Fatalf("unacknowledged %d, acknowledged %d: want 0 and both replicas' 10", n, acked)
+	}
+}
+
+// Finding 3: a replica with another cache.key_secret cannot open the
+// fleet's invalidations: it drops its whole L1 on each (so it never
+// serves data from before another replica's write), and writers do not
+// wait for it.
+func TestFleetReplicaWithAnotherSecret(t *testing.T) {
+	srv := redistest.Start(t)
+	other := func(s *setup) { s.opts.KeySecret = []byte("another-secret") }
+	r := replicasEach(t, srv, nil, []harnessOpt{other, withFleet(t, srv.URL())})
+	a, b := r[0], r[1]
+	before := attrs(t, b)
+	if _, cs, _ := b.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; hit") {
+		t.Fatalf("B's own copy: %q", cs)
+	}
+	a.update("POST", pathConv, `{"v":1}`)
+	waitUntil(t, "B heard an invalidation it cannot open", func() bool { return b.inv.Unopened.Load() > 0 })
+	if got := attrs(t, b); got == before {
+		t.Fatalf("B after A's write: %s, the data from before", got)
+	}
+	if n := a.inv.Unacked.Load(); n != 0 {
+		t.Fatalf("A waited for B: %d unacknowledged", n)
+	}
+}
+
+// Finding 8: a replica that is not yet trusted (subscribed, but not yet
+// counted by every writer) keeps nothing in and serves nothing from L1;
+// once trusted it does.
+func TestFleetReplicaTrustsL1OnlyOnceCounted(t *testing.T) {
+	h := newHarness(t, withFleet(t, redistest.Start(t).URL()))
+	if h.inv.Trusted() {
+		t.Fatal("trusted at once")
+	}
+	for range 2 {
+		if _, cs, _ := h.get(pathConv); cs != "cacheproxy; fwd=uri-miss" {
+			t.Fatalf("before it is trusted: %q, want a miss that stores nothing", cs)
+		}
+	}
+	waitTrusted(t, h.inv)
+	h.get(pathConv)
+	if _, cs, _ := h.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; hit") {
+		t.Fatalf("once trusted: %q, want a hit", cs)
 	}
 }

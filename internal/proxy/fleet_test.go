@@ -21,7 +21,11 @@ import (
 // with the harness's key secret (the same on every replica).
 func withFleet(t testing.TB, url string) harnessOpt {
 	return func(s *setup) {
-		f, err := fleet.Open(fleet.Config{URL: url, Prefix: "cacheproxy:", Timeout: time.Second,
+		timeout := time.Second
+		if s.redisTimeout > 0 {
+			timeout = s.redisTimeout
+		}
+		f, err := fleet.Open(fleet.Config{URL: url, Prefix: "cacheproxy:", Timeout: timeout,
 			Secret: s.opts.KeySecret, Retention: time.Hour, ClaimTTL: fleet.ClaimTTL, Clock: s.opts.Clock})
 		if err != nil {
 			t.Fatal(err)
@@ -49,10 +53,11 @@ func replicas(t *testing.T, n int, srv interface{ URL() string }, opts ...harnes
 // replicasEach starts one replica per element of each, with those options,
 // sharing one fake Twilio (the first's) and the redis-server srv.
 func replicasEach(t *testing.T, srv interface{ URL() string }, each ...[]harnessOpt) []*harness {
-	first := newHarness(t, append(each[0], withFleet(t, srv.URL()))...)
+	// The replica's own options come after: one may point it elsewhere.
+	first := newHarness(t, append([]harnessOpt{withFleet(t, srv.URL())}, each[0]...)...)
 	out := []*harness{first}
 	for _, opts := range each[1:] {
-		h := newHarness(t, append(opts, withFleet(t, srv.URL()), func(s *setup) {
+		h := newHarness(t, append(append([]harnessOpt{withFleet(t, srv.URL())}, opts...), func(s *setup) {
 			s.cfg.Upstreams.Conversations.URL, s.cfg.Upstreams.Proxy.URL = first.convSrv.URL, first.proxSrv.URL
 		})...)
 		h.conv, h.prox = first.conv, first.prox // the one upstream, for assertions

@@ -133,6 +133,7 @@ type setup struct {
 	opts              Options
 	budgetOnFakeClock bool
 	fleet             *fleet.Fleet // the replica's shared tier, if any
+	redisTimeout      time.Duration // the shared tier's redis.timeout; 0: 1 s
 }
 
 type harnessOpt func(*setup)

@@ -1,0 +1,54 @@
+package redistest
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/Shopify/toxiproxy/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+)
+
+// Link is a Toxiproxy proxy between one replica and a redis-server, on
+// loopback: faults are injected on it (latency, a link down) by the real
+// tool, used as a library.
+type Link struct {
+	p *toxiproxy.Proxy
+	// Addr is where the replica connects instead of the server.
+	Addr string
+}
+
+// NewLink starts a Toxiproxy link to target (host:port) on a free
+// loopback port; the test's cleanup stops it.
+func NewLink(t testing.TB, target string) *Link {
+	t.Helper()
+	srv := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(prometheus.NewRegistry()), zerolog.Nop())
+	addr := freeAddr(t)
+	p := toxiproxy.NewProxy(srv, "redis-"+addr, addr, target)
+	if err := p.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Stop)
+	return &Link{p: p, Addr: addr}
+}
+
+// URL is a redis:// URL through the link.
+func (l *Link) URL() string { return "redis://" + l.Addr }
+
+// Latency adds ms of latency to what Redis sends back, until Clear.
+func (l *Link) Latency(t testing.TB, ms int) {
+	t.Helper()
+	l.add(t, fmt.Sprintf(`{"name":"latency","type":"latency","stream":"downstream","attributes":{"latency":%d}}`, ms))
+}
+
+// Clear removes every toxic.
+func (l *Link) Clear() { l.p.Toxics.ResetToxics(context.Background()) }
+
+func (l *Link) add(t testing.TB, js string) {
+	t.Helper()
+	if _, err := l.p.Toxics.AddToxicJson(strings.NewReader(js)); err != nil {
+		t.Fatal(err)
+	}
+}
