@@ -55,15 +55,15 @@ type Invalidator struct {
 	// trusted: subscribed, and announced long enough that every writer
 	// counts this replica among those it waits for. Until then nothing is
 	// valid here (so nothing is kept in or served from L1).
-	trusted   atomic.Bool
-	peers     atomic.Int64 // other replicas with this secret, subscribed
-	keyID     string       // names this fleet secret in announcements
-	lastAlarm atomic.Int64
-	kick      chan struct{} // unsent invalidations to retry
-	firstSub                       chan struct{} // closed at the first subscription
-	firstOnce                      sync.Once
-	firstTrust                     chan struct{} // closed when first trusted
-	trustOnce                      sync.Once
+	trusted    atomic.Bool
+	peers      atomic.Int64 // other replicas with this secret, subscribed
+	keyID      string       // names this fleet secret in announcements
+	lastAlarm  atomic.Int64
+	kick       chan struct{} // unsent invalidations to retry
+	firstSub   chan struct{} // closed at the first subscription
+	firstOnce  sync.Once
+	firstTrust chan struct{} // closed when first trusted
+	trustOnce  sync.Once
 
 	stop context.CancelFunc
 	done chan struct{}

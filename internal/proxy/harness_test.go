@@ -132,7 +132,7 @@ type setup struct {
 	cfg               config.Config
 	opts              Options
 	budgetOnFakeClock bool
-	fleet             *fleet.Fleet // the replica's shared tier, if any
+	fleet             *fleet.Fleet  // the replica's shared tier, if any
 	redisTimeout      time.Duration // the shared tier's redis.timeout; 0: 1 s
 }
 
