@@ -657,7 +657,7 @@ func TestFleetOfTwoBinaries(t *testing.T) {
 	}
 	metrics := scrape(t, a)
 	for _, want := range []string{"cacheproxy_redis_up 1", "cacheproxy_fleet_invalidations_received_total 1", "cacheproxy_l2_hits_total 0",
-		"cacheproxy_l2_latency_seconds_count 4", "cacheproxy_fleet_replicas ", "cacheproxy_fleet_budget_waits_total 0", "cacheproxy_fleet_leases_won_total 2"} {
+		"cacheproxy_l2_latency_seconds_count 4", "cacheproxy_fleet_replicas ", "cacheproxy_fleet_budget_waits_total 0", "cacheproxy_fleet_claims_won_total 2"} {
 		if !strings.Contains(metrics, want) {
 			t.Errorf("A's /metrics lacks %q", want)
 		}
@@ -675,7 +675,7 @@ func TestFleetOfTwoBinaries(t *testing.T) {
 			break
 		}
 	}
-	for _, want := range []string{`"redis_up":true`, `"invalidations_received_total":1`, `"l2_hits":`, `"leases_won":`, `"budget_fallbacks_total":0`} {
+	for _, want := range []string{`"redis_up":true`, `"invalidations_received_total":1`, `"l2_hits":`, `"claims_won":`, `"budget_fallbacks_total":0`} {
 		if !strings.Contains(summary, want) {
 			t.Errorf("summary line lacks %s: %s", want, summary)
 		}

@@ -81,7 +81,7 @@ func TestFleetClaimTakeoverWhenTheHolderDies(t *testing.T) {
 		return false
 	}
 	go a.do("GET", pathConv, basic(acctA, tokenA)) // its answer never matters
-	waitUntil(t, "A holds the claim", func() bool { return a.p.Summary().LeasesWon == 1 })
+	waitUntil(t, "A holds the claim", func() bool { return a.p.Summary().ClaimsWon == 1 })
 	a.fleet.Close() // A is gone: its claim is no longer renewed
 	start := time.Now()
 	s, cs, body := b.get(pathConv)
@@ -89,7 +89,7 @@ func TestFleetClaimTakeoverWhenTheHolderDies(t *testing.T) {
 	if s != 200 || cs != "cacheproxy; fwd=uri-miss; stored" || !strings.Contains(body, member1) {
 		t.Fatalf("B: %d %q %s", s, cs, body)
 	}
-	if w, won := b.p.Summary().LeasesWaited, b.p.Summary().LeasesWon; w != 1 || won != 1 {
+	if w, won := b.p.Summary().ClaimsWaited, b.p.Summary().ClaimsWon; w != 1 || won != 1 {
 		t.Fatalf("B waited %d, won %d: want it to wait, then take over", w, won)
 	}
 	if n := calls.Load(); n != 2 {

@@ -346,7 +346,7 @@ func TestFleetOnARedisCluster(t *testing.T) {
 
 // Point 5: three replicas each get 100 concurrent cold reads of the same
 // participant: one upstream call in all. The upstream holds its one call
-// until the two other replicas wait on the key's fleet-wide lease.
+// until the two other replicas wait on the key's fleet-wide claim.
 func TestFleetMakesOneUpstreamCallPerColdKey(t *testing.T) {
 	r := replicas(t, 3, redistest.Start(t))
 	release := make(chan struct{})
@@ -364,14 +364,14 @@ func TestFleetMakesOneUpstreamCallPerColdKey(t *testing.T) {
 	for {
 		waiting := 0
 		for _, h := range r {
-			waiting += int(h.p.Summary().LeasesWaited)
+			waiting += int(h.p.Summary().ClaimsWaited)
 		}
 		if waiting == 2 {
 			break
 		}
 		if time.Now().After(deadline) {
 			close(release)
-			t.Fatalf("%d replicas wait on the lease, want 2", waiting)
+			t.Fatalf("%d replicas wait on the key's claim, want 2", waiting)
 		}
 		time.Sleep(time.Millisecond) // waiting for other replicas' calls to Redis
 	}
@@ -394,10 +394,10 @@ func TestFleetMakesOneUpstreamCallPerColdKey(t *testing.T) {
 	}
 	won := 0
 	for _, h := range r {
-		won += int(h.p.Summary().LeasesWon)
+		won += int(h.p.Summary().ClaimsWon)
 	}
 	if won != 1 {
-		t.Fatalf("leases won %d, want 1", won)
+		t.Fatalf("claims won %d, want 1", won)
 	}
 }
 

@@ -17,7 +17,7 @@ import (
 // counters are the process-wide totals behind the summary line.
 type counters struct {
 	hits, misses, collapsed, stale, passthrough     atomic.Int64
-	shared, sharedErrors, leasesWon, leasesWaited   atomic.Int64
+	shared, sharedErrors, claimsWon, claimsWaited   atomic.Int64
 	upstreamCalls, upstream429, rejections, retries atomic.Int64
 	queueWaitNanos                                  atomic.Int64
 }
@@ -88,8 +88,8 @@ func newMetrics(reg prometheus.Registerer, p *Proxy) *metrics {
 		counter("cacheproxy_upstream_429_total", "Upstream 429 answers.", p.c.upstream429.Load),
 		counter("cacheproxy_stale_total", "Reads answered with a stale entry.", p.c.stale.Load),
 		counter("cacheproxy_l2_hits_total", "Reads answered from the fleet's shared tier (redis.url).", p.c.shared.Load),
-		counter("cacheproxy_fleet_leases_won_total", "Cold keys this replica fetched for the fleet (it won the key's lease).", p.c.leasesWon.Load),
-		counter("cacheproxy_fleet_leases_waited_total", "Cold keys this replica waited for another replica to fetch.", p.c.leasesWaited.Load),
+		counter("cacheproxy_fleet_claims_won_total", "Cold keys this replica fetched for the fleet (it won the key's claim).", p.c.claimsWon.Load),
+		counter("cacheproxy_fleet_claims_waited_total", "Cold keys this replica waited for another replica to fetch.", p.c.claimsWaited.Load),
 		counter("cacheproxy_l2_errors_total", "Calls to the fleet's shared tier that failed or timed out (each a miss, never a client error).", p.c.sharedErrors.Load),
 		gauge("cacheproxy_cache_entries", "Entries in the cache.", func() float64 { return float64(p.store.Stats().Entries) }),
 		gauge("cacheproxy_cache_bytes", "Bytes held by the cache (body + headers + key).", func() float64 { return float64(p.store.Stats().Bytes) }),
@@ -164,7 +164,7 @@ type Summary struct {
 	Hits, Misses, Collapsed, Stale, Passthrough     int64
 	UpstreamCalls, Upstream429, Rejections, Retries int64
 	Shared, SharedErrors                            int64 // L2 hits, failed L2 calls
-	LeasesWon, LeasesWaited                         int64 // fleet-wide fetch leases
+	ClaimsWon, ClaimsWaited                         int64 // fleet-wide fetch leases
 	QueueWait                                       time.Duration
 	Cache                                           cache.Stats
 }
@@ -178,7 +178,7 @@ func (p *Proxy) Summary() Summary {
 		UpstreamCalls: p.c.upstreamCalls.Load(), Upstream429: p.c.upstream429.Load(),
 		Rejections: p.c.rejections.Load(), Retries: p.c.retries.Load(),
 		Shared: p.c.shared.Load(), SharedErrors: p.c.sharedErrors.Load(),
-		LeasesWon: p.c.leasesWon.Load(), LeasesWaited: p.c.leasesWaited.Load(),
+		ClaimsWon: p.c.claimsWon.Load(), ClaimsWaited: p.c.claimsWaited.Load(),
 		QueueWait: time.Duration(p.c.queueWaitNanos.Load()),
 		Cache:     p.store.Stats(),
 	}
@@ -213,7 +213,7 @@ func (p *Proxy) LogSummary(prev Summary) Summary {
 		Int64("rejections", s.Rejections-prev.Rejections).
 		Int64("retries", s.Retries-prev.Retries).
 		Int64("l2_hits", s.Shared-prev.Shared).Int64("l2_errors", s.SharedErrors-prev.SharedErrors).
-		Int64("leases_won", s.LeasesWon-prev.LeasesWon).Int64("leases_waited", s.LeasesWaited-prev.LeasesWaited).
+		Int64("claims_won", s.ClaimsWon-prev.ClaimsWon).Int64("claims_waited", s.ClaimsWaited-prev.ClaimsWaited).
 		Int64("queue_wait_us", (s.QueueWait-prev.QueueWait).Microseconds()).
 		Int64("entries", s.Cache.Entries).Int64("bytes", s.Cache.Bytes).
 		Uint64("evictions", s.Cache.Evictions).

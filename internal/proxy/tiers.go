@@ -170,10 +170,10 @@ func (t *tiers) claimed(ctx context.Context, cl tier.Claim, key, auth string, ep
 		return e
 	}
 	if cl.Won() {
-		t.c.leasesWon.Add(1)
+		t.c.claimsWon.Add(1)
 		return nil
 	}
-	t.c.leasesWaited.Add(1)
+	t.c.claimsWaited.Add(1)
 	e, err := cl.Wait(ctx)
 	t.failed(err)
 	if e == nil {
@@ -181,7 +181,7 @@ func (t *tiers) claimed(ctx context.Context, cl tier.Claim, key, auth string, ep
 			if e := t.shared(ctx, key, auth, epoch); e != nil && t.clock.Now().Before(e.Expires) {
 				return e
 			}
-			t.c.leasesWon.Add(1)
+			t.c.claimsWon.Add(1)
 		}
 		return nil
 	}
