@@ -639,10 +639,10 @@ func noSecretsLogged(t *testing.T, procs []*proc, secrets ...string) {
 // password-protected redis-server, and a write through one reaches the
 // other's copy; the password and the key secret are never logged.
 func TestFleetOfTwoBinaries(t *testing.T) {
-	const password, secret = "redis-pass-0123456789", "fleet-secret-0123456789"
+	const password, secret, previous = "redis-pass-0123456789", "fleet-secret-0123456789", "old-fleet-secret-987654321"
 	srv := redistest.Start(t, "--requirepass", password)
 	a, b := fleetOfTwo(t, []string{"CACHEPROXY_REDIS_URL=redis://:" + password + "@" + srv.Addr, "CACHEPROXY_CACHE_KEY_SECRET=" + secret,
-		"CACHEPROXY_LOG_SUMMARY_INTERVAL=100ms"})
+		"CACHEPROXY_CACHE_PREVIOUS_KEY_SECRETS=" + previous, "CACHEPROXY_LOG_SUMMARY_INTERVAL=100ms"})
 	// A write through B reaches A's copy before B answers it.
 	req, _ := http.NewRequest("POST", "http://"+b.addr+path, strings.NewReader("Attributes=%7B%22v%22%3A2%7D"))
 	req.Header.Set("Authorization", auth())
@@ -680,7 +680,7 @@ func TestFleetOfTwoBinaries(t *testing.T) {
 			t.Errorf("summary line lacks %s: %s", want, summary)
 		}
 	}
-	noSecretsLogged(t, []*proc{a, b}, password, secret)
+	noSecretsLogged(t, []*proc{a, b}, password, secret, previous)
 }
 
 // TestFleetOverTLSWithAnACLUser: the fleet over rediss:// to a

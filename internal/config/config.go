@@ -111,6 +111,10 @@ type Cache struct {
 	// KeySecret keys the credential fingerprint in cache keys. Default: a
 	// random secret per process.
 	KeySecret string `toml:"key_secret"`
+	// PreviousKeySecrets are secrets the fleet's entries and invalidations
+	// may still be sealed under during a rotation of key_secret: read,
+	// never written (README, "Rotating cache.key_secret"). Default none.
+	PreviousKeySecrets []string `toml:"previous_key_secrets"`
 	// StaleIfError serves an entry up to this long past its TTL when the
 	// upstream answers 429 or 5xx, cannot be reached, or the account's
 	// budget is spent. Default 60s; 0 disables.
@@ -393,6 +397,9 @@ func (c Config) Validate() error {
 		} else if c.Cache.KeySecret == "" {
 			bad("cache.key_secret", "is required with redis.url: every replica must derive the same keys (set it from a Secret, e.g. CACHEPROXY_CACHE_KEY_SECRET)")
 		}
+	}
+	if len(c.Cache.PreviousKeySecrets) > 0 && c.Cache.KeySecret == "" {
+		bad("cache.previous_key_secrets", "needs cache.key_secret (the secret rotated to)")
 	}
 	if w := c.Webhooks; w.Listen != "" {
 		if _, _, err := net.SplitHostPort(w.Listen); err != nil {

@@ -146,7 +146,7 @@ func TestExampleFileDocumentsEveryKey(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := Default()
-	if c.Listen != d.Listen || c.Cache != d.Cache || !reflect.DeepEqual(c.RateLimit, d.RateLimit) || c.Server != d.Server || c.Log != d.Log ||
+	if c.Listen != d.Listen || !reflect.DeepEqual(c.Cache, d.Cache) || !reflect.DeepEqual(c.RateLimit, d.RateLimit) || c.Server != d.Server || c.Log != d.Log ||
 		c.Upstreams.Conversations.URL != d.Upstreams.Conversations.URL || c.Upstreams.Proxy.Timeout != d.Upstreams.Proxy.Timeout || c.Redis != d.Redis {
 		t.Fatalf("example values differ from the defaults:\n%+v\n%+v", c, d)
 	}

@@ -136,8 +136,7 @@ func (b *Budget) Acquire(ctx context.Context, user, credential string) (ratelimi
 	}
 	acct := b.local.AccountOf(user)
 	// The account's keys share a hash tag: one Cluster slot.
-	tag := b.f.name("a", acct)
-	tag = tag[:len(b.f.cfg.Prefix)] + "{" + tag[len(b.f.cfg.Prefix):] + "}"
+	tag := accountName(b.f.cfg.Prefix, acct)
 	key, window := tag+":slots", tag+":rate"
 	var idb [12]byte
 	_, _ = rand.Read(idb[:])

@@ -24,12 +24,7 @@ package fleet
 
 import (
 	"context"
-	"crypto/aes"
-	"crypto/cipher"
-	"crypto/hkdf"
-	"crypto/hmac"
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -57,6 +52,9 @@ type Config struct {
 	Timeout time.Duration
 	// Secret is cache.key_secret: the same on every replica.
 	Secret []byte
+	// Previous are cache.previous_key_secrets: read, never written (a
+	// rotation of the secret, docs/fleet.md).
+	Previous [][]byte
 	// Retention is how long an invalidation mark must outlive it: the
 	// longest an entry fetched before it can stay in Redis.
 	Retention time.Duration
@@ -71,7 +69,7 @@ type Fleet struct {
 	cfg    Config
 	clock  clock.Clock
 	client atomic.Pointer[rueidis.Client] // nil until connected
-	nameK  []byte                         // keys key names
+	keys   []secret                       // the current secret, then the previous ones
 	up     atomic.Bool
 	errors atomic.Int64
 	stop   chan struct{}
@@ -107,7 +105,7 @@ func Open(cfg Config) (*Fleet, error) {
 	opt.DisableRetry = true
 	opt.ConnWriteTimeout = max(cfg.Timeout, time.Second)
 	opt.Dialer.Timeout = max(cfg.Timeout, time.Second)
-	f := &Fleet{cfg: cfg, clock: clock.Or(cfg.Clock), nameK: derive(cfg.Secret, "cacheproxy key names v1", ""), stop: make(chan struct{}), done: make(chan struct{})}
+	f := &Fleet{cfg: cfg, clock: clock.Or(cfg.Clock), keys: secrets(cfg), stop: make(chan struct{}), done: make(chan struct{})}
 	go f.connect(opt)
 	f.wg.Go(f.watch)
 	return f, nil
@@ -184,22 +182,20 @@ func (f *Fleet) ctx(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(ctx, f.cfg.Timeout)
 }
 
-// derive is HKDF-SHA256 of secret for info and salt, 32 bytes.
-func derive(secret []byte, info, salt string) []byte {
-	k, err := hkdf.Key(sha256.New, secret, []byte(salt), info, 32)
-	if err != nil {
-		panic(err) // only for a length HKDF cannot give; 32 it always can
-	}
-	return k
-}
+// name is a key name under the current secret.
+func (f *Fleet) name(kind, what string) string { return f.keys[0].name(f.cfg.Prefix, kind, what) }
 
-// name is a key name: the prefix, a kind and a keyed hash of what it names.
-func (f *Fleet) name(kind, what string) string {
-	m := hmac.New(sha256.New, f.nameK)
-	m.Write([]byte(kind))
-	m.Write([]byte{0})
-	m.Write([]byte(what))
-	return f.cfg.Prefix + kind + ":" + hex.EncodeToString(m.Sum(nil)[:20])
+// marks are the names of tags' marks under every secret: a write raises
+// them all, and an entry is checked against them all, so that replicas on
+// either side of a rotation see each other's invalidations.
+func (f *Fleet) marks(tags []string) []string {
+	out := make([]string, 0, len(tags)*len(f.keys))
+	for i := range f.keys {
+		for _, t := range tags {
+			out = append(out, f.keys[i].name(f.cfg.Prefix, "m", t))
+		}
+	}
+	return out
 }
 
 func (f *Fleet) epochKey() string { return f.cfg.Prefix + "epoch" }
@@ -268,9 +264,10 @@ func (f *Fleet) Invalidate(ctx context.Context, tags []string) error {
 		return err
 	}
 	e, px := strconv.FormatUint(epoch, 10), strconv.FormatInt(f.cfg.Retention.Milliseconds(), 10)
-	execs := make([]rueidis.LuaExec, len(tags))
-	for i, t := range tags {
-		execs[i] = rueidis.LuaExec{Keys: []string{f.name("m", t)}, Args: []string{e, px}}
+	names := f.marks(tags)
+	execs := make([]rueidis.LuaExec, len(names))
+	for i, m := range names {
+		execs[i] = rueidis.LuaExec{Keys: []string{m}, Args: []string{e, px}}
 	}
 	for _, r := range raiseMark.ExecMulti(ctx, c, execs...) {
 		if err := f.result(r.Error()); err != nil {
@@ -296,15 +293,6 @@ type sealed struct {
 	Epoch  uint64              `json:"e"` // the fleet epoch when its fetch began
 }
 
-// aead is AES-256-GCM under the key of auth.
-func (f *Fleet) aead(auth string) (cipher.AEAD, error) {
-	block, err := aes.NewCipher(derive(f.cfg.Secret, "cacheproxy entries v1", auth))
-	if err != nil {
-		return nil, err
-	}
-	return cipher.NewGCM(block)
-}
-
 // Set shares e (fetched with auth, its fetch begun at fleet epoch epoch)
 // until e.Keep.
 func (f *Fleet) Set(ctx context.Context, e *cache.Entry, auth string, epoch uint64, now time.Time) error {
@@ -321,11 +309,11 @@ func (f *Fleet) Set(ctx context.Context, e *cache.Entry, auth string, epoch uint
 	if err != nil {
 		return err
 	}
-	a, err := f.aead(auth)
+	a, err := f.keys[0].aead(auth)
 	if err != nil {
 		return err
 	}
-	name := f.name("e", e.Key)
+	name := f.name("e", entryID(e.Key, auth))
 	nonce := make([]byte, a.NonceSize(), a.NonceSize()+len(plain)+a.Overhead())
 	if _, err := rand.Read(nonce); err != nil {
 		return err
@@ -337,7 +325,8 @@ func (f *Fleet) Set(ctx context.Context, e *cache.Entry, auth string, epoch uint
 }
 
 // Get returns the shared entry of key, opened with auth, if it is still
-// valid fleet-wide; nil if there is none (or it cannot be opened).
+// valid fleet-wide; nil if there is none (or it cannot be opened). It
+// looks under every secret, the current one first.
 func (f *Fleet) Get(ctx context.Context, key, auth string) (*cache.Entry, error) {
 	c := f.c()
 	if c == nil {
@@ -345,66 +334,105 @@ func (f *Fleet) Get(ctx context.Context, key, auth string) (*cache.Entry, error)
 	}
 	ctx, cancel := f.ctx(ctx)
 	defer cancel()
-	name := f.name("e", key)
+	id, n := entryID(key, auth), len(f.keys)
 	seen := f.st.seen.Load()
-	rs := c.DoMulti(ctx, c.B().Get().Key(name).Build(), c.B().Pttl().Key(name).Build(),
-		c.B().Get().Key(f.epochKey()).Build(), c.B().Get().Key(f.floorKey()).Build())
-	if err := f.current(ctx, c, rs[2], rs[3], seen); err != nil {
+	cmds := make(rueidis.Commands, 0, 2+2*n)
+	cmds = append(cmds, c.B().Get().Key(f.epochKey()).Build(), c.B().Get().Key(f.floorKey()).Build())
+	for i := range f.keys {
+		name := f.keys[i].name(f.cfg.Prefix, "e", id)
+		cmds = append(cmds, c.B().Get().Key(name).Build(), c.B().Pttl().Key(name).Build())
+	}
+	rs := c.DoMulti(ctx, cmds...)
+	if err := f.current(ctx, c, rs[0], rs[1], seen); err != nil {
 		return nil, err
 	}
-	val, err := rs[0].AsBytes()
-	if rueidis.IsRedisNil(err) {
-		return nil, f.result(nil)
-	}
-	if err := f.result(err); err != nil {
-		return nil, err
-	}
-	left, err := rs[1].AsInt64()
-	if err := f.result(err); err != nil {
-		return nil, err
-	}
-	now := f.clock.Now()
-	a, err := f.aead(auth)
-	if err != nil {
-		return nil, err
-	}
-	if len(val) < a.NonceSize() {
-		return nil, nil
-	}
-	plain, err := a.Open(nil, val[:a.NonceSize()], val[a.NonceSize():], []byte(name))
-	if err != nil {
-		return nil, nil // not this credential's, or damaged: a miss
-	}
-	var s sealed
-	if err := json.Unmarshal(plain, &s); err != nil {
-		return nil, nil
-	}
-	if s.Epoch < f.st.floor.Load() || f.unsent.covers(s.Tags) {
-		return nil, nil // shared before Redis went backwards, or hidden by a write not yet in Redis
-	}
-	if len(s.Tags) > 0 {
-		cmds := make(rueidis.Commands, len(s.Tags))
-		for i, t := range s.Tags {
-			cmds[i] = c.B().Get().Key(f.name("m", t)).Build()
-		}
-		for _, r := range c.DoMulti(ctx, cmds...) {
-			mark, err := f.number(r)
+	for i := range f.keys {
+		s, left, err := f.open(&f.keys[i], id, auth, rs[2+2*i], rs[3+2*i])
+		if err != nil || s == nil {
 			if err != nil {
 				return nil, err
 			}
-			if mark > s.Epoch {
-				return nil, nil // invalidated after its fetch began
-			}
+			continue
 		}
+		if ok, err := f.unmarked(ctx, c, s); !ok || err != nil {
+			return nil, err
+		}
+		return s.entry(key, left, f.clock.Now()), nil
+	}
+	return nil, nil
+}
+
+// open opens an entry read under secret k (its value and PTTL): nil if
+// there is none, it is not the credential's or it is damaged, or it has no
+// lifetime left.
+func (f *Fleet) open(k *secret, id, auth string, value, pttl rueidis.RedisResult) (*sealed, int64, error) {
+	val, err := value.AsBytes()
+	if rueidis.IsRedisNil(err) {
+		return nil, 0, f.result(nil)
+	}
+	if err := f.result(err); err != nil {
+		return nil, 0, err
+	}
+	left, err := pttl.AsInt64()
+	if err := f.result(err); err != nil {
+		return nil, 0, err
 	}
 	if left <= 0 {
-		return nil, nil // expired meanwhile (-2), or kept without a lifetime (-1): not ours
+		return nil, 0, nil // expired meanwhile (-2), or kept without a lifetime (-1): not ours
 	}
-	// What passed since it was shared, on Redis's clock.
+	a, err := k.aead(auth)
+	if err != nil {
+		return nil, 0, err
+	}
+	if len(val) < a.NonceSize() {
+		return nil, 0, nil
+	}
+	plain, err := a.Open(nil, val[:a.NonceSize()], val[a.NonceSize():], []byte(k.name(f.cfg.Prefix, "e", id)))
+	if err != nil {
+		return nil, 0, nil // not this credential's, or damaged: a miss
+	}
+	var s sealed
+	if err := json.Unmarshal(plain, &s); err != nil {
+		return nil, 0, nil
+	}
+	return &s, left, nil
+}
+
+// unmarked reports whether s is still valid fleet-wide: shared after the
+// floor, not hidden by this replica's unsent invalidations, and no mark of
+// its scopes (under any secret) above the epoch its fetch began at.
+func (f *Fleet) unmarked(ctx context.Context, c rueidis.Client, s *sealed) (bool, error) {
+	if s.Epoch < f.st.floor.Load() || f.unsent.covers(s.Tags) {
+		return false, nil // shared before Redis went backwards, or hidden by a write not yet in Redis
+	}
+	if len(s.Tags) == 0 {
+		return true, nil
+	}
+	names := f.marks(s.Tags)
+	cmds := make(rueidis.Commands, len(names))
+	for i, m := range names {
+		cmds[i] = c.B().Get().Key(m).Build()
+	}
+	for _, r := range c.DoMulti(ctx, cmds...) {
+		mark, err := f.number(r)
+		if err != nil {
+			return false, err
+		}
+		if mark > s.Epoch {
+			return false, nil // invalidated after its fetch began
+		}
+	}
+	return true, nil
+}
+
+// entry is s as an entry of key on the reader's clock at now, with left
+// of its time in Redis: what passed since it was shared is taken off, on
+// Redis's clock.
+func (s *sealed) entry(key string, left int64, now time.Time) *cache.Entry {
 	passed := time.Duration(max(0, s.Life-left)) * time.Millisecond
 	ms := func(n int64) time.Duration { return time.Duration(n) * time.Millisecond }
 	return &cache.Entry{Key: key, Status: s.Status, Header: http.Header(s.Header), Body: s.Body,
-		Stored: now.Add(-ms(s.Age) - passed), Expires: now.Add(ms(s.Fresh) - passed), Keep: now.Add(ms(left)), Tags: s.Tags}, nil
+		Stored: now.Add(-ms(s.Age) - passed), Expires: now.Add(ms(s.Fresh) - passed), Keep: now.Add(ms(left)), Tags: s.Tags}
 }
 
 // current checks the epoch and floor read with an entry: garbage is an

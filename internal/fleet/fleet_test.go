@@ -12,9 +12,11 @@ import (
 	"cacheproxy/internal/redistest"
 )
 
-func open(t *testing.T, url string) *Fleet {
+func open(t *testing.T, url string) *Fleet { return openWith(t, url, "secret") }
+
+func openWith(t *testing.T, url, secret string) *Fleet {
 	t.Helper()
-	f, err := Open(Config{URL: url, Prefix: "t:", Timeout: time.Second, Secret: []byte("secret"), Retention: time.Hour})
+	f, err := Open(Config{URL: url, Prefix: "t:", Timeout: time.Second, Secret: []byte(secret), Retention: time.Hour})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -132,6 +134,36 @@ func TestBudgetRateIsFleetWide(t *testing.T) {
 		t.Fatalf("granted %d, refused %d in %s: want 5 to %d granted (a rate of 5 per second for both replicas together)",
 			granted, refused, time.Since(start), allowed)
 	}
+}
+
+// An account's fleet-wide cap does not depend on cache.key_secret: two
+// replicas with different secrets (a rotation under way) share its slots.
+func TestBudgetIsOneWhateverTheSecret(t *testing.T) {
+	srv := redistest.Start(t)
+	var budgets []*Budget
+	for _, secret := range []string{"old-secret", "new-secret"} {
+		local := ratelimit.New(ratelimit.Config{MaxConcurrent: 100, MaxWait: time.Minute}, nil)
+		b := NewBudget(local, openWith(t, srv.URL(), secret), 1, 0, time.Minute, 50*time.Millisecond)
+		t.Cleanup(b.Close)
+		budgets = append(budgets, b)
+	}
+	held, err := budgets[0].Acquire(context.Background(), "AC1", "c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rej *ratelimit.RejectedError
+	if ls, err := budgets[1].Acquire(context.Background(), "AC1", "c"); !errors.As(err, &rej) {
+		if ls != nil {
+			ls.Done(ratelimit.Served)
+		}
+		t.Fatalf("the other secret's replica got a second slot of a cap of 1: %v", err)
+	}
+	held.Done(ratelimit.Served)
+	ls, err := budgets[1].Acquire(context.Background(), "AC1", "c")
+	if err != nil {
+		t.Fatalf("the slot given back: %v", err)
+	}
+	ls.Done(ratelimit.Served)
 }
 
 // A fetch lease is one replica's at a time, is given back only by the

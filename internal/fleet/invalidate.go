@@ -2,8 +2,6 @@ package fleet
 
 import (
 	"context"
-	"crypto/aes"
-	"crypto/cipher"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -42,7 +40,6 @@ type Invalidator struct {
 	onError func(error)
 
 	id      string // this replica, in messages and its ack channel
-	seal    cipher.AEAD
 	seq     atomic.Uint64
 	mu      sync.Mutex
 	waiters map[uint64]chan struct{}
@@ -56,8 +53,7 @@ type Invalidator struct {
 	// counts this replica among those it waits for. Until then nothing is
 	// valid here (so nothing is kept in or served from L1).
 	trusted    atomic.Bool
-	peers      atomic.Int64 // other replicas with this secret, subscribed
-	keyID      string       // names this fleet secret in announcements
+	peers      atomic.Int64 // other replicas sharing a secret with this one, subscribed
 	lastAlarm  atomic.Int64
 	kick       chan struct{} // unsent invalidations to retry
 	firstSub   chan struct{} // closed at the first subscription
@@ -69,40 +65,31 @@ type Invalidator struct {
 	done chan struct{}
 }
 
-// message is one invalidation on the wire (sealed). All: everything
-// (invalidations that could not be kept while Redis was away).
+// message is one invalidation on the wire (sealed; its sender and number
+// are in its header). All: everything (invalidations that could not be
+// kept while Redis was away).
 type message struct {
-	From string   `json:"f"`
-	Seq  uint64   `json:"s"`
 	Tags []string `json:"t"`
 	All  bool     `json:"a,omitempty"`
 }
 
-// ack is an acknowledgement on the wire (sealed like the invalidations,
-// so that nobody without the secret can forge one).
+// ack is an acknowledgement on the wire, of invalidation Seq of replica To
+// (sealed like the invalidations, so that nobody without a secret can
+// forge one; its header names the acknowledging replica).
 type ack struct {
 	To  string `json:"t"`
 	Seq uint64 `json:"s"`
-	By  string `json:"b"`
 }
 
 // NewInvalidator starts this replica's subscription to the fleet's
 // invalidations; Close ends it.
 func NewInvalidator(f *Fleet, local *invalidation.Local, wait time.Duration, onError func(error)) *Invalidator {
-	block, err := aes.NewCipher(derive(f.cfg.Secret, "cacheproxy invalidations v1", ""))
-	if err != nil {
-		panic(err) // a 32-byte key is always a valid AES key
-	}
-	seal, err := cipher.NewGCM(block)
-	if err != nil {
-		panic(err)
-	}
 	var id [12]byte
 	_, _ = rand.Read(id[:])
 	ctx, cancel := context.WithCancel(context.Background())
-	i := &Invalidator{local: local, f: f, wait: wait, onError: onError, id: hex.EncodeToString(id[:]), seal: seal,
+	i := &Invalidator{local: local, f: f, wait: wait, onError: onError, id: hex.EncodeToString(id[:]),
 		waiters: map[uint64]chan struct{}{}, stop: cancel, done: make(chan struct{}), firstSub: make(chan struct{}), firstTrust: make(chan struct{}),
-		keyID: hex.EncodeToString(derive(f.cfg.Secret, "cacheproxy key id v1", "")[:6]), kick: make(chan struct{}, 1)}
+		kick: make(chan struct{}, 1)}
 	reset := func() { i.local.InvalidateAll() }
 	f.st.onReset.Store(&reset)
 	report := i.fail
@@ -241,21 +228,52 @@ func (i *Invalidator) fail(err error) {
 	}
 }
 
-// sealMsg seals v (JSON) for channel ch.
-func (i *Invalidator) sealMsg(v any, ch string) []byte {
-	plain, _ := json.Marshal(v)
-	nonce := make([]byte, i.seal.NonceSize(), i.seal.NonceSize()+len(plain)+i.seal.Overhead())
-	_, _ = rand.Read(nonce)
-	return i.seal.Seal(nonce, nonce, plain, []byte(ch))
+// A message on the fleet's channels is a short header in clear (who sent
+// it and its number: a replica that cannot open it still acknowledges it)
+// and the rest sealed under a secret, with the channel and the header as
+// additional data: nobody without a secret can forge or alter one.
+func header(from string, seq uint64) string { return from + ":" + strconv.FormatUint(seq, 10) + ":" }
+
+// parseHeader splits raw into its header's sender and number and the sealed
+// rest; ok is false for what no replica sent.
+func parseHeader(raw []byte) (from string, seq uint64, sealed []byte, ok bool) {
+	from, rest, ok1 := strings.Cut(string(raw), ":")
+	n, _, ok2 := strings.Cut(rest, ":")
+	seq, err := strconv.ParseUint(n, 10, 64)
+	if !ok1 || !ok2 || err != nil || len(from) != 24 || strings.Trim(from, "0123456789abcdef") != "" {
+		return "", 0, nil, false
+	}
+	return from, seq, raw[len(from)+len(n)+2:], true
 }
 
-// openMsg opens what sealMsg sealed for ch into v.
-func (i *Invalidator) openMsg(raw []byte, ch string, v any) bool {
-	if len(raw) < i.seal.NonceSize() {
-		return false
+// sealMsg seals v (JSON) for channel ch under secret k.
+func (i *Invalidator) sealMsg(k *secret, from string, seq uint64, v any, ch string) []byte {
+	plain, _ := json.Marshal(v)
+	h := header(from, seq)
+	nonce := make([]byte, k.inv.NonceSize(), len(h)+k.inv.NonceSize()+len(plain)+k.inv.Overhead())
+	_, _ = rand.Read(nonce)
+	return append([]byte(h), k.inv.Seal(nonce, nonce, plain, []byte(ch+h))...)
+}
+
+// openMsg opens what sealMsg sealed for ch into v, under any of this
+// replica's secrets; it returns the secret's index, or -1.
+func (i *Invalidator) openMsg(raw []byte, ch string, v any) int {
+	from, seq, sealed, ok := parseHeader(raw)
+	if !ok {
+		return -1
 	}
-	plain, err := i.seal.Open(nil, raw[:i.seal.NonceSize()], raw[i.seal.NonceSize():], []byte(ch))
-	return err == nil && json.Unmarshal(plain, v) == nil
+	h := header(from, seq)
+	for k := range i.f.keys {
+		a := i.f.keys[k].inv
+		if len(sealed) < a.NonceSize() {
+			return -1
+		}
+		plain, err := a.Open(nil, sealed[:a.NonceSize()], sealed[a.NonceSize():], []byte(ch+h))
+		if err == nil && json.Unmarshal(plain, v) == nil {
+			return k
+		}
+	}
+	return -1
 }
 
 func (i *Invalidator) broadcast(ctx context.Context, msg message) {
@@ -265,8 +283,7 @@ func (i *Invalidator) broadcast(ctx context.Context, msg message) {
 		return
 	}
 	seq := i.seq.Add(1)
-	msg.From, msg.Seq = i.id, seq
-	sealed := i.sealMsg(msg, i.channel())
+	sealed := i.sealMsg(&i.f.keys[0], i.id, seq, msg, i.channel())
 	acks := make(chan struct{}, 64)
 	i.mu.Lock()
 	i.waiters[seq] = acks
@@ -284,9 +301,9 @@ func (i *Invalidator) broadcast(ctx context.Context, msg message) {
 		return
 	}
 	i.Sent.Add(1)
-	// Only replicas that announced themselves with this secret are
-	// waited for: a stray subscriber (a redis-cli left open, a replica
-	// with another secret) costs nothing.
+	// Only replicas that announced themselves with a secret this one has
+	// are waited for: a stray subscriber (a redis-cli left open, a replica
+	// with an unrelated secret) costs nothing.
 	receivers = min(receivers, i.peers.Load()+1) // +1: this replica hears (and acknowledges) its own
 	timeout := time.NewTimer(i.wait)
 	defer timeout.Stop()
@@ -367,12 +384,13 @@ func errString(err error) string {
 
 // handle applies another replica's invalidation and acknowledges it, or
 // counts an acknowledgement of this replica's. One it cannot open (sealed
-// under another cache.key_secret, as during a rotation) might cover
-// anything: it drops the whole L1 and is acknowledged all the same.
+// under a secret this replica lacks, as during a rotation) might cover
+// anything: it drops the whole L1 and is acknowledged all the same, under
+// this replica's secret (the writer may have it among its previous ones).
 func (i *Invalidator) handle(ctx context.Context, m rueidis.PubSubMessage) {
 	if m.Channel == i.ackChannel(i.id) {
 		var a ack
-		if !i.openMsg([]byte(m.Message), m.Channel, &a) || a.To != i.id {
+		if i.openMsg([]byte(m.Message), m.Channel, &a) < 0 || a.To != i.id {
 			return // forged, or not for this replica
 		}
 		i.mu.Lock()
@@ -386,13 +404,17 @@ func (i *Invalidator) handle(ctx context.Context, m rueidis.PubSubMessage) {
 		}
 		return
 	}
-	var msg message
-	if !i.openMsg([]byte(m.Message), i.channel(), &msg) {
-		i.unopened(ctx)
-		return
+	from, seq, _, ok := parseHeader([]byte(m.Message))
+	if !ok {
+		return // no replica's
 	}
+	var msg message
+	k := i.openMsg([]byte(m.Message), i.channel(), &msg)
 	switch {
-	case msg.From == i.id:
+	case k < 0:
+		i.unopened(ctx)
+		k = 0
+	case from == i.id:
 	case msg.All:
 		i.local.InvalidateAll()
 		i.Received.Add(1)
@@ -406,8 +428,8 @@ func (i *Invalidator) handle(ctx context.Context, m rueidis.PubSubMessage) {
 	}
 	actx, cancel := i.f.ctx(ctx)
 	defer cancel()
-	ch := i.ackChannel(msg.From)
-	i.f.result(c.Do(actx, c.B().Spublish().Channel(ch).Message(rueidis.BinaryString(i.sealMsg(ack{To: msg.From, Seq: msg.Seq, By: i.id}, ch))).Build()).Error())
+	ch := i.ackChannel(from)
+	i.f.result(c.Do(actx, c.B().Spublish().Channel(ch).Message(rueidis.BinaryString(i.sealMsg(&i.f.keys[k], i.id, 0, ack{To: from, Seq: seq}, ch))).Build()).Error())
 }
 
 // ErrOtherSecret: an invalidation on the fleet's channel was sealed under
@@ -430,43 +452,44 @@ func (i *Invalidator) unopened(ctx context.Context) {
 	}
 }
 
-// announcePeer records a subscribed replica (ARGV[2] == "1") under its
-// key id and returns the replicas announced in the last three seconds.
+// announcePeer records a subscribed replica (ARGV[1] == "1") under each
+// of its secrets' ids (ARGV[2], …) and returns the replicas announced in
+// the last three seconds.
 var announcePeer = rueidis.NewLuaScript(`
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-if ARGV[2] == '1' then redis.call('ZADD', KEYS[1], now, ARGV[1]) else redis.call('ZREM', KEYS[1], ARGV[1]) end
+for i = 2, #ARGV do
+  if ARGV[1] == '1' then redis.call('ZADD', KEYS[1], now, ARGV[i]) else redis.call('ZREM', KEYS[1], ARGV[i]) end
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 3000)
 redis.call('PEXPIRE', KEYS[1], 10000)
 return redis.call('ZRANGE', KEYS[1], 0, -1)`)
 
 // announce tells the fleet every half second that this replica hears the
-// stream, and counts the others with this secret (those a write waits
-// for). A replica becomes trusted a second and a half after it first
+// stream, and counts the others that share a secret with it (those a
+// write waits for: they can open its invalidations, or it their
+// acknowledgements). A replica becomes trusted a second and a half after it first
 // announced itself while subscribed: by then every writer counts it.
 func (i *Invalidator) announce(ctx context.Context) {
 	tick := time.NewTicker(500 * time.Millisecond)
 	defer tick.Stop()
 	var since time.Time // announced while subscribed, without a gap, since
-	me := i.keyID + ":" + i.id
+	args := []string{"0"}
+	for _, k := range i.f.keys {
+		args = append(args, k.id+":"+i.id)
+	}
 	for {
 		sub := i.subscribed.Load()
 		if c := i.f.c(); c != nil {
 			actx, cancel := i.f.ctx(ctx)
-			arg := "0"
+			args[0] = "0"
 			if sub {
-				arg = "1"
+				args[0] = "1"
 			}
-			members, err := announcePeer.Exec(actx, c, []string{i.channel() + "peers"}, []string{me, arg}).AsStrSlice()
+			members, err := announcePeer.Exec(actx, c, []string{i.channel() + "peers"}, args).AsStrSlice()
 			cancel()
 			if i.f.result(err) == nil {
-				n := int64(0)
-				for _, m := range members {
-					if m != me && strings.HasPrefix(m, i.keyID+":") {
-						n++
-					}
-				}
-				i.peers.Store(n)
+				i.peers.Store(int64(len(i.sharing(members))))
 			} else {
 				sub = false
 			}
@@ -484,8 +507,34 @@ func (i *Invalidator) announce(ctx context.Context) {
 		}
 		select {
 		case <-ctx.Done():
+			// Leaving (a rolling restart): writers stop waiting for it now,
+			// not once its announcement is three seconds old.
+			if c := i.f.c(); c != nil {
+				args[0] = "0"
+				actx, cancel := i.f.ctx(context.Background())
+				_ = announcePeer.Exec(actx, c, []string{i.channel() + "peers"}, args).Error()
+				cancel()
+			}
 			return
 		case <-tick.C:
 		}
 	}
+}
+
+// sharing are the other replicas among announced members (secret id and
+// replica id) that share a secret with this one.
+func (i *Invalidator) sharing(members []string) map[string]bool {
+	out := map[string]bool{}
+	for _, m := range members {
+		kid, id, _ := strings.Cut(m, ":")
+		if id == i.id {
+			continue
+		}
+		for _, k := range i.f.keys {
+			if k.id == kid {
+				out[id] = true
+			}
+		}
+	}
+	return out
 }

@@ -47,7 +47,7 @@ func BenchmarkHit(b *testing.B) { benchHit(b, newHarness(b, benchSetup)) }
 // BenchmarkHitWithFleet is BenchmarkHit with the fleet tier on (a real
 // redis-server): an L1 hit makes no Redis call, so it should cost the same.
 func BenchmarkHitWithFleet(b *testing.B) {
-	h := newHarness(b, benchSetup, withFleet(b, redistest.Start(b).URL()))
+	h := newHarness(b, benchSetup, withFleet(redistest.Start(b).URL()))
 	waitTrusted(b, h.inv)
 	benchHit(b, h)
 }

@@ -114,8 +114,8 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 func redisTimeout(d time.Duration) harnessOpt { return func(s *setup) { s.redisTimeout = d } }
 
 // through makes a replica reach Redis through link instead.
-func through(t *testing.T, link *redistest.Link) harnessOpt {
-	return func(s *setup) { withFleet(t, link.URL())(s) }
+func through(link *redistest.Link) harnessOpt {
+	return withFleet(link.URL())
 }
 
 // attrs is the attributes a read of the participant returns.
@@ -154,7 +154,7 @@ func TestFleetInvalidationThatMissedRedisIsRetried(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			srv := redistest.Start(t, tc.args...)
 			link := redistest.NewLink(t, srv.Addr)
-			r := replicasEach(t, srv, []harnessOpt{redisTimeout(50 * time.Millisecond), through(t, link)}, nil)
+			r := replicasEach(t, srv, []harnessOpt{redisTimeout(50 * time.Millisecond), through(link)}, nil)
 			a, b := r[0], r[1]
 			before := attrs(t, a)
 			if _, cs, _ := b.get(pathConv); !strings.HasSuffix(cs, "detail=shared") {
@@ -236,7 +236,7 @@ func TestFleetStraySubscriberCostsNothing(t *testing.T) {
 func TestFleetReplicaWithAnotherSecret(t *testing.T) {
 	srv := redistest.Start(t)
 	other := func(s *setup) { s.opts.KeySecret = []byte("another-secret") }
-	r := replicasEach(t, srv, nil, []harnessOpt{other, withFleet(t, srv.URL())})
+	r := replicasEach(t, srv, nil, []harnessOpt{other})
 	a, b := r[0], r[1]
 	before := attrs(t, b)
 	if _, cs, _ := b.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; hit") {
@@ -256,7 +256,7 @@ func TestFleetReplicaWithAnotherSecret(t *testing.T) {
 // counted by every writer) keeps nothing in and serves nothing from L1;
 // once trusted it does.
 func TestFleetReplicaTrustsL1OnlyOnceCounted(t *testing.T) {
-	h := newHarness(t, withFleet(t, redistest.Start(t).URL()))
+	h := newHarness(t, withFleet(redistest.Start(t).URL()))
 	if h.inv.Trusted() {
 		t.Fatal("trusted at once")
 	}

@@ -18,26 +18,30 @@ import (
 )
 
 // withFleet gives a replica the shared tier on the redis-server at url,
-// with the harness's key secret (the same on every replica).
-func withFleet(t testing.TB, url string) harnessOpt {
-	return func(s *setup) {
-		timeout := time.Second
-		if s.redisTimeout > 0 {
-			timeout = s.redisTimeout
-		}
-		f, err := fleet.Open(fleet.Config{URL: url, Prefix: "cacheproxy:", Timeout: timeout,
-			Secret: s.opts.KeySecret, Retention: time.Hour, ClaimTTL: fleet.ClaimTTL, Clock: s.opts.Clock})
-		if err != nil {
-			t.Fatal(err)
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if err := f.Connected(ctx); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(f.Close)
-		s.fleet = f
+// with the harness's key secret (the same on every replica). The tier is
+// opened once every option is applied (a later one may change the secret).
+func withFleet(url string) harnessOpt {
+	return func(s *setup) { s.fleetURL = url }
+}
+
+// openFleet opens the replica's shared tier as its options say.
+func openFleet(t testing.TB, s *setup) *fleet.Fleet {
+	timeout := time.Second
+	if s.redisTimeout > 0 {
+		timeout = s.redisTimeout
 	}
+	f, err := fleet.Open(fleet.Config{URL: s.fleetURL, Prefix: "cacheproxy:", Timeout: timeout,
+		Secret: s.opts.KeySecret, Previous: s.previous, Retention: time.Hour, ClaimTTL: fleet.ClaimTTL, Clock: s.opts.Clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := f.Connected(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(f.Close)
+	return f
 }
 
 // replicas starts n proxies that share one fake Twilio (the first's) and
@@ -54,10 +58,10 @@ func replicas(t *testing.T, n int, srv interface{ URL() string }, opts ...harnes
 // sharing one fake Twilio (the first's) and the redis-server srv.
 func replicasEach(t *testing.T, srv interface{ URL() string }, each ...[]harnessOpt) []*harness {
 	// The replica's own options come after: one may point it elsewhere.
-	first := newHarness(t, append([]harnessOpt{withFleet(t, srv.URL())}, each[0]...)...)
+	first := newHarness(t, append([]harnessOpt{withFleet(srv.URL())}, each[0]...)...)
 	out := []*harness{first}
 	for _, opts := range each[1:] {
-		h := newHarness(t, append(append([]harnessOpt{withFleet(t, srv.URL())}, opts...), func(s *setup) {
+		h := newHarness(t, append(append([]harnessOpt{withFleet(srv.URL())}, opts...), func(s *setup) {
 			s.cfg.Upstreams.Conversations.URL, s.cfg.Upstreams.Proxy.URL = first.convSrv.URL, first.proxSrv.URL
 		})...)
 		h.conv, h.prox = first.conv, first.prox // the one upstream, for assertions

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -132,8 +133,10 @@ type setup struct {
 	cfg               config.Config
 	opts              Options
 	budgetOnFakeClock bool
-	fleet             *fleet.Fleet  // the replica's shared tier, if any
+	fleetURL          string        // the replica's shared tier's Redis, if any
+	previous          [][]byte      // its cache.previous_key_secrets
 	redisTimeout      time.Duration // the shared tier's redis.timeout; 0: 1 s
+	invalidationWait  time.Duration // redis.invalidation_wait; 0: 5 s
 }
 
 type harnessOpt func(*setup)
@@ -187,13 +190,14 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 		route.Proxy:         upstreamOptions(s.cfg.Upstreams.Proxy),
 	}
 	o.Store, o.Invalidator, o.Budget = store, invalidation.New(time.Hour, h.clk), h.lim
-	if s.fleet != nil {
-		inv := fleet.NewInvalidator(s.fleet, invalidation.New(time.Hour, h.clk), 5*time.Second, func(err error) { t.Logf("fleet: %v", err) })
+	if s.fleetURL != "" {
+		f, wait := openFleet(t, s), cmp.Or(s.invalidationWait, 5*time.Second)
+		inv := fleet.NewInvalidator(f, invalidation.New(time.Hour, h.clk), wait, func(err error) { t.Logf("fleet: %v", err) })
 		t.Cleanup(inv.Close)
 		waitSubscribed(t, inv)
-		h.inv, h.fleet = inv, s.fleet
-		o.Invalidator, o.Shared = inv, s.fleet
-		budget := fleet.NewBudget(h.lim, s.fleet, s.cfg.RateLimit.MaxConcurrent, s.cfg.RateLimit.RequestsPerSecond, s.cfg.Upstreams.Conversations.Timeout.D(), s.cfg.RateLimit.MaxWait.D())
+		h.inv, h.fleet = inv, f
+		o.Invalidator, o.Shared = inv, f
+		budget := fleet.NewBudget(h.lim, f, s.cfg.RateLimit.MaxConcurrent, s.cfg.RateLimit.RequestsPerSecond, s.cfg.Upstreams.Conversations.Timeout.D(), s.cfg.RateLimit.MaxWait.D())
 		t.Cleanup(budget.Close)
 		h.budget, o.Budget = budget, budget
 	}

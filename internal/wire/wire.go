@@ -59,6 +59,14 @@ func Retention(cfg config.Config) time.Duration {
 // Fleet is the shared tier's configuration.
 func Fleet(cfg config.Config) fleet.Config {
 	return fleet.Config{URL: cfg.Redis.URL, Prefix: cfg.Redis.KeyPrefix, Timeout: cfg.Redis.Timeout.D(),
-		Secret: []byte(cfg.Cache.KeySecret), Retention: Retention(cfg),
+		Secret: []byte(cfg.Cache.KeySecret), Previous: bytesOf(cfg.Cache.PreviousKeySecrets), Retention: Retention(cfg),
 		ClaimTTL: fleet.ClaimTTL}
+}
+
+func bytesOf(ss []string) [][]byte {
+	out := make([][]byte, len(ss))
+	for i, s := range ss {
+		out[i] = []byte(s)
+	}
+	return out
 }
