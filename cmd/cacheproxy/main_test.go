@@ -10,10 +10,12 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -623,6 +625,102 @@ func cacheStatus(t *testing.T, p *proc) string {
 	return resp.Header.Get("Cache-Status")
 }
 
+// write updates the participant's attributes through p.
+func write(t *testing.T, p *proc, attrs string) {
+	t.Helper()
+	req, _ := http.NewRequest("POST", "http://"+p.addr+path, strings.NewReader(url.Values{"Attributes": {attrs}}.Encode()))
+	req.Header.Set("Authorization", auth())
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("write through %s: %v %v", p.addr, resp, err)
+	}
+	resp.Body.Close()
+}
+
+// read reads the participant through p: its Cache-Status and body.
+func read(t *testing.T, p *proc) (string, string) {
+	t.Helper()
+	req, _ := http.NewRequest("GET", "http://"+p.addr+path, nil)
+	req.Header.Set("Authorization", auth())
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.Header.Get("Cache-Status"), string(body)
+}
+
+// TestFleetReaderPausedPastTheWait: replica B is stopped (SIGSTOP) across
+// a write through A for twice redis.invalidation_wait; the first read
+// through B after SIGCONT returns the write's data, never B's own older
+// copy (B hears its own heartbeats back late, so it trusts nothing in its
+// memory until its stream is current). Five rounds.
+func TestFleetReaderPausedPastTheWait(t *testing.T) {
+	srv := redistest.Start(t)
+	a, b := fleetOfTwo(t, []string{"CACHEPROXY_REDIS_URL=" + srv.URL(), "CACHEPROXY_CACHE_KEY_SECRET=fleet-secret-0123456789",
+		"CACHEPROXY_REDIS_INVALIDATION_WAIT=100ms"})
+	for round := 1; round <= 5; round++ {
+		deadline := time.Now().Add(30 * time.Second)
+		for cs, _ := read(t, b); !strings.HasPrefix(cs, "cacheproxy; hit") || strings.HasSuffix(cs, "detail=shared"); cs, _ = read(t, b) {
+			if time.Now().After(deadline) {
+				t.Fatalf("round %d: B never answered from its own memory: %q", round, cs)
+			}
+		}
+		if err := b.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+		want := `{"v":` + strconv.Itoa(round) + `}`
+		write(t, a, want)
+		time.Sleep(200 * time.Millisecond) // the fault: B stays stopped past the wait
+		if err := b.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+			t.Fatal(err)
+		}
+		if cs, body := read(t, b); !strings.Contains(body, strings.ReplaceAll(want, `"`, `\"`)) {
+			t.Fatalf("round %d: B after its pause: %q %s, want %s", round, cs, body, want)
+		}
+	}
+}
+
+// readyz is the status of p's /readyz.
+func readyz(t *testing.T, p *proc) int {
+	t.Helper()
+	resp, err := http.Get("http://" + p.admin + "/readyz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// TestReadyOnlyOnceTrusted: with redis.url set, /readyz is 503 while the
+// replica cannot hear the fleet's invalidations (Redis unreachable: for
+// good), and turns 200 once it does and every writer counts it.
+func TestReadyOnlyOnceTrusted(t *testing.T) {
+	_, up := newFake(t)
+	secret := "CACHEPROXY_CACHE_KEY_SECRET=fleet-secret-0123456789"
+	dead := start(t, upstreamConfig(up.URL), "CACHEPROXY_REDIS_URL=redis://"+deadAddr(t), secret)
+	srv := redistest.Start(t)
+	live := start(t, upstreamConfig(up.URL), "CACHEPROXY_REDIS_URL="+srv.URL(), secret)
+	if s := readyz(t, live); s != http.StatusServiceUnavailable {
+		t.Fatalf("/readyz at start: %d, want 503 until the replica is trusted", s)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for readyz(t, live) != http.StatusOK {
+		if time.Now().After(deadline) {
+			t.Fatal("/readyz never 200 with Redis up")
+		}
+		time.Sleep(10 * time.Millisecond) // the process's own progress
+	}
+	if s := readyz(t, dead); s != http.StatusServiceUnavailable {
+		t.Fatalf("/readyz without Redis: %d, want 503", s)
+	}
+	if m := scrape(t, live); !strings.Contains(m, "cacheproxy_fleet_trusted 1") || !strings.Contains(m, "cacheproxy_fleet_stream_lapses_total 0") {
+		t.Fatal("/metrics lacks cacheproxy_fleet_trusted 1 or cacheproxy_fleet_stream_lapses_total 0")
+	}
+}
+
 // noSecretsLogged fails if a process's output holds any of secrets.
 func noSecretsLogged(t *testing.T, procs []*proc, secrets ...string) {
 	t.Helper()
@@ -644,14 +742,7 @@ func TestFleetOfTwoBinaries(t *testing.T) {
 	a, b := fleetOfTwo(t, []string{"CACHEPROXY_REDIS_URL=redis://:" + password + "@" + srv.Addr, "CACHEPROXY_CACHE_KEY_SECRET=" + secret,
 		"CACHEPROXY_CACHE_PREVIOUS_KEY_SECRETS=" + previous, "CACHEPROXY_LOG_SUMMARY_INTERVAL=100ms"})
 	// A write through B reaches A's copy before B answers it.
-	req, _ := http.NewRequest("POST", "http://"+b.addr+path, strings.NewReader("Attributes=%7B%22v%22%3A2%7D"))
-	req.Header.Set("Authorization", auth())
-	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
-	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 200 {
-		t.Fatalf("write through B: %v %v", resp, err)
-	} else {
-		resp.Body.Close()
-	}
+	write(t, b, `{"v":2}`)
 	if cs := cacheStatus(t, a); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
 		t.Fatalf("A after B's write: %q, want a miss", cs)
 	}

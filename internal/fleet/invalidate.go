@@ -31,6 +31,16 @@ import (
 // A replica that does not acknowledge in time is counted and logged
 // (OnError); one whose subscription has dropped is told nothing until it
 // is back (docs/fleet.md says what that means for its L1).
+//
+// A writer's wait is tied to the readers' trust by heartbeats on the same
+// stream: each replica publishes one every InvalidationWait/4 and trusts
+// its marks only while the last of its own it has heard back was sent less
+// than InvalidationWait ago. The stream is delivered in order, so a
+// replica that heard a heartbeat sent after an invalidation went out has
+// applied that invalidation; and a writer that did not get a replica's
+// acknowledgement waited InvalidationWait after publishing: a replica that
+// has not applied it by then has no recent heartbeat either, and serves
+// nothing from L1 (docs/fleet.md, "Trust").
 type Invalidator struct {
 	local *invalidation.Local
 	f     *Fleet
@@ -45,6 +55,12 @@ type Invalidator struct {
 	waiters map[uint64]chan struct{}
 
 	Sent, Received, Acked, Unacked atomic.Int64
+	// Lapses counts the times this replica's stream fell more than
+	// InvalidationWait behind (its L1 was dropped).
+	Lapses atomic.Int64
+	born   time.Time    // heartbeats carry monotonic time since
+	heard  atomic.Int64 // the sending time of the latest own heartbeat heard back
+	lapsed atomic.Bool
 	// Unopened counts invalidations this replica could not open (sealed
 	// under another cache.key_secret): each dropped its whole L1.
 	Unopened   atomic.Int64
@@ -67,10 +83,12 @@ type Invalidator struct {
 
 // message is one invalidation on the wire (sealed; its sender and number
 // are in its header). All: everything (invalidations that could not be
-// kept while Redis was away).
+// kept while Redis was away). A heartbeat is a message numbered 0 that
+// carries its sending time (Beat, nanoseconds since its sender started).
 type message struct {
-	Tags []string `json:"t"`
+	Tags []string `json:"t,omitempty"`
 	All  bool     `json:"a,omitempty"`
+	Beat int64    `json:"h,omitempty"`
 }
 
 // ack is an acknowledgement on the wire, of invalidation Seq of replica To
@@ -87,7 +105,7 @@ func NewInvalidator(f *Fleet, local *invalidation.Local, wait time.Duration, onE
 	var id [12]byte
 	_, _ = rand.Read(id[:])
 	ctx, cancel := context.WithCancel(context.Background())
-	i := &Invalidator{local: local, f: f, wait: wait, onError: onError, id: hex.EncodeToString(id[:]),
+	i := &Invalidator{local: local, f: f, wait: wait, onError: onError, id: hex.EncodeToString(id[:]), born: time.Now(),
 		waiters: map[uint64]chan struct{}{}, stop: cancel, done: make(chan struct{}), firstSub: make(chan struct{}), firstTrust: make(chan struct{}),
 		kick: make(chan struct{}, 1)}
 	reset := func() { i.local.InvalidateAll() }
@@ -98,6 +116,7 @@ func NewInvalidator(f *Fleet, local *invalidation.Local, wait time.Duration, onE
 	wg.Go(func() { i.subscribe(ctx) })
 	wg.Go(func() { i.retry(ctx) })
 	wg.Go(func() { i.announce(ctx) })
+	wg.Go(func() { i.heartbeat(ctx) })
 	go func() { wg.Wait(); close(i.done) }()
 	return i
 }
@@ -139,13 +158,33 @@ func (i *Invalidator) Subscribed() bool { return i.subscribed.Load() }
 func (i *Invalidator) channel() string             { return i.f.cfg.Prefix + "{inv}" }
 func (i *Invalidator) ackChannel(id string) string { return i.f.cfg.Prefix + "{inv}ack:" + id }
 
-// Epoch is this replica's epoch.
-func (i *Invalidator) Epoch() uint64 { return i.local.Epoch() }
+// Epoch is this replica's epoch. A stream found more than
+// InvalidationWait behind drops L1 first (once per lapse): what L1 holds
+// may have been invalidated by a write whose writer stopped waiting.
+func (i *Invalidator) Epoch() uint64 {
+	switch {
+	case i.current():
+		if i.lapsed.Load() {
+			i.lapsed.Store(false)
+		}
+	case i.trusted.Load() && i.lapsed.CompareAndSwap(false, true):
+		i.local.InvalidateAll()
+		i.Lapses.Add(1)
+	}
+	return i.local.Epoch()
+}
+
+// current reports whether this replica heard back one of its own
+// heartbeats sent less than InvalidationWait ago.
+func (i *Invalidator) current() bool {
+	return time.Since(i.born).Nanoseconds()-i.heard.Load() < i.wait.Nanoseconds()
+}
 
 // Valid checks this replica's marks; nothing is valid while the replica is
-// not trusted (not hearing the stream, or not yet counted by writers).
+// not trusted (not hearing the stream, or not yet counted by writers) or
+// its stream is behind.
 func (i *Invalidator) Valid(epoch uint64, tags []string) bool {
-	return i.trusted.Load() && i.local.Valid(epoch, tags)
+	return i.trusted.Load() && i.current() && i.local.Valid(epoch, tags)
 }
 
 // Trusted reports whether this replica hears the fleet's invalidations
@@ -410,6 +449,12 @@ func (i *Invalidator) handle(ctx context.Context, m rueidis.PubSubMessage) {
 	}
 	var msg message
 	k := i.openMsg([]byte(m.Message), i.channel(), &msg)
+	if seq == 0 { // a heartbeat: only this replica's own count
+		if k >= 0 && from == i.id && msg.Beat > i.heard.Load() {
+			i.heard.Store(msg.Beat)
+		}
+		return
+	}
 	switch {
 	case k < 0:
 		i.unopened(ctx)
@@ -537,4 +582,25 @@ func (i *Invalidator) sharing(members []string) map[string]bool {
 		}
 	}
 	return out
+}
+
+// heartbeat publishes a heartbeat every InvalidationWait/4 while this
+// replica is subscribed.
+func (i *Invalidator) heartbeat(ctx context.Context) {
+	tick := time.NewTicker(max(i.wait/4, time.Millisecond))
+	defer tick.Stop()
+	for {
+		if c := i.f.c(); c != nil && i.subscribed.Load() {
+			sent := time.Since(i.born).Nanoseconds()
+			raw := i.sealMsg(&i.f.keys[0], i.id, 0, message{Beat: sent}, i.channel())
+			pctx, cancel := i.f.ctx(ctx)
+			i.f.result(c.Do(pctx, c.B().Spublish().Channel(i.channel()).Message(rueidis.BinaryString(raw)).Build()).Error())
+			cancel()
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
 }

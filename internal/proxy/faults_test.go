@@ -113,6 +113,11 @@ func waitUntil(t *testing.T, what string, cond func() bool) {
 // redisTimeout sets the replica's redis.timeout.
 func redisTimeout(d time.Duration) harnessOpt { return func(s *setup) { s.redisTimeout = d } }
 
+// invalidationWait sets the replica's redis.invalidation_wait.
+func invalidationWait(d time.Duration) harnessOpt {
+	return func(s *setup) { s.invalidationWait = d }
+}
+
 // through makes a replica reach Redis through link instead.
 func through(link *redistest.Link) harnessOpt {
 	return withFleet(link.URL())
@@ -269,5 +274,44 @@ func TestFleetReplicaTrustsL1OnlyOnceCounted(t *testing.T) {
 	h.get(pathConv)
 	if _, cs, _ := h.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; hit") {
 		t.Fatalf("once trusted: %q, want a hit", cs)
+	}
+}
+
+// Point 7: a reader whose invalidation stream is delayed past
+// redis.invalidation_wait (Toxiproxy adds 300 ms to B's Redis link; the
+// wait is 100 ms) serves nothing from its L1 meanwhile: a read through B
+// right after a write through A, whose wait for B's acknowledgement ran
+// out, returns the write's data. Once the stream is current again, B
+// serves from L1 again.
+func TestFleetReaderWithAStreamDelayedPastTheWait(t *testing.T) {
+	srv := redistest.Start(t)
+	link := redistest.NewLink(t, srv.Addr)
+	wait := invalidationWait(100 * time.Millisecond)
+	r := replicasEach(t, srv, []harnessOpt{wait}, []harnessOpt{wait, through(link)})
+	a, b := r[0], r[1]
+	before := attrs(t, a)
+	b.get(pathConv)
+	if _, cs, _ := b.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; hit") {
+		t.Fatalf("B's own copy: %q", cs)
+	}
+	link.Latency(t, 300)
+	a.update("POST", pathConv, `{"v":1}`)
+	if a.inv.Unacked.Load() == 0 {
+		t.Fatal("B acknowledged within the wait: the fault did not bite")
+	}
+	if got := attrs(t, b); got == before {
+		t.Fatalf("B right after A's write: %s, the data from before it", got)
+	}
+	if b.inv.Lapses.Load() == 0 {
+		t.Fatal("B's stream fell behind uncounted")
+	}
+	link.Clear()
+	waitUntil(t, "B applied A's invalidation", func() bool { return b.inv.Received.Load() > 0 })
+	waitUntil(t, "B serves from its L1 again", func() bool {
+		_, cs, _ := b.get(pathConv)
+		return strings.HasPrefix(cs, "cacheproxy; hit")
+	})
+	if got := attrs(t, b); !strings.Contains(got, `\"v\":1`) {
+		t.Fatalf("B afterwards: %s, want the write's data", got)
 	}
 }
