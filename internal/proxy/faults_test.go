@@ -315,3 +315,31 @@ func TestFleetReaderWithAStreamDelayedPastTheWait(t *testing.T) {
 		t.Fatalf("B afterwards: %s, want the write's data", got)
 	}
 }
+
+// Point 2, an older snapshot: Redis is killed and restarted from an RDB
+// snapshot taken before a write, so its epoch is lower than the one the
+// replicas saw, the pre-write shared entry is back and the write's marks
+// are gone. No replica serves that entry: the first to read the lower
+// epoch raises the epoch and the floor past what it saw.
+func TestFleetRedisRestoredFromAnOlderSnapshot(t *testing.T) {
+	srv := redistest.Start(t)
+	r := replicas(t, 2, srv)
+	a, b := r[0], r[1]
+	before := attrs(t, a) // shared
+	srv.CLI(t, "SAVE")
+	a.update("POST", pathConv, `{"v":1}`)
+	if got := attrs(t, b); got == before {
+		t.Fatalf("B after A's write: %s", got)
+	}
+	srv.Stop()
+	srv.Restart(t) // from the snapshot
+	waitUntil(t, "both trust the stream again", func() bool { return a.inv.Trusted() && b.inv.Trusted() })
+	for name, h := range map[string]*harness{"B": b, "A": a} {
+		if got := attrs(t, h); got == before {
+			t.Fatalf("%s after Redis came back from the older snapshot: %s, the data from before the write", name, got)
+		}
+	}
+	if a.fleet.Rewinds()+b.fleet.Rewinds() == 0 {
+		t.Fatal("Redis went backwards unnoticed")
+	}
+}
