@@ -418,6 +418,7 @@ func fleetMetrics(reg prometheus.Registerer, f *fleet.Fleet, inv *fleet.Invalida
 		counter("cacheproxy_fleet_stream_lapses_total", "Times this replica's invalidation stream fell more than redis.invalidation_wait behind (its own heartbeat came back late): each dropped its whole L1.", inv.Lapses.Load),
 		counter("cacheproxy_fleet_state_errors_total", "Reads of the fleet's epoch, floor or marks in Redis that were not valid numbers (garbage).", f.CorruptReads),
 		counter("cacheproxy_fleet_rewinds_total", "Times this replica found Redis's epoch lower than one it had seen (a restart from older data, a failover) and raised the floor.", f.Rewinds),
+		counter("cacheproxy_fleet_budget_slots_regiven_total", "Fleet slots given back late: their release, or a take that timed out after Redis may have run it, failed and was retried.", budget.Regiven.Load),
 		counter("cacheproxy_fleet_budget_fallbacks_total", "Upstream calls made on this replica's share of the cap because Redis could not be asked.", budget.Fallbacks.Load),
 	)
 }

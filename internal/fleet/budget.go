@@ -38,9 +38,22 @@ type Budget struct {
 	fallback map[string]int // calls in flight per account on the local share
 
 	Waited, Fallbacks atomic.Int64
+	// Regiven counts slots given back late: their release, or a take that
+	// timed out after Redis may have run it, failed, and was retried.
+	Regiven atomic.Int64
+	ungiven chan ungiven
 
 	stop context.CancelFunc
 	done chan struct{}
+	wg   sync.WaitGroup
+}
+
+// ungiven is a slot Redis may still hold for this replica: its ZREM
+// failed, or a take of it failed after Redis may have run it. Until it is
+// given back it counts against the fleet's cap (until it lapses).
+type ungiven struct {
+	key, slot string
+	until     time.Time
 }
 
 // budgetPoll is how often a call waiting for a fleet slot asks again (a
@@ -55,9 +68,10 @@ func NewBudget(local *ratelimit.Limiter, f *Fleet, maxConcurrent, rate int, ttl,
 	_, _ = rand.Read(id[:])
 	ctx, cancel := context.WithCancel(context.Background())
 	b := &Budget{local: local, f: f, cap: maxConcurrent, rate: rate, ttl: ttl, maxWait: maxWait, id: hex.EncodeToString(id[:]),
-		fallback: map[string]int{}, stop: cancel, done: make(chan struct{})}
+		fallback: map[string]int{}, stop: cancel, done: make(chan struct{}), ungiven: make(chan ungiven, 4096)}
 	b.replicas.Store(1)
 	go b.announce(ctx)
+	b.wg.Go(func() { b.regive(ctx) })
 	return b
 }
 
@@ -65,6 +79,45 @@ func NewBudget(local *ratelimit.Limiter, f *Fleet, maxConcurrent, rate int, ttl,
 func (b *Budget) Close() {
 	b.stop()
 	<-b.done
+	b.wg.Wait()
+}
+
+// regive gives back, every 50 ms until Redis answers, the slots whose
+// release failed (until they would have lapsed anyway).
+func (b *Budget) regive(ctx context.Context) {
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	var pending []ungiven
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case u := <-b.ungiven:
+			pending = append(pending, u)
+			continue
+		case <-tick.C:
+		}
+		kept := pending[:0]
+		for _, u := range pending {
+			switch {
+			case time.Now().After(u.until):
+			case b.release(u.key, u.slot) == nil:
+				b.Regiven.Add(1)
+			default:
+				kept = append(kept, u)
+			}
+		}
+		pending = kept
+	}
+}
+
+// later queues a slot to be given back by regive (dropped if the queue is
+// full: it lapses by itself).
+func (b *Budget) later(key, slot string) {
+	select {
+	case b.ungiven <- ungiven{key: key, slot: slot, until: time.Now().Add(b.ttl)}:
+	default:
+	}
 }
 
 // Replicas is the number of replicas last seen.
@@ -150,6 +203,7 @@ func (b *Budget) Acquire(ctx context.Context, user, credential string) (ratelimi
 	for {
 		got, err := b.take(ctx, []string{key, window}, args)
 		if err != nil {
+			b.later(key, slot) // Redis may have run it after the timeout
 			if release, ok := b.share(acct); ok {
 				b.Fallbacks.Add(1)
 				return &fleetLease{Lease: ls, release: release}, nil
@@ -187,14 +241,21 @@ func (b *Budget) take(ctx context.Context, keys []string, args []string) (bool, 
 	return n == 1, nil
 }
 
+// give gives a slot back, or has regive do it if Redis does not answer.
 func (b *Budget) give(key, slot string) {
+	if b.release(key, slot) != nil {
+		b.later(key, slot)
+	}
+}
+
+func (b *Budget) release(key, slot string) error {
 	c := b.f.c()
 	if c == nil {
-		return // it lapses by itself
+		return errNotConnected
 	}
 	ctx, cancel := b.f.ctx(context.Background())
 	defer cancel()
-	b.f.result(c.Do(ctx, c.B().Zrem().Key(key).Member(slot).Build()).Error())
+	return b.f.result(c.Do(ctx, c.B().Zrem().Key(key).Member(slot).Build()).Error())
 }
 
 // share takes one of this replica's share of the account's cap, for when

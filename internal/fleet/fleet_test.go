@@ -208,3 +208,45 @@ func TestLeasesLapseAndBelongToTheirTaker(t *testing.T) {
 		time.Sleep(10 * time.Millisecond) // waiting on Redis's clock
 	}
 }
+
+// A fleet slot that Redis took while this replica's call timed out (the
+// link slow: Redis ran the script, the answer came too late), or whose
+// release failed, is given back once Redis answers again, not held until it
+// lapses: another replica gets the account's only slot.
+func TestBudgetSlotsTakenDuringAFaultAreGivenBack(t *testing.T) {
+	srv := redistest.Start(t)
+	link := redistest.NewLink(t, srv.Addr)
+	slow, err := Open(Config{URL: link.URL(), Prefix: "t:", Timeout: 50 * time.Millisecond, Secret: []byte("secret"), Retention: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(slow.Close)
+	ctx := context.Background()
+	if err := slow.Connected(ctx); err != nil {
+		t.Fatal(err)
+	}
+	budget := func(f *Fleet) *Budget {
+		b := NewBudget(ratelimit.New(ratelimit.Config{MaxConcurrent: 100, MaxWait: time.Minute}, nil), f, 1, 0, time.Minute, 50*time.Millisecond)
+		t.Cleanup(b.Close)
+		return b
+	}
+	a, b := budget(slow), budget(open(t, srv.URL()))
+	link.Latency(t, 200)
+	ls, err := a.Acquire(ctx, "AC1", "c")
+	if err != nil || a.Fallbacks.Load() != 1 {
+		t.Fatalf("A with Redis slow: %v, %d fallbacks; want its share", err, a.Fallbacks.Load())
+	}
+	ls.Done(ratelimit.Served)
+	link.Clear()
+	for deadline := time.Now().Add(30 * time.Second); a.Regiven.Load() == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("the slot Redis took for A was never given back")
+		}
+		time.Sleep(5 * time.Millisecond) // another goroutine's progress
+	}
+	ls, err = b.Acquire(ctx, "AC1", "c")
+	if err != nil {
+		t.Fatalf("B: %v, want the account's one slot", err)
+	}
+	ls.Done(ratelimit.Served)
+}

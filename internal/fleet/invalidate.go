@@ -518,7 +518,9 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)`)
 func (i *Invalidator) announce(ctx context.Context) {
 	tick := time.NewTicker(500 * time.Millisecond)
 	defer tick.Stop()
-	var since time.Time // announced while subscribed, without a gap, since
+	// since: announced while subscribed, without a gap, since; lastOK: the
+	// last announcement Redis took while subscribed, sent then.
+	var since, lastOK time.Time
 	args := []string{"0"}
 	for _, k := range i.f.keys {
 		args = append(args, k.id+":"+i.id)
@@ -526,6 +528,7 @@ func (i *Invalidator) announce(ctx context.Context) {
 	for {
 		sub := i.subscribed.Load()
 		if c := i.f.c(); c != nil {
+			sent := time.Now()
 			actx, cancel := i.f.ctx(ctx)
 			args[0] = "0"
 			if sub {
@@ -535,12 +538,16 @@ func (i *Invalidator) announce(ctx context.Context) {
 			cancel()
 			if i.f.result(err) == nil {
 				i.peers.Store(int64(len(i.sharing(members))))
-			} else {
-				sub = false
+				if sub {
+					lastOK = sent
+				}
 			}
 		}
 		switch {
-		case !sub || !i.subscribed.Load():
+		// Writers count an announcement for three seconds (on Redis's
+		// clock): one that failed (Redis slow for a moment) costs nothing
+		// while the last one Redis took is under two seconds old.
+		case !sub || !i.subscribed.Load() || time.Since(lastOK) >= 2*time.Second:
 			since = time.Time{}
 			i.trusted.Store(false)
 		case since.IsZero():

@@ -343,3 +343,23 @@ func TestFleetRedisRestoredFromAnOlderSnapshot(t *testing.T) {
 		t.Fatal("Redis went backwards unnoticed")
 	}
 }
+
+// An announcement Redis answers too late (a slow moment on the replica's
+// link, past redis.timeout) does not cost the replica its trust, and so
+// its L1: writers count an announcement for three seconds.
+func TestFleetSlowAnnouncementKeepsTrust(t *testing.T) {
+	srv := redistest.Start(t)
+	link := redistest.NewLink(t, srv.Addr)
+	h := replicasEach(t, srv, []harnessOpt{redisTimeout(50 * time.Millisecond), through(link)})[0]
+	errs := h.fleet.Errors()
+	link.Latency(t, 300)
+	for end := time.Now().Add(1200 * time.Millisecond); time.Now().Before(end); time.Sleep(time.Millisecond) { // the fault lasts past two announcements
+		if !h.inv.Trusted() {
+			t.Fatalf("untrusted %d Redis errors after the link slowed", h.fleet.Errors()-errs)
+		}
+	}
+	link.Clear()
+	if h.fleet.Errors() == errs {
+		t.Fatal("no call timed out: the fault did not bite")
+	}
+}

@@ -19,9 +19,19 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"testing"
+	"syscall"
 	"time"
 )
+
+// T is what the package needs of a test (testing.TB has it); a load
+// program outside of tests gives its own.
+type T interface {
+	Helper()
+	Fatal(args ...any)
+	Fatalf(format string, args ...any)
+	Cleanup(func())
+	TempDir() string
+}
 
 // Server is a running redis-server.
 type Server struct {
@@ -37,7 +47,7 @@ func (s *Server) URL() string { return "redis://" + s.Addr }
 
 // Start runs redis-server on a free loopback port with extra config
 // arguments (e.g. "--requirepass", "x") until the test ends.
-func Start(t testing.TB, args ...string) *Server {
+func Start(t T, args ...string) *Server {
 	t.Helper()
 	return run(t, false, args)
 }
@@ -45,7 +55,7 @@ func Start(t testing.TB, args ...string) *Server {
 // StartTLS runs redis-server accepting only TLS on its port, with a
 // certificate for 127.0.0.1 signed by a CA made for the test; the CA's
 // certificate is at CAFile (for SSL_CERT_FILE).
-func StartTLS(t testing.TB, args ...string) (s *Server, caFile string) {
+func StartTLS(t T, args ...string) (s *Server, caFile string) {
 	t.Helper()
 	dir := t.TempDir()
 	caFile, certFile, keyFile := writeCerts(t, dir)
@@ -53,7 +63,7 @@ func StartTLS(t testing.TB, args ...string) (s *Server, caFile string) {
 		"--tls-auth-clients", "no"}, args...)), caFile
 }
 
-func run(t testing.TB, tls bool, args []string) *Server {
+func run(t T, tls bool, args []string) *Server {
 	t.Helper()
 	if _, err := exec.LookPath("redis-server"); err != nil {
 		t.Fatal("redis-server not found: install it (apt-get install redis-server), or run bash .ci/run, which does")
@@ -66,7 +76,7 @@ func run(t testing.TB, tls bool, args []string) *Server {
 
 // writeCerts makes a CA and a server certificate for 127.0.0.1 signed by
 // it, and writes them (PEM) into dir.
-func writeCerts(t testing.TB, dir string) (caFile, certFile, keyFile string) {
+func writeCerts(t T, dir string) (caFile, certFile, keyFile string) {
 	t.Helper()
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -106,7 +116,7 @@ func writeCerts(t testing.TB, dir string) (caFile, certFile, keyFile string) {
 	return write("ca.pem", "CERTIFICATE", caDER), write("server.pem", "CERTIFICATE", der), write("server.key", "EC PRIVATE KEY", keyDER)
 }
 
-func (s *Server) start(t testing.TB) {
+func (s *Server) start(t T) {
 	t.Helper()
 	_, port, _ := net.SplitHostPort(s.Addr)
 	ports := []string{"--port", port}
@@ -144,11 +154,26 @@ func (s *Server) Stop() {
 	}
 }
 
+// Pause stops the server's process (SIGSTOP): it holds its connections
+// and answers nothing until Resume (SIGCONT).
+func (s *Server) Pause() {
+	if s.cmd != nil && s.cmd.Process != nil {
+		_ = s.cmd.Process.Signal(syscall.SIGSTOP)
+	}
+}
+
+// Resume continues a paused server.
+func (s *Server) Resume() {
+	if s.cmd != nil && s.cmd.Process != nil {
+		_ = s.cmd.Process.Signal(syscall.SIGCONT)
+	}
+}
+
 // Restart starts a stopped server again on its address.
-func (s *Server) Restart(t testing.TB) { s.start(t) }
+func (s *Server) Restart(t T) { s.start(t) }
 
 // CLI runs redis-cli against the server and returns its output.
-func (s *Server) CLI(t testing.TB, args ...string) string {
+func (s *Server) CLI(t T, args ...string) string {
 	t.Helper()
 	host, port, _ := net.SplitHostPort(s.Addr)
 	out, err := exec.Command("redis-cli", append([]string{"-h", host, "-p", port}, args...)...).CombinedOutput()
@@ -160,7 +185,7 @@ func (s *Server) CLI(t testing.TB, args ...string) string {
 
 // Dump returns every key and its value (GET for strings, HGETALL for
 // hashes), as redis-cli prints them, for tests that search what Redis holds.
-func (s *Server) Dump(t testing.TB) string {
+func (s *Server) Dump(t T) string {
 	t.Helper()
 	var b strings.Builder
 	sc := bufio.NewScanner(strings.NewReader(s.CLI(t, "--scan")))
@@ -179,7 +204,7 @@ func (s *Server) Dump(t testing.TB) string {
 	return b.String()
 }
 
-func freeAddr(t testing.TB) string {
+func freeAddr(t T) string {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -208,7 +233,7 @@ func (c *Cluster) URL() string {
 
 // StartCluster runs n masters with --cluster-enabled, joins them with
 // redis-cli --cluster create, and waits until the cluster is ok.
-func StartCluster(t testing.TB, n int, args ...string) *Cluster {
+func StartCluster(t T, n int, args ...string) *Cluster {
 	t.Helper()
 	c := &Cluster{}
 	create := []string{"--cluster", "create"}
@@ -231,7 +256,7 @@ func StartCluster(t testing.TB, n int, args ...string) *Cluster {
 }
 
 // Dump is every node's Dump.
-func (c *Cluster) Dump(t testing.TB) string {
+func (c *Cluster) Dump(t T) string {
 	var b strings.Builder
 	for _, s := range c.Nodes {
 		b.WriteString(s.Dump(t))

@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"strings"
-	"testing"
 
 	"github.com/Shopify/toxiproxy/v2"
 	"github.com/prometheus/client_golang/prometheus"
@@ -22,7 +21,7 @@ type Link struct {
 
 // NewLink starts a Toxiproxy link to target (host:port) on a free
 // loopback port; the test's cleanup stops it.
-func NewLink(t testing.TB, target string) *Link {
+func NewLink(t T, target string) *Link {
 	t.Helper()
 	srv := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(prometheus.NewRegistry()), zerolog.Nop())
 	addr := freeAddr(t)
@@ -38,15 +37,32 @@ func NewLink(t testing.TB, target string) *Link {
 func (l *Link) URL() string { return "redis://" + l.Addr }
 
 // Latency adds ms of latency to what Redis sends back, until Clear.
-func (l *Link) Latency(t testing.TB, ms int) {
+func (l *Link) Latency(t T, ms int) {
 	t.Helper()
 	l.add(t, fmt.Sprintf(`{"name":"latency","type":"latency","stream":"downstream","attributes":{"latency":%d}}`, ms))
+}
+
+// Reset resets every connection on the link (TCP RST) until Clear.
+func (l *Link) Reset(t T) {
+	t.Helper()
+	l.add(t, `{"name":"reset","type":"reset_peer","stream":"downstream","attributes":{"timeout":0}}`)
+}
+
+// Down closes the link and every connection on it; Up opens it again.
+func (l *Link) Down() { l.p.Stop() }
+
+// Up reopens a link closed by Down.
+func (l *Link) Up(t T) {
+	t.Helper()
+	if err := l.p.Start(); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // Clear removes every toxic.
 func (l *Link) Clear() { l.p.Toxics.ResetToxics(context.Background()) }
 
-func (l *Link) add(t testing.TB, js string) {
+func (l *Link) add(t T, js string) {
 	t.Helper()
 	if _, err := l.p.Toxics.AddToxicJson(strings.NewReader(js)); err != nil {
 		t.Fatal(err)
