@@ -209,7 +209,7 @@ func (b *Budget) Acquire(ctx context.Context, user, credential string) (ratelimi
 				return &fleetLease{Lease: ls, release: release}, nil
 			}
 		} else if got {
-			return &fleetLease{Lease: ls, release: func() { b.give(key, slot) }}, nil
+			return &fleetLease{Lease: ls, release: func() { go b.give(key, slot) }}, nil // off the answer's path
 		}
 		if !waited {
 			waited = true
@@ -234,6 +234,7 @@ func (b *Budget) take(ctx context.Context, keys []string, args []string) (bool, 
 	}
 	ctx, cancel := b.f.ctx(ctx)
 	defer cancel()
+	trip(ctx)
 	n, err := takeSlot.Exec(ctx, c, keys, args).AsInt64()
 	if err := b.f.result(err); err != nil {
 		return false, err
@@ -255,6 +256,7 @@ func (b *Budget) release(key, slot string) error {
 	}
 	ctx, cancel := b.f.ctx(context.Background())
 	defer cancel()
+	trip(ctx)
 	return b.f.result(c.Do(ctx, c.B().Zrem().Key(key).Member(slot).Build()).Error())
 }
 

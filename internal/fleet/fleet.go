@@ -25,7 +25,6 @@ package fleet
 import (
 	"context"
 	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"net/http"
@@ -67,6 +66,7 @@ type Config struct {
 // Fleet is the connection to Redis and what is derived from the secret.
 type Fleet struct {
 	cfg    Config
+	id     string // this replica's, in its claims' tokens
 	clock  clock.Clock
 	client atomic.Pointer[rueidis.Client] // nil until connected
 	keys   []secret                       // the current secret, then the previous ones
@@ -77,6 +77,8 @@ type Fleet struct {
 	closed sync.Once
 	st     state
 	unsent unsent // invalidations not yet in Redis (the Invalidator's)
+	heard  heard  // invalidations heard since subscribing (the Invalidator's)
+	claims claims // claims taken by lookups, for the flight that fetches
 	wg     sync.WaitGroup
 }
 
@@ -99,13 +101,17 @@ func Open(cfg Config) (*Fleet, error) {
 		// Not %w: the parser's message quotes the URL, password and all.
 		return nil, errors.New("redis.url: not a valid redis:// or rediss:// URL (the value is not shown: it may hold a password)")
 	}
+	if cfg.ClaimTTL <= 0 {
+		cfg.ClaimTTL = ClaimTTL
+	}
 	opt.DisableCache = true
 	// No retries inside rueidis: an error is a miss here at once, and a
 	// dropped subscription returns to Invalidator, which must know.
 	opt.DisableRetry = true
 	opt.ConnWriteTimeout = max(cfg.Timeout, time.Second)
 	opt.Dialer.Timeout = max(cfg.Timeout, time.Second)
-	f := &Fleet{cfg: cfg, clock: clock.Or(cfg.Clock), keys: secrets(cfg), stop: make(chan struct{}), done: make(chan struct{})}
+	f := &Fleet{cfg: cfg, id: newToken()[:12], clock: clock.Or(cfg.Clock), keys: secrets(cfg), stop: make(chan struct{}), done: make(chan struct{}),
+		heard: heard{retention: cfg.Retention}}
 	go f.connect(opt)
 	f.wg.Go(f.watch)
 	return f, nil
@@ -182,9 +188,6 @@ func (f *Fleet) ctx(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(ctx, f.cfg.Timeout)
 }
 
-// name is a key name under the current secret.
-func (f *Fleet) name(kind, what string) string { return f.keys[0].name(f.cfg.Prefix, kind, what) }
-
 // marks are the names of tags' marks under every secret: a write raises
 // them all, and an entry is checked against them all, so that replicas on
 // either side of a rotation see each other's invalidations.
@@ -209,17 +212,9 @@ func (f *Fleet) Epoch(ctx context.Context) (uint64, error) {
 	ctx, cancel := f.ctx(ctx)
 	defer cancel()
 	seen := f.st.seen.Load()
+	trip(ctx)
 	rs := c.DoMulti(ctx, c.B().Get().Key(f.epochKey()).Build(), c.B().Get().Key(f.floorKey()).Build())
-	n, err := f.number(rs[0])
-	if err != nil {
-		return 0, err
-	}
-	floor, err := f.number(rs[1])
-	if err != nil {
-		return 0, err
-	}
-	f.observeFloor(floor)
-	return f.checked(ctx, c, n, seen)
+	return f.current(ctx, c, rs[0], rs[1], seen)
 }
 
 // raiseMark sets a scope's mark to an epoch unless it already holds a later
@@ -231,17 +226,26 @@ if cur < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2
 return 1`)
 
 // Invalidate marks tags invalidated now, fleet-wide: it raises the epoch,
-// then marks each scope with the new epoch. A fetch that reads the epoch
-// after the raise began after the write it follows (the proxy invalidates
-// once the upstream has answered the write), and the marks are in place
-// before the write's response is sent, which is when readers may look.
-func (f *Fleet) Invalidate(ctx context.Context, tags []string) error {
+// then marks each scope with the new epoch, which it returns. A fetch that
+// reads the epoch after the raise began after the write it follows (the
+// proxy invalidates once the upstream has answered the write), and the
+// marks are in place before the write's response is sent, which is when
+// readers may look.
+func (f *Fleet) Invalidate(ctx context.Context, tags []string) (uint64, error) {
+	epoch, err := f.invalidate(ctx, tags)
+	if err == nil {
+		f.heard.add(tags, epoch)
+	}
+	return epoch, err
+}
+
+func (f *Fleet) invalidate(ctx context.Context, tags []string) (uint64, error) {
 	c := f.c()
 	if c == nil {
-		return errNotConnected
+		return 0, errNotConnected
 	}
 	if len(tags) == 0 {
-		return nil
+		return 0, nil
 	}
 	ctx, cancel := f.ctx(ctx)
 	defer cancel()
@@ -249,19 +253,19 @@ func (f *Fleet) Invalidate(ctx context.Context, tags []string) error {
 	epoch, err := c.Do(ctx, c.B().Incr().Key(f.epochKey()).Build()).AsUint64()
 	if err := f.result(err); err != nil {
 		if garbage(err) { // not an integer, or it would overflow
-			return f.corrupt()
+			return 0, f.corrupt()
 		}
-		return err
+		return 0, err
 	}
 	if epoch > maxEpoch {
-		return f.corrupt()
+		return 0, f.corrupt()
 	}
 	if epoch <= seen { // went backwards: the floor is raised past what was seen, then the marks
 		if epoch, err = f.rewind(ctx, c, seen); err != nil {
-			return err
+			return 0, err
 		}
 	} else if _, err := f.checked(ctx, c, epoch, seen); err != nil {
-		return err
+		return 0, err
 	}
 	e, px := strconv.FormatUint(epoch, 10), strconv.FormatInt(f.cfg.Retention.Milliseconds(), 10)
 	names := f.marks(tags)
@@ -271,10 +275,10 @@ func (f *Fleet) Invalidate(ctx context.Context, tags []string) error {
 	}
 	for _, r := range raiseMark.ExecMulti(ctx, c, execs...) {
 		if err := f.result(r.Error()); err != nil {
-			return err
+			return 0, err
 		}
 	}
-	return nil
+	return epoch, nil
 }
 
 // sealed is an entry as it is stored in Redis, before sealing. Its times
@@ -300,119 +304,184 @@ func (f *Fleet) Set(ctx context.Context, e *cache.Entry, auth string, epoch uint
 	if c == nil {
 		return errNotConnected
 	}
+	set, ok, err := f.set(c, e, auth, epoch, now)
+	if err != nil || !ok {
+		return err
+	}
+	ctx, cancel := f.ctx(ctx)
+	defer cancel()
+	trip(ctx)
+	return f.result(c.Do(ctx, set).Error())
+}
+
+// set is the command that shares e: its value sealed under the current
+// secret, kept until e.Keep; none (false) if e is past it.
+func (f *Fleet) set(c rueidis.Client, e *cache.Entry, auth string, epoch uint64, now time.Time) (rueidis.Completed, bool, error) {
 	ttl := e.Keep.Sub(now).Milliseconds()
 	if ttl <= 0 {
-		return nil
+		return rueidis.Completed{}, false, nil
 	}
 	plain, err := json.Marshal(sealed{Status: e.Status, Header: e.Header, Body: e.Body, Age: max(0, now.Sub(e.Stored).Milliseconds()),
 		Fresh: e.Expires.Sub(now).Milliseconds(), Life: ttl, Tags: e.Tags, Epoch: epoch})
 	if err != nil {
-		return err
+		return rueidis.Completed{}, false, err
 	}
 	a, err := f.keys[0].aead(auth)
 	if err != nil {
-		return err
+		return rueidis.Completed{}, false, err
 	}
-	name := f.name("e", entryID(e.Key, auth))
+	name, _ := f.keys[0].entryNames(f.cfg.Prefix, entryID(e.Key, auth))
 	nonce := make([]byte, a.NonceSize(), a.NonceSize()+len(plain)+a.Overhead())
 	if _, err := rand.Read(nonce); err != nil {
-		return err
+		return rueidis.Completed{}, false, err
 	}
 	val := a.Seal(nonce, nonce, plain, []byte(name))
-	ctx, cancel := f.ctx(ctx)
-	defer cancel()
-	return f.result(c.Do(ctx, c.B().Set().Key(name).Value(rueidis.BinaryString(val)).Px(time.Duration(ttl)*time.Millisecond).Build()).Error())
+	return c.B().Set().Key(name).Value(rueidis.BinaryString(val)).Px(time.Duration(ttl) * time.Millisecond).Build(), true, nil
 }
 
 // Get returns the shared entry of key, opened with auth, if it is still
 // valid fleet-wide; nil if there is none (or it cannot be opened). It
-// looks under every secret, the current one first.
+// looks under every secret, the current one first, in one round trip;
+// when there is no entry under the current secret, it also claims the key
+// for this replica (the fill that follows adopts the claim: Claim).
 func (f *Fleet) Get(ctx context.Context, key, auth string) (*cache.Entry, error) {
+	l, err := f.look(ctx, key, auth, false)
+	if l.token != "" {
+		if l.entry != nil && f.clock.Now().Before(l.entry.Expires) {
+			f.unclaimLater(l.claim, l.token) // found under a previous secret: no fetch
+		} else {
+			f.claims.put(l.claim, heldClaim{token: l.token, epoch: l.epoch, at: time.Now()}, f)
+		}
+	}
+	return l.entry, err
+}
+
+// looked is what one look found under a key.
+type looked struct {
+	entry   *cache.Entry // valid fleet-wide, fresh or not; or nil
+	present bool         // an entry is under the current secret's name, valid here or not
+	epoch   uint64       // the fleet's epoch, read before the claim
+	claim   string       // the key's claim's name
+	token   string       // the claim's token, if this replica holds it (this look, or another one's)
+}
+
+// getOrClaim reads an entry (KEYS[1]) and its time left and, if there is
+// none or ARGV[3] is "1" (the caller cannot use the one there is), takes
+// the entry's claim (KEYS[2], in the same hash slot) with token ARGV[1]
+// for ARGV[2] ms if it is free; it returns the claim's holder too.
+const getOrClaim = `
+local v = redis.call('GET', KEYS[1])
+local left = redis.call('PTTL', KEYS[1])
+if (not v or ARGV[3] == '1') then redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) end
+return {v, left, redis.call('GET', KEYS[2])}`
+
+// look reads the fleet's epoch and floor and key's entry under every
+// secret in one round trip, and claims the key when there is no entry
+// under the current secret (or always, with force). The entry's marks are
+// checked here when this replica heard every invalidation since its fetch
+// began (heard), else in Redis (a second round trip).
+func (f *Fleet) look(ctx context.Context, key, auth string, force bool) (looked, error) {
 	c := f.c()
 	if c == nil {
-		return nil, errNotConnected
+		return looked{}, errNotConnected
 	}
 	ctx, cancel := f.ctx(ctx)
 	defer cancel()
-	id, n := entryID(key, auth), len(f.keys)
+	id := entryID(key, auth)
+	var l looked
+	names := make([]string, len(f.keys))
+	names[0], l.claim = f.keys[0].entryNames(f.cfg.Prefix, id)
+	token := f.id + newToken()
 	seen := f.st.seen.Load()
-	cmds := make(rueidis.Commands, 0, 2+2*n)
-	cmds = append(cmds, c.B().Get().Key(f.epochKey()).Build(), c.B().Get().Key(f.floorKey()).Build())
-	for i := range f.keys {
-		name := f.keys[i].name(f.cfg.Prefix, "e", id)
-		cmds = append(cmds, c.B().Get().Key(name).Build(), c.B().Pttl().Key(name).Build())
+	cmds := make(rueidis.Commands, 0, 1+2*len(f.keys))
+	cmds = append(cmds, c.B().Get().Key(f.epochKey()).Build(), c.B().Get().Key(f.floorKey()).Build(),
+		c.B().Eval().Script(getOrClaim).Numkeys(2).Key(names[0], l.claim).Arg(token, strconv.FormatInt(f.cfg.ClaimTTL.Milliseconds(), 10), map[bool]string{true: "1", false: "0"}[force]).Build())
+	for i := 1; i < len(f.keys); i++ {
+		names[i], _ = f.keys[i].entryNames(f.cfg.Prefix, id)
+		cmds = append(cmds, c.B().Get().Key(names[i]).Build(), c.B().Pttl().Key(names[i]).Build())
 	}
+	trip(ctx)
 	rs := c.DoMulti(ctx, cmds...)
-	if err := f.current(ctx, c, rs[0], rs[1], seen); err != nil {
-		return nil, err
+	epoch, err := f.current(ctx, c, rs[0], rs[1], seen)
+	if err != nil {
+		return l, err
 	}
+	l.epoch = epoch
+	got, err := rs[2].ToArray()
+	if err := f.result(err); err != nil {
+		return l, err
+	}
+	if len(got) != 3 {
+		return l, f.corrupt()
+	}
+	// A claim this replica holds (this look's, or a concurrent one's that
+	// another request's flight has not adopted yet) is this replica's.
+	if holder, err := got[2].ToString(); err == nil && strings.HasPrefix(holder, f.id) {
+		l.token = holder
+	}
+	val, err := got[0].AsBytes()
+	l.present = err == nil
+	left, _ := got[1].AsInt64()
 	for i := range f.keys {
-		s, left, err := f.open(&f.keys[i], id, auth, rs[2+2*i], rs[3+2*i])
-		if err != nil || s == nil {
-			if err != nil {
-				return nil, err
+		if i > 0 {
+			if val, err = rs[1+2*i].AsBytes(); err != nil && !rueidis.IsRedisNil(err) {
+				return l, f.result(err)
 			}
+			left, _ = rs[2+2*i].AsInt64()
+		}
+		s := f.open(&f.keys[i], names[i], auth, val, left)
+		if s == nil {
 			continue
 		}
-		if ok, err := f.unmarked(ctx, c, s); !ok || err != nil {
-			return nil, err
+		ok, err := f.unmarked(ctx, c, s)
+		if err != nil || !ok {
+			return l, err
 		}
-		return s.entry(key, left, f.clock.Now()), nil
+		l.entry = s.entry(key, left, f.clock.Now())
+		return l, nil
 	}
-	return nil, nil
+	return l, nil
 }
 
-// open opens an entry read under secret k (its value and PTTL): nil if
-// there is none, it is not the credential's or it is damaged, or it has no
-// lifetime left.
-func (f *Fleet) open(k *secret, id, auth string, value, pttl rueidis.RedisResult) (*sealed, int64, error) {
-	val, err := value.AsBytes()
-	if rueidis.IsRedisNil(err) {
-		return nil, 0, f.result(nil)
-	}
-	if err := f.result(err); err != nil {
-		return nil, 0, err
-	}
-	left, err := pttl.AsInt64()
-	if err := f.result(err); err != nil {
-		return nil, 0, err
-	}
-	if left <= 0 {
-		return nil, 0, nil // expired meanwhile (-2), or kept without a lifetime (-1): not ours
+// open opens an entry read under secret k by its name (its value, nil if
+// none, and its PTTL): nil if there is none, it is not the credential's
+// or it is damaged, or it has no lifetime left.
+func (f *Fleet) open(k *secret, name, auth string, val []byte, left int64) *sealed {
+	if val == nil || left <= 0 {
+		return nil // none, expired meanwhile (-2), or kept without a lifetime (-1): not ours
 	}
 	a, err := k.aead(auth)
-	if err != nil {
-		return nil, 0, err
+	if err != nil || len(val) < a.NonceSize() {
+		return nil
 	}
-	if len(val) < a.NonceSize() {
-		return nil, 0, nil
-	}
-	plain, err := a.Open(nil, val[:a.NonceSize()], val[a.NonceSize():], []byte(k.name(f.cfg.Prefix, "e", id)))
+	plain, err := a.Open(nil, val[:a.NonceSize()], val[a.NonceSize():], []byte(name))
 	if err != nil {
-		return nil, 0, nil // not this credential's, or damaged: a miss
+		return nil // not this credential's, or damaged: a miss
 	}
 	var s sealed
 	if err := json.Unmarshal(plain, &s); err != nil {
-		return nil, 0, nil
+		return nil
 	}
-	return &s, left, nil
+	return &s
 }
 
 // unmarked reports whether s is still valid fleet-wide: shared after the
 // floor, not hidden by this replica's unsent invalidations, and no mark of
-// its scopes (under any secret) above the epoch its fetch began at.
+// its scopes above the epoch its fetch began at, as this replica heard
+// them or, when it may not have, as Redis holds them (under any secret).
 func (f *Fleet) unmarked(ctx context.Context, c rueidis.Client, s *sealed) (bool, error) {
 	if s.Epoch < f.st.floor.Load() || f.unsent.covers(s.Tags) {
 		return false, nil // shared before Redis went backwards, or hidden by a write not yet in Redis
 	}
-	if len(s.Tags) == 0 {
-		return true, nil
+	if valid, known := f.heard.check(s.Epoch, s.Tags); known || len(s.Tags) == 0 {
+		return valid || len(s.Tags) == 0, nil
 	}
 	names := f.marks(s.Tags)
 	cmds := make(rueidis.Commands, len(names))
 	for i, m := range names {
 		cmds[i] = c.B().Get().Key(m).Build()
 	}
+	trip(ctx)
 	for _, r := range c.DoMulti(ctx, cmds...) {
 		mark, err := f.number(r)
 		if err != nil {
@@ -435,21 +504,20 @@ func (s *sealed) entry(key string, left int64, now time.Time) *cache.Entry {
 		Stored: now.Add(-ms(s.Age) - passed), Expires: now.Add(ms(s.Fresh) - passed), Keep: now.Add(ms(left)), Tags: s.Tags}
 }
 
-// current checks the epoch and floor read with an entry: garbage is an
-// error, and a Redis that went backwards is rewound before the entry is
-// looked at (its floor then hides it).
-func (f *Fleet) current(ctx context.Context, c rueidis.Client, epoch, floor rueidis.RedisResult, seen uint64) error {
+// current checks the epoch and floor read with an entry and returns the
+// epoch: garbage is an error, and a Redis that went backwards is rewound
+// before the entry is looked at (its floor then hides it).
+func (f *Fleet) current(ctx context.Context, c rueidis.Client, epoch, floor rueidis.RedisResult, seen uint64) (uint64, error) {
 	n, err := f.number(epoch)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	fl, err := f.number(floor)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	f.observeFloor(fl)
-	_, err = f.checked(ctx, c, n, seen)
-	return err
+	return f.checked(ctx, c, n, seen)
 }
 
 // seeds turns a URL with several comma-separated hosts (the seeds of a
@@ -482,43 +550,17 @@ func seeds(u string) string {
 	return scheme + "://" + userinfo + strings.TrimSpace(list[0]) + path + "?" + q
 }
 
-// Lease takes key's fetch lease for ttl (SET NX PX): a random token if this
-// replica won it, "" if another replica holds it. It lapses by itself, so
-// a replica that dies while fetching holds up the others for ttl at most.
-func (f *Fleet) Lease(ctx context.Context, key string, ttl time.Duration) (string, error) {
-	c := f.c()
-	if c == nil {
-		return "", errNotConnected
-	}
-	var b [16]byte
-	if _, err := rand.Read(b[:]); err != nil {
-		return "", err
-	}
-	token := hex.EncodeToString(b[:])
-	ctx, cancel := f.ctx(ctx)
-	defer cancel()
-	err := c.Do(ctx, c.B().Set().Key(f.name("l", key)).Value(token).Nx().Px(ttl).Build()).Error()
-	if rueidis.IsRedisNil(err) {
-		return "", f.result(nil)
-	}
-	if err := f.result(err); err != nil {
-		return "", err
-	}
-	return token, nil
+type tripsKey struct{}
+
+// CountTrips returns a context in which every Redis round trip the fleet
+// makes for a request (lookups, claims, fills, budget slots) is counted in
+// n: how tests and benchmarks see what a request costs in round trips.
+func CountTrips(ctx context.Context, n *atomic.Int64) context.Context {
+	return context.WithValue(ctx, tripsKey{}, n)
 }
 
-// unlease deletes a lease only if it still holds the token that took it.
-var unlease = rueidis.NewLuaScript(`
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0`)
-
-// Unlease gives key's lease back (if token still holds it).
-func (f *Fleet) Unlease(ctx context.Context, key, token string) error {
-	c := f.c()
-	if c == nil {
-		return errNotConnected
+func trip(ctx context.Context) {
+	if n, ok := ctx.Value(tripsKey{}).(*atomic.Int64); ok {
+		n.Add(1)
 	}
-	ctx, cancel := f.ctx(ctx)
-	defer cancel()
-	return f.result(unlease.Exec(ctx, c, []string{f.name("l", key)}, []string{token}).Error())
 }

@@ -53,13 +53,13 @@ func TestEntriesOpenOnlyForTheirCredentialUntilInvalidated(t *testing.T) {
 	if err != nil || got == nil || string(got.Body) != `{"a":1}` || got.Status != 200 || got.Expires.Sub(e.Expires).Abs() > time.Second {
 		t.Fatalf("with its credential: %+v %v", got, err)
 	}
-	if err := f.Invalidate(ctx, []string{"scope-other"}); err != nil {
+	if _, err := f.Invalidate(ctx, []string{"scope-other"}); err != nil {
 		t.Fatal(err)
 	}
 	if got, _ := f.Get(ctx, "k", "Basic right"); got == nil {
 		t.Fatal("another scope's invalidation dropped the entry")
 	}
-	if err := f.Invalidate(ctx, []string{"scope-b"}); err != nil {
+	if _, err := f.Invalidate(ctx, []string{"scope-b"}); err != nil {
 		t.Fatal(err)
 	}
 	if got, _ := f.Get(ctx, "k", "Basic right"); got != nil {
@@ -166,47 +166,64 @@ func TestBudgetIsOneWhateverTheSecret(t *testing.T) {
 	ls.Done(ratelimit.Served)
 }
 
-// A fetch lease is one replica's at a time, is given back only by the
-// token that took it, and lapses by itself: a replica that died while
-// fetching holds the others up for the lease's time at most.
-func TestLeasesLapseAndBelongToTheirTaker(t *testing.T) {
+// A cold key's claim is one replica's at a time: a lookup that finds no
+// entry takes it in the same round trip and its fill adopts it; another
+// replica's claim is not won, and its Wait returns the holder's fill, or
+// takes the claim over when the holder dies (it lapses on Redis's clock,
+// no heartbeat renews it).
+func TestClaimsAreOneReplicasAtATime(t *testing.T) {
 	srv := redistest.Start(t)
-	a, b := open(t, srv.URL()), open(t, srv.URL())
-	ctx := context.Background()
-	tokA, err := a.Lease(ctx, "k", time.Minute)
-	if err != nil || tokA == "" {
-		t.Fatalf("first lease: %q %v", tokA, err)
-	}
-	if tok, err := b.Lease(ctx, "k", time.Minute); err != nil || tok != "" {
-		t.Fatalf("second replica took a held lease: %q %v", tok, err)
-	}
-	if err := b.Unlease(ctx, "k", "not-the-token"); err != nil {
-		t.Fatal(err)
-	}
-	if tok, _ := b.Lease(ctx, "k", time.Minute); tok != "" {
-		t.Fatal("a wrong token gave the lease back")
-	}
-	if err := a.Unlease(ctx, "k", tokA); err != nil {
-		t.Fatal(err)
-	}
-	if tok, _ := b.Lease(ctx, "k", 50*time.Millisecond); tok == "" {
-		t.Fatal("a given-back lease could not be taken")
-	}
-	// b "dies" holding it; the lease lapses on Redis's clock.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		tok, err := a.Lease(ctx, "k", time.Minute)
+	openTTL := func() *Fleet {
+		f, err := Open(Config{URL: srv.URL(), Prefix: "t:", Timeout: time.Second, Secret: []byte("secret"), Retention: time.Hour, ClaimTTL: 300 * time.Millisecond})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if tok != "" {
-			break
+		if err := f.Connected(context.Background()); err != nil {
+			t.Fatal(err)
 		}
-		if time.Now().After(deadline) {
-			t.Fatal("a dead replica's lease never lapsed")
-		}
-		time.Sleep(10 * time.Millisecond) // waiting on Redis's clock
+		t.Cleanup(f.Close)
+		return f
 	}
+	a, b := openTTL(), openTTL()
+	ctx := context.Background()
+	if e, err := a.Get(ctx, "k", "Basic x"); e != nil || err != nil {
+		t.Fatalf("a cold key: %v %v", e, err)
+	}
+	ca, err := a.Claim(ctx, "k", "Basic x")
+	if err != nil || !ca.Won() {
+		t.Fatalf("the lookup's claim was not adopted: %v", err)
+	}
+	cb, err := b.Claim(ctx, "k", "Basic x")
+	if err != nil || cb.Won() {
+		t.Fatalf("a second replica won a held claim: %v", err)
+	}
+	now := time.Now()
+	e := &cache.Entry{Key: "k", Status: 200, Body: []byte(`{}`), Stored: now, Expires: now.Add(time.Minute), Keep: now.Add(time.Minute)}
+	if err := ca.Share(ctx, e); err != nil {
+		t.Fatal(err)
+	}
+	ca.Release()
+	if got, err := cb.Wait(ctx); err != nil || got == nil || string(got.Body) != `{}` {
+		t.Fatalf("waiting for the holder's fill: %v %v", got, err)
+	}
+	cb.Release()
+	// Another key: b claims it, then "dies" (its heartbeat never runs: the
+	// claim is taken by hand, as Get would, and not adopted).
+	if e, _ := b.Get(ctx, "k2", "Basic x"); e != nil {
+		t.Fatal("k2 is not cold")
+	}
+	wait, err := a.Claim(ctx, "k2", "Basic x")
+	if err != nil || wait.Won() {
+		t.Fatalf("a won k2 while b holds it: %v", err)
+	}
+	start := time.Now()
+	if got, err := wait.Wait(ctx); got != nil || err != nil || !wait.Won() {
+		t.Fatalf("after b died: %v %v, won %v", got, err, wait.Won())
+	}
+	if took := time.Since(start); took > 10*time.Second {
+		t.Fatalf("took over after %s", took)
+	}
+	wait.Release()
 }
 
 // A fleet slot that Redis took while this replica's call timed out (the

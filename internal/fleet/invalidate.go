@@ -89,6 +89,9 @@ type message struct {
 	Tags []string `json:"t,omitempty"`
 	All  bool     `json:"a,omitempty"`
 	Beat int64    `json:"h,omitempty"`
+	// E is the fleet epoch the invalidation marked its scopes with in
+	// Redis (0: unknown, Redis's epoch was garbage).
+	E uint64 `json:"e,omitempty"`
 }
 
 // ack is an acknowledgement on the wire, of invalidation Seq of replica To
@@ -209,7 +212,7 @@ func (i *Invalidator) Invalidate(ctx context.Context, tags []string) uint64 {
 		i.retryNow()
 		return i.local.Invalidate(ctx, tags)
 	}
-	err := i.f.Invalidate(ctx, tags)
+	e, err := i.f.Invalidate(ctx, tags)
 	if err != nil {
 		i.f.unsent.add(tags)
 		i.retryNow()
@@ -217,7 +220,7 @@ func (i *Invalidator) Invalidate(ctx context.Context, tags []string) uint64 {
 	}
 	epoch := i.local.Invalidate(ctx, tags)
 	if err == nil || errors.Is(err, ErrCorrupt) { // Redis answers: the others can be told at once
-		i.broadcast(ctx, message{Tags: tags})
+		i.broadcast(ctx, message{Tags: tags, E: e})
 	}
 	return epoch
 }
@@ -247,15 +250,16 @@ func (i *Invalidator) retry(ctx context.Context) {
 				break
 			}
 			var err error
+			var e uint64
 			if all {
 				err = i.f.InvalidateAll(ctx)
 			} else {
-				err = i.f.Invalidate(ctx, tags)
+				e, err = i.f.Invalidate(ctx, tags)
 			}
 			if err != nil {
 				break
 			}
-			i.broadcast(ctx, message{Tags: tags, All: all})
+			i.broadcast(ctx, message{Tags: tags, All: all, E: e})
 			i.f.unsent.done(all) // after the broadcast: none left means every replica was told
 		}
 	}
@@ -389,6 +393,7 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 				if up {
 					i.local.InvalidateAll() // invalidations sent while it was not listening
 					i.firstOnce.Do(func() { close(i.firstSub) })
+					go i.since(ctx, i.f.heard.subscribed())
 				}
 			})
 			err := c.Receive(hooked, cmd, func(m rueidis.PubSubMessage) {
@@ -402,6 +407,7 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 			})
 			i.trusted.Store(false)
 			i.local.InvalidateAll() // before anyone can see it is not subscribed
+			i.f.heard.subscribed()
 			i.subscribed.Store(false)
 			if ctx.Err() == nil {
 				i.fail(errors.New("invalidation stream lost: " + errString(err)))
@@ -410,6 +416,21 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 		case <-time.After(time.Second):
+		}
+	}
+}
+
+// since reads the fleet's epoch once subscription gen is confirmed: every
+// invalidation that raises the epoch past it is heard from then on.
+func (i *Invalidator) since(ctx context.Context, gen uint64) {
+	for ctx.Err() == nil && i.f.heard.is(gen) {
+		if epoch, err := i.f.Epoch(ctx); err == nil {
+			i.f.heard.start(gen, epoch)
+			return
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(50 * time.Millisecond):
 		}
 	}
 }
@@ -464,6 +485,9 @@ func (i *Invalidator) handle(ctx context.Context, m rueidis.PubSubMessage) {
 		i.local.InvalidateAll()
 		i.Received.Add(1)
 	default:
+		if msg.E > 0 {
+			i.f.heard.add(msg.Tags, msg.E) // before the acknowledgement
+		}
 		i.local.Invalidate(ctx, msg.Tags)
 		i.Received.Add(1)
 	}

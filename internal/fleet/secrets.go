@@ -75,6 +75,17 @@ func (s *secret) name(prefix, kind, what string) string {
 	return prefix + kind + ":" + hex.EncodeToString(m.Sum(nil)[:20])
 }
 
+// entryNames are the names of an entry (by its entryID) and of its claim:
+// one keyed hash in a hash tag, so that both are in one Cluster slot (a
+// script reads the one and takes the other).
+func (s *secret) entryNames(prefix, id string) (entry, claim string) {
+	m := hmac.New(sha256.New, s.names)
+	m.Write([]byte("e\x00"))
+	m.Write([]byte(id))
+	h := hex.EncodeToString(m.Sum(nil)[:20])
+	return prefix + "e:{" + h + "}", prefix + "l:{" + h + "}"
+}
+
 // aead is AES-256-GCM under s's key for the credential auth.
 func (s *secret) aead(auth string) (cipher.AEAD, error) {
 	block, err := aes.NewCipher(derive(s.raw, "cacheproxy entries v1", auth))

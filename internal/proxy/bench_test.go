@@ -122,3 +122,33 @@ func BenchmarkHitUnderWrites(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkColdMiss measures a cold participant read in process (each
+// iteration a key never read: another query string), alone and with the
+// fleet tier over a Toxiproxy link that adds 20 ms to everything Redis
+// sends back: the difference is what Redis costs a cold miss (point 8 of
+// the faults issue: at most 55 ms).
+func BenchmarkColdMiss(b *testing.B) {
+	b.Run("alone", func(b *testing.B) { benchCold(b, newHarness(b, benchSetup)) })
+	b.Run("fleet_over_20ms", func(b *testing.B) {
+		srv := redistest.Start(b)
+		link := redistest.NewLink(b, srv.Addr)
+		h := newHarness(b, benchSetup, withFleet(srv.URL()), through(link))
+		waitTrusted(b, h.inv)
+		link.Latency(b, 20)
+		benchCold(b, h)
+	})
+}
+
+func benchCold(b *testing.B, h *harness) {
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		req := httptest.NewRequest("GET", pathConv+"?PageSize="+strconv.Itoa(i), nil)
+		req.Header.Set("Authorization", basic(acctA, tokenA))
+		w := &discardWriter{h: http.Header{}}
+		h.p.ServeHTTP(w, req)
+		if cs := w.h.Get("Cache-Status"); w.code != 200 || cs != "cacheproxy; fwd=uri-miss; stored" {
+			b.Fatalf("not a cold miss: %d %q", w.code, cs)
+		}
+	}
+}

@@ -4,10 +4,12 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -524,5 +526,41 @@ func passInRedis(t *testing.T, srv *redistest.Server, d time.Duration) {
 			t.Fatalf("PTTL of an entry: %d %v", left, err)
 		}
 		srv.CLI(t, "PEXPIRE", k, strconv.FormatInt(left-d.Milliseconds(), 10))
+	}
+}
+
+// Point 8: what a read costs in Redis round trips, counted on the
+// request's path (fleet.CountTrips): a cold miss is one round trip that
+// reads the epoch and the entry and claims the key, one for the budget's
+// fleet slot, and one that shares the fill and gives the claim back (the
+// slot is given back off the path); an L2 hit is one (its marks are
+// checked against the invalidations the replica heard); an L1 hit none.
+func TestFleetRoundTrips(t *testing.T) {
+	r := replicas(t, 2, redistest.Start(t))
+	read := func(h *harness) (string, int64) {
+		t.Helper()
+		var n atomic.Int64
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+			h.p.ServeHTTP(w, req.WithContext(fleet.CountTrips(req.Context(), &n)))
+		}))
+		defer srv.Close()
+		req, _ := http.NewRequest("GET", srv.URL+pathConv, nil)
+		req.Header.Set("Authorization", basic(acctA, tokenA))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.Header.Get("Cache-Status"), n.Load()
+	}
+	for _, step := range []struct {
+		h     *harness
+		what  string
+		trips int64
+	}{{r[0], "fwd=uri-miss; stored", 3}, {r[1], "detail=shared", 1}, {r[1], "hit; ttl=", 0}} {
+		cs, n := read(step.h)
+		if !strings.Contains(cs, step.what) || n != step.trips {
+			t.Errorf("%q: %d round trips, want %q in %d", cs, n, step.what, step.trips)
+		}
 	}
 }

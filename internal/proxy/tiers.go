@@ -146,7 +146,7 @@ func (t *tiers) fill(ctx context.Context, key, auth string, noCache bool, fetch 
 	t.failed(err)
 	defer cl.Release()
 	if !noCache && err == nil {
-		if e := t.claimed(ctx, cl, key, auth, epoch); e != nil {
+		if e := t.claimed(ctx, cl, epoch); e != nil {
 			return &fetchResult{entry: e, upStatus: e.Status, stored: true, from: fromFleet}, nil
 		}
 	}
@@ -161,14 +161,11 @@ func (t *tiers) fill(ctx context.Context, key, auth string, noCache bool, fetch 
 	return res, nil
 }
 
-// claimed returns a fresh fill of key that another replica shared, either
-// just before this replica's claim (the holder shares, then lets go) or
-// while this replica waited for the holder; nil when this replica is to
-// fetch, having won the claim or failed to wait.
-func (t *tiers) claimed(ctx context.Context, cl tier.Claim, key, auth string, epoch uint64) *cache.Entry {
-	if e := t.shared(ctx, key, auth, epoch); e != nil && t.clock.Now().Before(e.Expires) {
-		return e
-	}
+// claimed returns a fresh fill of key that another replica shared, found
+// when this replica claimed the key or while it waited for the holder;
+// nil when this replica is to fetch, having won the claim (the key had no
+// entry when it did: nothing to look for) or failed to wait.
+func (t *tiers) claimed(ctx context.Context, cl tier.Claim, epoch uint64) *cache.Entry {
 	if cl.Won() {
 		t.c.claimsWon.Add(1)
 		return nil
@@ -177,10 +174,7 @@ func (t *tiers) claimed(ctx context.Context, cl tier.Claim, key, auth string, ep
 	e, err := cl.Wait(ctx)
 	t.failed(err)
 	if e == nil {
-		if cl.Won() { // the holder let its claim go: look once more, then fetch
-			if e := t.shared(ctx, key, auth, epoch); e != nil && t.clock.Now().Before(e.Expires) {
-				return e
-			}
+		if cl.Won() { // the holder let its claim go, or died: fetch
 			t.c.claimsWon.Add(1)
 		}
 		return nil

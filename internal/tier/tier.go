@@ -18,11 +18,13 @@ import (
 // goes on with L1 and the upstream.
 type Tier interface {
 	// Get returns key's entry, opened for the credential auth, if one is
-	// valid fleet-wide; nil if none is.
+	// valid fleet-wide; nil if none is. A Get that finds none may claim
+	// the key already, for the Claim of the fill that follows.
 	Get(ctx context.Context, key, auth string) (*cache.Entry, error)
-	// Claim asks for the right to fetch key for the fleet. Whatever the
-	// answer (and on an error too), the caller ends the claim with
-	// Release.
+	// Claim asks for the right to fetch key for the fleet: won only while
+	// the key has no fresh fill (another replica's fill shared just before
+	// is what Wait returns). Whatever the answer (and on an error too),
+	// the caller ends the claim with Release.
 	Claim(ctx context.Context, key, auth string) (Claim, error)
 }
 
@@ -38,8 +40,9 @@ type Claim interface {
 	Wait(ctx context.Context) (*cache.Entry, error)
 	// Share puts e (fetched for this claim's key and credential) into the
 	// tier, valid unless an invalidation of its scopes reached the tier
-	// after the claim was made. A claim that was not won may share too (a
-	// no-cache fetch, or one made after a failed wait).
+	// after the claim was made, and gives a claim won back with it. A
+	// claim that was not won may share too (a no-cache fetch, or one made
+	// after a failed wait).
 	Share(ctx context.Context, e *cache.Entry) error
 	// Release gives the claim back (if won) and stops anything the claim
 	// keeps running.
