@@ -59,18 +59,25 @@ func replicas(t *testing.T, n int, srv interface{ URL() string }, opts ...harnes
 // replicasEach starts one replica per element of each, with those options,
 // sharing one fake Twilio (the first's) and the redis-server srv.
 func replicasEach(t *testing.T, srv interface{ URL() string }, each ...[]harnessOpt) []*harness {
-	// The replica's own options come after: one may point it elsewhere.
-	first := newHarness(t, append([]harnessOpt{withFleet(srv.URL())}, each[0]...)...)
+	out := sharing(t, withFleet(srv.URL()), each...)
+	for _, h := range out {
+		waitTrusted(t, h.inv)
+	}
+	return out
+}
+
+// sharing starts one replica per element of each with the shared tier
+// tier gives it, then those options (one may point it elsewhere), in
+// front of one fake Twilio (the first's).
+func sharing(t *testing.T, tier harnessOpt, each ...[]harnessOpt) []*harness {
+	first := newHarness(t, append([]harnessOpt{tier}, each[0]...)...)
 	out := []*harness{first}
 	for _, opts := range each[1:] {
-		h := newHarness(t, append(append([]harnessOpt{withFleet(srv.URL())}, opts...), func(s *setup) {
+		h := newHarness(t, append(append([]harnessOpt{tier}, opts...), func(s *setup) {
 			s.cfg.Upstreams.Conversations.URL, s.cfg.Upstreams.Proxy.URL = first.convSrv.URL, first.proxSrv.URL
 		})...)
 		h.conv, h.prox = first.conv, first.prox // the one upstream, for assertions
 		out = append(out, h)
-	}
-	for _, h := range out {
-		waitTrusted(t, h.inv)
 	}
 	return out
 }

@@ -23,6 +23,7 @@ import (
 	"cacheproxy/internal/invalidation"
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
+	"cacheproxy/internal/tier/memtier"
 	"cacheproxy/internal/twiliofake"
 
 	"github.com/rs/zerolog"
@@ -125,7 +126,8 @@ type harness struct {
 	inv            *fleet.Invalidator // with a shared tier
 	invalidator    Invalidator        // the proxy's, whichever
 	budget         *fleet.Budget
-	fleet          *fleet.Fleet // with a shared tier
+	fleet          *fleet.Fleet     // with a shared tier
+	member         *memtier.Replica // with the in-memory shared tier
 }
 
 // setup is what a harness option may change before the proxy is built.
@@ -137,6 +139,7 @@ type setup struct {
 	previous          [][]byte      // its cache.previous_key_secrets
 	redisTimeout      time.Duration // the shared tier's redis.timeout; 0: 1 s
 	invalidationWait  time.Duration // redis.invalidation_wait; 0: 5 s
+	hub               *memtier.Hub  // the in-memory shared tier, if any
 }
 
 type harnessOpt func(*setup)
@@ -190,6 +193,10 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 		route.Proxy:         upstreamOptions(s.cfg.Upstreams.Proxy),
 	}
 	o.Store, o.Invalidator, o.Budget = store, invalidation.New(time.Hour, h.clk), h.lim
+	if s.hub != nil {
+		m := s.hub.Replica(h.clk, invalidation.New(time.Hour, h.clk))
+		h.member, o.Invalidator, o.Shared = m, m, m
+	}
 	if s.fleetURL != "" {
 		f, wait := openFleet(t, s), cmp.Or(s.invalidationWait, 5*time.Second)
 		inv := fleet.NewInvalidator(f, invalidation.New(time.Hour, h.clk), wait, func(err error) { t.Logf("fleet: %v", err) })
