@@ -2,8 +2,6 @@ package fleet
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -64,10 +62,8 @@ const budgetPoll = 5 * time.Millisecond
 // calls in flight and, if rate > 0, rate calls started per second; a slot
 // lapses after ttl. Close stops the replica's announcements.
 func NewBudget(local *ratelimit.Limiter, f *Fleet, maxConcurrent, rate int, ttl, maxWait time.Duration) *Budget {
-	var id [12]byte
-	_, _ = rand.Read(id[:])
 	ctx, cancel := context.WithCancel(context.Background())
-	b := &Budget{local: local, f: f, cap: maxConcurrent, rate: rate, ttl: ttl, maxWait: maxWait, id: hex.EncodeToString(id[:]),
+	b := &Budget{local: local, f: f, cap: maxConcurrent, rate: rate, ttl: ttl, maxWait: maxWait, id: newID(),
 		fallback: map[string]int{}, stop: cancel, done: make(chan struct{}), ungiven: make(chan ungiven, 4096)}
 	b.replicas.Store(1)
 	go b.announce(ctx)
@@ -191,9 +187,7 @@ func (b *Budget) Acquire(ctx context.Context, user, credential string) (ratelimi
 	// The account's keys share a hash tag: one Cluster slot.
 	tag := accountName(b.f.cfg.Prefix, acct)
 	key, window := tag+":slots", tag+":rate"
-	var idb [12]byte
-	_, _ = rand.Read(idb[:])
-	slot := hex.EncodeToString(idb[:])
+	slot := newID()
 	args := []string{strconv.Itoa(b.cap), strconv.FormatInt(b.ttl.Milliseconds(), 10), slot, strconv.Itoa(b.rate)}
 	deadline := time.NewTimer(max(0, b.maxWait-time.Since(start)))
 	defer deadline.Stop()
@@ -228,12 +222,11 @@ func (b *Budget) Acquire(ctx context.Context, user, credential string) (ratelimi
 }
 
 func (b *Budget) take(ctx context.Context, keys []string, args []string) (bool, error) {
-	c := b.f.c()
-	if c == nil {
-		return false, errNotConnected
-	}
-	ctx, cancel := b.f.ctx(ctx)
+	c, ctx, cancel, err := b.f.conn(ctx)
 	defer cancel()
+	if err != nil {
+		return false, err
+	}
 	trip(ctx)
 	n, err := takeSlot.Exec(ctx, c, keys, args).AsInt64()
 	if err := b.f.result(err); err != nil {
@@ -250,12 +243,11 @@ func (b *Budget) give(key, slot string) {
 }
 
 func (b *Budget) release(key, slot string) error {
-	c := b.f.c()
-	if c == nil {
-		return errNotConnected
-	}
-	ctx, cancel := b.f.ctx(context.Background())
+	c, ctx, cancel, err := b.f.conn(context.Background())
 	defer cancel()
+	if err != nil {
+		return err
+	}
 	trip(ctx)
 	return b.f.result(c.Do(ctx, c.B().Zrem().Key(key).Member(slot).Build()).Error())
 }

@@ -211,12 +211,11 @@ func (cl *claim) Release() {
 }
 
 func (f *Fleet) unclaimNow(ctx context.Context, name, token string) {
-	c := f.c()
-	if c == nil {
+	c, ctx, cancel, err := f.conn(ctx)
+	defer cancel()
+	if err != nil {
 		return // it lapses by itself
 	}
-	ctx, cancel := f.ctx(ctx)
-	defer cancel()
 	trip(ctx)
 	f.result(c.Do(ctx, c.B().Eval().Script(unclaim).Numkeys(1).Key(name).Arg(token).Build()).Error())
 }
@@ -227,10 +226,16 @@ func (f *Fleet) unclaimLater(name, token string) {
 	go f.unclaimNow(context.Background(), name, token)
 }
 
-func newToken() string {
-	var b [16]byte
-	_, _ = rand.Read(b[:])
-	return hex.EncodeToString(b[:])
+// newToken is a claim's random token (32 hex digits); newID, a replica's
+// or a slot's (24): the fleet's one id generator.
+func newToken() string { return randomHex(16) }
+
+func newID() string { return randomHex(12) }
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
 }
 
 // claims are the claims lookups took (Get found no entry), until the fill

@@ -110,7 +110,7 @@ func Open(cfg Config) (*Fleet, error) {
 	opt.DisableRetry = true
 	opt.ConnWriteTimeout = max(cfg.Timeout, time.Second)
 	opt.Dialer.Timeout = max(cfg.Timeout, time.Second)
-	f := &Fleet{cfg: cfg, id: newToken()[:12], clock: clock.Or(cfg.Clock), keys: secrets(cfg), stop: make(chan struct{}), done: make(chan struct{}),
+	f := &Fleet{cfg: cfg, id: newID(), clock: clock.Or(cfg.Clock), keys: secrets(cfg), stop: make(chan struct{}), done: make(chan struct{}),
 		heard: heard{retention: cfg.Retention}}
 	go f.connect(opt)
 	f.wg.Go(f.watch)
@@ -188,6 +188,17 @@ func (f *Fleet) ctx(ctx context.Context) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(ctx, f.cfg.Timeout)
 }
 
+// conn is the client, with ctx bounded by redis.timeout (end it with
+// cancel), or errNotConnected before the first connection.
+func (f *Fleet) conn(ctx context.Context) (rueidis.Client, context.Context, context.CancelFunc, error) {
+	c := f.c()
+	if c == nil {
+		return nil, ctx, func() {}, errNotConnected
+	}
+	ctx, cancel := f.ctx(ctx)
+	return c, ctx, cancel, nil
+}
+
 // marks are the names of tags' marks under every secret: a write raises
 // them all, and an entry is checked against them all, so that replicas on
 // either side of a rotation see each other's invalidations.
@@ -205,12 +216,11 @@ func (f *Fleet) epochKey() string { return f.cfg.Prefix + "epoch" }
 
 // Epoch reads the fleet's invalidation epoch, before a fetch.
 func (f *Fleet) Epoch(ctx context.Context) (uint64, error) {
-	c := f.c()
-	if c == nil {
-		return 0, errNotConnected
-	}
-	ctx, cancel := f.ctx(ctx)
+	c, ctx, cancel, err := f.conn(ctx)
 	defer cancel()
+	if err != nil {
+		return 0, err
+	}
 	seen := f.st.seen.Load()
 	trip(ctx)
 	rs := c.DoMulti(ctx, c.B().Get().Key(f.epochKey()).Build(), c.B().Get().Key(f.floorKey()).Build())
@@ -381,12 +391,11 @@ return {v, left, redis.call('GET', KEYS[2])}`
 // checked here when this replica heard every invalidation since its fetch
 // began (heard), else in Redis (a second round trip).
 func (f *Fleet) look(ctx context.Context, key, auth string, force bool) (looked, error) {
-	c := f.c()
-	if c == nil {
-		return looked{}, errNotConnected
-	}
-	ctx, cancel := f.ctx(ctx)
+	c, ctx, cancel, err := f.conn(ctx)
 	defer cancel()
+	if err != nil {
+		return looked{}, err
+	}
 	id := entryID(key, auth)
 	var l looked
 	names := make([]string, len(f.keys))

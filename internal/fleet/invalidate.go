@@ -3,7 +3,6 @@ package fleet
 import (
 	"context"
 	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"strconv"
@@ -105,10 +104,8 @@ type ack struct {
 // NewInvalidator starts this replica's subscription to the fleet's
 // invalidations; Close ends it.
 func NewInvalidator(f *Fleet, local *invalidation.Local, wait time.Duration, onError func(error)) *Invalidator {
-	var id [12]byte
-	_, _ = rand.Read(id[:])
 	ctx, cancel := context.WithCancel(context.Background())
-	i := &Invalidator{local: local, f: f, wait: wait, onError: onError, id: hex.EncodeToString(id[:]), born: time.Now(),
+	i := &Invalidator{local: local, f: f, wait: wait, onError: onError, id: newID(), born: time.Now(),
 		waiters: map[uint64]chan struct{}{}, stop: cancel, done: make(chan struct{}), firstSub: make(chan struct{}), firstTrust: make(chan struct{}),
 		kick: make(chan struct{}, 1)}
 	reset := func() { i.local.InvalidateAll() }

@@ -168,13 +168,12 @@ func (f *Fleet) observeFloor(n uint64) {
 // InvalidateAll makes every shared entry a miss (a floor at a new epoch):
 // for invalidations that could not be kept while Redis was away.
 func (f *Fleet) InvalidateAll(ctx context.Context) error {
-	c := f.c()
-	if c == nil {
-		return errNotConnected
-	}
-	ctx, cancel := f.ctx(ctx)
+	c, ctx, cancel, err := f.conn(ctx)
 	defer cancel()
-	_, err := f.raiseFloor(ctx, c, f.st.seen.Load()+1)
+	if err != nil {
+		return err
+	}
+	_, err = f.raiseFloor(ctx, c, f.st.seen.Load()+1)
 	return err
 }
 
