@@ -172,3 +172,56 @@ func (b *bufferedWriter) copyTo(w http.ResponseWriter) {
 	w.WriteHeader(b.code)
 	_, _ = w.Write(b.body)
 }
+
+// Hostile input, point 2: a write that Twilio refused changed nothing, so
+// it invalidates nothing: after a POST without credentials, a DELETE of a
+// conversation with a wrong token and a POST to a conversation by a name
+// that widens to every conversation, each answered 401, both tenants'
+// entries are still hits. A write answered 404 or 5xx may have changed
+// something, and does invalidate.
+func TestRefusedWritesInvalidateNothing(t *testing.T) {
+	h := newHarness(t)
+	tenants := map[string]string{"A": basic(acctA, tokenA), "B": basic(acctB, tokenB)}
+	fill := func() {
+		t.Helper()
+		for name, auth := range tenants {
+			readResp(t, h.do("GET", pathConv, auth))
+			if _, cs, _ := readResp(t, h.do("GET", pathConv, auth)); !strings.HasPrefix(cs, "cacheproxy; hit") {
+				t.Fatalf("tenant %s: %q, want a hit", name, cs)
+			}
+		}
+	}
+	fill()
+	form := "Attributes=%7B%7D"
+	refused := []struct{ method, path, auth string }{
+		{"POST", pathConv, ""},
+		{"DELETE", "/v1/Conversations/" + conv1, basic(acctA, "wrong-token")},
+		{"POST", "/v1/Conversations/anything/Participants/" + member1, basic(acctA, "wrong-token")},
+	}
+	for _, w := range refused {
+		s, _, _ := readResp(t, h.doBody(w.method, w.path, w.auth, strings.NewReader(form), "Content-Type", "application/x-www-form-urlencoded"))
+		if s != http.StatusUnauthorized {
+			t.Fatalf("%s %s: %d, want Twilio's 401", w.method, w.path, s)
+		}
+		for name, auth := range tenants {
+			if _, cs, _ := readResp(t, h.do("GET", pathConv, auth)); !strings.HasPrefix(cs, "cacheproxy; hit") {
+				t.Errorf("tenant %s after a refused %s %s: %q, want a hit", name, w.method, w.path, cs)
+			}
+		}
+	}
+	for _, status := range []int{http.StatusNotFound, http.StatusServiceUnavailable} {
+		fill()
+		h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool {
+			if r.Method != "POST" {
+				return false
+			}
+			twiliofake.Error(w, status, 20000+status, "refused by the test")
+			return true
+		}
+		readResp(t, h.doBody("POST", pathConv, basic(acctA, tokenA), strings.NewReader(form), "Content-Type", "application/x-www-form-urlencoded"))
+		h.conv.Before = nil
+		if _, cs, _ := readResp(t, h.do("GET", pathConv, basic(acctB, tokenB))); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
+			t.Errorf("after a write answered %d: %q, want a miss", status, cs)
+		}
+	}
+}

@@ -54,7 +54,7 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 		p.refused.remember(rec.cred, p.clock.Now(), resp.Header, body)
 	}
 	p.learnKey(rec.cred, resp.StatusCode, body)
-	if isWrite(resp.Request.Method) {
+	if isWrite(resp.Request.Method) && mayHaveApplied(resp.StatusCode) {
 		tags := rec.rt.WriteTags()
 		if resp.StatusCode < 300 {
 			tags = append(tags, writeBodyTags(&rec.rt, resp)...)
@@ -64,6 +64,15 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 		}
 	}
 	return nil
+}
+
+// mayHaveApplied reports whether a write answered with status may have
+// changed something, and so invalidates: a 2xx; a 404 (what it named is
+// gone); a 5xx (it may have been applied before the failure). Twilio
+// applies none of 400, 401, 403, 409, 429 or any other answer: a refused
+// write, by anyone, flushes nobody's entries.
+func mayHaveApplied(status int) bool {
+	return status >= 200 && status < 300 || status == http.StatusNotFound || status >= 500
 }
 
 // bufferedResponseBytes: a pass-through response up to this size is read
