@@ -111,6 +111,12 @@ func New(cfg Config) (*Handler, error) {
 	if h.client == nil {
 		h.client = &http.Client{Timeout: 10 * time.Second}
 	}
+	// forward_to is the only place a webhook goes: a redirect is the app's
+	// answer, relayed to Twilio as it is, never followed (with the body
+	// and its signature).
+	c := *h.client
+	c.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
+	h.client = &c
 	for _, t := range cfg.AuthTokens {
 		h.validators = append(h.validators, client.NewRequestValidator(t))
 	}

@@ -12,6 +12,7 @@ import (
 	"reflect"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"cacheproxy/internal/nodetest"
@@ -330,6 +331,27 @@ func TestForwardToRelaysTheAppsAnswer(t *testing.T) {
 	}
 	if len(rec.all()) != 1 {
 		t.Fatal("the forwarded event did not invalidate first")
+	}
+}
+
+// Hostile input, point 5: forward_to is the only place a webhook goes. An
+// app that answers 307 to another address gets its redirect relayed to
+// Twilio as it is; the body and its signature go nowhere else.
+func TestForwardToNeverFollowsRedirects(t *testing.T) {
+	var elsewhere atomic.Int64
+	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { elsewhere.Add(1) }))
+	defer other.Close()
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, other.URL+"/steal", http.StatusTemporaryRedirect)
+	}))
+	defer app.Close()
+	h, _, _ := newHandler(t, app.URL)
+	w := postForm(t, h, token, "/webhooks/conversations", map[string]string{"EventType": "onConversationUpdated", "ConversationSid": conv})
+	if w.Code != http.StatusTemporaryRedirect || w.Header().Get("Location") != other.URL+"/steal" {
+		t.Fatalf("relayed: %d %v, want the app's 307 as it is", w.Code, w.Header())
+	}
+	if n := elsewhere.Load(); n != 0 {
+		t.Fatalf("the webhook was sent to the redirect's target %d times", n)
 	}
 }
 
