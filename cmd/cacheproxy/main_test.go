@@ -2,6 +2,9 @@ package main
 
 import (
 	"bufio"
+	"bytes"
+	"crypto/hmac"
+	"crypto/sha1"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -683,6 +686,114 @@ func TestFleetReaderPausedPastTheWait(t *testing.T) {
 	}
 }
 
+// webhookAddr is where p listens for Twilio's webhooks.
+func webhookAddr(t *testing.T, p *proc) string {
+	t.Helper()
+	for _, l := range strings.Split(p.logs(), "\n") {
+		var line map[string]any
+		if json.Unmarshal([]byte(l), &line) == nil && line["message"] == "listening for Twilio's webhooks" {
+			if addr, _ := line["webhooks_listen"].(string); addr != "" {
+				return addr
+			}
+		}
+	}
+	t.Fatalf("no webhook listener line:\n%s", p.logs())
+	return ""
+}
+
+// twilioSignature is Twilio's X-Twilio-Signature of a form POST to u:
+// base64 of HMAC-SHA1 under the auth token of the URL followed by each
+// parameter's name and value, sorted by name.
+func twilioSignature(token, u string, form url.Values) string {
+	keys := make([]string, 0, len(form))
+	for k := range form {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	m := hmac.New(sha1.New, []byte(token))
+	m.Write([]byte(u))
+	for _, k := range keys {
+		m.Write([]byte(k + form.Get(k)))
+	}
+	return base64.StdEncoding.EncodeToString(m.Sum(nil))
+}
+
+// peakRSS is a process's peak resident memory (VmHWM), in MiB.
+func peakRSS(t *testing.T, pid int) int {
+	t.Helper()
+	raw, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(raw), "\n") {
+		if f := strings.Fields(l); len(f) >= 2 && f[0] == "VmHWM:" {
+			kb, _ := strconv.Atoi(f[1])
+			return kb / 1024
+		}
+	}
+	t.Fatal("no VmHWM")
+	return 0
+}
+
+// Hostile input, point 1: the webhook port is the one that faces the
+// internet. 1000 connections each declare a 1 MiB form body and send all
+// of it but its last byte, and 200 more send a chunked body slowly and
+// hold it; meanwhile a correctly signed webhook gets its 204, and the
+// process's peak resident memory stays within 300 MiB (before: every body
+// was read whole first, 1196 MiB for the first thousand).
+func TestWebhookFloodStaysSmall(t *testing.T) {
+	const hookToken = "hook-token-flood-0123456789abcdef"
+	_, up := newFake(t)
+	p := start(t, upstreamConfig(up.URL), "CACHEPROXY_WEBHOOKS_LISTEN=127.0.0.1:0", "CACHEPROXY_WEBHOOKS_PUBLIC_URL=https://hooks.example.com",
+		"CACHEPROXY_WEBHOOKS_AUTH_TOKENS="+hookToken)
+	addr := webhookAddr(t, p)
+	body := bytes.Repeat([]byte("a"), 1<<20)
+	hold := make(chan struct{})
+	var sent sync.WaitGroup
+	var conns []net.Conn
+	defer func() {
+		close(hold)
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	for i := range 1200 {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+		sent.Add(1)
+		go func() {
+			defer sent.Done()
+			if i < 1000 {
+				fmt.Fprintf(c, "POST /webhooks/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n", len(body))
+				_, _ = c.Write(body[:len(body)-1]) // fails once the server has refused it: that is the point
+				return
+			}
+			fmt.Fprintf(c, "POST /webhooks/conversations HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n", 32<<10, body[:32<<10])
+		}()
+	}
+	sent.Wait()
+	form := url.Values{"EventType": {"onParticipantUpdated"}, "ConversationSid": {conv}, "ParticipantSid": {mb}}
+	req, _ := http.NewRequest("POST", "http://"+addr+"/webhooks/conversations", strings.NewReader(form.Encode()))
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("X-Twilio-Signature", twilioSignature(hookToken, "https://hooks.example.com/webhooks/conversations", form))
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNoContent {
+		t.Fatalf("a signed webhook during the flood: %d, want 204", resp.StatusCode)
+	}
+	rss := peakRSS(t, p.cmd.Process.Pid)
+	t.Logf("peak resident memory under the flood: %d MiB", rss)
+	if rss > 300 {
+		t.Fatalf("peak resident memory %d MiB, want at most 300", rss)
+	}
+}
+
 // readyz is the status of p's /readyz.
 func readyz(t *testing.T, p *proc) int {
 	t.Helper()
@@ -793,16 +904,7 @@ func TestWebhookListenerServesOnlyWebhooks(t *testing.T) {
 	_, up := newFake(t)
 	p := start(t, upstreamConfig(up.URL), "CACHEPROXY_WEBHOOKS_LISTEN=127.0.0.1:0", "CACHEPROXY_WEBHOOKS_PUBLIC_URL=https://hooks.example.com",
 		"CACHEPROXY_WEBHOOKS_AUTH_TOKENS="+token1+","+token2)
-	var addr string
-	for _, l := range strings.Split(p.logs(), "\n") {
-		var line map[string]any
-		if json.Unmarshal([]byte(l), &line) == nil && line["message"] == "listening for Twilio's webhooks" {
-			addr, _ = line["webhooks_listen"].(string)
-		}
-	}
-	if addr == "" {
-		t.Fatalf("no webhook listener line:\n%s", p.logs())
-	}
+	addr := webhookAddr(t, p)
 	resp, err := http.Post("http://"+addr+"/webhooks/conversations", "application/x-www-form-urlencoded", strings.NewReader("EventType=onParticipantUpdated"))
 	if err != nil {
 		t.Fatal(err)

@@ -201,13 +201,26 @@ func (i *Invalidator) Unsent() int64 { return i.f.unsent.n.Load() }
 // until Redis takes it, then told to the others; meanwhile this replica
 // trusts no shared entry it covers.
 func (i *Invalidator) Invalidate(ctx context.Context, tags []string) uint64 {
+	epoch, _ := i.InvalidateConfirmed(ctx, tags)
+	return epoch
+}
+
+// ErrQueued: an invalidation is applied here but not in Redis yet (it is
+// retried until Redis takes it).
+var ErrQueued = errors.New("fleet: the invalidation is not in Redis yet (queued, retried)")
+
+// InvalidateConfirmed is Invalidate, and says whether the invalidation
+// reached the fleet: nil once it is in Redis and every replica counted
+// acknowledged it; else why not (ErrQueued, or the replicas that did not
+// acknowledge). It is applied here either way.
+func (i *Invalidator) InvalidateConfirmed(ctx context.Context, tags []string) (uint64, error) {
 	if len(tags) == 0 {
-		return i.local.Invalidate(ctx, tags)
+		return i.local.Invalidate(ctx, tags), nil
 	}
 	if i.f.unsent.n.Load() > 0 {
 		i.f.unsent.add(tags) // after those before it, in order
 		i.retryNow()
-		return i.local.Invalidate(ctx, tags)
+		return i.local.Invalidate(ctx, tags), ErrQueued
 	}
 	e, err := i.f.Invalidate(ctx, tags)
 	if err != nil {
@@ -216,10 +229,14 @@ func (i *Invalidator) Invalidate(ctx context.Context, tags []string) uint64 {
 		i.fail(err)
 	}
 	epoch := i.local.Invalidate(ctx, tags)
-	if err == nil || errors.Is(err, ErrCorrupt) { // Redis answers: the others can be told at once
-		i.broadcast(ctx, message{Tags: tags, E: e})
+	if err != nil && !errors.Is(err, ErrCorrupt) {
+		return epoch, ErrQueued
 	}
-	return epoch
+	// Redis answers: the others can be told at once.
+	if berr := i.broadcast(ctx, message{Tags: tags, E: e}); err == nil {
+		err = berr
+	}
+	return epoch, err
 }
 
 func (i *Invalidator) retryNow() {
@@ -256,7 +273,7 @@ func (i *Invalidator) retry(ctx context.Context) {
 			if err != nil {
 				break
 			}
-			i.broadcast(ctx, message{Tags: tags, All: all, E: e})
+			_ = i.broadcast(ctx, message{Tags: tags, All: all, E: e}) // counted and logged
 			i.f.unsent.done(all) // after the broadcast: none left means every replica was told
 		}
 	}
@@ -316,11 +333,13 @@ func (i *Invalidator) openMsg(raw []byte, ch string, v any) int {
 	return -1
 }
 
-func (i *Invalidator) broadcast(ctx context.Context, msg message) {
+// broadcast tells the other replicas of msg and waits for their
+// acknowledgements (bounded); its error says why not all came.
+func (i *Invalidator) broadcast(ctx context.Context, msg message) error {
 	c := i.f.c()
 	if c == nil {
 		i.fail(errNotConnected)
-		return
+		return errNotConnected
 	}
 	seq := i.seq.Add(1)
 	sealed := i.sealMsg(&i.f.keys[0], i.id, seq, msg, i.channel())
@@ -338,7 +357,7 @@ func (i *Invalidator) broadcast(ctx context.Context, msg message) {
 	cancel()
 	if err := i.f.result(err); err != nil {
 		i.fail(err)
-		return
+		return err
 	}
 	i.Sent.Add(1)
 	// Only replicas that announced themselves with a secret this one has
@@ -353,13 +372,15 @@ func (i *Invalidator) broadcast(ctx context.Context, msg message) {
 			i.Acked.Add(1)
 		case <-timeout.C:
 			i.Unacked.Add(receivers - got)
-			i.fail(errors.New("invalidation: " + strconv.FormatInt(receivers-got, 10) + " of " +
-				strconv.FormatInt(receivers, 10) + " replicas did not acknowledge within redis.invalidation_wait"))
-			return
+			err := errors.New("invalidation: " + strconv.FormatInt(receivers-got, 10) + " of " +
+				strconv.FormatInt(receivers, 10) + " replicas did not acknowledge within redis.invalidation_wait")
+			i.fail(err)
+			return err
 		case <-ctx.Done():
-			return
+			return ctx.Err()
 		}
 	}
+	return nil
 }
 
 // subscribe listens to the fleet's invalidations and this replica's

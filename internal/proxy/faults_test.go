@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"context"
+	"errors"
 	"net"
 	"net/http"
 	"os/exec"
@@ -11,6 +13,7 @@ import (
 	"time"
 
 	"cacheproxy/internal/clock"
+	"cacheproxy/internal/fleet"
 	"cacheproxy/internal/redistest"
 )
 
@@ -362,4 +365,32 @@ func TestFleetSlowAnnouncementKeepsTrust(t *testing.T) {
 	if h.fleet.Errors() == errs {
 		t.Fatal("no call timed out: the fault did not bite")
 	}
+}
+
+// What a webhook delivery is answered with depends on this (hostile input,
+// point 6): an invalidation is confirmed only once it is in Redis and every
+// replica counted acknowledged it. Redis slow on A's link: queued; B's
+// stream slow past the wait: not acknowledged; both fine: confirmed.
+func TestFleetInvalidationsAreConfirmedOrNot(t *testing.T) {
+	srv := redistest.Start(t)
+	la, lb := redistest.NewLink(t, srv.Addr), redistest.NewLink(t, srv.Addr)
+	wait := invalidationWait(100 * time.Millisecond)
+	r := replicasEach(t, srv, []harnessOpt{wait, redisTimeout(50 * time.Millisecond), through(la)}, []harnessOpt{wait, through(lb)})
+	a := r[0]
+	ctx := context.Background()
+	tags := []string{"conversations|conversation:" + conv1}
+	if _, err := a.inv.InvalidateConfirmed(ctx, tags); err != nil {
+		t.Fatalf("all well: %v", err)
+	}
+	la.Latency(t, 200)
+	if _, err := a.inv.InvalidateConfirmed(ctx, tags); !errors.Is(err, fleet.ErrQueued) {
+		t.Fatalf("Redis slow on A's link: %v, want ErrQueued", err)
+	}
+	la.Clear()
+	waitUntil(t, "A's invalidation is in Redis", func() bool { return a.inv.Unsent() == 0 })
+	lb.Latency(t, 300)
+	if _, err := a.inv.InvalidateConfirmed(ctx, tags); err == nil || errors.Is(err, fleet.ErrQueued) {
+		t.Fatalf("B's stream slow past the wait: %v, want an unacknowledged invalidation", err)
+	}
+	lb.Clear()
 }

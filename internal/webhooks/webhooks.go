@@ -41,13 +41,33 @@ import (
 	"github.com/twilio/twilio-go/client"
 )
 
-// MaxBodyBytes bounds a webhook request's body.
-const MaxBodyBytes = 1 << 20
+// MaxBodyBytes bounds a JSON webhook's body (Event Streams batches);
+// MaxFormBytes a form's (Conversations webhooks are small); MaxReadingBytes
+// the bodies being read at once across requests: past it, a delivery gets
+// 503 with Retry-After (Twilio retries), so a flood of slow bodies costs
+// at most that much memory.
+const (
+	MaxBodyBytes    = 1 << 20
+	MaxFormBytes    = 64 << 10
+	MaxReadingBytes = 32 << 20
+)
+
+// retryAfter is the Retry-After of a 503: a delivery that could not be
+// applied is retried by Twilio (Event Streams drops one answered with a
+// 4xx other than 429).
+const retryAfter = "5"
 
 // Invalidator is what an event invalidates through (the proxy's, fleet-wide
 // when Redis is configured).
 type Invalidator interface {
 	Invalidate(ctx context.Context, tags []string) uint64
+}
+
+// Confirmer is an Invalidator that can tell whether an invalidation reached
+// the whole fleet (fleet.Invalidator): a delivery whose invalidation it
+// could not confirm gets 503, and Twilio delivers it again.
+type Confirmer interface {
+	InvalidateConfirmed(ctx context.Context, tags []string) (uint64, error)
 }
 
 // Config sets up the handler.
@@ -76,8 +96,11 @@ type Handler struct {
 	validators []client.RequestValidator
 	client     *http.Client
 	total      *prometheus.CounterVec
+	reading    atomic.Int64 // bytes of bodies being read (reserved)
 
-	Accepted, Refused, Invalidations atomic.Int64
+	// Busy counts deliveries answered 503 because MaxReadingBytes were
+	// being read.
+	Accepted, Refused, Invalidations, Busy atomic.Int64
 }
 
 // Outcomes of a webhook request, the outcome label of
@@ -181,24 +204,32 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		fail(http.StatusMethodNotAllowed, "webhooks are POSTed")
 		return
 	}
-	body, err := io.ReadAll(io.LimitReader(r.Body, MaxBodyBytes+1))
-	if err != nil {
-		fail(http.StatusBadRequest, "the request body could not be read")
-		return
-	}
-	if len(body) > MaxBodyBytes {
-		fail(http.StatusRequestEntityTooLarge, fmt.Sprintf("a webhook body is at most %d bytes", MaxBodyBytes))
-		return
-	}
 	signed := h.public + r.URL.Path
 	if r.URL.RawQuery != "" {
 		signed += "?" + r.URL.RawQuery
 	}
-	isJSON := r.URL.Query().Has("bodySHA256")
+	sum := r.URL.Query().Get("bodySHA256")
+	isJSON := sum != ""
 	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err == nil && mt == "application/json" {
 		isJSON = true
 	}
-	if !h.valid(signed, r.Header.Get("X-Twilio-Signature"), body, isJSON) {
+	sig := r.Header.Get("X-Twilio-Signature")
+	// A JSON delivery's signature covers the URL with its body's hash: it
+	// is checked before a byte of the body is read.
+	if sum != "" && !h.validURL(signed, sig) {
+		h.Refused.Add(1)
+		fail(http.StatusForbidden, "invalid or missing X-Twilio-Signature (for webhooks.public_url and webhooks.auth_tokens)")
+		return
+	}
+	body, code, msg := h.read(r, sum != "")
+	if code != 0 {
+		if code == http.StatusServiceUnavailable {
+			w.Header().Set("Retry-After", retryAfter)
+		}
+		fail(code, msg)
+		return
+	}
+	if !h.valid(signed, sig, body, isJSON) {
 		h.Refused.Add(1)
 		fail(http.StatusForbidden, "invalid or missing X-Twilio-Signature (for webhooks.public_url and webhooks.auth_tokens)")
 		return
@@ -208,7 +239,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	tags, kinds = eventTags(src, body, isJSON)
 	outcome = outcomeIgnored
 	if len(tags) > 0 {
-		h.cfg.Invalidator.Invalidate(r.Context(), tags)
+		if err := h.invalidate(r.Context(), tags); err != nil {
+			w.Header().Set("Retry-After", retryAfter)
+			fail(http.StatusServiceUnavailable, "the invalidation could not be confirmed fleet-wide; Twilio will deliver this again")
+			return
+		}
 		h.Invalidations.Add(1)
 		outcome = outcomeAccepted
 	}
@@ -219,6 +254,59 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	outcome = outcomeForwarded
 	status = h.relay(w, r, body)
+}
+
+// read reads a delivery's body within its bound (MaxBodyBytes for a JSON
+// delivery whose URL signature was checked, MaxFormBytes else) and within
+// MaxReadingBytes across requests; a code (413, 503, 400) if it cannot.
+func (h *Handler) read(r *http.Request, preChecked bool) ([]byte, int, string) {
+	limit := int64(MaxFormBytes)
+	if preChecked {
+		limit = MaxBodyBytes
+	}
+	if r.ContentLength > limit {
+		return nil, http.StatusRequestEntityTooLarge, fmt.Sprintf("a webhook body is at most %d bytes here", limit)
+	}
+	want := limit
+	if r.ContentLength >= 0 {
+		want = r.ContentLength
+	}
+	if h.reading.Add(want) > MaxReadingBytes {
+		h.reading.Add(-want)
+		h.Busy.Add(1)
+		return nil, http.StatusServiceUnavailable, "the webhook listener is at its limit of bodies being read; Twilio will deliver this again"
+	}
+	defer h.reading.Add(-want)
+	body, err := io.ReadAll(io.LimitReader(r.Body, limit+1))
+	if err != nil {
+		return nil, http.StatusBadRequest, "the request body could not be read"
+	}
+	if int64(len(body)) > limit {
+		return nil, http.StatusRequestEntityTooLarge, fmt.Sprintf("a webhook body is at most %d bytes here", limit)
+	}
+	return body, 0, ""
+}
+
+// invalidate applies the delivery's invalidation, confirmed fleet-wide
+// when the invalidator can say.
+func (h *Handler) invalidate(ctx context.Context, tags []string) error {
+	if c, ok := h.cfg.Invalidator.(Confirmer); ok {
+		_, err := c.InvalidateConfirmed(ctx, tags)
+		return err
+	}
+	h.cfg.Invalidator.Invalidate(ctx, tags)
+	return nil
+}
+
+// validURL reports whether sig is Twilio's signature of the URL alone (a
+// JSON delivery's: its body's hash is in the URL).
+func (h *Handler) validURL(signed, sig string) bool {
+	for _, v := range h.validators {
+		if sig != "" && v.Validate(signed, map[string]string{}, sig) {
+			return true
+		}
+	}
+	return false
 }
 
 // valid reports whether sig is Twilio's signature of the request with one

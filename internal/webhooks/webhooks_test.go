@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -380,5 +381,75 @@ func TestWebhooksAreCountedAndLogged(t *testing.T) {
 		if !strings.Contains(l, want) {
 			t.Errorf("log lacks %s:\n%s", want, l)
 		}
+	}
+}
+
+// confirmer is an Invalidator that cannot confirm its invalidations
+// fleet-wide (Redis away, a replica silent).
+type confirmer struct{ recorder }
+
+func (c *confirmer) InvalidateConfirmed(ctx context.Context, tags []string) (uint64, error) {
+	return c.Invalidate(ctx, tags), errors.New("2 of 3 replicas did not acknowledge")
+}
+
+// countingBody counts the bytes read from it.
+type countingBody struct {
+	io.Reader
+	n *atomic.Int64
+}
+
+func (b countingBody) Read(p []byte) (int, error) {
+	n, err := b.Reader.Read(p)
+	b.n.Add(int64(n))
+	return n, err
+}
+
+// Hostile input, points 1 and 6: what a delivery costs before its
+// signature is known is bounded, and a correctly signed delivery that
+// cannot be applied gets 503 with Retry-After (Twilio delivers it again;
+// Event Streams drops one answered with another 4xx):
+//   - a JSON delivery (bodySHA256) with a bad signature is refused before a
+//     byte of its body is read;
+//   - a form body over MaxFormBytes is refused by its Content-Length, unread;
+//   - with MaxReadingBytes of bodies being read, a delivery gets 503;
+//   - a delivery whose invalidation the fleet could not confirm gets 503.
+func TestDeliveriesAreBoundedAndRetriedWhenNotApplied(t *testing.T) {
+	h, _, _ := newHandler(t, "")
+	var read atomic.Int64
+	req := httptest.NewRequest("POST", "/webhooks/events?bodySHA256=00", countingBody{strings.NewReader(strings.Repeat("x", 1000)), &read})
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("X-Twilio-Signature", "forged")
+	w := httptest.NewRecorder()
+	h.ServeHTTP(w, req)
+	if w.Code != http.StatusForbidden || read.Load() != 0 {
+		t.Fatalf("a forged JSON delivery: %d after reading %d bytes, want 403 after none", w.Code, read.Load())
+	}
+	big := httptest.NewRequest("POST", "/webhooks/conversations", countingBody{strings.NewReader(strings.Repeat("x", MaxFormBytes+1)), &read})
+	big.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	big.ContentLength = MaxFormBytes + 1
+	w = httptest.NewRecorder()
+	h.ServeHTTP(w, big)
+	if w.Code != http.StatusRequestEntityTooLarge || read.Load() != 0 {
+		t.Fatalf("a form body over %d bytes: %d after reading %d bytes, want 413 after none", MaxFormBytes, w.Code, read.Load())
+	}
+	params := map[string]string{"EventType": "onParticipantUpdated", "ConversationSid": conv, "ParticipantSid": member}
+	h.reading.Store(MaxReadingBytes)
+	if w := postForm(t, h, token, "/webhooks/conversations", params); w.Code != http.StatusServiceUnavailable || w.Header().Get("Retry-After") == "" {
+		t.Fatalf("at the listener's limit: %d %v, want 503 with Retry-After", w.Code, w.Header())
+	}
+	h.reading.Store(0)
+	if w := postForm(t, h, token, "/webhooks/conversations", params); w.Code != http.StatusNoContent {
+		t.Fatalf("below it: %d", w.Code)
+	}
+	c := &confirmer{}
+	hc, err := New(Config{PublicURL: public, AuthTokens: []string{token}, Invalidator: c, Logger: zerolog.Nop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w := postForm(t, hc, token, "/webhooks/conversations", params); w.Code != http.StatusServiceUnavailable || w.Header().Get("Retry-After") == "" {
+		t.Fatalf("an invalidation not confirmed fleet-wide: %d %v, want 503 with Retry-After", w.Code, w.Header())
+	}
+	if len(c.all()) != 1 {
+		t.Fatal("the invalidation was not applied here meanwhile")
 	}
 }
