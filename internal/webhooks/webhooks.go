@@ -97,6 +97,7 @@ type Handler struct {
 	client     *http.Client
 	total      *prometheus.CounterVec
 	reading    atomic.Int64 // bytes of bodies being read (reserved)
+	replays    replays      // deliveries forwarded lately
 
 	// Busy counts deliveries answered 503 because MaxReadingBytes were
 	// being read.
@@ -106,11 +107,14 @@ type Handler struct {
 // Outcomes of a webhook request, the outcome label of
 // cacheproxy_webhooks_total: accepted (it invalidated), ignored (valid,
 // nothing cached to invalidate), forwarded (relayed to forward_to after
-// invalidating), rejected (a bad signature or request).
+// invalidating), duplicate (a copy of a delivery forwarded within the
+// replay window, answered as that one was), rejected (a bad signature or
+// request, or one that could not be applied).
 const (
 	outcomeAccepted  = "accepted"
 	outcomeIgnored   = "ignored"
 	outcomeForwarded = "forwarded"
+	outcomeDuplicate = "duplicate"
 	outcomeRejected  = "rejected"
 )
 
@@ -253,7 +257,65 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	outcome = outcomeForwarded
-	status = h.relay(w, r, body)
+	keys := deliveryKeys(r, body)
+	a, first := h.replays.claim(keys, time.Now())
+	if !first {
+		outcome = outcomeDuplicate
+		status = h.answerDuplicate(w, r, a)
+		return
+	}
+	rec := &recordedAnswer{ResponseWriter: w, a: a}
+	status = h.relay(rec, r, body)
+	a.status, a.keep = status, status < 500
+	if !a.keep {
+		h.replays.forget(keys, a)
+	}
+	close(a.done)
+}
+
+// answerDuplicate answers a copy of a delivery as its first was answered,
+// once it was; it returns the status sent.
+func (h *Handler) answerDuplicate(w http.ResponseWriter, r *http.Request, a *answer) int {
+	select {
+	case <-a.done:
+	case <-r.Context().Done():
+		return 0
+	}
+	if !a.keep {
+		w.Header().Set("Retry-After", retryAfter)
+		twilioerr.Write(w, http.StatusServiceUnavailable, "this delivery's first copy was not answered by webhooks.forward_to; Twilio will deliver it again")
+		return http.StatusServiceUnavailable
+	}
+	for k, v := range a.header {
+		w.Header()[k] = v
+	}
+	w.WriteHeader(a.status)
+	_, _ = w.Write(a.body)
+	return a.status
+}
+
+// recordedAnswer keeps what relay sends, for the delivery's duplicates
+// (a body over replayAnswerBytes is not kept: duplicates get its status).
+type recordedAnswer struct {
+	http.ResponseWriter
+	a   *answer
+	big bool
+}
+
+func (r *recordedAnswer) WriteHeader(code int) {
+	r.a.header = r.ResponseWriter.Header().Clone()
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *recordedAnswer) Write(b []byte) (int, error) {
+	switch {
+	case r.big:
+	case len(r.a.body)+len(b) > replayAnswerBytes:
+		r.a.body, r.big = nil, true
+	default:
+		r.a.body = append(r.a.body, b...)
+	}
+	return r.ResponseWriter.Write(b)
 }
 
 // read reads a delivery's body within its bound (MaxBodyBytes for a JSON

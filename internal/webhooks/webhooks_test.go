@@ -453,3 +453,57 @@ func TestDeliveriesAreBoundedAndRetriedWhenNotApplied(t *testing.T) {
 		t.Fatal("the invalidation was not applied here meanwhile")
 	}
 }
+
+// Hostile input, point 7: a signed delivery sent again (a replay, or
+// Twilio's retry with the same I-Twilio-Idempotency-Token) within the
+// window is not forwarded again; it is answered as the first was. A copy
+// whose first the app failed to answer (5xx) is forwarded: Twilio's retry
+// must reach the app.
+func TestReplaysAreForwardedOnce(t *testing.T) {
+	var calls atomic.Int64
+	fail := atomic.Bool{}
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		if fail.Load() {
+			w.WriteHeader(http.StatusBadGateway)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"answer":1}`)
+	}))
+	defer app.Close()
+	h, _, _ := newHandler(t, app.URL)
+	params := map[string]string{"EventType": "onParticipantUpdated", "ConversationSid": conv, "ParticipantSid": member}
+	for i := range 3 {
+		if w := postForm(t, h, token, "/webhooks/conversations", params); w.Code != 200 || w.Body.String() != `{"answer":1}` {
+			t.Fatalf("copy %d: %d %q, want the first's answer", i, w.Code, w.Body)
+		}
+	}
+	if n := calls.Load(); n != 1 {
+		t.Fatalf("the app got %d copies of one delivery, want 1", n)
+	}
+	other := map[string]string{"EventType": "onParticipantUpdated", "ConversationSid": conv, "ParticipantSid": member, "Index": "2"}
+	fail.Store(true)
+	postForm(t, h, token, "/webhooks/conversations", other)
+	fail.Store(false)
+	if w := postForm(t, h, token, "/webhooks/conversations", other); w.Code != 200 || calls.Load() != 3 {
+		t.Fatalf("a retry of a delivery the app failed: %d, app calls %d, want 200 and 3", w.Code, calls.Load())
+	}
+	// Twilio's retry names its delivery by I-Twilio-Idempotency-Token.
+	for i, p := range []map[string]string{{"EventType": "onConversationUpdated", "ConversationSid": conv}, {"EventType": "onConversationUpdated", "ConversationSid": conv, "RetryCount": "1"}} {
+		_, sig := sign(t, token, "/webhooks/conversations", p, nil)
+		form := url.Values{}
+		for k, v := range p {
+			form.Set(k, v)
+		}
+		req := httptest.NewRequest("POST", "/webhooks/conversations", strings.NewReader(form.Encode()))
+		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		req.Header.Set("X-Twilio-Signature", sig)
+		req.Header.Set("I-Twilio-Idempotency-Token", "delivery-1")
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, req)
+		if w.Code != 200 || calls.Load() != 4 {
+			t.Fatalf("copy %d of one idempotency token: %d, app calls %d, want 200 and 4", i, w.Code, calls.Load())
+		}
+	}
+}
