@@ -274,7 +274,7 @@ func (i *Invalidator) retry(ctx context.Context) {
 				break
 			}
 			_ = i.broadcast(ctx, message{Tags: tags, All: all, E: e}) // counted and logged
-			i.f.unsent.done(all) // after the broadcast: none left means every replica was told
+			i.f.unsent.done(all)                                      // after the broadcast: none left means every replica was told
 		}
 	}
 }
