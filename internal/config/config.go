@@ -39,6 +39,7 @@ type Config struct {
 	Server    Server    `toml:"server"`
 	RateLimit RateLimit `toml:"ratelimit"`
 	Log       Log       `toml:"log"`
+	Metrics   Metrics   `toml:"metrics"`
 	Redis     Redis     `toml:"redis"`
 	Webhooks  Webhooks  `toml:"webhooks"`
 }
@@ -56,6 +57,15 @@ type Webhooks struct {
 	// ForwardTo, if set, is the app's own webhook base URL: each request
 	// is forwarded after invalidating, and the app's answer relayed.
 	ForwardTo string `toml:"forward_to"`
+}
+
+// Metrics bounds what /metrics and the summary line name.
+type Metrics struct {
+	// MaxAccounts is how many accounts get series of their own: only
+	// accounts the upstream accepted a credential of (a made-up account
+	// SID costs nothing to send); the rest are summed as account="other".
+	// Default 100.
+	MaxAccounts int `toml:"max_accounts"`
 }
 
 // Redis is the fleet tier (docs/fleet.md): replicas share entries and
@@ -223,7 +233,8 @@ func Default() Config {
 		RateLimit: RateLimit{MaxWait: Duration(2 * time.Second), MaxConcurrent: 25, MaxRetries: 3,
 			BackoffBase: Duration(200 * time.Millisecond), BackoffMax: Duration(5 * time.Second), ReplayBytes: 64 << 10,
 			Recover: Duration(30 * time.Second), UnauthorizedTTL: Duration(10 * time.Second)},
-		Redis: Redis{KeyPrefix: "cacheproxy:", Timeout: Duration(50 * time.Millisecond), InvalidationWait: Duration(100 * time.Millisecond)},
+		Redis:   Redis{KeyPrefix: "cacheproxy:", Timeout: Duration(50 * time.Millisecond), InvalidationWait: Duration(100 * time.Millisecond)},
+		Metrics: Metrics{MaxAccounts: 100},
 		Log: Log{Level: "info", Format: "json", Buffer: 64 << 10, FlushInterval: Duration(200 * time.Millisecond),
 			SummaryInterval: Duration(60 * time.Second)},
 	}
@@ -390,6 +401,9 @@ func (c Config) Validate() error {
 	}
 	if c.ShutdownTimeout <= 0 {
 		bad("shutdown_timeout", "must be > 0")
+	}
+	if c.Metrics.MaxAccounts < 1 {
+		bad("metrics.max_accounts", "must be >= 1")
 	}
 	if u := c.Redis.URL; u != "" {
 		if !strings.HasPrefix(u, "redis://") && !strings.HasPrefix(u, "rediss://") {

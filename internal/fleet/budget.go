@@ -283,7 +283,8 @@ func (l *fleetLease) Done(o ratelimit.Outcome) {
 	l.Lease.Done(o)
 }
 
-// Learn, Knows and Accounts are the local Limiter's.
-func (b *Budget) Learn(key, acct string)      { b.local.Learn(key, acct) }
-func (b *Budget) Knows(key string) bool       { return b.local.Knows(key) }
-func (b *Budget) Accounts() []ratelimit.State { return b.local.Accounts() }
+// Learn, Verify, Knows and Accounts are the local Limiter's.
+func (b *Budget) Learn(key, acct string)         { b.local.Learn(key, acct) }
+func (b *Budget) Verify(user, credential string) { b.local.Verify(user, credential) }
+func (b *Budget) Knows(key string) bool          { return b.local.Knows(key) }
+func (b *Budget) Accounts() []ratelimit.State    { return b.local.Accounts() }

@@ -94,15 +94,20 @@ func newMetrics(reg prometheus.Registerer, p *Proxy) *metrics {
 		gauge("cacheproxy_cache_entries", "Entries in the cache.", func() float64 { return float64(p.store.Stats().Entries) }),
 		gauge("cacheproxy_cache_bytes", "Bytes held by the cache (body + headers + key).", func() float64 { return float64(p.store.Stats().Bytes) }),
 		counter("cacheproxy_cache_evictions_total", "Entries evicted to stay within cache.max_bytes.", func() int64 { return int64(p.store.Stats().Evictions) }),
-		budgetCollector{p.budget},
+		budgetCollector{p.budget, p.accounts},
 	)
 	return m
 }
 
 // budgetCollector reports each account's budget at scrape time, labelled
 // by account SID (an API key's SID until its account is known; "none" for
-// requests without credentials), never by credential.
-type budgetCollector struct{ b Budget }
+// requests without credentials), never by credential: only accounts the
+// upstream accepted a credential of, at most max of them; the others
+// (made-up SIDs cost nothing to send) summed as "other".
+type budgetCollector struct {
+	b   Budget
+	max int
+}
 
 var budgetDescs = [...]*prometheus.Desc{
 	prometheus.NewDesc("cacheproxy_budget_concurrency_cap", "Upstream calls the account may have in flight now (adaptive, at most ratelimit.max_concurrent).", []string{"account"}, nil),
@@ -119,12 +124,41 @@ func (c budgetCollector) Describe(ch chan<- *prometheus.Desc) {
 }
 
 func (c budgetCollector) Collect(ch chan<- prometheus.Metric) {
-	for _, st := range c.b.Accounts() {
+	for _, st := range bounded(c.b.Accounts(), c.max) {
 		acct := budgetLabel(st.Account)
 		for i, v := range [...]int{st.Cap, st.InFlight, st.Queued, st.Rate, st.Keys} {
 			ch <- prometheus.MustNewConstMetric(budgetDescs[i], prometheus.GaugeValue, float64(v), acct)
 		}
 	}
+}
+
+// bounded is states with at most max verified accounts named (the first
+// by SID), "none" kept, and every other summed into one "other".
+func bounded(states []ratelimit.State, max int) []ratelimit.State {
+	out := make([]ratelimit.State, 0, min(len(states), max+2))
+	other := ratelimit.State{Account: "other"}
+	named, others := 0, 0
+	for _, st := range states {
+		if st.Account == "" || st.Verified && named < max {
+			named += b2i(st.Account != "")
+			out = append(out, st)
+			continue
+		}
+		others++
+		other.Cap, other.InFlight, other.Queued, other.Rate, other.Keys = other.Cap+st.Cap, other.InFlight+st.InFlight,
+			other.Queued+st.Queued, other.Rate+st.Rate, other.Keys+st.Keys
+	}
+	if others > 0 {
+		out = append(out, other)
+	}
+	return out
+}
+
+func b2i(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
 
 func budgetLabel(account string) string {
@@ -189,6 +223,7 @@ func (p *Proxy) Summary() Summary {
 func (p *Proxy) LogSummary(prev Summary) Summary {
 	s := p.Summary()
 	budgets := p.budget.Accounts()
+	shown := bounded(budgets, p.accounts)
 	// The busiest accounts first.
 	slices.SortStableFunc(budgets, func(a, b ratelimit.State) int { return (b.InFlight + b.Queued) - (a.InFlight + a.Queued) })
 	hits := (s.Hits - prev.Hits) + (s.Shared - prev.Shared) // L1 and L2
@@ -217,7 +252,7 @@ func (p *Proxy) LogSummary(prev Summary) Summary {
 		Int64("queue_wait_us", (s.QueueWait-prev.QueueWait).Microseconds()).
 		Int64("entries", s.Cache.Entries).Int64("bytes", s.Cache.Bytes).
 		Uint64("evictions", s.Cache.Evictions).
-		Int("budgets_total", len(budgets)).Array("budgets", budgetStates(budgets[:min(len(budgets), maxSummaryBudgets)])).
+		Int("budgets_total", len(budgets)).Array("budgets", budgetStates(shown[:min(len(shown), maxSummaryBudgets)])).
 		Msg("summary")
 	return s
 }

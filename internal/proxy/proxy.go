@@ -10,6 +10,7 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"fmt"
@@ -71,6 +72,9 @@ type Budget interface {
 	// reports whether key's account is known.
 	Learn(key, acct string)
 	Knows(key string) bool
+	// Verify records that the upstream accepted credential of user (it
+	// answered a 2xx): a real account, that metrics may name.
+	Verify(user, credential string)
 	// Accounts reports each account's budget, for metrics and the summary.
 	Accounts() []ratelimit.State
 }
@@ -137,6 +141,10 @@ type Options struct {
 	// WriteTimeout bounds writing a response to the client, from its
 	// first byte. 0: no bound.
 	WriteTimeout time.Duration
+	// MaxAccountSeries bounds the accounts named in per-account metrics and
+	// the summary line (metrics.max_accounts; 0: 100): only verified ones,
+	// the rest summed as "other".
+	MaxAccountSeries int
 	// UnauthorizedTTL is how long the upstream's 401 for a credential is
 	// answered locally, spending no budget. 0: never.
 	UnauthorizedTTL time.Duration
@@ -184,6 +192,7 @@ type Proxy struct {
 	maxBody  int64
 	maxFetch int64
 	writeTO  time.Duration
+	accounts int // accounts named in metrics and the summary (MaxAccountSeries)
 }
 
 // upstream is one configured Twilio API host.
@@ -241,6 +250,7 @@ func New(o Options) (*Proxy, error) {
 		maxBody:  o.MaxBodyBytes,
 		writeTO:  o.WriteTimeout,
 		refused:  refusals{ttl: o.UnauthorizedTTL},
+		accounts: cmp.Or(o.MaxAccountSeries, 100),
 		maxFetch: max(maxFetchBytes, f.MaxEntryBytes),
 		hdrs:     newHitHeaders(max(f.TTL, f.NegativeTTL)),
 	}

@@ -130,6 +130,9 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		t.m.observeUpstream(t.upstream, resp.StatusCode, t.clock.Since(start))
 		if resp.StatusCode != http.StatusTooManyRequests {
+			if resp.StatusCode >= 200 && resp.StatusCode < 300 && user != "" {
+				t.budget.Verify(user, fingerprint)
+			}
 			resp.Body = &releasingBody{ReadCloser: resp.Body, lease: lease}
 			return resp, nil
 		}

@@ -142,6 +142,9 @@ type State struct {
 	Rate      int  // calls allowed per second (0: no rate limit)
 	Keys      int  // API keys known to count against this account
 	SlowStart bool // the cap has not yet met a 429 or MaxConcurrent
+	// Verified: the upstream has accepted one of the account's credentials
+	// (a 2xx), so it is a real account, not a name anyone can make up.
+	Verified bool
 }
 
 const (
@@ -186,6 +189,8 @@ type account struct {
 	wpos    int     // once full, the oldest slot (the next to overwrite)
 	timer   bool    // a goroutine waits for the window to open
 	lastUse time.Time
+
+	verified bool // the upstream accepted one of its credentials
 }
 
 type credQueue struct {
@@ -605,6 +610,16 @@ func (l *Limiter) idLocked(user string) string {
 	return user
 }
 
+// Verify records that the upstream accepted a credential of user (a 2xx
+// answer): its account is a real one.
+func (l *Limiter) Verify(user, _ string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if a := l.accounts[l.idLocked(user)]; a != nil {
+		a.verified = true
+	}
+}
+
 // Knows reports whether key's account is known.
 func (l *Limiter) Knows(key string) bool {
 	l.mu.Lock()
@@ -643,7 +658,7 @@ func (l *Limiter) State(user string) State {
 
 func (l *Limiter) stateLocked(a *account, now time.Time, keys int) State {
 	return State{Account: a.id, Cap: l.capLocked(a, now), InFlight: a.inflight, Queued: a.queued,
-		Rate: l.cfg.Rate, Keys: keys, SlowStart: a.slowStart}
+		Rate: l.cfg.Rate, Keys: keys, SlowStart: a.slowStart, Verified: a.verified}
 }
 
 func (l *Limiter) keyCountsLocked() map[string]int {

@@ -32,11 +32,12 @@ func ProxyOptions(cfg config.Config) proxy.Options {
 			StaleIfError: c.StaleIfError.D(), StaleWhileRevalidate: c.StaleWhileRevalidate.D(),
 			MaxEntryBytes: int64(c.MaxEntryBytes),
 		},
-		Retry:           proxy.Retry{Max: rl.MaxRetries, Base: rl.BackoffBase.D(), Cap: rl.BackoffMax.D(), ReplayBytes: int64(rl.ReplayBytes)},
-		MaxBodyBytes:    int64(cfg.Server.MaxBodyBytes),
-		WriteTimeout:    cfg.Server.WriteTimeout.D(),
-		UnauthorizedTTL: rl.UnauthorizedTTL.D(),
-		KeySecret:       []byte(c.KeySecret),
+		Retry:            proxy.Retry{Max: rl.MaxRetries, Base: rl.BackoffBase.D(), Cap: rl.BackoffMax.D(), ReplayBytes: int64(rl.ReplayBytes)},
+		MaxBodyBytes:     int64(cfg.Server.MaxBodyBytes),
+		MaxAccountSeries: cfg.Metrics.MaxAccounts,
+		WriteTimeout:     cfg.Server.WriteTimeout.D(),
+		UnauthorizedTTL:  rl.UnauthorizedTTL.D(),
+		KeySecret:        []byte(c.KeySecret),
 	}
 }
 
