@@ -191,6 +191,31 @@ type account struct {
 	lastUse time.Time
 
 	verified bool // the upstream accepted one of its credentials
+	// accepted are the credentials the upstream accepted (at most
+	// maxVerifiedCreds). Once there is one, the others share one queue
+	// and one call in flight between them (unverified counts it).
+	accepted   map[string]bool
+	unverified int
+}
+
+// unverifiedQueue is the one queue of an account's credentials the
+// upstream never accepted, once it accepted one: N made-up tokens get one
+// turn between them, not N/(N+1) of the turns, and one call in flight in
+// all. An account none of whose credentials was accepted yet (a new one)
+// queues each credential on its own, as before.
+const unverifiedQueue = "\x00unverified"
+
+// maxVerifiedCreds bounds the credentials remembered as accepted per
+// account; past it, new ones wait as unverified ones do.
+const maxVerifiedCreds = 1024
+
+// queueLocked is the queue credential waits in, and whether it is the
+// unverified one.
+func (a *account) queueLocked(credential string) (string, bool) {
+	if len(a.accepted) == 0 || a.accepted[credential] {
+		return credential, false
+	}
+	return unverifiedQueue, true
 }
 
 type credQueue struct {
@@ -234,8 +259,13 @@ func (l *Limiter) Acquire(ctx context.Context, user, credential string) (Lease, 
 	l.pruneLocked(start)
 	a := l.accountLocked(user)
 	a.lastUse = start
-	if a.queued == 0 && l.canStartLocked(a, start) {
+	credential, unverified := a.queueLocked(credential)
+	if a.queued == 0 && l.canStartLocked(a, start) && (!unverified || a.unverified == 0) {
 		ls := l.startLocked(a, start, start, &events)
+		if unverified {
+			ls.unverified = true
+			a.unverified++
+		}
 		l.mu.Unlock()
 		l.emit(events)
 		return ls, nil
@@ -351,7 +381,15 @@ func (l *Limiter) startLocked(a *account, since, now time.Time, events *[]Event)
 func (l *Limiter) grantLocked(a *account, now time.Time, events *[]Event) {
 	for a.queued > 0 && l.canStartLocked(a, now) {
 		w := l.popLocked(a)
-		w.reply <- grant{lease: l.startLocked(a, w.start, now, events)}
+		if w == nil {
+			return // only unverified credentials wait, and one of theirs is in flight
+		}
+		ls := l.startLocked(a, w.start, now, events)
+		if w.cred.id == unverifiedQueue {
+			ls.unverified = true
+			a.unverified++
+		}
+		w.reply <- grant{lease: ls}
 	}
 	if a.queued == 0 || a.timer || a.inflight >= l.capLocked(a, now) {
 		return
@@ -390,8 +428,18 @@ func (l *Limiter) enqueueLocked(a *account, credential string, w *waiter) {
 	l.changedLocked()
 }
 
-// popLocked takes the next waiting call in round-robin order.
+// popLocked takes the next waiting call in round-robin order, passing
+// over the unverified queue while one of its calls is in flight; nil if
+// nothing else waits.
 func (l *Limiter) popLocked(a *account) *waiter {
+	if a.ring[a.next].id == unverifiedQueue && a.unverified > 0 {
+		if len(a.ring) == 1 {
+			return nil
+		}
+		if a.next++; a.next == len(a.ring) {
+			a.next = 0
+		}
+	}
 	q := a.ring[a.next]
 	w := q.waiters[0]
 	q.waiters[0] = nil
@@ -520,6 +568,8 @@ type lease struct {
 	gen    uint64
 	waited time.Duration
 	done   bool // guarded by l.mu
+	// unverified: the one turn an account's unverified credentials share.
+	unverified bool
 }
 
 func (s *lease) Waited() time.Duration { return s.waited }
@@ -537,6 +587,9 @@ func (s *lease) Done(o Outcome) {
 	now := l.clock.Now()
 	n := a.inflight
 	a.inflight--
+	if s.unverified {
+		a.unverified--
+	}
 	a.lastUse = now
 	switch o {
 	case Throttled:
@@ -610,13 +663,19 @@ func (l *Limiter) idLocked(user string) string {
 	return user
 }
 
-// Verify records that the upstream accepted a credential of user (a 2xx
-// answer): its account is a real one.
-func (l *Limiter) Verify(user, _ string) {
+// Verify records that the upstream accepted credential of user (a 2xx
+// answer): its account is a real one, and from now on the credential
+// keeps its own place while those never accepted share one.
+func (l *Limiter) Verify(user, credential string) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if a := l.accounts[l.idLocked(user)]; a != nil {
-		a.verified = true
+	a := l.accountLocked(user)
+	a.verified, a.lastUse = true, l.clock.Now()
+	if a.accepted == nil {
+		a.accepted = map[string]bool{}
+	}
+	if len(a.accepted) < maxVerifiedCreds {
+		a.accepted[credential] = true
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -341,4 +342,48 @@ func TestIdleAccountsAreForgotten(t *testing.T) {
 		t.Fatalf("accounts after pruning = %d, want 2 (busy, new)", n)
 	}
 	held.Done(Served)
+}
+
+// Hostile input, point 3: once the upstream accepted a credential of an
+// account, the account's credentials it never accepted share one turn and
+// one call in flight between them: 50 made-up tokens get one call at a
+// time, and the accepted credential gets its turns at once beside them.
+func TestUnverifiedCredentialsShareOneTurn(t *testing.T) {
+	l := New(Config{MaxConcurrent: 10, MaxWait: time.Hour}, clock.NewFake(time.Unix(0, 0)))
+	l.Verify("AC1", "real")
+	ctx, cancel := context.WithCancel(context.Background())
+	granted := make(chan Lease, 50)
+	var wg sync.WaitGroup
+	for i := range 50 {
+		wg.Go(func() {
+			ls, err := l.Acquire(ctx, "AC1", fmt.Sprint("made-up-", i))
+			if err == nil {
+				granted <- ls
+			}
+		})
+	}
+	for st := l.State("AC1"); st.Queued+st.InFlight < 50; st = l.State("AC1") {
+		time.Sleep(time.Millisecond) // the other goroutines' progress
+	}
+	if st := l.State("AC1"); st.InFlight != 1 {
+		cancel()
+		wg.Wait()
+		for range st.InFlight {
+			(<-granted).Done(Served)
+		}
+		t.Fatalf("%d made-up tokens' calls in flight, want 1", st.InFlight)
+	}
+	real, err := l.Acquire(context.Background(), "AC1", "real")
+	if err != nil || l.State("AC1").InFlight != 2 {
+		t.Fatalf("the accepted credential: %v, %d in flight; want its turn at once", err, l.State("AC1").InFlight)
+	}
+	real.Done(Served)
+	(<-granted).Done(Served)
+	next := <-granted // the next made-up one, and only it
+	if st := l.State("AC1"); st.InFlight != 1 || st.Queued != 48 {
+		t.Fatalf("after one made-up call ended: %d in flight, %d queued; want 1 and 48", st.InFlight, st.Queued)
+	}
+	cancel()
+	wg.Wait()
+	next.Done(Served)
 }

@@ -208,15 +208,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		fail(http.StatusMethodNotAllowed, "webhooks are POSTed")
 		return
 	}
-	signed := h.public + r.URL.Path
-	if r.URL.RawQuery != "" {
-		signed += "?" + r.URL.RawQuery
-	}
-	sum := r.URL.Query().Get("bodySHA256")
-	isJSON := sum != ""
-	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err == nil && mt == "application/json" {
-		isJSON = true
-	}
+	signed, sum, isJSON := h.signedURL(r)
 	sig := r.Header.Get("X-Twilio-Signature")
 	// A JSON delivery's signature covers the URL with its body's hash: it
 	// is checked before a byte of the body is read.
@@ -256,21 +248,25 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(status)
 		return
 	}
-	outcome = outcomeForwarded
+	outcome, status = h.forwardOnce(w, r, body)
+}
+
+// forwardOnce relays a delivery to forward_to, or answers a copy of one
+// relayed within the replay window as that one was answered; it returns
+// the outcome and the status sent.
+func (h *Handler) forwardOnce(w http.ResponseWriter, r *http.Request, body []byte) (string, int) {
 	keys := deliveryKeys(r, body)
 	a, first := h.replays.claim(keys, time.Now())
 	if !first {
-		outcome = outcomeDuplicate
-		status = h.answerDuplicate(w, r, a)
-		return
+		return outcomeDuplicate, h.answerDuplicate(w, r, a)
 	}
-	rec := &recordedAnswer{ResponseWriter: w, a: a}
-	status = h.relay(rec, r, body)
+	status := h.relay(&recordedAnswer{ResponseWriter: w, a: a}, r, body)
 	a.status, a.keep = status, status < 500
 	if !a.keep {
 		h.replays.forget(keys, a)
 	}
 	close(a.done)
+	return outcomeForwarded, status
 }
 
 // answerDuplicate answers a copy of a delivery as its first was answered,
@@ -316,6 +312,21 @@ func (r *recordedAnswer) Write(b []byte) (int, error) {
 		r.a.body = append(r.a.body, b...)
 	}
 	return r.ResponseWriter.Write(b)
+}
+
+// signedURL is the URL Twilio signed the request's signature for, the
+// body hash it names (a JSON delivery), and whether the body is JSON.
+func (h *Handler) signedURL(r *http.Request) (signed, sum string, isJSON bool) {
+	signed = h.public + r.URL.Path
+	if r.URL.RawQuery != "" {
+		signed += "?" + r.URL.RawQuery
+	}
+	sum = r.URL.Query().Get("bodySHA256")
+	isJSON = sum != ""
+	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err == nil && mt == "application/json" {
+		isJSON = true
+	}
+	return signed, sum, isJSON
 }
 
 // read reads a delivery's body within its bound (MaxBodyBytes for a JSON
