@@ -196,6 +196,20 @@ type account struct {
 	// and one call in flight between them (unverified counts it).
 	accepted   map[string]bool
 	unverified int
+	live       map[*lease]struct{} // calls in flight, with their credentials
+}
+
+// trackLocked records a call in flight for credential, counted as an
+// unverified one if it is.
+func (a *account) trackLocked(ls *lease, credential string, unverified bool) {
+	ls.cred, ls.unverified = credential, unverified
+	if unverified {
+		a.unverified++
+	}
+	if a.live == nil {
+		a.live = map[*lease]struct{}{}
+	}
+	a.live[ls] = struct{}{}
 }
 
 // unverifiedQueue is the one queue of an account's credentials the
@@ -224,9 +238,10 @@ type credQueue struct {
 }
 
 type waiter struct {
-	cred  *credQueue
-	start time.Time
-	reply chan grant // buffered 1: nobody blocks sending on it
+	cred       *credQueue
+	credential string // its own (cred may be the unverified queue)
+	start      time.Time
+	reply      chan grant // buffered 1: nobody blocks sending on it
 }
 
 type grant struct {
@@ -259,13 +274,11 @@ func (l *Limiter) Acquire(ctx context.Context, user, credential string) (Lease, 
 	l.pruneLocked(start)
 	a := l.accountLocked(user)
 	a.lastUse = start
+	own := credential
 	credential, unverified := a.queueLocked(credential)
 	if a.queued == 0 && l.canStartLocked(a, start) && (!unverified || a.unverified == 0) {
 		ls := l.startLocked(a, start, start, &events)
-		if unverified {
-			ls.unverified = true
-			a.unverified++
-		}
+		a.trackLocked(ls, own, unverified)
 		l.mu.Unlock()
 		l.emit(events)
 		return ls, nil
@@ -275,7 +288,7 @@ func (l *Limiter) Acquire(ctx context.Context, user, credential string) (Lease, 
 		l.mu.Unlock()
 		return nil, &RejectedError{RetryAfter: retry, Reason: "queue full"}
 	}
-	w := &waiter{start: start, reply: make(chan grant, 1)}
+	w := &waiter{start: start, reply: make(chan grant, 1), credential: own}
 	l.enqueueLocked(a, credential, w)
 	l.grantLocked(a, start, &events)
 	l.mu.Unlock()
@@ -385,10 +398,7 @@ func (l *Limiter) grantLocked(a *account, now time.Time, events *[]Event) {
 			return // only unverified credentials wait, and one of theirs is in flight
 		}
 		ls := l.startLocked(a, w.start, now, events)
-		if w.cred.id == unverifiedQueue {
-			ls.unverified = true
-			a.unverified++
-		}
+		a.trackLocked(ls, w.credential, w.cred.id == unverifiedQueue)
 		w.reply <- grant{lease: ls}
 	}
 	if a.queued == 0 || a.timer || a.inflight >= l.capLocked(a, now) {
@@ -570,6 +580,7 @@ type lease struct {
 	done   bool // guarded by l.mu
 	// unverified: the one turn an account's unverified credentials share.
 	unverified bool
+	cred       string
 }
 
 func (s *lease) Waited() time.Duration { return s.waited }
@@ -590,6 +601,7 @@ func (s *lease) Done(o Outcome) {
 	if s.unverified {
 		a.unverified--
 	}
+	delete(a.live, s)
 	a.lastUse = now
 	switch o {
 	case Throttled:
@@ -676,6 +688,18 @@ func (l *Limiter) Verify(user, credential string) {
 	}
 	if len(a.accepted) < maxVerifiedCreds {
 		a.accepted[credential] = true
+	}
+	// Calls already in flight count as what their credentials are now: the
+	// first accepted credential makes the others' calls unverified ones.
+	for ls := range a.live {
+		if want := !a.accepted[ls.cred]; want != ls.unverified {
+			ls.unverified = want
+			if want {
+				a.unverified++
+			} else {
+				a.unverified--
+			}
+		}
 	}
 }
 
