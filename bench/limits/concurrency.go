@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"slices"
 	"sync"
 	"text/tabwriter"
 	"time"
@@ -158,7 +159,7 @@ func concurrency() []string {
 	}
 	tw.Flush()
 	fmt.Printf("(Twilio fake: 429 above %d in flight per account, %s per request)\n\n", twilioLimit, twilioLatency)
-	return append(results, wrongToken())
+	return append(results, wrongToken(), distinctTokens())
 }
 
 // wrongToken floods the account with a wrong token and times the right
@@ -203,4 +204,62 @@ func wrongToken() string {
 		flood, atOnce, statuses, lp.fake.Total(), right, float64(rightTook.Microseconds())/1000, bound)
 	return fmt.Sprintf("RESULT\tlimits wrong-token flood: the right token's read\t%d in %.0f ms\t200 within %s\t%v",
 		right, float64(rightTook.Microseconds())/1000, bound, right == 200 && rightTook <= bound)
+}
+
+// distinctTokens floods a verified account with 6,000 requests, each with
+// a wrong token of its own, 300 at once, and times the real user's 20 cold
+// reads sent meanwhile (their credential was accepted before the flood).
+func distinctTokens() string {
+	lp, err := startLimited(twilioLimit)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "limits:", err)
+		os.Exit(1)
+	}
+	defer lp.stop()
+	paths := twiliofake.SeededPaths(21)
+	if s, _ := get(lp.url+paths[0], run.Account, run.Token); s != 200 {
+		fmt.Fprintln(os.Stderr, "limits: the real user's first read:", s)
+		os.Exit(1)
+	}
+	const flood, atOnce = 6000, 300
+	sem := make(chan struct{}, atOnce)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	statuses := map[int]int{}
+	var took []time.Duration
+	ok := 0
+	for i := range flood {
+		if i == flood/10 {
+			for _, p := range paths[1:] {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					s, d := get(lp.url+p, run.Account, run.Token)
+					mu.Lock()
+					took = append(took, d)
+					if s == 200 {
+						ok++
+					}
+					mu.Unlock()
+				}()
+			}
+		}
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			s, _ := get(lp.url+"/v1/Conversations", run.Account, fmt.Sprintf("made-up-token-%05d", i))
+			mu.Lock()
+			statuses[s]++
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	slices.Sort(took)
+	p50 := took[len(took)/2]
+	fmt.Printf("distinct wrong tokens: %d requests (%d at once): %v; upstream calls %d; the real user's 20 cold reads: %d of 20 got 200, p50 %.0f ms\n",
+		flood, atOnce, statuses, lp.fake.Total(), ok, float64(p50.Microseconds())/1000)
+	return fmt.Sprintf("RESULT\tlimits distinct wrong tokens (6,000, 300 at once): the real user's 20 cold reads\t%d of 20 200, p50 %.0f ms\t20, p50 <= 300 ms\t%v",
+		ok, float64(p50.Microseconds())/1000, ok == 20 && p50 <= 300*time.Millisecond)
 }
