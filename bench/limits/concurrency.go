@@ -230,7 +230,7 @@ func distinctTokens() string {
 	ok := 0
 	for i := range flood {
 		if i == flood/10 {
-			for _, p := range paths[1:] {
+			for _, p := range paths[1:21] {
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
