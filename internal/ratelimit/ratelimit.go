@@ -166,6 +166,7 @@ type Limiter struct {
 	keys      map[string]string // API key SID -> account SID
 	timers    inflight.Tracker  // goroutines waiting for a rate window
 	lastPrune time.Time
+	lastCrowd time.Time     // the last prune of unverified idle accounts
 	changed   chan struct{} // closed at the next change, if anyone asked (Changed)
 }
 
@@ -759,6 +760,18 @@ func (l *Limiter) idleFor() time.Duration { return l.cfg.Recover + 2*time.Second
 // pruneLocked forgets idle accounts, at most once per idleFor, so the map
 // does not grow with every account ever seen.
 func (l *Limiter) pruneLocked(now time.Time) {
+	if len(l.accounts) > maxIdleAccounts && now.Sub(l.lastCrowd) >= time.Second {
+		// Made-up accounts cost nothing to send: past maxIdleAccounts, the
+		// idle ones the upstream never accepted a credential of go at once
+		// (at most once a second, so a crowd of active ones costs a scan a
+		// second, not one a call).
+		l.lastCrowd = now
+		for id, a := range l.accounts {
+			if !a.verified && a.queued == 0 && a.inflight == 0 && !a.timer {
+				delete(l.accounts, id)
+			}
+		}
+	}
 	if now.Sub(l.lastPrune) < l.idleFor() {
 		return
 	}
@@ -769,6 +782,10 @@ func (l *Limiter) pruneLocked(now time.Time) {
 		}
 	}
 }
+
+// maxIdleAccounts is how many accounts are remembered before the idle ones
+// never verified are forgotten without waiting for idleFor.
+const maxIdleAccounts = 1000
 
 func (l *Limiter) emit(events []Event) {
 	if l.cfg.OnEvent == nil {

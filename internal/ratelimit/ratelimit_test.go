@@ -387,3 +387,31 @@ func TestUnverifiedCredentialsShareOneTurn(t *testing.T) {
 	wg.Wait()
 	next.Done(Served)
 }
+
+// Hostile input, point 4: the state kept for idle accounts is bounded,
+// not only by time: 20,000 made-up accounts, each with one call that
+// ended, leave at most 2,000 remembered (past maxIdleAccounts, 1,000, the
+// idle unverified ones go, once a second on the limiter's clock), and a
+// verified one stays.
+func TestIdleMadeUpAccountsAreForgotten(t *testing.T) {
+	clk := clock.NewFake(time.Unix(0, 0))
+	l := New(Config{MaxConcurrent: 10, MaxWait: time.Second}, clk)
+	l.Verify("AC-real", "c")
+	for i := range 20_000 {
+		if i%1000 == 0 {
+			clk.Advance(time.Second)
+		}
+		ls, err := l.Acquire(context.Background(), fmt.Sprint("AC-made-up-", i), "c")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ls.Done(Served)
+	}
+	n, real := len(l.Accounts()), false
+	for _, st := range l.Accounts() {
+		real = real || st.Account == "AC-real"
+	}
+	if n > 2000 || !real {
+		t.Fatalf("%d accounts remembered (the verified one: %v), want at most 2,000 and it", n, real)
+	}
+}
