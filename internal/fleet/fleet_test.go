@@ -16,7 +16,13 @@ func open(t *testing.T, url string) *Fleet { return openWith(t, url, "secret") }
 
 func openWith(t *testing.T, url, secret string) *Fleet {
 	t.Helper()
-	f, err := Open(Config{URL: url, Prefix: "t:", Timeout: time.Second, Secret: []byte(secret), Retention: time.Hour})
+	return openConfig(t, Config{URL: url, Prefix: "t:", Timeout: time.Second, Secret: []byte(secret), Retention: time.Hour})
+}
+
+// openConfig opens a fleet tier with cfg, connected, closed with the test.
+func openConfig(t *testing.T, cfg Config) *Fleet {
+	t.Helper()
+	f, err := Open(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -174,15 +180,7 @@ func TestBudgetIsOneWhateverTheSecret(t *testing.T) {
 func TestClaimsAreOneReplicasAtATime(t *testing.T) {
 	srv := redistest.Start(t)
 	openTTL := func() *Fleet {
-		f, err := Open(Config{URL: srv.URL(), Prefix: "t:", Timeout: time.Second, Secret: []byte("secret"), Retention: time.Hour, ClaimTTL: 300 * time.Millisecond})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := f.Connected(context.Background()); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(f.Close)
-		return f
+		return openConfig(t, Config{URL: srv.URL(), Prefix: "t:", Timeout: time.Second, Secret: []byte("secret"), Retention: time.Hour, ClaimTTL: 300 * time.Millisecond})
 	}
 	a, b := openTTL(), openTTL()
 	ctx := context.Background()
@@ -233,15 +231,8 @@ func TestClaimsAreOneReplicasAtATime(t *testing.T) {
 func TestBudgetSlotsTakenDuringAFaultAreGivenBack(t *testing.T) {
 	srv := redistest.Start(t)
 	link := redistest.NewLink(t, srv.Addr)
-	slow, err := Open(Config{URL: link.URL(), Prefix: "t:", Timeout: 50 * time.Millisecond, Secret: []byte("secret"), Retention: time.Hour})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(slow.Close)
+	slow := openConfig(t, Config{URL: link.URL(), Prefix: "t:", Timeout: 50 * time.Millisecond, Secret: []byte("secret"), Retention: time.Hour})
 	ctx := context.Background()
-	if err := slow.Connected(ctx); err != nil {
-		t.Fatal(err)
-	}
 	budget := func(f *Fleet) *Budget {
 		b := NewBudget(ratelimit.New(ratelimit.Config{MaxConcurrent: 100, MaxWait: time.Minute}, nil), f, 1, 0, time.Minute, 50*time.Millisecond)
 		t.Cleanup(b.Close)
