@@ -217,6 +217,46 @@ func TestAWrongTokenFloodCostsOneRound(t *testing.T) {
 	}
 }
 
+// The same for cached reads: 200 wrong-token reads of 200 participants
+// (200 flights, not one) cost one round of upstream calls. The refusal is
+// remembered while the call still holds its turn; before, it was
+// remembered once the fill had given the turn back, and every waiter that
+// took it in between was sent upstream too.
+func TestACachedReadsRefusalIsRememberedBeforeItsTurnGoesBack(t *testing.T) {
+	h := newHarness(t, func(s *setup) {
+		s.cfg.RateLimit.MaxConcurrent, s.cfg.RateLimit.MaxWait = 12, config.Duration(time.Minute) // slow start: 3
+	})
+	wrong := basic(acctA, "wrongtokenxxxxxxxxxxxxxxxxxxxxxx")
+	release := make(chan struct{})
+	var wrongCalls atomic.Int64
+	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool {
+		if r.Header.Get("Authorization") == wrong {
+			wrongCalls.Add(1)
+			<-release
+		}
+		return false
+	}
+	const flood = 200
+	answers := make(chan int, flood)
+	for i := range flood {
+		path := "/v1/Conversations/" + conv1 + "/Participants/" + twiliofake.SID("MB", 100+i)
+		go func() {
+			s, _, _ := readResp(t, h.do("GET", path, wrong))
+			answers <- s
+		}()
+	}
+	waitFor(t, h, func() bool { st := h.lim.State(acctA); return st.InFlight == 3 && st.Queued == flood-3 })
+	close(release)
+	for range flood {
+		if s := <-answers; s != 401 {
+			t.Fatalf("wrong token: %d", s)
+		}
+	}
+	if n := wrongCalls.Load(); n != 3 {
+		t.Fatalf("wrong-token calls upstream = %d, want 3 (one round of the cap)", n)
+	}
+}
+
 // Point 4: two API keys and the account's own credentials share one
 // budget once the keys' account is learned from their answers.
 func TestAPIKeysShareTheirAccountsBudget(t *testing.T) {

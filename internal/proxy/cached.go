@@ -132,9 +132,6 @@ func (p *Proxy) miss(r *http.Request, rec *record, up *upstream, f found, noCach
 		return p.hit(res.entry, fromL1, p.clock.Now())
 	}
 	rec.upstreamStatus, rec.upstreamDur = res.upStatus, res.upDur
-	if res.upStatus == http.StatusUnauthorized {
-		p.refused.remember(rec.cred, p.clock.Now(), res.entry.Header, res.entry.Body)
-	}
 	p.learnKey(rec.cred, res.upStatus, res.entry.Body)
 	fwd := "cacheproxy; fwd=uri-miss"
 	if noCache {

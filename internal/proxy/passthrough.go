@@ -46,14 +46,7 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	}
 	rec.upstreamStatus = resp.StatusCode
 	rec.upstreamDur = p.clock.Since(rec.start)
-	// A refusal is remembered before the upstream body is closed, which
-	// gives the call's turn back: the credential's next call, granted that
-	// turn, is answered from the memory, not sent.
-	body, err := bufferSmall(resp, rec, func(head []byte) {
-		if resp.StatusCode == http.StatusUnauthorized {
-			p.refused.remember(rec.cred, p.clock.Now(), resp.Header, head)
-		}
-	})
+	body, err := bufferSmall(resp, rec)
 	if err != nil {
 		return err
 	}
@@ -91,7 +84,7 @@ const bufferedResponseBytes = 1 << 20
 // streams on (nil bytes), its read errors recorded in rec. An upstream
 // failure while buffering is an error before anything was sent: the client
 // gets a 502.
-func bufferSmall(resp *http.Response, rec *record, beforeClose func(head []byte)) ([]byte, error) {
+func bufferSmall(resp *http.Response, rec *record) ([]byte, error) {
 	if resp.Body == nil || resp.Body == http.NoBody || resp.ContentLength > bufferedResponseBytes {
 		if resp.Body != nil && resp.Body != http.NoBody {
 			resp.Body = &cutBody{ReadCloser: resp.Body, rec: rec}
@@ -104,7 +97,6 @@ func bufferSmall(resp *http.Response, rec *record, beforeClose func(head []byte)
 		return nil, fmt.Errorf("%w: %w", errUpstreamCut, err)
 	}
 	if len(head) <= bufferedResponseBytes {
-		beforeClose(head)
 		resp.Body.Close() // the upstream exchange is over: its slot goes back
 		resp.Body = io.NopCloser(bytes.NewReader(head))
 		return head, nil

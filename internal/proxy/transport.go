@@ -133,6 +133,9 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			if resp.StatusCode >= 200 && resp.StatusCode < 300 && user != "" {
 				t.budget.Verify(user, fingerprint)
 			}
+			if resp.StatusCode == http.StatusUnauthorized {
+				t.rememberRefusal(cred, resp)
+			}
 			resp.Body = &releasingBody{ReadCloser: resp.Body, lease: lease}
 			return resp, nil
 		}
@@ -159,6 +162,22 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			req.Body = replay()
 		}
 	}
+}
+
+// refusalBytes bounds the 401 body read to remember it; Twilio's is
+// about 150 bytes.
+const refusalBytes = 4 << 10
+
+// rememberRefusal remembers a 401 for cred while the call still holds its
+// turn (for every path, cached fill or pass-through): the credential's
+// next call, granted that turn, is answered from the memory, not sent.
+// The body read stays readable in resp.
+func (t *pacedTransport) rememberRefusal(cred *credential, resp *http.Response) {
+	head, err := io.ReadAll(io.LimitReader(resp.Body, refusalBytes+1))
+	if err == nil && len(head) <= refusalBytes {
+		t.refused.remember(cred, t.clock.Now(), resp.Header, head)
+	}
+	resp.Body = readCloser{io.MultiReader(bytes.NewReader(head), errReader(err), resp.Body), resp.Body}
 }
 
 // replayable buffers a request body of at most replayBytes so a retry can
