@@ -209,9 +209,9 @@ func replica(upURL, redisURL, prefix string) (string, func(), error) {
 			return "", nil, err
 		}
 		inv := fleet.NewInvalidator(f, invalidation.New(wire.Retention(cfg), nil), cfg.Redis.InvalidationWait.D(), nil)
-		budget := fleet.NewBudget(limiter, f, cfg.RateLimit.MaxConcurrent, cfg.RateLimit.RequestsPerSecond, cfg.Upstreams.Conversations.Timeout.D(), cfg.RateLimit.MaxWait.D())
-		stops = append(stops, f.Close, inv.Close, budget.Close)
-		opts.Shared, opts.Invalidator, opts.Budget = f, inv, budget
+		limiter, slots := wire.FleetLimiter(cfg, f, zerolog.Nop())
+		stops = append(stops, f.Close, inv.Close, slots.Close)
+		opts.Shared, opts.Invalidator, opts.Budget = f, inv, limiter
 	}
 	p, err := proxy.New(opts)
 	if err != nil {

@@ -164,10 +164,10 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		trusted = inv.Trusted
 		defer inv.Close()
 		opts.Invalidator = inv
-		budget := fleet.NewBudget(limiter, f, cfg.RateLimit.MaxConcurrent, cfg.RateLimit.RequestsPerSecond,
-			max(cfg.Upstreams.Conversations.Timeout.D(), cfg.Upstreams.Proxy.Timeout.D()), cfg.RateLimit.MaxWait.D())
+		var budget *fleet.Slots
+		limiter, budget = wire.FleetLimiter(cfg, f, logger)
 		defer budget.Close()
-		opts.Budget = budget
+		opts.Budget = limiter
 		fleetMetrics(reg, f, inv, budget)
 		opts.SummaryFields = func(e *zerolog.Event) {
 			e.Bool("redis_up", f.Up() && inv.Subscribed()).Int("replicas", budget.Replicas()).
@@ -388,7 +388,7 @@ func fleetTrouble(logger zerolog.Logger, err error) {
 }
 
 // fleetMetrics registers the fleet tier's state and invalidation counts.
-func fleetMetrics(reg prometheus.Registerer, f *fleet.Fleet, inv *fleet.Invalidator, budget *fleet.Budget) {
+func fleetMetrics(reg prometheus.Registerer, f *fleet.Fleet, inv *fleet.Invalidator, budget *fleet.Slots) {
 	counter := func(name, help string, v func() int64) prometheus.Collector {
 		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, func() float64 { return float64(v()) })
 	}
@@ -407,7 +407,8 @@ func fleetMetrics(reg prometheus.Registerer, f *fleet.Fleet, inv *fleet.Invalida
 		counter("cacheproxy_fleet_invalidations_unacked_total", "Replicas that did not acknowledge within redis.invalidation_wait.", inv.Unacked.Load),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cacheproxy_fleet_replicas", Help: "Replicas seen in the last five seconds."},
 			func() float64 { return float64(budget.Replicas()) }),
-		counter("cacheproxy_fleet_budget_waits_total", "Upstream calls that waited for a slot of their account's fleet-wide max_concurrent.", budget.Waited.Load),
+		counter("cacheproxy_fleet_budget_waits_total", "Upstream calls that waited for a slot of their account's fleet-wide cap.", budget.Waited.Load),
+		counter("cacheproxy_fleet_budget_handed_total", "Fleet slots a release handed to this replica's waiting calls (no call polls).", budget.Handed.Load),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cacheproxy_fleet_trusted",
 			Help: "1 while this replica trusts its L1: it hears the fleet's invalidations and every writer counts it (also /readyz)."},
 			func() float64 { return b2f(inv.Trusted()) }),

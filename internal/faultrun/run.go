@@ -21,7 +21,6 @@ import (
 	"cacheproxy/internal/fleet"
 	"cacheproxy/internal/invalidation"
 	"cacheproxy/internal/proxy"
-	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/redistest"
 	"cacheproxy/internal/twiliofake"
 	"cacheproxy/internal/wire"
@@ -270,7 +269,6 @@ func startReplica(env *env, upURL string, link *redistest.Link) (*replica, error
 		return nil, err
 	}
 	env.Cleanup(store.Close)
-	limiter := ratelimit.New(wire.Limiter(cfg.RateLimit, zerolog.Nop()), nil)
 	f, err := fleet.Open(wire.Fleet(cfg))
 	if err != nil {
 		return nil, err
@@ -283,10 +281,10 @@ func startReplica(env *env, upURL string, link *redistest.Link) (*replica, error
 	}
 	inv := fleet.NewInvalidator(f, invalidation.New(wire.Retention(cfg), nil), cfg.Redis.InvalidationWait.D(), nil)
 	env.Cleanup(inv.Close)
-	budget := fleet.NewBudget(limiter, f, cfg.RateLimit.MaxConcurrent, cfg.RateLimit.RequestsPerSecond, cfg.Upstreams.Conversations.Timeout.D(), cfg.RateLimit.MaxWait.D())
-	env.Cleanup(budget.Close)
+	limiter, slots := wire.FleetLimiter(cfg, f, zerolog.Nop())
+	env.Cleanup(slots.Close)
 	opts := wire.ProxyOptions(cfg)
-	opts.Store, opts.Invalidator, opts.Budget, opts.Shared, opts.Logger = store, inv, budget, f, zerolog.Nop()
+	opts.Store, opts.Invalidator, opts.Budget, opts.Shared, opts.Logger = store, inv, limiter, f, zerolog.Nop()
 	p, err := proxy.New(opts)
 	if err != nil {
 		return nil, err

@@ -104,17 +104,30 @@ func TestSeedsOfACluster(t *testing.T) {
 	}
 }
 
+// fleetBudget is a replica's limiter on the fleet's slots (a lease of a
+// minute), once it hears its channel.
+func fleetBudget(t *testing.T, f *Fleet, maxConcurrent, rate int, maxWait time.Duration) (*ratelimit.Limiter, *Slots) {
+	t.Helper()
+	s := NewSlots(f, rate, time.Minute)
+	t.Cleanup(s.Close)
+	deadline := time.Now().Add(10 * time.Second)
+	for !s.Listening() {
+		if time.Now().After(deadline) {
+			t.Fatal("the slots never heard their channel")
+		}
+		time.Sleep(time.Millisecond) // the subscription's progress, in another goroutine
+	}
+	return ratelimit.New(ratelimit.Config{MaxConcurrent: maxConcurrent, MaxWait: maxWait, Slots: s, Keys: NewKeyBook(f)}, nil), s
+}
+
 // The fleet's rate is one window for every replica: two budgets (two
 // replicas) on one Redis start at most Rate calls of an account within a
 // second, together.
 func TestBudgetRateIsFleetWide(t *testing.T) {
 	srv := redistest.Start(t)
-	var budgets []*Budget
+	var budgets []*ratelimit.Limiter
 	for range 2 {
-		f := open(t, srv.URL())
-		local := ratelimit.New(ratelimit.Config{MaxConcurrent: 100, MaxWait: time.Minute}, nil)
-		b := NewBudget(local, f, 100, 5, time.Minute, 50*time.Millisecond)
-		t.Cleanup(b.Close)
+		b, _ := fleetBudget(t, open(t, srv.URL()), 100, 5, 50*time.Millisecond)
 		budgets = append(budgets, b)
 	}
 	granted, refused := 0, 0
@@ -146,11 +159,9 @@ func TestBudgetRateIsFleetWide(t *testing.T) {
 // replicas with different secrets (a rotation under way) share its slots.
 func TestBudgetIsOneWhateverTheSecret(t *testing.T) {
 	srv := redistest.Start(t)
-	var budgets []*Budget
+	var budgets []*ratelimit.Limiter
 	for _, secret := range []string{"old-secret", "new-secret"} {
-		local := ratelimit.New(ratelimit.Config{MaxConcurrent: 100, MaxWait: time.Minute}, nil)
-		b := NewBudget(local, openWith(t, srv.URL(), secret), 1, 0, time.Minute, 50*time.Millisecond)
-		t.Cleanup(b.Close)
+		b, _ := fleetBudget(t, openWith(t, srv.URL(), secret), 1, 0, 50*time.Millisecond)
 		budgets = append(budgets, b)
 	}
 	held, err := budgets[0].Acquire(context.Background(), "AC1", "c")
@@ -233,20 +244,16 @@ func TestBudgetSlotsTakenDuringAFaultAreGivenBack(t *testing.T) {
 	link := redistest.NewLink(t, srv.Addr)
 	slow := openConfig(t, Config{URL: link.URL(), Prefix: "t:", Timeout: 50 * time.Millisecond, Secret: []byte("secret"), Retention: time.Hour})
 	ctx := context.Background()
-	budget := func(f *Fleet) *Budget {
-		b := NewBudget(ratelimit.New(ratelimit.Config{MaxConcurrent: 100, MaxWait: time.Minute}, nil), f, 1, 0, time.Minute, 50*time.Millisecond)
-		t.Cleanup(b.Close)
-		return b
-	}
-	a, b := budget(slow), budget(open(t, srv.URL()))
+	a, as := fleetBudget(t, slow, 1, 0, 50*time.Millisecond)
+	b, _ := fleetBudget(t, open(t, srv.URL()), 1, 0, 50*time.Millisecond)
 	link.Latency(t, 200)
 	ls, err := a.Acquire(ctx, "AC1", "c")
-	if err != nil || a.Fallbacks.Load() != 1 {
-		t.Fatalf("A with Redis slow: %v, %d fallbacks; want its share", err, a.Fallbacks.Load())
+	if err != nil || as.Fallbacks.Load() != 1 {
+		t.Fatalf("A with Redis slow: %v, %d fallbacks; want its share", err, as.Fallbacks.Load())
 	}
 	ls.Done(ratelimit.Served)
 	link.Clear()
-	for deadline := time.Now().Add(30 * time.Second); a.Regiven.Load() == 0; {
+	for deadline := time.Now().Add(30 * time.Second); as.Regiven.Load() == 0; {
 		if time.Now().After(deadline) {
 			t.Fatal("the slot Redis took for A was never given back")
 		}

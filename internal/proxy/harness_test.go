@@ -125,9 +125,9 @@ type harness struct {
 	cfg            config.Config
 	inv            *fleet.Invalidator // with a shared tier
 	invalidator    Invalidator        // the proxy's, whichever
-	budget         *fleet.Budget
-	fleet          *fleet.Fleet     // with a shared tier
-	member         *memtier.Replica // with the in-memory shared tier
+	budget         *fleet.Slots       // with a shared tier: the fleet's slots
+	fleet          *fleet.Fleet       // with a shared tier
+	member         *memtier.Replica   // with the in-memory shared tier
 }
 
 // setup is what a harness option may change before the proxy is built.
@@ -204,9 +204,14 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 		waitSubscribed(t, inv)
 		h.inv, h.fleet = inv, f
 		o.Invalidator, o.Shared = inv, f
-		budget := fleet.NewBudget(h.lim, f, s.cfg.RateLimit.MaxConcurrent, s.cfg.RateLimit.RequestsPerSecond, s.cfg.Upstreams.Conversations.Timeout.D(), s.cfg.RateLimit.MaxWait.D())
-		t.Cleanup(budget.Close)
-		h.budget, o.Budget = budget, budget
+		// One limiter for the fleet: each turn takes its place in the
+		// fleet's slots, and API keys are known fleet-wide.
+		slots := fleet.NewSlots(f, s.cfg.RateLimit.RequestsPerSecond, s.cfg.Upstreams.Conversations.Timeout.D())
+		t.Cleanup(slots.Close)
+		lc := limiterConfig(s.cfg.RateLimit, zerolog.New(h.logs).With().Timestamp().Logger())
+		lc.Slots, lc.Keys = slots, fleet.NewKeyBook(f)
+		h.lim = ratelimit.New(lc, budgetClock)
+		h.budget, o.Budget = slots, h.lim
 	}
 	h.invalidator = o.Invalidator
 	c := s.cfg

@@ -1,7 +1,8 @@
 // Package ratelimit keeps each Twilio account's upstream calls within its
 // budget, without ever leaving a caller waiting longer than a bound. It
 // knows nothing of HTTP or caching: what it needs to know of an answer (the
-// upstream's 429, an API key's account) is passed in.
+// upstream's 429, its Twilio-Concurrent-Requests header, an API key's
+// account) is passed in.
 //
 // Twilio limits an account's requests in flight (error 20429, "too many
 // concurrent requests"), so the budget is concurrency first:
@@ -13,16 +14,26 @@
 //     number that was in flight when it came, and by a tenth once per round
 //     of calls made at the cut cap; the cap then climbs back linearly to
 //     MaxConcurrent over Recover.
+//   - Twilio's header. When answers carry Twilio-Concurrent-Requests (the
+//     account's requests in flight at Twilio, from all its clients), a
+//     429's tells the account's limit, and the cap becomes that limit
+//     (no probing); the others' share (the header beyond this replica's or
+//     fleet's own calls) is taken off the cap as each answer reports it.
 //   - Rate (optional). At most Rate calls start in any one-second window (a
 //     sliding window): bursts pass at once as long as the window has room,
 //     which maps one to one onto an upstream limit of N calls per second.
-//   - Fairness. An account's waiting calls queue per credential and are
-//     served round-robin across credentials, so one credential (a wrong
-//     token, say) cannot take more than its share of turns. When the queue
-//     is full, the longest credential queue gives up its newest place.
+//     The window is the Slots' (this replica's, or the fleet's in Redis).
+//   - Order. Writes go first, then reads a client waits for, then
+//     background refreshes (WithPriority); while writes wait or are in
+//     flight, the others leave WriteShare of the cap to them.
+//   - Fairness. Within a priority, an account's waiting calls queue per
+//     credential and are served round-robin across credentials, so one
+//     credential (a wrong token, say) cannot take more than its share of
+//     turns. When the queue is full, the longest credential queue gives up
+//     its newest place.
 //   - Accounts. API keys (SK…) count against their account (AC…) once it
-//     is known, from Config.KeyAccounts or Learn; until then a key has its
-//     own budget.
+//     is known, from Config.KeyAccounts, Learn or the KeyBook (the fleet's);
+//     until then a key has its own budget.
 //
 // A caller whose context ends, or whose max wait passes, leaves the queue at
 // once and costs no turn. No goroutine runs while no call waits for the
@@ -33,8 +44,6 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"slices"
-	"strings"
 	"sync"
 	"time"
 
@@ -47,19 +56,37 @@ type Config struct {
 	// MaxConcurrent caps one account's calls in flight; the adaptive cap
 	// stays at or below it. Required (> 0).
 	MaxConcurrent int
-	// Rate is the most calls that start in any one second for one account.
-	// 0: no rate limit.
+	// Rate is the most calls that start in any one second for one account
+	// (for this replica's own Slots; the fleet's take theirs). 0: none.
 	Rate int
 	// MaxWait bounds how long Acquire waits for a turn.
 	MaxWait time.Duration
 	// Recover is how long a cut cap takes to climb back to MaxConcurrent.
 	// Default 30s.
 	Recover time.Duration
+	// WriteShare is the share of the cap that reads and refreshes leave to
+	// writes while writes wait or are in flight (0 to 1; 0: none).
+	WriteShare float64
 	// KeyAccounts maps API key SIDs to their account SIDs, known in advance.
 	KeyAccounts map[string]string
+	// Slots are where a granted call takes its place; nil: this replica's
+	// own (the rate window on its clock).
+	Slots Slots
+	// Keys, if set, is told of every key learned and asked of every key
+	// not known (at most once a second each): the fleet's book.
+	Keys KeyBook
 	// OnEvent, if set, is told of every decision (never under a lock that
 	// Acquire waits on for long; it must not call the Limiter).
 	OnEvent func(Event)
+}
+
+// KeyBook is where API keys' accounts are known beyond this replica.
+type KeyBook interface {
+	// Lookup returns key's account, if known.
+	Lookup(ctx context.Context, key string) (string, bool)
+	// Store records key's account (it may do so later, off the caller's
+	// path).
+	Store(key, acct string)
 }
 
 // EventKind names a budget decision.
@@ -117,6 +144,9 @@ const (
 	// Throttled is the upstream's 429 (Twilio's 20429): the account had
 	// more calls in flight than Twilio allows.
 	Throttled
+	// Limited is a 429 for another limit (a per-service or per-endpoint
+	// rate): the call backs off, the account's cap stays.
+	Limited
 	// Failed is a call that got no answer (a transport error): it says
 	// nothing about the limit.
 	Failed
@@ -126,8 +156,12 @@ const (
 
 // Lease is one turn: one upstream call in flight. Done ends it.
 type Lease interface {
-	// Waited is how long Acquire waited for the turn.
+	// Waited is how long Acquire waited for the turn (its place in the
+	// fleet's slots included).
 	Waited() time.Duration
+	// Saw passes the answer's Twilio-Concurrent-Requests (n > 0), before
+	// Done.
+	Saw(n int)
 	// Done frees the turn and tells the budget how the call went.
 	// Calls after the first do nothing.
 	Done(Outcome)
@@ -138,6 +172,7 @@ type State struct {
 	Account   string
 	Cap       int  // calls allowed in flight now
 	InFlight  int  // calls in flight
+	Taking    int  // calls granted a turn, taking their place in the Slots
 	Queued    int  // calls waiting for a turn
 	Rate      int  // calls allowed per second (0: no rate limit)
 	Keys      int  // API keys known to count against this account
@@ -145,6 +180,10 @@ type State struct {
 	// Verified: the upstream has accepted one of the account's credentials
 	// (a 2xx), so it is a real account, not a name anyone can make up.
 	Verified bool
+	// Limit is the account's limit told by a 429's Twilio-Concurrent-
+	// Requests (0: not known); Others the calls its other clients had in
+	// flight, as the answers' headers last reported (0: none or not known).
+	Limit, Others int
 }
 
 const (
@@ -160,11 +199,13 @@ const (
 type Limiter struct {
 	cfg   Config
 	clock clock.Clock
+	slots Slots
 
 	mu        sync.Mutex
 	accounts  map[string]*account
-	keys      map[string]string // API key SID -> account SID
-	timers    inflight.Tracker  // goroutines waiting for a rate window
+	keys      map[string]string    // API key SID -> account SID
+	asked     map[string]time.Time // keys last asked of the KeyBook
+	timers    inflight.Tracker     // goroutines waiting for a rate window
 	lastPrune time.Time
 	lastCrowd time.Time     // the last prune of unverified idle accounts
 	changed   chan struct{} // closed at the next change, if anyone asked (Changed)
@@ -173,10 +214,10 @@ type Limiter struct {
 type account struct {
 	id       string
 	inflight int
+	taking   int // granted a turn, taking their place in the Slots
+	writes   int // writes taking a place or in flight
 	queued   int
-	creds    map[string]*credQueue // waiting calls by credential
-	ring     []*credQueue          // credentials with waiting calls, served in turn
-	next     int                   // index in ring served next
+	q        [numPriorities]fairQueue
 
 	// The cap: in slow start, cap itself; after, cap at cutAt recovering
 	// linearly to MaxConcurrent over Recover.
@@ -185,32 +226,23 @@ type account struct {
 	cutAt     time.Time
 	gen       uint64 // cuts so far: a lease granted before the last cut is old news
 	shown     int    // the cap last reported in an event
+	// From Twilio's header: the account's limit (0: not known), and its
+	// other clients' calls in flight as last reported at sawAt.
+	limit, others int
+	sawAt         time.Time
 
-	window  []int64 // start times (Unix ns) of the last Rate calls: grows to Rate, then a ring
-	wpos    int     // once full, the oldest slot (the next to overwrite)
-	timer   bool    // a goroutine waits for the window to open
-	lastUse time.Time
+	holdUntil time.Time // the rate window is full until then
+	timer     bool      // a goroutine waits for it to open
+	lastUse   time.Time
 
 	verified bool // the upstream accepted one of its credentials
 	// accepted are the credentials the upstream accepted (at most
 	// maxVerifiedCreds). Once there is one, the others share one queue
-	// and one call in flight between them (unverified counts it).
+	// and one call in flight between them (unverified counts it, from
+	// the grant of its turn).
 	accepted   map[string]bool
 	unverified int
 	live       map[*lease]struct{} // calls in flight, with their credentials
-}
-
-// trackLocked records a call in flight for credential, counted as an
-// unverified one if it is.
-func (a *account) trackLocked(ls *lease, credential string, unverified bool) {
-	ls.cred, ls.unverified = credential, unverified
-	if unverified {
-		a.unverified++
-	}
-	if a.live == nil {
-		a.live = map[*lease]struct{}{}
-	}
-	a.live[ls] = struct{}{}
 }
 
 // unverifiedQueue is the one queue of an account's credentials the
@@ -233,23 +265,6 @@ func (a *account) queueLocked(credential string) (string, bool) {
 	return unverifiedQueue, true
 }
 
-type credQueue struct {
-	id      string
-	waiters []*waiter
-}
-
-type waiter struct {
-	cred       *credQueue
-	credential string // its own (cred may be the unverified queue)
-	start      time.Time
-	reply      chan grant // buffered 1: nobody blocks sending on it
-}
-
-type grant struct {
-	lease *lease
-	err   error
-}
-
 // New returns a Limiter on clk (the real clock if nil).
 func New(cfg Config, clk clock.Clock) *Limiter {
 	if cfg.Recover <= 0 {
@@ -258,7 +273,12 @@ func New(cfg Config, clk clock.Clock) *Limiter {
 	if cfg.MaxConcurrent <= 0 {
 		cfg.MaxConcurrent = 1
 	}
-	l := &Limiter{cfg: cfg, clock: clock.Or(clk), accounts: map[string]*account{}, keys: map[string]string{}}
+	cfg.WriteShare = min(max(cfg.WriteShare, 0), 1)
+	l := &Limiter{cfg: cfg, clock: clock.Or(clk), accounts: map[string]*account{}, keys: map[string]string{},
+		asked: map[string]time.Time{}, slots: cfg.Slots}
+	if l.slots == nil {
+		l.slots = newLocalSlots(cfg.Rate, l.clock)
+	}
 	for k, a := range cfg.KeyAccounts {
 		l.keys[k] = a
 	}
@@ -267,145 +287,172 @@ func New(cfg Config, clk clock.Clock) *Limiter {
 
 // Acquire waits for a turn to call upstream as user (an account or API key
 // SID, or "" for a request without one) with credential (an opaque
-// fingerprint that tells callers apart within the account).
+// fingerprint that tells callers apart within the account), in ctx's
+// priority (WithPriority): first its turn in this replica's queue, then
+// its place in the Slots, within MaxWait in all.
 func (l *Limiter) Acquire(ctx context.Context, user, credential string) (Lease, error) {
 	start := l.clock.Now()
+	l.resolveKey(ctx, user)
+	a, w, queued, err := l.join(user, credential, PriorityOf(ctx), start)
+	if err != nil {
+		return nil, err
+	}
+	var timeout <-chan time.Time
+	for {
+		if queued { // wait for the turn
+			if timeout == nil {
+				timeout = l.clock.After(l.cfg.MaxWait - l.clock.Since(start))
+			}
+			if err := l.await(ctx, a, w, timeout); err != nil {
+				return nil, err
+			}
+		}
+		if ls, err := l.take(ctx, a, w); ls != nil || err != nil {
+			return ls, err
+		}
+		queued = true // the rate window sent it back to its queue
+	}
+}
+
+// join grants a new waiter a turn at once if nothing waits ahead of it
+// and the cap has room, else queues it (queued), or refuses it when the
+// queue is full.
+func (l *Limiter) join(user, credential string, prio Priority, start time.Time) (_ *account, _ *waiter, queued bool, _ error) {
 	var events []Event
 	l.mu.Lock()
+	defer func() { l.mu.Unlock(); l.emit(events) }()
 	l.pruneLocked(start)
 	a := l.accountLocked(user)
 	a.lastUse = start
-	own := credential
-	credential, unverified := a.queueLocked(credential)
-	if a.queued == 0 && l.canStartLocked(a, start) && (!unverified || a.unverified == 0) {
-		ls := l.startLocked(a, start, start, &events)
-		a.trackLocked(ls, own, unverified)
-		l.mu.Unlock()
-		l.emit(events)
-		return ls, nil
+	w := &waiter{start: start, reply: make(chan grant, 1), credential: credential, prio: prio}
+	queue, unverified := a.queueLocked(credential)
+	if a.queued == 0 && l.roomLocked(a, prio, start) && (!unverified || a.unverified == 0) {
+		l.grantTurnLocked(a, w, unverified, start)
+		return a, w, false, nil
 	}
-	if a.queued >= l.boundLocked() && !l.evictLocked(a, credential) {
-		retry := l.retryAfterLocked(a)
-		l.mu.Unlock()
-		return nil, &RejectedError{RetryAfter: retry, Reason: "queue full"}
+	if a.queued >= l.boundLocked() && !l.evictLocked(a, prio, queue) {
+		return nil, nil, false, &RejectedError{RetryAfter: l.retryAfterLocked(a), Reason: "queue full"}
 	}
-	w := &waiter{start: start, reply: make(chan grant, 1), credential: own}
-	l.enqueueLocked(a, credential, w)
+	a.q[prio].push(queue, w)
+	a.queued++
+	l.changedLocked()
 	l.grantLocked(a, start, &events)
-	l.mu.Unlock()
-	l.emit(events)
+	return a, w, true, nil
+}
 
-	timeout := l.clock.After(l.cfg.MaxWait)
+// await waits for queued w's turn, for ctx to end or for timeout.
+func (l *Limiter) await(ctx context.Context, a *account, w *waiter, timeout <-chan time.Time) error {
 	select {
 	case g := <-w.reply:
-		if g.err != nil {
-			return nil, g.err
-		}
-		return g.lease, nil
+		return g.err
 	case <-ctx.Done():
 		l.leave(a, w)
-		return nil, ctx.Err()
+		return ctx.Err()
 	case <-timeout:
 		l.leave(a, w)
 		l.mu.Lock()
 		retry := l.retryAfterLocked(a)
 		l.mu.Unlock()
-		return nil, &RejectedError{RetryAfter: retry, Reason: "waited max_wait"}
+		return &RejectedError{RetryAfter: retry, Reason: "waited max_wait"}
 	}
 }
 
-// accountLocked returns user's budget: its account's when user is an API
-// key whose account is known.
-func (l *Limiter) accountLocked(user string) *account {
-	id := l.idLocked(user)
-	a := l.accounts[id]
-	if a == nil {
-		a = l.newAccount(id)
-		l.accounts[id] = a
+// take has w, granted its turn, take its place in the Slots. A nil lease
+// and error: the rate window sent it back to the head of its queue.
+func (l *Limiter) take(ctx context.Context, a *account, w *waiter) (Lease, error) {
+	left := l.cfg.MaxWait - l.clock.Since(w.start)
+	place, retry, err := l.slots.Take(ctx, Ticket{Account: a.id, Limit: w.limit, Priority: w.prio, Wait: left})
+	var events []Event
+	l.mu.Lock()
+	defer func() { l.mu.Unlock(); l.emit(events) }()
+	now := l.clock.Now()
+	a.taking--
+	l.changedLocked()
+	if err != nil || place == nil {
+		l.ungrantLocked(a, w)
+		if err == nil { // the rate window: first in line again when it opens
+			a.holdUntil = now.Add(retry)
+			queue, _ := a.queueLocked(w.credential)
+			a.q[w.prio].pushFront(queue, w)
+			a.queued++
+		}
+		l.grantLocked(a, now, &events)
+		return nil, err
 	}
-	return a
+	return l.startLocked(a, w, place, now, &events), nil
 }
 
-// newAccount is a budget in slow start at a quarter of MaxConcurrent.
-func (l *Limiter) newAccount(id string) *account {
-	a := &account{id: id, creds: map[string]*credQueue{}, slowStart: true, cap: math.Ceil(float64(l.cfg.MaxConcurrent) / 4)}
-	a.shown = int(a.cap)
-	return a
-}
-
-// capLocked is the account's cap at now, in whole calls.
-func (l *Limiter) capLocked(a *account, now time.Time) int {
-	return max(1, int(l.capAtLocked(a, now)))
-}
-
-// capAtLocked is the account's cap at now: in slow start, a.cap; after, a
-// cut cap on its linear way back to MaxConcurrent.
-func (l *Limiter) capAtLocked(a *account, now time.Time) float64 {
-	top := float64(l.cfg.MaxConcurrent)
-	if a.slowStart {
-		return a.cap
+// grantTurnLocked gives w a turn: it is counted as taking its place.
+func (l *Limiter) grantTurnLocked(a *account, w *waiter, unverified bool, now time.Time) {
+	w.cred, w.limit, w.unverified = nil, l.capLocked(a, now), unverified
+	a.taking++
+	if w.prio == Write {
+		a.writes++
 	}
-	f := float64(now.Sub(a.cutAt)) / float64(l.cfg.Recover)
-	if f >= 1 || a.cutAt.IsZero() {
-		return top
+	if unverified {
+		a.unverified++
 	}
-	return a.cap + (top-a.cap)*f
+	l.changedLocked()
 }
 
-// windowOpenLocked reports whether a call may start at now under the rate,
-// and if not, how long until one may.
-func (l *Limiter) windowOpenLocked(a *account, now time.Time) (bool, time.Duration) {
-	if l.cfg.Rate <= 0 || len(a.window) < l.cfg.Rate {
-		return true, 0
+// ungrantLocked takes back w's turn, which took no place.
+func (l *Limiter) ungrantLocked(a *account, w *waiter) {
+	if w.prio == Write {
+		a.writes--
 	}
-	wait := time.Duration(a.window[a.wpos] + int64(time.Second) - now.UnixNano())
-	return wait <= 0, wait
+	if w.unverified {
+		a.unverified--
+	}
 }
 
-func (l *Limiter) canStartLocked(a *account, now time.Time) bool {
-	if a.inflight >= l.capLocked(a, now) {
+// roomLocked reports whether a call of priority p may be granted a turn
+// at now: the cap has room (beyond the writes' share, for the others
+// while writes wait or are in flight) and the rate window is not full.
+func (l *Limiter) roomLocked(a *account, p Priority, now time.Time) bool {
+	if now.Before(a.holdUntil) {
 		return false
 	}
-	open, _ := l.windowOpenLocked(a, now)
-	return open
+	c := l.capLocked(a, now)
+	free := c - a.inflight - a.taking
+	if p != Write && (a.writes > 0 || a.q[Write].n > 0) {
+		free -= min(c-1, int(math.Ceil(l.cfg.WriteShare*float64(c))))
+	}
+	return free > 0
 }
 
-// startLocked gives a turn to a call that began waiting at since.
-func (l *Limiter) startLocked(a *account, since, now time.Time, events *[]Event) *lease {
-	l.changedLocked()
+// startLocked starts w's call in place.
+func (l *Limiter) startLocked(a *account, w *waiter, place Place, now time.Time, events *[]Event) *lease {
 	a.inflight++
-	if l.cfg.Rate > 0 {
-		if len(a.window) < l.cfg.Rate {
-			a.window = append(a.window, now.UnixNano())
-		} else {
-			a.window[a.wpos] = now.UnixNano()
-			a.wpos = (a.wpos + 1) % len(a.window)
-		}
-	}
 	if c := l.capLocked(a, now); c > a.shown {
 		*events = append(*events, Event{Kind: CapGrown, Account: a.id, From: a.shown, To: c, InFlight: a.inflight})
 		a.shown = c
 	}
-	return &lease{l: l, a: a, gen: a.gen, waited: now.Sub(since)}
+	ls := &lease{l: l, a: a, gen: a.gen, waited: now.Sub(w.start), place: place, own: max(place.Held(), a.inflight),
+		cred: w.credential, unverified: w.unverified, write: w.prio == Write}
+	if a.live == nil {
+		a.live = map[*lease]struct{}{}
+	}
+	a.live[ls] = struct{}{}
+	return ls
 }
 
-// grantLocked gives turns to waiting calls, round-robin across credentials,
-// while the budget allows; if only the rate window stops it, a goroutine
-// comes back when the window opens.
+// grantLocked gives turns to waiting calls, by priority and round-robin
+// across credentials, while the budget allows; if only the rate window
+// stops it, a goroutine comes back when the window opens.
 func (l *Limiter) grantLocked(a *account, now time.Time, events *[]Event) {
-	for a.queued > 0 && l.canStartLocked(a, now) {
-		w := l.popLocked(a)
+	for a.queued > 0 {
+		w := l.popLocked(a, now)
 		if w == nil {
-			return // only unverified credentials wait, and one of theirs is in flight
+			break
 		}
-		ls := l.startLocked(a, w.start, now, events)
-		a.trackLocked(ls, w.credential, w.cred.id == unverifiedQueue)
-		w.reply <- grant{lease: ls}
+		a.queued--
+		l.grantTurnLocked(a, w, w.cred.id == unverifiedQueue, now)
+		w.reply <- grant{}
 	}
-	if a.queued == 0 || a.timer || a.inflight >= l.capLocked(a, now) {
+	if a.queued == 0 || a.timer || !now.Before(a.holdUntil) {
 		return
 	}
-	_, wait := l.windowOpenLocked(a, now)
+	wait := a.holdUntil.Sub(now)
 	a.timer = true
 	l.timers.Add()
 	go func() {
@@ -420,79 +467,22 @@ func (l *Limiter) grantLocked(a *account, now time.Time, events *[]Event) {
 	}()
 }
 
-func (l *Limiter) enqueueLocked(a *account, credential string, w *waiter) {
-	q := a.creds[credential]
-	if q == nil {
-		q = &credQueue{id: credential}
-		a.creds[credential] = q
-		// A new credential joins the rotation just before the one served
-		// next, so it waits at most one round.
-		a.ring = slices.Insert(a.ring, a.next, q)
-		a.next++
-		if a.next == len(a.ring) {
-			a.next = 0
+// popLocked takes the next call to grant a turn: the first priority with
+// a waiting call that has room, passing over the unverified queue while
+// one of its calls is in flight; nil if none may go now.
+func (l *Limiter) popLocked(a *account, now time.Time) *waiter {
+	for p := range numPriorities {
+		if a.q[p].n == 0 {
+			continue
 		}
-	}
-	w.cred = q
-	q.waiters = append(q.waiters, w)
-	a.queued++
-	l.changedLocked()
-}
-
-// popLocked takes the next waiting call in round-robin order, passing
-// over the unverified queue while one of its calls is in flight; nil if
-// nothing else waits.
-func (l *Limiter) popLocked(a *account) *waiter {
-	if a.ring[a.next].id == unverifiedQueue && a.unverified > 0 {
-		if len(a.ring) == 1 {
+		if !l.roomLocked(a, p, now) {
 			return nil
 		}
-		if a.next++; a.next == len(a.ring) {
-			a.next = 0
+		if w := a.q[p].pop(a.unverified > 0); w != nil {
+			return w
 		}
 	}
-	q := a.ring[a.next]
-	w := q.waiters[0]
-	q.waiters[0] = nil
-	q.waiters = q.waiters[1:]
-	a.queued--
-	if len(q.waiters) == 0 {
-		l.dropCredLocked(a, a.next)
-	} else {
-		a.next++
-	}
-	if a.next >= len(a.ring) {
-		a.next = 0
-	}
-	return w
-}
-
-// dropCredLocked removes the empty credential queue at ring index i.
-func (l *Limiter) dropCredLocked(a *account, i int) {
-	delete(a.creds, a.ring[i].id)
-	a.ring = slices.Delete(a.ring, i, i+1)
-	if i < a.next {
-		a.next--
-	}
-	if a.next >= len(a.ring) {
-		a.next = 0
-	}
-}
-
-// removeLocked takes w out of its queue; false if it was not there.
-func (l *Limiter) removeLocked(a *account, w *waiter) bool {
-	q := w.cred
-	i := slices.Index(q.waiters, w)
-	if i < 0 {
-		return false
-	}
-	q.waiters = slices.Delete(q.waiters, i, i+1)
-	a.queued--
-	l.changedLocked()
-	if len(q.waiters) == 0 {
-		l.dropCredLocked(a, slices.Index(a.ring, q))
-	}
-	return true
+	return nil
 }
 
 // boundLocked is how many calls may wait per account: as many as the rate
@@ -504,25 +494,26 @@ func (l *Limiter) boundLocked() int {
 	return maxQueue
 }
 
-// evictLocked makes room in a full queue for a call of credential: the
-// longest credential queue gives up its newest waiter, unless the
-// newcomer's own queue would then be the longest.
-func (l *Limiter) evictLocked(a *account, credential string) bool {
-	own := 0
-	if q := a.creds[credential]; q != nil {
-		own = len(q.waiters)
-	}
+// evictLocked makes room in a full queue for a call of priority p and
+// queue credential: the longest credential queue of its priority or a
+// lower one gives up its newest waiter, unless the newcomer's own queue
+// would then be the longest.
+func (l *Limiter) evictLocked(a *account, p Priority, credential string) bool {
+	own := a.q[p].waiting(credential)
 	var longest *credQueue
-	for _, q := range a.ring {
-		if longest == nil || len(q.waiters) > len(longest.waiters) {
-			longest = q
+	var from *fairQueue
+	for i := p; i < numPriorities; i++ {
+		if c := a.q[i].longest(); c != nil && (longest == nil || len(c.waiters) > len(longest.waiters)) {
+			longest, from = c, &a.q[i]
 		}
 	}
 	if longest == nil || len(longest.waiters) <= own+1 {
 		return false
 	}
 	w := longest.waiters[len(longest.waiters)-1]
-	l.removeLocked(a, w)
+	from.remove(w)
+	a.queued--
+	l.changedLocked()
 	w.reply <- grant{err: &RejectedError{RetryAfter: l.retryAfterLocked(a), Reason: "queue full"}}
 	return true
 }
@@ -538,13 +529,19 @@ func (l *Limiter) retryAfterLocked(a *account) time.Duration {
 // leave takes a waiter out of the queue; if it was granted a turn
 // meanwhile, the turn is given back.
 func (l *Limiter) leave(a *account, w *waiter) {
+	var events []Event
 	l.mu.Lock()
-	removed := l.removeLocked(a, w)
-	l.mu.Unlock()
-	if !removed {
-		if g := <-w.reply; g.lease != nil {
-			g.lease.Done(Unused)
-		}
+	defer func() { l.mu.Unlock(); l.emit(events) }()
+	if a.q[w.prio].remove(w) {
+		a.queued--
+		l.changedLocked()
+		return
+	}
+	if g := <-w.reply; g.err == nil { // granted meanwhile
+		a.taking--
+		l.ungrantLocked(a, w)
+		l.changedLocked()
+		l.grantLocked(a, l.clock.Now(), &events)
 	}
 }
 
@@ -576,15 +573,25 @@ func (l *Limiter) Wait(ctx context.Context) error {
 type lease struct {
 	l      *Limiter
 	a      *account
+	place  Place
 	gen    uint64
 	waited time.Duration
+	own    int  // the account's calls in flight (fleet-wide with Redis) once this one started
+	saw    int  // the answer's Twilio-Concurrent-Requests (0: none)
 	done   bool // guarded by l.mu
+	write  bool
 	// unverified: the one turn an account's unverified credentials share.
 	unverified bool
 	cred       string
 }
 
 func (s *lease) Waited() time.Duration { return s.waited }
+
+func (s *lease) Saw(n int) {
+	s.l.mu.Lock()
+	s.saw = n
+	s.l.mu.Unlock()
+}
 
 func (s *lease) Done(o Outcome) {
 	l, a := s.l, s.a
@@ -602,196 +609,27 @@ func (s *lease) Done(o Outcome) {
 	if s.unverified {
 		a.unverified--
 	}
+	if s.write {
+		a.writes--
+	}
 	delete(a.live, s)
 	a.lastUse = now
-	switch o {
-	case Throttled:
+	switch {
+	case s.saw > 0:
+		l.sawLocked(a, s, o, now, &events)
+	case o == Throttled:
+		a.limit = 0 // a 429 without the header: probe as without it
 		l.cutLocked(a, s, n, now, &events)
-	case Served:
+	}
+	if o == Served && a.slowStart && (a.queued > 0 || n >= int(a.cap)) {
 		// Slow start: each call served while the cap is in use adds one.
-		if a.slowStart && (a.queued > 0 || n >= int(a.cap)) {
-			a.cap++
-			if a.cap >= float64(l.cfg.MaxConcurrent) {
-				a.slowStart, a.cap, a.cutAt = false, float64(l.cfg.MaxConcurrent), time.Time{}
-			}
+		a.cap++
+		if a.cap >= float64(l.cfg.MaxConcurrent) {
+			a.slowStart, a.cap, a.cutAt = false, float64(l.cfg.MaxConcurrent), time.Time{}
 		}
 	}
 	l.grantLocked(a, now, &events)
 	l.mu.Unlock()
+	s.place.Release()
 	l.emit(events)
-}
-
-// cutLocked lowers the cap after a 429 that came with n calls in flight
-// (this one included): the upstream allows fewer than n, and, once per
-// round at the current cap, a tenth less than the cap.
-func (l *Limiter) cutLocked(a *account, s *lease, n int, now time.Time, events *[]Event) {
-	cur := l.capAtLocked(a, now)
-	target := float64(n - 1)
-	if s.gen == a.gen {
-		target = min(target, cur*backoff)
-	}
-	target = max(1, math.Floor(min(cur, target)))
-	if target >= cur && !a.slowStart {
-		return
-	}
-	from := l.capLocked(a, now)
-	a.slowStart, a.cap, a.cutAt = false, target, now
-	a.gen++
-	a.shown = int(target)
-	if int(target) < from {
-		*events = append(*events, Event{Kind: CapCut, Account: a.id, From: from, To: int(target), InFlight: n})
-	}
-}
-
-// Learn records that API key key belongs to account acct, so the key's
-// calls count against the account's budget from now on. Keys given in
-// Config.KeyAccounts are not overridden.
-func (l *Limiter) Learn(key, acct string) {
-	if !strings.HasPrefix(key, "SK") || !strings.HasPrefix(acct, "AC") {
-		return
-	}
-	l.mu.Lock()
-	if _, ok := l.keys[key]; ok || len(l.keys) >= maxKeys {
-		l.mu.Unlock() // configured or learned before: the first answer stands
-		return
-	}
-	l.keys[key] = acct
-	l.mu.Unlock()
-	l.emit([]Event{{Kind: KeyLearned, Account: acct, Key: key}})
-}
-
-// AccountOf is the account user counts against: its account if user is an
-// API key whose account is known, else user.
-func (l *Limiter) AccountOf(user string) string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.idLocked(user)
-}
-
-// idLocked is the account user counts against.
-func (l *Limiter) idLocked(user string) string {
-	if acct, ok := l.keys[user]; ok {
-		return acct
-	}
-	return user
-}
-
-// Verify records that the upstream accepted credential of user (a 2xx
-// answer): its account is a real one, and from now on the credential
-// keeps its own place while those never accepted share one.
-func (l *Limiter) Verify(user, credential string) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	a := l.accountLocked(user)
-	a.verified, a.lastUse = true, l.clock.Now()
-	if a.accepted == nil {
-		a.accepted = map[string]bool{}
-	}
-	if len(a.accepted) < maxVerifiedCreds {
-		a.accepted[credential] = true
-	}
-	// Calls already in flight count as what their credentials are now: the
-	// first accepted credential makes the others' calls unverified ones.
-	for ls := range a.live {
-		if want := !a.accepted[ls.cred]; want != ls.unverified {
-			ls.unverified = want
-			if want {
-				a.unverified++
-			} else {
-				a.unverified--
-			}
-		}
-	}
-}
-
-// Knows reports whether key's account is known.
-func (l *Limiter) Knows(key string) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	_, ok := l.keys[key]
-	return ok
-}
-
-// Accounts reports every remembered account's budget, sorted by account.
-func (l *Limiter) Accounts() []State {
-	now := l.clock.Now()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	keys := l.keyCountsLocked()
-	out := make([]State, 0, len(l.accounts))
-	for _, a := range l.accounts {
-		out = append(out, l.stateLocked(a, now, keys[a.id]))
-	}
-	slices.SortFunc(out, func(x, y State) int { return strings.Compare(x.Account, y.Account) })
-	return out
-}
-
-// State reports the budget user (an account or API key SID) counts
-// against; an account not remembered reports a new account's budget.
-func (l *Limiter) State(user string) State {
-	now := l.clock.Now()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	id := l.idLocked(user)
-	a := l.accounts[id]
-	if a == nil {
-		a = l.newAccount(id)
-	}
-	return l.stateLocked(a, now, l.keyCountsLocked()[id])
-}
-
-func (l *Limiter) stateLocked(a *account, now time.Time, keys int) State {
-	return State{Account: a.id, Cap: l.capLocked(a, now), InFlight: a.inflight, Queued: a.queued,
-		Rate: l.cfg.Rate, Keys: keys, SlowStart: a.slowStart, Verified: a.verified}
-}
-
-func (l *Limiter) keyCountsLocked() map[string]int {
-	n := map[string]int{}
-	for _, acct := range l.keys {
-		n[acct]++
-	}
-	return n
-}
-
-// idleFor is how long an account must be idle before it is forgotten: by
-// then its cap has recovered and its rate window is empty.
-func (l *Limiter) idleFor() time.Duration { return l.cfg.Recover + 2*time.Second }
-
-// pruneLocked forgets idle accounts, at most once per idleFor, so the map
-// does not grow with every account ever seen.
-func (l *Limiter) pruneLocked(now time.Time) {
-	if len(l.accounts) > maxIdleAccounts && now.Sub(l.lastCrowd) >= time.Second {
-		// Made-up accounts cost nothing to send: past maxIdleAccounts, the
-		// idle ones the upstream never accepted a credential of go at once
-		// (at most once a second, so a crowd of active ones costs a scan a
-		// second, not one a call).
-		l.lastCrowd = now
-		for id, a := range l.accounts {
-			if !a.verified && a.queued == 0 && a.inflight == 0 && !a.timer {
-				delete(l.accounts, id)
-			}
-		}
-	}
-	if now.Sub(l.lastPrune) < l.idleFor() {
-		return
-	}
-	l.lastPrune = now
-	for id, a := range l.accounts {
-		if a.queued == 0 && a.inflight == 0 && !a.timer && now.Sub(a.lastUse) > l.idleFor() {
-			delete(l.accounts, id)
-		}
-	}
-}
-
-// maxIdleAccounts is how many accounts are remembered before the idle ones
-// never verified are forgotten without waiting for idleFor.
-const maxIdleAccounts = 1000
-
-func (l *Limiter) emit(events []Event) {
-	if l.cfg.OnEvent == nil {
-		return
-	}
-	for _, e := range events {
-		l.cfg.OnEvent(e)
-	}
 }

@@ -1,0 +1,466 @@
+package fleet
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"cacheproxy/internal/ratelimit"
+
+	"github.com/redis/rueidis"
+)
+
+// Slots are an account's places across the fleet (ratelimit.Slots): the
+// Limiter of each replica grants turns (priority, fairness, the adaptive
+// cap: docs/budget.md) and each turn takes one of the account's slots in
+// Redis, a sorted set of slot leases scored by their expiry on Redis's
+// clock, so a crashed replica's slots come back after the upstream
+// timeout by themselves. The fleet's rate window is a second sorted set
+// beside it; both are evaluated in one script, once per call.
+//
+// Nothing polls. A call that finds the slots full queues in Redis (a
+// sorted set of waiters in priority, then arrival, order) and waits; the
+// release of a slot hands it to the first waiter in the same script and
+// tells its replica on that replica's own channel. A replica that cannot
+// reach Redis, or does not hear its channel, falls back to its share of
+// the account's cap: the cap divided by the replicas last seen (each
+// replica announces itself every second).
+type Slots struct {
+	f    *Fleet
+	rate int           // calls per second for the fleet; 0: none
+	ttl  time.Duration // a slot's lease: the upstream timeout
+	id   string
+
+	replicas   atomic.Int64 // last seen, at least 1
+	subscribed atomic.Bool  // this replica hears its channel
+
+	mu       sync.Mutex
+	fallback map[string]int // calls in flight per account on the local share
+	freed    chan struct{}  // closed when a place on the local share is released
+	waiting  map[string]chan string
+
+	// Waited counts calls that waited for a slot; Handed the slots handed
+	// to this replica's waiters by a release; Fallbacks the calls made on
+	// the local share.
+	Waited, Handed, Fallbacks atomic.Int64
+	// Regiven counts slots given back late: their release, or a take that
+	// timed out after Redis may have run it, failed, and was retried.
+	Regiven atomic.Int64
+	ungiven chan ungiven
+
+	stop context.CancelFunc
+	wg   sync.WaitGroup
+}
+
+// ungiven is a slot Redis may still hold for this replica: its release
+// failed, or a take of it failed after Redis may have run it. Until it is
+// given back it counts against the fleet's cap (until it lapses).
+type ungiven struct {
+	tag, slot string
+	until     time.Time
+}
+
+// NewSlots returns the fleet's slots, with, if rate > 0, rate calls
+// started per second for each account; a slot lapses after ttl. Close
+// stops the replica's announcements and its channel.
+func NewSlots(f *Fleet, rate int, ttl time.Duration) *Slots {
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Slots{f: f, rate: rate, ttl: ttl, id: newID(), fallback: map[string]int{}, freed: make(chan struct{}),
+		waiting: map[string]chan string{}, stop: cancel, ungiven: make(chan ungiven, 4096)}
+	s.replicas.Store(1)
+	s.wg.Go(func() { s.announce(ctx) })
+	s.wg.Go(func() { s.regive(ctx) })
+	s.wg.Go(func() { s.listen(ctx) })
+	return s
+}
+
+// Close stops announcing this replica and listening on its channel.
+func (s *Slots) Close() {
+	s.stop()
+	s.wg.Wait()
+}
+
+// unheardRetry is how soon a call that found the slots full asks again
+// while this replica does not hear its channel (at start, or while it
+// subscribes again): the one case of asking again unwoken.
+const unheardRetry = 50 * time.Millisecond
+
+// Listening reports whether this replica hears its channel, where
+// releases hand it slots.
+func (s *Slots) Listening() bool { return s.subscribed.Load() }
+
+// Replicas is the number of replicas last seen.
+func (s *Slots) Replicas() int { return int(s.replicas.Load()) }
+
+// channel is where releases tell this replica of the slots they handed
+// to its waiters.
+func (s *Slots) channel() string { return s.f.cfg.Prefix + "slots:" + s.id }
+
+// takeSlot takes one of an account's slots (KEYS[1]) until it is given
+// back or lapses, if fewer than ARGV[1] are held and, with a rate (ARGV[4]
+// > 0), fewer than ARGV[4] calls started in the last second (KEYS[2], a
+// sliding window of start times). Both on Redis's clock. It returns
+// {1, held} when taken; {0, held} when the slots are full, having queued
+// the call in KEYS[3] for ARGV[5] ms (if > 0) in priority ARGV[7] to be
+// handed a slot on channel ARGV[6]; and {-ms, held} when only the rate
+// window is full: how long until it opens.
+var takeSlot = rueidis.NewLuaScript(`
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local held = redis.call('ZCARD', KEYS[1])
+if held >= tonumber(ARGV[1]) then
+  local wait = tonumber(ARGV[5])
+  if wait > 0 then
+    redis.call('ZADD', KEYS[3], tonumber(ARGV[7]) * 1e13 + now, ARGV[3] .. ' ' .. ARGV[1] .. ' ' .. (now + wait) .. ' ' .. ARGV[6])
+    if redis.call('PTTL', KEYS[3]) < wait + tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[3], wait + tonumber(ARGV[2])) end
+  end
+  return {0, held}
+end
+local rate = tonumber(ARGV[4])
+if rate > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 1000)
+  if redis.call('ZCARD', KEYS[2]) >= rate then
+    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    return {-math.max(1, tonumber(oldest[2]) + 1000 - now), held}
+  end
+  redis.call('ZADD', KEYS[2], now, ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], 2000)
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {1, held + 1}`)
+
+// giveSlot gives slot ARGV[1] back (if any) and hands the free slots to
+// the first waiters of KEYS[3] whose wait has not passed and whose cap
+// has room, each told on its replica's channel ("slot held tag", the tag
+// ARGV[4] naming the account); with a rate (ARGV[3]) whose window is
+// full, the first waiter is told "slot -ms tag" instead, to come back
+// then. It returns the slots handed.
+var giveSlot = rueidis.NewLuaScript(`
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local rate = tonumber(ARGV[3])
+local handed = 0
+while true do
+  local w = redis.call('ZRANGE', KEYS[3], 0, 0)
+  if #w == 0 then break end
+  local slot, limit, deadline, ch = string.match(w[1], '^(%S+) (%d+) (%d+) (%S+)$')
+  if not slot or tonumber(deadline) <= now then
+    redis.call('ZREM', KEYS[3], w[1])
+  else
+    if redis.call('ZCARD', KEYS[1]) >= tonumber(limit) then break end
+    redis.call('ZREM', KEYS[3], w[1])
+    if rate > 0 then
+      redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 1000)
+      if redis.call('ZCARD', KEYS[2]) >= rate then
+        local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+        redis.call('PUBLISH', ch, slot .. ' ' .. -math.max(1, tonumber(oldest[2]) + 1000 - now) .. ' ' .. ARGV[4])
+        break
+      end
+      redis.call('ZADD', KEYS[2], now, slot)
+      redis.call('PEXPIRE', KEYS[2], 2000)
+    end
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), slot)
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    redis.call('PUBLISH', ch, slot .. ' ' .. redis.call('ZCARD', KEYS[1]) .. ' ' .. ARGV[4])
+    handed = handed + 1
+  end
+end
+return handed`)
+
+// keys are the names of an account's slots, rate window and waiters: one
+// hash tag, so one Cluster slot.
+func (s *Slots) keys(tag string) []string {
+	return []string{tag + ":slots", tag + ":rate", tag + ":waiters"}
+}
+
+// Take takes one of t.Account's slots, or waits, up to t.Wait, to be
+// handed one (ratelimit.Slots).
+func (s *Slots) Take(ctx context.Context, t ratelimit.Ticket) (ratelimit.Place, time.Duration, error) {
+	tag := accountName(s.f.cfg.Prefix, t.Account)
+	slot := newID()
+	var handed chan string
+	wait := time.Duration(0)
+	if s.subscribed.Load() && t.Wait > 0 {
+		wait, handed = t.Wait, make(chan string, 1)
+		s.mu.Lock()
+		s.waiting[slot] = handed
+		s.mu.Unlock()
+		defer s.unwait(slot)
+	}
+	args := []string{strconv.Itoa(t.Limit), strconv.FormatInt(s.ttl.Milliseconds(), 10), slot, strconv.Itoa(s.rate),
+		strconv.FormatInt(wait.Milliseconds(), 10), s.channel(), strconv.Itoa(int(t.Priority))}
+	got, held, err := s.take(ctx, tag, args)
+	switch {
+	case err != nil:
+		s.later(tag, slot) // Redis may have run it after the timeout
+		return s.share(ctx, t)
+	case got > 0:
+		return s.place(tag, slot, int(held)), 0, nil
+	case got < 0:
+		return nil, time.Duration(-got) * time.Millisecond, nil
+	case handed == nil: // not heard (yet): no release would say when a slot is free
+		return nil, unheardRetry, nil
+	}
+	s.Waited.Add(1)
+	return s.await(ctx, t, tag, slot, handed)
+}
+
+// await waits for slot to be handed over, for t.Wait at most.
+func (s *Slots) await(ctx context.Context, t ratelimit.Ticket, tag, slot string, handed chan string) (ratelimit.Place, time.Duration, error) {
+	deadline := time.NewTimer(t.Wait)
+	defer deadline.Stop()
+	// A slot that lapsed (its replica died) is handed by no release: once
+	// a lease could have lapsed, this call has the waiters served itself.
+	recheck := time.NewTimer(s.ttl)
+	defer recheck.Stop()
+	for {
+		select {
+		case <-recheck.C:
+			go s.give(tag, "")
+			continue
+		case msg := <-handed:
+			return s.handed(tag, slot, msg)
+		case <-ctx.Done():
+			go s.cancel(tag, slot)
+			return nil, 0, ctx.Err()
+		case <-deadline.C:
+			// Its place in the queue lapses by itself; a slot handed to it
+			// as the wait ended is given back (unwait, then listen).
+			return nil, 0, &ratelimit.RejectedError{RetryAfter: time.Second, Reason: "fleet-wide max_concurrent reached for max_wait"}
+		}
+	}
+}
+
+// handed is the place a release handed over (msg: the slots held), or,
+// with msg negative, how long until the rate window opens.
+func (s *Slots) handed(tag, slot, msg string) (ratelimit.Place, time.Duration, error) {
+	n, _ := strconv.ParseInt(msg, 10, 64)
+	if n < 0 {
+		return nil, time.Duration(-n) * time.Millisecond, nil
+	}
+	s.Handed.Add(1)
+	return s.place(tag, slot, int(n)), 0, nil
+}
+
+func (s *Slots) unwait(slot string) {
+	s.mu.Lock()
+	delete(s.waiting, slot)
+	s.mu.Unlock()
+}
+
+// cancel takes a call that left out of the account's waiters: no slot is
+// handed to it then (one that was is given back when it arrives).
+func (s *Slots) cancel(tag, slot string) {
+	c, ctx, cancel, err := s.f.conn(context.Background())
+	defer cancel()
+	if err != nil {
+		return
+	}
+	trip(ctx)
+	cmd := c.B().Eval().Script(`
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if string.sub(m, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then redis.call('ZREM', KEYS[1], m) end
+end`).Numkeys(1).Key(s.keys(tag)[2]).Arg(slot).Build()
+	s.f.result(c.Do(ctx, cmd).Error())
+}
+
+// take runs takeSlot: what it returned and the slots held.
+func (s *Slots) take(ctx context.Context, tag string, args []string) (int64, int64, error) {
+	c, ctx, cancel, err := s.f.conn(ctx)
+	defer cancel()
+	if err != nil {
+		return 0, 0, err
+	}
+	trip(ctx)
+	r, err := takeSlot.Exec(ctx, c, s.keys(tag), args).ToArray()
+	if err := s.f.result(err); err != nil {
+		return 0, 0, err
+	}
+	if len(r) != 2 {
+		return 0, 0, errors.New("fleet: take slot: unexpected reply")
+	}
+	got, err1 := r[0].AsInt64()
+	held, err2 := r[1].AsInt64()
+	if err1 != nil || err2 != nil {
+		return 0, 0, errors.New("fleet: take slot: unexpected reply")
+	}
+	return got, held, nil
+}
+
+// place is a slot held; its release runs off the answer's path.
+func (s *Slots) place(tag, slot string, held int) ratelimit.Place {
+	return &fleetPlace{held: held, release: func() { go s.give(tag, slot) }}
+}
+
+type fleetPlace struct {
+	held    int
+	once    sync.Once
+	release func()
+}
+
+func (p *fleetPlace) Held() int { return p.held }
+func (p *fleetPlace) Release()  { p.once.Do(p.release) }
+
+// give gives a slot back, or has regive do it if Redis does not answer.
+func (s *Slots) give(tag, slot string) {
+	if s.release(tag, slot) != nil {
+		s.later(tag, slot)
+	}
+}
+
+func (s *Slots) release(tag, slot string) error {
+	c, ctx, cancel, err := s.f.conn(context.Background())
+	defer cancel()
+	if err != nil {
+		return err
+	}
+	trip(ctx)
+	return s.f.result(giveSlot.Exec(ctx, c, s.keys(tag), []string{slot, strconv.FormatInt(s.ttl.Milliseconds(), 10), strconv.Itoa(s.rate), tag}).Error())
+}
+
+// listen hears, on this replica's channel, the slots releases handed to
+// its waiters; one whose waiter has left is given back at once.
+func (s *Slots) listen(ctx context.Context) {
+	for ctx.Err() == nil {
+		if c := s.f.c(); c != nil {
+			hooked := rueidis.WithOnSubscriptionHook(ctx, func(sub rueidis.PubSubSubscription) {
+				s.subscribed.Store(sub.Kind == "subscribe")
+			})
+			_ = c.Receive(hooked, c.B().Subscribe().Channel(s.channel()).Build(), func(m rueidis.PubSubMessage) {
+				// "slot held tag", or "slot -ms tag" (the rate window).
+				f := strings.Fields(m.Message)
+				if len(f) != 3 {
+					return
+				}
+				s.mu.Lock()
+				ch := s.waiting[f[0]]
+				delete(s.waiting, f[0])
+				s.mu.Unlock()
+				if ch != nil {
+					ch <- f[1]
+				} else if !strings.HasPrefix(f[1], "-") {
+					go s.give(f[2], f[0]) // its waiter had left
+				}
+			})
+			s.subscribed.Store(false)
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// later queues a slot to be given back by regive (dropped if the queue is
+// full: it lapses by itself).
+func (s *Slots) later(tag, slot string) {
+	select {
+	case s.ungiven <- ungiven{tag: tag, slot: slot, until: time.Now().Add(s.ttl)}:
+	default:
+	}
+}
+
+// regive gives back, every 50 ms until Redis answers, the slots whose
+// release failed (until they would have lapsed anyway).
+func (s *Slots) regive(ctx context.Context) {
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	var pending []ungiven
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case u := <-s.ungiven:
+			pending = append(pending, u)
+			continue
+		case <-tick.C:
+		}
+		kept := pending[:0]
+		for _, u := range pending {
+			switch {
+			case time.Now().After(u.until):
+			case s.release(u.tag, u.slot) == nil:
+				s.Regiven.Add(1)
+			default:
+				kept = append(kept, u)
+			}
+		}
+		pending = kept
+	}
+}
+
+// announce records this replica in Redis every second and counts the
+// replicas seen in the last five.
+var announce = rueidis.NewLuaScript(`
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 5000)
+redis.call('PEXPIRE', KEYS[1], 10000)
+return redis.call('ZCARD', KEYS[1])`)
+
+func (s *Slots) announce(ctx context.Context) {
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		if c := s.f.c(); c != nil {
+			actx, cancel := s.f.ctx(ctx)
+			n, err := announce.Exec(actx, c, []string{s.f.cfg.Prefix + "replicas"}, []string{s.id}).AsInt64()
+			cancel()
+			if s.f.result(err) == nil && n > 0 {
+				s.replicas.Store(n)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// share takes one of this replica's share of the account's cap, for when
+// Redis cannot be asked or will not say when a slot is free: the cap
+// divided by the replicas last seen. With none free it waits for one of
+// them (woken by its release), for t.Wait at most.
+func (s *Slots) share(ctx context.Context, t ratelimit.Ticket) (ratelimit.Place, time.Duration, error) {
+	limit := max(1, t.Limit/max(1, int(s.replicas.Load())))
+	deadline := time.NewTimer(t.Wait)
+	defer deadline.Stop()
+	for {
+		s.mu.Lock()
+		if s.fallback[t.Account] < limit {
+			s.fallback[t.Account]++
+			s.mu.Unlock()
+			s.Fallbacks.Add(1)
+			return &fleetPlace{release: func() { s.unshare(t.Account) }}, 0, nil
+		}
+		freed := s.freed
+		s.mu.Unlock()
+		select {
+		case <-freed:
+		case <-ctx.Done():
+			return nil, 0, ctx.Err()
+		case <-deadline.C:
+			return nil, 0, &ratelimit.RejectedError{RetryAfter: time.Second, Reason: "this replica's share of max_concurrent reached for max_wait (Redis unreachable)"}
+		}
+	}
+}
+
+func (s *Slots) unshare(acct string) {
+	s.mu.Lock()
+	if s.fallback[acct]--; s.fallback[acct] == 0 {
+		delete(s.fallback, acct)
+	}
+	close(s.freed)
+	s.freed = make(chan struct{})
+	s.mu.Unlock()
+}

@@ -1,0 +1,291 @@
+package ratelimit
+
+import (
+	"context"
+	"sync"
+	"testing"
+	"time"
+)
+
+// acquireAs is acquire in priority p.
+func acquireAs(l *Limiter, p Priority, user, cred string) <-chan result {
+	ch := make(chan result, 1)
+	go func() {
+		ls, err := l.Acquire(WithPriority(context.Background(), p), user, cred)
+		ch <- result{ls, err, time.Time{}}
+	}()
+	return ch
+}
+
+// One budget, one order: with the cap's turns held, waiting reads and
+// refreshes queue first, and a write that comes last gets the next turn;
+// a read goes before a refresh.
+func TestWritesGoFirst(t *testing.T) {
+	l := New(Config{MaxConcurrent: 4, MaxWait: time.Hour}, newFake()) // slow start: 1
+	held, _ := l.Acquire(context.Background(), "AC1", "c")
+	refresh := acquireAs(l, Background, "AC1", "c")
+	queued(t, l, "AC1", 1)
+	reads := make([]<-chan result, 3)
+	for i := range reads {
+		reads[i] = acquireAs(l, Read, "AC1", "c")
+		queued(t, l, "AC1", 2+i)
+	}
+	write := acquireAs(l, Write, "AC1", "c")
+	queued(t, l, "AC1", 5)
+	held.Done(Unused)
+	w := <-write
+	if w.err != nil {
+		t.Fatal(w.err)
+	}
+	if st := l.State("AC1"); st.Queued != 4 {
+		t.Fatalf("after the write's turn: %+v, want the four others waiting", st)
+	}
+	next := w.lease
+	for i := range reads {
+		next.Done(Unused)
+		r := <-reads[i]
+		if r.err != nil {
+			t.Fatalf("read %d: %v", i, r.err)
+		}
+		next = r.lease
+	}
+	select {
+	case r := <-refresh:
+		t.Fatalf("the refresh went before a read: %+v", r)
+	default:
+	}
+	next.Done(Unused)
+	r := <-refresh
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	r.lease.Done(Unused)
+}
+
+// While a write is in flight, reads leave WriteShare of the cap free for
+// the writes that follow it: a cap of 10 with a share of 0.2 lets 8 reads
+// beside the write, and a second write starts at once beside them.
+func TestWriteShareIsKeptForWrites(t *testing.T) {
+	l := New(Config{MaxConcurrent: 10, MaxWait: time.Hour, WriteShare: 0.2}, newFake())
+	l.newAccountAt("AC1", 10)
+	write, err := l.Acquire(WithPriority(context.Background(), Write), "AC1", "c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var leases []Lease
+	for range 7 {
+		ls, err := l.Acquire(context.Background(), "AC1", "c")
+		if err != nil {
+			t.Fatal(err)
+		}
+		leases = append(leases, ls)
+	}
+	ninth := acquireAs(l, Read, "AC1", "c")
+	queued(t, l, "AC1", 1) // 1 write + 7 reads in flight: the rest is the writes'
+	second, err := l.Acquire(WithPriority(context.Background(), Write), "AC1", "c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := l.State("AC1"); st.InFlight != 9 || st.Queued != 1 {
+		t.Fatalf("%+v: want 2 writes and 7 reads in flight, 1 read waiting", st)
+	}
+	write.Done(Served)
+	second.Done(Served)
+	r := <-ninth // no write left: the reads have the whole cap
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	r.lease.Done(Served)
+	for _, ls := range leases {
+		ls.Done(Served)
+	}
+}
+
+// newAccountAt makes id's budget one past slow start at cap (a test's
+// starting point).
+func (l *Limiter) newAccountAt(id string, cap int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	a := l.accountLocked(id)
+	a.slowStart, a.cap, a.lastUse = false, float64(cap), l.clock.Now()
+}
+
+// Twilio's header steers the cap: a 429's tells the limit (one less than
+// the requests in flight it reports); each answer's tells the other
+// clients' share (what it reports beyond ours in flight at the call's
+// start), taken off the limit at once and given back at once when they
+// leave, without another 429.
+func TestTwiliosHeaderSteersTheCap(t *testing.T) {
+	clk := newFake()
+	l := New(Config{MaxConcurrent: 25, MaxWait: time.Hour}, clk)
+	if c := l.State("AC1").Cap; c != 7 {
+		t.Fatalf("slow start at %d, want 7", c)
+	}
+	var ls []Lease // ours in flight at their starts: 1, 2, 3, 4, 5
+	for range 5 {
+		x, err := l.Acquire(context.Background(), "AC1", "c")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ls = append(ls, x)
+	}
+	ls[4].Saw(11) // others hold 6 of the account's 10: the 5th of ours is refused
+	ls[4].Done(Throttled)
+	if st := l.State("AC1"); st.Limit != 10 || st.Cap != 10 || st.SlowStart {
+		t.Fatalf("after a 429 reporting 11: %+v, want limit 10 and cap 10", st)
+	}
+	ls[0].Saw(7) // 1 of ours at its start, 6 others'
+	ls[0].Done(Served)
+	if st := l.State("AC1"); st.Others != 6 || st.Cap != 4 {
+		t.Fatalf("%+v: want others 6, cap 10-6 = 4", st)
+	}
+	ls[1].Saw(2) // the others left
+	ls[1].Done(Served)
+	if st := l.State("AC1"); st.Others != 0 || st.Cap != 10 {
+		t.Fatalf("%+v: want others 0 and the cap back at the limit at once", st)
+	}
+	ls[2].Saw(12) // the account took more than the limit: it is at least that
+	ls[2].Done(Served)
+	if st := l.State("AC1"); st.Limit != 12 {
+		t.Fatalf("%+v: want the limit raised to 12", st)
+	}
+	ls[3].Done(Served)
+	// Past Recover with no header, the others' report lapses; the limit stays.
+	clk.Advance(time.Minute)
+	if st := l.State("AC1"); st.Others != 0 || st.Limit != 12 || st.Cap != 12 {
+		t.Fatalf("%+v", st)
+	}
+}
+
+// A 429 for another limit (a per-endpoint rate, not 20429) backs its call
+// off and leaves the cap as it was; Twilio's 20429 cuts it.
+func TestOtherLimitsDoNotCutTheCap(t *testing.T) {
+	l := New(Config{MaxConcurrent: 8, MaxWait: time.Hour}, newFake())
+	l.newAccountAt("AC1", 8)
+	var ls []Lease
+	for range 4 {
+		x, _ := l.Acquire(context.Background(), "AC1", "c")
+		ls = append(ls, x)
+	}
+	ls[0].Done(Limited)
+	if c := l.State("AC1").Cap; c != 8 {
+		t.Fatalf("cap after a 429 of another limit: %d, want 8", c)
+	}
+	ls[1].Done(Throttled)
+	if c := l.State("AC1").Cap; c >= 8 {
+		t.Fatalf("cap after a 20429: %d, want cut", c)
+	}
+	for _, x := range ls[2:] {
+		x.Done(Served)
+	}
+}
+
+// blockingSlots hold every call until let go, counting their places.
+type blockingSlots struct {
+	mu   sync.Mutex
+	held int
+	go_  chan struct{}
+}
+
+type countedPlace struct{ s *blockingSlots }
+
+func (p countedPlace) Held() int { return 0 }
+func (p countedPlace) Release() {
+	p.s.mu.Lock()
+	p.s.held--
+	p.s.mu.Unlock()
+}
+
+func (s *blockingSlots) Take(ctx context.Context, t Ticket) (Place, time.Duration, error) {
+	select {
+	case <-s.go_:
+	case <-ctx.Done():
+		return nil, 0, ctx.Err()
+	}
+	s.mu.Lock()
+	s.held++
+	s.mu.Unlock()
+	return countedPlace{s}, 0, nil
+}
+
+// The Slots are part of the one waiting: a call taking its place counts
+// against the cap but not as in flight (a 429 meanwhile cuts to what is
+// at the upstream), its wait is in Waited, and its place goes back with
+// the lease.
+func TestTheSlotsWaitIsPartOfTheTurn(t *testing.T) {
+	clk := newFake()
+	s := &blockingSlots{go_: make(chan struct{})}
+	l := New(Config{MaxConcurrent: 4, MaxWait: time.Hour, Slots: s}, clk) // slow start: 1
+	r := acquire(l, clk, context.Background(), "AC1", "c")
+	ratelimitWait(t, l, func(st State) bool { return st.Taking == 1 })
+	second := acquire(l, clk, context.Background(), "AC1", "c")
+	queued(t, l, "AC1", 1) // the cap of 1 is taken by the call taking its place
+	if st := l.State("AC1"); st.InFlight != 0 {
+		t.Fatalf("%+v: a call taking its place is not in flight", st)
+	}
+	clk.Advance(3 * time.Second)
+	s.go_ <- struct{}{}
+	g := <-r
+	if g.err != nil || g.lease.Waited() != 3*time.Second {
+		t.Fatalf("%v, waited %v; want the 3 s of the Slots' wait", g.err, g.lease.Waited())
+	}
+	g.lease.Done(Served)
+	s.go_ <- struct{}{}
+	g = <-second
+	g.lease.Done(Served)
+	if s.held != 0 {
+		t.Fatalf("%d places not given back", s.held)
+	}
+}
+
+func ratelimitWait(t *testing.T, l *Limiter, cond func(State) bool) {
+	t.Helper()
+	timeout := time.After(time.Minute)
+	for {
+		changed := l.Changed()
+		if cond(l.State("AC1")) {
+			return
+		}
+		select {
+		case <-changed:
+		case <-timeout:
+			t.Fatalf("never: %+v", l.State("AC1"))
+		}
+	}
+}
+
+// memBook is a KeyBook in memory: the fleet's, for one test.
+type memBook struct {
+	mu sync.Mutex
+	m  map[string]string
+}
+
+func (b *memBook) Lookup(_ context.Context, key string) (string, bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	a, ok := b.m[key]
+	return a, ok
+}
+
+func (b *memBook) Store(key, acct string) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.m[key] = acct
+}
+
+// A key learned on one replica counts against its account on another
+// from that replica's first call with it.
+func TestKeysLearnedElsewhereCount(t *testing.T) {
+	book := &memBook{m: map[string]string{}}
+	one := New(Config{MaxConcurrent: 4, MaxWait: time.Hour, Keys: book}, newFake())
+	two := New(Config{MaxConcurrent: 4, MaxWait: time.Hour, Keys: book}, newFake())
+	one.Learn("SK1", "AC1")
+	ls, err := two.Acquire(context.Background(), "SK1", "key")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := two.State("AC1"); st.InFlight != 1 {
+		t.Fatalf("the key's call on replica two: %+v, want it in AC1's budget", st)
+	}
+	ls.Done(Served)
+}
