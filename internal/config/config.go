@@ -187,6 +187,10 @@ type RateLimit struct {
 	// answered locally, spending none of the account's budget: a flood of
 	// wrong tokens cannot crowd out the right one. Default 10s; 0 disables.
 	UnauthorizedTTL Duration `toml:"unauthorized_ttl"`
+	// WriteShare is the share of an account's cap that reads and
+	// background refreshes leave to writes while writes wait or are in
+	// flight (writes always go first). Default 0.2; 0 to 1.
+	WriteShare float64 `toml:"write_share"`
 }
 
 // Log configures the JSON logs.
@@ -232,7 +236,7 @@ func Default() Config {
 		},
 		RateLimit: RateLimit{MaxWait: Duration(2 * time.Second), MaxConcurrent: 25, MaxRetries: 3,
 			BackoffBase: Duration(200 * time.Millisecond), BackoffMax: Duration(5 * time.Second), ReplayBytes: 64 << 10,
-			Recover: Duration(30 * time.Second), UnauthorizedTTL: Duration(10 * time.Second)},
+			Recover: Duration(30 * time.Second), UnauthorizedTTL: Duration(10 * time.Second), WriteShare: 0.2},
 		Redis:   Redis{KeyPrefix: "cacheproxy:", Timeout: Duration(50 * time.Millisecond), InvalidationWait: Duration(100 * time.Millisecond)},
 		Metrics: Metrics{MaxAccounts: 100},
 		Log: Log{Level: "info", Format: "json", Buffer: 64 << 10, FlushInterval: Duration(200 * time.Millisecond),
@@ -365,6 +369,12 @@ func set(f reflect.Value, s string) error {
 			return fmt.Errorf("not an integer: %q", s)
 		}
 		f.SetInt(int64(n))
+	case reflect.Float64:
+		x, err := strconv.ParseFloat(strings.TrimSpace(s), 64)
+		if err != nil {
+			return fmt.Errorf("not a number: %q", s)
+		}
+		f.SetFloat(x)
 	case reflect.Slice:
 		var parts []string
 		for _, p := range strings.Split(s, ",") {
@@ -439,6 +449,9 @@ func (c Config) Validate() error {
 	}
 	if c.RateLimit.UnauthorizedTTL < 0 {
 		bad("ratelimit.unauthorized_ttl", "must be >= 0")
+	}
+	if !(c.RateLimit.WriteShare >= 0 && c.RateLimit.WriteShare <= 1) {
+		bad("ratelimit.write_share", "must be between 0 and 1")
 	}
 	if c.ShutdownDelay < 0 {
 		bad("shutdown_delay", "must be >= 0")

@@ -12,6 +12,7 @@ import (
 	"unsafe"
 
 	"cacheproxy/internal/cache"
+	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
 
 	"golang.org/x/sync/singleflight"
@@ -174,6 +175,7 @@ func (p *Proxy) answer(w *recordWriter, r *http.Request, rec *record, up *upstre
 // function of its own so that its closure's captures do not move the
 // hit path's variables to the heap.
 func (p *Proxy) revalidate(r *http.Request, m route.Match, up *upstream, key string) {
+	r = r.WithContext(ratelimit.WithPriority(r.Context(), ratelimit.Background)) // behind reads a client waits for
 	p.doneLater(p.startFlight(p.flightKey(r, key, false), func() (any, error) { return p.runFetch(r, &m, up, key, false) }))
 }
 

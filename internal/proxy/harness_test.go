@@ -250,7 +250,7 @@ func checkLogLines(t testing.TB, logs *syncBuffer) {
 
 func limiterConfig(rl config.RateLimit, log zerolog.Logger) ratelimit.Config {
 	return ratelimit.Config{Rate: rl.RequestsPerSecond, MaxConcurrent: rl.MaxConcurrent, MaxWait: rl.MaxWait.D(), Recover: rl.Recover.D(),
-		KeyAccounts: rl.KeyAccounts, OnEvent: BudgetLog(log)}
+		WriteShare: rl.WriteShare, KeyAccounts: rl.KeyAccounts, OnEvent: BudgetLog(log)}
 }
 
 func upstreamOptions(u config.Upstream) Upstream {

@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"math/rand/v2"
@@ -100,6 +101,9 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	if err != nil {
 		return nil, err
 	}
+	if isWrite(req.Method) {
+		ctx = ratelimit.WithPriority(ctx, ratelimit.Write) // writes go first
+	}
 	for attempt := 0; ; attempt++ {
 		lease, err := t.budget.Acquire(ctx, user, fingerprint)
 		if lease != nil {
@@ -129,6 +133,9 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			return nil, err
 		}
 		t.m.observeUpstream(t.upstream, resp.StatusCode, t.clock.Since(start))
+		if n, err := strconv.Atoi(resp.Header.Get("Twilio-Concurrent-Requests")); err == nil && n > 0 {
+			lease.Saw(n)
+		}
 		if resp.StatusCode != http.StatusTooManyRequests {
 			if resp.StatusCode >= 200 && resp.StatusCode < 300 && user != "" {
 				t.budget.Verify(user, fingerprint)
@@ -141,7 +148,7 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 		stats.tooMany++
 		t.c.upstream429.Add(1)
-		lease.Done(ratelimit.Throttled)
+		lease.Done(t.tooMany(resp))
 		delay := t.backoff(attempt, resp.Header.Get("Retry-After"))
 		deadline, hasDeadline := ctx.Deadline()
 		if attempt >= t.retry.Max || (req.Body != nil && req.Body != http.NoBody && replay == nil) ||
@@ -163,6 +170,26 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 	}
 }
+
+// tooMany reads a 429's Twilio code: 20429 (too many concurrent requests)
+// is Throttled, and cuts the account's cap; another code (a per-service or
+// per-endpoint rate limit) is Limited: the call backs off, the cap stays.
+// The body read stays readable in resp.
+func (t *pacedTransport) tooMany(resp *http.Response) ratelimit.Outcome {
+	head, err := io.ReadAll(io.LimitReader(resp.Body, refusalBytes+1))
+	resp.Body = readCloser{io.MultiReader(bytes.NewReader(head), errReader(err), resp.Body), resp.Body}
+	var e struct {
+		Code int `json:"code"`
+	}
+	if json.Unmarshal(head, &e) == nil && e.Code != 0 && e.Code != tooManyConcurrent {
+		return ratelimit.Limited
+	}
+	return ratelimit.Throttled
+}
+
+// tooManyConcurrent is Twilio's error code for an account over its
+// concurrency limit.
+const tooManyConcurrent = 20429
 
 // refusalBytes bounds the 401 body read to remember it; Twilio's is
 // about 150 bytes.

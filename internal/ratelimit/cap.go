@@ -10,24 +10,25 @@ func (l *Limiter) capLocked(a *account, now time.Time) int {
 	return max(1, int(l.capAtLocked(a, now)))
 }
 
-// capAtLocked is the account's cap at now. Without Twilio's header: in
-// slow start, a.cap; after, a cut cap on its linear way back to
-// MaxConcurrent. Once a 429's header told the account's limit, the limit
-// (no probing); while answers' headers report the account's other
-// clients, at most the limit (or MaxConcurrent) minus theirs.
+// capAtLocked is the account's cap at now: in slow start, a.cap; after,
+// a cut cap on its linear way back to MaxConcurrent. Once a 429's Twilio
+// header told the account's limit, never above it; while answers' headers
+// report the account's other clients, at most the limit (or
+// MaxConcurrent) minus theirs.
 func (l *Limiter) capAtLocked(a *account, now time.Time) float64 {
 	top := float64(l.cfg.MaxConcurrent)
 	c := top
 	switch {
-	case a.limit > 0:
-		top = min(top, float64(a.limit))
-		c = top
 	case a.slowStart:
 		c = a.cap
 	case !a.cutAt.IsZero():
 		if f := float64(now.Sub(a.cutAt)) / float64(l.cfg.Recover); f < 1 {
 			c = a.cap + (top-a.cap)*f
 		}
+	}
+	if a.limit > 0 {
+		top = min(top, float64(a.limit))
+		c = min(c, top)
 	}
 	if l.othersFreshLocked(a, now) {
 		c = min(c, top-float64(a.others))
@@ -66,25 +67,49 @@ func (l *Limiter) cutLocked(a *account, s *lease, n int, now time.Time, events *
 // sawLocked learns from the Twilio-Concurrent-Requests header of the
 // call s (the account's requests in flight at Twilio when it arrived,
 // from every client, this one included). On a 429 it is one over the
-// account's limit; on another answer, what it reports beyond this
-// replica's (or fleet's) own calls, s.own, is the other clients'.
-func (l *Limiter) sawLocked(a *account, s *lease, o Outcome, now time.Time, events *[]Event) {
-	from := l.capLocked(a, now)
+// account's limit, and the cap is cut as without the header (the others'
+// share is not known yet, or was more than thought). On another answer,
+// what it reports beyond this replica's (or fleet's) own calls, s.own, is
+// the other clients'; and an answer with room under the limit, with no
+// 429 for a while, lifts a cut at once: the cap is the limit minus the
+// others, no climbing back over Recover, no probing.
+func (l *Limiter) sawLocked(a *account, s *lease, o Outcome, n int, now time.Time, events *[]Event) {
 	switch o {
 	case Throttled:
-		a.limit = max(1, s.saw-1)
-		a.slowStart, a.cutAt = false, time.Time{}
+		a.limit, a.throttledAt = max(1, s.saw-1), now
+		l.cutLocked(a, s, n, now, events)
 	case Served:
-		a.others = max(0, s.saw-s.own)
-		if a.limit > 0 && s.saw > a.limit {
-			a.limit = s.saw // the account took more: its limit is at least that
+		from := l.capLocked(a, now)
+		a.seeOthers(max(0, s.saw-s.own), now)
+		a.limit = max(a.limit, s.saw) // the account took that many: its limit is at least that
+		if a.limit > 0 && s.saw < a.limit && now.Sub(a.throttledAt) >= othersWindow {
+			a.cutAt = time.Time{}
+		}
+		if to := l.capLocked(a, now); to < from {
+			*events = append(*events, Event{Kind: CapCut, Account: a.id, From: from, To: to, InFlight: n})
+			a.shown = to
 		}
 	default:
 		return
 	}
 	a.sawAt = now
-	if to := l.capLocked(a, now); to < from {
-		*events = append(*events, Event{Kind: CapCut, Account: a.id, From: from, To: to, InFlight: a.inflight + 1})
-		a.shown = to
+}
+
+// othersWindow is how long a report of the other clients' calls counts:
+// the others are the most reported within the last one or two windows.
+// One answer's report can be low by the calls of ours that were on their
+// way (counted at our start, not yet at Twilio): the most recent reports
+// together are not, and a real drop shows within two windows.
+const othersWindow = 250 * time.Millisecond
+
+// seeOthers records one report of the other clients' calls.
+func (a *account) seeOthers(n int, now time.Time) {
+	switch d := now.Sub(a.othersSince); {
+	case d >= 2*othersWindow:
+		a.othersPrev, a.othersCur, a.othersSince = 0, 0, now
+	case d >= othersWindow:
+		a.othersPrev, a.othersCur, a.othersSince = a.othersCur, 0, now
 	}
+	a.othersCur = max(a.othersCur, n)
+	a.others = max(a.othersCur, a.othersPrev)
 }

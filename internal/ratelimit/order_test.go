@@ -111,17 +111,18 @@ func (l *Limiter) newAccountAt(id string, cap int) {
 }
 
 // Twilio's header steers the cap: a 429's tells the limit (one less than
-// the requests in flight it reports); each answer's tells the other
-// clients' share (what it reports beyond ours in flight at the call's
-// start), taken off the limit at once and given back at once when they
-// leave, without another 429.
+// the requests in flight it reports) and cuts as without the header; each
+// other answer's tells the other clients' share (what it reports beyond
+// ours in flight), taken off the limit; an answer with room, with no 429
+// for a while, lifts the cut at once, and the others' leaving shows
+// within two windows, without another 429.
 func TestTwiliosHeaderSteersTheCap(t *testing.T) {
 	clk := newFake()
 	l := New(Config{MaxConcurrent: 25, MaxWait: time.Hour}, clk)
 	if c := l.State("AC1").Cap; c != 7 {
 		t.Fatalf("slow start at %d, want 7", c)
 	}
-	var ls []Lease // ours in flight at their starts: 1, 2, 3, 4, 5
+	var ls []Lease
 	for range 5 {
 		x, err := l.Acquire(context.Background(), "AC1", "c")
 		if err != nil {
@@ -131,28 +132,34 @@ func TestTwiliosHeaderSteersTheCap(t *testing.T) {
 	}
 	ls[4].Saw(11) // others hold 6 of the account's 10: the 5th of ours is refused
 	ls[4].Done(Throttled)
-	if st := l.State("AC1"); st.Limit != 10 || st.Cap != 10 || st.SlowStart {
-		t.Fatalf("after a 429 reporting 11: %+v, want limit 10 and cap 10", st)
+	if st := l.State("AC1"); st.Limit != 10 || st.Cap != 4 || st.SlowStart {
+		t.Fatalf("after a 429 reporting 11 with 5 in flight: %+v, want limit 10 and the cap cut to 4", st)
 	}
-	ls[0].Saw(7) // 1 of ours at its start, 6 others'
+	ls[0].Saw(10) // 4 of ours in flight, 6 others'
 	ls[0].Done(Served)
 	if st := l.State("AC1"); st.Others != 6 || st.Cap != 4 {
 		t.Fatalf("%+v: want others 6, cap 10-6 = 4", st)
 	}
-	ls[1].Saw(2) // the others left
+	clk.Advance(othersWindow)
+	ls[1].Saw(5) // 3 of ours in flight: it says 2 others, low by ours still on their way
 	ls[1].Done(Served)
-	if st := l.State("AC1"); st.Others != 0 || st.Cap != 10 {
-		t.Fatalf("%+v: want others 0 and the cap back at the limit at once", st)
+	if st := l.State("AC1"); st.Others != 6 || st.Cap != 4 {
+		t.Fatalf("%+v: one low report within the window changed nothing: want others 6, cap 4", st)
 	}
-	ls[2].Saw(12) // the account took more than the limit: it is at least that
+	clk.Advance(2 * othersWindow)
+	ls[2].Saw(2) // the others left: 2 of ours, nobody else
 	ls[2].Done(Served)
-	if st := l.State("AC1"); st.Limit != 12 {
-		t.Fatalf("%+v: want the limit raised to 12", st)
+	if st := l.State("AC1"); st.Others != 0 || st.Cap != 10 {
+		t.Fatalf("%+v: want others 0 and the cap at the limit at once, with no 429", st)
 	}
+	ls[3].Saw(16) // the account took more than the limit: it is at least that
 	ls[3].Done(Served)
+	if st := l.State("AC1"); st.Limit != 16 {
+		t.Fatalf("%+v: want the limit raised to 16", st)
+	}
 	// Past Recover with no header, the others' report lapses; the limit stays.
 	clk.Advance(time.Minute)
-	if st := l.State("AC1"); st.Others != 0 || st.Limit != 12 || st.Cap != 12 {
+	if st := l.State("AC1"); st.Others != 0 || st.Limit != 16 || st.Cap != 16 {
 		t.Fatalf("%+v", st)
 	}
 }

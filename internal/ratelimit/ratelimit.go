@@ -230,6 +230,11 @@ type account struct {
 	// other clients' calls in flight as last reported at sawAt.
 	limit, others int
 	sawAt         time.Time
+	// others is the most of othersCur (reports since othersSince) and
+	// othersPrev (the window before).
+	othersCur, othersPrev int
+	othersSince           time.Time
+	throttledAt           time.Time // the last 429 with the header
 
 	holdUntil time.Time // the rate window is full until then
 	timer     bool      // a goroutine waits for it to open
@@ -616,7 +621,11 @@ func (s *lease) Done(o Outcome) {
 	a.lastUse = now
 	switch {
 	case s.saw > 0:
-		l.sawLocked(a, s, o, now, &events)
+		// Ours in the header: at least those in flight at its start or at
+		// its end (calls that started before it may have reached Twilio
+		// after it; calls still in flight at its end were there with it).
+		s.own = max(s.own, n)
+		l.sawLocked(a, s, o, n, now, &events)
 	case o == Throttled:
 		a.limit = 0 // a 429 without the header: probe as without it
 		l.cutLocked(a, s, n, now, &events)

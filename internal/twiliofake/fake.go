@@ -49,9 +49,14 @@ type Fake struct {
 	// KeyOwner maps API key SIDs to the account they count against.
 	MaxInFlight int
 	KeyOwner    map[string]string
+	// ConcurrencyHeader, while MaxInFlight is set, sends Twilio's
+	// Twilio-Concurrent-Requests on every answer: the account's requests in
+	// flight when this one arrived, this one and the others' included.
+	ConcurrencyHeader bool
 
 	mu       sync.Mutex
 	inflight map[string]int // by account, while MaxInFlight > 0
+	others   map[string]int // calls other clients of the account hold (SetOthers)
 	peak     map[string]int
 	tooMany  atomic.Int64
 	convs    map[string]*conversation // by conversation or session id
@@ -116,7 +121,11 @@ func (f *Fake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.calls[r.Method+" "+r.URL.Path]++
 	f.mu.Unlock()
 	if f.MaxInFlight > 0 {
-		acct, ok := f.enter(r)
+		acct, n, ok := f.enter(r)
+		if f.ConcurrencyHeader {
+			w.Header().Set("Twilio-Concurrent-Requests", strconv.Itoa(n))
+			w.Header().Set("Twilio-Request-Duration", "0.1")
+		}
 		if !ok {
 			f.tooMany.Add(1)
 			Error(w, http.StatusTooManyRequests, 20429, "Too many requests")
@@ -345,10 +354,11 @@ func SeededPaths(n int) []string {
 	return out
 }
 
-// enter counts a request against its account's concurrency limit; false if
-// the account is at MaxInFlight.
-func (f *Fake) enter(r *http.Request) (string, bool) {
-	acct, _, _ := r.BasicAuth()
+// enter counts a request against its account's concurrency limit (the
+// other clients' calls included); false if the account is at MaxInFlight.
+// n is the account's requests in flight with this one.
+func (f *Fake) enter(r *http.Request) (acct string, n int, ok bool) {
+	acct, _, _ = r.BasicAuth()
 	if owner, ok := f.KeyOwner[acct]; ok {
 		acct = owner
 	}
@@ -357,12 +367,24 @@ func (f *Fake) enter(r *http.Request) (string, bool) {
 	if f.inflight == nil {
 		f.inflight, f.peak = map[string]int{}, map[string]int{}
 	}
-	if f.inflight[acct] >= f.MaxInFlight {
-		return acct, false
+	n = f.inflight[acct] + f.others[acct] + 1
+	if n > f.MaxInFlight {
+		return acct, n, false
 	}
 	f.inflight[acct]++
 	f.peak[acct] = max(f.peak[acct], f.inflight[acct])
-	return acct, true
+	return acct, n, true
+}
+
+// SetOthers makes n of account's MaxInFlight taken by its other clients
+// (another app, a cron job) from now on.
+func (f *Fake) SetOthers(account string, n int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.others == nil {
+		f.others = map[string]int{}
+	}
+	f.others[account] = n
 }
 
 func (f *Fake) leave(acct string) {

@@ -45,7 +45,7 @@ func ProxyOptions(cfg config.Config) proxy.Options {
 // learned keys at info, growth at debug).
 func Limiter(rl config.RateLimit, log zerolog.Logger) ratelimit.Config {
 	return ratelimit.Config{
-		MaxConcurrent: rl.MaxConcurrent, Rate: rl.RequestsPerSecond, MaxWait: rl.MaxWait.D(), Recover: rl.Recover.D(),
+		MaxConcurrent: rl.MaxConcurrent, Rate: rl.RequestsPerSecond, MaxWait: rl.MaxWait.D(), Recover: rl.Recover.D(), WriteShare: rl.WriteShare,
 		KeyAccounts: rl.KeyAccounts, OnEvent: proxy.BudgetLog(log),
 	}
 }

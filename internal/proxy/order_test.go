@@ -1,0 +1,129 @@
+package proxy
+
+import (
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"cacheproxy/internal/config"
+	"cacheproxy/internal/twiliofake"
+)
+
+// One budget, writes first: during a backlog of 300 cold reads held at the
+// upstream, a POST of a participant gets the next turn that frees, ahead
+// of every read that waited before it. Before: it queued behind them all
+// (the 304th call to reach the upstream).
+func TestAWriteGoesBeforeABacklogOfReads(t *testing.T) {
+	h := newHarness(t, func(s *setup) {
+		s.cfg.RateLimit.MaxConcurrent, s.cfg.RateLimit.MaxWait = 12, config.Duration(time.Minute) // slow start: 3
+	})
+	paths := twilioLimit(h, 100, 300)
+	arrived := make(chan string, 400)
+	release := make(chan struct{}, 400)
+	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool {
+		arrived <- r.Method
+		<-release
+		return false
+	}
+	done := make(chan int, len(paths))
+	for _, p := range paths {
+		go func() {
+			s, _, _ := readResp(t, h.do("GET", p, basic(acctA, tokenA)))
+			done <- s
+		}()
+	}
+	waitFor(t, h, func() bool { st := h.lim.State(acctA); return st.InFlight == 3 && st.Queued == 297 })
+	write := make(chan *http.Response, 1)
+	go func() {
+		write <- h.doBody("POST", pathConv, basic(acctA, tokenA), strings.NewReader("Attributes=%7B%7D"), "Content-Type", "application/x-www-form-urlencoded")
+	}()
+	waitFor(t, h, func() bool { return h.lim.State(acctA).Queued == 298 })
+	for range 3 {
+		<-arrived
+	}
+	release <- struct{}{} // one read ends: its turn is the write's
+	fourth := <-arrived
+	close(release)
+	if s, _, _ := readResp(t, <-write); s != 200 {
+		t.Fatalf("write: %d", s)
+	}
+	for range paths {
+		if s := <-done; s != 200 {
+			t.Fatalf("read: %d", s)
+		}
+	}
+	if fourth != "POST" {
+		t.Fatalf("the turn after the first read ended went to a %s, want the write's", fourth)
+	}
+}
+
+// Twilio's header steers the cap: with the account's other clients
+// holding 6 of its 10, 300 cold reads (max_concurrent 25) learn the limit
+// from the first 429s' headers and keep to the 4 left; when the others
+// leave, the next 300 use all 10 at once, with no 429.
+func TestTwiliosConcurrencyHeaderSteersTheBudget(t *testing.T) {
+	h := newHarness(t, realRetries, func(s *setup) {
+		s.cfg.RateLimit.MaxConcurrent, s.cfg.RateLimit.MaxWait = 25, config.Duration(time.Minute)
+		s.cfg.RateLimit.MaxRetries = 10
+	})
+	paths := twilioLimit(h, 10, 600)
+	h.conv.Latency = 50 * time.Millisecond // calls Twilio answers are far slower than its 429s
+	h.conv.ConcurrencyHeader = true
+	h.conv.SetOthers(acctA, 6)
+	if st := burst(h, paths[:300]); st[200] != 300 {
+		t.Fatalf("statuses %v", st)
+	}
+	first, calls := h.conv.TooMany(), h.conv.Total()
+	st := h.lim.State(acctA)
+	// The others' share is read from answers that cross ours in flight: it
+	// may be over by one (a call of ours that reached Twilio first), never
+	// under.
+	if st.Limit != 10 || st.Others < 6 || st.Others > 7 || st.Cap != 10-st.Others {
+		t.Fatalf("after the first 300: %+v, want limit 10, others 6 (or 7), cap 10 - others", st)
+	}
+	if first == 0 || float64(first) > 0.015*float64(calls) {
+		t.Fatalf("%d upstream 429s of %d calls, want some (to learn the limit) and at most 1.5%%", first, calls)
+	}
+	h.conv.SetOthers(acctA, 0)
+	if st := burst(h, paths[300:]); st[200] != 300 {
+		t.Fatalf("statuses %v", st)
+	}
+	if n := h.conv.TooMany(); n != first {
+		t.Fatalf("%d more upstream 429s once the others left, want 0", n-first)
+	}
+	if p := h.conv.Peak(acctA); p != 10 {
+		t.Fatalf("peak in flight %d once the others left, want the limit, 10", p)
+	}
+	t.Logf("upstream 429s %d of %d calls in the first 300 reads", first, calls)
+}
+
+// A 429 for another limit (a per-endpoint rate: code 20001 here, not
+// 20429) is retried after its Retry-After and does not cut the account's
+// cap.
+func TestOtherRateLimitsDoNotCutTheCap(t *testing.T) {
+	h := newHarness(t, realRetries, func(s *setup) {
+		s.cfg.RateLimit.MaxConcurrent, s.cfg.RateLimit.MaxWait = 8, config.Duration(time.Minute)
+	})
+	var mu sync.Mutex
+	refused := 0
+	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		if refused < 2 {
+			refused++
+			w.Header().Set("Retry-After", "0")
+			twiliofake.Error(w, http.StatusTooManyRequests, 20001, "Too many requests for this endpoint")
+			return true
+		}
+		return false
+	}
+	before := h.lim.State(acctA).Cap
+	if s, _, _ := h.get(pathConv); s != 200 {
+		t.Fatalf("read: %d", s)
+	}
+	if after := h.lim.State(acctA).Cap; after < before {
+		t.Fatalf("cap %d -> %d after 429s of another limit, want it kept", before, after)
+	}
+}
