@@ -47,6 +47,9 @@ type Slots struct {
 	// to this replica's waiters by a release; Fallbacks the calls made on
 	// the local share.
 	Waited, Handed, Fallbacks atomic.Int64
+	// Sent counts the commands the slots sent to Redis (takes, gives,
+	// cancellations; announcements left out).
+	Sent atomic.Int64
 	// Regiven counts slots given back late: their release, or a take that
 	// timed out after Redis may have run it, failed, and was retried.
 	Regiven atomic.Int64
@@ -265,6 +268,7 @@ func (s *Slots) cancel(tag, slot string) {
 		return
 	}
 	trip(ctx)
+	s.Sent.Add(1)
 	cmd := c.B().Eval().Script(`
 for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
   if string.sub(m, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then redis.call('ZREM', KEYS[1], m) end
@@ -280,6 +284,7 @@ func (s *Slots) take(ctx context.Context, tag string, args []string) (int64, int
 		return 0, 0, err
 	}
 	trip(ctx)
+	s.Sent.Add(1)
 	r, err := takeSlot.Exec(ctx, c, s.keys(tag), args).ToArray()
 	if err := s.f.result(err); err != nil {
 		return 0, 0, err
@@ -323,6 +328,7 @@ func (s *Slots) release(tag, slot string) error {
 		return err
 	}
 	trip(ctx)
+	s.Sent.Add(1)
 	return s.f.result(giveSlot.Exec(ctx, c, s.keys(tag), []string{slot, strconv.FormatInt(s.ttl.Milliseconds(), 10), strconv.Itoa(s.rate), tag}).Error())
 }
 

@@ -571,3 +571,78 @@ func TestFleetRoundTrips(t *testing.T) {
 		}
 	}
 }
+
+// One limiter for the fleet. After one read with API key SK…11 through
+// replica 1, 100 cold reads with the account's own credentials on replica
+// 1 and 100 each with the key on replicas 2 and 3, all at once, against a
+// fake Twilio that refuses more than 10 of the account's calls in flight
+// (100 ms each): no upstream 429 (the key's account, learned on replica 1,
+// is known on every replica), and no polling: the budget sends at most 3
+// commands per upstream call (a take, a give, at most one take that found
+// the slots full and waited to be handed one). Before: 12 upstream 429s,
+// and 15 commands per call in all, the budget's polls most of them. The
+// commands in all (the cache tier's included) are logged.
+func TestFleetBudgetIsOneLimiter(t *testing.T) {
+	srv := redistest.Start(t)
+	r := replicas(t, 3, srv, realRetries, func(s *setup) {
+		s.cfg.RateLimit.MaxConcurrent, s.cfg.RateLimit.MaxWait = 10, config.Duration(time.Minute)
+	})
+	paths := twilioLimit(r[0], 10, 301)
+	r[0].conv.Latency = 100 * time.Millisecond
+	key, secret := twiliofake.SID("SK", 11), "keysecretxxxxxxxxxxxxxxxxxxxxxxx"
+	r[0].conv.Accounts[key] = secret
+	r[0].conv.KeyOwner = map[string]string{key: acctA}
+	if s, _, _ := readResp(t, r[0].do("GET", paths[300], basic(key, secret))); s != 200 {
+		t.Fatalf("the key's first read: %d", s)
+	}
+	book := fleet.NewKeyBook(r[1].fleet)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) { // replica 1 stores it off the answer's path
+		if acct, ok := book.Lookup(context.Background(), key); ok && acct == acctA {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the key's account never reached the fleet's book")
+		}
+	}
+	calls := r[0].conv.Total()
+	mon := srv.Monitor(t)
+	answers := make(chan int, 300)
+	for i, h := range r {
+		auth := basic(key, secret)
+		if i == 0 {
+			auth = basic(acctA, tokenA)
+		}
+		for _, path := range paths[i*100 : (i+1)*100] {
+			go func() {
+				s, _, _ := readResp(t, h.do("GET", path, auth))
+				answers <- s
+			}()
+		}
+	}
+	for range 300 {
+		if s := <-answers; s != 200 {
+			t.Fatalf("status %d", s)
+		}
+	}
+	for _, h := range r {
+		h.settle()
+	}
+	commands, byName := mon.Stop()
+	upstream := r[0].conv.Total() - calls
+	if n, peak := r[0].conv.TooMany(), r[0].conv.Peak(acctA); n != 0 || peak > 10 {
+		t.Fatalf("Twilio answered %d 429s, peak in flight %d: want 0, <= 10", n, peak)
+	}
+	handed, budget := int64(0), int64(0)
+	for _, h := range r {
+		handed += h.budget.Handed.Load()
+		budget += h.budget.Sent.Load()
+	}
+	t.Logf("%d commands for %d upstream calls (%.1f per call), %d of them the budget's (%.1f per call): %v",
+		commands, upstream, float64(commands)/float64(upstream), budget, float64(budget)/float64(upstream), byName)
+	if perCall := float64(budget) / float64(upstream); perCall > 3 {
+		t.Fatalf("%.1f budget commands per upstream call, want at most 3 (no polling)", perCall)
+	}
+	if handed == 0 {
+		t.Fatal("no slot was handed to a waiting call: the test did not fill the fleet's cap")
+	}
+}

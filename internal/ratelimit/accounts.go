@@ -56,26 +56,44 @@ func (l *Limiter) learn(key, acct string) bool {
 const keyAsk = time.Second
 
 // resolveKey asks the KeyBook for an API key's account not known here (at
-// most once per keyAsk for each key).
+// most once per keyAsk for each key). Calls with the key that arrive while
+// it is being asked wait for the answer (or for ctx): they would count
+// against a budget of their own otherwise.
 func (l *Limiter) resolveKey(ctx context.Context, user string) {
 	if l.cfg.Keys == nil || !strings.HasPrefix(user, "SK") {
 		return
 	}
 	now := l.clock.Now()
 	l.mu.Lock()
-	_, known := l.keys[user]
-	last, asked := l.asked[user]
-	ask := !known && (!asked || now.Sub(last) >= keyAsk)
-	if ask {
-		if len(l.asked) >= maxKeys {
-			clear(l.asked)
-		}
-		l.asked[user] = now
-	}
-	l.mu.Unlock()
-	if !ask {
+	if _, known := l.keys[user]; known {
+		l.mu.Unlock()
 		return
 	}
+	if wait, ok := l.asking[user]; ok {
+		l.mu.Unlock()
+		select {
+		case <-wait:
+		case <-ctx.Done():
+		}
+		return
+	}
+	if last, asked := l.asked[user]; asked && now.Sub(last) < keyAsk {
+		l.mu.Unlock()
+		return
+	}
+	if len(l.asked) >= maxKeys {
+		clear(l.asked)
+	}
+	l.asked[user] = now
+	done := make(chan struct{})
+	l.asking[user] = done
+	l.mu.Unlock()
+	defer func() {
+		l.mu.Lock()
+		delete(l.asking, user)
+		l.mu.Unlock()
+		close(done)
+	}()
 	if acct, ok := l.cfg.Keys.Lookup(ctx, user); ok {
 		l.learn(user, acct)
 	}

@@ -203,9 +203,10 @@ type Limiter struct {
 
 	mu        sync.Mutex
 	accounts  map[string]*account
-	keys      map[string]string    // API key SID -> account SID
-	asked     map[string]time.Time // keys last asked of the KeyBook
-	timers    inflight.Tracker     // goroutines waiting for a rate window
+	keys      map[string]string        // API key SID -> account SID
+	asked     map[string]time.Time     // keys last asked of the KeyBook
+	asking    map[string]chan struct{} // keys being asked, closed with the answer
+	timers    inflight.Tracker         // goroutines waiting for a rate window
 	lastPrune time.Time
 	lastCrowd time.Time     // the last prune of unverified idle accounts
 	changed   chan struct{} // closed at the next change, if anyone asked (Changed)
@@ -280,7 +281,7 @@ func New(cfg Config, clk clock.Clock) *Limiter {
 	}
 	cfg.WriteShare = min(max(cfg.WriteShare, 0), 1)
 	l := &Limiter{cfg: cfg, clock: clock.Or(clk), accounts: map[string]*account{}, keys: map[string]string{},
-		asked: map[string]time.Time{}, slots: cfg.Slots}
+		asked: map[string]time.Time{}, asking: map[string]chan struct{}{}, slots: cfg.Slots}
 	if l.slots == nil {
 		l.slots = newLocalSlots(cfg.Rate, l.clock)
 	}
