@@ -115,6 +115,9 @@ var budgetDescs = [...]*prometheus.Desc{
 	prometheus.NewDesc("cacheproxy_budget_queued", "The account's requests waiting for a turn.", []string{"account"}, nil),
 	prometheus.NewDesc("cacheproxy_budget_rate_limit", "Upstream calls the account may start per second (0: no rate limit).", []string{"account"}, nil),
 	prometheus.NewDesc("cacheproxy_budget_learned_keys", "API keys known to count against the account.", []string{"account"}, nil),
+	prometheus.NewDesc("cacheproxy_budget_account_limit", "The account's concurrency limit as a 429's Twilio-Concurrent-Requests told it (0: not known).", []string{"account"}, nil),
+	prometheus.NewDesc("cacheproxy_budget_others_in_flight", "The account's calls in flight from its other clients, as Twilio-Concurrent-Requests last reported them (0: none or not known).", []string{"account"}, nil),
+	prometheus.NewDesc("cacheproxy_budget_taking", "The account's calls granted a turn and taking their place in the fleet's slots.", []string{"account"}, nil),
 }
 
 func (c budgetCollector) Describe(ch chan<- *prometheus.Desc) {
@@ -126,7 +129,7 @@ func (c budgetCollector) Describe(ch chan<- *prometheus.Desc) {
 func (c budgetCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, st := range bounded(c.b.Accounts(), c.max) {
 		acct := budgetLabel(st.Account)
-		for i, v := range [...]int{st.Cap, st.InFlight, st.Queued, st.Rate, st.Keys} {
+		for i, v := range [...]int{st.Cap, st.InFlight, st.Queued, st.Rate, st.Keys, st.Limit, st.Others, st.Taking} {
 			ch <- prometheus.MustNewConstMetric(budgetDescs[i], prometheus.GaugeValue, float64(v), acct)
 		}
 	}
@@ -147,6 +150,7 @@ func bounded(states []ratelimit.State, max int) []ratelimit.State {
 		others++
 		other.Cap, other.InFlight, other.Queued, other.Rate, other.Keys = other.Cap+st.Cap, other.InFlight+st.InFlight,
 			other.Queued+st.Queued, other.Rate+st.Rate, other.Keys+st.Keys
+		other.Limit, other.Others, other.Taking = other.Limit+st.Limit, other.Others+st.Others, other.Taking+st.Taking
 	}
 	if others > 0 {
 		out = append(out, other)
@@ -177,7 +181,7 @@ type budgetStates []ratelimit.State
 func (b budgetStates) MarshalZerologArray(a *zerolog.Array) {
 	for _, st := range b {
 		a.Dict(zerolog.Dict().Str("account", budgetLabel(st.Account)).Int("cap", st.Cap).Int("in_flight", st.InFlight).
-			Int("queued", st.Queued).Int("rate", st.Rate).Int("keys", st.Keys))
+			Int("queued", st.Queued).Int("rate", st.Rate).Int("keys", st.Keys).Int("limit", st.Limit).Int("others", st.Others))
 	}
 }
 

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"math"
 	"net/http"
 	"strings"
 	"sync"
@@ -9,6 +10,8 @@ import (
 
 	"cacheproxy/internal/config"
 	"cacheproxy/internal/twiliofake"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // One budget, writes first: during a backlog of 300 cold reads held at the
@@ -64,9 +67,11 @@ func TestAWriteGoesBeforeABacklogOfReads(t *testing.T) {
 // from the first 429s' headers and keep to the 4 left; when the others
 // leave, the next 300 use all 10 at once, with no 429.
 func TestTwiliosConcurrencyHeaderSteersTheBudget(t *testing.T) {
+	reg := prometheus.NewRegistry()
 	h := newHarness(t, realRetries, func(s *setup) {
 		s.cfg.RateLimit.MaxConcurrent, s.cfg.RateLimit.MaxWait = 25, config.Duration(time.Minute)
 		s.cfg.RateLimit.MaxRetries = 10
+		s.opts.Registerer = reg
 	})
 	paths := twilioLimit(h, 10, 600)
 	h.conv.Latency = 50 * time.Millisecond // calls Twilio answers are far slower than its 429s
@@ -77,14 +82,18 @@ func TestTwiliosConcurrencyHeaderSteersTheBudget(t *testing.T) {
 	}
 	first, calls := h.conv.TooMany(), h.conv.Total()
 	st := h.lim.State(acctA)
-	// The others' share is read from answers that cross ours in flight: it
-	// may be over by one (a call of ours that reached Twilio first), never
-	// under.
-	if st.Limit != 10 || st.Others < 6 || st.Others > 7 || st.Cap != 10-st.Others {
-		t.Fatalf("after the first 300: %+v, want limit 10, others 6 (or 7), cap 10 - others", st)
+	// The others' share is read from answers that cross ours in flight: on
+	// a loaded machine it may be over by a call or two of ours that
+	// reached Twilio in between (the cap is then lower than it could be),
+	// never under (which would cost 429s).
+	if st.Limit != 10 || st.Others < 6 || st.Others > 8 || st.Cap != 10-st.Others {
+		t.Fatalf("after the first 300: %+v, want limit 10, others 6 (up to 8), cap 10 - others", st)
 	}
 	if first == 0 || float64(first) > 0.015*float64(calls) {
 		t.Fatalf("%d upstream 429s of %d calls, want some (to learn the limit) and at most 1.5%%", first, calls)
+	}
+	if l, o := gauge(t, reg, "cacheproxy_budget_account_limit", acctA), gauge(t, reg, "cacheproxy_budget_others_in_flight", acctA); l != 10 || o != float64(st.Others) {
+		t.Fatalf("metrics: limit %v, others %v; want 10 and %d", l, o, st.Others)
 	}
 	h.conv.SetOthers(acctA, 0)
 	if st := burst(h, paths[300:]); st[200] != 300 {
@@ -126,4 +135,26 @@ func TestOtherRateLimitsDoNotCutTheCap(t *testing.T) {
 	if after := h.lim.State(acctA).Cap; after < before {
 		t.Fatalf("cap %d -> %d after 429s of another limit, want it kept", before, after)
 	}
+}
+
+// gauge is the value of the gauge name for account in reg (NaN if none).
+func gauge(t *testing.T, reg *prometheus.Registry, name, account string) float64 {
+	t.Helper()
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "account" && l.GetValue() == account {
+					return m.GetGauge().GetValue()
+				}
+			}
+		}
+	}
+	return math.NaN()
 }
