@@ -104,11 +104,11 @@ func TestSeedsOfACluster(t *testing.T) {
 	}
 }
 
-// fleetBudget is a replica's limiter on the fleet's slots (a lease of a
-// minute), once it hears its channel.
+// fleetBudget is a replica's limiter on the fleet's slots, once it hears
+// its channel.
 func fleetBudget(t *testing.T, f *Fleet, maxConcurrent, rate int, maxWait time.Duration) (*ratelimit.Limiter, *Slots) {
 	t.Helper()
-	s := NewSlots(f, rate, time.Minute)
+	s := NewSlots(f, rate)
 	t.Cleanup(s.Close)
 	deadline := time.Now().Add(10 * time.Second)
 	for !s.Listening() {

@@ -18,8 +18,8 @@ import (
 // Limiter of each replica grants turns (priority, fairness, the adaptive
 // cap: docs/budget.md) and each turn takes one of the account's slots in
 // Redis, a sorted set of slot leases scored by their expiry on Redis's
-// clock, so a crashed replica's slots come back after the upstream
-// timeout by themselves. The fleet's rate window is a second sorted set
+// clock (SlotLease, renewed while the call lasts), so a crashed replica's
+// slots come back by themselves within a second. The fleet's rate window is a second sorted set
 // beside it; both are evaluated in one script, once per call.
 //
 // Nothing polls. A call that finds the slots full queues in Redis (a
@@ -31,8 +31,7 @@ import (
 // replica announces itself every second).
 type Slots struct {
 	f    *Fleet
-	rate int           // calls per second for the fleet; 0: none
-	ttl  time.Duration // a slot's lease: the upstream timeout
+	rate int // calls per second for the fleet; 0: none
 	id   string
 
 	replicas   atomic.Int64 // last seen, at least 1
@@ -40,7 +39,6 @@ type Slots struct {
 
 	mu       sync.Mutex
 	fallback map[string]int // calls in flight per account on the local share
-	freed    chan struct{}  // closed when a place on the local share is released
 	waiting  map[string]chan string
 
 	// Waited counts calls that waited for a slot; Handed the slots handed
@@ -68,11 +66,11 @@ type ungiven struct {
 }
 
 // NewSlots returns the fleet's slots, with, if rate > 0, rate calls
-// started per second for each account; a slot lapses after ttl. Close
+// started per second for each account. Close
 // stops the replica's announcements and its channel.
-func NewSlots(f *Fleet, rate int, ttl time.Duration) *Slots {
+func NewSlots(f *Fleet, rate int) *Slots {
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &Slots{f: f, rate: rate, ttl: ttl, id: newID(), fallback: map[string]int{}, freed: make(chan struct{}),
+	s := &Slots{f: f, rate: rate, id: newID(), fallback: map[string]int{},
 		waiting: map[string]chan string{}, stop: cancel, ungiven: make(chan ungiven, 4096)}
 	s.replicas.Store(1)
 	s.wg.Go(func() { s.announce(ctx) })
@@ -87,9 +85,10 @@ func (s *Slots) Close() {
 	s.wg.Wait()
 }
 
-// unheardRetry is how soon a call that found the slots full asks again
-// while this replica does not hear its channel (at start, or while it
-// subscribes again): the one case of asking again unwoken.
+// unheardRetry is how soon a call asks again while no release can wake
+// it: it found the slots full while this replica does not hear its
+// channel (at start, or while it subscribes again), or Redis does not
+// answer and this replica's share is full.
 const unheardRetry = 50 * time.Millisecond
 
 // Listening reports whether this replica hears its channel, where
@@ -108,8 +107,8 @@ func (s *Slots) channel() string { return s.f.cfg.Prefix + "slots:" + s.id }
 // > 0), fewer than ARGV[4] calls started in the last second (KEYS[2], a
 // sliding window of start times). Both on Redis's clock. It returns
 // {1, held} when taken; {0, held} when the slots are full, having queued
-// the call in KEYS[3] for ARGV[5] ms (if > 0) in priority ARGV[7] to be
-// handed a slot on channel ARGV[6]; and {-ms, held} when only the rate
+// the call in KEYS[3] (KEYS[4] holding what it waits with) for ARGV[5] ms
+// (if > 0) in priority ARGV[7] to be handed a slot on channel ARGV[6]; and {-ms, held} when only the rate
 // window is full: how long until it opens.
 var takeSlot = rueidis.NewLuaScript(`
 local t = redis.call('TIME')
@@ -119,8 +118,10 @@ local held = redis.call('ZCARD', KEYS[1])
 if held >= tonumber(ARGV[1]) then
   local wait = tonumber(ARGV[5])
   if wait > 0 then
-    redis.call('ZADD', KEYS[3], tonumber(ARGV[7]) * 1e13 + now, ARGV[3] .. ' ' .. ARGV[1] .. ' ' .. (now + wait) .. ' ' .. ARGV[6])
-    if redis.call('PTTL', KEYS[3]) < wait + tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[3], wait + tonumber(ARGV[2])) end
+    redis.call('ZADD', KEYS[3], tonumber(ARGV[7]) * 1e13 + now, ARGV[3])
+    redis.call('HSET', KEYS[4], ARGV[3], ARGV[1] .. ' ' .. (now + wait) .. ' ' .. ARGV[6])
+    local life = wait + tonumber(ARGV[2])
+    if redis.call('PTTL', KEYS[3]) < life then redis.call('PEXPIRE', KEYS[3], life) redis.call('PEXPIRE', KEYS[4], life) end
   end
   return {0, held}
 end
@@ -139,49 +140,60 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {1, held + 1}`)
 
 // giveSlot gives slot ARGV[1] back (if any) and hands the free slots to
-// the first waiters of KEYS[3] whose wait has not passed and whose cap
-// has room, each told on its replica's channel ("slot held tag", the tag
+// the first waiters of KEYS[3] (of the first 16: one whose cap is lower
+// than the slots held does not hold up those behind it) whose wait has
+// not passed and whose cap has room, each told on its replica's channel ("slot held tag", the tag
 // ARGV[4] naming the account); with a rate (ARGV[3]) whose window is
 // full, the first waiter is told "slot -ms tag" instead, to come back
 // then. It returns the slots handed.
 var giveSlot = rueidis.NewLuaScript(`
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
-if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
+if ARGV[1] ~= '' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('HDEL', KEYS[4], ARGV[1])
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local rate = tonumber(ARGV[3])
 local handed = 0
-while true do
-  local w = redis.call('ZRANGE', KEYS[3], 0, 0)
-  if #w == 0 then break end
-  local slot, limit, deadline, ch = string.match(w[1], '^(%S+) (%d+) (%d+) (%S+)$')
-  if not slot or tonumber(deadline) <= now then
-    redis.call('ZREM', KEYS[3], w[1])
-  else
-    if redis.call('ZCARD', KEYS[1]) >= tonumber(limit) then break end
-    redis.call('ZREM', KEYS[3], w[1])
-    if rate > 0 then
-      redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 1000)
-      if redis.call('ZCARD', KEYS[2]) >= rate then
-        local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-        redis.call('PUBLISH', ch, slot .. ' ' .. -math.max(1, tonumber(oldest[2]) + 1000 - now) .. ' ' .. ARGV[4])
-        break
+local served = true
+while served do
+  served = false
+  for _, slot in ipairs(redis.call('ZRANGE', KEYS[3], 0, 15)) do
+    local limit, deadline, ch = string.match(redis.call('HGET', KEYS[4], slot) or '', '^(%d+) (%d+) (%S+)$')
+    if not limit or tonumber(deadline) <= now then
+      redis.call('ZREM', KEYS[3], slot)
+      redis.call('HDEL', KEYS[4], slot)
+    elseif redis.call('ZCARD', KEYS[1]) < tonumber(limit) then
+      redis.call('ZREM', KEYS[3], slot)
+      redis.call('HDEL', KEYS[4], slot)
+      if rate > 0 then
+        redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 1000)
+        if redis.call('ZCARD', KEYS[2]) >= rate then
+          local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+          redis.call('PUBLISH', ch, slot .. ' ' .. -math.max(1, tonumber(oldest[2]) + 1000 - now) .. ' ' .. ARGV[4])
+          return handed
+        end
+        redis.call('ZADD', KEYS[2], now, slot)
+        redis.call('PEXPIRE', KEYS[2], 2000)
       end
-      redis.call('ZADD', KEYS[2], now, slot)
-      redis.call('PEXPIRE', KEYS[2], 2000)
+      redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), slot)
+      redis.call('PEXPIRE', KEYS[1], ARGV[2])
+      redis.call('PUBLISH', ch, slot .. ' ' .. redis.call('ZCARD', KEYS[1]) .. ' ' .. ARGV[4])
+      handed = handed + 1
+      served = true
+      break
     end
-    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), slot)
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    redis.call('PUBLISH', ch, slot .. ' ' .. redis.call('ZCARD', KEYS[1]) .. ' ' .. ARGV[4])
-    handed = handed + 1
   end
 end
 return handed`)
 
-// keys are the names of an account's slots, rate window and waiters: one
+// keys are the names of an account's slots, rate window, waiters (their
+// order) and what each waits with (its cap, deadline and channel): one
 // hash tag, so one Cluster slot.
 func (s *Slots) keys(tag string) []string {
-	return []string{tag + ":slots", tag + ":rate", tag + ":waiters"}
+	return []string{tag + ":slots", tag + ":rate", tag + ":waiters", tag + ":waiting"}
 }
 
 // Take takes one of t.Account's slots, or waits, up to t.Wait, to be
@@ -196,15 +208,17 @@ func (s *Slots) Take(ctx context.Context, t ratelimit.Ticket) (ratelimit.Place, 
 		s.mu.Lock()
 		s.waiting[slot] = handed
 		s.mu.Unlock()
-		defer s.unwait(slot)
 	}
-	args := []string{strconv.Itoa(t.Limit), strconv.FormatInt(s.ttl.Milliseconds(), 10), slot, strconv.Itoa(s.rate),
+	args := []string{strconv.Itoa(t.Limit), strconv.FormatInt(SlotLease.Milliseconds(), 10), slot, strconv.Itoa(s.rate),
 		strconv.FormatInt(wait.Milliseconds(), 10), s.channel(), strconv.Itoa(int(t.Priority))}
 	got, held, err := s.take(ctx, tag, args)
+	if err != nil || got != 0 {
+		s.unwait(slot)
+	}
 	switch {
 	case err != nil:
 		s.later(tag, slot) // Redis may have run it after the timeout
-		return s.share(ctx, t)
+		return s.share(t)
 	case got > 0:
 		return s.place(tag, slot, int(held)), 0, nil
 	case got < 0:
@@ -216,17 +230,42 @@ func (s *Slots) Take(ctx context.Context, t ratelimit.Ticket) (ratelimit.Place, 
 	return s.await(ctx, t, tag, slot, handed)
 }
 
-// await waits for slot to be handed over, for t.Wait at most.
+// await waits for slot to be handed over, for t.Wait at most. Its
+// channel stays registered until then (the listener has removed it when
+// it delivered a message), or, for a slot it found without one, until the
+// place is released: a message that comes late then is not taken for a
+// waiter that had left.
 func (s *Slots) await(ctx context.Context, t ratelimit.Ticket, tag, slot string, handed chan string) (ratelimit.Place, time.Duration, error) {
+	found := false
+	defer func() {
+		if !found {
+			s.unwait(slot)
+		}
+	}()
 	deadline := time.NewTimer(t.Wait)
 	defer deadline.Stop()
-	// A slot that lapsed (its replica died) is handed by no release: once
-	// a lease could have lapsed, this call has the waiters served itself.
-	recheck := time.NewTimer(s.ttl)
-	defer recheck.Stop()
+	// Pub/sub delivers at most once: a slot handed while this replica's
+	// subscription was being restored is told to nobody. Once a second the
+	// call looks for its slot in the set itself. And a slot that lapsed
+	// (its replica died) is handed by no release: once a lease could have
+	// lapsed, the call has the waiters served.
+	check := time.NewTicker(handCheck)
+	defer check.Stop()
+	lapsed := time.NewTimer(SlotLease)
+	defer lapsed.Stop()
 	for {
 		select {
-		case <-recheck.C:
+		case <-check.C:
+			switch n := s.held(ctx, tag, slot); {
+			case n > 0:
+				found = true
+				s.Handed.Add(1)
+				return s.renewed(&fleetPlace{held: n, release: func() { s.unwait(slot); go s.give(tag, slot) }}, tag, slot), 0, nil
+			case n < 0:
+				return nil, time.Millisecond, nil // its place is gone: the Limiter has it take again
+			}
+			continue
+		case <-lapsed.C:
 			go s.give(tag, "")
 			continue
 		case msg := <-handed:
@@ -253,28 +292,44 @@ func (s *Slots) handed(tag, slot, msg string) (ratelimit.Place, time.Duration, e
 	return s.place(tag, slot, int(n)), 0, nil
 }
 
+// handCheck is how often a waiting call looks for a slot handed to it
+// whose message was lost.
+const handCheck = time.Second
+
+// held reports the slots held if slot is among them (handed to this call
+// without a message); 0 if the call still waits; -1 if it neither holds
+// its slot nor waits (handed while unheard, the slot lapsed, or Redis
+// lost both: it takes again).
+func (s *Slots) held(ctx context.Context, tag, slot string) int {
+	c, ctx, cancel, err := s.f.conn(ctx)
+	defer cancel()
+	if err != nil {
+		return 0
+	}
+	trip(ctx)
+	s.Sent.Add(1)
+	n, err := heldSlot.Exec(ctx, c, s.keys(tag)[:3], []string{slot}).AsInt64()
+	if s.f.result(err) != nil {
+		return 0
+	}
+	return int(n)
+}
+
+var heldSlot = rueidis.NewLuaScript(`
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return redis.call('ZCARD', KEYS[1]) end
+if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return 0 end
+return -1`)
+
 func (s *Slots) unwait(slot string) {
 	s.mu.Lock()
 	delete(s.waiting, slot)
 	s.mu.Unlock()
 }
 
-// cancel takes a call that left out of the account's waiters: no slot is
-// handed to it then (one that was is given back when it arrives).
-func (s *Slots) cancel(tag, slot string) {
-	c, ctx, cancel, err := s.f.conn(context.Background())
-	defer cancel()
-	if err != nil {
-		return
-	}
-	trip(ctx)
-	s.Sent.Add(1)
-	cmd := c.B().Eval().Script(`
-for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if string.sub(m, 1, #ARGV[1] + 1) == ARGV[1] .. ' ' then redis.call('ZREM', KEYS[1], m) end
-end`).Numkeys(1).Key(s.keys(tag)[2]).Arg(slot).Build()
-	s.f.result(c.Do(ctx, cmd).Error())
-}
+// cancel takes a call that left out of the account's waiters (giveSlot
+// of its slot: no slot is handed to it then, and one that was is given
+// back).
+func (s *Slots) cancel(tag, slot string) { s.give(tag, slot) }
 
 // take runs takeSlot: what it returned and the slots held.
 func (s *Slots) take(ctx context.Context, tag string, args []string) (int64, int64, error) {
@@ -300,19 +355,79 @@ func (s *Slots) take(ctx context.Context, tag string, args []string) (int64, int
 	return got, held, nil
 }
 
-// place is a slot held; its release runs off the answer's path.
+// SlotLease is how long a slot is held without being renewed: a call
+// that lasts longer renews its slot every third of it. A slot nobody
+// holds (its replica died, its take timed out after Redis ran it, the
+// message handing it over was lost) lapses within a lease.
+const SlotLease = time.Second
+
+// place is a slot held, renewed while held; its release runs off the
+// answer's path.
 func (s *Slots) place(tag, slot string, held int) ratelimit.Place {
-	return &fleetPlace{held: held, release: func() { go s.give(tag, slot) }}
+	return s.renewed(&fleetPlace{held: held, release: func() { go s.give(tag, slot) }}, tag, slot)
+}
+
+// renewed starts p's renewals, every third of a lease until released.
+func (s *Slots) renewed(p *fleetPlace, tag, slot string) *fleetPlace {
+	var renew func()
+	renew = func() {
+		if s.renew(tag, slot) {
+			p.mu.Lock()
+			if !p.released {
+				p.timer = time.AfterFunc(SlotLease/3, renew)
+			}
+			p.mu.Unlock()
+		}
+	}
+	p.timer = time.AfterFunc(SlotLease/3, renew)
+	return p
+}
+
+// renewSlot extends a held slot's lease (ZADD XX: a slot that lapsed and
+// was cleared is not taken again); 0 when it was not held.
+var renewSlot = rueidis.NewLuaScript(`
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local n = redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return n`)
+
+// renew extends slot's lease; false when it was not held any more (or
+// Redis did not answer: the next renewal is not tried, the slot lapses).
+func (s *Slots) renew(tag, slot string) bool {
+	c, ctx, cancel, err := s.f.conn(context.Background())
+	defer cancel()
+	if err != nil {
+		return false
+	}
+	trip(ctx)
+	s.Sent.Add(1)
+	n, err := renewSlot.Exec(ctx, c, s.keys(tag)[:1], []string{slot, strconv.FormatInt(SlotLease.Milliseconds(), 10)}).AsInt64()
+	return s.f.result(err) == nil && n > 0
 }
 
 type fleetPlace struct {
 	held    int
 	once    sync.Once
 	release func()
+
+	mu       sync.Mutex
+	timer    *time.Timer // the next renewal, if any
+	released bool
 }
 
 func (p *fleetPlace) Held() int { return p.held }
-func (p *fleetPlace) Release()  { p.once.Do(p.release) }
+func (p *fleetPlace) Release() {
+	p.once.Do(func() {
+		p.mu.Lock()
+		p.released = true
+		if p.timer != nil {
+			p.timer.Stop()
+		}
+		p.mu.Unlock()
+		p.release()
+	})
+}
 
 // give gives a slot back, or has regive do it if Redis does not answer.
 func (s *Slots) give(tag, slot string) {
@@ -329,7 +444,7 @@ func (s *Slots) release(tag, slot string) error {
 	}
 	trip(ctx)
 	s.Sent.Add(1)
-	return s.f.result(giveSlot.Exec(ctx, c, s.keys(tag), []string{slot, strconv.FormatInt(s.ttl.Milliseconds(), 10), strconv.Itoa(s.rate), tag}).Error())
+	return s.f.result(giveSlot.Exec(ctx, c, s.keys(tag), []string{slot, strconv.FormatInt(SlotLease.Milliseconds(), 10), strconv.Itoa(s.rate), tag}).Error())
 }
 
 // listen hears, on this replica's channel, the slots releases handed to
@@ -369,7 +484,7 @@ func (s *Slots) listen(ctx context.Context) {
 // full: it lapses by itself).
 func (s *Slots) later(tag, slot string) {
 	select {
-	case s.ungiven <- ungiven{tag: tag, slot: slot, until: time.Now().Add(s.ttl)}:
+	case s.ungiven <- ungiven{tag: tag, slot: slot, until: time.Now().Add(SlotLease)}:
 	default:
 	}
 }
@@ -434,31 +549,19 @@ func (s *Slots) announce(ctx context.Context) {
 }
 
 // share takes one of this replica's share of the account's cap, for when
-// Redis cannot be asked or will not say when a slot is free: the cap
-// divided by the replicas last seen. With none free it waits for one of
-// them (woken by its release), for t.Wait at most.
-func (s *Slots) share(ctx context.Context, t ratelimit.Ticket) (ratelimit.Place, time.Duration, error) {
+// Redis cannot be asked: the cap divided by the replicas last seen. With
+// none free, the call asks again (Redis first) after unheardRetry: while
+// Redis does not answer, no release can say when a slot is free.
+func (s *Slots) share(t ratelimit.Ticket) (ratelimit.Place, time.Duration, error) {
 	limit := max(1, t.Limit/max(1, int(s.replicas.Load())))
-	deadline := time.NewTimer(t.Wait)
-	defer deadline.Stop()
-	for {
-		s.mu.Lock()
-		if s.fallback[t.Account] < limit {
-			s.fallback[t.Account]++
-			s.mu.Unlock()
-			s.Fallbacks.Add(1)
-			return &fleetPlace{release: func() { s.unshare(t.Account) }}, 0, nil
-		}
-		freed := s.freed
-		s.mu.Unlock()
-		select {
-		case <-freed:
-		case <-ctx.Done():
-			return nil, 0, ctx.Err()
-		case <-deadline.C:
-			return nil, 0, &ratelimit.RejectedError{RetryAfter: time.Second, Reason: "this replica's share of max_concurrent reached for max_wait (Redis unreachable)"}
-		}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.fallback[t.Account] >= limit {
+		return nil, unheardRetry, nil
 	}
+	s.fallback[t.Account]++
+	s.Fallbacks.Add(1)
+	return &fleetPlace{release: func() { s.unshare(t.Account) }}, 0, nil
 }
 
 func (s *Slots) unshare(acct string) {
@@ -466,7 +569,5 @@ func (s *Slots) unshare(acct string) {
 	if s.fallback[acct]--; s.fallback[acct] == 0 {
 		delete(s.fallback, acct)
 	}
-	close(s.freed)
-	s.freed = make(chan struct{})
 	s.mu.Unlock()
 }

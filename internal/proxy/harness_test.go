@@ -206,7 +206,7 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 		o.Invalidator, o.Shared = inv, f
 		// One limiter for the fleet: each turn takes its place in the
 		// fleet's slots, and API keys are known fleet-wide.
-		slots := fleet.NewSlots(f, s.cfg.RateLimit.RequestsPerSecond, s.cfg.Upstreams.Conversations.Timeout.D())
+		slots := fleet.NewSlots(f, s.cfg.RateLimit.RequestsPerSecond)
 		t.Cleanup(slots.Close)
 		lc := limiterConfig(s.cfg.RateLimit, zerolog.New(h.logs).With().Timestamp().Logger())
 		lc.Slots, lc.Keys = slots, fleet.NewKeyBook(f)

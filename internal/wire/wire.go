@@ -51,11 +51,10 @@ func Limiter(rl config.RateLimit, log zerolog.Logger) ratelimit.Config {
 }
 
 // FleetLimiter is the budget of a fleet's replica: its turns take their
-// places in the fleet's slots (the upstreams' longest timeout is a slot's
-// lease), and API keys' accounts, ratelimit.key_accounts' included, are
+// places in the fleet's slots, and API keys' accounts, ratelimit.key_accounts' included, are
 // known fleet-wide. Close the Slots when done.
 func FleetLimiter(cfg config.Config, f *fleet.Fleet, log zerolog.Logger) (*ratelimit.Limiter, *fleet.Slots) {
-	slots := fleet.NewSlots(f, cfg.RateLimit.RequestsPerSecond, max(cfg.Upstreams.Conversations.Timeout.D(), cfg.Upstreams.Proxy.Timeout.D()))
+	slots := fleet.NewSlots(f, cfg.RateLimit.RequestsPerSecond)
 	lc := Limiter(cfg.RateLimit, log)
 	book := fleet.NewKeyBook(f)
 	lc.Slots, lc.Keys = slots, book
