@@ -64,7 +64,15 @@ async function main() {
     client.conversations.v1.conversations(conv).participants('MB' + 'f'.repeat(32)).fetch(),
     (e) => e.status === 404 && e.code === 20404,
   );
-  console.log(JSON.stringify({ ok: true, requests: http.seen.length }));
+  // A list auto-pages through next_page_url, as given: every page comes
+  // back through the sidecar (LIST_COUNT participants, pages of 2).
+  const listed = await client.conversations.v1.conversations(conv).participants.list({ pageSize: 2 });
+  assert.equal(listed.length, Number(env('LIST_COUNT')));
+  const pages = http.seen.filter((s) => s.uri.includes('/Participants?') || s.uri.endsWith('/Participants'));
+  for (const pg of pages) {
+    assert.ok(pg.uri.startsWith(base), `a page went around the sidecar: ${pg.uri}`);
+  }
+  console.log(JSON.stringify({ ok: true, requests: http.seen.length, pages: pages.length }));
 }
 
 main().catch((e) => {

@@ -32,6 +32,9 @@ type record struct {
 	upstreamStatus int
 	upstreamDur    time.Duration
 	calls          callStats // queue wait, retries, upstream 429s
+	// pageBase is the base URL a pass-through GET's client used, when it
+	// replaced its base URL: a list answer's page URLs point there.
+	pageBase string
 	// upstreamCut: the upstream's body failed after the client's answer
 	// had begun (a pass-through streamed to the client).
 	upstreamCut bool

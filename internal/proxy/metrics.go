@@ -20,6 +20,7 @@ type counters struct {
 	shared, sharedErrors, claimsWon, claimsWaited   atomic.Int64
 	upstreamCalls, upstream429, rejections, retries atomic.Int64
 	queueWaitNanos                                  atomic.Int64
+	pagesUnrewritten                                atomic.Int64
 }
 
 // count adds one answer with outcome o to its counter.
@@ -90,6 +91,7 @@ func newMetrics(reg prometheus.Registerer, p *Proxy) *metrics {
 		counter("cacheproxy_l2_hits_total", "Reads answered from the fleet's shared tier (redis.url).", p.c.shared.Load),
 		counter("cacheproxy_fleet_claims_won_total", "Cold keys this replica fetched for the fleet (it won the key's claim).", p.c.claimsWon.Load),
 		counter("cacheproxy_fleet_claims_waited_total", "Cold keys this replica waited for another replica to fetch.", p.c.claimsWaited.Load),
+		counter("cacheproxy_list_pages_unrewritten_total", "List answers to a client that replaced its base URL, too large to buffer: their page URLs point at Twilio.", p.c.pagesUnrewritten.Load),
 		counter("cacheproxy_l2_errors_total", "Calls to the fleet's shared tier that failed or timed out (each a miss, never a client error).", p.c.sharedErrors.Load),
 		gauge("cacheproxy_cache_entries", "Entries in the cache.", func() float64 { return float64(p.store.Stats().Entries) }),
 		gauge("cacheproxy_cache_bytes", "Bytes held by the cache (body + headers + key).", func() float64 { return float64(p.store.Stats().Bytes) }),

@@ -7,6 +7,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
+	"slices"
+	"strconv"
 	"strings"
 
 	"cacheproxy/internal/route"
@@ -24,6 +27,9 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rec *record, up 
 	}
 	p.c.passthrough.Add(1)
 	rec.viaUpstream = true
+	if rec.rt.Replaced && r.Method == http.MethodGet {
+		rec.pageBase = clientBase(r, rec.rt.Base)
+	}
 	out := r.WithContext(withStats(context.WithValue(r.Context(), recordKey{}, rec), &rec.calls))
 	if rec.rt.Path != escapedPath(r) { // a prefix removed, or escapes normalised
 		u := *r.URL
@@ -49,6 +55,9 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 	body, err := bufferSmall(resp, rec)
 	if err != nil {
 		return err
+	}
+	if rec.pageBase != "" && resp.StatusCode == http.StatusOK && strings.Contains(resp.Header.Get("Content-Type"), "json") {
+		p.keepPagesBehind(resp, rec, body)
 	}
 	p.learnKey(rec.cred, resp.StatusCode, body)
 	if isWrite(resp.Request.Method) && mayHaveApplied(resp.StatusCode) {
@@ -180,4 +189,69 @@ func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) 
 		}
 	}
 	p.fail(w, r, err)
+}
+
+// clientBase is the base URL a client that replaced its base URL used:
+// the scheme and Host it reached the sidecar with, and its path prefix.
+func clientBase(r *http.Request, prefix string) string {
+	scheme := "http"
+	if r.TLS != nil {
+		scheme = "https"
+	}
+	return scheme + "://" + r.Host + prefix
+}
+
+// keepPagesBehind rewrites a list answer's absolute page URLs (meta's url
+// and *_url, on one of the upstream's public hosts) to the base URL the
+// client used, so that clients that follow next_page_url as given
+// (twilio-node, twilio-python) stay behind the sidecar. An answer larger
+// than the buffered size streams unchanged and is counted.
+func (p *Proxy) keepPagesBehind(resp *http.Response, rec *record, body []byte) {
+	if body == nil {
+		p.c.pagesUnrewritten.Add(1)
+		return
+	}
+	out, ok := rewritePages(body, p.ups[rec.rt.Upstream].hosts, rec.pageBase)
+	if !ok {
+		return
+	}
+	resp.Body = io.NopCloser(bytes.NewReader(out))
+	resp.ContentLength = int64(len(out))
+	resp.Header.Set("Content-Length", strconv.Itoa(len(out)))
+}
+
+// rewritePages is body with its meta's page URLs on hosts moved to base;
+// false if it has none (or is not a JSON object).
+func rewritePages(body []byte, hosts []string, base string) ([]byte, bool) {
+	var top map[string]json.RawMessage
+	if !bytes.Contains(body, []byte(`"meta"`)) || json.Unmarshal(body, &top) != nil {
+		return nil, false
+	}
+	var meta map[string]json.RawMessage
+	if json.Unmarshal(top["meta"], &meta) != nil {
+		return nil, false
+	}
+	changed := false
+	for k, v := range meta {
+		var s string
+		if k != "url" && !strings.HasSuffix(k, "_url") || json.Unmarshal(v, &s) != nil {
+			continue
+		}
+		u, err := url.Parse(s)
+		if err != nil || u.Scheme != "https" || !slices.Contains(hosts, strings.ToLower(u.Host)) {
+			continue
+		}
+		rewritten := base + u.EscapedPath()
+		if u.RawQuery != "" {
+			rewritten += "?" + u.RawQuery
+		}
+		meta[k], _ = json.Marshal(rewritten)
+		changed = true
+	}
+	if !changed {
+		return nil, false
+	}
+	top["meta"], _ = json.Marshal(meta)
+	out, err := json.Marshal(top)
+	return out, err == nil
 }

@@ -202,6 +202,15 @@ type upstream struct {
 	transport http.RoundTripper
 	rp        *httputil.ReverseProxy
 	timeout   time.Duration
+	hosts     []string // its public hosts (upstreams.*.hosts), lower case
+}
+
+func lower(hosts []string) []string {
+	out := make([]string, len(hosts))
+	for i, h := range hosts {
+		out[i] = strings.ToLower(h)
+	}
+	return out
 }
 
 // maxFetchBytes bounds how much of a participant read's response is
@@ -275,7 +284,7 @@ func New(o Options) (*Proxy, error) {
 			clock: p.clock, c: &p.c, m: p.m, upstream: id.String(),
 			fp: p.fp, refused: &p.refused,
 		}
-		up := &upstream{id: id, target: target, transport: paced, timeout: uc.Timeout}
+		up := &upstream{id: id, target: target, transport: paced, timeout: uc.Timeout, hosts: lower(uc.Hosts)}
 		up.rp = &httputil.ReverseProxy{
 			Rewrite:        func(pr *httputil.ProxyRequest) { pr.SetURL(target) },
 			Transport:      timeoutTransport{paced, up.timeout},

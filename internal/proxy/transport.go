@@ -137,14 +137,7 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			lease.Saw(n)
 		}
 		if resp.StatusCode != http.StatusTooManyRequests {
-			if resp.StatusCode >= 200 && resp.StatusCode < 300 && user != "" {
-				t.budget.Verify(user, fingerprint)
-			}
-			if resp.StatusCode == http.StatusUnauthorized {
-				t.rememberRefusal(cred, resp)
-			}
-			resp.Body = &releasingBody{ReadCloser: resp.Body, lease: lease}
-			return resp, nil
+			return t.answered(resp, lease, cred, user, fingerprint), nil
 		}
 		stats.tooMany++
 		t.c.upstream429.Add(1)
@@ -169,6 +162,19 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			req.Body = replay()
 		}
 	}
+}
+
+// answered is an answer other than a 429: a 2xx verifies the credential,
+// a 401 is remembered, and the turn goes back when the body is closed.
+func (t *pacedTransport) answered(resp *http.Response, lease ratelimit.Lease, cred *credential, user, fingerprint string) *http.Response {
+	if resp.StatusCode >= 200 && resp.StatusCode < 300 && user != "" {
+		t.budget.Verify(user, fingerprint)
+	}
+	if resp.StatusCode == http.StatusUnauthorized {
+		t.rememberRefusal(cred, resp)
+	}
+	resp.Body = &releasingBody{ReadCloser: resp.Body, lease: lease}
+	return resp
 }
 
 // tooMany reads a 429's Twilio code: 20429 (too many concurrent requests)

@@ -1,10 +1,13 @@
 package proxy
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"strings"
 	"testing"
+
+	"cacheproxy/internal/twiliofake"
 )
 
 // TestTwilioNodeThroughTheProxy runs clients/node/check.js: twilio-node with
@@ -19,12 +22,15 @@ func TestTwilioNodeThroughTheProxy(t *testing.T) {
 		t.Fatal("twilio-node is not installed: run npm ci --prefix clients/node (.ci/run does)")
 	}
 	h := newHarness(t)
+	for i := range 4 { // five in all: a list of three pages of two
+		h.conv.AddParticipant(conv1, twiliofake.Participant{Sid: twiliofake.SID("MB", 500+i), Identity: fmt.Sprint("lister", i)})
+	}
 	cmd := exec.Command(node, "check.js")
 	cmd.Dir = "../../clients/node"
 	cmd.Env = append(os.Environ(),
 		"CACHEPROXY_URL="+h.srv.URL, "ACCOUNT_SID="+acctA, "AUTH_TOKEN="+tokenA,
 		"CONV="+conv1, "MEMBER="+member1, "ISVC="+isvc, "CONV2="+conv2, "MEMBER2="+member2,
-		"KSVC="+ksvc, "SESSION="+sess1, "KP="+kp1)
+		"KSVC="+ksvc, "SESSION="+sess1, "KP="+kp1, "LIST_COUNT=5")
 	out, err := cmd.CombinedOutput()
 	if err != nil || !strings.Contains(string(out), `"ok":true`) {
 		t.Fatalf("twilio-node check failed: %v\n%s", err, out)
@@ -35,6 +41,11 @@ func TestTwilioNodeThroughTheProxy(t *testing.T) {
 		if got := h.conv.Calls("GET", path); got != want {
 			t.Errorf("upstream GETs of %s = %d, want %d", path, got, want)
 		}
+	}
+	// The list's three pages all reached Twilio through the sidecar
+	// (before: page 2 on went to https://conversations.twilio.com).
+	if got := h.conv.Calls("GET", "/v1/Conversations/"+conv1+"/Participants"); got != 3 {
+		t.Errorf("upstream GETs of the participant list = %d, want 3 (its pages)", got)
 	}
 	if got := h.prox.Calls("GET", pathProxy); got != 1 {
 		t.Errorf("upstream GETs of the proxy participant = %d, want 1", got)

@@ -10,6 +10,11 @@ type Match struct {
 	// normalised, with any /proxy or /conversations prefix removed. Cache
 	// keys and purge use it; scope ids are decoded.
 	Path string
+	// Replaced: the request came to the sidecar's own host (the client
+	// replaced its base URL), not with a Twilio Host kept; Base is the
+	// path prefix it used then ("/conversations", "/proxy" or "").
+	Replaced bool
+	Base     string
 
 	row  *Row // nil: a pass-through route that names no scope
 	id   int  // index in Labels

@@ -75,12 +75,16 @@ func (r *Router) Resolve(method, host, urlHost, path string) (Match, *Error) {
 		return Match{}, &Error{Status: 400, Msg: "malformed percent-encoding in the path"}
 	}
 	up, known := r.byHost[host]
+	replaced, base := false, ""
 	switch {
 	case known:
 	case absolute || host == "twilio.com" || strings.HasSuffix(host, ".twilio.com"):
 		return Match{}, &Error{Status: 421, Msg: "host " + quoteHost(host) + " is not a configured upstream of cacheproxy"}
 	default:
+		replaced = true
+		trimmed := path
 		up, known, path = byPrefix(path)
+		base = trimmed[:len(trimmed)-len(path)]
 	}
 	// The path is split once; routing by path, the dot-segment check and
 	// classify all read the segments.
@@ -96,7 +100,7 @@ func (r *Router) Resolve(method, host, urlHost, path string) (Match, *Error) {
 		return Match{}, &Error{Status: 400, Msg: "path must not contain . or .. segments"}
 	}
 	m := classify(up, segs)
-	m.Path = path
+	m.Path, m.Replaced, m.Base = path, replaced, base
 	return m, nil
 }
 

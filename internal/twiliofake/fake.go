@@ -10,6 +10,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -226,6 +227,8 @@ func (f *Fake) participant(w http.ResponseWriter, r *http.Request, account, serv
 		p = &Participant{Sid: SID("MB", len(c.parts)+1000), Identity: r.PostForm.Get("Identity"), Attributes: r.PostForm.Get("Attributes")}
 		c.parts[p.Sid] = p
 		writeJSON(w, http.StatusCreated, view(account, service, cid, p, r.URL.Path+"/"+p.Sid))
+	case len(rest) == 0 && r.Method == http.MethodGet:
+		f.list(w, r, account, service, cid, c, view)
 	case p == nil:
 		f.notFound(w, r)
 	case r.Method == http.MethodGet:
@@ -245,6 +248,39 @@ func (f *Fake) participant(w http.ResponseWriter, r *http.Request, account, serv
 	default:
 		Error(w, http.StatusMethodNotAllowed, 20004, "Method not allowed")
 	}
+}
+
+// list answers a page of a conversation's participants (by SID) as
+// Twilio does: PageSize (default 50) and Page (from 0), and a meta whose
+// page URLs are absolute, on Twilio's public host whatever host the
+// request came to. Callers hold f.mu.
+func (f *Fake) list(w http.ResponseWriter, r *http.Request, account, service, cid string, c *conversation, view render) {
+	size, _ := strconv.Atoi(r.URL.Query().Get("PageSize"))
+	if size <= 0 {
+		size = 50
+	}
+	page, _ := strconv.Atoi(r.URL.Query().Get("Page"))
+	sids := make([]string, 0, len(c.parts))
+	for sid := range c.parts {
+		sids = append(sids, sid)
+	}
+	slices.Sort(sids)
+	items := []any{}
+	for _, sid := range sids[min(page*size, len(sids)):min((page+1)*size, len(sids))] {
+		items = append(items, view(account, service, cid, c.parts[sid], r.URL.Path+"/"+sid))
+	}
+	at := func(n int) string {
+		return fmt.Sprintf("https://conversations.twilio.com%s?PageSize=%d&Page=%d", r.URL.Path, size, n)
+	}
+	meta := map[string]any{"page": page, "page_size": size, "first_page_url": at(0), "url": at(page),
+		"previous_page_url": nil, "next_page_url": nil, "key": "participants"}
+	if page > 0 {
+		meta["previous_page_url"] = at(page - 1)
+	}
+	if (page+1)*size < len(sids) {
+		meta["next_page_url"] = at(page + 1)
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"participants": items, "meta": meta})
 }
 
 // readAttributes takes Attributes from a form (v1, Proxy) or "name" from
