@@ -159,7 +159,8 @@ func concurrency() []string {
 	}
 	tw.Flush()
 	fmt.Printf("(Twilio fake: 429 above %d in flight per account, %s per request)\n\n", twilioLimit, twilioLatency)
-	return append(results, wrongToken(), distinctTokens())
+	results = append(results, others()...)
+	return append(results, wrongToken(), distinctTokens(), writeDuringBacklog())
 }
 
 // wrongToken floods the account with a wrong token and times the right

@@ -112,10 +112,11 @@ func (l *Limiter) newAccountAt(id string, cap int) {
 
 // Twilio's header steers the cap: a 429's tells the limit (one less than
 // the requests in flight it reports) and cuts as without the header; each
-// other answer's tells the other clients' share (what it reports beyond
-// ours in flight), taken off the limit; an answer with room, with no 429
-// for a while, lifts the cut at once, and the others' leaving shows
-// within two windows, without another 429.
+// other answer's tells the other clients' share (the upper quartile of the
+// recent reports beyond ours in flight), taken off the limit; an answer with
+// room, with no 429 for a while, lifts the cut at once, and the others'
+// leaving shows once the reports of their time are old, without another
+// 429.
 func TestTwiliosHeaderSteersTheCap(t *testing.T) {
 	clk := newFake()
 	l := New(Config{MaxConcurrent: 25, MaxWait: time.Hour}, clk)
@@ -140,7 +141,7 @@ func TestTwiliosHeaderSteersTheCap(t *testing.T) {
 	if st := l.State("AC1"); st.Others != 6 || st.Cap != 4 {
 		t.Fatalf("%+v: want others 6, cap 10-6 = 4", st)
 	}
-	clk.Advance(othersWindow)
+	clk.Advance(othersWindow / 2)
 	ls[1].Saw(5) // 3 of ours in flight: it says 2 others, low by ours still on their way
 	ls[1].Done(Served)
 	if st := l.State("AC1"); st.Others != 6 || st.Cap != 4 {

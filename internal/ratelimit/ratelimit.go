@@ -231,11 +231,10 @@ type account struct {
 	// other clients' calls in flight as last reported at sawAt.
 	limit, others int
 	sawAt         time.Time
-	// others is the most of othersCur (reports since othersSince) and
-	// othersPrev (the window before).
-	othersCur, othersPrev int
-	othersSince           time.Time
-	throttledAt           time.Time // the last 429 with the header
+	// others is the median of the recent reports (seeOthers).
+	samples     [othersSamples]othersSample
+	nextSample  int
+	throttledAt time.Time // the last 429 with the header
 
 	holdUntil time.Time // the rate window is full until then
 	timer     bool      // a goroutine waits for it to open
