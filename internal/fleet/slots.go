@@ -271,7 +271,7 @@ func (s *Slots) await(ctx context.Context, t ratelimit.Ticket, tag, slot string,
 		case msg := <-handed:
 			return s.handed(tag, slot, msg)
 		case <-ctx.Done():
-			go s.cancel(tag, slot)
+			go s.give(tag, slot) // out of the waiters; a slot handed meanwhile goes back
 			return nil, 0, ctx.Err()
 		case <-deadline.C:
 			// Its place in the queue lapses by itself; a slot handed to it
@@ -301,18 +301,24 @@ const handCheck = time.Second
 // its slot nor waits (handed while unheard, the slot lapsed, or Redis
 // lost both: it takes again).
 func (s *Slots) held(ctx context.Context, tag, slot string) int {
-	c, ctx, cancel, err := s.f.conn(ctx)
-	defer cancel()
-	if err != nil {
-		return 0
-	}
-	trip(ctx)
-	s.Sent.Add(1)
-	n, err := heldSlot.Exec(ctx, c, s.keys(tag)[:3], []string{slot}).AsInt64()
+	n, err := s.run(ctx, heldSlot, s.keys(tag)[:3], slot).AsInt64()
 	if s.f.result(err) != nil {
 		return 0
 	}
 	return int(n)
+}
+
+// run sends one of the slots' scripts to Redis (counted in Sent),
+// bounded by redis.timeout.
+func (s *Slots) run(ctx context.Context, script *rueidis.Lua, keys []string, args ...string) rueidis.RedisResult {
+	c, ctx, cancel, err := s.f.conn(ctx)
+	defer cancel()
+	if err != nil {
+		return rueidis.NewErrorResult(err)
+	}
+	trip(ctx)
+	s.Sent.Add(1)
+	return script.Exec(ctx, c, keys, args)
 }
 
 var heldSlot = rueidis.NewLuaScript(`
@@ -326,21 +332,9 @@ func (s *Slots) unwait(slot string) {
 	s.mu.Unlock()
 }
 
-// cancel takes a call that left out of the account's waiters (giveSlot
-// of its slot: no slot is handed to it then, and one that was is given
-// back).
-func (s *Slots) cancel(tag, slot string) { s.give(tag, slot) }
-
 // take runs takeSlot: what it returned and the slots held.
 func (s *Slots) take(ctx context.Context, tag string, args []string) (int64, int64, error) {
-	c, ctx, cancel, err := s.f.conn(ctx)
-	defer cancel()
-	if err != nil {
-		return 0, 0, err
-	}
-	trip(ctx)
-	s.Sent.Add(1)
-	r, err := takeSlot.Exec(ctx, c, s.keys(tag), args).ToArray()
+	r, err := s.run(ctx, takeSlot, s.keys(tag), args...).ToArray()
 	if err := s.f.result(err); err != nil {
 		return 0, 0, err
 	}
@@ -379,7 +373,9 @@ func (s *Slots) renewed(p *fleetPlace, tag, slot string) *fleetPlace {
 			p.mu.Unlock()
 		}
 	}
+	p.mu.Lock()
 	p.timer = time.AfterFunc(SlotLease/3, renew)
+	p.mu.Unlock()
 	return p
 }
 
@@ -395,14 +391,7 @@ return n`)
 // renew extends slot's lease; false when it was not held any more (or
 // Redis did not answer: the next renewal is not tried, the slot lapses).
 func (s *Slots) renew(tag, slot string) bool {
-	c, ctx, cancel, err := s.f.conn(context.Background())
-	defer cancel()
-	if err != nil {
-		return false
-	}
-	trip(ctx)
-	s.Sent.Add(1)
-	n, err := renewSlot.Exec(ctx, c, s.keys(tag)[:1], []string{slot, strconv.FormatInt(SlotLease.Milliseconds(), 10)}).AsInt64()
+	n, err := s.run(context.Background(), renewSlot, s.keys(tag)[:1], slot, strconv.FormatInt(SlotLease.Milliseconds(), 10)).AsInt64()
 	return s.f.result(err) == nil && n > 0
 }
 
@@ -437,14 +426,7 @@ func (s *Slots) give(tag, slot string) {
 }
 
 func (s *Slots) release(tag, slot string) error {
-	c, ctx, cancel, err := s.f.conn(context.Background())
-	defer cancel()
-	if err != nil {
-		return err
-	}
-	trip(ctx)
-	s.Sent.Add(1)
-	return s.f.result(giveSlot.Exec(ctx, c, s.keys(tag), []string{slot, strconv.FormatInt(SlotLease.Milliseconds(), 10), strconv.Itoa(s.rate), tag}).Error())
+	return s.f.result(s.run(context.Background(), giveSlot, s.keys(tag), slot, strconv.FormatInt(SlotLease.Milliseconds(), 10), strconv.Itoa(s.rate), tag).Error())
 }
 
 // listen hears, on this replica's channel, the slots releases handed to

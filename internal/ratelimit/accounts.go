@@ -181,7 +181,7 @@ func (l *Limiter) State(user string) State {
 
 func (l *Limiter) stateLocked(a *account, now time.Time, keys int) State {
 	st := State{Account: a.id, Cap: l.capLocked(a, now), InFlight: a.inflight, Taking: a.taking, Queued: a.queued,
-		Rate: l.cfg.Rate, Keys: keys, SlowStart: a.slowStart && a.limit == 0, Verified: a.verified, Limit: a.limit}
+		Rate: l.cfg.Rate, Keys: keys, SlowStart: a.slowStart, Verified: a.verified, Limit: a.limit}
 	if l.othersFreshLocked(a, now) {
 		st.Others = a.others
 	}
