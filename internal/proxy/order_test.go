@@ -89,8 +89,11 @@ func TestTwiliosConcurrencyHeaderSteersTheBudget(t *testing.T) {
 	if st.Limit != 10 || st.Others < 6 || st.Others > 8 || st.Cap != 10-st.Others {
 		t.Fatalf("after the first 300: %+v, want limit 10, others 6 (up to 8), cap 10 - others", st)
 	}
-	if first == 0 || float64(first) > 0.015*float64(calls) {
-		t.Fatalf("%d upstream 429s of %d calls, want some (to learn the limit) and at most 1.5%%", first, calls)
+	// The share of 429s depends on timing, so it is measured by
+	// bench/limits (README: 1.0%), not asserted here. This test holds the
+	// count to what learning costs: at most slow start's first round (7).
+	if first == 0 || first > 7 {
+		t.Fatalf("%d upstream 429s of %d calls, want some (to learn the limit) and at most 7", first, calls)
 	}
 	if l, o := gauge(t, reg, "cacheproxy_budget_account_limit", acctA), gauge(t, reg, "cacheproxy_budget_others_in_flight", acctA); l != 10 || o != float64(st.Others) {
 		t.Fatalf("metrics: limit %v, others %v; want 10 and %d", l, o, st.Others)
