@@ -52,6 +52,7 @@ type Slots struct {
 	// timed out after Redis may have run it, failed, and was retried.
 	Regiven atomic.Int64
 	ungiven chan ungiven
+	giving  atomic.Int64
 
 	stop context.CancelFunc
 	wg   sync.WaitGroup
@@ -260,7 +261,7 @@ func (s *Slots) await(ctx context.Context, t ratelimit.Ticket, tag, slot string,
 			case n > 0:
 				found = true
 				s.Handed.Add(1)
-				return s.renewed(&fleetPlace{held: n, release: func() { s.unwait(slot); go s.give(tag, slot) }}, tag, slot), 0, nil
+				return s.renewed(&fleetPlace{held: n, release: func() { s.unwait(slot); s.giveLater(tag, slot) }}, tag, slot), 0, nil
 			case n < 0:
 				return nil, time.Millisecond, nil // its place is gone: the Limiter has it take again
 			}
@@ -358,7 +359,7 @@ const SlotLease = time.Second
 // place is a slot held, renewed while held; its release runs off the
 // answer's path.
 func (s *Slots) place(tag, slot string, held int) ratelimit.Place {
-	return s.renewed(&fleetPlace{held: held, release: func() { go s.give(tag, slot) }}, tag, slot)
+	return s.renewed(&fleetPlace{held: held, release: func() { s.giveLater(tag, slot) }}, tag, slot)
 }
 
 // renewed starts p's renewals, every third of a lease until released.
@@ -417,6 +418,20 @@ func (p *fleetPlace) Release() {
 		p.release()
 	})
 }
+
+// giveLater gives a slot back off the caller's path; Giving counts those
+// not done yet.
+func (s *Slots) giveLater(tag, slot string) {
+	s.giving.Add(1)
+	go func() {
+		defer s.giving.Add(-1)
+		s.give(tag, slot)
+	}()
+}
+
+// Giving is how many released slots are still being given back (tests
+// wait for it to be 0 before counting Redis's commands).
+func (s *Slots) Giving() int64 { return s.giving.Load() }
 
 // give gives a slot back, or has regive do it if Redis does not answer.
 func (s *Slots) give(tag, slot string) {

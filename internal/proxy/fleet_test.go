@@ -107,7 +107,13 @@ func TestFleetSharesEntries(t *testing.T) {
 			t.Fatalf("upstream calls for %s = %d, want 1", path, n)
 		}
 	}
-	// An L1 hit makes no Redis call.
+	// An L1 hit makes no Redis call. (The misses' slots are given back off
+	// their answers' path: wait for that first.)
+	for deadline := time.Now().Add(10 * time.Second); a.budget.Giving()+b.budget.Giving()+c.budget.Giving() > 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the misses' slots were never given back")
+		}
+	}
 	before := commandsProcessed(t, srv)
 	for range 20 {
 		if _, cs, _ := b.get(pathConv); strings.Contains(cs, "shared") || !strings.HasPrefix(cs, "cacheproxy; hit") {
