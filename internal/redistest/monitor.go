@@ -15,6 +15,7 @@ type Monitor struct {
 	conn net.Conn
 	mu   sync.Mutex
 	n    map[string]int // by command name
+	sent []string       // each counted command's line, up to maxSent
 	done chan struct{}
 }
 
@@ -64,7 +65,32 @@ func (m *Monitor) count(line string) {
 	}
 	m.mu.Lock()
 	m.n[name]++
+	if len(m.sent) < maxSent {
+		m.sent = append(m.sent, rest)
+	}
 	m.mu.Unlock()
+}
+
+// maxSent bounds the lines a Monitor keeps for Naming.
+const maxSent = 1 << 16
+
+// Naming returns the counted commands (of the first maxSent) with an
+// argument that contains one of parts, each with its arguments: a test
+// tells the commands of a request's keys from the replicas' periodic
+// upkeep that runs beside it.
+func (m *Monitor) Naming(parts ...string) []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []string
+	for _, l := range m.sent {
+		for _, p := range parts {
+			if strings.Contains(l, p) {
+				out = append(out, l)
+				break
+			}
+		}
+	}
+	return out
 }
 
 // Stop ends the count and returns it: the total and the count by command.
