@@ -14,10 +14,16 @@ import (
 	"github.com/redis/rueidis"
 )
 
-// ClaimTTL is how long a cold key's claim outlives its holder: the holder
-// renews it while it fetches, so a replica that dies mid-fetch holds up
-// the others for this long at most, then one of them takes over.
+// ClaimTTL is how long a cold key's claim outlives its holder: while a
+// replica holds claims it renews one key of its own (alive.go), so a
+// replica that dies mid-fetch holds up the others for about this long at
+// most (and a quarter of it more, the waiters' look at the holder), then
+// one of them takes over.
 const ClaimTTL = time.Second
+
+// ClaimHold is how long a claim lives in Redis when it is never given
+// back while its holder lives: longer than a fill's turn and call.
+const ClaimHold = 30 * time.Second
 
 // claimPoll is how often a replica waiting for another's fill looks for
 // it (a wait on another process, on the real clock).
@@ -33,10 +39,8 @@ type claim struct {
 	name  string // of the claim in Redis
 	epoch uint64
 	token string
-	found *cache.Entry  // a fresh fill found instead, for Wait
-	force bool          // the last look found an entry it could not use
-	stop  chan struct{} // ends the heartbeat of a claim held
-	beat  chan struct{} // closed when the heartbeat has ended
+	found *cache.Entry // a fresh fill found instead, for Wait
+	force bool         // the last look found an entry it could not use
 }
 
 var _ tier.Tier = (*Fleet)(nil)
@@ -49,7 +53,7 @@ var _ tier.Tier = (*Fleet)(nil)
 // not won and cannot wait: the caller fetches by itself.
 func (f *Fleet) Claim(ctx context.Context, key, auth string) (tier.Claim, error) {
 	_, name := f.keys[0].entryNames(f.cfg.Prefix, entryID(key, auth))
-	if held, ok := f.claims.take(name, f.cfg.ClaimTTL); ok {
+	if held, ok := f.claims.take(name, f); ok {
 		cl := &claim{f: f, key: key, auth: auth, name: name, epoch: held.epoch, token: held.token}
 		cl.hold()
 		return cl, nil
@@ -75,47 +79,14 @@ func (f *Fleet) Claim(ctx context.Context, key, auth string) (tier.Claim, error)
 	return cl, nil
 }
 
-// hold starts the heartbeat of a claim won: it is renewed until Share or
-// Release, and lapses ClaimTTL after its holder died (or lost Redis).
-func (cl *claim) hold() {
-	cl.stop, cl.beat = make(chan struct{}), make(chan struct{})
-	go cl.heartbeat()
-}
-
-// renew extends a claim only if it still holds the token that took it.
-var renew = rueidis.NewLuaScript(`
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0`)
+// hold keeps a claim won alive: its replica's key is renewed while it
+// holds any claim (alive.go).
+func (cl *claim) hold() { cl.f.holding.Add(1) }
 
 // unclaim deletes a claim only if it still holds the token that took it.
 const unclaim = `
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0`
-
-// heartbeat renews the claim three times a ClaimTTL until stop.
-func (cl *claim) heartbeat() {
-	defer close(cl.beat)
-	ttl := cl.f.cfg.ClaimTTL
-	tick := time.NewTicker(ttl / 3)
-	defer tick.Stop()
-	for {
-		select {
-		case <-cl.stop:
-			return
-		case <-tick.C:
-		}
-		c := cl.f.c()
-		if c == nil {
-			continue
-		}
-		ctx, cancel := cl.f.ctx(context.Background())
-		held, err := renew.Exec(ctx, c, []string{cl.name}, []string{cl.token, strconv.FormatInt(ttl.Milliseconds(), 10)}).AsInt64()
-		cancel()
-		if cl.f.result(err) == nil && held == 0 {
-			return // lapsed and taken: another replica fetches too
-		}
-	}
-}
 
 // Won reports whether this replica holds the key's claim.
 func (cl *claim) Won() bool { return cl.token != "" }
@@ -132,6 +103,7 @@ func (cl *claim) Wait(ctx context.Context) (*cache.Entry, error) {
 	}
 	tick := time.NewTicker(claimPoll)
 	defer tick.Stop()
+	look := time.Now().Add(cl.f.cfg.ClaimTTL / 4) // at the holder: alive?
 	for {
 		select {
 		case <-ctx.Done():
@@ -144,6 +116,9 @@ func (cl *claim) Wait(ctx context.Context) (*cache.Entry, error) {
 			if l.token != "" {
 				cl.f.unclaimLater(cl.name, l.token)
 			}
+			if ended(ctx) {
+				return nil, nil // the waiter left
+			}
 			return nil, err
 		case l.entry != nil && cl.f.clock.Now().Before(l.entry.Expires):
 			if l.token != "" {
@@ -154,9 +129,23 @@ func (cl *claim) Wait(ctx context.Context) (*cache.Entry, error) {
 			cl.token, cl.epoch = l.token, l.epoch // taken over: the fetch begins after this epoch
 			cl.hold()
 			return nil, nil
+		case l.holder != "" && time.Now().After(look):
+			look = time.Now().Add(cl.f.cfg.ClaimTTL / 4)
+			if token := cl.f.takeOver(ctx, cl.name, l.holder); token != "" {
+				cl.token, cl.epoch = token, l.epoch
+				cl.hold()
+				return nil, nil
+			}
 		}
 		cl.force = l.present
 	}
+}
+
+// ended reports whether ctx is done or past its deadline (a client may
+// see the deadline before ctx's own timer does).
+func ended(ctx context.Context) bool {
+	dl, ok := ctx.Deadline()
+	return ctx.Err() != nil || ok && !time.Now().Before(dl)
 }
 
 // Share writes e to Redis, sealed under the claim's credential and checked
@@ -167,63 +156,78 @@ func (cl *claim) Share(ctx context.Context, e *cache.Entry) error {
 	if c == nil {
 		return errNotConnected
 	}
-	set, ok, err := cl.f.set(c, e, cl.auth, cl.epoch, cl.f.clock.Now())
+	se, ok, err := cl.f.seal(e, cl.auth, cl.epoch, cl.f.clock.Now())
 	if err != nil {
 		return err
 	}
-	cmds := make(rueidis.Commands, 0, 2)
-	if ok {
-		cmds = append(cmds, set)
-	}
-	if cl.token != "" {
+	token := cl.token
+	var cmd rueidis.Completed
+	switch {
+	case token != "" && ok:
 		cl.end()
-		cmds = append(cmds, c.B().Eval().Script(unclaim).Numkeys(1).Key(cl.name).Arg(cl.token).Build())
-		cl.token = ""
-	}
-	if len(cmds) == 0 {
+		cmd = c.B().Eval().Script(shareClaim).Numkeys(2).Key(se.name, cl.name).
+			Arg(rueidis.BinaryString(se.val), strconv.FormatInt(se.ttl.Milliseconds(), 10), token).Build()
+	case token != "":
+		cl.end()
+		cmd = c.B().Eval().Script(unclaim).Numkeys(1).Key(cl.name).Arg(token).Build()
+	case ok:
+		cmd = c.B().Set().Key(se.name).Value(rueidis.BinaryString(se.val)).Px(se.ttl).Build()
+	default:
 		return nil
 	}
 	ctx, cancel := cl.f.ctx(ctx)
 	defer cancel()
 	trip(ctx)
-	for _, r := range c.DoMulti(ctx, cmds...) {
-		if err := cl.f.result(r.Error()); err != nil {
-			return err
-		}
+	err = cl.f.result(c.Do(ctx, cmd).Error())
+	if err != nil && token != "" {
+		cl.f.giveBackLater(cl.name, token)
 	}
-	return nil
+	return err
 }
 
-// end stops the heartbeat.
+// shareClaim sets entry KEYS[1] to ARGV[1] for ARGV[2] ms and deletes its
+// claim KEYS[2] (in the same hash slot) if it still holds token ARGV[3]:
+// a fill's share and release, one command.
+const shareClaim = `
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+return 1`
+
+// end lets the claim go here: its replica no longer keeps it alive for it.
 func (cl *claim) end() {
-	close(cl.stop)
-	<-cl.beat
+	cl.f.holding.Add(-1)
+	cl.token = ""
 }
 
 // Release gives the claim back if this replica still holds it (nothing
-// was shared), and stops its heartbeat.
+// was shared).
 func (cl *claim) Release() {
-	if cl.token != "" {
+	if token := cl.token; token != "" {
 		cl.end()
-		cl.f.unclaimNow(context.Background(), cl.name, cl.token)
-		cl.token = ""
+		if cl.f.unclaimNow(context.Background(), cl.name, token) != nil {
+			cl.f.giveBackLater(cl.name, token)
+		}
 	}
 }
 
-func (f *Fleet) unclaimNow(ctx context.Context, name, token string) {
+func (f *Fleet) unclaimNow(ctx context.Context, name, token string) error {
 	c, ctx, cancel, err := f.conn(ctx)
 	defer cancel()
 	if err != nil {
-		return // it lapses by itself
+		return err
 	}
 	trip(ctx)
-	f.result(c.Do(ctx, c.B().Eval().Script(unclaim).Numkeys(1).Key(name).Arg(token).Build()).Error())
+	return f.result(c.Do(ctx, c.B().Eval().Script(unclaim).Numkeys(1).Key(name).Arg(token).Build()).Error())
 }
 
 // unclaimLater gives back a claim taken but not needed, off the request's
-// path (it lapses by itself if Redis does not answer).
+// path (again later if Redis does not answer).
 func (f *Fleet) unclaimLater(name, token string) {
-	go f.unclaimNow(context.Background(), name, token)
+	go func() {
+		if f.unclaimNow(context.Background(), name, token) != nil {
+			f.giveBackLater(name, token)
+		}
+	}()
 }
 
 // newToken is a claim's random token (32 hex digits); newID, a replica's
@@ -260,11 +264,7 @@ func (cs *claims) put(name string, h heldClaim, f *Fleet) {
 		cs.m = map[string]heldClaim{}
 	}
 	if len(cs.m) >= 1000 {
-		for n, old := range cs.m {
-			if time.Since(old.at) > f.cfg.ClaimTTL {
-				delete(cs.m, n)
-			}
-		}
+		cs.sweepLocked(f)
 	}
 	if old, ok := cs.m[name]; ok && old.token != h.token {
 		f.unclaimLater(name, old.token) // never adopted
@@ -276,12 +276,39 @@ func (cs *claims) put(name string, h heldClaim, f *Fleet) {
 	cs.m[name] = h
 }
 
-// take hands a kept claim to its fill, if it is young enough to be held
-// still (the heartbeat renews it from then on).
-func (cs *claims) take(name string, ttl time.Duration) (heldClaim, bool) {
+// take hands a kept claim to its fill, if it is young enough to be
+// adopted still (ClaimTTL/2: its replica's key was renewed since it was
+// taken); an older one is given back.
+func (cs *claims) take(name string, f *Fleet) (heldClaim, bool) {
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
 	h, ok := cs.m[name]
+	if !ok {
+		return h, false
+	}
 	delete(cs.m, name)
-	return h, ok && time.Since(h.at) < ttl/2
+	if time.Since(h.at) >= f.cfg.ClaimTTL/2 {
+		f.unclaimLater(name, h.token)
+		return h, false
+	}
+	return h, true
+}
+
+// sweep gives back the kept claims too old to be adopted (their fill never
+// came: the lookup's request ended, or L1 answered it) and reports how
+// many are kept still.
+func (cs *claims) sweep(f *Fleet) int {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	cs.sweepLocked(f)
+	return len(cs.m)
+}
+
+func (cs *claims) sweepLocked(f *Fleet) {
+	for n, old := range cs.m {
+		if time.Since(old.at) >= f.cfg.ClaimTTL/2 {
+			delete(cs.m, n)
+			f.unclaimLater(n, old.token)
+		}
+	}
 }

@@ -57,8 +57,12 @@ type Config struct {
 	// Retention is how long an invalidation mark must outlive it: the
 	// longest an entry fetched before it can stay in Redis.
 	Retention time.Duration
-	// ClaimTTL is how long a cold key's claim holds before it lapses.
+	// ClaimTTL is how long a cold key's claim outlives its holder
+	// (fleet.ClaimTTL if zero).
 	ClaimTTL time.Duration
+	// ClaimHold is how long a claim never given back lives while its
+	// holder lives (fleet.ClaimHold if zero).
+	ClaimHold time.Duration
 	// Clock is the replica's clock (the proxy's); if nil, the real one.
 	Clock clock.Clock
 }
@@ -79,7 +83,12 @@ type Fleet struct {
 	unsent unsent // invalidations not yet in Redis (the Invalidator's)
 	heard  heard  // invalidations heard since subscribing (the Invalidator's)
 	claims claims // claims taken by lookups, for the flight that fetches
-	wg     sync.WaitGroup
+	// holding counts the claims this replica's fills hold; aliveAt is when
+	// the last renewal of its key that Redis took was sent (alive.go).
+	holding atomic.Int64
+	aliveAt atomic.Int64
+	ungiven chan ungivenClaim // releases Redis did not take, for keepAlive
+	wg      sync.WaitGroup
 }
 
 // errNotConnected: Redis has not been reached yet (a miss, like any error).
@@ -104,6 +113,9 @@ func Open(cfg Config) (*Fleet, error) {
 	if cfg.ClaimTTL <= 0 {
 		cfg.ClaimTTL = ClaimTTL
 	}
+	if cfg.ClaimHold <= 0 {
+		cfg.ClaimHold = ClaimHold
+	}
 	opt.DisableCache = true
 	// No retries inside rueidis: an error is a miss here at once, and a
 	// dropped subscription returns to Invalidator, which must know.
@@ -111,9 +123,10 @@ func Open(cfg Config) (*Fleet, error) {
 	opt.ConnWriteTimeout = max(cfg.Timeout, time.Second)
 	opt.Dialer.Timeout = max(cfg.Timeout, time.Second)
 	f := &Fleet{cfg: cfg, id: newID(), clock: clock.Or(cfg.Clock), keys: secrets(cfg), stop: make(chan struct{}), done: make(chan struct{}),
-		heard: heard{retention: cfg.Retention}}
+		heard: heard{retention: cfg.Retention}, ungiven: make(chan ungivenClaim, 1024)}
 	go f.connect(opt)
 	f.wg.Go(f.watch)
+	f.wg.Go(f.keepAlive)
 	return f, nil
 }
 
@@ -327,26 +340,42 @@ func (f *Fleet) Set(ctx context.Context, e *cache.Entry, auth string, epoch uint
 // set is the command that shares e: its value sealed under the current
 // secret, kept until e.Keep; none (false) if e is past it.
 func (f *Fleet) set(c rueidis.Client, e *cache.Entry, auth string, epoch uint64, now time.Time) (rueidis.Completed, bool, error) {
+	s, ok, err := f.seal(e, auth, epoch, now)
+	if !ok {
+		return rueidis.Completed{}, false, err
+	}
+	return c.B().Set().Key(s.name).Value(rueidis.BinaryString(s.val)).Px(s.ttl).Build(), true, nil
+}
+
+// sealedEntry is an entry ready for Redis: its name, value and lifetime.
+type sealedEntry struct {
+	name string
+	val  []byte
+	ttl  time.Duration
+}
+
+// seal seals e under the current secret for the credential auth, kept
+// until e.Keep; false if e is past it.
+func (f *Fleet) seal(e *cache.Entry, auth string, epoch uint64, now time.Time) (sealedEntry, bool, error) {
 	ttl := e.Keep.Sub(now).Milliseconds()
 	if ttl <= 0 {
-		return rueidis.Completed{}, false, nil
+		return sealedEntry{}, false, nil
 	}
 	plain, err := json.Marshal(sealed{Status: e.Status, Header: e.Header, Body: e.Body, Age: max(0, now.Sub(e.Stored).Milliseconds()),
 		Fresh: e.Expires.Sub(now).Milliseconds(), Life: ttl, Tags: e.Tags, Epoch: epoch})
 	if err != nil {
-		return rueidis.Completed{}, false, err
+		return sealedEntry{}, false, err
 	}
 	a, err := f.keys[0].aead(auth)
 	if err != nil {
-		return rueidis.Completed{}, false, err
+		return sealedEntry{}, false, err
 	}
 	name, _ := f.keys[0].entryNames(f.cfg.Prefix, entryID(e.Key, auth))
 	nonce := make([]byte, a.NonceSize(), a.NonceSize()+len(plain)+a.Overhead())
 	if _, err := rand.Read(nonce); err != nil {
-		return rueidis.Completed{}, false, err
+		return sealedEntry{}, false, err
 	}
-	val := a.Seal(nonce, nonce, plain, []byte(name))
-	return c.B().Set().Key(name).Value(rueidis.BinaryString(val)).Px(time.Duration(ttl) * time.Millisecond).Build(), true, nil
+	return sealedEntry{name: name, val: a.Seal(nonce, nonce, plain, []byte(name)), ttl: time.Duration(ttl) * time.Millisecond}, true, nil
 }
 
 // Get returns the shared entry of key, opened with auth, if it is still
@@ -373,6 +402,7 @@ type looked struct {
 	epoch   uint64       // the fleet's epoch, read before the claim
 	claim   string       // the key's claim's name
 	token   string       // the claim's token, if this replica holds it (this look, or another one's)
+	holder  string       // the claim's token, if another replica holds it
 }
 
 // getOrClaim reads an entry (KEYS[1]) and its time left and, if there is
@@ -404,13 +434,21 @@ func (f *Fleet) look(ctx context.Context, key, auth string, force bool) (looked,
 	seen := f.st.seen.Load()
 	cmds := make(rueidis.Commands, 0, 1+2*len(f.keys))
 	cmds = append(cmds, c.B().Get().Key(f.epochKey()).Build(), c.B().Get().Key(f.floorKey()).Build(),
-		c.B().Eval().Script(getOrClaim).Numkeys(2).Key(names[0], l.claim).Arg(token, strconv.FormatInt(f.cfg.ClaimTTL.Milliseconds(), 10), map[bool]string{true: "1", false: "0"}[force]).Build())
+		c.B().Eval().Script(getOrClaim).Numkeys(2).Key(names[0], l.claim).Arg(token, strconv.FormatInt(f.cfg.ClaimHold.Milliseconds(), 10), map[bool]string{true: "1", false: "0"}[force]).Build())
 	for i := 1; i < len(f.keys); i++ {
 		names[i], _ = f.keys[i].entryNames(f.cfg.Prefix, id)
 		cmds = append(cmds, c.B().Get().Key(names[i]).Build(), c.B().Pttl().Key(names[i]).Build())
 	}
+	renew, renewing := f.aliveCmd(c, false) // this look may claim: its holder is alive
+	if renewing {
+		cmds = append(cmds, renew)
+	}
+	sent := time.Now()
 	trip(ctx)
 	rs := c.DoMulti(ctx, cmds...)
+	if renewing {
+		f.alive(sent, rs[len(rs)-1].Error())
+	}
 	epoch, err := f.current(ctx, c, rs[0], rs[1], seen)
 	if err != nil {
 		return l, err
@@ -427,6 +465,8 @@ func (f *Fleet) look(ctx context.Context, key, auth string, force bool) (looked,
 	// another request's flight has not adopted yet) is this replica's.
 	if holder, err := got[2].ToString(); err == nil && strings.HasPrefix(holder, f.id) {
 		l.token = holder
+	} else if err == nil {
+		l.holder = holder
 	}
 	val, err := got[0].AsBytes()
 	l.present = err == nil

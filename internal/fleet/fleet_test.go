@@ -183,17 +183,23 @@ func TestBudgetIsOneWhateverTheSecret(t *testing.T) {
 	ls.Done(ratelimit.Served)
 }
 
+// claimTTL is the claims tests' ClaimTTL.
+const claimTTL = 300 * time.Millisecond
+
+// twoClaiming opens two replicas on srv with claimTTL.
+func twoClaiming(t *testing.T) (*Fleet, *Fleet) {
+	srv := redistest.Start(t)
+	open := func() *Fleet {
+		return openConfig(t, Config{URL: srv.URL(), Prefix: "t:", Timeout: time.Second, Secret: []byte("secret"), Retention: time.Hour, ClaimTTL: claimTTL})
+	}
+	return open(), open()
+}
+
 // A cold key's claim is one replica's at a time: a lookup that finds no
 // entry takes it in the same round trip and its fill adopts it; another
-// replica's claim is not won, and its Wait returns the holder's fill, or
-// takes the claim over when the holder dies (it lapses on Redis's clock,
-// no heartbeat renews it).
+// replica's claim is not won, and its Wait returns the holder's fill.
 func TestClaimsAreOneReplicasAtATime(t *testing.T) {
-	srv := redistest.Start(t)
-	openTTL := func() *Fleet {
-		return openConfig(t, Config{URL: srv.URL(), Prefix: "t:", Timeout: time.Second, Secret: []byte("secret"), Retention: time.Hour, ClaimTTL: 300 * time.Millisecond})
-	}
-	a, b := openTTL(), openTTL()
+	a, b := twoClaiming(t)
 	ctx := context.Background()
 	if e, err := a.Get(ctx, "k", "Basic x"); e != nil || err != nil {
 		t.Fatalf("a cold key: %v %v", e, err)
@@ -216,8 +222,13 @@ func TestClaimsAreOneReplicasAtATime(t *testing.T) {
 		t.Fatalf("waiting for the holder's fill: %v %v", got, err)
 	}
 	cb.Release()
-	// Another key: b claims it, then "dies" (its heartbeat never runs: the
-	// claim is taken by hand, as Get would, and not adopted).
+}
+
+// A claim that a lookup took and no fill adopted is given back: the
+// waiting replica takes it.
+func TestAnUnadoptedClaimIsGivenBack(t *testing.T) {
+	a, b := twoClaiming(t)
+	ctx := context.Background()
 	if e, _ := b.Get(ctx, "k2", "Basic x"); e != nil {
 		t.Fatal("k2 is not cold")
 	}
@@ -227,10 +238,85 @@ func TestClaimsAreOneReplicasAtATime(t *testing.T) {
 	}
 	start := time.Now()
 	if got, err := wait.Wait(ctx); got != nil || err != nil || !wait.Won() {
+		t.Fatalf("after b's claim went unadopted: %v %v, won %v", got, err, wait.Won())
+	}
+	if took := time.Since(start); took > 10*time.Second {
+		t.Fatalf("took over after %s", took)
+	}
+	wait.Release()
+}
+
+// A claim lives with its holder: b's fill holds it for four ClaimTTLs
+// (its replica's key renewed), and a waits all along without taking it
+// over; then b dies mid-fetch, and a takes it over once b's key lapses.
+func TestAClaimLivesWithItsHolder(t *testing.T) {
+	a, b := twoClaiming(t)
+	ctx := context.Background()
+	if e, _ := b.Get(ctx, "k3", "Basic x"); e != nil {
+		t.Fatal("k3 is not cold")
+	}
+	held, err := b.Claim(ctx, "k3", "Basic x")
+	if err != nil || !held.Won() {
+		t.Fatalf("b's fill did not adopt its claim: %v", err)
+	}
+	wait, err := a.Claim(ctx, "k3", "Basic x")
+	if err != nil || wait.Won() {
+		t.Fatalf("a won k3 while b holds it: %v", err)
+	}
+	short, cancel := context.WithTimeout(ctx, 4*claimTTL)
+	got, err := wait.Wait(short)
+	cancel()
+	if got != nil || err != nil || wait.Won() {
+		t.Fatalf("while b fetches: %v %v, won %v; want a to wait it out", got, err, wait.Won())
+	}
+	b.Close() // its key is no longer renewed; its claim is never given back
+	start := time.Now()
+	if got, err := wait.Wait(ctx); got != nil || err != nil || !wait.Won() {
 		t.Fatalf("after b died: %v %v, won %v", got, err, wait.Won())
 	}
 	if took := time.Since(start); took > 10*time.Second {
 		t.Fatalf("took over after %s", took)
+	}
+	t.Logf("took over %s after the holder died (ClaimTTL %s)", time.Since(start), claimTTL)
+	wait.Release()
+}
+
+// A claim whose release Redis did not take (its link was down) is given
+// back once Redis answers again, while its replica lives on and holds
+// other claims: the waiting replica takes it within a third of ClaimTTL
+// (3 s here), not when its key would have lapsed (ClaimHold).
+func TestAClaimWhoseReleaseFailedIsGivenBack(t *testing.T) {
+	srv := redistest.Start(t)
+	link := redistest.NewLink(t, srv.Addr)
+	cfg := Config{URL: link.URL(), Prefix: "t:", Timeout: 50 * time.Millisecond, Secret: []byte("secret"), Retention: time.Hour, ClaimTTL: 3 * time.Second}
+	b := openConfig(t, cfg)
+	cfg.URL, cfg.Timeout = srv.URL(), time.Second
+	a := openConfig(t, cfg)
+	ctx := context.Background()
+	keep, err := b.Claim(ctx, "k1", "Basic x") // b lives on, holding it
+	if err != nil || !keep.Won() {
+		t.Fatalf("b's first claim: %v", err)
+	}
+	defer keep.Release()
+	held, err := b.Claim(ctx, "k2", "Basic x")
+	if err != nil || !held.Won() {
+		t.Fatalf("b's second claim: %v", err)
+	}
+	wait, err := a.Claim(ctx, "k2", "Basic x")
+	if err != nil || wait.Won() {
+		t.Fatalf("a won k2 while b holds it: %v", err)
+	}
+	link.Down()
+	errs := b.Errors()
+	held.Release()
+	if b.Errors() == errs {
+		t.Fatal("the release went through: the link was not down")
+	}
+	link.Up(t)
+	short, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if got, err := wait.Wait(short); got != nil || err != nil || !wait.Won() {
+		t.Fatalf("after b's release failed: %v %v, won %v; want the claim given back", got, err, wait.Won())
 	}
 	wait.Release()
 }

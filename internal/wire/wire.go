@@ -75,7 +75,7 @@ func Retention(cfg config.Config) time.Duration {
 func Fleet(cfg config.Config) fleet.Config {
 	return fleet.Config{URL: cfg.Redis.URL, Prefix: cfg.Redis.KeyPrefix, Timeout: cfg.Redis.Timeout.D(),
 		Secret: []byte(cfg.Cache.KeySecret), Previous: bytesOf(cfg.Cache.PreviousKeySecrets), Retention: Retention(cfg),
-		ClaimTTL: fleet.ClaimTTL}
+		ClaimTTL: fleet.ClaimTTL, ClaimHold: max(fleet.ClaimHold, cfg.RateLimit.MaxWait.D()+max(cfg.Upstreams.Conversations.Timeout.D(), cfg.Upstreams.Proxy.Timeout.D()))}
 }
 
 func bytesOf(ss []string) [][]byte {
