@@ -1,10 +1,12 @@
-// Command fleet runs the fleet scenario on loopback, side by side in one
-// run: three replicas sharing one redis-server (started here), and three
-// independent sidecars (no Redis), each set in front of a fake Twilio that
-// answers 429 (20429) above 10 requests in flight per account and answers
-// in 50 ms. The load is the limits benchmark's: 300 requests/s for 10 s,
-// Zipf (s = 1.1) over 3,000 participants of the three APIs, one account,
-// spread round-robin over the three replicas.
+// Command fleet runs the fleet scenarios on loopback, each side by side in
+// one run. First, three replicas sharing one redis-server (started here),
+// and three independent sidecars (no Redis), each set in front of a fake
+// Twilio that answers 429 (20429) above 10 requests in flight per account
+// and answers in 50 ms. The load is the limits benchmark's: 300
+// requests/s for 10 s, Zipf (s = 1.1) over 3,000 participants of the three
+// APIs, one account, spread round-robin over the three replicas. Then an
+// API key across replicas (keys.go), with the fleet's key book and with
+// each replica learning keys by itself.
 //
 //	go run ./bench/fleet [-duration 10s] [-rate 300]
 package main
@@ -114,6 +116,7 @@ func main() {
 		float64(f.upCalls)/float64(ind.upCalls), 2*f.upCalls <= ind.upCalls))
 	fmt.Printf("(%d requests/s for %s over 3 replicas, Zipf s=1.1 over %d participants; Twilio fake: 50 ms, 429 above %d in flight per account)\n",
 		*rate, *duration, 3*perAPI, twilioLimit)
+	lines = append(lines, keys(redisURL)...)
 	for _, l := range lines {
 		fmt.Println(l)
 	}
@@ -132,7 +135,7 @@ func scenario(redisURL string, rate int, duration time.Duration) (*result, error
 	prefix := "bench" + strconv.FormatInt(time.Now().UnixNano(), 36) + ":"
 	var urls []string
 	for range 3 {
-		u, stop, err := replica(upURL, redisURL, prefix)
+		u, stop, err := replica(upURL, redisURL, prefix, true)
 		if err != nil {
 			return nil, err
 		}
@@ -175,8 +178,11 @@ func scenario(redisURL string, rate int, duration time.Duration) (*result, error
 }
 
 // replica starts one cacheproxy in process with the defaults (max_concurrent
-// at Twilio's limit of 10), sharing Redis when redisURL is set.
-func replica(upURL, redisURL, prefix string) (string, func(), error) {
+// at Twilio's limit of 10), sharing Redis when redisURL is set, and the
+// fleet's key book with it when book is set (else it learns API keys'
+// accounts by itself, as before the key book). A fleet replica is ready
+// once it is trusted (/readyz), as a deployment waits for it.
+func replica(upURL, redisURL, prefix string, book bool) (string, func(), error) {
 	cfg := config.Default()
 	cfg.Upstreams.Conversations.URL, cfg.Upstreams.Proxy.URL = upURL, upURL
 	cfg.RateLimit.MaxConcurrent, cfg.RateLimit.MaxWait = twilioLimit, config.Duration(5*time.Second)
@@ -209,7 +215,22 @@ func replica(upURL, redisURL, prefix string) (string, func(), error) {
 			return "", nil, err
 		}
 		inv := fleet.NewInvalidator(f, invalidation.New(wire.Retention(cfg), nil), cfg.Redis.InvalidationWait.D(), nil)
+		ctx, cancel = context.WithTimeout(context.Background(), 30*time.Second)
+		err = inv.WaitTrusted(ctx)
+		cancel()
+		if err != nil {
+			inv.Close()
+			f.Close()
+			stop()
+			return "", nil, err
+		}
 		limiter, slots := wire.FleetLimiter(cfg, f, zerolog.Nop())
+		if !book {
+			lc := wire.Limiter(cfg.RateLimit, zerolog.Nop())
+			slots = fleet.NewSlots(f, cfg.RateLimit.RequestsPerSecond)
+			lc.Slots = slots
+			limiter = ratelimit.New(lc, nil)
+		}
 		stops = append(stops, f.Close, inv.Close, slots.Close)
 		opts.Shared, opts.Invalidator, opts.Budget = f, inv, limiter
 	}

@@ -27,14 +27,33 @@ func (l *Limiter) capAtLocked(a *account, now time.Time) float64 {
 			c = a.cap + (top-a.cap)*f
 		}
 	}
+	return min(c, l.topLocked(a, now))
+}
+
+// topLocked is what the account's cap can reach at now: MaxConcurrent,
+// or the limit a 429's header told, less the calls its other clients have
+// in flight as the answers' headers report them.
+func (l *Limiter) topLocked(a *account, now time.Time) float64 {
+	top := float64(l.cfg.MaxConcurrent)
 	if a.limit > 0 {
 		top = min(top, float64(a.limit))
-		c = min(c, top)
 	}
 	if l.othersFreshLocked(a, now) {
-		c = min(c, top-float64(a.others))
+		top -= float64(a.others)
 	}
-	return c
+	return top
+}
+
+// slotLimitLocked is a turn's Ticket.Limit: the account's cap, but in slow
+// start what the cap can reach. Slow start paces this replica's own calls
+// (its cap bounds them here); were it the bound of the fleet's slots too,
+// each replica's first cap would bound the whole fleet's calls, and the
+// fleet would start three times slower than three replicas alone.
+func (l *Limiter) slotLimitLocked(a *account, now time.Time) int {
+	if a.slowStart {
+		return max(1, int(l.topLocked(a, now)))
+	}
+	return l.capLocked(a, now)
 }
 
 // othersFreshLocked reports whether the account's other clients were
@@ -82,7 +101,9 @@ func (l *Limiter) sawLocked(a *account, s *lease, o Outcome, n int, now time.Tim
 	case Served:
 		from := l.capLocked(a, now)
 		a.seeOthers(max(0, s.saw-s.own), now)
-		a.limit = max(a.limit, s.saw) // the account took that many: its limit is at least that
+		if a.limit > 0 {
+			a.limit = max(a.limit, s.saw) // the account took that many: its limit is at least that
+		}
 		if a.limit > 0 && s.saw < a.limit && now.Sub(a.throttledAt) >= othersWindow {
 			a.cutAt = time.Time{}
 		}

@@ -297,3 +297,51 @@ func TestKeysLearnedElsewhereCount(t *testing.T) {
 	}
 	ls.Done(Served)
 }
+
+// ticketSlots records the tickets of the places it gives at once.
+type ticketSlots struct {
+	mu      sync.Mutex
+	tickets []Ticket
+}
+
+func (s *ticketSlots) Take(_ context.Context, t Ticket) (Place, time.Duration, error) {
+	s.mu.Lock()
+	s.tickets = append(s.tickets, t)
+	s.mu.Unlock()
+	return noPlace{}, 0, nil
+}
+
+func (s *ticketSlots) last() Ticket {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.tickets[len(s.tickets)-1]
+}
+
+// Slow start paces this replica's own calls, not the fleet's slots: in
+// slow start a ticket's limit is what the cap can reach (MaxConcurrent,
+// less the other clients' share the header reports), so three replicas
+// starting together are not bound by one replica's first cap; after a
+// cut, it is the cut cap, for the whole fleet.
+func TestSlowStartDoesNotBoundTheFleetsSlots(t *testing.T) {
+	s := &ticketSlots{}
+	l := New(Config{MaxConcurrent: 10, MaxWait: time.Hour, Slots: s}, newFake())
+	first, err := l.Acquire(context.Background(), "AC1", "c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, tk := l.State("AC1"), s.last(); !st.SlowStart || st.Cap != 3 || tk.Limit != 10 {
+		t.Fatalf("slow start: %+v, ticket limit %d; want cap 3 here and 10 for the slots", st, tk.Limit)
+	}
+	first.Saw(6) // others hold 5 of the account's calls; its limit is not known
+	first.Done(Served)
+	second, _ := l.Acquire(context.Background(), "AC1", "c")
+	if st, tk := l.State("AC1"), s.last(); tk.Limit != 5 || st.Limit != 0 {
+		t.Fatalf("slow start with others holding 5: %+v, ticket limit %d; want 10-5, and no limit taken from an answer that was not a 429", st, tk.Limit)
+	}
+	second.Done(Throttled) // without the header: a cut
+	third, _ := l.Acquire(context.Background(), "AC1", "c")
+	defer third.Done(Served)
+	if st, tk := l.State("AC1"), s.last(); st.SlowStart || tk.Limit != st.Cap {
+		t.Fatalf("after a cut: %+v, ticket limit %d; want the cut cap", st, tk.Limit)
+	}
+}

@@ -389,7 +389,7 @@ func (l *Limiter) take(ctx context.Context, a *account, w *waiter) (Lease, error
 
 // grantTurnLocked gives w a turn: it is counted as taking its place.
 func (l *Limiter) grantTurnLocked(a *account, w *waiter, unverified bool, now time.Time) {
-	w.cred, w.limit, w.unverified = nil, l.capLocked(a, now), unverified
+	w.cred, w.limit, w.unverified = nil, l.slotLimitLocked(a, now), unverified
 	a.taking++
 	if w.prio == Write {
 		a.writes++
