@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Multi-stage build: a static cacheproxy on a small non-root runtime image.
-#   docker build -t cacheproxy .
+#   docker build --build-arg REVISION=$(git rev-parse HEAD) -t cacheproxy .
 #   docker run --rm -p 8080:8080 -p 9090:9090 cacheproxy
 #   docker run --rm -p 8080:8080 -v $PWD/my.toml:/etc/cacheproxy/config.toml:ro cacheproxy
 FROM golang:1.26 AS build
@@ -8,8 +8,10 @@ WORKDIR /src
 COPY go.mod go.sum ./
 RUN go mod download
 COPY . .
-# The same command CI runs (scripts/build-static.sh).
-RUN sh scripts/build-static.sh /out/cacheproxy
+# The same command CI runs (scripts/build-static.sh). The context has no
+# .git (.dockerignore): the revision for -version comes as a build arg.
+ARG REVISION=""
+RUN REVISION="$REVISION" sh scripts/build-static.sh /out/cacheproxy
 
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /out/cacheproxy /cacheproxy

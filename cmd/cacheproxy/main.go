@@ -56,11 +56,13 @@ func run(args []string, stdout, stderr io.Writer) error {
 	configPath := fs.String("config", "", "TOML config `file` (see config.example.toml); without it the defaults apply")
 	version := fs.Bool("version", false, "print the version and build info, then exit")
 	demo := fs.Bool("demo", false, "start a built-in Twilio-like upstream on loopback, point the proxy at it, and print two curl commands (a miss, then a hit): no Twilio account needed")
+	checkCfg := fs.Bool("check-config", false, "load the configuration as a start would (file, environment, -set), run every check a start runs without binding or connecting, print each problem naming its key, and exit non-zero on any")
+	printCfg := fs.Bool("print-config", false, "print the effective configuration as TOML (secrets shown as \"<redacted>\"), then exit")
 	healthcheck := fs.Bool("healthcheck", false, "probe this configuration's admin /healthz and exit 0 if healthy (for container HEALTHCHECKs: no shell tools needed)")
 	var sets setFlags
 	fs.Var(&sets, "set", "override one config key, `key=value` (repeatable), e.g. -set cache.ttl=10s")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: cacheproxy [-config FILE] [-set key=value ...] [-demo] [-version] [-healthcheck]\n\nFlags:\n")
+		fmt.Fprintf(stderr, "usage: cacheproxy [-config FILE] [-set key=value ...] [-demo] [-check-config] [-print-config] [-version] [-healthcheck]\n\nFlags:\n")
 		fs.PrintDefaults()
 		fmt.Fprintf(stderr, "\nConfig keys (TOML; env %sKEY overrides the file, -set overrides env):\n", config.EnvPrefix)
 		for _, k := range config.Keys() {
@@ -73,13 +75,19 @@ func run(args []string, stdout, stderr io.Writer) error {
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
-	if *version {
+	if *version && !*checkCfg { // with -check-config, the check is what was asked
 		fmt.Fprintln(stdout, versionInfo())
 		return nil
 	}
 	cfg, err := config.Load(*configPath, os.Environ(), sets)
+	if *checkCfg {
+		return checkConfig(cfg, err, stdout)
+	}
 	if err != nil {
 		return err
+	}
+	if *printCfg {
+		return printConfig(cfg, stdout)
 	}
 	if *healthcheck {
 		return probe(cfg.AdminListen)
@@ -347,19 +355,31 @@ func (c *connTracker) track(_ net.Conn, s http.ConnState) {
 
 func (c *connTracker) wait(ctx context.Context) error { return c.open.Wait(ctx) }
 
+// revision is the VCS revision given at link time (-ldflags "-X
+// main.revision=…": the Dockerfile's build has no .git to read it from).
+var revision string
+
 // versionInfo is the module version (set for go install'ed builds) and the
-// VCS revision recorded at build time.
+// VCS revision recorded at build time (by go build in a checkout, else
+// the one given at link time).
 func versionInfo() string {
 	bi, ok := debug.ReadBuildInfo()
 	if !ok {
 		return "cacheproxy (no build info)"
 	}
 	out := "cacheproxy " + bi.Main.Version + " " + bi.GoVersion
+	vcs := false
 	for _, s := range bi.Settings {
 		switch s.Key {
-		case "vcs.revision", "vcs.time", "vcs.modified", "GOOS", "GOARCH", "CGO_ENABLED":
+		case "vcs.revision":
+			vcs = true
+			fallthrough
+		case "vcs.time", "vcs.modified", "GOOS", "GOARCH", "CGO_ENABLED":
 			out += " " + s.Key + "=" + s.Value
 		}
+	}
+	if !vcs && revision != "" {
+		out += " vcs.revision=" + revision
 	}
 	return out
 }

@@ -258,10 +258,15 @@ func Load(path string, environ, sets []string) (Config, error) {
 			return c, fmt.Errorf("config %s: %w", path, err)
 		}
 		if und := md.Undecoded(); len(und) > 0 {
-			return c, fmt.Errorf("config %s: unknown key %s", path, und[0])
+			errs := make([]error, len(und))
+			for i, k := range und {
+				errs[i] = fmt.Errorf("config %s: unknown key %s", path, k)
+			}
+			return c, errors.Join(errs...)
 		}
 	}
 	keys := leaves(reflect.ValueOf(&c).Elem(), "")
+	var errs []error // every problem, each naming its key
 	for _, kv := range environ {
 		name, val, ok := strings.Cut(kv, "=")
 		if !ok || !strings.HasPrefix(name, EnvPrefix) {
@@ -272,23 +277,26 @@ func Load(path string, environ, sets []string) (Config, error) {
 			continue // see UnknownEnv
 		}
 		if err := set(keys[key], val); err != nil {
-			return c, fmt.Errorf("environment %s (%s): %w", name, key, err)
+			errs = append(errs, fmt.Errorf("environment %s (%s): %w", name, key, err))
 		}
 	}
+	errs = append(errs, misspelt(environ, keys)...)
 	for _, kv := range sets {
 		key, val, ok := strings.Cut(kv, "=")
 		if !ok {
-			return c, fmt.Errorf("-set %q: want key=value", kv)
+			errs = append(errs, fmt.Errorf("-set %q: want key=value", kv))
+			continue
 		}
 		f, found := keys[key]
 		if !found {
-			return c, fmt.Errorf("-set: unknown key %s", key)
+			errs = append(errs, fmt.Errorf("-set: unknown key %s", key))
+			continue
 		}
 		if err := set(f, val); err != nil {
-			return c, fmt.Errorf("-set %s: %w", key, err)
+			errs = append(errs, fmt.Errorf("-set %s: %w", key, err))
 		}
 	}
-	return c, c.Validate()
+	return c, errors.Join(append(errs, c.Validate())...)
 }
 
 // UnknownEnv lists the CACHEPROXY_* variables of environ that name no key
@@ -542,6 +550,7 @@ func (c Config) Validate() error {
 	default:
 		bad("log.level", "want debug, info, warn or error, got %q", c.Log.Level)
 	}
+	errs = append(errs, c.listenerClashes()...)
 	sort.Slice(errs, func(i, j int) bool { return errs[i].Error() < errs[j].Error() })
 	return errors.Join(errs...)
 }

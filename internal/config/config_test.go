@@ -102,20 +102,58 @@ func TestErrorsNameTheKey(t *testing.T) {
 // TestUnknownEnvironmentIsIgnoredAndNamed: Kubernetes' service links put
 // CACHEPROXY_PORT=tcp://… and friends into the pod; they are not keys, so
 // Load ignores them and UnknownEnv names them (never their values) for a
-// warning. A bad value of a known key is still an error.
+// warning. A name close to a key (a typo) is an error that names the key
+// meant; a bad value of a known key is an error too.
 func TestUnknownEnvironmentIsIgnoredAndNamed(t *testing.T) {
-	env := []string{"CACHEPROXY_PORT=tcp://10.0.0.1:8080", "CACHEPROXY_SERVICE_HOST=10.0.0.1", "CACHEPROXY_CACHE_TLL=1s",
-		"CACHEPROXY_CACHE_TTL=7s", "HOME=/root"}
+	env := []string{"CACHEPROXY_PORT=tcp://10.0.0.1:8080", "CACHEPROXY_SERVICE_HOST=10.0.0.1", "CACHEPROXY_PORT_8080_TCP_ADDR=10.0.0.1",
+		"CACHEPROXY_SERVICE_PORT_ADMIN=9090", "CACHEPROXY_CACHE_TTL=7s", "HOME=/root"}
 	c, err := Load("", env, nil)
 	if err != nil || c.Cache.TTL.D() != 7*time.Second {
 		t.Fatalf("Load: %v %v", err, c.Cache.TTL)
 	}
 	got := strings.Join(UnknownEnv(env), " ")
-	if got != "CACHEPROXY_CACHE_TLL CACHEPROXY_PORT CACHEPROXY_SERVICE_HOST" {
+	if got != "CACHEPROXY_PORT CACHEPROXY_PORT_8080_TCP_ADDR CACHEPROXY_SERVICE_HOST CACHEPROXY_SERVICE_PORT_ADMIN" {
 		t.Fatalf("UnknownEnv = %q", got)
+	}
+	for typo, meant := range map[string]string{
+		"CACHEPROXY_REDIS_URI":        "CACHEPROXY_REDIS_URL",        // one letter
+		"CACHEPROXY_CACHE_TLL":        "CACHEPROXY_CACHE_TTL",        // two
+		"CACHEPROXY_LISTEN_ADMIN":     "CACHEPROXY_ADMIN_LISTEN",     // words reordered
+		"CACHEPROXY_SECRET_KEY_CACHE": "CACHEPROXY_CACHE_KEY_SECRET", // words reordered
+	} {
+		_, err := Load("", append(env, typo+"=x"), nil)
+		want := typo + " is not a setting; did you mean " + meant + "?"
+		if err == nil || !strings.Contains(err.Error(), want) || strings.Contains(err.Error(), "=x") {
+			t.Fatalf("%s: %v, want %q (and never the value)", typo, err, want)
+		}
 	}
 	if _, err := Load("", append(env, "CACHEPROXY_CACHE_TTL=soon"), nil); err == nil || !strings.Contains(err.Error(), "cache.ttl") {
 		t.Fatalf("bad value of a known key: %v", err)
+	}
+}
+
+// Two listeners on one address are an error naming both keys, before
+// anything binds; port 0 and different ports or hosts are fine, and every
+// address (0.0.0.0, ::, empty) clashes with any host on the same port.
+func TestListenersOnOneAddressAreAnError(t *testing.T) {
+	for _, tc := range []struct {
+		sets []string
+		want string // "" for no clash
+	}{
+		{[]string{"listen=127.0.0.1:8080", "admin_listen=127.0.0.1:8080"}, "listen (127.0.0.1:8080) and admin_listen (127.0.0.1:8080) take the same port"},
+		{[]string{"listen=0.0.0.0:8080", "admin_listen=127.0.0.1:8080"}, "listen (0.0.0.0:8080) and admin_listen (127.0.0.1:8080) take the same port"},
+		{[]string{"webhooks.listen=:9090", "webhooks.public_url=https://x.example/", "webhooks.auth_tokens=t"}, "admin_listen (127.0.0.1:9090) and webhooks.listen (:9090) take the same port"},
+		{[]string{"listen=127.0.0.1:0", "admin_listen=127.0.0.1:0"}, ""},
+		{[]string{"listen=127.0.0.1:8080", "admin_listen=127.0.0.2:8080"}, ""},
+		{[]string{"listen=127.0.0.1:8080", "admin_listen=127.0.0.1:8081"}, ""},
+	} {
+		_, err := Load("", nil, tc.sets)
+		switch {
+		case tc.want == "" && err != nil:
+			t.Errorf("%v: %v, want no error", tc.sets, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%v: %v, want %q", tc.sets, err, tc.want)
+		}
 	}
 }
 

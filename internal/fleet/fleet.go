@@ -97,6 +97,22 @@ var errNotConnected = errors.New("redis: not connected yet")
 // ErrNoSecret: the fleet tier needs cache.key_secret.
 var ErrNoSecret = errors.New("fleet: cache.key_secret is required")
 
+// CheckURL reports whether redis.url is one Open accepts, without
+// connecting (-check-config).
+func CheckURL(u string) error {
+	_, err := parseURL(u)
+	return err
+}
+
+func parseURL(u string) (rueidis.ClientOption, error) {
+	opt, err := rueidis.ParseURL(seeds(u))
+	if err != nil {
+		// Not %w: the parser's message quotes the URL, password and all.
+		return opt, errors.New("redis.url: not a valid redis:// or rediss:// URL (the value is not shown: it may hold a password)")
+	}
+	return opt, nil
+}
+
 // Open checks cfg and connects to Redis in the background: a replica
 // starts, and serves from L1 and the upstream, while Redis is unreachable;
 // it tries again every second until it connects (rueidis reconnects by
@@ -105,10 +121,9 @@ func Open(cfg Config) (*Fleet, error) {
 	if len(cfg.Secret) == 0 {
 		return nil, ErrNoSecret
 	}
-	opt, err := rueidis.ParseURL(seeds(cfg.URL))
+	opt, err := parseURL(cfg.URL)
 	if err != nil {
-		// Not %w: the parser's message quotes the URL, password and all.
-		return nil, errors.New("redis.url: not a valid redis:// or rediss:// URL (the value is not shown: it may hold a password)")
+		return nil, err
 	}
 	if cfg.ClaimTTL <= 0 {
 		cfg.ClaimTTL = ClaimTTL

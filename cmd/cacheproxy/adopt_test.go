@@ -1,0 +1,185 @@
+package main
+
+import (
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+)
+
+// repoFile is a file of the repository, from this package's directory.
+func repoFile(t *testing.T, rel string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join("..", "..", rel))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// The project is licensed Apache-2.0; the Twilio OpenAPI files in
+// testdata keep their own licence.
+func TestLicense(t *testing.T) {
+	l := repoFile(t, "LICENSE")
+	if !strings.Contains(l, "Apache License\n                           Version 2.0, January 2004") || !strings.Contains(l, "END OF TERMS AND CONDITIONS") {
+		t.Fatalf("LICENSE is not the Apache License 2.0 (%d bytes)", len(l))
+	}
+	if !strings.Contains(repoFile(t, "testdata/twilio-oai/LICENSE"), "MIT") {
+		t.Fatal("testdata/twilio-oai/LICENSE must keep Twilio's licence")
+	}
+}
+
+// exit runs the binary and returns its output and exit code.
+func exit(t *testing.T, env []string, args ...string) (string, int) {
+	t.Helper()
+	cmd := exec.Command(binary, args...)
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	var ee *exec.ExitError
+	switch {
+	case errors.As(err, &ee):
+		return string(out), ee.ExitCode()
+	case err != nil:
+		t.Fatal(err)
+	}
+	return string(out), 0
+}
+
+// -check-config loads the configuration as a start does and prints every
+// problem, each naming its key, exiting non-zero; a good one exits 0.
+func TestCheckConfig(t *testing.T) {
+	out, code := exit(t, nil, "-config", "/nonexistent.toml", "-set", "cache.ttl=banana", "-version", "-check-config")
+	if code == 0 || !strings.Contains(out, "nonexistent.toml") {
+		t.Fatalf("a missing file: exit %d, %q", code, out)
+	}
+	out, code = exit(t, []string{"CACHEPROXY_REDIS_URI=redis://x"}, "-set", "cache.ttl=banana", "-set", "listen=127.0.0.1:9090", "-set", "log.level=loud", "-check-config")
+	for _, want := range []string{
+		`-set cache.ttl: not a duration (want e.g. 30s, 500ms): "banana"`,
+		"listen (127.0.0.1:9090) and admin_listen (127.0.0.1:9090) take the same port",
+		"CACHEPROXY_REDIS_URI is not a setting; did you mean CACHEPROXY_REDIS_URL?",
+		"log.level: want debug, info, warn or error",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("-check-config output lacks %q:\n%s", want, out)
+		}
+	}
+	if code == 0 || strings.Contains(out, "redis://x") {
+		t.Fatalf("exit %d (want non-zero), never a value:\n%s", code, out)
+	}
+	if out, code := exit(t, nil, "-check-config"); code != 0 || !strings.Contains(out, "config ok") {
+		t.Fatalf("the defaults: exit %d, %q", code, out)
+	}
+	// A start refuses the same clash before it binds anything.
+	if out, code := exit(t, nil, "-set", "listen=127.0.0.1:0", "-set", "webhooks.listen=127.0.0.1:9090", "-set", "webhooks.public_url=https://x.example/",
+		"-set", "webhooks.auth_tokens=tok"); code == 0 || !strings.Contains(out, "admin_listen (127.0.0.1:9090) and webhooks.listen (127.0.0.1:9090)") {
+		t.Fatalf("a start with two listeners on one address: exit %d, %q", code, out)
+	}
+}
+
+// Every configuration the project ships passes -check-config: the
+// container's, the example, and each Kubernetes manifest's ConfigMap (with
+// the secrets the manifest takes from a Secret given as placeholders).
+func TestShippedConfigsPassTheCheck(t *testing.T) {
+	dir := t.TempDir()
+	type shipped struct {
+		file string
+		env  []string
+	}
+	configs := []shipped{{file: filepath.Join("..", "..", "deploy", "container.toml")}, {file: filepath.Join("..", "..", "config.example.toml")}}
+	manifests, _ := filepath.Glob(filepath.Join("..", "..", "deploy", "k8s", "*.yaml"))
+	fromSecret := regexp.MustCompile(`- name: (CACHEPROXY_[A-Z_]+)\s+valueFrom:\s+secretKeyRef`)
+	for _, m := range manifests {
+		b, _ := os.ReadFile(m)
+		toml := configMapTOML(string(b))
+		if toml == "" {
+			continue
+		}
+		f := filepath.Join(dir, filepath.Base(m)+".toml")
+		if err := os.WriteFile(f, []byte(toml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		c := shipped{file: f}
+		for _, v := range fromSecret.FindAllStringSubmatch(string(b), -1) {
+			placeholder := "placeholder"
+			if v[1] == "CACHEPROXY_REDIS_URL" {
+				placeholder = "redis://127.0.0.1:6379"
+			}
+			c.env = append(c.env, v[1]+"="+placeholder)
+		}
+		configs = append(configs, c)
+	}
+	if len(configs) < 5 {
+		t.Fatalf("found %d configs, want the container's, the example and the three manifests'", len(configs))
+	}
+	for _, c := range configs {
+		if out, code := exit(t, c.env, "-config", c.file, "-check-config"); code != 0 {
+			t.Errorf("%s (with %v from Secrets): exit %d\n%s", c.file, c.env, code, out)
+		}
+	}
+}
+
+// configMapTOML is the config.toml block of a manifest's ConfigMap.
+func configMapTOML(manifest string) string {
+	m := regexp.MustCompile(`(?m)^  config\.toml: \|\n((?:    .*\n|\n)+)`).FindStringSubmatch(manifest)
+	if m == nil {
+		return ""
+	}
+	var b strings.Builder
+	for _, l := range strings.Split(m[1], "\n") {
+		b.WriteString(strings.TrimPrefix(l, "    ") + "\n")
+	}
+	return b.String()
+}
+
+// -print-config prints the effective configuration as TOML that loads
+// back to the same, secrets shown as "<redacted>".
+func TestPrintConfigRedactsSecrets(t *testing.T) {
+	secret := "sEcReTvalue0123"
+	args := []string{"-set", "cache.key_secret=" + secret, "-set", "redis.url=redis://user:" + secret + "@127.0.0.1:6379",
+		"-set", "cache.previous_key_secrets=" + secret + "2", "-set", "admin.purge_token=" + secret + "3", "-set", "webhooks.listen=127.0.0.1:0",
+		"-set", "webhooks.public_url=https://hooks.example/", "-set", "webhooks.auth_tokens=" + secret + "4", "-set", "cache.ttl=17s"}
+	out, code := exit(t, nil, append(args, "-print-config")...)
+	if code != 0 || strings.Contains(out, secret) {
+		t.Fatalf("exit %d; a secret in the output:\n%s", code, out)
+	}
+	for _, want := range []string{`key_secret = "<redacted>"`, `url = "redis://user:<redacted>@127.0.0.1:6379"`, `purge_token = "<redacted>"`,
+		`auth_tokens = ["<redacted>"]`, `previous_key_secrets = ["<redacted>"]`, `ttl = "17s"`} {
+		if !strings.Contains(out, want) {
+			t.Errorf("-print-config lacks %q:\n%s", want, out)
+		}
+	}
+	f := filepath.Join(t.TempDir(), "printed.toml")
+	if err := os.WriteFile(f, []byte(out), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	again, code := exit(t, nil, "-config", f, "-print-config")
+	if code != 0 || again != out {
+		t.Fatalf("the printed config does not load back to itself: exit %d\n%s", code, again)
+	}
+}
+
+// -version names the module version and the VCS revision: the one go
+// build read from the checkout, or the one given at link time (the
+// Dockerfile's build, which has no .git).
+func TestVersionNamesTheRevision(t *testing.T) {
+	head, err := exec.Command("git", "rev-parse", "HEAD").Output()
+	if err != nil {
+		t.Fatalf("git rev-parse HEAD: %v (the tests run in a checkout)", err)
+	}
+	out, _ := exit(t, nil, "-version")
+	if !strings.Contains(out, "vcs.revision="+strings.TrimSpace(string(head))) {
+		t.Fatalf("-version in a checkout: %q, want vcs.revision=%s", out, head)
+	}
+	bin := filepath.Join(t.TempDir(), "cacheproxy")
+	build := exec.Command("go", "build", "-buildvcs=false", "-ldflags", "-X main.revision=cafe1234", "-o", bin, ".")
+	if b, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, b)
+	}
+	got, err := exec.Command(bin, "-version").Output()
+	if err != nil || !strings.Contains(string(got), "vcs.revision=cafe1234") || !strings.HasPrefix(string(got), "cacheproxy ") {
+		t.Fatalf("-version built without .git: %v %q", err, got)
+	}
+}

@@ -1,0 +1,86 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"strings"
+
+	"cacheproxy/internal/config"
+	"cacheproxy/internal/fleet"
+
+	"github.com/BurntSushi/toml"
+)
+
+// checkConfig runs every check a start runs on cfg (loaded as a start
+// loads it, with loadErr its problems) without binding or connecting
+// anything, and prints each problem on a line of its own, naming its key.
+// It returns an error when there is any.
+func checkConfig(cfg config.Config, loadErr error, stdout io.Writer) error {
+	problems := split(loadErr)
+	if loadErr == nil && cfg.Redis.URL != "" {
+		problems = append(problems, split(fleet.CheckURL(cfg.Redis.URL))...)
+	}
+	for _, p := range problems {
+		fmt.Fprintln(stdout, p)
+	}
+	if len(problems) > 0 {
+		return fmt.Errorf("config: %d problem(s)", len(problems))
+	}
+	fmt.Fprintln(stdout, "config ok")
+	return nil
+}
+
+// split is the problems joined in err, one per line.
+func split(err error) []string {
+	if err == nil {
+		return nil
+	}
+	var out []string
+	for _, l := range strings.Split(err.Error(), "\n") {
+		if l = strings.TrimSpace(l); l != "" {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// redacted is shown in place of a secret.
+const redacted = "<redacted>"
+
+// printConfig writes cfg as TOML, secrets shown as "<redacted>" (and a
+// Redis URL's password).
+func printConfig(cfg config.Config, stdout io.Writer) error {
+	hide := func(s *string) {
+		if *s != "" {
+			*s = redacted
+		}
+	}
+	hide(&cfg.Cache.KeySecret)
+	hide(&cfg.Admin.PurgeToken)
+	for _, list := range []*[]string{&cfg.Cache.PreviousKeySecrets, &cfg.Webhooks.AuthTokens} {
+		out := make([]string, len(*list))
+		for i := range out {
+			out[i] = redacted
+		}
+		*list = out
+	}
+	cfg.Redis.URL = hideURLPasswords(cfg.Redis.URL)
+	return toml.NewEncoder(stdout).Encode(cfg)
+}
+
+// hideURLPasswords redacts the password of each comma-separated URL
+// (scheme://user:password@host…), by position: a password need not parse.
+func hideURLPasswords(s string) string {
+	parts := strings.Split(s, ",")
+	for i, p := range parts {
+		scheme, rest, ok := strings.Cut(p, "://")
+		at := strings.LastIndex(rest, "@")
+		if !ok || at < 0 {
+			continue
+		}
+		if user, _, has := strings.Cut(rest[:at], ":"); has {
+			parts[i] = scheme + "://" + user + ":" + redacted + rest[at:]
+		}
+	}
+	return strings.Join(parts, ",")
+}
