@@ -321,6 +321,43 @@ func TestAClaimWhoseReleaseFailedIsGivenBack(t *testing.T) {
 	wait.Release()
 }
 
+// A call waiting to be handed a fleet slot whose replica loses Redis goes
+// on with the replica's share at its next look (a second at most), not
+// after max_wait: the message that would hand it a slot may be lost with
+// the link. (The fault run saw client 429s after max_wait this way.)
+func TestAWaiterThatLosesRedisGoesOnWithItsShare(t *testing.T) {
+	srv := redistest.Start(t)
+	link := redistest.NewLink(t, srv.Addr)
+	ctx := context.Background()
+	a, as := fleetBudget(t, openConfig(t, Config{URL: link.URL(), Prefix: "t:", Timeout: 50 * time.Millisecond, Secret: []byte("secret"), Retention: time.Hour}), 1, 0, 10*time.Second)
+	b, _ := fleetBudget(t, open(t, srv.URL()), 1, 0, 10*time.Second)
+	held, err := b.Acquire(ctx, "AC1", "c") // the account's one slot
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Done(ratelimit.Served)
+	got := make(chan error, 1)
+	go func() {
+		ls, err := a.Acquire(ctx, "AC1", "c")
+		if err == nil {
+			ls.Done(ratelimit.Served)
+		}
+		got <- err
+	}()
+	for deadline := time.Now().Add(10 * time.Second); as.Waited.Load() == 0; time.Sleep(time.Millisecond) { // A queues in Redis
+		if time.Now().After(deadline) {
+			t.Fatal("A never waited for the slot")
+		}
+	}
+	link.Down()
+	defer link.Up(t)
+	start := time.Now()
+	if err := <-got; err != nil || as.Fallbacks.Load() != 1 {
+		t.Fatalf("A after losing Redis: %v, %d fallbacks; want its share", err, as.Fallbacks.Load())
+	}
+	t.Logf("A went on with its share %s after losing Redis", time.Since(start))
+}
+
 // A fleet slot that Redis took while this replica's call timed out (the
 // link slow: Redis ran the script, the answer came too late), or whose
 // release failed, is given back once Redis answers again, not held until it

@@ -257,7 +257,14 @@ func (s *Slots) await(ctx context.Context, t ratelimit.Ticket, tag, slot string,
 	for {
 		select {
 		case <-check.C:
-			switch n := s.held(ctx, tag, slot); {
+			switch n, err := s.held(ctx, tag, slot); {
+			case err != nil:
+				// Redis cannot be asked (a message handing the slot over
+				// may be lost with it): the call goes on with this
+				// replica's share, as a take would, and its place (or the
+				// slot handed to it) is given back once Redis answers.
+				s.later(tag, slot)
+				return s.share(t)
 			case n > 0:
 				found = true
 				s.Handed.Add(1)
@@ -300,13 +307,10 @@ const handCheck = time.Second
 // held reports the slots held if slot is among them (handed to this call
 // without a message); 0 if the call still waits; -1 if it neither holds
 // its slot nor waits (handed while unheard, the slot lapsed, or Redis
-// lost both: it takes again).
-func (s *Slots) held(ctx context.Context, tag, slot string) int {
+// lost both: it takes again); an error if Redis could not be asked.
+func (s *Slots) held(ctx context.Context, tag, slot string) (int, error) {
 	n, err := s.run(ctx, heldSlot, s.keys(tag)[:3], slot).AsInt64()
-	if s.f.result(err) != nil {
-		return 0
-	}
-	return int(n)
+	return int(n), s.f.result(err)
 }
 
 // run sends one of the slots' scripts to Redis (counted in Sent),
