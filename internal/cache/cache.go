@@ -75,7 +75,7 @@ type Store struct {
 	life   sync.RWMutex
 	closed bool
 
-	evictions, rejections atomic.Uint64
+	evictions, expiries, rejections atomic.Uint64
 }
 
 // New returns a store holding at most maxBytes of entries, on clk (the
@@ -92,7 +92,7 @@ func New(maxBytes int64, clk clock.Clock) (*Store, error) {
 		// a hit served over loopback); the callbacks below run in its
 		// background goroutine instead.
 		Metrics:  false,
-		OnEvict:  func(*ristretto.Item[*Entry]) { s.evictions.Add(1) },
+		OnEvict:  func(it *ristretto.Item[*Entry]) { s.removed(it.Expiration, time.Now()) },
 		OnReject: func(*ristretto.Item[*Entry]) { s.rejections.Add(1) },
 	})
 	if err != nil {
@@ -100,6 +100,17 @@ func New(maxBytes int64, clk clock.Clock) (*Store, error) {
 	}
 	s.c = c
 	return s, nil
+}
+
+// removed counts an entry ristretto removed by itself: an expiry when its
+// TTL had passed (ristretto's sweep, on the real clock), else an eviction
+// to make room within max_bytes. (Replacements and Dels are neither.)
+func (s *Store) removed(expiration, now time.Time) {
+	if !expiration.IsZero() && !expiration.After(now) {
+		s.expiries.Add(1)
+		return
+	}
+	s.evictions.Add(1)
 }
 
 // Close stops the store's background goroutines. Later Sets are dropped.
@@ -165,9 +176,10 @@ type Stats struct {
 	// Entries and Bytes are what the cache holds (Entries counts expired
 	// entries not yet swept).
 	Entries, Bytes int64
-	// Evictions and Rejections count entries ristretto's policy evicted or
-	// refused admission.
-	Evictions, Rejections uint64
+	// Evictions count entries evicted to make room within max_bytes,
+	// Expiries those removed once their time in memory ended, Rejections
+	// those the admission policy refused: totals since the store began.
+	Evictions, Expiries, Rejections uint64
 }
 
 // Stats reports the store's state. It walks the entries: for periodic
@@ -182,6 +194,6 @@ func (s *Store) Stats() Stats {
 	s.c.IterValues(func(*Entry) bool { n++; return false })
 	return Stats{
 		Entries: n, Bytes: s.c.MaxCost() - s.c.RemainingCost(),
-		Evictions: s.evictions.Load(), Rejections: s.rejections.Load(),
+		Evictions: s.evictions.Load(), Expiries: s.expiries.Load(), Rejections: s.rejections.Load(),
 	}
 }

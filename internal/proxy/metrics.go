@@ -95,7 +95,9 @@ func newMetrics(reg prometheus.Registerer, p *Proxy) *metrics {
 		counter("cacheproxy_l2_errors_total", "Calls to the fleet's shared tier that failed or timed out (each a miss, never a client error).", p.c.sharedErrors.Load),
 		gauge("cacheproxy_cache_entries", "Entries in the cache.", func() float64 { return float64(p.store.Stats().Entries) }),
 		gauge("cacheproxy_cache_bytes", "Bytes held by the cache (body + headers + key).", func() float64 { return float64(p.store.Stats().Bytes) }),
-		counter("cacheproxy_cache_evictions_total", "Entries evicted to stay within cache.max_bytes.", func() int64 { return int64(p.store.Stats().Evictions) }),
+		counter("cacheproxy_cache_evictions_total", "Entries evicted to make room within cache.max_bytes (not expiries, replacements or invalidations).", func() int64 { return int64(p.store.Stats().Evictions) }),
+		counter("cacheproxy_cache_expiries_total", "Entries removed because their time in memory ended.", func() int64 { return int64(p.store.Stats().Expiries) }),
+		counter("cacheproxy_cache_rejections_total", "Entries the cache's admission policy refused to store.", func() int64 { return int64(p.store.Stats().Rejections) }),
 		budgetCollector{p.budget, p.accounts},
 	)
 	return m
@@ -225,7 +227,9 @@ func (p *Proxy) Summary() Summary {
 }
 
 // LogSummary writes the periodic summary line: what happened since prev
-// (the previous call's result), and the cache's state now.
+// (the previous call's result: every count of the line is of the interval,
+// except fields named _total, which count since start), and the state now
+// (entries, bytes, budgets and, with Redis, redis_up and replicas).
 func (p *Proxy) LogSummary(prev Summary) Summary {
 	s := p.Summary()
 	budgets := p.budget.Accounts()
@@ -256,8 +260,9 @@ func (p *Proxy) LogSummary(prev Summary) Summary {
 		Int64("l2_hits", s.Shared-prev.Shared).Int64("l2_errors", s.SharedErrors-prev.SharedErrors).
 		Int64("claims_won", s.ClaimsWon-prev.ClaimsWon).Int64("claims_waited", s.ClaimsWaited-prev.ClaimsWaited).
 		Int64("queue_wait_us", (s.QueueWait-prev.QueueWait).Microseconds()).
+		Uint64("evictions", s.Cache.Evictions-prev.Cache.Evictions).Uint64("expiries", s.Cache.Expiries-prev.Cache.Expiries).
+		Uint64("cache_rejections", s.Cache.Rejections-prev.Cache.Rejections).
 		Int64("entries", s.Cache.Entries).Int64("bytes", s.Cache.Bytes).
-		Uint64("evictions", s.Cache.Evictions).
 		Int("budgets_total", len(budgets)).Array("budgets", budgetStates(shown[:min(len(shown), maxSummaryBudgets)])).
 		Msg("summary")
 	return s
