@@ -11,10 +11,12 @@ import (
 	"cacheproxy/internal/twiliofake"
 )
 
-// Demo credentials: they exist only in the built-in upstream.
+// Demo credentials: they exist only in the built-in upstream. The token
+// is alphanumeric, as Twilio's are: twilio-go refuses others (ApiError
+// 21224, "Invalid Password. Illegal chars").
 var (
 	demoAccount = twiliofake.SID("AC", 1)
-	demoToken   = "demo-token"
+	demoToken   = "demotoken0123456789abcdef0123456"
 )
 
 // startDemo runs the built-in Twilio-like upstream on loopback, points both

@@ -223,6 +223,7 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		MaxHeaderBytes: int(cfg.Server.MaxHeaderBytes),
 		ErrorLog:       proxy.StdLog(logger, "http"),
 		ConnState:      conns.track,
+		Protocols:      proxyProtocols(),
 	}
 	var ready atomic.Bool
 	admin := &http.Server{
@@ -332,6 +333,18 @@ func webhookServer(cfg config.Config, inv proxy.Invalidator, logger zerolog.Logg
 	}
 	return &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
 		IdleTimeout: cfg.Server.IdleTimeout.D(), ErrorLog: proxy.StdLog(logger, "webhooks")}, ln, nil
+}
+
+// proxyProtocols are the proxy listener's: HTTP/1.1, and HTTP/2 in
+// cleartext with prior knowledge (h2c: a client that knows the sidecar
+// speaks it, such as curl --http2-prior-knowledge or Go's transport with
+// Protocols.SetUnencryptedHTTP2). There is no TLS on this listener, so no
+// HTTP/2 by ALPN, and no Upgrade: h2c either (Go's server does not offer it).
+func proxyProtocols() *http.Protocols {
+	var p http.Protocols
+	p.SetHTTP1(true)
+	p.SetUnencryptedHTTP2(true)
+	return &p
 }
 
 // closeGrace bounds the wait for handlers whose connections shutdown cut.
