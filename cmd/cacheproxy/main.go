@@ -26,6 +26,7 @@ import (
 	"cacheproxy/internal/logbuf"
 	"cacheproxy/internal/proxy"
 	"cacheproxy/internal/ratelimit"
+	"cacheproxy/internal/tracing"
 	"cacheproxy/internal/webhooks"
 	"cacheproxy/internal/wire"
 
@@ -190,6 +191,22 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		}()
 	}
 	opts.Logger, opts.Registerer = accessLog, reg
+	tr, err := tracing.Setup(context.Background(), os.Getenv, versionInfo())
+	if err != nil {
+		return err
+	}
+	if tr != nil {
+		opts.Tracing = tr
+		defer func() {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			if err := tr.Shutdown(ctx); err != nil {
+				logger.Warn().Str("component", "tracing").Err(err).Msg("spans not sent at shutdown")
+			}
+		}()
+		// The endpoint's headers may hold a token: none of it is logged.
+		logger.Info().Str("component", "tracing").Msg("tracing on: spans go to the OTLP/HTTP endpoint of OTEL_EXPORTER_OTLP_*")
+	}
 	p, err := proxy.New(opts)
 	if err != nil {
 		return err

@@ -11,8 +11,11 @@ import (
 
 	"cacheproxy/internal/clock"
 	"cacheproxy/internal/redistest"
+	"cacheproxy/internal/tracing"
 
 	"github.com/rs/zerolog"
+	"go.opentelemetry.io/otel/propagation"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 )
 
 // discardWriter is a reusable ResponseWriter for in-process benchmarks.
@@ -152,3 +155,19 @@ func benchCold(b *testing.B, h *harness) {
 		}
 	}
 }
+
+// BenchmarkHitTraced is BenchmarkHit with tracing on, every request
+// sampled, its spans handed to an exporter that drops them: what tracing
+// costs a hit (docs/tracing.md).
+func BenchmarkHitTraced(b *testing.B) {
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSampler(sdktrace.AlwaysSample()), sdktrace.WithSpanProcessor(sdktrace.NewSimpleSpanProcessor(dropSpans{})))
+	b.Cleanup(func() { _ = tp.Shutdown(context.Background()) })
+	tr := &tracing.Tracing{Provider: tp, Propagator: propagation.TraceContext{}}
+	benchHit(b, newHarness(b, benchSetup, func(s *setup) { s.opts.Tracing = tr }))
+}
+
+// dropSpans is an exporter that drops what it is given.
+type dropSpans struct{}
+
+func (dropSpans) ExportSpans(context.Context, []sdktrace.ReadOnlySpan) error { return nil }
+func (dropSpans) Shutdown(context.Context) error                             { return nil }

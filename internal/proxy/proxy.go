@@ -26,9 +26,11 @@ import (
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
 	"cacheproxy/internal/tier"
+	"cacheproxy/internal/tracing"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/sync/singleflight"
 )
 
@@ -153,6 +155,10 @@ type Options struct {
 	Logger zerolog.Logger
 	// Transport carries upstream calls. If nil, NewTransport() is used.
 	Transport http.RoundTripper
+	// Tracing, if set, traces each request (a server span continuing the
+	// client's traceparent, with spans for the budget wait, the fleet
+	// claim and the upstream call). Nil: off, and nothing of it runs.
+	Tracing *tracing.Tracing
 	// Clock is the time source (retry waits, ages, the access log's
 	// times). If nil, the real clock.
 	Clock clock.Clock
@@ -166,6 +172,7 @@ type Options struct {
 // Proxy is the http.Handler clients talk to.
 type Proxy struct {
 	ups     [route.NumUpstreams]*upstream
+	tracer  *tracer // nil: tracing off
 	router  *route.Router
 	store   Store
 	inv     Invalidator
@@ -226,6 +233,7 @@ func New(o Options) (*Proxy, error) {
 	if o.Transport == nil {
 		o.Transport = NewTransport()
 	}
+	o.Transport = tracedTransport(o.Transport, o.Tracing)
 	if len(o.KeySecret) == 0 {
 		o.KeySecret = make([]byte, 32)
 		if _, err := rand.Read(o.KeySecret); err != nil {
@@ -262,10 +270,11 @@ func New(o Options) (*Proxy, error) {
 		accounts: cmp.Or(o.MaxAccountSeries, 100),
 		maxFetch: max(maxFetchBytes, f.MaxEntryBytes),
 		hdrs:     newHitHeaders(max(f.TTL, f.NegativeTTL)),
+		tracer:   newTracer(o.Tracing),
 	}
 	p.events = p.log.With().Timestamp().Logger()
 	p.m = newMetrics(o.Registerer, p)
-	p.tiers = tiers{l1: o.Store, l2: tier.None{}, inv: o.Invalidator, clock: p.clock, c: &p.c}
+	p.tiers = tiers{l1: o.Store, l2: tier.None{}, inv: o.Invalidator, clock: p.clock, c: &p.c, tracer: p.tracer}
 	if o.Shared != nil {
 		p.tiers.l2 = timedTier{Tier: o.Shared, clock: p.clock, latency: p.m.l2}
 	}
@@ -282,7 +291,7 @@ func New(o Options) (*Proxy, error) {
 		paced := &pacedTransport{
 			next: o.Transport, budget: o.Budget, retry: o.Retry,
 			clock: p.clock, c: &p.c, m: p.m, upstream: id.String(),
-			fp: p.fp, refused: &p.refused,
+			fp: p.fp, refused: &p.refused, tracer: p.tracer,
 		}
 		up := &upstream{id: id, target: target, transport: paced, timeout: uc.Timeout, hosts: lower(uc.Hosts)}
 		up.rp = &httputil.ReverseProxy{
@@ -326,6 +335,10 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if auth != "" {
 		rec.cred = p.fp.lookup(auth)
 	}
+	var span trace.Span
+	if p.tracer != nil {
+		r, span = p.tracer.serverSpan(r)
+	}
 	defer func() {
 		if v := recover(); v != nil {
 			// http.ErrAbortHandler: the reverse proxy lost the upstream
@@ -335,9 +348,15 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 				rec.errMsg = fmt.Sprint(v)
 			}
 			p.logRequest(r, rec, &st.rw)
+			if span != nil {
+				endServerSpan(span, rec, &st.rw)
+			}
 			panic(v)
 		}
 		p.logRequest(r, rec, &st.rw)
+		if span != nil {
+			endServerSpan(span, rec, &st.rw)
+		}
 		rec.hdr = reqHeaders{} // a pooled state keeps no reference to a request's credentials
 		statePool.Put(st)
 	}()

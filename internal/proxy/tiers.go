@@ -17,11 +17,12 @@ import (
 // shared tier (tier.None for a replica alone), and the Invalidator that
 // says what in either is still valid (docs/architecture.md, "Glossary").
 type tiers struct {
-	l1    Store
-	l2    tier.Tier
-	inv   Invalidator
-	clock clock.Clock
-	c     *counters
+	l1     Store
+	l2     tier.Tier
+	inv    Invalidator
+	clock  clock.Clock
+	c      *counters
+	tracer *tracer // nil: tracing off
 }
 
 // source is where an answer came from.
@@ -142,14 +143,17 @@ func (t *tiers) fill(ctx context.Context, key, auth string, noCache bool, fetch 
 			return &fetchResult{entry: e, upStatus: e.Status, from: fromL1}, nil
 		}
 	}
-	cl, err := t.l2.Claim(ctx, key, auth)
+	cctx, endClaim := t.tracer.claim(ctx)
+	cl, err := t.l2.Claim(cctx, key, auth)
 	t.failed(err)
 	defer cl.Release()
 	if !noCache && err == nil {
-		if e := t.claimed(ctx, cl, epoch); e != nil {
+		if e := t.claimed(cctx, cl, epoch); e != nil {
+			endClaim(cl, true)
 			return &fetchResult{entry: e, upStatus: e.Status, stored: true, from: fromFleet}, nil
 		}
 	}
+	endClaim(cl, false)
 	res, err := fetch(epoch)
 	if err != nil || res.entry.Expires.IsZero() {
 		return res, err

@@ -82,6 +82,7 @@ type pacedTransport struct {
 	upstream string
 	fp       *fingerprinter
 	refused  *refusals
+	tracer   *tracer // nil: tracing off
 }
 
 func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
@@ -105,7 +106,7 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		ctx = ratelimit.WithPriority(ctx, ratelimit.Write) // writes go first
 	}
 	for attempt := 0; ; attempt++ {
-		lease, err := t.budget.Acquire(ctx, user, fingerprint)
+		lease, err := t.tracer.acquire(ctx, t.budget, user, fingerprint)
 		if lease != nil {
 			stats.queueWait += lease.Waited()
 			t.c.queueWaitNanos.Add(int64(lease.Waited()))
