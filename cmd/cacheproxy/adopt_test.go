@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -181,5 +182,67 @@ func TestVersionNamesTheRevision(t *testing.T) {
 	got, err := exec.Command(bin, "-version").Output()
 	if err != nil || !strings.Contains(string(got), "vcs.revision=cafe1234") || !strings.HasPrefix(string(got), "cacheproxy ") {
 		t.Fatalf("-version built without .git: %v %q", err, got)
+	}
+}
+
+// section is the README's text from heading to the next heading of the
+// same or a higher level.
+func section(t *testing.T, readme, heading string) string {
+	t.Helper()
+	i := strings.Index(readme, "\n"+heading+"\n")
+	if i < 0 {
+		t.Fatalf("the README has no %q", heading)
+	}
+	level := strings.Index(heading, " ") + 1 // "## " → 3
+	rest := readme[i+1+len(heading):]
+	for j := 0; j < len(rest); {
+		k := strings.Index(rest[j:], "\n#")
+		if k < 0 {
+			break
+		}
+		j += k + 1
+		if n := strings.Index(rest[j:], " "); n >= 0 && n+1 <= level {
+			return rest[:j]
+		}
+	}
+	return rest
+}
+
+// The README reads as a manual: a short Performance section (the history
+// is in docs/performance.md), Limitations, a production checklist, the
+// Docker config warning, a fleet walkthrough that waits for readiness and
+// cleans up, and the same Conversations events in the Console steps as in
+// the API example.
+func TestReadmeIsAManual(t *testing.T) {
+	readme := repoFile(t, "README.md")
+	if n := strings.Count(section(t, readme, "## Performance"), "\n"); n > 80 {
+		t.Errorf("the Performance section is %d lines, want at most 80", n)
+	}
+	if !strings.Contains(repoFile(t, "docs/performance.md"), "callgrind") {
+		t.Error("docs/performance.md lacks the measurements' history")
+	}
+	for _, h := range []string{"## Limitations", "### Production checklist"} {
+		section(t, readme, h)
+	}
+	if docker := section(t, readme, "### Docker"); !strings.Contains(docker, "replaces the image's\nown") || !strings.Contains(docker, "-check-config") {
+		t.Error("the Docker section does not warn that a mounted config replaces deploy/container.toml")
+	}
+	walk := section(t, readme, "## Fleet")
+	if !strings.Contains(walk, "/readyz") || !strings.Contains(walk, "kill $(jobs -p)") {
+		t.Error("the fleet walkthrough neither waits for readiness nor cleans up")
+	}
+	hooks := section(t, readme, "## Writes made elsewhere")
+	console, api := map[string]bool{}, map[string]bool{}
+	_, after, _ := strings.Cut(hooks, "Global webhooks")
+	consoleText, apiText, _ := strings.Cut(after, "Or by API")
+	for _, m := range regexp.MustCompile("`(on[A-Z][A-Za-z]+)`").FindAllStringSubmatch(consoleText, -1) {
+		console[m[1]] = true
+	}
+	apiText, _, _ = strings.Cut(apiText, "per service")
+	for _, m := range regexp.MustCompile(`Filters=(on[A-Za-z]+)`).FindAllStringSubmatch(apiText, -1) {
+		api[m[1]] = true
+	}
+	if len(console) < 5 || !maps.Equal(console, api) {
+		t.Errorf("Console events %v, API Filters %v: want the same list", console, api)
 	}
 }
