@@ -44,6 +44,21 @@ type limitedProxy struct {
 // startLimited starts the fake and the proxy; maxConcurrent 0 is the
 // unprotected proxy (no cap, no retries).
 func startLimited(maxConcurrent int) (*limitedProxy, error) {
+	return startLimitedQueue(maxConcurrent, false)
+}
+
+// oneQueue is a budget whose calls all wait as client reads: the budget
+// before writes went first (a write queued behind the reads of its
+// credential).
+type oneQueue struct{ *ratelimit.Limiter }
+
+func (b oneQueue) Acquire(ctx context.Context, user, credential string) (ratelimit.Lease, error) {
+	return b.Limiter.Acquire(ratelimit.WithPriority(ctx, ratelimit.Read), user, credential)
+}
+
+// startLimitedQueue is startLimited, with one queue for every call when
+// one is set (oneQueue).
+func startLimitedQueue(maxConcurrent int, one bool) (*limitedProxy, error) {
 	fake := twiliofake.Seeded(run.Account, run.Token, burstReads)
 	fake.Latency, fake.MaxInFlight = twilioLatency, twilioLimit
 	upURL, stopUp, err := run.Serve(fake)
@@ -76,6 +91,9 @@ func startLimited(maxConcurrent int) (*limitedProxy, error) {
 	opts := wire.ProxyOptions(cfg)
 	opts.Store, opts.Invalidator = store, invalidation.New(wire.Retention(cfg), nil)
 	opts.Budget, opts.Logger = lp.lim, zerolog.Nop()
+	if one {
+		opts.Budget = oneQueue{lp.lim}
+	}
 	p, err := proxy.New(opts)
 	if err != nil {
 		store.Close()

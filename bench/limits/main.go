@@ -16,7 +16,11 @@
 //     wrong token for the account (200 at once), and one with the right
 //     token in the middle of them.
 //
-//     go run ./bench/limits [-duration 10s] [-rate 300]
+//   - A write during a backlog: a POST 50 ms into 300 cold reads, with
+//     writes first and with one queue for every call (the budget before
+//     writes went first), side by side (alone: -write).
+//
+//     go run ./bench/limits [-duration 10s] [-rate 300] [-write]
 package main
 
 import (
@@ -58,7 +62,12 @@ func main() {
 	duration := flag.Duration("duration", 10*time.Second, "load duration")
 	rate := flag.Int("rate", 300, "offered requests per second")
 	latency := flag.Duration("latency", 50*time.Millisecond, "upstream latency")
+	writeOnly := flag.Bool("write", false, "run only the write-during-a-backlog scenario (side by side)")
 	flag.Parse()
+	if *writeOnly {
+		fmt.Println(writeDuringBacklog())
+		return
+	}
 	scenarios := []scenario{
 		{"L=100, paced 90/s", 100, 90, 2 * time.Second},
 		{"L=100, unpaced", 100, 0, 2 * time.Second},
