@@ -1,7 +1,10 @@
 package cache
 
 import (
+	"bytes"
 	"fmt"
+	"net/http"
+	"runtime"
 	"testing"
 	"time"
 
@@ -130,5 +133,48 @@ func TestRemovedClassifies(t *testing.T) {
 	s.removed(time.Time{}, now)
 	if s.expiries.Load() != 2 || s.evictions.Load() != 2 {
 		t.Fatalf("expiries %d, evictions %d; want 2 and 2", s.expiries.Load(), s.evictions.Load())
+	}
+}
+
+// Cost is within 15% of what an entry takes on the heap (the live heap
+// after a GC, per entry), for entries shaped as the proxy stores them: a
+// participant's body, its key, five headers (the values that repeat
+// shared, as internal/intern shares them) and five tags.
+func TestCostIsWhatAnEntryTakes(t *testing.T) {
+	s, err := New(1<<30, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	const n = 20000
+	now := time.Now()
+	shared := map[string][]string{"Content-Type": {"application/json"}, "Date": {now.UTC().Format(http.TimeFormat)}}
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	var cost int64
+	for i := range n {
+		sid := fmt.Sprintf("%032x", i)
+		e := &Entry{
+			Key:    "c|conversations|/v1/Conversations/CH00000000000000000000000000000001/Participants/MB" + sid + "|" + sid + sid,
+			Status: 200, Body: bytes.Repeat([]byte("x"), 700+i%100),
+			Header: map[string][]string{"Content-Type": shared["Content-Type"], "Date": shared["Date"], "Content-Length": {"750"},
+				"Twilio-Request-Id": {"RQ" + sid}, "X-Home-Region": {"us1"}},
+			Stored: now, Expires: now.Add(time.Hour), Keep: now.Add(time.Hour),
+			Tags: []string{"conversations|path:/v1/Conversations/CH00000000000000000000000000000001/Participants/MB" + sid,
+				"conversations|conv:CH00000000000000000000000000000001", "conversations|conv:*", "conversations|part:MB" + sid, "conversations|part:*"},
+		}
+		cost += e.Cost()
+		if !s.Set(e) {
+			t.Fatal("Set refused")
+		}
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	live := float64(after.HeapAlloc-before.HeapAlloc) / n
+	per := float64(cost) / n
+	t.Logf("live %.0f B per entry, Cost %.0f B (%.1f%%)", live, per, 100*(per-live)/live)
+	if per < 0.85*live || per > 1.15*live {
+		t.Fatalf("Cost %.0f B per entry, live %.0f B: want within 15%%", per, live)
 	}
 }

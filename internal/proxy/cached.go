@@ -1,17 +1,20 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 	"unsafe"
 
 	"cacheproxy/internal/cache"
+	"cacheproxy/internal/intern"
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
 
@@ -305,6 +308,7 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 	if int64(len(body)) > p.maxFetch {
 		return nil, errResponseLarge
 	}
+	body = keptBody(body)
 	now := p.clock.Now()
 	e := &cache.Entry{
 		Key:    key,
@@ -326,12 +330,33 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 	case http.StatusNotFound:
 		ttl = p.fresh.NegativeTTL
 	}
+	e.Tags = sharedTags(e.Tags)
 	res.entry, res.upStatus, res.upDur = e, resp.StatusCode, now.Sub(start)
 	if ttl > 0 && int64(len(body)) <= p.fresh.MaxEntryBytes && storable(resp.Header) {
 		e.Expires = now.Add(ttl)
 		e.Keep = e.Expires.Add(max(p.fresh.StaleIfError, p.fresh.StaleWhileRevalidate))
 	}
 	return res, nil
+}
+
+// keptBody is body in a buffer of its size: io.ReadAll's buffer outgrows
+// what it read (up to 2×), and an entry keeps its body as long as it lives.
+func keptBody(body []byte) []byte {
+	if cap(body)-len(body) > 64 {
+		return bytes.Clone(body)
+	}
+	return body
+}
+
+// sharedTags clips an entry's tags and shares those other entries hold
+// too (a conversation's, the kinds' wildcards: intern); the first, the
+// entry's own path, is left as it is.
+func sharedTags(tags []string) []string {
+	tags = slices.Clip(tags)
+	for i := 1; i < len(tags); i++ {
+		tags[i] = intern.String(tags[i])
+	}
+	return tags
 }
 
 // writeEntry sends a shared entry, or a 304 or 412 when the request's

@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"cacheproxy/internal/intern"
 )
 
 // Hop-by-hop headers (RFC 9110 7.6.1) and headers that would make a shared
@@ -41,10 +43,10 @@ func storedHeader(in http.Header, bodyLen int) map[string][]string {
 	out := make(map[string][]string, len(in)+1)
 	for k, v := range in {
 		if !skipStoredHeader[k] {
-			out[k] = slices.Clip(slices.Clone(v))
+			out[k] = intern.Values(slices.Clip(slices.Clone(v))) // Content-Type, Date… repeat across entries
 		}
 	}
-	out["Content-Length"] = []string{strconv.Itoa(bodyLen)}
+	out["Content-Length"] = intern.Values([]string{strconv.Itoa(bodyLen)})
 	return out
 }
 

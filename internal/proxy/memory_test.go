@@ -1,0 +1,42 @@
+package proxy
+
+import (
+	"bytes"
+	"io"
+	"net/http"
+	"testing"
+	"unsafe"
+)
+
+// Header values that repeat across entries (Content-Type, Date, a
+// Content-Length) are one copy shared by the entries; a value of one
+// entry's own (Twilio-Request-Id) is its own, and equal either way.
+func TestStoredHeadersShareRepeatedValues(t *testing.T) {
+	mk := func(id string) http.Header {
+		return http.Header{"Content-Type": {"application/" + "json"}, "Date": {"Tue, 01 Dec 2026 22:14:46 " + "GMT"}, "Twilio-Request-Id": {id}}
+	}
+	a, b := storedHeader(mk("RQ1"), 232), storedHeader(mk("RQ2"), 232)
+	for _, k := range []string{"Content-Type", "Date", "Content-Length"} {
+		if unsafe.SliceData(a[k]) != unsafe.SliceData(b[k]) || a[k][0] != b[k][0] {
+			t.Errorf("%s: %q and %q are two copies, want one shared", k, a[k], b[k])
+		}
+	}
+	if a["Twilio-Request-Id"][0] != "RQ1" || b["Twilio-Request-Id"][0] != "RQ2" || a["Content-Length"][0] != "232" {
+		t.Fatalf("values changed: %v %v", a, b)
+	}
+}
+
+// An entry's tags other than its own path are shared with the entries
+// that hold them too; its body keeps only its bytes.
+func TestEntriesShareTagsAndKeepOnlyTheirBody(t *testing.T) {
+	conv := func() string { return "conversations|conv:" + "CH00000000000000000000000000000001" }
+	a := sharedTags([]string{"conversations|path:/a", conv(), "conversations|conv:*"})
+	b := sharedTags([]string{"conversations|path:/b", conv(), "conversations|conv:*"})
+	if unsafe.StringData(a[1]) != unsafe.StringData(b[1]) || a[1] != conv() || cap(a) != len(a) {
+		t.Fatalf("the conversation's tag: two copies (or the slice not clipped): %q %q", a, b)
+	}
+	body, _ := io.ReadAll(io.LimitReader(bytes.NewReader(bytes.Repeat([]byte("x"), 600)), 1<<20))
+	if kept := keptBody(body); cap(kept)-len(kept) > 64 || !bytes.Equal(kept, body) {
+		t.Fatalf("kept body: len %d cap %d (io.ReadAll's: cap %d)", len(kept), cap(kept), cap(body))
+	}
+}
