@@ -92,6 +92,17 @@ func measure(entries int, maxBytes string) error {
 	limit := parseSize(maxBytes) + 64<<20
 	fmt.Printf("RESULT\tmemory: peak resident after %d distinct reads\t%d MiB\t<= max_bytes + 64 MiB = %d MiB\t%v\n",
 		len(paths), hwmKB/1024, limit>>20, hwmKB*1024 <= limit)
+	var n, accounted float64
+	var baseKB, afterKB int64
+	fmt.Sscan(metrics["cacheproxy_cache_entries"], &n)
+	fmt.Sscan(metrics["cacheproxy_cache_bytes"], &accounted)
+	fmt.Sscan(strings.TrimSuffix(baseRSS["VmRSS"], " kB"), &baseKB)
+	fmt.Sscan(strings.TrimSuffix(after["VmRSS"], " kB"), &afterKB)
+	if n > 0 {
+		fmt.Printf("RESULT\tmemory: entries in %s\t%.0f\t>= 40000 in 64MiB\t%v\n", maxBytes, n, n >= 40000)
+		perResident := float64(afterKB-baseKB) * 1024 / n
+		fmt.Printf("RESULT\tmemory: bytes per entry, resident growth / accounted (Entry.Cost)\t%.0f / %.0f\t<= 1700 resident\t%v\n", perResident, accounted/n, perResident <= 1700)
+	}
 	return nil
 }
 

@@ -3,7 +3,7 @@
 // writes is the invalidation package's business, read from the Epoch and
 // Tags an entry carries.
 //
-// It knows nothing of HTTP: an Entry's header is a plain map.
+// It knows nothing of HTTP: an Entry's header is a plain list of fields.
 package cache
 
 import (
@@ -22,7 +22,7 @@ import (
 type Entry struct {
 	Key    string // the full cache key, checked on Get against hash collisions
 	Status int
-	Header map[string][]string
+	Header Header
 	Body   []byte
 	// Stored is when the response arrived; Expires ends its freshness;
 	// Keep (>= Expires) is when it leaves the cache for good, so that a
@@ -44,21 +44,21 @@ type Entry struct {
 // Approximate bytes of an Entry beyond its strings and body, measured
 // (live heap per entry after a GC, with the header values and tags that
 // repeat across entries shared: internal/intern): the struct and
-// ristretto's item and map slot, the header map's table (a fixed part
-// plus ≈48 a key), a slice header per value and per tag. Cost is within
+// ristretto's item and map slot, the header's fields (a name and a slice
+// each), a slice header per value and per tag. Cost is within
 // 15% of what an entry takes (TestCostIsWhatAnEntryTakes).
 const (
-	entryOverhead  = 520
-	headerOverhead = 48
+	entryOverhead  = 230
+	headerOverhead = 24
 	sliceOverhead  = 24
 )
 
 // Cost is the entry's memory in bytes, as ristretto accounts it.
 func (e *Entry) Cost() int64 {
 	n := len(e.Key) + cap(e.Body) + entryOverhead
-	for k, vs := range e.Header {
-		n += len(k) + headerOverhead
-		for _, v := range vs {
+	for _, f := range e.Header {
+		n += len(f.Name) + headerOverhead
+		for _, v := range f.Values {
 			n += len(v) + sliceOverhead
 		}
 	}

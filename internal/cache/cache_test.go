@@ -158,8 +158,8 @@ func TestCostIsWhatAnEntryTakes(t *testing.T) {
 		e := &Entry{
 			Key:    "c|conversations|/v1/Conversations/CH00000000000000000000000000000001/Participants/MB" + sid + "|" + sid + sid,
 			Status: 200, Body: bytes.Repeat([]byte("x"), 700+i%100),
-			Header: map[string][]string{"Content-Type": shared["Content-Type"], "Date": shared["Date"], "Content-Length": {"750"},
-				"Twilio-Request-Id": {"RQ" + sid}, "X-Home-Region": {"us1"}},
+			Header: HeaderOf(map[string][]string{"Content-Type": shared["Content-Type"], "Date": shared["Date"], "Content-Length": {"750"},
+				"Twilio-Request-Id": {"RQ" + sid}, "X-Home-Region": {"us1"}}),
 			Stored: now, Expires: now.Add(time.Hour), Keep: now.Add(time.Hour),
 			Tags: []string{"conversations|path:/v1/Conversations/CH00000000000000000000000000000001/Participants/MB" + sid,
 				"conversations|conv:CH00000000000000000000000000000001", "conversations|conv:*", "conversations|part:MB" + sid, "conversations|part:*"},

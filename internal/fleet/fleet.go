@@ -27,7 +27,7 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"errors"
-	"net/http"
+
 	"net/url"
 	"strconv"
 	"strings"
@@ -376,7 +376,7 @@ func (f *Fleet) seal(e *cache.Entry, auth string, epoch uint64, now time.Time) (
 	if ttl <= 0 {
 		return sealedEntry{}, false, nil
 	}
-	plain, err := json.Marshal(sealed{Status: e.Status, Header: e.Header, Body: e.Body, Age: max(0, now.Sub(e.Stored).Milliseconds()),
+	plain, err := json.Marshal(sealed{Status: e.Status, Header: e.Header.Map(), Body: e.Body, Age: max(0, now.Sub(e.Stored).Milliseconds()),
 		Fresh: e.Expires.Sub(now).Milliseconds(), Life: ttl, Tags: e.Tags, Epoch: epoch})
 	if err != nil {
 		return sealedEntry{}, false, err
@@ -564,7 +564,7 @@ func (f *Fleet) unmarked(ctx context.Context, c rueidis.Client, s *sealed) (bool
 func (s *sealed) entry(key string, left int64, now time.Time) *cache.Entry {
 	passed := time.Duration(max(0, s.Life-left)) * time.Millisecond
 	ms := func(n int64) time.Duration { return time.Duration(n) * time.Millisecond }
-	return &cache.Entry{Key: key, Status: s.Status, Header: http.Header(s.Header), Body: s.Body,
+	return &cache.Entry{Key: key, Status: s.Status, Header: cache.HeaderOf(s.Header), Body: s.Body,
 		Stored: now.Add(-ms(s.Age) - passed), Expires: now.Add(ms(s.Fresh) - passed), Keep: now.Add(ms(left)), Tags: s.Tags}
 }
 

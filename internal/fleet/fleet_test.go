@@ -41,7 +41,7 @@ func TestEntriesOpenOnlyForTheirCredentialUntilInvalidated(t *testing.T) {
 	f := open(t, redistest.Start(t).URL())
 	ctx := context.Background()
 	now := time.Now()
-	e := &cache.Entry{Key: "k", Status: 200, Header: map[string][]string{"Content-Type": {"application/json"}}, Body: []byte(`{"a":1}`),
+	e := &cache.Entry{Key: "k", Status: 200, Header: cache.HeaderOf(map[string][]string{"Content-Type": {"application/json"}}), Body: []byte(`{"a":1}`),
 		Stored: now, Expires: now.Add(time.Minute), Keep: now.Add(time.Minute), Tags: []string{"scope-a", "scope-b"}}
 	epoch, err := f.Epoch(ctx)
 	if err != nil {

@@ -148,7 +148,7 @@ func (p *Proxy) miss(r *http.Request, rec *record, up *upstream, f found, noCach
 	case res.stored:
 		fwd += "; stored"
 	}
-	if enc := contentCoding(res.entry.Header); enc != "" && !acceptsCoding(r.Header, enc) {
+	if enc := contentCoding(res.entry.Header.Get("Content-Encoding")); enc != "" && !acceptsCoding(r.Header, enc) {
 		// The upstream compressed without being asked (the fetch asks for
 		// the plain representation); this client did not ask either.
 		return reply{outcome: o, err: &codingError{enc}}
@@ -313,7 +313,7 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 	e := &cache.Entry{
 		Key:    key,
 		Status: resp.StatusCode,
-		Header: storedHeader(resp.Header, len(body)),
+		Header: cache.HeaderOf(storedHeader(resp.Header, len(body))),
 		Body:   body,
 		Stored: now,
 		Epoch:  epoch,
@@ -375,9 +375,9 @@ func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, conditional b
 		}
 	}
 	h := w.Header()
-	for k, v := range e.Header {
-		if status != http.StatusNotModified || (k != "Content-Length" && k != "Content-Type") {
-			h[k] = v
+	for _, f := range e.Header {
+		if status != http.StatusNotModified || (f.Name != "Content-Length" && f.Name != "Content-Type") {
+			h[f.Name] = f.Values
 		}
 	}
 	h["Cache-Status"] = cacheStatus

@@ -4,6 +4,8 @@ import (
 	"net/http"
 	"strings"
 	"time"
+
+	"cacheproxy/internal/cache"
 )
 
 // precondition evaluates a request's conditional headers against a stored
@@ -11,8 +13,8 @@ import (
 // 304 when If-None-Match or If-Modified-Since says the client's copy is
 // current, 0 to send the entry. Range is not evaluated: a full 200 is a
 // valid answer to it.
-func precondition(method string, req http.Header, stored map[string][]string) int {
-	etag, lastMod := first(stored["Etag"]), first(stored["Last-Modified"])
+func precondition(method string, req http.Header, stored cache.Header) int {
+	etag, lastMod := first(stored.Get("Etag")), first(stored.Get("Last-Modified"))
 	if im := req["If-Match"]; len(im) > 0 {
 		if !etagListMatches(im, etag, false) {
 			return http.StatusPreconditionFailed

@@ -43,7 +43,7 @@ func storedHeader(in http.Header, bodyLen int) map[string][]string {
 	out := make(map[string][]string, len(in)+1)
 	for k, v := range in {
 		if !skipStoredHeader[k] {
-			out[k] = intern.Values(slices.Clip(slices.Clone(v))) // Content-Type, Date… repeat across entries
+			out[intern.String(k)] = intern.Values(slices.Clip(slices.Clone(v))) // names and values (Content-Type, Date…) repeat across entries
 		}
 	}
 	out["Content-Length"] = intern.Values([]string{strconv.Itoa(bodyLen)})
@@ -115,12 +115,12 @@ func storable(h http.Header) bool {
 			}
 		}
 	}
-	return contentCoding(h) == ""
+	return contentCoding(h["Content-Encoding"]) == ""
 }
 
 // contentCoding is a response's Content-Encoding, "" for none or identity.
-func contentCoding(h map[string][]string) string {
-	v := strings.TrimSpace(strings.Join(h["Content-Encoding"], ","))
+func contentCoding(encodings []string) string {
+	v := strings.TrimSpace(strings.Join(encodings, ","))
 	if strings.EqualFold(v, "identity") {
 		return ""
 	}
