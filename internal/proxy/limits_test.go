@@ -269,6 +269,22 @@ func TestSummaryLine(t *testing.T) {
 	if prev.Hits != 2 {
 		t.Fatalf("returned totals: %+v", prev)
 	}
+	// The cache's removals are the interval's too, each kind apart.
+	for _, k := range []string{"evictions", "expiries", "cache_rejections"} {
+		if v, ok := sum[k]; !ok || v != 0.0 {
+			t.Errorf("summary %s = %v, want 0 in this interval (%v)", k, v, sum)
+		}
+	}
+	// The next interval counts from prev: nothing happened since.
+	h.p.LogSummary(prev)
+	for _, l := range h.logs.lines(t) {
+		if l["message"] == "summary" {
+			sum = l
+		}
+	}
+	if sum["hits"] != 0.0 || sum["misses"] != 0.0 || sum["entries"] != 2.0 {
+		t.Fatalf("the next interval: %v, want no hits or misses, and the 2 entries still held", sum)
+	}
 }
 
 // TestQueuedClientsThatLeaveLeakNothing: pass-through requests queued for a
