@@ -23,8 +23,10 @@
 package fleet
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 
@@ -327,10 +329,10 @@ func (f *Fleet) invalidate(ctx context.Context, tags []string) (uint64, error) {
 type sealed struct {
 	Status int                 `json:"s"`
 	Header map[string][]string `json:"h"`
-	Body   []byte              `json:"b"`
-	Age    int64               `json:"a"` // since the response arrived
-	Fresh  int64               `json:"f"` // freshness left
-	Life   int64               `json:"l"` // time left in Redis (the key's PX)
+	Body   []byte              `json:"b,omitempty"` // the previous format's; now raw after the JSON (rawBody)
+	Age    int64               `json:"a"`           // since the response arrived
+	Fresh  int64               `json:"f"`           // freshness left
+	Life   int64               `json:"l"`           // time left in Redis (the key's PX)
 	Tags   []string            `json:"g"`
 	Epoch  uint64              `json:"e"` // the fleet epoch when its fetch began
 }
@@ -376,11 +378,15 @@ func (f *Fleet) seal(e *cache.Entry, auth string, epoch uint64, now time.Time) (
 	if ttl <= 0 {
 		return sealedEntry{}, false, nil
 	}
-	plain, err := json.Marshal(sealed{Status: e.Status, Header: e.Header.Map(), Body: e.Body, Age: max(0, now.Sub(e.Stored).Milliseconds()),
+	meta, err := json.Marshal(sealed{Status: e.Status, Header: e.Header.Map(), Age: max(0, now.Sub(e.Stored).Milliseconds()),
 		Fresh: e.Expires.Sub(now).Milliseconds(), Life: ttl, Tags: e.Tags, Epoch: epoch})
 	if err != nil {
 		return sealedEntry{}, false, err
 	}
+	// The body goes raw after the rest (JSON, which would base64 it).
+	plain := make([]byte, 0, 1+binary.MaxVarintLen64+len(meta)+len(e.Body))
+	plain = binary.AppendUvarint(append(plain, rawBody), uint64(len(meta)))
+	plain = append(append(plain, meta...), e.Body...)
 	a, err := f.keys[0].aead(auth)
 	if err != nil {
 		return sealedEntry{}, false, err
@@ -522,10 +528,33 @@ func (f *Fleet) open(k *secret, name, auth string, val []byte, left int64) *seal
 	if err != nil {
 		return nil // not this credential's, or damaged: a miss
 	}
+	return unseal(plain)
+}
+
+// rawBody starts a sealed entry whose body follows its JSON raw: a format
+// byte, the JSON's length (uvarint), the JSON, the body. An entry that
+// starts otherwise is the previous format (the whole entry as JSON, which
+// replicas of an older version share) and opens too.
+const rawBody = 0x01
+
+// unseal decodes an opened entry of either format; nil if it is damaged.
+func unseal(plain []byte) *sealed {
 	var s sealed
-	if err := json.Unmarshal(plain, &s); err != nil {
+	if len(plain) == 0 || plain[0] != rawBody {
+		if json.Unmarshal(plain, &s) != nil {
+			return nil
+		}
+		return &s
+	}
+	n, k := binary.Uvarint(plain[1:])
+	if k <= 0 || n > uint64(len(plain)-1-k) {
 		return nil
 	}
+	meta, body := plain[1+k:1+k+int(n)], plain[1+k+int(n):]
+	if json.Unmarshal(meta, &s) != nil {
+		return nil
+	}
+	s.Body = bytes.Clone(body) // the entry keeps only its bytes, not the opened buffer
 	return &s
 }
 
