@@ -6,7 +6,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"strconv"
 	"strings"
 	"sync"
 	"text/tabwriter"
@@ -42,16 +41,11 @@ func keysScenario(redisURL string, book bool) (*keysResult, error) {
 		return nil, err
 	}
 	defer stopUp()
-	prefix := "benchkeys" + strconv.FormatInt(time.Now().UnixNano(), 36) + ":"
-	var urls []string
-	for range 3 {
-		u, stop, err := replica(upURL, redisURL, prefix, book)
-		if err != nil {
-			return nil, err
-		}
-		defer stop()
-		urls = append(urls, u)
+	urls, stop, err := replicas(upURL, redisURL, book)
+	if err != nil {
+		return nil, err
 	}
+	defer stop()
 	paths := twiliofake.SeededPaths(perAPI)
 	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 1024}}
 	get := func(url, user, pass string) int {

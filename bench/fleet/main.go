@@ -132,16 +132,11 @@ func scenario(redisURL string, rate int, duration time.Duration) (*result, error
 		return nil, err
 	}
 	defer stopUp()
-	prefix := "bench" + strconv.FormatInt(time.Now().UnixNano(), 36) + ":"
-	var urls []string
-	for range 3 {
-		u, stop, err := replica(upURL, redisURL, prefix, true)
-		if err != nil {
-			return nil, err
-		}
-		defer stop()
-		urls = append(urls, u)
+	urls, stop, err := replicas(upURL, redisURL, true)
+	if err != nil {
+		return nil, err
 	}
+	defer stop()
 	paths := twiliofake.SeededPaths(perAPI)
 	zipf := rand.NewZipf(rand.New(rand.NewPCG(1, 2)), 1.1, 1, uint64(len(paths)-1))
 	client := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 1024}}
@@ -175,6 +170,28 @@ func scenario(redisURL string, rate int, duration time.Duration) (*result, error
 	wg.Wait()
 	res.upCalls, res.up429, res.peak = fake.Total(), fake.TooMany(), fake.Peak(run.Account)
 	return res, nil
+}
+
+// replicas starts three replicas in front of upURL (sharing Redis at
+// redisURL under a key prefix of their own, with the key book when book
+// is set) and returns their URLs; stop stops them.
+func replicas(upURL, redisURL string, book bool) (urls []string, stop func(), err error) {
+	prefix := "bench" + strconv.FormatInt(time.Now().UnixNano(), 36) + ":"
+	var stops []func()
+	stop = func() {
+		for _, s := range stops {
+			s()
+		}
+	}
+	for range 3 {
+		u, s, err := replica(upURL, redisURL, prefix, book)
+		if err != nil {
+			stop()
+			return nil, nil, err
+		}
+		stops, urls = append(stops, s), append(urls, u)
+	}
+	return urls, stop, nil
 }
 
 // replica starts one cacheproxy in process with the defaults (max_concurrent

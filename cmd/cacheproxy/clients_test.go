@@ -15,9 +15,15 @@ import (
 	"time"
 )
 
-// demo runs the binary with -demo and returns the first curl command it
-// prints, split: user, password and URL.
-func demo(t *testing.T) (user, pass string, u *url.URL) {
+// demoCurl is one curl command the demo printed: curl -si -u USER:PASS URL.
+type demoCurl struct {
+	user, pass string
+	url        *url.URL
+}
+
+// demoCurls runs the binary with -demo and returns the first n curl
+// commands it prints.
+func demoCurls(t *testing.T, n int) []demoCurl {
 	t.Helper()
 	cmd := exec.Command(binary, "-demo", "-set", "listen=127.0.0.1:0", "-set", "admin_listen=127.0.0.1:0")
 	errOut, err := cmd.StderrPipe()
@@ -29,23 +35,33 @@ func demo(t *testing.T) (user, pass string, u *url.URL) {
 	}
 	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
 	sc := bufio.NewScanner(errOut)
-	for sc.Scan() {
+	var out []demoCurl
+	for len(out) < n && sc.Scan() {
 		if line := strings.TrimSpace(sc.Text()); strings.HasPrefix(line, "curl ") {
-			f := strings.Fields(line) // curl -si -u USER:PASS URL
-			user, pass, _ = strings.Cut(f[3], ":")
-			u, err = url.Parse(f[4])
+			f := strings.Fields(line)
+			user, pass, _ := strings.Cut(f[3], ":")
+			u, err := url.Parse(f[4])
 			if err != nil {
 				t.Fatal(err)
 			}
-			go func() {
-				for sc.Scan() {
-				}
-			}()
-			return user, pass, u
+			out = append(out, demoCurl{user, pass, u})
 		}
 	}
-	t.Fatal("the demo printed no curl command")
-	return
+	if len(out) != n {
+		t.Fatalf("demo printed %d curl commands, want %d", len(out), n)
+	}
+	go func() { // the rest of its output, until it is killed
+		for sc.Scan() {
+		}
+	}()
+	return out
+}
+
+// demo is the first curl command the demo prints.
+func demo(t *testing.T) (user, pass string, u *url.URL) {
+	t.Helper()
+	c := demoCurls(t, 1)[0]
+	return c.user, c.pass, c.url
 }
 
 // The README's twilio-go snippet, as printed, fetches the demo's

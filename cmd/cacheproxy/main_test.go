@@ -538,31 +538,10 @@ func TestConsoleLogFormat(t *testing.T) {
 }
 
 func TestDemoShowsAMissThenAHit(t *testing.T) {
-	cmd := exec.Command(binary, "-demo", "-set", "listen=127.0.0.1:0", "-set", "admin_listen=127.0.0.1:0")
-	errOut, err := cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer cmd.Process.Kill()
-	sc := bufio.NewScanner(errOut)
-	var curls []string
-	for sc.Scan() && len(curls) < 2 {
-		if line := strings.TrimSpace(sc.Text()); strings.HasPrefix(line, "curl ") {
-			curls = append(curls, line)
-		}
-	}
-	if len(curls) != 2 {
-		t.Fatalf("demo printed %d curl commands", len(curls))
-	}
+	curls := demoCurls(t, 2)
 	for i, want := range []string{"cacheproxy; fwd=uri-miss; stored", "cacheproxy; hit; ttl="} {
-		// curl -si -u USER:PASS URL
-		f := strings.Fields(curls[i])
-		user, pass, _ := strings.Cut(f[3], ":")
-		req, _ := http.NewRequest("GET", f[4], nil)
-		req.SetBasicAuth(user, pass)
+		req, _ := http.NewRequest("GET", curls[i].url.String(), nil)
+		req.SetBasicAuth(curls[i].user, curls[i].pass)
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
 			t.Fatal(err)

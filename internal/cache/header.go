@@ -1,6 +1,9 @@
 package cache
 
-import "slices"
+import (
+	"slices"
+	"strings"
+)
 
 // Header is a stored response's header fields, compact: a field per
 // name (canonical), sorted by name, with its values; read-only once
@@ -22,16 +25,13 @@ func HeaderOf(h map[string][]string) Header {
 	for k, v := range h {
 		out = append(out, HeaderField{Name: k, Values: v})
 	}
-	slices.SortFunc(out, func(a, b HeaderField) int {
-		switch {
-		case a.Name < b.Name:
-			return -1
-		case a.Name > b.Name:
-			return 1
-		}
-		return 0
-	})
-	return out
+	return out.Sorted()
+}
+
+// Sorted sorts h by name, in place, and returns it.
+func (h Header) Sorted() Header {
+	slices.SortFunc(h, func(a, b HeaderField) int { return strings.Compare(a.Name, b.Name) })
+	return h
 }
 
 // Get is name's values (name canonical), or nil.

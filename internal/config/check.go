@@ -55,13 +55,6 @@ func misspelt(environ []string, keys map[string]reflect.Value) []error {
 	return errs
 }
 
-// Suggestion is the known variable an unknown CACHEPROXY_* name is close
-// to, or "".
-func Suggestion(name string) string {
-	c := Default()
-	return suggest(name, leaves(reflect.ValueOf(&c).Elem(), ""))
-}
-
 func suggest(name string, keys map[string]reflect.Value) string {
 	words := sortedWords(name)
 	best, bestD := "", 3

@@ -313,7 +313,7 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 	e := &cache.Entry{
 		Key:    key,
 		Status: resp.StatusCode,
-		Header: cache.HeaderOf(storedHeader(resp.Header, len(body))),
+		Header: storedHeader(resp.Header, len(body)),
 		Body:   body,
 		Stored: now,
 		Epoch:  epoch,

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"cacheproxy/internal/cache"
 	"cacheproxy/internal/intern"
 )
 
@@ -39,15 +40,15 @@ var skipStoredHeader = map[string]bool{
 	"Age": true, "Cache-Status": true, "X-Request-Id": true,
 }
 
-func storedHeader(in http.Header, bodyLen int) map[string][]string {
-	out := make(map[string][]string, len(in)+1)
+func storedHeader(in http.Header, bodyLen int) cache.Header {
+	out := make(cache.Header, 0, len(in)+1)
 	for k, v := range in {
-		if !skipStoredHeader[k] {
-			out[intern.String(k)] = intern.Values(slices.Clip(slices.Clone(v))) // names and values (Content-Type, Date…) repeat across entries
+		if !skipStoredHeader[k] { // names and values (Content-Type, Date…) repeat across entries
+			out = append(out, cache.HeaderField{Name: intern.String(k), Values: intern.Values(slices.Clip(slices.Clone(v)))})
 		}
 	}
-	out["Content-Length"] = intern.Values([]string{strconv.Itoa(bodyLen)})
-	return out
+	out = append(out, cache.HeaderField{Name: "Content-Length", Values: intern.Values([]string{strconv.Itoa(bodyLen)})})
+	return out.Sorted()
 }
 
 // reqHeaders are the request headers the proxy reads on every request,

@@ -17,11 +17,11 @@ func TestStoredHeadersShareRepeatedValues(t *testing.T) {
 	}
 	a, b := storedHeader(mk("RQ1"), 232), storedHeader(mk("RQ2"), 232)
 	for _, k := range []string{"Content-Type", "Date", "Content-Length"} {
-		if unsafe.SliceData(a[k]) != unsafe.SliceData(b[k]) || a[k][0] != b[k][0] {
-			t.Errorf("%s: %q and %q are two copies, want one shared", k, a[k], b[k])
+		if unsafe.SliceData(a.Get(k)) != unsafe.SliceData(b.Get(k)) || a.Get(k)[0] != b.Get(k)[0] {
+			t.Errorf("%s: %q and %q are two copies, want one shared", k, a.Get(k), b.Get(k))
 		}
 	}
-	if a["Twilio-Request-Id"][0] != "RQ1" || b["Twilio-Request-Id"][0] != "RQ2" || a["Content-Length"][0] != "232" {
+	if a.Get("Twilio-Request-Id")[0] != "RQ1" || b.Get("Twilio-Request-Id")[0] != "RQ2" || a.Get("Content-Length")[0] != "232" {
 		t.Fatalf("values changed: %v %v", a, b)
 	}
 }

@@ -8,6 +8,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"cacheproxy/internal/cache"
 )
 
 // refusals remembers, by credential fingerprint, the upstream's 401 for a
@@ -23,7 +25,7 @@ type refusals struct {
 
 type refusal struct {
 	until  time.Time
-	header http.Header
+	header cache.Header
 	body   []byte
 }
 
@@ -90,8 +92,8 @@ func (f *refusals) sweep(now time.Time) {
 // write answers with the remembered 401.
 func (r *refusal) write(w http.ResponseWriter) {
 	h := w.Header()
-	for k, v := range r.header {
-		h[k] = v
+	for _, f := range r.header {
+		h[f.Name] = f.Values
 	}
 	w.WriteHeader(http.StatusUnauthorized)
 	_, _ = w.Write(r.body)
@@ -100,8 +102,8 @@ func (r *refusal) write(w http.ResponseWriter) {
 // response is the remembered 401 as the upstream's answer to req.
 func (r *refusal) response(req *http.Request) *http.Response {
 	h := make(http.Header, len(r.header))
-	for k, v := range r.header {
-		h[k] = v
+	for _, f := range r.header {
+		h[f.Name] = f.Values
 	}
 	return &http.Response{
 		Status: "401 Unauthorized", StatusCode: http.StatusUnauthorized, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
