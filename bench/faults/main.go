@@ -62,6 +62,12 @@ func main() {
 	for _, v := range append(faulty.Violations, quiet.Violations...) {
 		fmt.Println("VIOLATION", v)
 	}
+	if len(faulty.Violations) > 0 {
+		fmt.Println("faults, in order:")
+		for _, f := range faulty.Timeline {
+			fmt.Println("  ", f)
+		}
+	}
 	for _, e := range append(faulty.Errors, quiet.Errors...) {
 		fmt.Println("CLIENT ERROR", e)
 	}

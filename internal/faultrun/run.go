@@ -44,8 +44,10 @@ type Config struct {
 // Result is a run's history, checked.
 type Result struct {
 	Report
-	// Faults counts the faults injected, by kind.
-	Faults map[string]int
+	// Faults counts the faults injected, by kind; Timeline says when each
+	// began (from the load's start), what it was and where.
+	Faults   map[string]int
+	Timeline []string
 	// Hits counts reads answered from a tier (L1 or L2); P99 is the 99th
 	// percentile of the reads' latency.
 	Hits int
@@ -126,7 +128,7 @@ func Run(cfg Config) (res Result, err error) {
 					injectErr = f
 				}
 			}()
-			inject(env, srv, rs, faults, deadline, cfg.Every)
+			res.Timeline = inject(env, srv, rs, faults, h.start, deadline, cfg.Every)
 		})
 	}
 	load.Wait()
@@ -344,13 +346,19 @@ var kinds = []string{"latency 200 ms", "connections reset", "link down", "redis 
 // inject injects a fault every every until deadline, each for a third of
 // the interval (a restart for as long as it takes), on one replica's link
 // or on Redis itself, in turn.
-func inject(env *env, srv *redistest.Server, rs []*replica, faults map[string]int, deadline time.Time, every time.Duration) {
+func inject(env *env, srv *redistest.Server, rs []*replica, faults map[string]int, start, deadline time.Time, every time.Duration) (timeline []string) {
 	hold := every / 3
 	rnd := rand.New(rand.NewPCG(3, 4))
 	for n := 0; time.Now().Add(every).Before(deadline); n++ {
 		time.Sleep(every - hold) // the load runs without a fault meanwhile
-		kind, link := kinds[n%len(kinds)], rs[rnd.IntN(len(rs))].link
+		kind, on := kinds[n%len(kinds)], rnd.IntN(len(rs))
+		link := rs[on].link
 		faults[kind]++
+		where := "Redis"
+		if n%len(kinds) < 3 {
+			where = "replica " + strconv.Itoa(on) + "'s link"
+		}
+		timeline = append(timeline, fmt.Sprintf("+%s %s on %s", time.Since(start).Round(time.Millisecond), kind, where))
 		switch kind {
 		case "latency 200 ms":
 			link.Latency(env, 200)
@@ -378,6 +386,7 @@ func inject(env *env, srv *redistest.Server, rs []*replica, faults map[string]in
 			srv.CLI(env, "SET", "cacheproxy:epoch", strconv.FormatUint(n+1000, 10))
 		}
 	}
+	return timeline
 }
 
 // env gives redistest what it needs of a test: cleanups, run at the end,
