@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"sync"
@@ -24,8 +25,8 @@ import (
 //  2. into this replica's marks;
 //  3. to every other replica, over Redis sharded pub/sub, sealed under a key
 //     derived from cache.key_secret: each applies it to its own marks and
-//     acknowledges; the writer waits for as many acknowledgements as
-//     SPUBLISH reported receivers, at most InvalidationWait.
+//     acknowledges; the writer waits for an acknowledgement from every
+//     replica announced with a secret it has, at most InvalidationWait.
 //
 // A replica that does not acknowledge in time is counted and logged
 // (OnError); one whose subscription has dropped is told nothing until it
@@ -233,7 +234,18 @@ func (i *Invalidator) InvalidateConfirmed(ctx context.Context, tags []string) (u
 		return epoch, ErrQueued
 	}
 	// Redis answers: the others can be told at once.
-	if berr := i.broadcast(ctx, message{Tags: tags, E: e}); err == nil {
+	berr := i.broadcast(ctx, message{Tags: tags, E: e})
+	if errors.Is(berr, errUnpublished) {
+		// Redis took the marks but not the message (or its answer came too
+		// late): the others may not have been told, and would keep what
+		// they hold. Kept, and told again until Redis takes it.
+		if err == nil {
+			i.f.unsent.add(tags)
+			i.retryNow()
+		}
+		return epoch, ErrQueued
+	}
+	if err == nil {
 		err = berr
 	}
 	return epoch, err
@@ -273,8 +285,10 @@ func (i *Invalidator) retry(ctx context.Context) {
 			if err != nil {
 				break
 			}
-			_ = i.broadcast(ctx, message{Tags: tags, All: all, E: e}) // counted and logged
-			i.f.unsent.done(all)                                      // after the broadcast: none left means every replica was told
+			if errors.Is(i.broadcast(ctx, message{Tags: tags, All: all, E: e}), errUnpublished) {
+				break // nobody was surely told: again, marks and all
+			}
+			i.f.unsent.done(all) // after the broadcast: none left means every replica was told
 		}
 	}
 }
@@ -333,13 +347,17 @@ func (i *Invalidator) openMsg(raw []byte, ch string, v any) int {
 	return -1
 }
 
+// errUnpublished: Redis did not answer a broadcast's SPUBLISH, so the
+// other replicas may not have been told.
+var errUnpublished = errors.New("invalidation not published")
+
 // broadcast tells the other replicas of msg and waits for their
 // acknowledgements (bounded); its error says why not all came.
 func (i *Invalidator) broadcast(ctx context.Context, msg message) error {
 	c := i.f.c()
 	if c == nil {
 		i.fail(errNotConnected)
-		return errNotConnected
+		return fmt.Errorf("%w: %w", errUnpublished, errNotConnected)
 	}
 	seq := i.seq.Add(1)
 	sealed := i.sealMsg(&i.f.keys[0], i.id, seq, msg, i.channel())
@@ -353,17 +371,24 @@ func (i *Invalidator) broadcast(ctx context.Context, msg message) error {
 		i.mu.Unlock()
 	}()
 	pctx, cancel := i.f.ctx(ctx)
-	receivers, err := c.Do(pctx, c.B().Spublish().Channel(i.channel()).Message(rueidis.BinaryString(sealed)).Build()).AsInt64()
+	err := c.Do(pctx, c.B().Spublish().Channel(i.channel()).Message(rueidis.BinaryString(sealed)).Build()).Error()
 	cancel()
 	if err := i.f.result(err); err != nil {
 		i.fail(err)
-		return err
+		return fmt.Errorf("%w: %w", errUnpublished, err)
 	}
 	i.Sent.Add(1)
-	// Only replicas that announced themselves with a secret this one has
-	// are waited for: a stray subscriber (a redis-cli left open, a replica
-	// with an unrelated secret) costs nothing.
-	receivers = min(receivers, i.peers.Load()+1) // +1: this replica hears (and acknowledges) its own
+	// Every replica that announced itself with a secret this one has is
+	// waited for, and only those: a stray subscriber (a redis-cli left
+	// open, a replica with an unrelated secret) costs nothing, and a
+	// replica Redis no longer counts among the receivers, whose
+	// subscription ended without its knowing (a link gone dark), is waited
+	// for until its own heartbeats are too old for it to trust its L1.
+	// Redis's count of receivers is no guide either way.
+	receivers := i.peers.Load()
+	if i.subscribed.Load() {
+		receivers++ // this replica hears (and acknowledges) its own
+	}
 	timeout := time.NewTimer(i.wait)
 	defer timeout.Stop()
 	for got := int64(0); got < receivers; got++ {
@@ -591,7 +616,12 @@ func (i *Invalidator) announce(ctx context.Context) {
 		// while the last one Redis took is under two seconds old.
 		case !sub || !i.subscribed.Load() || time.Since(lastOK) >= 2*time.Second:
 			since = time.Time{}
-			i.trusted.Store(false)
+			if i.trusted.Swap(false) {
+				// A hit that finds its entry valid at the current epoch
+				// asks no more (tiers.local): a new epoch makes every
+				// entry ask, and an untrusted replica finds none valid.
+				i.local.InvalidateAll()
+			}
 		case since.IsZero():
 			since = time.Now()
 		case time.Since(since) >= 1500*time.Millisecond && !i.trusted.Load():

@@ -319,6 +319,89 @@ func TestFleetReaderWithAStreamDelayedPastTheWait(t *testing.T) {
 	}
 }
 
+// A reader whose subscription Redis dropped without the reader knowing
+// (its link went dark: nothing arrives, not even the close) is still
+// waited for: Redis no longer counts it among the receivers, but the
+// writer waits for every replica that announced itself, up to
+// redis.invalidation_wait, by when the reader's own heartbeats are too
+// old for it to trust its L1. Before, the writer waited only for the
+// receivers Redis counted and answered at once, and the reader served the
+// data from before the write from its L1.
+func TestFleetReaderWhoseSubscriptionRedisDroppedUnseen(t *testing.T) {
+	srv := redistest.Start(t)
+	srv.CLI(t, "ACL", "SETUSER", "b", "on", ">b-password", "~*", "&*", "+@all")
+	link := redistest.NewLink(t, srv.Addr)
+	wait := invalidationWait(2 * time.Second)
+	r := replicasEach(t, srv, []harnessOpt{wait}, []harnessOpt{wait, withFleet("redis://b:b-password@" + link.Addr)})
+	a, b := r[0], r[1]
+	b.get(pathConv)
+	if _, cs, _ := b.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; hit") {
+		t.Fatalf("B's own copy: %q", cs)
+	}
+	link.Silence(t)
+	srv.CLI(t, "CLIENT", "KILL", "USER", "b")
+	waitUntil(t, "Redis dropped B's subscription", func() bool {
+		return strings.Fields(srv.CLI(t, "PUBSUB", "SHARDNUMSUB", "cacheproxy:{inv}"))[1] == "1"
+	})
+	if !b.inv.Subscribed() {
+		t.Fatal("B noticed its subscription ended: the fault did not bite")
+	}
+	a.update("POST", pathConv, `{"v":1}`)
+	if s, cs, body := b.get(pathConv); s != 200 || !strings.Contains(body, `\"v\":1`) {
+		t.Fatalf("B right after A's write: %d %q %s, want the write's data", s, cs, body)
+	}
+	if a.inv.Unacked.Load() == 0 {
+		t.Fatal("A did not wait for B")
+	}
+	link.Clear()
+}
+
+// A write whose invalidation Redis took (the epoch and the marks) but
+// whose message it did not (the SPUBLISH refused or unanswered; here an
+// ACL forbids it) is kept and published again until Redis takes it: a
+// reader with a healthy stream then serves the write's data. Before, the
+// write counted as told, the message was never sent again, and the reader
+// served the data from before the write from its L1 until cache.ttl.
+func TestFleetInvalidationWhosePublishFailedIsSentAgain(t *testing.T) {
+	srv := redistest.Start(t)
+	srv.CLI(t, "ACL", "SETUSER", "a", "on", ">a-password", "~*", "&*", "+@all", "-spublish")
+	r := replicasEach(t, srv, []harnessOpt{withFleet("redis://a:a-password@" + srv.Addr)}, nil)
+	a, b := r[0], r[1]
+	before := attrs(t, b)
+	if _, cs, _ := b.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; hit") {
+		t.Fatalf("B's own copy: %q", cs)
+	}
+	a.update("POST", pathConv, `{"v":1}`)
+	if a.inv.Unsent() == 0 {
+		t.Fatal("A's write counts as told: nothing is kept to send again")
+	}
+	srv.CLI(t, "ACL", "SETUSER", "a", "+spublish")
+	waitUntil(t, "A's invalidation is published", func() bool { return a.inv.Unsent() == 0 })
+	if got := attrs(t, b); got == before || !strings.Contains(got, `\"v\":1`) {
+		t.Fatalf("B after A's invalidation was published: %s, want the write's data", got)
+	}
+}
+
+// A replica that loses its trust while its stream is current (its
+// announcements fail: here an ACL forbids it scripts, so writers stop
+// counting it) serves nothing from its L1 from then on. Before, a hit that
+// had found its entry valid at the current epoch asked no more, so the
+// replica went on serving its L1 untrusted.
+func TestFleetReplicaThatLosesTrustServesNothingFromL1(t *testing.T) {
+	srv := redistest.Start(t)
+	srv.CLI(t, "ACL", "SETUSER", "b", "on", ">b-password", "~*", "&*", "+@all")
+	b := replicasEach(t, srv, []harnessOpt{withFleet("redis://b:b-password@" + srv.Addr)})[0]
+	b.get(pathConv)
+	if _, cs, _ := b.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; hit") {
+		t.Fatalf("B's own copy: %q", cs)
+	}
+	srv.CLI(t, "ACL", "SETUSER", "b", "-eval", "-evalsha")
+	waitUntil(t, "B is no longer trusted", func() bool { return !b.inv.Trusted() })
+	if s, cs, _ := b.get(pathConv); s != 200 || strings.HasPrefix(cs, "cacheproxy; hit") {
+		t.Fatalf("B untrusted: %d %q, want a miss", s, cs)
+	}
+}
+
 // Point 2, an older snapshot: Redis is killed and restarted from an RDB
 // snapshot taken before a write, so its epoch is lower than the one the
 // replicas saw, the pre-write shared entry is back and the write's marks

@@ -6,6 +6,7 @@ import (
 	"strings"
 
 	"github.com/Shopify/toxiproxy/v2"
+	"github.com/Shopify/toxiproxy/v2/toxics"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 )
@@ -47,6 +48,35 @@ func (l *Link) Reset(t T) {
 	t.Helper()
 	l.add(t, `{"name":"reset","type":"reset_peer","stream":"downstream","attributes":{"timeout":0}}`)
 }
+
+// Silence lets nothing Redis sends through, and never closes the
+// replica's side, until Clear: the replica hears nothing, not even Redis
+// closing its end (a path gone dark, as when a firewall or NAT drops the
+// flow).
+func (l *Link) Silence(t T) {
+	t.Helper()
+	l.add(t, `{"name":"silence","type":"silence","stream":"downstream","attributes":{}}`)
+}
+
+// silence is the toxic of Silence. Toxiproxy's own timeout toxic closes
+// the replica's side once Redis closes its end.
+type silence struct{}
+
+func (*silence) Pipe(stub *toxics.ToxicStub) {
+	for {
+		select {
+		case <-stub.Interrupt:
+			return
+		case c := <-stub.Input:
+			if c == nil { // Redis closed its end: keep the replica's open
+				<-stub.Interrupt
+				return
+			}
+		}
+	}
+}
+
+func init() { toxics.Register("silence", new(silence)) }
 
 // Down closes the link and every connection on it; Up opens it again.
 func (l *Link) Down() { l.p.Stop() }
