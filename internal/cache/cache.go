@@ -7,10 +7,12 @@
 package cache
 
 import (
+	"cacheproxy/internal/intern"
 	"fmt"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"cacheproxy/internal/clock"
 
@@ -26,8 +28,9 @@ type Entry struct {
 	Body   []byte
 	// Stored is when the response arrived; Expires ends its freshness;
 	// Keep (>= Expires) is when it leaves the cache for good, so that a
-	// stale copy can still be served on upstream errors.
-	Stored, Expires, Keep time.Time
+	// stale copy can still be served on upstream errors. Each is a Stamp
+	// (8 bytes, not a time.Time's 24).
+	Stored, Expires, Keep Stamp
 	// Epoch is the invalidation epoch when the fetch that produced this
 	// entry started; Tags are the scopes it belongs to. An invalidation of
 	// any tag at a later epoch makes the entry invalid (see the
@@ -41,31 +44,83 @@ type Entry struct {
 	ValidAt atomic.Uint64
 }
 
-// Approximate bytes of an Entry beyond its strings and body, measured
-// (live heap per entry after a GC, with the header values and tags that
-// repeat across entries shared: internal/intern): the struct and
-// ristretto's item and map slot, the header's fields (a name and a slice
-// each), a slice header per value and per tag. Cost is within
-// 15% of what an entry takes (TestCostIsWhatAnEntryTakes).
+// A Stamp is a time as a count of nanoseconds from the process's start (by
+// the monotonic clock for times read from it), in 8 bytes; the zero Stamp
+// is the zero time.
+type Stamp int64
+
+var base = time.Now()
+
+// At is t as a Stamp.
+func At(t time.Time) Stamp {
+	if t.IsZero() {
+		return 0
+	}
+	if d := t.Sub(base); d != 0 {
+		return Stamp(d)
+	}
+	return 1 // the zero Stamp is the zero time: a nanosecond later
+}
+
+// Time is s as a time.Time.
+func (s Stamp) Time() time.Time {
+	if s == 0 {
+		return time.Time{}
+	}
+	return base.Add(time.Duration(s))
+}
+
+// ShareKey makes each of e's tags that its key begins with (its own
+// path's scope) a view of the key: one copy of those bytes, not two.
+func (e *Entry) ShareKey() {
+	for i, t := range e.Tags {
+		if len(t) <= len(e.Key) && e.Key[:len(t)] == t {
+			e.Tags[i] = e.Key[:len(t)]
+		}
+	}
+}
+
+// Approximate bytes of an Entry beyond its key and body, measured (live
+// heap per entry after a GC, a participant read through the proxy): the
+// struct, ristretto's item and slots, and on average what an entry owns
+// in the shared table (its request id, its participant's tag:
+// internal/intern); a header field's slot (its name and values are
+// shared); a tag's slot. Cost is within 15% of what an entry takes
+// (TestCostIsWhatAnEntryTakes).
 const (
-	entryOverhead  = 230
-	headerOverhead = 24
-	sliceOverhead  = 24
+	entryOverhead = 410
+	fieldOverhead = 40
+	tagOverhead   = 16
 )
 
-// Cost is the entry's memory in bytes, as ristretto accounts it.
+// Cost is the entry's memory in bytes, as ristretto accounts it: its key
+// and body, the fixed part, a slot per header field and per tag, and in
+// full a value or tag too long to be shared (intern.MaxLen); a tag that
+// is a view of the key costs its slot only.
 func (e *Entry) Cost() int64 {
 	n := len(e.Key) + cap(e.Body) + entryOverhead
 	for _, f := range e.Header {
-		n += len(f.Name) + headerOverhead
+		n += fieldOverhead
 		for _, v := range f.Values {
-			n += len(v) + sliceOverhead
+			n += unshared(v)
 		}
 	}
 	for _, t := range e.Tags {
-		n += len(t) + sliceOverhead
+		n += tagOverhead
+		if unsafe.StringData(t) != unsafe.StringData(e.Key) {
+			n += unshared(t)
+		}
 	}
 	return int64(n)
+}
+
+// unshared is what s costs an entry beyond its slot: nothing if it is
+// short enough to be one copy shared by every entry that holds it.
+func unshared(s string) int {
+	if len(s) > intern.MaxLen {
+		return len(s)
+	}
+	return 0
 }
 
 // Store is a byte-bounded cache of entries.
@@ -140,7 +195,7 @@ func (s *Store) Wait() {
 // a clock read on the hit path.
 func (s *Store) Get(key string, now time.Time) (*Entry, bool) {
 	e, ok := s.c.Get(key)
-	if !ok || e.Key != key || !now.Before(e.Keep) {
+	if !ok || e.Key != key || !now.Before(e.Keep.Time()) {
 		return nil, false
 	}
 	return e, true
@@ -151,7 +206,7 @@ func (s *Store) Get(key string, now time.Time) (*Entry, bool) {
 // entry, unless the admission policy dropped it, which is not an error. It
 // reports whether ristretto accepted the item.
 func (s *Store) Set(e *Entry) bool {
-	ttl := e.Keep.Sub(s.clock.Now())
+	ttl := e.Keep.Time().Sub(s.clock.Now())
 	if ttl <= 0 {
 		return false
 	}

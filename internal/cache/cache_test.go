@@ -2,6 +2,7 @@ package cache
 
 import (
 	"bytes"
+	"cacheproxy/internal/intern"
 	"fmt"
 	"net/http"
 	"runtime"
@@ -24,7 +25,7 @@ func newStore(t *testing.T) (*Store, *clock.Fake) {
 
 func entry(clk *clock.Fake, key string, tags ...string) *Entry {
 	now := clk.Now()
-	return &Entry{Key: key, Status: 200, Body: []byte("x"), Stored: now, Expires: now.Add(10 * time.Second), Keep: now.Add(10 * time.Second), Tags: tags}
+	return &Entry{Key: key, Status: 200, Body: []byte("x"), Stored: At(now), Expires: At(now.Add(10 * time.Second)), Keep: At(now.Add(10 * time.Second)), Tags: tags}
 }
 
 func TestSetGetExpire(t *testing.T) {
@@ -107,7 +108,7 @@ func TestExpiriesAreNotEvictions(t *testing.T) {
 	defer s.Close()
 	now := time.Now()
 	for i := range 20 {
-		e := &Entry{Key: fmt.Sprint("k", i), Status: 200, Body: []byte("x"), Stored: now, Expires: now.Add(50 * time.Millisecond), Keep: now.Add(50 * time.Millisecond)}
+		e := &Entry{Key: fmt.Sprint("k", i), Status: 200, Body: []byte("x"), Stored: At(now), Expires: At(now.Add(50 * time.Millisecond)), Keep: At(now.Add(50 * time.Millisecond))}
 		if !s.Set(e) {
 			t.Fatal("Set refused")
 		}
@@ -148,22 +149,27 @@ func TestCostIsWhatAnEntryTakes(t *testing.T) {
 	defer s.Close()
 	const n = 20000
 	now := time.Now()
-	shared := map[string][]string{"Content-Type": {"application/json"}, "Date": {now.UTC().Format(http.TimeFormat)}}
+	shared := map[string][]string{"Content-Type": intern.Values([]string{"application/json"}), "Date": intern.Values([]string{now.UTC().Format(http.TimeFormat)})}
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
 	var cost int64
 	for i := range n {
+		// As the proxy stores a participant: header names, values and tags
+		// shared through intern, the path's tag a view of the key.
 		sid := fmt.Sprintf("%032x", i)
+		v := func(s string) []string { return intern.Values([]string{s}) }
+		path := "conversations|path:/v1/Conversations/CH00000000000000000000000000000001/Participants/MB" + sid
 		e := &Entry{
-			Key:    "c|conversations|/v1/Conversations/CH00000000000000000000000000000001/Participants/MB" + sid + "|" + sid + sid,
-			Status: 200, Body: bytes.Repeat([]byte("x"), 700+i%100),
-			Header: HeaderOf(map[string][]string{"Content-Type": shared["Content-Type"], "Date": shared["Date"], "Content-Length": {"750"},
-				"Twilio-Request-Id": {"RQ" + sid}, "X-Home-Region": {"us1"}}),
-			Stored: now, Expires: now.Add(time.Hour), Keep: now.Add(time.Hour),
-			Tags: []string{"conversations|path:/v1/Conversations/CH00000000000000000000000000000001/Participants/MB" + sid,
-				"conversations|conv:CH00000000000000000000000000000001", "conversations|conv:*", "conversations|part:MB" + sid, "conversations|part:*"},
+			Key:    path + "? " + sid,
+			Status: 200, Body: bytes.Repeat([]byte("x"), 400+i%100),
+			Header: HeaderOf(map[string][]string{"Content-Type": shared["Content-Type"], "Date": shared["Date"], "Content-Length": v("450"),
+				"Twilio-Request-Id": v("RQ" + sid), "X-Home-Region": v("us1")}),
+			Stored: At(now), Expires: At(now.Add(time.Hour)), Keep: At(now.Add(time.Hour)),
+			Tags: []string{path, intern.String("conversations|conv:CH00000000000000000000000000000001"), intern.String("conversations|conv:*"),
+				intern.String("conversations|part:MB" + sid), intern.String("conversations|part:*")},
 		}
+		e.ShareKey()
 		cost += e.Cost()
 		if !s.Set(e) {
 			t.Fatal("Set refused")

@@ -67,7 +67,7 @@ func (f *Fleet) Claim(ctx context.Context, key, auth string) (tier.Claim, error)
 	}
 	cl := &claim{f: f, key: key, auth: auth, name: name, epoch: l.epoch, token: l.token}
 	switch {
-	case l.entry != nil && f.clock.Now().Before(l.entry.Expires):
+	case l.entry != nil && f.clock.Now().Before(l.entry.Expires.Time()):
 		cl.found = l.entry
 		if cl.token != "" {
 			f.unclaimLater(name, cl.token)
@@ -120,7 +120,7 @@ func (cl *claim) Wait(ctx context.Context) (*cache.Entry, error) {
 				return nil, nil // the waiter left
 			}
 			return nil, err
-		case l.entry != nil && cl.f.clock.Now().Before(l.entry.Expires):
+		case l.entry != nil && cl.f.clock.Now().Before(l.entry.Expires.Time()):
 			if l.token != "" {
 				cl.f.unclaimLater(cl.name, l.token)
 			}

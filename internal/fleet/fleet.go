@@ -372,14 +372,14 @@ type sealedEntry struct {
 }
 
 // seal seals e under the current secret for the credential auth, kept
-// until e.Keep; false if e is past it.
+// until e.Keep. false if e is past it.
 func (f *Fleet) seal(e *cache.Entry, auth string, epoch uint64, now time.Time) (sealedEntry, bool, error) {
-	ttl := e.Keep.Sub(now).Milliseconds()
+	ttl := e.Keep.Time().Sub(now).Milliseconds()
 	if ttl <= 0 {
 		return sealedEntry{}, false, nil
 	}
-	meta, err := json.Marshal(sealed{Status: e.Status, Header: e.Header.Map(), Age: max(0, now.Sub(e.Stored).Milliseconds()),
-		Fresh: e.Expires.Sub(now).Milliseconds(), Life: ttl, Tags: e.Tags, Epoch: epoch})
+	meta, err := json.Marshal(sealed{Status: e.Status, Header: e.Header.Map(), Age: max(0, now.Sub(e.Stored.Time()).Milliseconds()),
+		Fresh: e.Expires.Time().Sub(now).Milliseconds(), Life: ttl, Tags: e.Tags, Epoch: epoch})
 	if err != nil {
 		return sealedEntry{}, false, err
 	}
@@ -407,7 +407,7 @@ func (f *Fleet) seal(e *cache.Entry, auth string, epoch uint64, now time.Time) (
 func (f *Fleet) Get(ctx context.Context, key, auth string) (*cache.Entry, error) {
 	l, err := f.look(ctx, key, auth, false)
 	if l.token != "" {
-		if l.entry != nil && f.clock.Now().Before(l.entry.Expires) {
+		if l.entry != nil && f.clock.Now().Before(l.entry.Expires.Time()) {
 			f.unclaimLater(l.claim, l.token) // found under a previous secret: no fetch
 		} else {
 			f.claims.put(l.claim, heldClaim{token: l.token, epoch: l.epoch, at: time.Now()}, f)
@@ -593,8 +593,10 @@ func (f *Fleet) unmarked(ctx context.Context, c rueidis.Client, s *sealed) (bool
 func (s *sealed) entry(key string, left int64, now time.Time) *cache.Entry {
 	passed := time.Duration(max(0, s.Life-left)) * time.Millisecond
 	ms := func(n int64) time.Duration { return time.Duration(n) * time.Millisecond }
-	return &cache.Entry{Key: key, Status: s.Status, Header: cache.HeaderOf(s.Header), Body: s.Body,
-		Stored: now.Add(-ms(s.Age) - passed), Expires: now.Add(ms(s.Fresh) - passed), Keep: now.Add(ms(left)), Tags: s.Tags}
+	e := &cache.Entry{Key: key, Status: s.Status, Header: cache.HeaderOf(s.Header), Body: s.Body,
+		Stored: cache.At(now.Add(-ms(s.Age) - passed)), Expires: cache.At(now.Add(ms(s.Fresh) - passed)), Keep: cache.At(now.Add(ms(left))), Tags: s.Tags}
+	e.ShareKey()
+	return e
 }
 
 // current checks the epoch and floor read with an entry and returns the

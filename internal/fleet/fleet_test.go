@@ -42,7 +42,7 @@ func TestEntriesOpenOnlyForTheirCredentialUntilInvalidated(t *testing.T) {
 	ctx := context.Background()
 	now := time.Now()
 	e := &cache.Entry{Key: "k", Status: 200, Header: cache.HeaderOf(map[string][]string{"Content-Type": {"application/json"}}), Body: []byte(`{"a":1}`),
-		Stored: now, Expires: now.Add(time.Minute), Keep: now.Add(time.Minute), Tags: []string{"scope-a", "scope-b"}}
+		Stored: cache.At(now), Expires: cache.At(now.Add(time.Minute)), Keep: cache.At(now.Add(time.Minute)), Tags: []string{"scope-a", "scope-b"}}
 	epoch, err := f.Epoch(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -56,7 +56,7 @@ func TestEntriesOpenOnlyForTheirCredentialUntilInvalidated(t *testing.T) {
 	got, err := f.Get(ctx, "k", "Basic right")
 	// Lifetimes travel, not wall-clock times: the reader's expiry is the
 	// writer's to within Redis's millisecond and the time between the calls.
-	if err != nil || got == nil || string(got.Body) != `{"a":1}` || got.Status != 200 || got.Expires.Sub(e.Expires).Abs() > time.Second {
+	if err != nil || got == nil || string(got.Body) != `{"a":1}` || got.Status != 200 || got.Expires.Time().Sub(e.Expires.Time()).Abs() > time.Second {
 		t.Fatalf("with its credential: %+v %v", got, err)
 	}
 	if _, err := f.Invalidate(ctx, []string{"scope-other"}); err != nil {
@@ -216,7 +216,7 @@ func TestClaimsAreOneReplicasAtATime(t *testing.T) {
 		t.Fatalf("a second replica won a held claim: %v", err)
 	}
 	now := time.Now()
-	e := &cache.Entry{Key: "k", Status: 200, Body: []byte(`{}`), Stored: now, Expires: now.Add(time.Minute), Keep: now.Add(time.Minute)}
+	e := &cache.Entry{Key: "k", Status: 200, Body: []byte(`{}`), Stored: cache.At(now), Expires: cache.At(now.Add(time.Minute)), Keep: cache.At(now.Add(time.Minute))}
 	if err := ca.Share(ctx, e); err != nil {
 		t.Fatal(err)
 	}

@@ -20,7 +20,7 @@ func participantEntry(now time.Time) *cache.Entry {
 	return &cache.Entry{Key: "c|conversations|/v1/Conversations/CH1/Participants/MB1", Status: 200, Body: []byte(body[:750]),
 		Header: cache.HeaderOf(map[string][]string{"Content-Type": {"application/json"}, "Date": {now.UTC().Format(time.RFC1123)},
 			"Content-Length": {"750"}, "Twilio-Request-Id": {"RQ00000000000000000000000000000001"}}),
-		Stored: now, Expires: now.Add(time.Minute), Keep: now.Add(time.Minute),
+		Stored: cache.At(now), Expires: cache.At(now.Add(time.Minute)), Keep: cache.At(now.Add(time.Minute)),
 		Tags: []string{"conversations|path:/v1/Conversations/CH1/Participants/MB1", "conversations|conv:CH1", "conversations|conv:*",
 			"conversations|part:MB1", "conversations|part:*"}}
 }

@@ -12,8 +12,10 @@ import "sync"
 // genSize bounds each generation of the table.
 const genSize = 4096
 
-// maxLen is the longest value interned: longer ones are rarely equal.
-const maxLen = 128
+// MaxLen is the longest value interned: longer ones are rarely equal.
+const MaxLen = 128
+
+const maxLen = MaxLen
 
 type table struct {
 	mu        sync.Mutex

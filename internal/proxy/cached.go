@@ -71,11 +71,11 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 	switch {
 	case f.fresh != nil:
 		p.answer(w, r, rec, up, p.hit(f.fresh, f.from, now))
-	case f.stale != nil && now.Before(f.stale.Expires.Add(p.fresh.StaleWhileRevalidate)):
+	case f.stale != nil && now.Before(f.stale.Expires.Time().Add(p.fresh.StaleWhileRevalidate)):
 		// Stale-while-revalidate: answer now, refresh in the background
 		// (one fetch per key: it is a flight).
 		p.revalidate(r, rec.rt, up, f.key)
-		ttl := strconv.Itoa(int(f.stale.Expires.Sub(now) / time.Second))
+		ttl := strconv.Itoa(int(f.stale.Expires.Time().Sub(now) / time.Second))
 		p.answer(w, r, rec, up, reply{outcome: outcomeStale, entry: f.stale,
 			status: []string{"cacheproxy; hit; ttl=" + ttl + "; detail=stale-while-revalidate"}, age: p.hdrs.age(age(f.stale, now))})
 	default:
@@ -85,7 +85,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 
 // hit is the reply for a fresh entry from tier from.
 func (p *Proxy) hit(e *cache.Entry, from source, now time.Time) reply {
-	ttl := int(e.Expires.Sub(now) / time.Second)
+	ttl := int(e.Expires.Time().Sub(now) / time.Second)
 	if from == fromL2 {
 		return reply{outcome: outcomeShared, entry: e, status: []string{"cacheproxy; hit; ttl=" + strconv.Itoa(ttl) + "; detail=shared"},
 			age: p.hdrs.age(age(e, now))}
@@ -95,7 +95,7 @@ func (p *Proxy) hit(e *cache.Entry, from source, now time.Time) reply {
 
 // age is e's age at now in whole seconds, never negative.
 func age(e *cache.Entry, now time.Time) int {
-	return max(0, int(now.Sub(e.Stored)/time.Second))
+	return max(0, int(now.Sub(e.Stored.Time())/time.Second))
 }
 
 // miss fetches key (or joins its flight) and replies with the answer, or
@@ -106,7 +106,7 @@ func (p *Proxy) miss(r *http.Request, rec *record, up *upstream, f found, noCach
 	if res != nil {
 		rec.calls = res.calls
 	}
-	if s := f.stale; upstreamFailed(res, err) && s != nil && rec.start.Before(s.Expires.Add(p.fresh.StaleIfError)) && r.Context().Err() == nil {
+	if s := f.stale; upstreamFailed(res, err) && s != nil && rec.start.Before(s.Expires.Time().Add(p.fresh.StaleIfError)) && r.Context().Err() == nil {
 		// Stale-if-error: an older answer beats a 429 or a 5xx.
 		fwd := "cacheproxy; fwd=stale"
 		if err == nil {
@@ -315,7 +315,7 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 		Status: resp.StatusCode,
 		Header: storedHeader(resp.Header, len(body)),
 		Body:   body,
-		Stored: now,
+		Stored: cache.At(now),
 		Epoch:  epoch,
 		Tags:   m.ReadTags(),
 	}
@@ -331,10 +331,11 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 		ttl = p.fresh.NegativeTTL
 	}
 	e.Tags = sharedTags(e.Tags)
+	e.ShareKey()
 	res.entry, res.upStatus, res.upDur = e, resp.StatusCode, now.Sub(start)
 	if ttl > 0 && int64(len(body)) <= p.fresh.MaxEntryBytes && storable(resp.Header) {
-		e.Expires = now.Add(ttl)
-		e.Keep = e.Expires.Add(max(p.fresh.StaleIfError, p.fresh.StaleWhileRevalidate))
+		e.Expires = cache.At(now.Add(ttl))
+		e.Keep = cache.At(e.Expires.Time().Add(max(p.fresh.StaleIfError, p.fresh.StaleWhileRevalidate)))
 	}
 	return res, nil
 }
@@ -348,11 +349,12 @@ func keptBody(body []byte) []byte {
 	return body
 }
 
-// sharedTags clips an entry's tags and shares those other entries hold
+// sharedTags copies an entry's tags to a slice of their size and shares
+// those other entries hold
 // too (a conversation's, the kinds' wildcards: intern); the first, the
 // entry's own path, is left as it is.
 func sharedTags(tags []string) []string {
-	tags = slices.Clip(tags)
+	tags = slices.Clone(tags) // a backing array of their number, not of what appends grew
 	for i := 1; i < len(tags); i++ {
 		tags[i] = intern.String(tags[i])
 	}
@@ -393,11 +395,11 @@ func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, conditional b
 // appendKey appends the cache key: upstream + path + query + credential
 // fingerprint. The path is the one sent upstream (escaped, normalised):
 // two requests share an entry only if the upstream would see the same
-// resource, and an escaped "/" or "?" never makes two paths one.
+// resource, and an escaped "/" or "?" never makes two paths one. The key
+// begins with the path's scope tag (route.PathTag), so that an entry's
+// own tag is a view of its key (cache.Entry.ShareKey), not a copy.
 func appendKey(b []byte, m *route.Match, query string, c *credential) []byte {
-	b = append(b, m.Upstream.String()...)
-	b = append(b, ' ')
-	b = append(b, m.Path...)
+	b = route.AppendPathTag(b, m.Upstream, m.Path)
 	b = append(b, '?')
 	b = append(b, query...)
 	b = append(b, ' ')

@@ -52,7 +52,7 @@ type found struct {
 func (t *tiers) lookup(ctx context.Context, key, auth string, now time.Time) found {
 	var f found
 	if e, ok := t.local(key, now); ok {
-		if now.Before(e.Expires) {
+		if now.Before(e.Expires.Time()) {
 			return found{fresh: e, from: fromL1, key: key}
 		}
 		f.stale = e
@@ -63,9 +63,9 @@ func (t *tiers) lookup(ctx context.Context, key, auth string, now time.Time) fou
 	e := t.shared(ctx, f.key, auth, t.inv.Epoch())
 	switch {
 	case e == nil:
-	case now.Before(e.Expires):
+	case now.Before(e.Expires.Time()):
 		f.fresh, f.from = e, fromL2
-	case f.stale == nil || e.Expires.After(f.stale.Expires):
+	case f.stale == nil || e.Expires.Time().After(f.stale.Expires.Time()):
 		f.stale = e // expired, still within its stale windows: as good as a local one
 	}
 	return f
@@ -139,7 +139,7 @@ type fetchFunc func(epoch uint64) (*fetchResult, error)
 func (t *tiers) fill(ctx context.Context, key, auth string, noCache bool, fetch fetchFunc) (*fetchResult, error) {
 	epoch := t.inv.Epoch()
 	if !noCache {
-		if e, ok := t.local(key, t.clock.Now()); ok && t.clock.Now().Before(e.Expires) {
+		if e, ok := t.local(key, t.clock.Now()); ok && t.clock.Now().Before(e.Expires.Time()) {
 			return &fetchResult{entry: e, upStatus: e.Status, from: fromL1}, nil
 		}
 	}
@@ -155,7 +155,7 @@ func (t *tiers) fill(ctx context.Context, key, auth string, noCache bool, fetch 
 	}
 	endClaim(cl, false)
 	res, err := fetch(epoch)
-	if err != nil || res.entry.Expires.IsZero() {
+	if err != nil || res.entry.Expires.Time().IsZero() {
 		return res, err
 	}
 	res.stored = t.keep(res.entry)

@@ -87,7 +87,14 @@ func (m *Match) WriteTags() []string {
 func ScopeTag(up Upstream, kind, id string) string { return up.String() + "|" + kind + ":" + id }
 
 // PathTag is the scope of one cached path, for every credential and query.
-func PathTag(up Upstream, path string) string { return up.String() + "|path:" + path }
+func PathTag(up Upstream, path string) string { return string(AppendPathTag(nil, up, path)) }
+
+// AppendPathTag appends PathTag(up, path) to b.
+func AppendPathTag(b []byte, up Upstream, path string) []byte {
+	b = append(b, up.String()...)
+	b = append(b, "|path:"...)
+	return append(b, path...)
+}
 
 // ConversationTag and SessionTag are the scopes purge and webhooks name.
 func ConversationTag(id string) string { return ScopeTag(Conversations, kindConv, id) }

@@ -211,7 +211,7 @@ func (h *Hub) valid(key, auth string, now time.Time) *cache.Entry {
 		}
 	}
 	return &cache.Entry{Key: s.entry.Key, Status: s.entry.Status, Header: s.entry.Header, Body: s.entry.Body, Tags: s.entry.Tags,
-		Stored: now.Add(-s.age - passed), Expires: now.Add(s.fresh - passed), Keep: now.Add(s.life - passed)}
+		Stored: cache.At(now.Add(-s.age - passed)), Expires: cache.At(now.Add(s.fresh - passed)), Keep: cache.At(now.Add(s.life - passed))}
 }
 
 // Claim claims key for r unless another live replica holds it.
@@ -257,7 +257,7 @@ func (c *claim) Wait(ctx context.Context) (*cache.Entry, error) {
 			h.mu.Unlock()
 			return nil, ErrDown
 		}
-		if e := h.valid(c.key, c.auth, c.r.clock.Now()); e != nil && c.r.clock.Now().Before(e.Expires) {
+		if e := h.valid(c.key, c.auth, c.r.clock.Now()); e != nil && c.r.clock.Now().Before(e.Expires.Time()) {
 			h.mu.Unlock()
 			return e, nil
 		}
@@ -286,9 +286,9 @@ func (c *claim) Share(_ context.Context, e *cache.Entry) error {
 		return ErrDown
 	}
 	now := c.r.clock.Now()
-	if life := e.Keep.Sub(now); life > 0 {
+	if life := e.Keep.Time().Sub(now); life > 0 {
 		h.entries[c.key] = stored{entry: e, auth: c.auth, epoch: c.epoch, at: h.clock.Now(),
-			age: max(0, now.Sub(e.Stored)), fresh: e.Expires.Sub(now), life: life}
+			age: max(0, now.Sub(e.Stored.Time())), fresh: e.Expires.Time().Sub(now), life: life}
 	}
 	c.release()
 	return nil

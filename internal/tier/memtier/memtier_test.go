@@ -12,7 +12,7 @@ import (
 
 func entry(c clock.Clock, tags ...string) *cache.Entry {
 	now := c.Now()
-	return &cache.Entry{Key: "k", Status: 200, Body: []byte("{}"), Stored: now, Expires: now.Add(30 * time.Second), Keep: now.Add(90 * time.Second), Tags: tags}
+	return &cache.Entry{Key: "k", Status: 200, Body: []byte("{}"), Stored: cache.At(now), Expires: cache.At(now.Add(30 * time.Second)), Keep: cache.At(now.Add(90 * time.Second)), Tags: tags}
 }
 
 // The hub's rules, on its clock: a claim is its holder's while it lives,
@@ -44,7 +44,7 @@ func TestHubRules(t *testing.T) {
 	}
 	hub.Advance(10 * time.Second)
 	got, _ := a.Get(ctx, "k", "auth")
-	if got == nil || got.Expires.Sub(ac.Now()) != 20*time.Second || ac.Now().Sub(got.Stored) != 10*time.Second {
+	if got == nil || got.Expires.Time().Sub(ac.Now()) != 20*time.Second || ac.Now().Sub(got.Stored.Time()) != 10*time.Second {
 		t.Fatalf("A reads B's entry (B an hour ahead, 10 s later on the hub): %+v, want 20 s fresh, 10 s old", got)
 	}
 	if got, _ := a.Get(ctx, "k", "other"); got != nil {
