@@ -7,7 +7,6 @@
 package cache
 
 import (
-	"cacheproxy/internal/intern"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -15,6 +14,7 @@ import (
 	"unsafe"
 
 	"cacheproxy/internal/clock"
+	"cacheproxy/internal/intern"
 
 	"github.com/dgraph-io/ristretto/v2"
 )

@@ -2,14 +2,16 @@ package cache
 
 import (
 	"bytes"
-	"cacheproxy/internal/intern"
 	"fmt"
 	"net/http"
 	"runtime"
+	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"cacheproxy/internal/clock"
+	"cacheproxy/internal/intern"
 )
 
 func newStore(t *testing.T) (*Store, *clock.Fake) {
@@ -182,5 +184,48 @@ func TestCostIsWhatAnEntryTakes(t *testing.T) {
 	t.Logf("live %.0f B per entry, Cost %.0f B (%.1f%%)", live, per, 100*(per-live)/live)
 	if per < 0.85*live || per > 1.15*live {
 		t.Fatalf("Cost %.0f B per entry, live %.0f B: want within 15%%", per, live)
+	}
+}
+
+// A Stamp is the time it was made from, to the nanosecond, whether read
+// from the real clock (monotonic) or a fake one; the zero time stays zero.
+func TestStampsKeepTheirTime(t *testing.T) {
+	real := time.Now()
+	for _, tm := range []time.Time{real, real.Add(-time.Hour), time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)} {
+		if got := At(tm).Time(); !got.Equal(tm) {
+			t.Fatalf("At(%v).Time() = %v", tm, got)
+		}
+	}
+	if got := At(base).Time(); got.IsZero() || got.Sub(base) != time.Nanosecond {
+		t.Fatalf("the process's start: %v, want a nanosecond after it (the zero Stamp is the zero time)", got)
+	}
+	if s := At(time.Time{}); s != 0 || !s.Time().IsZero() {
+		t.Fatalf("the zero time: %d, %v", s, s.Time())
+	}
+	if later := At(real.Add(time.Second)).Time(); !later.After(real) || later.Sub(real) != time.Second {
+		t.Fatalf("a second later: %v after %v", later, real)
+	}
+}
+
+// A tag the key begins with (an entry's own path) becomes a view of the
+// key, one copy of those bytes; the others stay as they are.
+func TestShareKeyMakesThePathTagAViewOfTheKey(t *testing.T) {
+	tag := "conversations|path:/v1/Conversations/CH1/Participants/MB1"
+	other := "conversations|conv:CH1"
+	e := &Entry{Key: tag + "? 0123abcd", Tags: []string{strings.Clone(tag), other}}
+	e.ShareKey()
+	if unsafe.StringData(e.Tags[0]) != unsafe.StringData(e.Key) || e.Tags[0] != tag {
+		t.Fatalf("the path tag %q is its own copy", e.Tags[0])
+	}
+	if unsafe.StringData(e.Tags[1]) != unsafe.StringData(other) {
+		t.Fatal("a tag the key does not begin with was changed")
+	}
+	long := "conversations|path:/v1/Conversations/" + strings.Repeat("x", intern.MaxLen) // too long to be shared
+	e = &Entry{Key: long + "? 0123abcd", Tags: []string{strings.Clone(long)}}
+	e.ShareKey()
+	before := e.Cost()
+	e.Tags[0] = strings.Clone(long)
+	if after := e.Cost(); after != before+int64(len(long)) {
+		t.Fatalf("Cost %d with the tag a view of the key, %d with its own copy: want the copy to cost its bytes", before, after)
 	}
 }

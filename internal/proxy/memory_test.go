@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"io"
 	"net/http"
+	"strings"
 	"testing"
 	"unsafe"
 )
@@ -27,7 +28,8 @@ func TestStoredHeadersShareRepeatedValues(t *testing.T) {
 }
 
 // An entry's tags other than its own path are shared with the entries
-// that hold them too; its body keeps only its bytes.
+// that hold them too, in an array of their number; its body keeps only
+// its bytes.
 func TestEntriesShareTagsAndKeepOnlyTheirBody(t *testing.T) {
 	conv := func() string { return "conversations|conv:" + "CH00000000000000000000000000000001" }
 	a := sharedTags([]string{"conversations|path:/a", conv(), "conversations|conv:*"})
@@ -35,8 +37,26 @@ func TestEntriesShareTagsAndKeepOnlyTheirBody(t *testing.T) {
 	if unsafe.StringData(a[1]) != unsafe.StringData(b[1]) || a[1] != conv() || cap(a) != len(a) {
 		t.Fatalf("the conversation's tag: two copies (or the slice not clipped): %q %q", a, b)
 	}
+	grown := append(make([]string, 0, 16), "conversations|path:/c", conv())
+	if kept := sharedTags(grown); unsafe.SliceData(kept) == unsafe.SliceData(grown) || cap(kept) != 2 {
+		t.Fatal("the tags keep the array appends grew (cap 16), not one of their number")
+	}
 	body, _ := io.ReadAll(io.LimitReader(bytes.NewReader(bytes.Repeat([]byte("x"), 600)), 1<<20))
 	if kept := keptBody(body); cap(kept)-len(kept) > 64 || !bytes.Equal(kept, body) {
 		t.Fatalf("kept body: len %d cap %d (io.ReadAll's: cap %d)", len(kept), cap(kept), cap(body))
+	}
+}
+
+// The cache key begins with the path's scope tag, so an entry's own tag
+// can be a view of its key (cache.Entry.ShareKey) instead of a copy.
+func TestTheKeyBeginsWithThePathsTag(t *testing.T) {
+	h := newHarness(t)
+	m, rerr := h.p.router.Resolve(http.MethodGet, "", "", pathConv)
+	if rerr != nil {
+		t.Fatal(rerr)
+	}
+	key := string(appendKey(nil, &m, "PageSize=5", &credential{}))
+	if tag := m.ReadTags()[0]; !strings.HasPrefix(key, tag+"?PageSize=5 ") {
+		t.Fatalf("key %q does not begin with the path's tag %q and the query", key, tag)
 	}
 }
