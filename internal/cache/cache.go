@@ -70,6 +70,12 @@ func (s Stamp) Time() time.Time {
 	return base.Add(time.Duration(s))
 }
 
+// Sub is s - t.
+func (s Stamp) Sub(t time.Time) time.Duration { return time.Duration(s) - t.Sub(base) }
+
+// After reports whether s is after t (false for the zero Stamp).
+func (s Stamp) After(t time.Time) bool { return s != 0 && s.Sub(t) > 0 }
+
 // ShareKey makes each of e's tags that its key begins with (its own
 // path's scope) a view of the key: one copy of those bytes, not two.
 func (e *Entry) ShareKey() {
@@ -195,7 +201,7 @@ func (s *Store) Wait() {
 // a clock read on the hit path.
 func (s *Store) Get(key string, now time.Time) (*Entry, bool) {
 	e, ok := s.c.Get(key)
-	if !ok || e.Key != key || !now.Before(e.Keep.Time()) {
+	if !ok || e.Key != key || !e.Keep.After(now) {
 		return nil, false
 	}
 	return e, true
@@ -206,7 +212,7 @@ func (s *Store) Get(key string, now time.Time) (*Entry, bool) {
 // entry, unless the admission policy dropped it, which is not an error. It
 // reports whether ristretto accepted the item.
 func (s *Store) Set(e *Entry) bool {
-	ttl := e.Keep.Time().Sub(s.clock.Now())
+	ttl := e.Keep.Sub(s.clock.Now())
 	if ttl <= 0 {
 		return false
 	}

@@ -205,6 +205,9 @@ func TestStampsKeepTheirTime(t *testing.T) {
 	if later := At(real.Add(time.Second)).Time(); !later.After(real) || later.Sub(real) != time.Second {
 		t.Fatalf("a second later: %v after %v", later, real)
 	}
+	if s := At(real.Add(time.Second)); s.Sub(real) != time.Second || !s.After(real) || s.After(real.Add(time.Second)) || Stamp(0).After(real) {
+		t.Fatalf("Sub and After: %v, %v", s.Sub(real), s.After(real))
+	}
 }
 
 // A tag the key begins with (an entry's own path) becomes a view of the

@@ -75,7 +75,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 		// Stale-while-revalidate: answer now, refresh in the background
 		// (one fetch per key: it is a flight).
 		p.revalidate(r, rec.rt, up, f.key)
-		ttl := strconv.Itoa(int(f.stale.Expires.Time().Sub(now) / time.Second))
+		ttl := strconv.Itoa(int(f.stale.Expires.Sub(now) / time.Second))
 		p.answer(w, r, rec, up, reply{outcome: outcomeStale, entry: f.stale,
 			status: []string{"cacheproxy; hit; ttl=" + ttl + "; detail=stale-while-revalidate"}, age: p.hdrs.age(age(f.stale, now))})
 	default:
@@ -85,7 +85,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 
 // hit is the reply for a fresh entry from tier from.
 func (p *Proxy) hit(e *cache.Entry, from source, now time.Time) reply {
-	ttl := int(e.Expires.Time().Sub(now) / time.Second)
+	ttl := int(e.Expires.Sub(now) / time.Second)
 	if from == fromL2 {
 		return reply{outcome: outcomeShared, entry: e, status: []string{"cacheproxy; hit; ttl=" + strconv.Itoa(ttl) + "; detail=shared"},
 			age: p.hdrs.age(age(e, now))}
@@ -95,7 +95,7 @@ func (p *Proxy) hit(e *cache.Entry, from source, now time.Time) reply {
 
 // age is e's age at now in whole seconds, never negative.
 func age(e *cache.Entry, now time.Time) int {
-	return max(0, int(now.Sub(e.Stored.Time())/time.Second))
+	return max(0, int(-e.Stored.Sub(now)/time.Second))
 }
 
 // miss fetches key (or joins its flight) and replies with the answer, or

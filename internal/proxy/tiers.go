@@ -52,7 +52,7 @@ type found struct {
 func (t *tiers) lookup(ctx context.Context, key, auth string, now time.Time) found {
 	var f found
 	if e, ok := t.local(key, now); ok {
-		if now.Before(e.Expires.Time()) {
+		if e.Expires.After(now) {
 			return found{fresh: e, from: fromL1, key: key}
 		}
 		f.stale = e
@@ -63,7 +63,7 @@ func (t *tiers) lookup(ctx context.Context, key, auth string, now time.Time) fou
 	e := t.shared(ctx, f.key, auth, t.inv.Epoch())
 	switch {
 	case e == nil:
-	case now.Before(e.Expires.Time()):
+	case e.Expires.After(now):
 		f.fresh, f.from = e, fromL2
 	case f.stale == nil || e.Expires.Time().After(f.stale.Expires.Time()):
 		f.stale = e // expired, still within its stale windows: as good as a local one
@@ -139,7 +139,7 @@ type fetchFunc func(epoch uint64) (*fetchResult, error)
 func (t *tiers) fill(ctx context.Context, key, auth string, noCache bool, fetch fetchFunc) (*fetchResult, error) {
 	epoch := t.inv.Epoch()
 	if !noCache {
-		if e, ok := t.local(key, t.clock.Now()); ok && t.clock.Now().Before(e.Expires.Time()) {
+		if e, ok := t.local(key, t.clock.Now()); ok && e.Expires.After(t.clock.Now()) {
 			return &fetchResult{entry: e, upStatus: e.Status, from: fromL1}, nil
 		}
 	}
