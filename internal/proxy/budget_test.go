@@ -143,18 +143,27 @@ func TestAWrongTokenCannotStarveTheRightOne(t *testing.T) {
 	waitFor(t, h, func() bool { return h.lim.State(acctA).Queued == flood-3 })
 	right := h.goDo("GET", pathConv, basic(acctA, tokenA))
 	waitFor(t, h, func() bool { return h.lim.State(acctA).Queued == flood-3+1 })
-	// Each wrong call that ends frees one turn; count how many end before
-	// the right one reaches the upstream. A call served in slow start may
-	// also grow the cap by one, granting a wrong call beside the right one,
-	// and the two reach the upstream in either order: three at most.
-	for ended := 1; ; ended++ {
-		release <- struct{}{}
-		if <-arrived == "right" {
-			break
-		}
-		if ended == 3 {
+	// Each wrong call that ends frees a turn (and in slow start may grow
+	// the cap, freeing one more). After each, every call granted so far is
+	// let reach the upstream before the next ends, so the arrivals are the
+	// grants, whatever order the calls' goroutines run in. Round-robin
+	// grants the right one a turn among those the first two ended calls
+	// free (a new credential joins just before the one served next);
+	// without it, it would wait for the 197 queued before it.
+	arrivals, gotRight := 3, false
+	for ended := 1; !gotRight; ended++ {
+		if ended > 2 {
 			close(release) // let the held calls end before the test fails
-			t.Fatal("the right token did not reach the upstream after three wrong calls ended (want round-robin turns)")
+			t.Fatal("the right token was not granted a turn among those two ended wrong calls freed (want round-robin turns)")
+		}
+		queued := h.lim.State(acctA).Queued
+		release <- struct{}{}
+		// The turns it frees are granted at once, together, when its lease ends.
+		waitFor(t, h, func() bool { st := h.lim.State(acctA); return st.Queued < queued && st.Taking == 0 })
+		for granted := flood - 3 + 1 - h.lim.State(acctA).Queued; arrivals < 3+granted; arrivals++ {
+			if <-arrived == "right" {
+				gotRight = true
+			}
 		}
 	}
 	if s, _, _ := readResp(t, <-right); s != 200 {
