@@ -335,7 +335,7 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 	res.entry, res.upStatus, res.upDur = e, resp.StatusCode, now.Sub(start)
 	if ttl > 0 && int64(len(body)) <= p.fresh.MaxEntryBytes && storable(resp.Header) {
 		e.Expires = cache.At(now.Add(ttl))
-		e.Keep = cache.At(e.Expires.Time().Add(max(p.fresh.StaleIfError, p.fresh.StaleWhileRevalidate)))
+		e.Keep = cache.At(now.Add(ttl + max(p.fresh.StaleIfError, p.fresh.StaleWhileRevalidate)))
 	}
 	return res, nil
 }
@@ -350,11 +350,11 @@ func keptBody(body []byte) []byte {
 }
 
 // sharedTags copies an entry's tags to a slice of their size and shares
-// those other entries hold
-// too (a conversation's, the kinds' wildcards: intern); the first, the
-// entry's own path, is left as it is.
+// those other entries hold too (a conversation's, the kinds' wildcards:
+// intern); the first, the entry's own path, is left as it is (ShareKey
+// makes it a view of the key).
 func sharedTags(tags []string) []string {
-	tags = slices.Clone(tags) // a backing array of their number, not of what appends grew
+	tags = slices.Clone(tags) // not Clip: that keeps the array appends grew
 	for i := 1; i < len(tags); i++ {
 		tags[i] = intern.String(tags[i])
 	}

@@ -65,7 +65,7 @@ func (t *tiers) lookup(ctx context.Context, key, auth string, now time.Time) fou
 	case e == nil:
 	case e.Expires.After(now):
 		f.fresh, f.from = e, fromL2
-	case f.stale == nil || e.Expires.Time().After(f.stale.Expires.Time()):
+	case f.stale == nil || e.Expires > f.stale.Expires:
 		f.stale = e // expired, still within its stale windows: as good as a local one
 	}
 	return f
