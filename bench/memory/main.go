@@ -87,6 +87,8 @@ func measure(entries int, maxBytes string) error {
 	fmt.Printf("cache.max_bytes: %s; cache holds %s entries, %s bytes\n", maxBytes, metrics["cacheproxy_cache_entries"], metrics["cacheproxy_cache_bytes"])
 	fmt.Printf("resident memory: %s at start, %s after (VmHWM %s); Go heap in use %s bytes\n",
 		baseRSS["VmRSS"], after["VmRSS"], after["VmHWM"], metrics["go_memstats_heap_inuse_bytes"])
+	fmt.Printf("cacheproxy: %s s of CPU, %s GC cycles, %s bytes allocated\n",
+		metrics["process_cpu_seconds_total"], metrics["go_gc_duration_seconds_count"], metrics["go_memstats_alloc_bytes_total"])
 	var hwmKB int64
 	fmt.Sscan(strings.TrimSuffix(after["VmHWM"], " kB"), &hwmKB)
 	limit := parseSize(maxBytes) + 64<<20

@@ -8,6 +8,7 @@ package cache
 
 import (
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -21,27 +22,34 @@ import (
 
 // Entry is one stored response. It is a value shared by every reader and is
 // never changed after Set: readers must not modify Header or Body.
+//
+// The fields with pointers come first: the GC scans an Entry only up to
+// its last pointer.
 type Entry struct {
 	Key    string // the full cache key, checked on Get against hash collisions
-	Status int
-	Header Header
 	Body   []byte
+	Header Header
+	// Tags are the scopes the entry belongs to. An invalidation of any tag
+	// at an epoch later than Epoch makes the entry invalid (see the
+	// invalidation package).
+	Tags   []string
+	Status int
 	// Stored is when the response arrived; Expires ends its freshness;
 	// Keep (>= Expires) is when it leaves the cache for good, so that a
 	// stale copy can still be served on upstream errors. Each is a Stamp
 	// (8 bytes, not a time.Time's 24).
 	Stored, Expires, Keep Stamp
 	// Epoch is the invalidation epoch when the fetch that produced this
-	// entry started; Tags are the scopes it belongs to. An invalidation of
-	// any tag at a later epoch makes the entry invalid (see the
-	// invalidation package).
+	// entry started.
 	Epoch uint64
-	Tags  []string
 	// ValidAt memoises the one fact about an entry that changes: the
 	// latest invalidation epoch at which it was found still valid. While
 	// the epoch has not moved past it, a hit need not read the scope
 	// marks again. It is written atomically and only ever raised.
 	ValidAt atomic.Uint64
+	// block is the size of the allocation Compact put the key, the body
+	// and the entry's own strings in (0 before Compact).
+	block int
 }
 
 // A Stamp is a time as a count of nanoseconds from the process's start (by
@@ -76,15 +84,83 @@ func (s Stamp) Sub(t time.Time) time.Duration { return time.Duration(s) - t.Sub(
 // After reports whether s is after t (false for the zero Stamp).
 func (s Stamp) After(t time.Time) bool { return s != 0 && s.Sub(t) > 0 }
 
-// ShareKey makes each of e's tags that its key begins with (its own
-// path's scope) a view of the key: one copy of those bytes, not two.
-func (e *Entry) ShareKey() {
-	for i, t := range e.Tags {
-		if len(t) <= len(e.Key) && e.Key[:len(t)] == t {
-			e.Tags[i] = e.Key[:len(t)]
+// Compact lays e out as it is stored: its key, its body and the header
+// values and tags that are its own in one block of its size, with no
+// pointers for the GC to follow (the key and own strings are views of
+// it); its header fields and tags each in a slice of their number, the
+// strings that repeat across entries shared through intern. A tag the key
+// begins with (its own path's scope) becomes a view of the key. Compact
+// copies what it keeps: e's old slices are not changed, and may be
+// reused. Call it once, before e is shared.
+//
+// An entry's parts as separate allocations mixed long-lived bytes with a
+// fetch's short-lived ones in the same size classes, and spans half full
+// of old entries stayed resident (docs/performance.md, "Memory").
+func (e *Entry) Compact() {
+	// Which strings are the entry's own, and the bytes they take.
+	header := slices.Clone(e.Header)
+	own := make([]bool, len(header)+len(e.Tags))
+	size, values := len(e.Key)+len(e.Body), 0
+	for i := range header {
+		f := &header[i]
+		f.Name = intern.String(f.Name)
+		if v, shared := intern.SharedValues(f.Values); shared {
+			f.Values = v
+			continue
+		}
+		own[i], values = true, values+len(f.Values)
+		for _, s := range f.Values {
+			size += len(s)
 		}
 	}
+	strs := make([]string, len(e.Tags)+values)
+	for i, t := range e.Tags {
+		if e.viewOfKey(t) {
+			continue
+		}
+		if shared, ok := intern.SharedString(t); ok {
+			strs[i] = shared
+			continue
+		}
+		own[len(header)+i], size = true, size+len(t)
+	}
+	// The block: key, own strings, body.
+	blk := make([]byte, 0, size)
+	put := func(s string) string {
+		if s == "" {
+			return ""
+		}
+		o := len(blk)
+		blk = append(blk, s...)
+		return unsafe.String(&blk[o], len(s))
+	}
+	key := put(e.Key)
+	for i, t := range e.Tags {
+		switch {
+		case e.viewOfKey(t):
+			strs[i] = key[:len(t)]
+		case own[len(header)+i]:
+			strs[i] = put(t)
+		}
+	}
+	n := len(e.Tags)
+	for i, f := range header {
+		if own[i] {
+			vs := strs[n : n+len(f.Values) : n+len(f.Values)]
+			for j, v := range f.Values {
+				vs[j] = put(v)
+			}
+			header[i].Values, n = vs, n+len(f.Values)
+		}
+	}
+	o := len(blk)
+	blk = append(blk, e.Body...)
+	e.Key, e.Header, e.Tags = key, header, strs[:len(e.Tags):len(e.Tags)]
+	e.Body, e.block = blk[o:len(blk):len(blk)], cap(blk)
 }
+
+// viewOfKey reports whether the key begins with t.
+func (e *Entry) viewOfKey(t string) bool { return len(t) <= len(e.Key) && e.Key[:len(t)] == t }
 
 // Approximate bytes of an Entry beyond its key and body, measured (live
 // heap per entry after a GC, a participant read through the proxy): the
@@ -99,20 +175,22 @@ const (
 	tagOverhead   = 16
 )
 
-// Cost is the entry's memory in bytes, as ristretto accounts it: its key
-// and body, the fixed part, a slot per header field and per tag, and in
-// full a value or tag too long to be shared (intern.MaxLen); a tag that
-// is a view of the key costs its slot only.
+// Cost is the entry's memory in bytes, as ristretto accounts it: its block
+// (Compact), or before Compact its key, its body and in full a value or tag
+// too long to be shared (intern.MaxLen); the fixed part; a slot per header
+// field and per tag. A tag that is a view of the key costs its slot only.
 func (e *Entry) Cost() int64 {
-	n := len(e.Key) + cap(e.Body) + entryOverhead
+	n := entryOverhead + len(e.Header)*fieldOverhead + len(e.Tags)*tagOverhead
+	if e.block > 0 {
+		return int64(n + e.block)
+	}
+	n += len(e.Key) + cap(e.Body)
 	for _, f := range e.Header {
-		n += fieldOverhead
 		for _, v := range f.Values {
 			n += unshared(v)
 		}
 	}
 	for _, t := range e.Tags {
-		n += tagOverhead
 		if unsafe.StringData(t) != unsafe.StringData(e.Key) {
 			n += unshared(t)
 		}

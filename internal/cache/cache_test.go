@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -151,27 +152,26 @@ func TestCostIsWhatAnEntryTakes(t *testing.T) {
 	defer s.Close()
 	const n = 20000
 	now := time.Now()
-	shared := map[string][]string{"Content-Type": intern.Values([]string{"application/json"}), "Date": intern.Values([]string{now.UTC().Format(http.TimeFormat)})}
+	date := now.UTC().Format(http.TimeFormat)
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
 	var cost int64
 	for i := range n {
-		// As the proxy stores a participant: header names, values and tags
-		// shared through intern, the path's tag a view of the key.
+		// As the proxy stores a participant: the response's own copies of
+		// its header values and tags, laid out by Compact.
 		sid := fmt.Sprintf("%032x", i)
-		v := func(s string) []string { return intern.Values([]string{s}) }
 		path := "conversations|path:/v1/Conversations/CH00000000000000000000000000000001/Participants/MB" + sid
 		e := &Entry{
 			Key:    path + "? " + sid,
 			Status: 200, Body: bytes.Repeat([]byte("x"), 400+i%100),
-			Header: HeaderOf(map[string][]string{"Content-Type": shared["Content-Type"], "Date": shared["Date"], "Content-Length": v("450"),
-				"Twilio-Request-Id": v("RQ" + sid), "X-Home-Region": v("us1")}),
+			Header: HeaderOf(map[string][]string{"Content-Type": {"application/json"}, "Date": {date}, "Content-Length": {strconv.Itoa(450)},
+				"Twilio-Request-Id": {"RQ" + sid}, "X-Home-Region": {"us1"}}),
 			Stored: At(now), Expires: At(now.Add(time.Hour)), Keep: At(now.Add(time.Hour)),
-			Tags: []string{path, intern.String("conversations|conv:CH00000000000000000000000000000001"), intern.String("conversations|conv:*"),
-				intern.String("conversations|part:MB" + sid), intern.String("conversations|part:*")},
+			Tags: []string{strings.Clone(path), "conversations|conv:CH00000000000000000000000000000001", "conversations|conv:*",
+				"conversations|part:MB" + sid, "conversations|part:*"},
 		}
-		e.ShareKey()
+		e.Compact()
 		cost += e.Cost()
 		if !s.Set(e) {
 			t.Fatal("Set refused")
@@ -210,25 +210,53 @@ func TestStampsKeepTheirTime(t *testing.T) {
 	}
 }
 
-// A tag the key begins with (an entry's own path) becomes a view of the
-// key, one copy of those bytes; the others stay as they are.
-func TestShareKeyMakesThePathTagAViewOfTheKey(t *testing.T) {
-	tag := "conversations|path:/v1/Conversations/CH1/Participants/MB1"
-	other := "conversations|conv:CH1"
-	e := &Entry{Key: tag + "? 0123abcd", Tags: []string{strings.Clone(tag), other}}
-	e.ShareKey()
-	if unsafe.StringData(e.Tags[0]) != unsafe.StringData(e.Key) || e.Tags[0] != tag {
+// Compact puts an entry's key, body and own strings in one block of their
+// size, makes the path tag a view of the key, shares the values and tags
+// that repeat across entries, and leaves the slices it was given as they
+// were; Cost is the block and the slots.
+func TestCompactLaysAnEntryOutInOneBlock(t *testing.T) {
+	path := "conversations|path:/v1/Conversations/CH1/Participants/MB1"
+	common := []string{"application/json", "conversations|conv:CH" + strings.Repeat("7", 32)}
+	mk := func(id string) *Entry {
+		return &Entry{Key: path + "? " + id, Status: 200, Body: []byte(`{"sid":"MB1"}`),
+			Header: Header{{Name: "Content-Type", Values: []string{strings.Clone(common[0])}}, {Name: "Twilio-Request-Id", Values: []string{"RQ" + id}}},
+			Tags:   []string{strings.Clone(path), strings.Clone(common[1]), "conversations|part:" + id}}
+	}
+	first, second, third := mk("a1"), mk("b2"), mk("c3")
+	header, tags := second.Header, second.Tags
+	first.Compact()
+	second.Compact()
+	third.Compact()
+	e := second
+	if header[0].Values[0] != "application/json" || tags[2] != "conversations|part:b2" || unsafe.StringData(tags[0]) == unsafe.StringData(e.Tags[0]) {
+		t.Fatal("Compact changed the slices it was given")
+	}
+	if e.Key != path+"? b2" || string(e.Body) != `{"sid":"MB1"}` || e.Header.Get("Twilio-Request-Id")[0] != "RQb2" ||
+		e.Header.Get("Content-Type")[0] != "application/json" || e.Tags[0] != path || e.Tags[1] != common[1] || e.Tags[2] != "conversations|part:b2" {
+		t.Fatalf("Compact changed the entry: %q %q %v %q", e.Key, e.Body, e.Header, e.Tags)
+	}
+	// One block: the key, the own strings and the body, nothing more.
+	start := uintptr(unsafe.Pointer(unsafe.StringData(e.Key)))
+	in := func(p *byte) bool { a := uintptr(unsafe.Pointer(p)); return a >= start && a < start+uintptr(e.block) }
+	if e.block != len(e.Key)+len("RQb2")+len("conversations|part:b2")+len(e.Body) || cap(e.Body) != len(e.Body) ||
+		!in(unsafe.SliceData(e.Body)) || !in(unsafe.StringData(e.Header.Get("Twilio-Request-Id")[0])) || !in(unsafe.StringData(e.Tags[2])) {
+		t.Fatalf("block of %d bytes for key %d, body %d (cap %d): not one block of their size", e.block, len(e.Key), len(e.Body), cap(e.Body))
+	}
+	if unsafe.StringData(e.Tags[0]) != unsafe.StringData(e.Key) {
 		t.Fatalf("the path tag %q is its own copy", e.Tags[0])
 	}
-	if unsafe.StringData(e.Tags[1]) != unsafe.StringData(other) {
-		t.Fatal("a tag the key does not begin with was changed")
+	// What repeats is one copy, shared by the entries after the first.
+	if unsafe.StringData(second.Header.Get("Content-Type")[0]) != unsafe.StringData(third.Header.Get("Content-Type")[0]) ||
+		unsafe.StringData(second.Tags[1]) != unsafe.StringData(third.Tags[1]) || in(unsafe.StringData(e.Tags[1])) {
+		t.Fatal("Content-Type or the conversation's tag: a copy per entry, want one shared")
 	}
-	long := "conversations|path:/v1/Conversations/" + strings.Repeat("x", intern.MaxLen) // too long to be shared
-	e = &Entry{Key: long + "? 0123abcd", Tags: []string{strings.Clone(long)}}
-	e.ShareKey()
-	before := e.Cost()
-	e.Tags[0] = strings.Clone(long)
-	if after := e.Cost(); after != before+int64(len(long)) {
-		t.Fatalf("Cost %d with the tag a view of the key, %d with its own copy: want the copy to cost its bytes", before, after)
+	if want := int64(entryOverhead + 2*fieldOverhead + 3*tagOverhead + e.block); e.Cost() != want {
+		t.Fatalf("Cost %d, want %d (the block and the slots)", e.Cost(), want)
+	}
+	// A value or tag too long to be shared is the entry's own, in the block.
+	long := &Entry{Key: "k", Header: Header{{Name: "Link", Values: []string{strings.Repeat("l", intern.MaxLen+1)}}}, Tags: []string{"t|" + strings.Repeat("x", intern.MaxLen)}}
+	long.Compact()
+	if long.block != 1+2*(intern.MaxLen+1)+1 {
+		t.Fatalf("block %d: the long value and tag are not in it", long.block)
 	}
 }

@@ -595,7 +595,7 @@ func (s *sealed) entry(key string, left int64, now time.Time) *cache.Entry {
 	ms := func(n int64) time.Duration { return time.Duration(n) * time.Millisecond }
 	e := &cache.Entry{Key: key, Status: s.Status, Header: cache.HeaderOf(s.Header), Body: s.Body,
 		Stored: cache.At(now.Add(-ms(s.Age) - passed)), Expires: cache.At(now.Add(ms(s.Fresh) - passed)), Keep: cache.At(now.Add(ms(left))), Tags: s.Tags}
-	e.ShareKey()
+	e.Compact()
 	return e
 }
 

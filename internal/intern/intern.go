@@ -27,37 +27,54 @@ var tab = table{cur: make(map[string][]string, genSize)}
 // Values returns v, or an equal slice shared with earlier callers, when v
 // holds one string of at most maxLen bytes. The result is read-only.
 func Values(v []string) []string {
+	v, _ = SharedValues(v)
+	return v
+}
+
+// SharedValues is Values, and whether the result is an earlier caller's
+// (false when v is long, holds more than one string, or was not in the
+// table: the table now holds v, and the caller may keep its own copy).
+func SharedValues(v []string) ([]string, bool) {
 	if len(v) != 1 || len(v[0]) > maxLen {
-		return v
+		return v, false
 	}
 	return tab.get(v[0], v)
 }
 
 // String returns s, or an equal string shared with earlier callers.
 func String(s string) string {
-	if len(s) > maxLen {
-		return s
-	}
-	return tab.get(s, nil)[0]
+	s, _ = SharedString(s)
+	return s
 }
 
-// get returns the shared slice for s, making v (or a new slice of s) the
-// shared one when s is not in the table.
-func (t *table) get(s string, v []string) []string {
+// SharedString is String, and whether the result is an earlier caller's,
+// as SharedValues.
+func SharedString(s string) (string, bool) {
+	if len(s) > maxLen {
+		return s, false
+	}
+	v, shared := tab.get(s, nil)
+	return v[0], shared
+}
+
+// get returns the shared slice for s and true, or makes v (or a new slice
+// of s) the shared one when s is not in the table and returns it and
+// false.
+func (t *table) get(s string, v []string) ([]string, bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if got, ok := t.cur[s]; ok {
-		return got
+		return got, true
 	}
 	if got, ok := t.prev[s]; ok {
 		t.put(got)
-		return got
+		return got, true
 	}
 	if v == nil {
 		v = []string{s}
 	}
 	t.put(v[:1:1])
-	return v[:1:1]
+	return v[:1:1], false
 }
 
 // put makes v the shared slice of v[0], starting a generation when the

@@ -1,20 +1,17 @@
 package proxy
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
 	"unsafe"
 
 	"cacheproxy/internal/cache"
-	"cacheproxy/internal/intern"
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
 
@@ -308,7 +305,6 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 	if int64(len(body)) > p.maxFetch {
 		return nil, errResponseLarge
 	}
-	body = keptBody(body)
 	now := p.clock.Now()
 	e := &cache.Entry{
 		Key:    key,
@@ -330,35 +326,13 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 	case http.StatusNotFound:
 		ttl = p.fresh.NegativeTTL
 	}
-	e.Tags = sharedTags(e.Tags)
-	e.ShareKey()
+	e.Compact()
 	res.entry, res.upStatus, res.upDur = e, resp.StatusCode, now.Sub(start)
 	if ttl > 0 && int64(len(body)) <= p.fresh.MaxEntryBytes && storable(resp.Header) {
 		e.Expires = cache.At(now.Add(ttl))
 		e.Keep = cache.At(now.Add(ttl + max(p.fresh.StaleIfError, p.fresh.StaleWhileRevalidate)))
 	}
 	return res, nil
-}
-
-// keptBody is body in a buffer of its size: io.ReadAll's buffer outgrows
-// what it read (up to 2×), and an entry keeps its body as long as it lives.
-func keptBody(body []byte) []byte {
-	if cap(body)-len(body) > 64 {
-		return bytes.Clone(body)
-	}
-	return body
-}
-
-// sharedTags copies an entry's tags to a slice of their size and shares
-// those other entries hold too (a conversation's, the kinds' wildcards:
-// intern); the first, the entry's own path, is left as it is (ShareKey
-// makes it a view of the key).
-func sharedTags(tags []string) []string {
-	tags = slices.Clone(tags) // not Clip: that keeps the array appends grew
-	for i := 1; i < len(tags); i++ {
-		tags[i] = intern.String(tags[i])
-	}
-	return tags
 }
 
 // writeEntry sends a shared entry, or a 304 or 412 when the request's
@@ -397,7 +371,7 @@ func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, conditional b
 // two requests share an entry only if the upstream would see the same
 // resource, and an escaped "/" or "?" never makes two paths one. The key
 // begins with the path's scope tag (route.PathTag), so that an entry's
-// own tag is a view of its key (cache.Entry.ShareKey), not a copy.
+// own tag is a view of its key (cache.Entry.Compact), not a copy.
 func appendKey(b []byte, m *route.Match, query string, c *credential) []byte {
 	b = route.AppendPathTag(b, m.Upstream, m.Path)
 	b = append(b, '?')

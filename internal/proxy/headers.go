@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"cacheproxy/internal/cache"
-	"cacheproxy/internal/intern"
 )
 
 // Hop-by-hop headers (RFC 9110 7.6.1) and headers that would make a shared
@@ -40,14 +39,17 @@ var skipStoredHeader = map[string]bool{
 	"Age": true, "Cache-Status": true, "X-Request-Id": true,
 }
 
+// storedHeader is what is kept of a response's header: its own copy of
+// the values (a response's values share one array), which
+// cache.Entry.Compact then shares with other entries where they repeat.
 func storedHeader(in http.Header, bodyLen int) cache.Header {
 	out := make(cache.Header, 0, len(in)+1)
 	for k, v := range in {
-		if !skipStoredHeader[k] { // names and values (Content-Type, Date…) repeat across entries
-			out = append(out, cache.HeaderField{Name: intern.String(k), Values: intern.Values(slices.Clip(slices.Clone(v)))})
+		if !skipStoredHeader[k] {
+			out = append(out, cache.HeaderField{Name: k, Values: slices.Clip(slices.Clone(v))})
 		}
 	}
-	out = append(out, cache.HeaderField{Name: "Content-Length", Values: intern.Values([]string{strconv.Itoa(bodyLen)})})
+	out = append(out, cache.HeaderField{Name: "Content-Length", Values: []string{strconv.Itoa(bodyLen)}})
 	return out.Sorted()
 }
 

@@ -7,16 +7,21 @@ import (
 	"strings"
 	"testing"
 	"unsafe"
+
+	"cacheproxy/internal/cache"
 )
 
 // Header values that repeat across entries (Content-Type, Date, a
 // Content-Length) are one copy shared by the entries; a value of one
 // entry's own (Twilio-Request-Id) is its own, and equal either way.
 func TestStoredHeadersShareRepeatedValues(t *testing.T) {
-	mk := func(id string) http.Header {
-		return http.Header{"Content-Type": {"application/" + "json"}, "Date": {"Tue, 01 Dec 2026 22:14:46 " + "GMT"}, "Twilio-Request-Id": {id}}
+	mk := func(id string) cache.Header {
+		h := http.Header{"Content-Type": {"application/" + "json"}, "Date": {"Tue, 01 Dec 2026 22:14:46 " + "GMT"}, "Twilio-Request-Id": {id}}
+		e := &cache.Entry{Key: "k" + id, Header: storedHeader(h, 232)}
+		e.Compact()
+		return e.Header
 	}
-	a, b := storedHeader(mk("RQ1"), 232), storedHeader(mk("RQ2"), 232)
+	_, a, b := mk("RQ0"), mk("RQ1"), mk("RQ2")
 	for _, k := range []string{"Content-Type", "Date", "Content-Length"} {
 		if unsafe.SliceData(a.Get(k)) != unsafe.SliceData(b.Get(k)) || a.Get(k)[0] != b.Get(k)[0] {
 			t.Errorf("%s: %q and %q are two copies, want one shared", k, a.Get(k), b.Get(k))
@@ -31,24 +36,26 @@ func TestStoredHeadersShareRepeatedValues(t *testing.T) {
 // that hold them too, in an array of their number; its body keeps only
 // its bytes.
 func TestEntriesShareTagsAndKeepOnlyTheirBody(t *testing.T) {
-	conv := func() string { return "conversations|conv:" + "CH00000000000000000000000000000001" }
-	a := sharedTags([]string{"conversations|path:/a", conv(), "conversations|conv:*"})
-	b := sharedTags([]string{"conversations|path:/b", conv(), "conversations|conv:*"})
-	if unsafe.StringData(a[1]) != unsafe.StringData(b[1]) || a[1] != conv() || cap(a) != len(a) {
-		t.Fatalf("the conversation's tag: two copies (or the slice not clipped): %q %q", a, b)
-	}
-	grown := append(make([]string, 0, 16), "conversations|path:/c", conv())
-	if kept := sharedTags(grown); unsafe.SliceData(kept) == unsafe.SliceData(grown) || cap(kept) != 2 {
-		t.Fatal("the tags keep the array appends grew (cap 16), not one of their number")
-	}
+	conv := func() string { return "conversations|conv:" + "CH00000000000000000000000000000002" }
 	body, _ := io.ReadAll(io.LimitReader(bytes.NewReader(bytes.Repeat([]byte("x"), 600)), 1<<20))
-	if kept := keptBody(body); cap(kept)-len(kept) > 64 || !bytes.Equal(kept, body) {
-		t.Fatalf("kept body: len %d cap %d (io.ReadAll's: cap %d)", len(kept), cap(kept), cap(body))
+	mk := func(tags ...string) *cache.Entry {
+		e := &cache.Entry{Key: tags[0] + "?", Body: body, Tags: append(make([]string, 0, 16), tags...)}
+		e.Compact()
+		return e
+	}
+	mk("conversations|path:/z", conv())
+	a := mk("conversations|path:/a", conv(), "conversations|conv:*")
+	b := mk("conversations|path:/b", conv(), "conversations|conv:*")
+	if unsafe.StringData(a.Tags[1]) != unsafe.StringData(b.Tags[1]) || a.Tags[1] != conv() || cap(a.Tags) != len(a.Tags) {
+		t.Fatalf("the conversation's tag: two copies (or the slice not clipped): %q %q", a.Tags, b.Tags)
+	}
+	if cap(a.Body) != len(a.Body) || !bytes.Equal(a.Body, body) {
+		t.Fatalf("kept body: len %d cap %d (io.ReadAll's: cap %d)", len(a.Body), cap(a.Body), cap(body))
 	}
 }
 
 // The cache key begins with the path's scope tag, so an entry's own tag
-// can be a view of its key (cache.Entry.ShareKey) instead of a copy.
+// can be a view of its key (cache.Entry.Compact) instead of a copy.
 func TestTheKeyBeginsWithThePathsTag(t *testing.T) {
 	h := newHarness(t)
 	m, rerr := h.p.router.Resolve(http.MethodGet, "", "", pathConv)
