@@ -3,6 +3,7 @@ package proxy
 import (
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"net/http"
 	"strconv"
 	"strings"
@@ -233,34 +234,66 @@ func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
 		return
 	}
 	dur := p.clock.Since(rec.start)
-	ev.RawJSON("time", p.stamp.json(rec.start.Add(dur)))
-	var buf [64]byte
-	if rec.reqID != "" {
-		ev.Str("request_id", rec.reqID)
-	} else { // the prefix is hex and the counter digits: nothing to escape
-		id := append(append(buf[:0], '"'), p.ids.prefix...)
-		ev.RawJSON("request_id", append(strconv.AppendUint(id, rec.reqNum, 10), '"'))
-	}
-	ev.Str("method", r.Method).
-		Int("status", status)
-	if rec.viaUpstream {
-		// A hit, or an answer the sidecar gave itself, made no upstream
-		// call: its line has no upstream fields rather than zeros.
-		ev.Int("upstream_status", rec.upstreamStatus).
-			Int64("upstream_us", rec.upstreamDur.Microseconds()).
-			Int64("queue_wait_us", rec.calls.queueWait.Microseconds()).
-			Int("retries", rec.calls.retries).
-			Int("upstream_429s", rec.calls.tooMany)
-	}
-	ev.Int64("bytes", w.bytes).
-		Int64("duration_us", dur.Microseconds())
-	if acct := rec.cred.accountJSON(); len(acct) > 2 { // no field rather than ""
-		ev.RawJSON("account", acct)
-	}
+	// The fields up to the account's are encoded here, in one value:
+	// zerolog spends more on each field's call and key than on its bytes
+	// (a fifth of a hit's instructions went to the access line). The line
+	// is the same JSON, field for field and in the same order.
+	var buf [320]byte
+	ev.RawJSON("time", appendAccessFields(buf[:0], p.stamp.json(rec.start.Add(dur)), r.Method, status, rec, w.bytes, dur, p.ids.prefix))
 	if rec.errMsg != "" {
 		ev.Str("error", rec.errMsg)
 	}
 	ev.Msg("request")
+}
+
+// appendAccessFields appends the access line's value of "time" and the
+// fields after it up to "account": request_id, method, status, the upstream
+// fields of an answer that came through the upstream, bytes, duration_us,
+// and account when the request had credentials. A method with a byte JSON
+// would escape (never one net/http accepts) is written as an escaped
+// string.
+func appendAccessFields(b, stamp []byte, method string, status int, rec *record, bytes int64, dur time.Duration, idPrefix string) []byte {
+	b = append(b, stamp...)
+	b = append(b, `,"request_id":"`...)
+	if rec.reqID != "" { // validRequestID: nothing to escape
+		b = append(b, rec.reqID...)
+	} else { // the prefix is hex and the counter digits
+		b = strconv.AppendUint(append(b, idPrefix...), rec.reqNum, 10)
+	}
+	b = append(b, `","method":`...)
+	if plainJSON(method) {
+		b = append(append(append(b, '"'), method...), '"')
+	} else {
+		q, _ := json.Marshal(method) // a string always encodes
+		b = append(b, q...)
+	}
+	b = strconv.AppendInt(append(b, `,"status":`...), int64(status), 10)
+	if rec.viaUpstream {
+		// A hit, or an answer the sidecar gave itself, made no upstream
+		// call: its line has no upstream fields rather than zeros.
+		b = strconv.AppendInt(append(b, `,"upstream_status":`...), int64(rec.upstreamStatus), 10)
+		b = strconv.AppendInt(append(b, `,"upstream_us":`...), rec.upstreamDur.Microseconds(), 10)
+		b = strconv.AppendInt(append(b, `,"queue_wait_us":`...), rec.calls.queueWait.Microseconds(), 10)
+		b = strconv.AppendInt(append(b, `,"retries":`...), int64(rec.calls.retries), 10)
+		b = strconv.AppendInt(append(b, `,"upstream_429s":`...), int64(rec.calls.tooMany), 10)
+	}
+	b = strconv.AppendInt(append(b, `,"bytes":`...), bytes, 10)
+	b = strconv.AppendInt(append(b, `,"duration_us":`...), dur.Microseconds(), 10)
+	if acct := rec.cred.accountJSON(); len(acct) > 2 { // no field rather than ""
+		b = append(append(b, `,"account":`...), acct...)
+	}
+	return b
+}
+
+// plainJSON reports whether s is printable ASCII with no quote or
+// backslash: a JSON string of itself.
+func plainJSON(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c >= 0x7f || c == '"' || c == '\\' {
+			return false
+		}
+	}
+	return true
 }
 
 // BudgetLog logs the budget's decisions: cuts and learned keys at info,

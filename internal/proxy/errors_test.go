@@ -1,14 +1,20 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
+	"encoding/json"
 	"net/http"
+	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"cacheproxy/internal/config"
+
+	"github.com/rs/zerolog"
 )
 
 func TestUpstreamUnreachableIs502(t *testing.T) {
@@ -119,6 +125,60 @@ func TestAccessLogLine(t *testing.T) {
 	for _, f := range []string{"upstream_status", "upstream_us", "queue_wait_us", "retries", "upstream_429s"} {
 		if _, ok := got[1][f]; ok {
 			t.Errorf("hit's access log has %q: %v", f, got[1])
+		}
+	}
+}
+
+// The access line's fields encoded in one value are the line zerolog
+// writes field by field: the same bytes, or for a method JSON must escape,
+// the same JSON.
+func TestAccessFieldsAreTheLineZerologWrites(t *testing.T) {
+	cred := newHarness(t).p.fp.lookup(basic(acctA, tokenA))
+	stamp := []byte(`"2026-12-02T02:30:00Z"`)
+	for _, tc := range []struct {
+		method string
+		status int
+		rec    record
+		exact  bool
+	}{
+		{"GET", 200, record{reqNum: 42}, true},
+		{"GET", 200, record{reqID: "req-123", cred: cred}, true},
+		{"POST", 503, record{reqNum: 7, cred: cred, viaUpstream: true, upstreamStatus: 503, upstreamDur: 1500 * time.Microsecond,
+			calls: callStats{queueWait: 2 * time.Millisecond, retries: 2, tooMany: 1}}, true},
+		{"HEAD", 499, record{reqNum: 1, viaUpstream: true}, true},
+		{"G\"E\x01T\xff", 405, record{reqNum: 3}, false},
+	} {
+		var ref, got bytes.Buffer
+		refLog, gotLog := zerolog.New(&ref), zerolog.New(&got)
+		ev := refLog.Info().RawJSON("time", stamp)
+		if tc.rec.reqID != "" {
+			ev.Str("request_id", tc.rec.reqID)
+		} else {
+			ev.Str("request_id", "ab12-"+strconv.FormatUint(tc.rec.reqNum, 10))
+		}
+		ev.Str("method", tc.method).Int("status", tc.status)
+		if tc.rec.viaUpstream {
+			ev.Int("upstream_status", tc.rec.upstreamStatus).Int64("upstream_us", tc.rec.upstreamDur.Microseconds()).
+				Int64("queue_wait_us", tc.rec.calls.queueWait.Microseconds()).Int("retries", tc.rec.calls.retries).Int("upstream_429s", tc.rec.calls.tooMany)
+		}
+		ev.Int64("bytes", 1234).Int64("duration_us", 567)
+		if tc.rec.cred != nil {
+			ev.RawJSON("account", tc.rec.cred.accountJSON())
+		}
+		ev.Msg("request")
+		gotLog.Info().RawJSON("time", appendAccessFields(nil, stamp, tc.method, tc.status, &tc.rec, 1234, 567*time.Microsecond, "ab12-")).Msg("request")
+		if tc.exact {
+			if got.String() != ref.String() {
+				t.Errorf("line\n%s\nwant zerolog's\n%s", got.String(), ref.String())
+			}
+			continue
+		}
+		var a, b map[string]any
+		if err := json.Unmarshal(got.Bytes(), &a); err != nil {
+			t.Fatalf("not JSON: %v\n%s", err, got.String())
+		}
+		if err := json.Unmarshal(ref.Bytes(), &b); err != nil || !reflect.DeepEqual(a, b) {
+			t.Errorf("line\n%s\nwant the JSON of zerolog's\n%s", got.String(), ref.String())
 		}
 	}
 }
