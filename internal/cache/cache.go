@@ -7,7 +7,9 @@
 package cache
 
 import (
+	"encoding/binary"
 	"fmt"
+	"iter"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -21,18 +23,24 @@ import (
 )
 
 // Entry is one stored response. It is a value shared by every reader and is
-// never changed after Set: readers must not modify Header or Body.
+// never changed after Set: readers must not modify Body or Tags, or the
+// values Fields yields.
 //
 // The fields with pointers come first: the GC scans an Entry only up to
 // its last pointer.
 type Entry struct {
-	Key    string // the full cache key, checked on Get against hash collisions
-	Body   []byte
-	Header Header
+	Key  string // the full cache key, checked on Get against hash collisions
+	Body []byte
 	// Tags are the scopes the entry belongs to. An invalidation of any tag
 	// at an epoch later than Epoch makes the entry invalid (see the
 	// invalidation package).
-	Tags   []string
+	Tags []string
+	// header is the response's header fields (Compact), read through
+	// Fields and Get: a shape shared by the entries whose fields and
+	// shared values are the same, in which a field whose values are the
+	// entry's own holds marks (ownMarks) for the values, found in Tags'
+	// array after the tags.
+	header *shape
 	Status int
 	// Stored is when the response arrived; Expires ends its freshness;
 	// Keep (>= Expires) is when it leaves the cache for good, so that a
@@ -48,8 +56,10 @@ type Entry struct {
 	// marks again. It is written atomically and only ever raised.
 	ValidAt atomic.Uint64
 	// block is the size of the allocation Compact put the key, the body
-	// and the entry's own strings in (0 before Compact).
-	block int
+	// and the entry's own strings in, with ownFields set when the header
+	// fields are the entry's own rather than a shared shape; own is the
+	// number of own header values, after the tags in their array.
+	block, own uint32
 }
 
 // A Stamp is a time as a count of nanoseconds from the process's start (by
@@ -84,27 +94,30 @@ func (s Stamp) Sub(t time.Time) time.Duration { return time.Duration(s) - t.Sub(
 // After reports whether s is after t (false for the zero Stamp).
 func (s Stamp) After(t time.Time) bool { return s != 0 && s.Sub(t) > 0 }
 
-// Compact lays e out as it is stored: its key, its body and the header
-// values and tags that are its own in one block of its size, with no
-// pointers for the GC to follow (the key and own strings are views of
-// it); its header fields and tags each in a slice of their number, the
-// strings that repeat across entries shared through intern. A tag the key
-// begins with (its own path's scope) becomes a view of the key. Compact
-// copies what it keeps: e's old slices are not changed, and may be
-// reused. Call it once, before e is shared.
+// Compact lays e out as it is stored, with h as its header fields (sorted
+// by name): its key, its body and the header values and tags that are its
+// own in one block of their size, with no pointers for the GC to follow
+// (the key and own strings are views of it); its tags and own values in
+// one array; the strings that repeat across entries shared through
+// intern, and the fields themselves a shape shared by the entries whose
+// fields differ only in their own values (a Date and a Twilio-Request-Id,
+// say). A tag the key begins with (its own path's scope) becomes a view of
+// the key. Compact copies what it keeps: h and e's old slices are not
+// changed. Call it once, before e is shared.
 //
 // An entry's parts as separate allocations mixed long-lived bytes with a
-// fetch's short-lived ones in the same size classes, and spans half full
-// of old entries stayed resident (docs/performance.md, "Memory").
-func (e *Entry) Compact() {
+// fetch's short-lived ones in the same size classes, spans half full of
+// old entries stayed resident, and each field cost its slot in every
+// entry (docs/performance.md, "Memory").
+func (e *Entry) Compact(h Header) {
 	// Which strings are the entry's own, and the bytes they take.
-	header := slices.Clone(e.Header)
+	header := slices.Clone(h)
 	own := make([]bool, len(header)+len(e.Tags))
 	size, values := len(e.Key)+len(e.Body), 0
 	for i := range header {
 		f := &header[i]
 		f.Name = intern.String(f.Name)
-		if v, shared := intern.SharedValues(f.Values); shared {
+		if v, shared := intern.SharedValues(f.Values); shared || len(f.Values) == 0 {
 			f.Values = v
 			continue
 		}
@@ -143,53 +156,187 @@ func (e *Entry) Compact() {
 			strs[i] = put(t)
 		}
 	}
-	n := len(e.Tags)
+	n, marked := len(e.Tags), true
 	for i, f := range header {
 		if own[i] {
-			vs := strs[n : n+len(f.Values) : n+len(f.Values)]
-			for j, v := range f.Values {
-				vs[j] = put(v)
+			copy(strs[n:], f.Values)
+			for j := range f.Values {
+				strs[n+j] = put(strs[n+j])
 			}
-			header[i].Values, n = vs, n+len(f.Values)
+			if len(f.Values) > len(ownMarks) {
+				marked = false
+			}
+			n += len(f.Values)
 		}
 	}
 	o := len(blk)
 	blk = append(blk, e.Body...)
-	e.Key, e.Header, e.Tags = key, header, strs[:len(e.Tags):len(e.Tags)]
-	e.Body, e.block = blk[o:len(blk):len(blk)], cap(blk)
+	e.Key, e.Tags = key, strs[:len(e.Tags):len(e.Tags)]
+	e.Body, e.block, e.own = blk[o:len(blk):len(blk)], uint32(min(cap(blk), ownFields-1)), uint32(values)
+	if marked {
+		for i := range header {
+			if own[i] {
+				header[i].Values = ownMarks[:len(header[i].Values):len(header[i].Values)]
+			}
+		}
+		e.header = shapes.get(header)
+		return
+	}
+	// More own values in one field than there are marks: the fields are
+	// the entry's own, values and all.
+	e.own, e.block, n = 0, e.block|ownFields, len(e.Tags)
+	for i := range header {
+		if own[i] {
+			header[i].Values, n = strs[n:n+len(header[i].Values):n+len(header[i].Values)], n+len(header[i].Values)
+		}
+	}
+	e.header = &shape{header}
+}
+
+// A shape is an entry's header fields, shared by the entries whose fields
+// differ only in their own values.
+type shape struct{ fields Header }
+
+// ownFields is set in Entry.block when the fields are the entry's own.
+const ownFields = 1 << 31
+
+// ownMarks stand in a shared shape for the values of a field that are an
+// entry's own: a field's values are marks when their array is this one.
+var ownMarks = make([]string, 16)
+
+func isOwn(v []string) bool { return len(v) > 0 && unsafe.SliceData(v) == unsafe.SliceData(ownMarks) }
+
+// Fields yields e's header fields, sorted by name, with their values
+// (read-only).
+func (e *Entry) Fields() iter.Seq2[string, []string] {
+	return func(yield func(string, []string) bool) {
+		if e.header == nil {
+			return
+		}
+		own, j := e.ownValues(), 0
+		for _, f := range e.header.fields {
+			v := f.Values
+			if isOwn(v) {
+				v, j = own[j:j+len(v):j+len(v)], j+len(v)
+			}
+			if !yield(f.Name, v) {
+				return
+			}
+		}
+	}
+}
+
+// ownValues are the entry's own header values, after its tags in their
+// array.
+func (e *Entry) ownValues() []string {
+	if e.own == 0 {
+		return nil
+	}
+	return unsafe.Slice((*string)(unsafe.Add(unsafe.Pointer(unsafe.SliceData(e.Tags)), uintptr(len(e.Tags))*unsafe.Sizeof(""))), e.own)
+}
+
+// Get is the values of the header field name (canonical), or nil.
+func (e *Entry) Get(name string) []string {
+	for k, v := range e.Fields() {
+		if k == name {
+			return v
+		}
+	}
+	return nil
+}
+
+// Header is a copy of e's header fields.
+func (e *Entry) Header() Header {
+	var h Header
+	for k, v := range e.Fields() {
+		h = append(h, HeaderField{Name: k, Values: v})
+	}
+	return h
+}
+
+// Restamp is a copy of e with other times (the same key, body, header and
+// tags, shared), as a reader of another tier sees it: its Epoch and
+// ValidAt are zero, as for any entry read from a shared tier.
+func (e *Entry) Restamp(stored, expires, keep Stamp) *Entry {
+	return &Entry{Key: e.Key, Body: e.Body, Tags: e.Tags, header: e.header, Status: e.Status,
+		Stored: stored, Expires: expires, Keep: keep, block: e.block, own: e.own}
 }
 
 // viewOfKey reports whether the key begins with t.
 func (e *Entry) viewOfKey(t string) bool { return len(t) <= len(e.Key) && e.Key[:len(t)] == t }
 
-// Approximate bytes of an Entry beyond its key and body, measured (live
-// heap per entry after a GC, a participant read through the proxy): the
-// struct, ristretto's item and slots, and on average what an entry owns
-// in the shared table (its request id, its participant's tag:
-// internal/intern); a header field's slot (its name and values are
-// shared); a tag's slot. Cost is within 15% of what an entry takes
-// (TestCostIsWhatAnEntryTakes).
+// shapes shares header shapes between entries, bounded as intern's table:
+// two generations of at most shapesGen shapes each.
+var shapes = shapeTable{cur: make(map[string]*shape, shapesGen)}
+
+const shapesGen = 1024
+
+type shapeTable struct {
+	mu        sync.Mutex
+	cur, prev map[string]*shape
+	sig       []byte
+}
+
+// get returns h's shape, shared with earlier callers whose fields were
+// equal. Names and shared values are compared by their bytes, marks by
+// their number.
+func (t *shapeTable) get(h Header) *shape {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	sig := t.sig[:0]
+	for _, f := range h {
+		sig = binary.AppendUvarint(append(binary.AppendUvarint(sig, uint64(len(f.Name))), f.Name...), uint64(len(f.Values)))
+		if isOwn(f.Values) {
+			sig = append(sig, 0)
+			continue
+		}
+		sig = append(sig, 1)
+		for _, v := range f.Values {
+			sig = append(binary.AppendUvarint(sig, uint64(len(v))), v...)
+		}
+	}
+	t.sig = sig
+	if got, ok := t.cur[string(sig)]; ok {
+		return got
+	}
+	sh, ok := t.prev[string(sig)]
+	if !ok {
+		sh = &shape{h}
+	}
+	if len(t.cur) >= shapesGen {
+		t.prev, t.cur = t.cur, make(map[string]*shape, shapesGen)
+	}
+	t.cur[string(sig)] = sh
+	return sh
+}
+
+// Approximate bytes of an Entry beyond its block, measured (live heap per
+// entry after a GC, a participant read through the proxy): the struct,
+// ristretto's item and slots, and on average what an entry owns in the
+// shared tables (its participant's tag's slot: internal/intern; its share
+// of a header shape); a string's slot in the tags' array (a tag's or an
+// own value's); a header field's slot when the fields are the entry's own.
+// Cost is within 15% of what an entry takes (TestCostIsWhatAnEntryTakes).
 const (
-	entryOverhead = 410
+	entryOverhead = 370
 	fieldOverhead = 40
 	tagOverhead   = 16
 )
 
 // Cost is the entry's memory in bytes, as ristretto accounts it: its block
-// (Compact), or before Compact its key, its body and in full a value or tag
-// too long to be shared (intern.MaxLen); the fixed part; a slot per header
-// field and per tag. A tag that is a view of the key costs its slot only.
+// (Compact), or before Compact its key, its body and in full a tag too long
+// to be shared (intern.MaxLen); the fixed part; a slot per tag and own
+// value; a slot per header field unless the fields are a shared shape. A
+// tag that is a view of the key costs its slot only.
 func (e *Entry) Cost() int64 {
-	n := entryOverhead + len(e.Header)*fieldOverhead + len(e.Tags)*tagOverhead
-	if e.block > 0 {
-		return int64(n + e.block)
+	n := entryOverhead + (len(e.Tags)+int(e.own))*tagOverhead
+	if e.block&ownFields != 0 {
+		n += len(e.header.fields) * fieldOverhead
+	}
+	if b := e.block &^ ownFields; b > 0 {
+		return int64(n + int(b))
 	}
 	n += len(e.Key) + cap(e.Body)
-	for _, f := range e.Header {
-		for _, v := range f.Values {
-			n += unshared(v)
-		}
-	}
 	for _, t := range e.Tags {
 		if unsafe.StringData(t) != unsafe.StringData(e.Key) {
 			n += unshared(t)

@@ -145,6 +145,9 @@ func TestRemovedClassifies(t *testing.T) {
 // participant's body, its key, five headers (the values that repeat
 // shared, as internal/intern shares them) and five tags.
 func TestCostIsWhatAnEntryTakes(t *testing.T) {
+	if size := unsafe.Sizeof(Entry{}); size > 128 {
+		t.Fatalf("an Entry is %d bytes: more than its 128-byte size class", size)
+	}
 	s, err := New(1<<30, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -165,13 +168,12 @@ func TestCostIsWhatAnEntryTakes(t *testing.T) {
 		e := &Entry{
 			Key:    path + "? " + sid,
 			Status: 200, Body: bytes.Repeat([]byte("x"), 400+i%100),
-			Header: HeaderOf(map[string][]string{"Content-Type": {"application/json"}, "Date": {date}, "Content-Length": {strconv.Itoa(450)},
-				"Twilio-Request-Id": {"RQ" + sid}, "X-Home-Region": {"us1"}}),
 			Stored: At(now), Expires: At(now.Add(time.Hour)), Keep: At(now.Add(time.Hour)),
 			Tags: []string{strings.Clone(path), "conversations|conv:CH00000000000000000000000000000001", "conversations|conv:*",
 				"conversations|part:MB" + sid, "conversations|part:*"},
 		}
-		e.Compact()
+		e.Compact(HeaderOf(map[string][]string{"Content-Type": {"application/json"}, "Date": {date}, "Content-Length": {strconv.Itoa(450)},
+			"Twilio-Request-Id": {"RQ" + sid}, "X-Home-Region": {"us1"}}))
 		cost += e.Cost()
 		if !s.Set(e) {
 			t.Fatal("Set refused")
@@ -217,46 +219,85 @@ func TestStampsKeepTheirTime(t *testing.T) {
 func TestCompactLaysAnEntryOutInOneBlock(t *testing.T) {
 	path := "conversations|path:/v1/Conversations/CH1/Participants/MB1"
 	common := []string{"application/json", "conversations|conv:CH" + strings.Repeat("7", 32)}
+	header := func(id string) Header {
+		return Header{{Name: "Content-Type", Values: []string{strings.Clone(common[0])}}, {Name: "Twilio-Request-Id", Values: []string{"RQ" + id}}}
+	}
 	mk := func(id string) *Entry {
 		return &Entry{Key: path + "? " + id, Status: 200, Body: []byte(`{"sid":"MB1"}`),
-			Header: Header{{Name: "Content-Type", Values: []string{strings.Clone(common[0])}}, {Name: "Twilio-Request-Id", Values: []string{"RQ" + id}}},
-			Tags:   []string{strings.Clone(path), strings.Clone(common[1]), "conversations|part:" + id}}
+			Tags: []string{strings.Clone(path), strings.Clone(common[1]), "conversations|part:" + id}}
 	}
 	first, second, third := mk("a1"), mk("b2"), mk("c3")
-	header, tags := second.Header, second.Tags
-	first.Compact()
-	second.Compact()
-	third.Compact()
+	h, tags := header("b2"), second.Tags
+	first.Compact(header("a1"))
+	second.Compact(h)
+	third.Compact(header("c3"))
 	e := second
-	if header[0].Values[0] != "application/json" || tags[2] != "conversations|part:b2" || unsafe.StringData(tags[0]) == unsafe.StringData(e.Tags[0]) {
+	if h[0].Values[0] != "application/json" || h[1].Values[0] != "RQb2" || tags[2] != "conversations|part:b2" || unsafe.StringData(tags[0]) == unsafe.StringData(e.Tags[0]) {
 		t.Fatal("Compact changed the slices it was given")
 	}
-	if e.Key != path+"? b2" || string(e.Body) != `{"sid":"MB1"}` || e.Header.Get("Twilio-Request-Id")[0] != "RQb2" ||
-		e.Header.Get("Content-Type")[0] != "application/json" || e.Tags[0] != path || e.Tags[1] != common[1] || e.Tags[2] != "conversations|part:b2" {
-		t.Fatalf("Compact changed the entry: %q %q %v %q", e.Key, e.Body, e.Header, e.Tags)
+	if e.Key != path+"? b2" || string(e.Body) != `{"sid":"MB1"}` || e.Get("Twilio-Request-Id")[0] != "RQb2" ||
+		e.Get("Content-Type")[0] != "application/json" || e.Tags[0] != path || e.Tags[1] != common[1] || e.Tags[2] != "conversations|part:b2" {
+		t.Fatalf("Compact changed the entry: %q %q %v %q", e.Key, e.Body, e.Header(), e.Tags)
 	}
 	// One block: the key, the own strings and the body, nothing more.
 	start := uintptr(unsafe.Pointer(unsafe.StringData(e.Key)))
 	in := func(p *byte) bool { a := uintptr(unsafe.Pointer(p)); return a >= start && a < start+uintptr(e.block) }
-	if e.block != len(e.Key)+len("RQb2")+len("conversations|part:b2")+len(e.Body) || cap(e.Body) != len(e.Body) ||
-		!in(unsafe.SliceData(e.Body)) || !in(unsafe.StringData(e.Header.Get("Twilio-Request-Id")[0])) || !in(unsafe.StringData(e.Tags[2])) {
+	if int(e.block) != len(e.Key)+len("RQb2")+len("conversations|part:b2")+len(e.Body) || cap(e.Body) != len(e.Body) ||
+		!in(unsafe.SliceData(e.Body)) || !in(unsafe.StringData(e.Get("Twilio-Request-Id")[0])) || !in(unsafe.StringData(e.Tags[2])) {
 		t.Fatalf("block of %d bytes for key %d, body %d (cap %d): not one block of their size", e.block, len(e.Key), len(e.Body), cap(e.Body))
 	}
 	if unsafe.StringData(e.Tags[0]) != unsafe.StringData(e.Key) {
 		t.Fatalf("the path tag %q is its own copy", e.Tags[0])
 	}
-	// What repeats is one copy, shared by the entries after the first.
-	if unsafe.StringData(second.Header.Get("Content-Type")[0]) != unsafe.StringData(third.Header.Get("Content-Type")[0]) ||
+	// What repeats is one copy, shared by the entries after the first; the
+	// fields are one shape for all three.
+	if unsafe.StringData(second.Get("Content-Type")[0]) != unsafe.StringData(third.Get("Content-Type")[0]) ||
 		unsafe.StringData(second.Tags[1]) != unsafe.StringData(third.Tags[1]) || in(unsafe.StringData(e.Tags[1])) {
 		t.Fatal("Content-Type or the conversation's tag: a copy per entry, want one shared")
 	}
-	if want := int64(entryOverhead + 2*fieldOverhead + 3*tagOverhead + e.block); e.Cost() != want {
+	if first.header != second.header || second.header != third.header {
+		t.Fatal("three entries with the same fields: a shape each, want one shared")
+	}
+	if first.Get("Twilio-Request-Id")[0] != "RQa1" || third.Get("Twilio-Request-Id")[0] != "RQc3" {
+		t.Fatal("a shared shape mixed up the entries' own values")
+	}
+	if want := int64(entryOverhead + (3+1)*tagOverhead + int(e.block)); e.Cost() != want {
 		t.Fatalf("Cost %d, want %d (the block and the slots)", e.Cost(), want)
 	}
 	// A value or tag too long to be shared is the entry's own, in the block.
-	long := &Entry{Key: "k", Header: Header{{Name: "Link", Values: []string{strings.Repeat("l", intern.MaxLen+1)}}}, Tags: []string{"t|" + strings.Repeat("x", intern.MaxLen)}}
-	long.Compact()
-	if long.block != 1+2*(intern.MaxLen+1)+1 {
+	long := &Entry{Key: "k", Tags: []string{"t|" + strings.Repeat("x", intern.MaxLen)}}
+	long.Compact(Header{{Name: "Link", Values: []string{strings.Repeat("l", intern.MaxLen+1)}}})
+	if long.block != 1+2*(intern.MaxLen+1)+1 || long.Get("Link")[0] != strings.Repeat("l", intern.MaxLen+1) {
 		t.Fatalf("block %d: the long value and tag are not in it", long.block)
+	}
+}
+
+// Fields yields an entry's fields in order with their values, own and
+// shared alike, through a shared shape or (a field with more own values
+// than there are marks) fields of the entry's own; Header copies them,
+// Restamp keeps them.
+func TestFieldsAreTheHeaderGiven(t *testing.T) {
+	many := make([]string, len(ownMarks)+1)
+	for i := range many {
+		many[i] = "v" + strconv.Itoa(i) + "-" + strconv.Itoa(len(many))
+	}
+	for _, h := range []Header{
+		{{Name: "A", Values: []string{"x-1"}}, {Name: "B", Values: []string{"shared", "y-2"}}, {Name: "C", Values: []string{"z-3"}}},
+		{{Name: "A", Values: []string{"x-1"}}, {Name: "Link", Values: many}, {Name: "Z", Values: []string{"z-4"}}},
+		{{Name: "Empty"}},
+		nil,
+	} {
+		e := &Entry{Key: "k", Tags: []string{"k", "t|1"}}
+		e.Compact(h)
+		var got Header
+		for k, v := range e.Fields() {
+			got = append(got, HeaderField{Name: k, Values: v})
+		}
+		if fmt.Sprint(got) != fmt.Sprint(h) || fmt.Sprint(e.Header()) != fmt.Sprint(h) || e.Tags[1] != "t|1" || len(e.Tags) != 2 {
+			t.Fatalf("fields %v, Header %v, tags %q: want %v", got, e.Header(), e.Tags, h)
+		}
+		if r := e.Restamp(1, 2, 3); fmt.Sprint(r.Header()) != fmt.Sprint(h) || r.Keep != 3 || r.Cost() != e.Cost() {
+			t.Fatalf("restamped: %v, Cost %d (was %d)", r.Header(), r.Cost(), e.Cost())
+		}
 	}
 }

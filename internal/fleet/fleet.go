@@ -378,7 +378,7 @@ func (f *Fleet) seal(e *cache.Entry, auth string, epoch uint64, now time.Time) (
 	if ttl <= 0 {
 		return sealedEntry{}, false, nil
 	}
-	meta, err := json.Marshal(sealed{Status: e.Status, Header: e.Header.Map(), Age: max(0, now.Sub(e.Stored.Time()).Milliseconds()),
+	meta, err := json.Marshal(sealed{Status: e.Status, Header: e.Header().Map(), Age: max(0, now.Sub(e.Stored.Time()).Milliseconds()),
 		Fresh: e.Expires.Time().Sub(now).Milliseconds(), Life: ttl, Tags: e.Tags, Epoch: epoch})
 	if err != nil {
 		return sealedEntry{}, false, err
@@ -593,9 +593,9 @@ func (f *Fleet) unmarked(ctx context.Context, c rueidis.Client, s *sealed) (bool
 func (s *sealed) entry(key string, left int64, now time.Time) *cache.Entry {
 	passed := time.Duration(max(0, s.Life-left)) * time.Millisecond
 	ms := func(n int64) time.Duration { return time.Duration(n) * time.Millisecond }
-	e := &cache.Entry{Key: key, Status: s.Status, Header: cache.HeaderOf(s.Header), Body: s.Body,
+	e := &cache.Entry{Key: key, Status: s.Status, Body: s.Body,
 		Stored: cache.At(now.Add(-ms(s.Age) - passed)), Expires: cache.At(now.Add(ms(s.Fresh) - passed)), Keep: cache.At(now.Add(ms(left))), Tags: s.Tags}
-	e.Compact()
+	e.Compact(cache.HeaderOf(s.Header))
 	return e
 }
 

@@ -41,8 +41,9 @@ func TestEntriesOpenOnlyForTheirCredentialUntilInvalidated(t *testing.T) {
 	f := open(t, redistest.Start(t).URL())
 	ctx := context.Background()
 	now := time.Now()
-	e := &cache.Entry{Key: "k", Status: 200, Header: cache.HeaderOf(map[string][]string{"Content-Type": {"application/json"}}), Body: []byte(`{"a":1}`),
+	e := &cache.Entry{Key: "k", Status: 200, Body: []byte(`{"a":1}`),
 		Stored: cache.At(now), Expires: cache.At(now.Add(time.Minute)), Keep: cache.At(now.Add(time.Minute)), Tags: []string{"scope-a", "scope-b"}}
+	e.Compact(cache.HeaderOf(map[string][]string{"Content-Type": {"application/json"}}))
 	epoch, err := f.Epoch(ctx)
 	if err != nil {
 		t.Fatal(err)

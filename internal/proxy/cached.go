@@ -145,7 +145,7 @@ func (p *Proxy) miss(r *http.Request, rec *record, up *upstream, f found, noCach
 	case res.stored:
 		fwd += "; stored"
 	}
-	if enc := contentCoding(res.entry.Header.Get("Content-Encoding")); enc != "" && !acceptsCoding(r.Header, enc) {
+	if enc := contentCoding(res.entry.Get("Content-Encoding")); enc != "" && !acceptsCoding(r.Header, enc) {
 		// The upstream compressed without being asked (the fetch asks for
 		// the plain representation); this client did not ask either.
 		return reply{outcome: o, err: &codingError{enc}}
@@ -309,7 +309,6 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 	e := &cache.Entry{
 		Key:    key,
 		Status: resp.StatusCode,
-		Header: storedHeader(resp.Header, len(body)),
 		Body:   body,
 		Stored: cache.At(now),
 		Epoch:  epoch,
@@ -326,7 +325,7 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 	case http.StatusNotFound:
 		ttl = p.fresh.NegativeTTL
 	}
-	e.Compact()
+	e.Compact(storedHeader(resp.Header, len(body)))
 	res.entry, res.upStatus, res.upDur = e, resp.StatusCode, now.Sub(start)
 	if ttl > 0 && int64(len(body)) <= p.fresh.MaxEntryBytes && storable(resp.Header) {
 		e.Expires = cache.At(now.Add(ttl))
@@ -342,7 +341,7 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, conditional bool, e *cache.Entry, cacheStatus, age []string) {
 	status := e.Status
 	if status == http.StatusOK && conditional {
-		switch code := precondition(r.Method, r.Header, e.Header); code {
+		switch code := precondition(r.Method, r.Header, e); code {
 		case http.StatusPreconditionFailed:
 			twilioError(w, code, "precondition failed: the stored representation does not match If-Match or If-Unmodified-Since")
 			return
@@ -351,9 +350,9 @@ func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, conditional b
 		}
 	}
 	h := w.Header()
-	for _, f := range e.Header {
-		if status != http.StatusNotModified || (f.Name != "Content-Length" && f.Name != "Content-Type") {
-			h[f.Name] = f.Values
+	for name, values := range e.Fields() {
+		if status != http.StatusNotModified || (name != "Content-Length" && name != "Content-Type") {
+			h[name] = values
 		}
 	}
 	h["Cache-Status"] = cacheStatus

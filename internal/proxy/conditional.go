@@ -13,7 +13,7 @@ import (
 // 304 when If-None-Match or If-Modified-Since says the client's copy is
 // current, 0 to send the entry. Range is not evaluated: a full 200 is a
 // valid answer to it.
-func precondition(method string, req http.Header, stored cache.Header) int {
+func precondition(method string, req http.Header, stored *cache.Entry) int {
 	etag, lastMod := first(stored.Get("Etag")), first(stored.Get("Last-Modified"))
 	if im := req["If-Match"]; len(im) > 0 {
 		if !etagListMatches(im, etag, false) {

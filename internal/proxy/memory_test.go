@@ -17,9 +17,9 @@ import (
 func TestStoredHeadersShareRepeatedValues(t *testing.T) {
 	mk := func(id string) cache.Header {
 		h := http.Header{"Content-Type": {"application/" + "json"}, "Date": {"Tue, 01 Dec 2026 22:14:46 " + "GMT"}, "Twilio-Request-Id": {id}}
-		e := &cache.Entry{Key: "k" + id, Header: storedHeader(h, 232)}
-		e.Compact()
-		return e.Header
+		e := &cache.Entry{Key: "k" + id}
+		e.Compact(storedHeader(h, 232))
+		return e.Header()
 	}
 	_, a, b := mk("RQ0"), mk("RQ1"), mk("RQ2")
 	for _, k := range []string{"Content-Type", "Date", "Content-Length"} {
@@ -40,7 +40,7 @@ func TestEntriesShareTagsAndKeepOnlyTheirBody(t *testing.T) {
 	body, _ := io.ReadAll(io.LimitReader(bytes.NewReader(bytes.Repeat([]byte("x"), 600)), 1<<20))
 	mk := func(tags ...string) *cache.Entry {
 		e := &cache.Entry{Key: tags[0] + "?", Body: body, Tags: append(make([]string, 0, 16), tags...)}
-		e.Compact()
+		e.Compact(nil)
 		return e
 	}
 	mk("conversations|path:/z", conv())

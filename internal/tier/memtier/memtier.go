@@ -210,8 +210,7 @@ func (h *Hub) valid(key, auth string, now time.Time) *cache.Entry {
 			return nil
 		}
 	}
-	return &cache.Entry{Key: s.entry.Key, Status: s.entry.Status, Header: s.entry.Header, Body: s.entry.Body, Tags: s.entry.Tags,
-		Stored: cache.At(now.Add(-s.age - passed)), Expires: cache.At(now.Add(s.fresh - passed)), Keep: cache.At(now.Add(s.life - passed))}
+	return s.entry.Restamp(cache.At(now.Add(-s.age-passed)), cache.At(now.Add(s.fresh-passed)), cache.At(now.Add(s.life-passed)))
 }
 
 // Claim claims key for r unless another live replica holds it.
