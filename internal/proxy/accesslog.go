@@ -69,27 +69,44 @@ const (
 // no "cache" field.
 var outcomeNames = [numOutcomes]string{"none", "hit", "miss", "collapsed", "stale", "refresh", "bypass", "shared"}
 
-// accessLoggers returns one logger per route label and outcome, with
-// route, upstream and cache outcome encoded once.
-func accessLoggers(l zerolog.Logger) [][numOutcomes]zerolog.Logger {
+// accessLevels are the levels an access line is written at; accessLogs
+// holds a logger for each.
+var accessLevels = [numAccessLevels]zerolog.Level{zerolog.InfoLevel, zerolog.WarnLevel, zerolog.ErrorLevel}
+
+const (
+	accessInfo = iota
+	accessWarn
+	accessError
+	numAccessLevels
+)
+
+type accessLogs [numAccessLevels]zerolog.Logger
+
+// accessLoggers returns loggers per route label, outcome and level, with
+// the level, route, upstream and cache outcome encoded once (the level
+// first, where zerolog writes it: a line is written with Log, at no level
+// of zerolog's own, once l's level allows it).
+func accessLoggers(l zerolog.Logger) [][numOutcomes]accessLogs {
 	labels := route.Labels()
-	out := make([][numOutcomes]zerolog.Logger, len(labels))
+	out := make([][numOutcomes]accessLogs, len(labels))
 	for i, name := range labels {
 		up, _, _ := strings.Cut(name, ".") // a route's name begins with its upstream's
 		if i == route.Unrouted() {
 			up = ""
 		}
 		for j, o := range outcomeNames {
-			// Fields are never empty strings: an unrouted line has no
-			// upstream, a route that is not cached no cache outcome.
-			c := l.With().Str("route", name)
-			if up != "" {
-				c = c.Str("upstream", up)
+			for k, lvl := range accessLevels {
+				// Fields are never empty strings: an unrouted line has no
+				// upstream, a route that is not cached no cache outcome.
+				c := l.With().Str(zerolog.LevelFieldName, zerolog.LevelFieldMarshalFunc(lvl)).Str("route", name)
+				if up != "" {
+					c = c.Str("upstream", up)
+				}
+				if outcome(j) != outcomeNone {
+					c = c.Str("cache", o)
+				}
+				out[i][j][k] = c.Logger()
 			}
-			if outcome(j) != outcomeNone {
-				c = c.Str("cache", o)
-			}
-			out[i][j] = c.Logger()
 		}
 	}
 	return out
@@ -211,39 +228,41 @@ func (c *clockText) stamp(t time.Time) *stampText {
 func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
 	p.m.requests[rec.routeID][rec.cache].Inc()
 	status := w.status
-	var ev *zerolog.Event
-	switch l := &p.access[rec.routeID][rec.cache]; {
+	lvl := accessInfo
+	switch {
 	case rec.upstreamCut:
-		ev = l.Error() // the upstream failed mid-body after the answer began
+		lvl = accessError // the upstream failed mid-body after the answer began
 	case w.writeErr != nil:
-		ev = l.Warn() // an interrupted transfer: bytes says how much was sent
+		lvl = accessWarn // an interrupted transfer: bytes says how much was sent
 		if rec.errMsg == "" || rec.errMsg == http.ErrAbortHandler.Error() {
 			rec.errMsg = "response interrupted: the client did not take it: " + w.writeErr.Error()
 		}
 	case status == 0:
 		status = 499 // client went away before an answer: nothing was sent
-		ev = l.Info()
 	case status >= 500:
-		ev = l.Error()
+		lvl = accessError
 	case status == http.StatusTooManyRequests:
-		ev = l.Warn()
-	default:
-		ev = l.Info()
+		lvl = accessWarn
 	}
+	if accessLevels[lvl] < p.log.GetLevel() || accessLevels[lvl] < zerolog.GlobalLevel() {
+		return
+	}
+	ev := p.access[rec.routeID][rec.cache][lvl].Log()
 	if ev == nil {
 		return
 	}
 	dur := p.clock.Since(rec.start)
-	// The fields up to the account's are encoded here, in one value:
-	// zerolog spends more on each field's call and key than on its bytes
-	// (a fifth of a hit's instructions went to the access line). The line
-	// is the same JSON, field for field and in the same order.
+	// The fields after the context are encoded here, in one value: zerolog
+	// spends more on each field's call and key than on its bytes (a fifth
+	// of a hit's instructions went to the access line). The line is the
+	// same JSON, field for field and in the same order.
 	var buf [320]byte
-	ev.RawJSON("time", appendAccessFields(buf[:0], p.stamp.json(rec.start.Add(dur)), r.Method, status, rec, w.bytes, dur, p.ids.prefix))
-	if rec.errMsg != "" {
-		ev.Str("error", rec.errMsg)
+	b := appendAccessFields(buf[:0], p.stamp.json(rec.start.Add(dur)), r.Method, status, rec, w.bytes, dur, p.ids.prefix)
+	if rec.errMsg != "" { // zerolog escapes it
+		ev.RawJSON("time", b).Str("error", rec.errMsg).Msg("request")
+		return
 	}
-	ev.Msg("request")
+	ev.RawJSON("time", append(b, `,"message":"request"`...)).Msg("")
 }
 
 // appendAccessFields appends the access line's value of "time" and the

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -126,6 +127,73 @@ func TestAccessLogLine(t *testing.T) {
 		if _, ok := got[1][f]; ok {
 			t.Errorf("hit's access log has %q: %v", f, got[1])
 		}
+	}
+}
+
+// jsonKeys are the keys of one JSON object, in their order.
+func jsonKeys(t *testing.T, line string) []string {
+	t.Helper()
+	dec := json.NewDecoder(strings.NewReader(line))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		t.Fatalf("not a JSON object: %q", line)
+	}
+	var keys []string
+	for dec.More() {
+		k, err := dec.Token()
+		if err != nil {
+			t.Fatalf("%q: %v", line, err)
+		}
+		keys = append(keys, k.(string))
+		var v json.RawMessage
+		if err := dec.Decode(&v); err != nil {
+			t.Fatalf("%q: %v", line, err)
+		}
+	}
+	return keys
+}
+
+// An access line has the fields of the line zerolog wrote field by field,
+// in that order, the level first; a logger's level drops the lines below
+// it and keeps those at or above it.
+func TestAccessLineFieldsInOrderAndLevels(t *testing.T) {
+	h := newHarness(t)
+	h.get(pathConv)
+	h.settle()
+	h.get(pathConv)
+	var got []string
+	for _, l := range strings.Split(strings.TrimSpace(h.logs.String()), "\n") {
+		if strings.Contains(l, `"message":"request"`) {
+			got = append(got, l)
+		}
+	}
+	if len(got) != 2 {
+		t.Fatalf("want 2 access lines, got %d", len(got))
+	}
+	miss := []string{"level", "route", "upstream", "cache", "time", "request_id", "method", "status", "upstream_status", "upstream_us",
+		"queue_wait_us", "retries", "upstream_429s", "bytes", "duration_us", "account", "message"}
+	hit := slices.DeleteFunc(slices.Clone(miss), func(k string) bool {
+		return strings.HasPrefix(k, "upstream_") || k == "queue_wait_us" || k == "retries"
+	})
+	for i, want := range [][]string{miss, hit} {
+		if keys := jsonKeys(t, got[i]); !slices.Equal(keys, want) || !strings.HasPrefix(got[i], `{"level":"info",`) {
+			t.Errorf("line %s\nkeys %q\nwant %q", got[i], keys, want)
+		}
+	}
+	var warn syncBuffer
+	dead := newHarness(t, func(s *setup) {
+		s.opts.Logger = zerolog.New(&warn).Level(zerolog.WarnLevel)
+		s.cfg.Upstreams.Proxy.URL = "http://" + deadUpstreamAddr(t)
+	})
+	dead.get(pathConv) // info: dropped
+	status, _, _ := readResp(t, dead.do("GET", pathProxy, basic(acctA, tokenA)))
+	var lines []map[string]any
+	for _, l := range warn.lines(t) {
+		if l["message"] == "request" {
+			lines = append(lines, l)
+		}
+	}
+	if status != http.StatusBadGateway || len(lines) != 1 || lines[0]["level"] != "error" || lines[0]["status"] != float64(502) || lines[0]["error"] == nil {
+		t.Fatalf("at warn level: status %d, lines %v", status, lines)
 	}
 }
 

@@ -184,7 +184,7 @@ type Proxy struct {
 	events  zerolog.Logger // lines other than the access log: timestamped
 	// access holds one logger per route and cache outcome with those
 	// fields (and the upstream) encoded once, for the access-log lines.
-	access  [][numOutcomes]zerolog.Logger
+	access  [][numOutcomes]accessLogs
 	clock   clock.Clock
 	fp      *fingerprinter
 	ids     *requestIDs
