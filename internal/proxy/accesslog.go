@@ -69,23 +69,24 @@ const (
 // no "cache" field.
 var outcomeNames = [numOutcomes]string{"none", "hit", "miss", "collapsed", "stale", "refresh", "bypass", "shared"}
 
-// accessLevels are the levels an access line is written at; accessLogs
-// holds a logger for each.
-var accessLevels = [numAccessLevels]zerolog.Level{zerolog.InfoLevel, zerolog.WarnLevel, zerolog.ErrorLevel}
+// accessLevels are the levels an access line is written at.
+var accessLevels = [...]zerolog.Level{zerolog.InfoLevel, zerolog.WarnLevel, zerolog.ErrorLevel}
 
 const (
 	accessInfo = iota
 	accessWarn
 	accessError
-	numAccessLevels
 )
 
-type accessLogs [numAccessLevels]zerolog.Logger
+// accessLogs are the loggers of one route and outcome: info's context
+// begins with the level, where zerolog writes it, and its lines are
+// written with Log (no level of zerolog's own: the level check is the
+// caller's); warnings and errors go through zerolog's levels, so that a
+// level writer (logbuf) still writes them at once.
+type accessLogs struct{ info, leveled zerolog.Logger }
 
-// accessLoggers returns loggers per route label, outcome and level, with
-// the level, route, upstream and cache outcome encoded once (the level
-// first, where zerolog writes it: a line is written with Log, at no level
-// of zerolog's own, once l's level allows it).
+// accessLoggers returns loggers per route label and outcome, with the
+// route, upstream and cache outcome encoded once.
 func accessLoggers(l zerolog.Logger) [][numOutcomes]accessLogs {
 	labels := route.Labels()
 	out := make([][numOutcomes]accessLogs, len(labels))
@@ -95,17 +96,21 @@ func accessLoggers(l zerolog.Logger) [][numOutcomes]accessLogs {
 			up = ""
 		}
 		for j, o := range outcomeNames {
-			for k, lvl := range accessLevels {
+			ctx := func(c zerolog.Context) zerolog.Logger {
 				// Fields are never empty strings: an unrouted line has no
 				// upstream, a route that is not cached no cache outcome.
-				c := l.With().Str(zerolog.LevelFieldName, zerolog.LevelFieldMarshalFunc(lvl)).Str("route", name)
+				c = c.Str("route", name)
 				if up != "" {
 					c = c.Str("upstream", up)
 				}
 				if outcome(j) != outcomeNone {
 					c = c.Str("cache", o)
 				}
-				out[i][j][k] = c.Logger()
+				return c.Logger()
+			}
+			out[i][j] = accessLogs{
+				info:    ctx(l.With().Str(zerolog.LevelFieldName, zerolog.LevelFieldMarshalFunc(zerolog.InfoLevel))),
+				leveled: ctx(l.With()),
 			}
 		}
 	}
@@ -244,10 +249,13 @@ func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
 	case status == http.StatusTooManyRequests:
 		lvl = accessWarn
 	}
-	if accessLevels[lvl] < p.log.GetLevel() || accessLevels[lvl] < zerolog.GlobalLevel() {
-		return
+	var ev *zerolog.Event
+	switch logs := &p.access[rec.routeID][rec.cache]; {
+	case lvl != accessInfo:
+		ev = logs.leveled.WithLevel(accessLevels[lvl])
+	case zerolog.InfoLevel >= p.log.GetLevel() && zerolog.InfoLevel >= zerolog.GlobalLevel():
+		ev = logs.info.Log()
 	}
-	ev := p.access[rec.routeID][rec.cache][lvl].Log()
 	if ev == nil {
 		return
 	}

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"cacheproxy/internal/config"
+	"cacheproxy/internal/logbuf"
 
 	"github.com/rs/zerolog"
 )
@@ -179,21 +180,41 @@ func TestAccessLineFieldsInOrderAndLevels(t *testing.T) {
 			t.Errorf("line %s\nkeys %q\nwant %q", got[i], keys, want)
 		}
 	}
+	requests := func(b *syncBuffer) (out []map[string]any) {
+		for _, l := range b.lines(t) {
+			if l["message"] == "request" {
+				out = append(out, l)
+			}
+		}
+		return out
+	}
+	// At warn level an info line is dropped and an error line kept.
 	var warn syncBuffer
 	dead := newHarness(t, func(s *setup) {
 		s.opts.Logger = zerolog.New(&warn).Level(zerolog.WarnLevel)
 		s.cfg.Upstreams.Proxy.URL = "http://" + deadUpstreamAddr(t)
 	})
-	dead.get(pathConv) // info: dropped
+	dead.get(pathConv)
 	status, _, _ := readResp(t, dead.do("GET", pathProxy, basic(acctA, tokenA)))
-	var lines []map[string]any
-	for _, l := range warn.lines(t) {
-		if l["message"] == "request" {
-			lines = append(lines, l)
-		}
-	}
-	if status != http.StatusBadGateway || len(lines) != 1 || lines[0]["level"] != "error" || lines[0]["status"] != float64(502) || lines[0]["error"] == nil {
+	if lines := requests(&warn); status != http.StatusBadGateway || len(lines) != 1 || lines[0]["level"] != "error" ||
+		lines[0]["status"] != float64(502) || lines[0]["error"] == nil {
 		t.Fatalf("at warn level: status %d, lines %v", status, lines)
+	}
+	// Through a buffering level writer an info line waits for the flush,
+	// an error line is written at once.
+	var out syncBuffer
+	lb := logbuf.New(&out, 1<<20)
+	buffered := newHarness(t, func(s *setup) {
+		s.opts.Logger = zerolog.New(lb)
+		s.cfg.Upstreams.Proxy.URL = "http://" + deadUpstreamAddr(t)
+	})
+	buffered.get(pathConv)
+	if lines := requests(&out); len(lines) != 0 {
+		t.Fatalf("an info line was written before the flush: %v", lines)
+	}
+	buffered.do("GET", pathProxy, basic(acctA, tokenA)).Body.Close()
+	if lines := requests(&out); len(lines) != 2 || lines[0]["level"] != "info" || lines[1]["level"] != "error" {
+		t.Fatalf("after an error line: %v, want the info line and the error line written", lines)
 	}
 }
 

@@ -364,14 +364,14 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 func (p *Proxy) serve(w *recordWriter, r *http.Request, rec *record, auth string) {
-	m, rerr := p.router.Resolve(r.Method, r.Host, r.URL.Host, escapedPath(r))
-	if rerr != nil {
+	m := &rec.rt
+	if rerr := p.router.ResolveTo(m, r.Method, r.Host, r.URL.Host, escapedPath(r)); rerr != nil {
 		rec.routeID = route.Unrouted()
 		rec.errMsg = rerr.LogText()
 		twilioError(w, rerr.Status, rerr.Msg)
 		return
 	}
-	rec.routeID, rec.rt = m.ID(), m
+	rec.routeID = m.ID()
 	if len(rec.hdr.auth) > 1 {
 		// Which one would the upstream honour? An entry stored under one
 		// credential's key must hold only what that credential may read.

@@ -65,7 +65,8 @@ func TestClassifyScopes(t *testing.T) {
 	}
 	for _, tc := range tests {
 		var buf [maxSegments]string
-		rt := classify(tc.up, splitPath(tc.path, &buf))
+		var rt Match
+		classify(&rt, tc.up, splitPath(tc.path, &buf))
 		rt.Path = tc.path
 		if rt.Cacheable() != tc.cacheable || strings.Join(rt.WriteTags(), " ") != tc.tags {
 			t.Errorf("%s %s: cacheable=%v writeTags=%q, want %v %q", tc.up, tc.path, rt.Cacheable(), strings.Join(rt.WriteTags(), " "), tc.cacheable, tc.tags)
@@ -245,8 +246,13 @@ func TestRoutingSeesThePathAsSentUpstream(t *testing.T) {
 
 func TestHostWithATrailingDotAndLongPaths(t *testing.T) {
 	r := twilioRouter(t)
-	if m, err := r.Resolve("GET", "proxy.twilio.com.", "", "/v1/Services"); err != nil || m.Upstream != Proxy {
-		t.Fatalf("proxy.twilio.com.: %+v %v", m, err)
+	for _, host := range []string{"proxy.twilio.com.", "Proxy.Twilio.COM:443", "PROXY.TWILIO.COM."} {
+		if m, err := r.Resolve("GET", host, "", "/v1/Services"); err != nil || m.Upstream != Proxy || m.Replaced {
+			t.Fatalf("%s: %+v %v", host, m, err)
+		}
+	}
+	if _, err := r.Resolve("GET", "Api.Twilio.COM", "", "/v1/Services"); err == nil || err.Status != 421 || !strings.Contains(err.Msg, `"api.twilio.com"`) {
+		t.Fatalf("an unlisted Twilio host in capitals: %v", err)
 	}
 	long := "/v1/Conversations/" + conv1 + "/Messages/IM1/Receipts/DY1/a/b/c/d"
 	if m, err := r.Resolve("POST", "localhost", "", long); err != nil || m.Upstream != Conversations || m.Name() != "conversations.other" {

@@ -58,28 +58,43 @@ func NewRouter(hosts [NumUpstreams][]string) (*Router, error) {
 // (%3F) inside a segment never becomes a separator. Percent-encoded
 // unreserved characters are decoded (RFC 3986 6.2.2.2).
 func (r *Router) Resolve(method, host, urlHost, path string) (Match, *Error) {
+	var m Match
+	err := r.ResolveTo(&m, method, host, urlHost, path)
+	return m, err
+}
+
+// ResolveTo is Resolve into m (a Match is large: the hit path resolves
+// into the request's record rather than copying it there). On an error m
+// is the zero Match.
+func (r *Router) ResolveTo(m *Match, method, host, urlHost, path string) *Error {
+	*m = Match{}
 	if method == "CONNECT" {
-		return Match{}, &Error{Status: 405, Msg: "CONNECT is not supported: point the client's base URL or transport at cacheproxy over plain HTTP"}
+		return &Error{Status: 405, Msg: "CONNECT is not supported: point the client's base URL or transport at cacheproxy over plain HTTP"}
 	}
 	absolute := urlHost != ""
 	if absolute {
 		host = urlHost
 	}
-	// A fully qualified name (proxy.twilio.com.) is the same host.
-	host = strings.TrimSuffix(strings.ToLower(stripPort(host)), ".")
+	host = stripPort(host)
 	if !strings.HasPrefix(path, "/") { // "OPTIONS *", or an absolute URI with no path
-		return Match{}, &Error{Status: 400, Msg: "request target must be an absolute path"}
+		return &Error{Status: 400, Msg: "request target must be an absolute path"}
 	}
 	path, ok := normalize(path)
 	if !ok {
-		return Match{}, &Error{Status: 400, Msg: "malformed percent-encoding in the path"}
+		return &Error{Status: 400, Msg: "malformed percent-encoding in the path"}
 	}
 	up, known := r.byHost[host]
+	if !known {
+		// Hosts are listed in lower case, and a fully qualified name
+		// (proxy.twilio.com.) is the same host.
+		host = strings.TrimSuffix(strings.ToLower(host), ".")
+		up, known = r.byHost[host]
+	}
 	replaced, base := false, ""
 	switch {
 	case known:
 	case absolute || host == "twilio.com" || strings.HasSuffix(host, ".twilio.com"):
-		return Match{}, &Error{Status: 421, Msg: "host " + quoteHost(host) + " is not a configured upstream of cacheproxy"}
+		return &Error{Status: 421, Msg: "host " + quoteHost(host) + " is not a configured upstream of cacheproxy"}
 	default:
 		replaced = true
 		trimmed := path
@@ -93,15 +108,15 @@ func (r *Router) Resolve(method, host, urlHost, path string) (Match, *Error) {
 	if !known {
 		var err *Error
 		if up, err = byPath(path, segs); err != nil {
-			return Match{}, err
+			return err
 		}
 	}
 	if hasDotSegment(path, segs) {
-		return Match{}, &Error{Status: 400, Msg: "path must not contain . or .. segments"}
+		return &Error{Status: 400, Msg: "path must not contain . or .. segments"}
 	}
-	m := classify(up, segs)
+	classify(m, up, segs)
 	m.Path, m.Replaced, m.Base = path, replaced, base
-	return m, nil
+	return nil
 }
 
 // prefixes name an upstream when a client replaced its base URL.

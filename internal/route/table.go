@@ -226,12 +226,12 @@ func overlap(a, b compiled, n int) bool {
 	return true
 }
 
-// classify finds the row of a path's segments under an upstream; segs is
-// nil for a path longer than any row.
-func classify(up Upstream, segs []string) Match {
-	m := Match{Upstream: up, id: otherID(up)}
+// classify fills m (a zero Match) with the row of a path's segments under
+// an upstream; segs is nil for a path longer than any row.
+func classify(m *Match, up Upstream, segs []string) {
+	m.Upstream, m.id = up, otherID(up)
 	if len(segs) > maxSegments {
-		return m
+		return
 	}
 rows:
 	for i := range compiledTable.byLen[up][len(segs)] {
@@ -248,7 +248,6 @@ rows:
 		if c.identity >= 0 {
 			m.identity = unescape(segs[c.identity])
 		}
-		return m
+		return
 	}
-	return m
 }
