@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 	"unsafe"
 
@@ -296,7 +298,12 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 		return res, err
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, p.maxFetch+1))
+	// The body is read into a pooled buffer: Compact copies it into the
+	// entry's block, and nothing else keeps it past this call.
+	buf := fetchBufs.Get().(*bytes.Buffer)
+	defer putFetchBuf(buf)
+	_, err = buf.ReadFrom(io.LimitReader(resp.Body, p.maxFetch+1))
+	body := buf.Bytes()
 	if err != nil {
 		// The answer had begun: a timeout stays a timeout (504), anything
 		// else is a cut, not an unreachable upstream.
@@ -332,6 +339,20 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 		e.Keep = cache.At(now.Add(ttl + max(p.fresh.StaleIfError, p.fresh.StaleWhileRevalidate)))
 	}
 	return res, nil
+}
+
+// fetchBufs are the buffers fetchUpstream reads bodies into.
+var fetchBufs = sync.Pool{New: func() any { return new(bytes.Buffer) }}
+
+// maxPooledFetchBuf bounds a pooled buffer: one that grew past it for a
+// large body goes to the GC.
+const maxPooledFetchBuf = 64 << 10
+
+func putFetchBuf(b *bytes.Buffer) {
+	if b.Cap() <= maxPooledFetchBuf {
+		b.Reset()
+		fetchBufs.Put(b)
+	}
 }
 
 // writeEntry sends a shared entry, or a 304 or 412 when the request's

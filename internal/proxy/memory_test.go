@@ -67,3 +67,20 @@ func TestTheKeyBeginsWithThePathsTag(t *testing.T) {
 		t.Fatalf("key %q does not begin with the path's tag %q and the query", key, tag)
 	}
 }
+
+// Bodies are read into a reused buffer: each entry keeps its own copy,
+// whatever the fetches after it read.
+func TestFetchedBodiesDoNotShareTheReadBuffer(t *testing.T) {
+	h := newHarness(t)
+	first := map[string]string{}
+	for _, p := range []string{pathConv, pathSvc, pathProxy, pathV2} {
+		_, _, body := h.get(p)
+		first[p] = body
+	}
+	h.settle()
+	for _, p := range []string{pathConv, pathSvc, pathProxy, pathV2} {
+		if _, cs, body := h.get(p); !strings.HasPrefix(cs, "cacheproxy; hit;") || body != first[p] {
+			t.Fatalf("%s: %q, body %s\nwant the first answer's %s", p, cs, body, first[p])
+		}
+	}
+}
