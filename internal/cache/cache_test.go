@@ -212,54 +212,55 @@ func TestStampsKeepTheirTime(t *testing.T) {
 	}
 }
 
-// Compact puts an entry's key, body and own strings in one block of their
-// size, makes the path tag a view of the key, shares the values and tags
-// that repeat across entries, and leaves the slices it was given as they
-// were; Cost is the block and the slots.
-func TestCompactLaysAnEntryOutInOneBlock(t *testing.T) {
-	path := "conversations|path:/v1/Conversations/CH1/Participants/MB1"
-	common := []string{"application/json", "conversations|conv:CH" + strings.Repeat("7", 32)}
+// compacted is three entries of one shape, compacted in turn, and the
+// header and tags the second was built from; their ids (request ids,
+// participants) begin with p, so that no other test has seen them.
+func compacted(p string) (first, second, third *Entry, h Header, tags []string) {
 	header := func(id string) Header {
-		return Header{{Name: "Content-Type", Values: []string{strings.Clone(common[0])}}, {Name: "Twilio-Request-Id", Values: []string{"RQ" + id}}}
+		return Header{{Name: "Content-Type", Values: []string{strings.Clone("application/json")}}, {Name: "Twilio-Request-Id", Values: []string{"RQ" + id}}}
 	}
 	mk := func(id string) *Entry {
-		return &Entry{Key: path + "? " + id, Status: 200, Body: []byte(`{"sid":"MB1"}`),
-			Tags: []string{strings.Clone(path), strings.Clone(common[1]), "conversations|part:" + id}}
+		return &Entry{Key: comPath + "? " + id, Status: 200, Body: []byte(`{"sid":"MB1"}`),
+			Tags: []string{strings.Clone(comPath), strings.Clone(comConv), "conversations|part:" + id}}
 	}
-	first, second, third := mk("a1"), mk("b2"), mk("c3")
-	h, tags := header("b2"), second.Tags
-	first.Compact(header("a1"))
+	first, second, third = mk(p+"1"), mk(p+"2"), mk(p+"3")
+	h, tags = header(p+"2"), second.Tags
+	first.Compact(header(p + "1"))
 	second.Compact(h)
-	third.Compact(header("c3"))
-	e := second
-	if h[0].Values[0] != "application/json" || h[1].Values[0] != "RQb2" || tags[2] != "conversations|part:b2" || unsafe.StringData(tags[0]) == unsafe.StringData(e.Tags[0]) {
+	third.Compact(header(p + "3"))
+	return first, second, third, h, tags
+}
+
+const (
+	comPath = "conversations|path:/v1/Conversations/CH1/Participants/MB1"
+	comConv = "conversations|conv:CH77777777777777777777777777777777"
+)
+
+// inBlock reports whether p points into e's block.
+func inBlock(e *Entry, p *byte) bool {
+	start, a := uintptr(unsafe.Pointer(unsafe.StringData(e.Key))), uintptr(unsafe.Pointer(p))
+	return a >= start && a < start+uintptr(e.block)
+}
+
+// Compact puts an entry's key, body and own strings in one block of their
+// size, makes the path tag a view of the key, and leaves the slices it
+// was given as they were; Cost is the block and the slots.
+func TestCompactLaysAnEntryOutInOneBlock(t *testing.T) {
+	_, e, _, h, tags := compacted("lay")
+	if h[0].Values[0] != "application/json" || h[1].Values[0] != "RQlay2" || tags[2] != "conversations|part:lay2" || unsafe.StringData(tags[0]) == unsafe.StringData(e.Tags[0]) {
 		t.Fatal("Compact changed the slices it was given")
 	}
-	if e.Key != path+"? b2" || string(e.Body) != `{"sid":"MB1"}` || e.Get("Twilio-Request-Id")[0] != "RQb2" ||
-		e.Get("Content-Type")[0] != "application/json" || e.Tags[0] != path || e.Tags[1] != common[1] || e.Tags[2] != "conversations|part:b2" {
+	if e.Key != comPath+"? lay2" || string(e.Body) != `{"sid":"MB1"}` || e.Get("Twilio-Request-Id")[0] != "RQlay2" ||
+		e.Get("Content-Type")[0] != "application/json" || e.Tags[0] != comPath || e.Tags[1] != comConv || e.Tags[2] != "conversations|part:lay2" {
 		t.Fatalf("Compact changed the entry: %q %q %v %q", e.Key, e.Body, e.Header(), e.Tags)
 	}
 	// One block: the key, the own strings and the body, nothing more.
-	start := uintptr(unsafe.Pointer(unsafe.StringData(e.Key)))
-	in := func(p *byte) bool { a := uintptr(unsafe.Pointer(p)); return a >= start && a < start+uintptr(e.block) }
-	if int(e.block) != len(e.Key)+len("RQb2")+len("conversations|part:b2")+len(e.Body) || cap(e.Body) != len(e.Body) ||
-		!in(unsafe.SliceData(e.Body)) || !in(unsafe.StringData(e.Get("Twilio-Request-Id")[0])) || !in(unsafe.StringData(e.Tags[2])) {
+	if int(e.block) != len(e.Key)+len("RQlay2")+len("conversations|part:lay2")+len(e.Body) || cap(e.Body) != len(e.Body) ||
+		!inBlock(e, unsafe.SliceData(e.Body)) || !inBlock(e, unsafe.StringData(e.Get("Twilio-Request-Id")[0])) || !inBlock(e, unsafe.StringData(e.Tags[2])) {
 		t.Fatalf("block of %d bytes for key %d, body %d (cap %d): not one block of their size", e.block, len(e.Key), len(e.Body), cap(e.Body))
 	}
 	if unsafe.StringData(e.Tags[0]) != unsafe.StringData(e.Key) {
 		t.Fatalf("the path tag %q is its own copy", e.Tags[0])
-	}
-	// What repeats is one copy, shared by the entries after the first; the
-	// fields are one shape for all three.
-	if unsafe.StringData(second.Get("Content-Type")[0]) != unsafe.StringData(third.Get("Content-Type")[0]) ||
-		unsafe.StringData(second.Tags[1]) != unsafe.StringData(third.Tags[1]) || in(unsafe.StringData(e.Tags[1])) {
-		t.Fatal("Content-Type or the conversation's tag: a copy per entry, want one shared")
-	}
-	if first.header != second.header || second.header != third.header {
-		t.Fatal("three entries with the same fields: a shape each, want one shared")
-	}
-	if first.Get("Twilio-Request-Id")[0] != "RQa1" || third.Get("Twilio-Request-Id")[0] != "RQc3" {
-		t.Fatal("a shared shape mixed up the entries' own values")
 	}
 	if want := int64(entryOverhead + (3+1)*tagOverhead + int(e.block)); e.Cost() != want {
 		t.Fatalf("Cost %d, want %d (the block and the slots)", e.Cost(), want)
@@ -269,6 +270,23 @@ func TestCompactLaysAnEntryOutInOneBlock(t *testing.T) {
 	long.Compact(Header{{Name: "Link", Values: []string{strings.Repeat("l", intern.MaxLen+1)}}})
 	if long.block != 1+2*(intern.MaxLen+1)+1 || long.Get("Link")[0] != strings.Repeat("l", intern.MaxLen+1) {
 		t.Fatalf("block %d: the long value and tag are not in it", long.block)
+	}
+}
+
+// What repeats across entries is one copy, shared by the entries after
+// the first, and their fields are one shape, each entry's own values its
+// own.
+func TestCompactSharesWhatRepeats(t *testing.T) {
+	first, second, third, _, _ := compacted("share")
+	if unsafe.StringData(second.Get("Content-Type")[0]) != unsafe.StringData(third.Get("Content-Type")[0]) ||
+		unsafe.StringData(second.Tags[1]) != unsafe.StringData(third.Tags[1]) || inBlock(second, unsafe.StringData(second.Tags[1])) {
+		t.Fatal("Content-Type or the conversation's tag: a copy per entry, want one shared")
+	}
+	if second.header != third.header { // the first's Content-Type may have been its own
+		t.Fatal("entries with the same fields and shared values: a shape each, want one shared")
+	}
+	if first.Get("Twilio-Request-Id")[0] != "RQshare1" || second.Get("Twilio-Request-Id")[0] != "RQshare2" || third.Get("Twilio-Request-Id")[0] != "RQshare3" {
+		t.Fatal("a shared shape mixed up the entries' own values")
 	}
 }
 
