@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/http"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -318,4 +319,37 @@ func TestFieldsAreTheHeaderGiven(t *testing.T) {
 			t.Fatalf("restamped: %v, Cost %d (was %d)", r.Header(), r.Cost(), e.Cost())
 		}
 	}
+}
+
+// Compact keeps an entry's key, body, header and tags as they were, in a
+// block of exactly the bytes that are the entry's own, whatever the
+// strings (empty, repeated, long, many values in a field), and Restamp
+// keeps them too.
+func FuzzCompact(f *testing.F) {
+	f.Add("k|path:/a? fp", []byte(`{"a":1}`), "application/json", "RQ1", "k|path:/a", "t|conv:1", uint8(1))
+	f.Add("", []byte{}, "", "", "", "", uint8(0))
+	f.Add("key", []byte("b"), strings.Repeat("v", intern.MaxLen+1), "v", "key", "key", uint8(20))
+	f.Fuzz(func(t *testing.T, key string, body []byte, shared, own, tag1, tag2 string, many uint8) {
+		values := make([]string, int(many)%(len(ownMarks)+3))
+		for i := range values {
+			values[i] = own + strconv.Itoa(i)
+		}
+		h := Header{{Name: "A", Values: []string{shared}}, {Name: "B", Values: values}, {Name: "C", Values: []string{own}}}
+		tags := []string{tag1, tag2, "t|*"}
+		e := &Entry{Key: key, Body: body, Tags: slices.Clone(tags)}
+		e.Compact(h)
+		if e.Key != key || !bytes.Equal(e.Body, body) || cap(e.Body) != len(e.Body) || !slices.Equal(e.Tags, tags) || cap(e.Tags) != len(tags) {
+			t.Fatalf("key %q body %q tags %q: want %q %q %q", e.Key, e.Body, e.Tags, key, body, tags)
+		}
+		var got Header
+		for k, v := range e.Fields() {
+			got = append(got, HeaderField{Name: k, Values: v})
+		}
+		if fmt.Sprintf("%q", got) != fmt.Sprintf("%q", h) || fmt.Sprintf("%q", e.Restamp(1, 2, 3).Header()) != fmt.Sprintf("%q", h) {
+			t.Fatalf("fields %q, want %q", got, h)
+		}
+		if b := int(e.block &^ ownFields); b < len(key)+len(body) || e.Cost() < int64(b) {
+			t.Fatalf("block %d for key %d and body %d, Cost %d", b, len(key), len(body), e.Cost())
+		}
+	})
 }
