@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"iter"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -38,8 +39,8 @@ type Entry struct {
 	// header is the response's header fields (Compact), read through
 	// Fields and Get: a shape shared by the entries whose fields and
 	// shared values are the same, in which a field whose values are the
-	// entry's own holds marks (ownMarks) for the values, found in Tags'
-	// array after the tags.
+	// entry's own holds a mark (ownMark) for each, the values themselves
+	// in Tags' array after the tags.
 	header *shape
 	Status int
 	// Stored is when the response arrived; Expires ends its freshness;
@@ -56,9 +57,8 @@ type Entry struct {
 	// marks again. It is written atomically and only ever raised.
 	ValidAt atomic.Uint64
 	// block is the size of the allocation Compact put the key, the body
-	// and the entry's own strings in, with ownFields set when the header
-	// fields are the entry's own rather than a shared shape; own is the
-	// number of own header values, after the tags in their array.
+	// and the entry's own strings in; own is the number of own header
+	// values, after the tags in their array.
 	block, own uint32
 }
 
@@ -156,55 +156,46 @@ func (e *Entry) Compact(h Header) {
 			strs[i] = put(t)
 		}
 	}
-	n, marked := len(e.Tags), true
+	n := len(e.Tags)
 	for i, f := range header {
 		if own[i] {
-			copy(strs[n:], f.Values)
-			for j := range f.Values {
-				strs[n+j] = put(strs[n+j])
-			}
-			if len(f.Values) > len(ownMarks) {
-				marked = false
+			for j, v := range f.Values {
+				strs[n+j] = put(v)
 			}
 			n += len(f.Values)
+			header[i].Values = marks(len(f.Values))
 		}
 	}
 	o := len(blk)
 	blk = append(blk, e.Body...)
 	e.Key, e.Tags = key, strs[:len(e.Tags):len(e.Tags)]
-	e.Body, e.block, e.own = blk[o:len(blk):len(blk)], uint32(min(cap(blk), ownFields-1)), uint32(values)
-	if marked {
-		for i := range header {
-			if own[i] {
-				header[i].Values = ownMarks[:len(header[i].Values):len(header[i].Values)]
-			}
-		}
-		e.header = shapes.get(header)
-		return
-	}
-	// More own values in one field than there are marks: the fields are
-	// the entry's own, values and all.
-	e.own, e.block, n = 0, e.block|ownFields, len(e.Tags)
-	for i := range header {
-		if own[i] {
-			header[i].Values, n = strs[n:n+len(header[i].Values):n+len(header[i].Values)], n+len(header[i].Values)
-		}
-	}
-	e.header = &shape{header}
+	e.Body, e.block, e.own = blk[o:len(blk):len(blk)], uint32(cap(blk)), uint32(values)
+	e.header = shapes.get(header)
 }
 
 // A shape is an entry's header fields, shared by the entries whose fields
 // differ only in their own values.
 type shape struct{ fields Header }
 
-// ownFields is set in Entry.block when the fields are the entry's own.
-const ownFields = 1 << 31
+// ownMark stands in a shape for a value that is an entry's own: its
+// bytes, not its text, mark it (a copy made here, equal to no value an
+// entry holds). ownMarks are marks for the fields of up to 16 own values.
+var (
+	ownMark  = strings.Clone("own value")
+	ownMarks = slices.Repeat([]string{ownMark}, 16)
+)
 
-// ownMarks stand in a shared shape for the values of a field that are an
-// entry's own: a field's values are marks when their array is this one.
-var ownMarks = make([]string, 16)
+// marks is n marks, read-only.
+func marks(n int) []string {
+	if n <= len(ownMarks) {
+		return ownMarks[:n:n]
+	}
+	return slices.Repeat([]string{ownMark}, n)
+}
 
-func isOwn(v []string) bool { return len(v) > 0 && unsafe.SliceData(v) == unsafe.SliceData(ownMarks) }
+func isOwn(v []string) bool {
+	return len(v) > 0 && unsafe.StringData(v[0]) == unsafe.StringData(ownMark)
+}
 
 // Fields yields e's header fields, sorted by name, with their values
 // (read-only).
@@ -315,26 +306,21 @@ func (t *shapeTable) get(h Header) *shape {
 // ristretto's item and slots, and on average what an entry owns in the
 // shared tables (its participant's tag's slot: internal/intern; its share
 // of a header shape); a string's slot in the tags' array (a tag's or an
-// own value's); a header field's slot when the fields are the entry's own.
-// Cost is within 15% of what an entry takes (TestCostIsWhatAnEntryTakes).
+// own value's). Cost is within 15% of what an entry takes
+// (TestCostIsWhatAnEntryTakes).
 const (
 	entryOverhead = 370
-	fieldOverhead = 40
 	tagOverhead   = 16
 )
 
 // Cost is the entry's memory in bytes, as ristretto accounts it: its block
 // (Compact), or before Compact its key, its body and in full a tag too long
 // to be shared (intern.MaxLen); the fixed part; a slot per tag and own
-// value; a slot per header field unless the fields are a shared shape. A
-// tag that is a view of the key costs its slot only.
+// value. A tag that is a view of the key costs its slot only.
 func (e *Entry) Cost() int64 {
 	n := entryOverhead + (len(e.Tags)+int(e.own))*tagOverhead
-	if e.block&ownFields != 0 {
-		n += len(e.header.fields) * fieldOverhead
-	}
-	if b := e.block &^ ownFields; b > 0 {
-		return int64(n + int(b))
+	if e.block > 0 {
+		return int64(n + int(e.block))
 	}
 	n += len(e.Key) + cap(e.Body)
 	for _, t := range e.Tags {

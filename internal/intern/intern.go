@@ -24,16 +24,11 @@ type table struct {
 
 var tab = table{cur: make(map[string][]string, genSize)}
 
-// Values returns v, or an equal slice shared with earlier callers, when v
-// holds one string of at most maxLen bytes. The result is read-only.
-func Values(v []string) []string {
-	v, _ = SharedValues(v)
-	return v
-}
-
-// SharedValues is Values, and whether the result is an earlier caller's
-// (false when v is long, holds more than one string, or was not in the
-// table: the table now holds v, and the caller may keep its own copy).
+// SharedValues returns v, or an equal slice shared with earlier callers
+// when v holds one string of at most maxLen bytes (read-only), and whether
+// the result is an earlier caller's: false when v is long, holds more
+// than one string, or was not in the table (the table now holds v, and
+// the caller may keep its own copy).
 func SharedValues(v []string) ([]string, bool) {
 	if len(v) != 1 || len(v[0]) > maxLen {
 		return v, false
@@ -48,7 +43,7 @@ func String(s string) string {
 }
 
 // SharedString is String, and whether the result is an earlier caller's,
-// as SharedValues.
+// as for SharedValues.
 func SharedString(s string) (string, bool) {
 	if len(s) > maxLen {
 		return s, false
