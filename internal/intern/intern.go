@@ -15,8 +15,6 @@ const genSize = 4096
 // MaxLen is the longest value interned: longer ones are rarely equal.
 const MaxLen = 128
 
-const maxLen = MaxLen
-
 type table struct {
 	mu        sync.Mutex
 	cur, prev map[string][]string
@@ -25,12 +23,12 @@ type table struct {
 var tab = table{cur: make(map[string][]string, genSize)}
 
 // SharedValues returns v, or an equal slice shared with earlier callers
-// when v holds one string of at most maxLen bytes (read-only), and whether
+// when v holds one string of at most MaxLen bytes (read-only), and whether
 // the result is an earlier caller's: false when v is long, holds more
 // than one string, or was not in the table (the table now holds v, and
 // the caller may keep its own copy).
 func SharedValues(v []string) ([]string, bool) {
-	if len(v) != 1 || len(v[0]) > maxLen {
+	if len(v) != 1 || len(v[0]) > MaxLen {
 		return v, false
 	}
 	return tab.get(v[0], v)
@@ -45,7 +43,7 @@ func String(s string) string {
 // SharedString is String, and whether the result is an earlier caller's,
 // as for SharedValues.
 func SharedString(s string) (string, bool) {
-	if len(s) > maxLen {
+	if len(s) > MaxLen {
 		return s, false
 	}
 	v, shared := tab.get(s, nil)

@@ -35,7 +35,7 @@ func TestSharedWhileRecentAndBounded(t *testing.T) {
 	if n > 2*genSize {
 		t.Fatalf("the table holds %d values, want at most %d", n, 2*genSize)
 	}
-	long := strings.Repeat("x", maxLen+1)
+	long := strings.Repeat("x", MaxLen+1)
 	if got := String(long); unsafe.StringData(got) != unsafe.StringData(long) {
 		t.Fatal("a long value was copied")
 	}

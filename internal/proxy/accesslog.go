@@ -189,16 +189,7 @@ func newRequestIDs() *requestIDs {
 
 // validRequestID accepts a client's X-Request-Id that is short and printable.
 func validRequestID(s string) bool {
-	if s == "" || len(s) > 64 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c <= ' ' || c >= 0x7f || c == '"' || c == '\\' {
-			return false
-		}
-	}
-	return true
+	return s != "" && len(s) <= 64 && !strings.Contains(s, " ") && plainJSON(s)
 }
 
 // clockText formats the access log's "time" field (RFC 3339, seconds, as

@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"net/http"
+	"net/http/httptest"
 	"reflect"
 	"slices"
 	"strconv"
@@ -312,5 +313,31 @@ func TestUnroutedPathNotLogged(t *testing.T) {
 	logs := h.logs.String()
 	if strings.Count(logs, `"status":404`) != 2 || strings.Contains(logs, "jane@example.com") {
 		t.Fatalf("access log names the path or lacks the lines:\n%s", logs)
+	}
+}
+
+// A client's X-Request-Id is echoed and logged only when it is short and
+// printable: otherwise the line gets the sidecar's own id, and nothing of
+// the client's is echoed.
+func TestOnlyAPlainRequestIDIsKept(t *testing.T) {
+	h := newHarness(t)
+	for _, id := range []string{"ok-1", "has space", `has"quote`, "back\\slash", "ctl\x01", "caf\xc3\xa9", strings.Repeat("x", 65), strings.Repeat("y", 64)} {
+		req := httptest.NewRequest("GET", pathConv, nil)
+		req.Header.Set("Authorization", basic(acctA, tokenA))
+		req.Header["X-Request-Id"] = []string{id}
+		w := &discardWriter{h: http.Header{}}
+		before := len(h.logs.lines(t))
+		h.p.ServeHTTP(w, req)
+		lines := h.logs.lines(t)[before:]
+		var logged any
+		for _, l := range lines {
+			if l["message"] == "request" {
+				logged = l["request_id"]
+			}
+		}
+		keep := id == "ok-1" || id == strings.Repeat("y", 64)
+		if echoed := w.h.Get("X-Request-Id"); keep != (echoed == id) || keep != (logged == id) || logged == nil || (!keep && echoed != "") {
+			t.Errorf("X-Request-Id %q: echoed %q, logged %v (keep: %v)", id, echoed, logged, keep)
+		}
 	}
 }
