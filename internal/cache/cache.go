@@ -9,6 +9,7 @@ package cache
 import (
 	"encoding/binary"
 	"fmt"
+	"hash/maphash"
 	"iter"
 	"slices"
 	"strings"
@@ -355,6 +356,20 @@ type Store struct {
 // New returns a store holding at most maxBytes of entries, on clk (the
 // real clock if nil).
 func New(maxBytes int64, clk clock.Clock) (*Store, error) {
+	return newWithHash(maxBytes, clk, keyHash)
+}
+
+// keySeed seeds keyHash, once per process.
+var keySeed = maphash.MakeSeed()
+
+// keyHash is ristretto's hash of a key: one pass of the runtime's string
+// hash, where ristretto's own makes two (the runtime's and xxhash, a
+// "conflict" hash to tell apart keys of one hash). Get compares the
+// entry's own key instead, so two keys of one hash miss; they never
+// answer for each other.
+func keyHash(key string) (uint64, uint64) { return maphash.String(keySeed, key), 0 }
+
+func newWithHash(maxBytes int64, clk clock.Clock, hash func(string) (uint64, uint64)) (*Store, error) {
 	// Participants are about 1 KiB: ten counters per expected entry.
 	counters := max(maxBytes/1024*10, 1000)
 	s := &Store{clock: clock.Or(clk)}
@@ -362,6 +377,7 @@ func New(maxBytes int64, clk clock.Clock) (*Store, error) {
 		NumCounters: counters,
 		MaxCost:     maxBytes,
 		BufferItems: 64,
+		KeyToHash:   hash,
 		// ristretto's own metrics put shared counters on every Get (3% of
 		// a hit served over loopback); the callbacks below run in its
 		// background goroutine instead.

@@ -57,6 +57,36 @@ func TestCollisionSafe(t *testing.T) {
 	}
 }
 
+// TestKeysOfOneHashNeverAnswerForEachOther: ristretto keeps one hash per
+// key and no second one, so two keys of one hash share its slot; a read of
+// either gets its own entry or a miss, never the other's.
+func TestKeysOfOneHashNeverAnswerForEachOther(t *testing.T) {
+	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
+	s, err := newWithHash(1<<20, clk, func(string) (uint64, uint64) { return 7, 0 })
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	if !s.Set(entry(clk, "tenant-a")) {
+		t.Fatal("Set refused")
+	}
+	if e, ok := s.Get("tenant-a", clk.Now()); !ok || e.Key != "tenant-a" {
+		t.Fatalf("tenant-a: %v %v", e, ok)
+	}
+	if e, ok := s.Get("tenant-b", clk.Now()); ok {
+		t.Fatalf("tenant-b was answered with %q's entry", e.Key)
+	}
+	if !s.Set(entry(clk, "tenant-b")) {
+		t.Fatal("Set refused")
+	}
+	if e, ok := s.Get("tenant-a", clk.Now()); ok {
+		t.Fatalf("tenant-a was answered with %q's entry", e.Key)
+	}
+	if e, ok := s.Get("tenant-b", clk.Now()); !ok || e.Key != "tenant-b" {
+		t.Fatalf("tenant-b: %v %v", e, ok)
+	}
+}
+
 func TestSetAfterCloseIsDropped(t *testing.T) {
 	s, clk := newStore(t)
 	s.Close()
