@@ -110,6 +110,8 @@ func measure(entries int, maxBytes string) error {
 		fmt.Printf("RESULT\tmemory: entries in %s\t%.0f\t>= 40000 in 64MiB\t%v\n", maxBytes, n, n >= 40000)
 		perResident := float64(afterKB-baseKB) * 1024 / n
 		fmt.Printf("RESULT\tmemory: bytes per entry, resident growth / accounted (Entry.Cost)\t%.0f / %.0f\t<= 1700 resident\t%v\n", perResident, accounted/n, perResident <= 1700)
+		off := (accounted/n - perResident) / perResident
+		fmt.Printf("RESULT\tmemory: Entry.Cost against resident growth per entry\t%+.1f%%\twithin 15%%\t%v\n", 100*off, off >= -0.15 && off <= 0.15)
 	}
 	return nil
 }

@@ -307,18 +307,35 @@ func (t *shapeTable) get(h Header) *shape {
 // ristretto's item and slots, and on average what an entry owns in the
 // shared tables (its participant's tag's slot: internal/intern; its share
 // of a header shape); a string's slot in the tags' array (a tag's or an
-// own value's). Cost is within 15% of what an entry takes
+// own value's). An entry's own bytes are within 15% of its live heap
 // (TestCostIsWhatAnEntryTakes).
 const (
 	entryOverhead = 370
 	tagOverhead   = 16
 )
 
-// Cost is the entry's memory in bytes, as ristretto accounts it: its block
-// (Compact), or before Compact its key, its body and in full a tag too long
-// to be shared (intern.MaxLen); the fixed part; a slot per tag and own
-// value. A tag that is a view of the key costs its slot only.
+// heapShare is what an entry costs the process beyond its live bytes, as
+// a fraction of them (1/heapShare): the free slots of the spans it shares
+// with entries evicted before it (the Go heap does not move objects), and
+// the GC's metadata. Measured at a full cache under eviction
+// (bench/memory): 84 MB of spans in use for 73 MB of objects, and 4 MB of
+// metadata, a fifth more. Charged, it makes max_bytes bound what the
+// entries take in resident memory, not only on the heap
+// (docs/performance.md, "Memory").
+const heapShare = 5
+
+// Cost is the entry's memory in bytes, as ristretto accounts it: its own
+// bytes and its share of the heap's overhead (heapShare).
 func (e *Entry) Cost() int64 {
+	n := e.ownBytes()
+	return n + n/heapShare
+}
+
+// ownBytes is the entry's live heap: its block (Compact), or before
+// Compact its key, its body and in full a tag too long to be shared
+// (intern.MaxLen); the fixed part; a slot per tag and own value. A tag
+// that is a view of the key costs its slot only.
+func (e *Entry) ownBytes() int64 {
 	n := entryOverhead + (len(e.Tags)+int(e.own))*tagOverhead
 	if e.block > 0 {
 		return int64(n + int(e.block))
@@ -370,8 +387,9 @@ var keySeed = maphash.MakeSeed()
 func keyHash(key string) (uint64, uint64) { return maphash.String(keySeed, key), 0 }
 
 func newWithHash(maxBytes int64, clk clock.Clock, hash func(string) (uint64, uint64)) (*Store, error) {
-	// Participants are about 1 KiB: ten counters per expected entry.
-	counters := max(maxBytes/1024*10, 1000)
+	// A participant costs about 1.4 KB (Cost): ten counters per expected
+	// entry.
+	counters := max(maxBytes/1400*10, 1000)
 	s := &Store{clock: clock.Or(clk)}
 	c, err := ristretto.NewCache(&ristretto.Config[string, *Entry]{
 		NumCounters: counters,
