@@ -244,6 +244,31 @@ func TestRoutingSeesThePathAsSentUpstream(t *testing.T) {
 	}
 }
 
+// TestListedHostsOfAnyLength: a host is looked up only when a listed host
+// has its length; lengths at the edges of that set's words (63, 64, 127)
+// and past it (300) are found as given, in capitals and with a final dot,
+// and a host one byte off is not.
+func TestListedHostsOfAnyLength(t *testing.T) {
+	var hosts [NumUpstreams][]string
+	for _, n := range []int{1, 63, 64, 127, 255, 256, 300} {
+		hosts[Proxy] = append(hosts[Proxy], strings.Repeat("p", n-1)+"x")
+	}
+	r, err := NewRouter(hosts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range hosts[Proxy] {
+		for _, host := range []string{h, strings.ToUpper(h) + ".", h + ":443"} {
+			if m, err := r.Resolve("GET", host, "", "/v1/Services"); err != nil || m.Upstream != Proxy || m.Replaced {
+				t.Fatalf("listed host of %d bytes as %.20q…: %+v %v", len(h), host, m, err)
+			}
+		}
+		if m, err := r.Resolve("GET", "q"+h, "", "/v1/Services/KS1"); err != nil || !m.Replaced {
+			t.Fatalf("a host of %d bytes that is not listed: %+v %v", len(h)+1, m, err)
+		}
+	}
+}
+
 func TestHostWithATrailingDotAndLongPaths(t *testing.T) {
 	r := twilioRouter(t)
 	for _, host := range []string{"proxy.twilio.com.", "Proxy.Twilio.COM:443", "PROXY.TWILIO.COM."} {

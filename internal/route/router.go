@@ -30,6 +30,10 @@ func (e *Error) Error() string { return e.Msg }
 // error, never a connection.
 type Router struct {
 	byHost map[string]Upstream
+	// lens has bit n set when a listed host is n bytes long (n < 256): a
+	// host of no listed length (the sidecar's own, most often) is not
+	// looked up.
+	lens [4]uint64
 }
 
 // NewRouter returns a Router that sends requests whose Host is one of
@@ -45,9 +49,34 @@ func NewRouter(hosts [NumUpstreams][]string) (*Router, error) {
 				return nil, fmt.Errorf("host %q is listed by upstreams.%s.hosts and upstreams.%s.hosts", h, other, Upstream(up))
 			}
 			r.byHost[h] = Upstream(up)
+			if n := len(h); n < 256 {
+				r.lens[n/64] |= 1 << (n % 64)
+			}
 		}
 	}
 	return r, nil
+}
+
+// listed looks up a host as listed: as given, else in lower case and
+// without a final dot (proxy.twilio.com. is the same host). It returns the
+// host in that form.
+func (r *Router) listed(host string) (Upstream, string, bool) {
+	if r.mayList(host) {
+		if up, ok := r.byHost[host]; ok {
+			return up, host, true
+		}
+	}
+	h := strings.TrimSuffix(strings.ToLower(host), ".")
+	if h == host || !r.mayList(h) {
+		return 0, h, false
+	}
+	up, ok := r.byHost[h]
+	return up, h, ok
+}
+
+func (r *Router) mayList(host string) bool {
+	n := len(host)
+	return n >= 256 || r.lens[n/64]&(1<<(n%64)) != 0
 }
 
 // Resolve maps a request to an upstream and route. host is the Host
@@ -83,13 +112,7 @@ func (r *Router) ResolveTo(m *Match, method, host, urlHost, path string) *Error 
 	if !ok {
 		return &Error{Status: 400, Msg: "malformed percent-encoding in the path"}
 	}
-	up, known := r.byHost[host]
-	if !known {
-		// Hosts are listed in lower case, and a fully qualified name
-		// (proxy.twilio.com.) is the same host.
-		host = strings.TrimSuffix(strings.ToLower(host), ".")
-		up, known = r.byHost[host]
-	}
+	up, host, known := r.listed(host)
 	replaced, base := false, ""
 	switch {
 	case known:
