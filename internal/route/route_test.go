@@ -244,10 +244,10 @@ func TestRoutingSeesThePathAsSentUpstream(t *testing.T) {
 	}
 }
 
-// TestListedHostsOfAnyLength: a host is looked up only when a listed host
-// has its length; lengths at the edges of that set's words (63, 64, 127)
-// and past it (300) are found as given, in capitals and with a final dot,
-// and a host one byte off is not.
+// TestListedHostsOfAnyLength: a host is looked up only when its length is
+// within the listed hosts'; the shortest (1), the longest (300) and those
+// between are found as given, in capitals and with a final dot, and a host
+// one byte off is not.
 func TestListedHostsOfAnyLength(t *testing.T) {
 	var hosts [NumUpstreams][]string
 	for _, n := range []int{1, 63, 64, 127, 255, 256, 300} {

@@ -30,10 +30,9 @@ func (e *Error) Error() string { return e.Msg }
 // error, never a connection.
 type Router struct {
 	byHost map[string]Upstream
-	// lens has bit n set when a listed host is n bytes long (n < 256): a
-	// host of no listed length (the sidecar's own, most often) is not
-	// looked up.
-	lens [4]uint64
+	// The shortest and longest listed hosts: a host outside them (the
+	// sidecar's own, most often) is not looked up.
+	minLen, maxLen int
 }
 
 // NewRouter returns a Router that sends requests whose Host is one of
@@ -48,10 +47,11 @@ func NewRouter(hosts [NumUpstreams][]string) (*Router, error) {
 			if other, dup := r.byHost[h]; dup {
 				return nil, fmt.Errorf("host %q is listed by upstreams.%s.hosts and upstreams.%s.hosts", h, other, Upstream(up))
 			}
-			r.byHost[h] = Upstream(up)
-			if n := len(h); n < 256 {
-				r.lens[n/64] |= 1 << (n % 64)
+			if len(r.byHost) == 0 || len(h) < r.minLen {
+				r.minLen = len(h)
 			}
+			r.maxLen = max(r.maxLen, len(h))
+			r.byHost[h] = Upstream(up)
 		}
 	}
 	return r, nil
@@ -75,8 +75,7 @@ func (r *Router) listed(host string) (Upstream, string, bool) {
 }
 
 func (r *Router) mayList(host string) bool {
-	n := len(host)
-	return n >= 256 || r.lens[n/64]&(1<<(n%64)) != 0
+	return len(host) >= r.minLen && len(host) <= r.maxLen
 }
 
 // Resolve maps a request to an upstream and route. host is the Host
