@@ -29,6 +29,7 @@ import (
 	"cacheproxy/internal/tracing"
 	"cacheproxy/internal/webhooks"
 	"cacheproxy/internal/wire"
+	"cacheproxy/internal/writewatch"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -239,8 +240,9 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		Handler:           p,
 		ReadHeaderTimeout: cfg.Server.ReadHeaderTimeout.D(),
 		ReadTimeout:       cfg.Server.ReadTimeout.D(),
-		// No WriteTimeout: it would count the upstream's time too. The
-		// proxy sets a write deadline when each response starts.
+		// No WriteTimeout: it would count the upstream's time too. A
+		// response's write is bounded from its start (writes, below; the
+		// proxy sets a deadline per response on HTTP/2).
 		IdleTimeout:    cfg.Server.IdleTimeout.D(),
 		MaxHeaderBytes: int(cfg.Server.MaxHeaderBytes),
 		ErrorLog:       proxy.StdLog(logger, "http"),
@@ -262,8 +264,13 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		_ = logw.Flush()
 		close(closed)
 	})
+	writes := writewatch.New(cfg.Server.WriteTimeout.D(), nil)
+	watched := writes.Wrap(srv, ln)
+	stopWatch := make(chan struct{})
+	defer close(stopWatch)
+	go writes.Run(stopWatch)
 	errc := make(chan error, 3)
-	go func() { errc <- srv.Serve(ln) }()
+	go func() { errc <- srv.Serve(watched) }()
 	go func() { errc <- admin.Serve(adminLn) }()
 	if hooks != nil {
 		go func() { errc <- hooks.Serve(hooksLn) }()

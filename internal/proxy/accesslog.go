@@ -13,6 +13,7 @@ import (
 
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
+	"cacheproxy/internal/writewatch"
 
 	"github.com/rs/zerolog"
 )
@@ -120,10 +121,12 @@ func accessLoggers(l zerolog.Logger) [][numOutcomes]accessLogs {
 // recordWriter wraps the client's ResponseWriter to learn the status and
 // byte count. Unwrap lets http.ResponseController reach Flush.
 //
-// When the response starts it sets the connection's write deadline to
-// writeTimeout from then: a client that stops reading cannot hold the
-// handler (or, through it, an upstream slot) for longer. Every response
-// sets it afresh, so a deadline left by an earlier request on the same
+// When the response starts its write is bounded from then: a client that
+// stops reading cannot hold the handler (or, through it, an upstream slot)
+// for longer. On a watched connection (HTTP/1 through the server's
+// writewatch.Watch) the watch is told; otherwise the response sets the
+// connection's write deadline to writeTimeout from then. Every response
+// starts its bound afresh, so one left by an earlier request on the same
 // keep-alive connection never applies.
 type recordWriter struct {
 	http.ResponseWriter
@@ -131,6 +134,7 @@ type recordWriter struct {
 	bytes        int64
 	writeErr     error // the first failed write: the client did not take the response
 	writeTimeout time.Duration
+	watched      *writewatch.Conn
 }
 
 // writeDeadliner is what net/http's ResponseWriter offers (as
@@ -139,7 +143,10 @@ type writeDeadliner interface{ SetWriteDeadline(time.Time) error }
 
 func (w *recordWriter) begin(code int) {
 	w.status = code
-	if w.writeTimeout > 0 {
+	switch {
+	case w.watched != nil:
+		w.watched.Begin()
+	case w.writeTimeout > 0:
 		if d, ok := w.ResponseWriter.(writeDeadliner); ok {
 			_ = d.SetWriteDeadline(time.Now().Add(w.writeTimeout))
 		}

@@ -25,6 +25,7 @@ import (
 	"cacheproxy/internal/route"
 	"cacheproxy/internal/tier/memtier"
 	"cacheproxy/internal/twiliofake"
+	"cacheproxy/internal/writewatch"
 
 	"github.com/rs/zerolog"
 	"golang.org/x/sync/singleflight"
@@ -114,6 +115,7 @@ type harness struct {
 	proxSrv    *httptest.Server
 	p          *Proxy
 	srv        *httptest.Server
+	writes     *writewatch.Watch // bounds the writes of srv's connections; nil: each response sets a deadline
 	store      *cache.Store
 	lim        *ratelimit.Limiter
 	// clk drives the proxy, the cache and the invalidator; budgetClk the
@@ -140,6 +142,9 @@ type setup struct {
 	redisTimeout      time.Duration // the shared tier's redis.timeout; 0: 1 s
 	invalidationWait  time.Duration // redis.invalidation_wait; 0: 5 s
 	hub               *memtier.Hub  // the in-memory shared tier, if any
+	// unwatched serves without a writewatch.Watch, as an HTTP/2
+	// connection is: each response sets its own write deadline.
+	unwatched bool
 }
 
 type harnessOpt func(*setup)
@@ -225,10 +230,30 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 		t.Fatal(err)
 	}
 	h.p, h.store = p, store
-	h.srv = httptest.NewServer(p)
-	t.Cleanup(h.srv.Close)
+	if !s.unwatched { // as cmd/cacheproxy serves
+		h.writes = writewatch.New(c.Server.WriteTimeout.D(), nil)
+		stop := make(chan struct{})
+		go h.writes.Run(stop)
+		t.Cleanup(func() { close(stop) })
+	}
+	h.srv = h.server(nil)
 	t.Cleanup(func() { checkLogLines(t, h.logs) }) // runs after the server closed
 	return h
+}
+
+// server starts a test server of h's proxy, its listener wrapped by wrap
+// (if not nil) and watched by h's writewatch.Watch (if any).
+func (h *harness) server(wrap func(net.Listener) net.Listener) *httptest.Server {
+	srv := httptest.NewUnstartedServer(h.p)
+	if wrap != nil {
+		srv.Listener = wrap(srv.Listener)
+	}
+	if h.writes != nil {
+		srv.Listener = h.writes.Wrap(srv.Config, srv.Listener)
+	}
+	srv.Start()
+	h.t.Cleanup(srv.Close)
+	return srv
 }
 
 // checkLogLines holds every test's logs to the rule that each line is a

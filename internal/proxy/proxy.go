@@ -27,6 +27,7 @@ import (
 	"cacheproxy/internal/route"
 	"cacheproxy/internal/tier"
 	"cacheproxy/internal/tracing"
+	"cacheproxy/internal/writewatch"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
@@ -141,7 +142,9 @@ type Options struct {
 	// MaxBodyBytes bounds a request body (413 beyond it).
 	MaxBodyBytes int64
 	// WriteTimeout bounds writing a response to the client, from its
-	// first byte. 0: no bound.
+	// first byte, on a connection no writewatch.Watch watches (an HTTP/2
+	// one, or a server without a Watch): each such response sets a write
+	// deadline. 0: no bound.
 	WriteTimeout time.Duration
 	// MaxAccountSeries bounds the accounts named in per-account metrics and
 	// the summary line (metrics.max_accounts; 0: 100): only verified ones,
@@ -318,7 +321,7 @@ func (p *Proxy) Wait(ctx context.Context) error {
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	st := statePool.Get().(*state)
 	*st = state{}
-	st.rw.ResponseWriter, st.rw.writeTimeout = w, p.writeTO
+	st.rw.ResponseWriter, st.rw.writeTimeout, st.rw.watched = w, p.writeTO, writewatch.Of(r)
 	rec := &st.rec
 	rec.start = p.clock.Now()
 	rec.hdr = scanHeaders(r.Header)
