@@ -321,3 +321,28 @@ func TestIdentityScopes(t *testing.T) {
 		t.Errorf("entry body tags: %s", got)
 	}
 }
+
+// TestHostsFoldedOnlyWhenTheyMayDiffer: a host is lowered (and its final
+// dot dropped) only when that may change it; one whose lower case is a
+// listed host still routes there, capitals and non-ASCII letters
+// (U+0130 lowers to "i") alike, and an unlisted Twilio host is named in
+// lower case.
+func TestHostsFoldedOnlyWhenTheyMayDiffer(t *testing.T) {
+	for host, want := range map[string]bool{
+		"proxy.twilio.com": false, "127.0.0.1": false, "localhost": false, "@[`{": false,
+		"Proxy.twilio.com": true, "proxy.twilio.coM": true, "localhost.": true, "h\u00e9": true, "Z": true, "A": true,
+	} {
+		if got := needsFold(host); got != want {
+			t.Errorf("needsFold(%q) = %v, want %v", host, got, want)
+		}
+	}
+	r := twilioRouter(t)
+	for _, host := range []string{"proxy.tw\u0130lio.com", "PROXY.TW\u0130LIO.COM."} {
+		if m, err := r.Resolve("GET", host, "", "/v1/Services"); err != nil || m.Upstream != Proxy {
+			t.Fatalf("%q: %+v %v", host, m, err)
+		}
+	}
+	if _, err := r.Resolve("GET", "api.tw\u0130lio.com", "", "/v1/Services"); err == nil || err.Status != 421 || !strings.Contains(err.Msg, `"api.twilio.com"`) {
+		t.Fatalf("an unlisted Twilio host with a non-ASCII capital: %v", err)
+	}
+}

@@ -66,12 +66,27 @@ func (r *Router) listed(host string) (Upstream, string, bool) {
 			return up, host, true
 		}
 	}
+	if !needsFold(host) { // as listed already: the sidecar's own Host
+		return 0, host, false
+	}
 	h := strings.TrimSuffix(strings.ToLower(host), ".")
 	if h == host || !r.mayList(h) {
 		return 0, h, false
 	}
 	up, ok := r.byHost[h]
 	return up, h, ok
+}
+
+// needsFold reports whether host may differ from its lower-case form
+// without a final dot: it has an upper-case or non-ASCII byte, or ends
+// in a dot. It costs a hit less than strings.ToLower's own check.
+func needsFold(host string) bool {
+	for i := 0; i < len(host); i++ {
+		if c := host[i]; c-'A' <= 'Z'-'A' || c >= 0x80 {
+			return true
+		}
+	}
+	return strings.HasSuffix(host, ".")
 }
 
 func (r *Router) mayList(host string) bool {
