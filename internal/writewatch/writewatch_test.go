@@ -36,7 +36,6 @@ type rig struct {
 
 	mu    sync.Mutex
 	last  time.Time // the last deadline set on any connection (zero: cleared)
-	conns []*Conn
 }
 
 func newRig(t *testing.T, timeout time.Duration, run bool, h http.HandlerFunc) *rig {
