@@ -34,8 +34,8 @@ type rig struct {
 	// onClear, if set, runs (once) when a deadline is cleared.
 	onClear atomic.Pointer[func()]
 
-	mu    sync.Mutex
-	last  time.Time // the last deadline set on any connection (zero: cleared)
+	mu   sync.Mutex
+	last time.Time // the last deadline set on any connection (zero: cleared)
 }
 
 func newRig(t *testing.T, timeout time.Duration, run bool, h http.HandlerFunc) *rig {
