@@ -97,7 +97,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 	level, _ := zerolog.ParseLevel(cfg.Log.Level)
 	var out io.Writer = stdout
 	if cfg.Log.Format == "console" {
-		out = zerolog.ConsoleWriter{Out: stdout, TimeFormat: time.RFC3339}
+		// logbuf flushes batches of lines; the ConsoleWriter reads one a Write.
+		out = logbuf.EachLine(zerolog.ConsoleWriter{Out: stdout, TimeFormat: time.RFC3339})
 	}
 	logw := logbuf.New(out, int(cfg.Log.Buffer))
 	stopFlush, flushed := make(chan struct{}), make(chan struct{})

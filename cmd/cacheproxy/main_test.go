@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -518,6 +519,8 @@ func TestVersion(t *testing.T) {
 	}
 }
 
+// The console format prints every line: the log's buffer flushes
+// batches, and each of its lines reaches the console on its own.
 func TestConsoleLogFormat(t *testing.T) {
 	cmd := exec.Command(binary, "-set", "log.format=console", "-set", "listen=127.0.0.1:0", "-set", "admin_listen=127.0.0.1:0")
 	out, err := cmd.StdoutPipe()
@@ -528,12 +531,35 @@ func TestConsoleLogFormat(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cmd.Process.Kill()
-	line, err := bufio.NewReader(out).ReadString('\n')
+	r := bufio.NewReader(out)
+	line, err := r.ReadString('\n')
 	if err != nil {
 		t.Fatal(err)
 	}
 	if strings.HasPrefix(line, "{") || !strings.Contains(line, "cacheproxy started") || !strings.Contains(line, "INF") {
 		t.Fatalf("console line: %q", line)
+	}
+	addr := regexp.MustCompile(`[ m]listen=(?:\x1b\[0m)?(127\.0\.0\.1:[0-9]+)`).FindStringSubmatch(line)
+	if addr == nil {
+		t.Fatalf("no listen address in %q", line)
+	}
+	const n = 5
+	for range n { // unrouted: answered at once, one access line each
+		resp, err := http.Get("http://" + addr[1] + "/nowhere")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+	}
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	rest, _ := io.ReadAll(r)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("exit: %v\n%s", err, rest)
+	}
+	if got := strings.Count(string(rest), "no Twilio API route"); got != n {
+		t.Fatalf("%d access lines of %d requests:\n%s", got, n, rest)
 	}
 }
 

@@ -4,6 +4,7 @@
 package logbuf
 
 import (
+	"bytes"
 	"io"
 	"sync"
 	"time"
@@ -79,4 +80,28 @@ func (w *Writer) Run(interval time.Duration, stop <-chan struct{}) {
 			return
 		}
 	}
+}
+
+// EachLine is a writer that hands out each line of what it is given in a
+// Write of its own. A Writer's flush is a batch of lines, and zerolog's
+// ConsoleWriter decodes one JSON value per Write: without this, a batch
+// would print as its first line only.
+func EachLine(out io.Writer) io.Writer { return eachLine{out} }
+
+type eachLine struct{ out io.Writer }
+
+func (w eachLine) Write(p []byte) (int, error) {
+	n := 0
+	for len(p) > 0 {
+		line := p
+		if i := bytes.IndexByte(p, '\n'); i >= 0 {
+			line = p[:i+1]
+		}
+		if _, err := w.out.Write(line); err != nil {
+			return n, err
+		}
+		n += len(line)
+		p = p[len(line):]
+	}
+	return n, nil
 }

@@ -2,6 +2,7 @@ package logbuf
 
 import (
 	"bytes"
+	"strings"
 	"sync"
 	"testing"
 
@@ -62,5 +63,30 @@ func TestUnbuffered(t *testing.T) {
 	w.Write([]byte("a\n"))
 	if out.writes != 1 {
 		t.Fatal("size 0 must write every line")
+	}
+}
+
+// A batch flushed through EachLine to zerolog's ConsoleWriter prints
+// every line (the ConsoleWriter decodes one JSON value per Write).
+func TestEachLineGivesTheConsoleEveryLineOfABatch(t *testing.T) {
+	var text bytes.Buffer
+	w := New(EachLine(zerolog.ConsoleWriter{Out: &text, NoColor: true}), 1024)
+	log := zerolog.New(w)
+	for i := range 3 {
+		log.Info().Int("i", i).Msg("request")
+	}
+	if err := w.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.Count(text.String(), "request"); got != 3 {
+		t.Errorf("%d of 3 lines printed:\n%s", got, text.String())
+	}
+}
+
+func TestEachLineWritesLinesAsTheyAre(t *testing.T) {
+	out := &countingWriter{}
+	n, err := EachLine(out).Write([]byte("a\nbc\n\nd"))
+	if err != nil || n != 7 || out.writes != 4 || out.buf.String() != "a\nbc\n\nd" {
+		t.Fatalf("wrote %d (%v) in %d writes: %q", n, err, out.writes, out.buf.String())
 	}
 }
