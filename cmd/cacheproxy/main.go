@@ -197,7 +197,7 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 			}
 		}()
 	}
-	opts.Logger, opts.Registerer = accessLog, reg
+	opts.Logger, opts.LogOutput, opts.Registerer = accessLog, logw, reg
 	tr, err := tracing.Setup(context.Background(), os.Getenv, versionInfo())
 	if err != nil {
 		return err

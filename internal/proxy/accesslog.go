@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -84,7 +85,14 @@ const (
 // written with Log (no level of zerolog's own: the level check is the
 // caller's); warnings and errors go through zerolog's levels, so that a
 // level writer (logbuf) still writes them at once.
-type accessLogs struct{ info, leveled zerolog.Logger }
+//
+// prefix is info's line up to the end of its context (`{"level":"info",
+// "route":…`), encoded by zerolog once: with Options.LogOutput an info
+// line is that, the fields, and its end, appended to the writer directly.
+type accessLogs struct {
+	info, leveled zerolog.Logger
+	prefix        []byte
+}
 
 // accessLoggers returns loggers per route label and outcome, with the
 // route, upstream and cache outcome encoded once.
@@ -109,13 +117,22 @@ func accessLoggers(l zerolog.Logger) [][numOutcomes]accessLogs {
 				}
 				return c.Logger()
 			}
-			out[i][j] = accessLogs{
-				info:    ctx(l.With().Str(zerolog.LevelFieldName, zerolog.LevelFieldMarshalFunc(zerolog.InfoLevel))),
-				leveled: ctx(l.With()),
+			info := func(l zerolog.Logger) zerolog.Logger {
+				return ctx(l.With().Str(zerolog.LevelFieldName, zerolog.LevelFieldMarshalFunc(zerolog.InfoLevel)))
 			}
+			out[i][j] = accessLogs{info: info(l), leveled: ctx(l.With()), prefix: linePrefix(info)}
 		}
 	}
 	return out
+}
+
+// linePrefix is what the logger made by info writes before an event's
+// own fields: its empty line less the end ("}" and a newline).
+func linePrefix(info func(zerolog.Logger) zerolog.Logger) []byte {
+	var b bytes.Buffer
+	l := info(zerolog.New(&b))
+	l.Log().Msg("")
+	return bytes.TrimSuffix(b.Bytes(), []byte("}\n"))
 }
 
 // recordWriter wraps the client's ResponseWriter to learn the status and
@@ -174,10 +191,13 @@ func (w *recordWriter) Write(b []byte) (int, error) {
 
 func (w *recordWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
-// state is the per-request pair, pooled to keep the hit path cheap.
+// state is the per-request pair, pooled to keep the hit path cheap, and
+// the buffer its access line is built in (not cleared between requests:
+// a line is built from its start).
 type state struct {
-	rec record
-	rw  recordWriter
+	rec  record
+	rw   recordWriter
+	line [512]byte
 }
 
 var statePool = sync.Pool{New: func() any { return new(state) }}
@@ -227,8 +247,9 @@ func (c *clockText) stamp(t time.Time) *stampText {
 	return s
 }
 
-// logRequest writes the access-log line. It never logs a header value.
-func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
+// logRequest writes the access-log line, built in line. It never logs a
+// header value.
+func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter, line *[512]byte) {
 	p.m.requests[rec.routeID][rec.cache].Inc()
 	status := w.status
 	lvl := accessInfo
@@ -247,23 +268,34 @@ func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
 	case status == http.StatusTooManyRequests:
 		lvl = accessWarn
 	}
+	logs := &p.access[rec.routeID][rec.cache]
 	var ev *zerolog.Event
-	switch logs := &p.access[rec.routeID][rec.cache]; {
+	switch {
 	case lvl != accessInfo:
-		ev = logs.leveled.WithLevel(accessLevels[lvl])
-	case zerolog.InfoLevel >= p.log.GetLevel() && zerolog.InfoLevel >= zerolog.GlobalLevel():
+		if ev = logs.leveled.WithLevel(accessLevels[lvl]); ev == nil {
+			return
+		}
+	case zerolog.InfoLevel < p.log.GetLevel() || zerolog.InfoLevel < zerolog.GlobalLevel():
+		return
+	case rec.errMsg != "" || p.out == nil:
 		ev = logs.info.Log()
 	}
-	if ev == nil {
-		return
-	}
 	dur := p.clock.Since(rec.start)
+	stamp := p.stamp.json(rec.start.Add(dur))
 	// The fields after the context are encoded here, in one value: zerolog
 	// spends more on each field's call and key than on its bytes (a fifth
 	// of a hit's instructions went to the access line). The line is the
 	// same JSON, field for field and in the same order.
-	var buf [320]byte
-	b := appendAccessFields(buf[:0], p.stamp.json(rec.start.Add(dur)), r.Method, status, rec, w.bytes, dur, p.ids.prefix)
+	if ev == nil {
+		// An info line without an error, given the logger's writer, skips
+		// zerolog's event too: its context is logs.prefix, and what the
+		// event would add is `,"time":`, the value and the line's end.
+		b := append(append(line[:0], logs.prefix...), `,"time":`...)
+		b = appendAccessFields(b, stamp, r.Method, status, rec, w.bytes, dur, p.ids.prefix)
+		_, _ = p.out.Write(append(b, `,"message":"request"}`+"\n"...))
+		return
+	}
+	b := appendAccessFields(line[:0], stamp, r.Method, status, rec, w.bytes, dur, p.ids.prefix)
 	if rec.errMsg != "" { // zerolog escapes it
 		ev.RawJSON("time", b).Str("error", rec.errMsg).Msg("request")
 		return

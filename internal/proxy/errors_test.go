@@ -5,9 +5,11 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"reflect"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -192,7 +194,7 @@ func TestAccessLineFieldsInOrderAndLevels(t *testing.T) {
 	// At warn level an info line is dropped and an error line kept.
 	var warn syncBuffer
 	dead := newHarness(t, func(s *setup) {
-		s.opts.Logger = zerolog.New(&warn).Level(zerolog.WarnLevel)
+		s.opts.Logger, s.opts.LogOutput = zerolog.New(&warn).Level(zerolog.WarnLevel), &warn
 		s.cfg.Upstreams.Proxy.URL = "http://" + deadUpstreamAddr(t)
 	})
 	dead.get(pathConv)
@@ -206,7 +208,7 @@ func TestAccessLineFieldsInOrderAndLevels(t *testing.T) {
 	var out syncBuffer
 	lb := logbuf.New(&out, 1<<20)
 	buffered := newHarness(t, func(s *setup) {
-		s.opts.Logger = zerolog.New(lb)
+		s.opts.Logger, s.opts.LogOutput = zerolog.New(lb), lb
 		s.cfg.Upstreams.Proxy.URL = "http://" + deadUpstreamAddr(t)
 	})
 	buffered.get(pathConv)
@@ -339,5 +341,80 @@ func TestOnlyAPlainRequestIDIsKept(t *testing.T) {
 		if echoed := w.h.Get("X-Request-Id"); keep != (echoed == id) || keep != (logged == id) || logged == nil || (!keep && echoed != "") {
 			t.Errorf("X-Request-Id %q: echoed %q, logged %v (keep: %v)", id, echoed, logged, keep)
 		}
+	}
+}
+
+// An info access line written to Options.LogOutput directly is the line
+// Logger writes through a zerolog event, byte for byte: misses, hits,
+// pass-throughs, answers without credentials, unrouted requests; and the
+// lines that still go through zerolog (an error's) are unchanged.
+func TestDirectAccessLinesAreTheLinesZerologWrites(t *testing.T) {
+	dead := "http://" + deadUpstreamAddr(t)
+	queueWait := regexp.MustCompile(`"queue_wait_us":[0-9]+`)
+	// run returns the request lines written through zerolog events and,
+	// with direct, those written to LogOutput (a buffer of their own, so
+	// that a line's path shows).
+	run := func(direct bool) (viaEvents, written []string) {
+		var events syncBuffer
+		h := newHarness(t, func(s *setup) {
+			s.opts.Logger = zerolog.New(&events) // LogOutput: the harness's logs
+			if !direct {
+				s.opts.LogOutput = nil
+			}
+			s.cfg.Upstreams.Proxy.URL = dead // an error line
+		})
+		id := []string{"X-Request-Id", "req-1"}
+		h.get(pathConv, id...) // a miss
+		h.settle()
+		h.get(pathConv, id...) // a hit
+		h.get(pathV2, id...)
+		for _, r := range []struct{ method, path, auth string }{
+			{"HEAD", pathConv, basic(acctA, tokenA)},
+			{"GET", pathConv, ""},                                       // no credential: the upstream's 401
+			{"GET", "/v1/Conversations/" + conv1, basic(acctA, tokenA)}, // passed through
+			{"GET", "/nowhere", basic(acctA, tokenA)},                   // unrouted
+			{"GET", pathConv, basic(acctA, tokenA) + "x"},               // a wrong credential
+			{"GET", pathProxy, basic(acctA, tokenA)},                    // 502: an error line
+		} {
+			resp := h.do(r.method, r.path, r.auth, id...)
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		requests := func(b *syncBuffer) (out []string) {
+			for _, l := range strings.SplitAfter(b.String(), "\n") {
+				if strings.Contains(l, `"message":"request"`) {
+					// The budget's wait is timed on the real clock.
+					out = append(out, queueWait.ReplaceAllString(l, `"queue_wait_us":0`))
+				}
+			}
+			return out
+		}
+		return requests(&events), requests(h.logs)
+	}
+	viaEvents, direct := run(true)
+	want, _ := run(false)
+	// Lines with an error (here the unrouted request's and the 502's)
+	// still go through an event; the two buffers interleave, so lines are
+	// compared in sorted order.
+	if len(direct) != 7 || len(viaEvents) != 2 || len(want) != 9 {
+		t.Fatalf("%d lines written directly and %d through events, want 7 and the 2 with an error; %d through events alone, want 9:\n%s\n%s\n%s",
+			len(direct), len(viaEvents), len(want), direct, viaEvents, want)
+	}
+	got := append(direct, viaEvents...)
+	slices.Sort(got)
+	slices.Sort(want)
+	levels := map[string]bool{}
+	for i := range got {
+		if got[i] != want[i] {
+			t.Errorf("line %d written directly\n%s\nwant zerolog's\n%s", i, got[i], want[i])
+		}
+		var m map[string]any
+		if err := json.Unmarshal([]byte(got[i]), &m); err != nil {
+			t.Fatalf("not JSON: %v\n%s", err, got[i])
+		}
+		levels[m["level"].(string)] = true
+	}
+	if !levels["info"] || len(levels) < 2 {
+		t.Errorf("levels %v: want info lines and at least one other", levels)
 	}
 }
