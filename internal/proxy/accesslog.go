@@ -324,22 +324,46 @@ func appendAccessFields(b, stamp []byte, method string, status int, rec *record,
 		q, _ := json.Marshal(method) // a string always encodes
 		b = append(b, q...)
 	}
-	b = strconv.AppendInt(append(b, `,"status":`...), int64(status), 10)
+	b = appendInt(append(b, `,"status":`...), int64(status))
 	if rec.viaUpstream {
 		// A hit, or an answer the sidecar gave itself, made no upstream
 		// call: its line has no upstream fields rather than zeros.
-		b = strconv.AppendInt(append(b, `,"upstream_status":`...), int64(rec.upstreamStatus), 10)
-		b = strconv.AppendInt(append(b, `,"upstream_us":`...), rec.upstreamDur.Microseconds(), 10)
-		b = strconv.AppendInt(append(b, `,"queue_wait_us":`...), rec.calls.queueWait.Microseconds(), 10)
-		b = strconv.AppendInt(append(b, `,"retries":`...), int64(rec.calls.retries), 10)
-		b = strconv.AppendInt(append(b, `,"upstream_429s":`...), int64(rec.calls.tooMany), 10)
+		b = appendInt(append(b, `,"upstream_status":`...), int64(rec.upstreamStatus))
+		b = appendInt(append(b, `,"upstream_us":`...), rec.upstreamDur.Microseconds())
+		b = appendInt(append(b, `,"queue_wait_us":`...), rec.calls.queueWait.Microseconds())
+		b = appendInt(append(b, `,"retries":`...), int64(rec.calls.retries))
+		b = appendInt(append(b, `,"upstream_429s":`...), int64(rec.calls.tooMany))
 	}
-	b = strconv.AppendInt(append(b, `,"bytes":`...), bytes, 10)
-	b = strconv.AppendInt(append(b, `,"duration_us":`...), dur.Microseconds(), 10)
+	b = appendInt(append(b, `,"bytes":`...), bytes)
+	b = appendInt(append(b, `,"duration_us":`...), dur.Microseconds())
 	if acct := rec.cred.accountJSON(); len(acct) > 2 { // no field rather than ""
 		b = append(append(b, `,"account":`...), acct...)
 	}
 	return b
+}
+
+// digits3 is "000" to "999", three bytes each.
+var digits3 = func() (d [3000]byte) {
+	for i := range 1000 {
+		d[3*i], d[3*i+1], d[3*i+2] = byte('0'+i/100), byte('0'+i/10%10), byte('0'+i%10)
+	}
+	return d
+}()
+
+// appendInt is strconv.AppendInt in base 10, from a table below 1000 (a
+// status, a participant's byte count, most durations): a hit's line has
+// three such numbers, and strconv's general loop cost each about 60
+// instructions more.
+func appendInt(b []byte, v int64) []byte {
+	switch {
+	case v < 0 || v >= 1000:
+		return strconv.AppendInt(b, v, 10)
+	case v >= 100:
+		return append(b, digits3[3*v], digits3[3*v+1], digits3[3*v+2])
+	case v >= 10:
+		return append(b, digits3[3*v+1], digits3[3*v+2])
+	}
+	return append(b, byte('0'+v))
 }
 
 // plainJSON reports whether s is printable ASCII with no quote or
