@@ -520,9 +520,13 @@ func TestVersion(t *testing.T) {
 }
 
 // The console format prints every line: the log's buffer flushes
-// batches, and each of its lines reaches the console on its own.
+// batches, and each of its lines reaches the console on its own, those
+// written through zerolog's events (an error's) and those written
+// directly (a read's).
 func TestConsoleLogFormat(t *testing.T) {
-	cmd := exec.Command(binary, "-set", "log.format=console", "-set", "listen=127.0.0.1:0", "-set", "admin_listen=127.0.0.1:0")
+	_, up := newFake(t)
+	cmd := exec.Command(binary, "-set", "log.format=console", "-set", "listen=127.0.0.1:0", "-set", "admin_listen=127.0.0.1:0",
+		"-set", "upstreams.conversations.url="+up.URL)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -544,12 +548,16 @@ func TestConsoleLogFormat(t *testing.T) {
 		t.Fatalf("no listen address in %q", line)
 	}
 	const n = 5
-	for range n { // unrouted: answered at once, one access line each
-		resp, err := http.Get("http://" + addr[1] + "/nowhere")
-		if err != nil {
-			t.Fatal(err)
+	for _, p := range []string{"/nowhere", path} {
+		for range n { // unrouted, with an error; a miss, then hits
+			req, _ := http.NewRequest("GET", "http://"+addr[1]+p, nil)
+			req.Header.Set("Authorization", auth())
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
 		}
-		resp.Body.Close()
 	}
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
@@ -558,8 +566,9 @@ func TestConsoleLogFormat(t *testing.T) {
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("exit: %v\n%s", err, rest)
 	}
-	if got := strings.Count(string(rest), "no Twilio API route"); got != n {
-		t.Fatalf("%d access lines of %d requests:\n%s", got, n, rest)
+	text := regexp.MustCompile("\x1b\\[[0-9;]*m").ReplaceAllString(string(rest), "")
+	if errs, reads := strings.Count(text, "no Twilio API route"), strings.Count(text, "route=conversations.v1.participant"); errs != n || reads != n {
+		t.Fatalf("%d and %d access lines of %d unrouted requests and %d reads:\n%s", errs, reads, n, n, text)
 	}
 }
 
