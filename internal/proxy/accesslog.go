@@ -278,7 +278,9 @@ func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter, line *
 	case zerolog.InfoLevel < p.log.GetLevel() || zerolog.InfoLevel < zerolog.GlobalLevel():
 		return
 	case rec.errMsg != "" || p.out == nil:
-		ev = logs.info.Log()
+		if ev = logs.info.Log(); ev == nil { // a zero Logger
+			return
+		}
 	}
 	dur := p.clock.Since(rec.start)
 	stamp := p.stamp.json(rec.start.Add(dur))

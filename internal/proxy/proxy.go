@@ -160,7 +160,8 @@ type Options struct {
 	// LogOutput, if set, is the writer under Logger (one with no hooks
 	// and no sampler): an info access line without an error is written to
 	// it directly, the bytes Logger would write, without a zerolog event
-	// (about 600 instructions of a hit's). Nil: every line goes through
+	// (about 600 instructions of a hit's). Nil, or a Logger that writes
+	// nothing (the zero Logger, zerolog.Nop()): every line goes through
 	// Logger.
 	LogOutput io.Writer
 	// Transport carries upstream calls. If nil, NewTransport() is used.
@@ -271,7 +272,6 @@ func New(o Options) (*Proxy, error) {
 		summary:  o.SummaryFields,
 		flights:  new(singleflight.Group),
 		log:      o.Logger,
-		out:      o.LogOutput,
 		clock:    clock.Or(o.Clock),
 		fp:       newFingerprinter(o.KeySecret),
 		ids:      newRequestIDs(),
@@ -291,6 +291,10 @@ func New(o Options) (*Proxy, error) {
 		p.tiers.l2 = timedTier{Tier: o.Shared, clock: p.clock, latency: p.m.l2}
 	}
 	p.access = accessLoggers(p.log)
+	if e := p.log.Log(); e != nil { // a Logger that writes nothing (zero, Nop) has no output
+		e.Discard()
+		p.out = o.LogOutput
+	}
 	// The reverse proxy's own lines (a body copy that failed) are complete
 	// log lines: level, time, component.
 	errLog := StdLog(p.events, "reverseproxy")
