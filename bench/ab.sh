@@ -33,32 +33,13 @@ git worktree add -q --detach "$tmp/rev" "$rev"
 go build -o "$tmp/new" ./cmd/cacheproxy
 go build -o "$tmp/upstream" ./bench/upstream
 
-# addr FILE: wait (bounded) for a process to print its address on line 1.
-addr() {
-  for _ in $(seq 100); do
-    [ -s "$1" ] && { head -1 "$1"; return; }
-    sleep 0.1
-  done
-  echo "no address in $1" >&2; exit 1
-}
+. bench/hitlib.sh
 "$tmp/upstream" >"$tmp/up.addr" & pids+=($!)
 up="http://$(addr "$tmp/up.addr")"
-
-auth="Basic $(printf '%s:%s' AC00000000000000000000000000000001 benchtoken | base64 -w0)"
-path=/v1/Conversations/CH00000000000000000000000000000001/Participants/MB00000000000000000000000000000001
 declare -A url
 for side in old new; do
-  CACHEPROXY_LISTEN=127.0.0.1:0 CACHEPROXY_ADMIN_LISTEN=127.0.0.1:0 \
-  CACHEPROXY_UPSTREAMS_CONVERSATIONS_URL="$up" CACHEPROXY_UPSTREAMS_PROXY_URL="$up" \
-  CACHEPROXY_CACHE_TTL=1h \
-    "$tmp/$side" >"$tmp/$side.log" & pids+=($!)
-  for _ in $(seq 100); do grep -q '"listen"' "$tmp/$side.log" 2>/dev/null && break; sleep 0.1; done
-  a=$(grep -o '"listen":"[^"]*"' "$tmp/$side.log" | head -1 | cut -d'"' -f4)
-  [ -n "$a" ] || { echo "$side: no listen address" >&2; exit 1; }
-  url[$side]="http://$a$path"
-  curl -fsS -o /dev/null -H "Authorization: $auth" "${url[$side]}" # miss: fills the cache
-  status=$(curl -fsS -o /dev/null -D - -H "Authorization: $auth" "${url[$side]}" | grep -i '^cache-status' | tr -d '\r')
-  echo "$status" | grep -q 'hit' || { echo "$side: not a hit: $status" >&2; exit 1; }
+  start_proxy "$tmp/$side" "$tmp/$side.log" "$up"
+  url[$side]="http://$proxy$path"
 done
 
 printf '%-6s %12s %12s %8s\n' round "$rev" working ratio

@@ -30,30 +30,10 @@ go build -o "$tmp/cacheproxy" ./cmd/cacheproxy
 go build -o "$tmp/upstream" ./bench/upstream
 go build -o "$tmp/bare" ./bench/bare
 
-# addr FILE: wait (bounded) for a process to print its address on line 1.
-addr() {
-  for _ in $(seq 100); do
-    [ -s "$1" ] && { head -1 "$1"; return; }
-    sleep 0.1
-  done
-  echo "no address in $1" >&2; exit 1
-}
-
+. bench/hitlib.sh
 "$tmp/upstream" >"$tmp/up.addr" & pids+=($!)
 up="http://$(addr "$tmp/up.addr")"
-
-CACHEPROXY_LISTEN=127.0.0.1:0 CACHEPROXY_ADMIN_LISTEN=127.0.0.1:0 \
-CACHEPROXY_UPSTREAMS_CONVERSATIONS_URL="$up" CACHEPROXY_UPSTREAMS_PROXY_URL="$up" \
-CACHEPROXY_CACHE_TTL=1h \
-  "$tmp/cacheproxy" >"$tmp/proxy.log" & pids+=($!)
-for _ in $(seq 100); do grep -q '"listen"' "$tmp/proxy.log" 2>/dev/null && break; sleep 0.1; done
-proxy=$(grep -o '"listen":"[^"]*"' "$tmp/proxy.log" | head -1 | cut -d'"' -f4)
-
-auth="Basic $(printf '%s:%s' AC00000000000000000000000000000001 benchtoken | base64 -w0)"
-path=/v1/Conversations/CH00000000000000000000000000000001/Participants/MB00000000000000000000000000000001
-curl -fsS -o /dev/null -H "Authorization: $auth" "http://$proxy$path"   # miss: fills the cache
-status=$(curl -fsS -o /dev/null -D - -H "Authorization: $auth" "http://$proxy$path" | grep -i '^cache-status' | tr -d '\r')
-echo "$status" | grep -q 'hit' || { echo "not a hit: $status" >&2; exit 1; }
+start_proxy "$tmp/cacheproxy" "$tmp/proxy.log" "$up"
 
 "$tmp/bare" -from "http://$proxy$path" -auth "$auth" >"$tmp/bare.addr" & pids+=($!)
 bare=$(addr "$tmp/bare.addr")
