@@ -20,6 +20,7 @@ import (
 
 	"cacheproxy/internal/cache"
 	"cacheproxy/internal/config"
+	"cacheproxy/internal/connwatch"
 	"cacheproxy/internal/fleet"
 	"cacheproxy/internal/inflight"
 	"cacheproxy/internal/invalidation"
@@ -29,7 +30,6 @@ import (
 	"cacheproxy/internal/tracing"
 	"cacheproxy/internal/webhooks"
 	"cacheproxy/internal/wire"
-	"cacheproxy/internal/writewatch"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -265,7 +265,7 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 		_ = logw.Flush()
 		close(closed)
 	})
-	writes := writewatch.New(cfg.Server.WriteTimeout.D(), nil)
+	writes := connwatch.New(cfg.Server.WriteTimeout.D(), nil)
 	watched := writes.Wrap(srv, ln)
 	stopWatch := make(chan struct{})
 	defer close(stopWatch)

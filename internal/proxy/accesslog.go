@@ -12,9 +12,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"cacheproxy/internal/connwatch"
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
-	"cacheproxy/internal/writewatch"
 
 	"github.com/rs/zerolog"
 )
@@ -141,7 +141,7 @@ func linePrefix(info func(zerolog.Logger) zerolog.Logger) []byte {
 // When the response starts its write is bounded from then: a client that
 // stops reading cannot hold the handler (or, through it, an upstream slot)
 // for longer. On a watched connection (HTTP/1 through the server's
-// writewatch.Watch) the watch is told; otherwise the response sets the
+// connwatch.Watch) the watch is told; otherwise the response sets the
 // connection's write deadline to writeTimeout from then. Every response
 // starts its bound afresh, so one left by an earlier request on the same
 // keep-alive connection never applies.
@@ -151,7 +151,7 @@ type recordWriter struct {
 	bytes        int64
 	writeErr     error // the first failed write: the client did not take the response
 	writeTimeout time.Duration
-	watched      *writewatch.Conn
+	watched      *connwatch.Conn
 }
 
 // writeDeadliner is what net/http's ResponseWriter offers (as

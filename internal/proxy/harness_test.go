@@ -19,13 +19,13 @@ import (
 	"cacheproxy/internal/cache"
 	"cacheproxy/internal/clock"
 	"cacheproxy/internal/config"
+	"cacheproxy/internal/connwatch"
 	"cacheproxy/internal/fleet"
 	"cacheproxy/internal/invalidation"
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
 	"cacheproxy/internal/tier/memtier"
 	"cacheproxy/internal/twiliofake"
-	"cacheproxy/internal/writewatch"
 
 	"github.com/rs/zerolog"
 	"golang.org/x/sync/singleflight"
@@ -115,7 +115,7 @@ type harness struct {
 	proxSrv    *httptest.Server
 	p          *Proxy
 	srv        *httptest.Server
-	writes     *writewatch.Watch // bounds the writes of srv's connections; nil: each response sets a deadline
+	writes     *connwatch.Watch // bounds the writes of srv's connections; nil: each response sets a deadline
 	store      *cache.Store
 	lim        *ratelimit.Limiter
 	// clk drives the proxy, the cache and the invalidator; budgetClk the
@@ -142,7 +142,7 @@ type setup struct {
 	redisTimeout      time.Duration // the shared tier's redis.timeout; 0: 1 s
 	invalidationWait  time.Duration // redis.invalidation_wait; 0: 5 s
 	hub               *memtier.Hub  // the in-memory shared tier, if any
-	// unwatched serves without a writewatch.Watch, as an HTTP/2
+	// unwatched serves without a connwatch.Watch, as an HTTP/2
 	// connection is: each response sets its own write deadline.
 	unwatched bool
 }
@@ -231,7 +231,7 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 	}
 	h.p, h.store = p, store
 	if !s.unwatched { // as cmd/cacheproxy serves
-		h.writes = writewatch.New(c.Server.WriteTimeout.D(), nil)
+		h.writes = connwatch.New(c.Server.WriteTimeout.D(), nil)
 		stop := make(chan struct{})
 		go h.writes.Run(stop)
 		t.Cleanup(func() { close(stop) })
@@ -242,7 +242,7 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 }
 
 // server starts a test server of h's proxy, its listener wrapped by wrap
-// (if not nil) and watched by h's writewatch.Watch (if any).
+// (if not nil) and watched by h's connwatch.Watch (if any).
 func (h *harness) server(wrap func(net.Listener) net.Listener) *httptest.Server {
 	srv := httptest.NewUnstartedServer(h.p)
 	if wrap != nil {

@@ -23,12 +23,12 @@ import (
 
 	"cacheproxy/internal/cache"
 	"cacheproxy/internal/clock"
+	"cacheproxy/internal/connwatch"
 	"cacheproxy/internal/inflight"
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
 	"cacheproxy/internal/tier"
 	"cacheproxy/internal/tracing"
-	"cacheproxy/internal/writewatch"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
@@ -143,7 +143,7 @@ type Options struct {
 	// MaxBodyBytes bounds a request body (413 beyond it).
 	MaxBodyBytes int64
 	// WriteTimeout bounds writing a response to the client, from its
-	// first byte, on a connection no writewatch.Watch watches (an HTTP/2
+	// first byte, on a connection no connwatch.Watch watches (an HTTP/2
 	// one, or a server without a Watch): each such response sets a write
 	// deadline. 0: no bound.
 	WriteTimeout time.Duration
@@ -334,7 +334,7 @@ func (p *Proxy) Wait(ctx context.Context) error {
 func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	st := statePool.Get().(*state)
 	st.rec, st.rw = record{}, recordWriter{}
-	st.rw.ResponseWriter, st.rw.writeTimeout, st.rw.watched = w, p.writeTO, writewatch.Of(r)
+	st.rw.ResponseWriter, st.rw.writeTimeout, st.rw.watched = w, p.writeTO, connwatch.Of(r)
 	rec := &st.rec
 	rec.start = p.clock.Now()
 	rec.hdr = scanHeaders(r.Header)

@@ -99,7 +99,7 @@ func TestASlowReaderOfASmallAnswerHoldsNoSlot(t *testing.T) {
 // server.write_timeout, the slot comes back (the next call of the account
 // is served), and the access line is a warning with the bytes sent.
 // Both ways of bounding the write are tried: an HTTP/1 connection's
-// writewatch.Watch, and the deadline each response sets where no watch is
+// connwatch.Watch, and the deadline each response sets where no watch is
 // (HTTP/2).
 func TestASlowReaderOfALargeAnswerIsCutAtTheWriteDeadline(t *testing.T) {
 	for _, unwatched := range []bool{false, true} {

@@ -1,4 +1,4 @@
-// Package writewatch bounds how long an HTTP/1 response may take to
+// Package connwatch bounds how long an HTTP/1 response may take to
 // write, as a write deadline set when each response starts does, without
 // arming a runtime timer for every response.
 //
@@ -11,7 +11,7 @@
 // the connection's real deadline, at the same instant the per-response
 // one would have had, only for a response still being written close to
 // its bound.
-package writewatch
+package connwatch
 
 import (
 	"context"

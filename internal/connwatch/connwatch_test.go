@@ -1,4 +1,4 @@
-package writewatch
+package connwatch
 
 import (
 	"bufio"
