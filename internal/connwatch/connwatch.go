@@ -1,16 +1,18 @@
-// Package connwatch bounds how long an HTTP/1 response may take to
-// write, as a write deadline set when each response starts does, without
-// arming a runtime timer for every response.
+// Package connwatch bounds the reads and writes of a server's HTTP/1
+// connections as deadlines do, without arming a runtime timer for every
+// request.
 //
-// A deadline per response costs a hit more than anything else the proxy
-// does for it: net/http clears a connection's write deadline after every
-// response, so each response arms a timer in the runtime (and may wake
-// its network poller to do so) and disarms it again, for a bound that
-// almost never fires. A Watch instead records when each response began,
-// one atomic store, and a sweep that runs a few times per timeout arms
-// the connection's real deadline, at the same instant the per-response
-// one would have had, only for a response still being written close to
-// its bound.
+// A deadline per request costs a hit more than anything else the proxy
+// does for it: each one set arms, moves or disarms a timer in the runtime
+// (and may wake its network poller to do so), for a bound that almost
+// never fires. net/http sets three read deadlines per request on a
+// keep-alive connection (idle, headers, whole request), and clears the
+// write deadline after every response, so a per-response write deadline
+// would be a fourth. A Watch instead records each bound, one atomic store,
+// and a sweep that runs a few times per interval arms the connection's
+// real deadline, at the instant it was asked for, only for a bound close
+// to passing: for a write, when each response began (Begin); for a read,
+// the deadline net/http (or anyone) sets on the Conn.
 package connwatch
 
 import (
@@ -32,24 +34,36 @@ import (
 type Watch struct {
 	timeout  time.Duration
 	interval time.Duration // between sweeps
+	horizon  int64         // a read deadline nearer than this (from coarse) is set at once
 	clock    clock.Clock
 	epoch    time.Time
+	coarse   atomic.Int64 // since at the last sweep (or New): at most now
 
 	mu    sync.Mutex
 	conns map[*Conn]struct{}
 }
 
-// New returns a Watch with the given bound (0: none). A nil clock is the
-// real one. The sweeps run in Run.
+// New returns a Watch with the given bound on writes (0: none). A nil
+// clock is the real one. The sweeps run in Run, which must run: a read
+// deadline more than a few intervals away is set only by a sweep.
 func New(timeout time.Duration, clk clock.Clock) *Watch {
 	clk = clock.Or(clk)
-	return &Watch{
-		timeout:  timeout,
-		interval: min(max(timeout/8, time.Millisecond), time.Second),
-		clock:    clk,
-		epoch:    clk.Now(),
-		conns:    make(map[*Conn]struct{}),
+	interval := time.Second
+	if timeout > 0 {
+		interval = min(max(timeout/8, time.Millisecond), time.Second)
 	}
+	w := &Watch{
+		timeout:  timeout,
+		interval: interval,
+		// A deadline is armed by the sweep two intervals before it; coarse
+		// may be an interval old.
+		horizon: int64(3 * interval),
+		clock:   clk,
+		epoch:   clk.Now(),
+		conns:   make(map[*Conn]struct{}),
+	}
+	w.coarse.Store(w.since())
+	return w
 }
 
 // Wrap makes srv's connections from ln watched: it returns the listener
@@ -92,10 +106,6 @@ func (w *Watch) Wrap(srv *http.Server, ln net.Listener) net.Listener {
 
 // Run sweeps until stop is closed.
 func (w *Watch) Run(stop <-chan struct{}) {
-	if w.timeout <= 0 {
-		<-stop
-		return
-	}
 	for {
 		select {
 		case <-w.clock.After(w.interval):
@@ -106,19 +116,21 @@ func (w *Watch) Run(stop <-chan struct{}) {
 	}
 }
 
-// sweep arms the deadline of every response that will reach its bound
-// before the sweep after next: a sweep that comes late by up to one
-// interval still arms it in time.
+// sweep arms the deadline of every response that will reach its bound,
+// and every read deadline that will pass, before the sweep after next: a
+// sweep that comes late by up to one interval still arms it in time.
 func (w *Watch) sweep() {
-	if w.timeout <= 0 {
-		return
-	}
 	now := w.since()
+	w.coarse.Store(now)
+	soon := int64(2 * w.interval)
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	for c := range w.conns {
-		if b := c.began.Load(); b != 0 && now-b >= int64(w.timeout-2*w.interval) {
+		if b := c.began.Load(); w.timeout > 0 && b != 0 && now-b >= int64(w.timeout)-soon {
 			c.arm(b, time.Duration(b+int64(w.timeout)-now))
+		}
+		if d := c.rd.Load(); d != 0 && d-now < soon {
+			c.armRead(d, time.Duration(d-now))
 		}
 	}
 }
@@ -132,8 +144,11 @@ type Conn struct {
 	w     *Watch
 	began atomic.Int64 // Watch.since when the current response began; 0 between responses
 
-	mu    sync.Mutex // orders arming against the response's end
-	armed bool       // a deadline is set on Conn
+	mu    sync.Mutex // orders arming against the response's end and new read deadlines
+	armed bool       // a write deadline is set on Conn
+
+	rd     atomic.Int64 // the read deadline asked for and not yet set on Conn (Watch.since); 0: none
+	rArmed atomic.Bool  // a read deadline is set on Conn
 }
 
 type connKey struct{}
@@ -175,6 +190,72 @@ func (c *Conn) ended() {
 		c.armed = false
 		_ = c.Conn.SetWriteDeadline(time.Time{})
 	}
+}
+
+// SetReadDeadline sets the connection's read deadline as
+// net.Conn.SetReadDeadline does. A deadline more than a few sweep
+// intervals away is only recorded (the sweep arms it when it nears); one
+// nearer or past, such as net/http's to cut a pending read, is set at
+// once. Clearing one that was never set costs nothing.
+func (c *Conn) SetReadDeadline(t time.Time) error {
+	if t.IsZero() {
+		c.rd.Store(0)
+	} else if d := int64(t.Sub(c.w.epoch)) | 1; d > c.w.coarse.Load()+c.w.horizon {
+		c.rd.Store(d)
+	} else {
+		return c.setRead(t)
+	}
+	// A deadline set on the connection (by setRead or a sweep's armRead,
+	// which mark rArmed before they look at rd) is no longer the one
+	// asked for: clear it.
+	if c.rArmed.Load() {
+		return c.clearRead()
+	}
+	return nil
+}
+
+// SetDeadline sets both deadlines: the read one as SetReadDeadline does.
+func (c *Conn) SetDeadline(t time.Time) error {
+	rerr := c.SetReadDeadline(t)
+	if err := c.Conn.SetWriteDeadline(t); err != nil {
+		return err
+	}
+	return rerr
+}
+
+// setRead sets the read deadline t on the connection at once.
+func (c *Conn) setRead(t time.Time) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.rd.Store(0)
+	c.rArmed.Store(true)
+	return c.Conn.SetReadDeadline(t)
+}
+
+// clearRead clears the read deadline set on the connection: a later one
+// is recorded in its place, or none.
+func (c *Conn) clearRead() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.rArmed.Load() {
+		return nil
+	}
+	c.rArmed.Store(false)
+	return c.Conn.SetReadDeadline(time.Time{})
+}
+
+// armRead sets the recorded read deadline d on the connection, in dur
+// from now (at once if dur <= 0), unless another was asked for since.
+func (c *Conn) armRead(d int64, dur time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	// rArmed first: a SetReadDeadline that stores its deadline after the
+	// swap below sees it, and clears or replaces this one.
+	c.rArmed.Store(true)
+	if !c.rd.CompareAndSwap(d, 0) {
+		return
+	}
+	_ = c.Conn.SetReadDeadline(time.Now().Add(dur))
 }
 
 // ReadFrom and CloseWrite pass through to the connection (net/http uses
