@@ -5,12 +5,16 @@
 # same load tool (wrk), same connections, alternated in one run (the order
 # turning each round). Prints a table, the ratios of the mean rates, and
 # the median and range of each round's ratio (this machine is shared:
-# rounds vary, adjacent runs vary less).
-# Usage: bash bench/hit.sh [seconds-per-round] [rounds]
+# rounds vary, adjacent runs vary less). With a revision, cacheproxy built
+# at it joins the rotation, and its ratios to bare and to the working tree
+# are printed too.
+# Usage: bash bench/hit.sh [seconds-per-round] [rounds] [revision]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$PWD
 secs=${1:-3}
 rounds=${2:-10}
+rev=${3:-}
 conns=${CONNS:-32}
 
 if ! command -v wrk >/dev/null || ! command -v nginx >/dev/null; then
@@ -22,6 +26,7 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  if [ -d "$tmp/rev" ]; then git -C "$root" worktree remove --force "$tmp/rev" >/dev/null 2>&1 || true; fi
   rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -29,10 +34,18 @@ trap cleanup EXIT
 go build -o "$tmp/cacheproxy" ./cmd/cacheproxy
 go build -o "$tmp/upstream" ./bench/upstream
 go build -o "$tmp/bare" ./bench/bare
+if [ -n "$rev" ]; then
+  git worktree add -q --detach "$tmp/rev" "$rev"
+  (cd "$tmp/rev" && go build -o "$tmp/old" ./cmd/cacheproxy)
+fi
 
 . bench/hitlib.sh
 "$tmp/upstream" >"$tmp/up.addr" & pids+=($!)
 up="http://$(addr "$tmp/up.addr")"
+if [ -n "$rev" ]; then
+  start_proxy "$tmp/old" "$tmp/old.log" "$up"
+  old=$proxy
+fi
 start_proxy "$tmp/cacheproxy" "$tmp/proxy.log" "$up"
 
 "$tmp/bare" -from "http://$proxy$path" -auth "$auth" >"$tmp/bare.addr" & pids+=($!)
@@ -96,9 +109,14 @@ printf '%-12s %12s %10s %10s\n' server req/s p50 p99
 # bare; ...), so that a drift in the machine's speed favours none.
 order=(bare cacheproxy nginx)
 declare -A url=([bare]="http://$bare$path" [cacheproxy]="http://$proxy$path" [nginx]="http://127.0.0.1:$nport$path")
+if [ -n "$rev" ]; then
+  order+=("$rev")
+  url[$rev]="http://$old$path"
+fi
+n=${#order[@]}
 for r in $(seq "$rounds"); do
-  for i in 0 1 2; do
-    name=${order[$(( (r - 1 + i) % 3 ))]}
+  for i in $(seq 0 $((n - 1))); do
+    name=${order[$(( (r - 1 + i) % n ))]}
     run "$name" "${url[$name]}"
   done
 done
@@ -115,5 +133,11 @@ awk -v ratios="$(cut -d' ' -f1 "$tmp/ratios" | sort -n | tr '\n' ' ')" \
   printf "mean req/s: bare %.0f, cacheproxy %.0f, nginx %.0f; cacheproxy / bare %.3f, cacheproxy / nginx %.3f\n", b, c, x, c/b, c/x;
   printf "RESULT\thit over loopback: cacheproxy / bare net/http req/s\t%.0f / %.0f = %.3f (per round: median %.3f, %s-%s)\t>= 0.90\t%s\n", c, b, c/b, m, r[1], r[k], (c/b >= 0.9) ? "true" : "false";
   printf "RESULT\thit over loopback: cacheproxy / nginx proxy_cache req/s\t%.0f / %.0f = %.3f (per round: median %.3f, %s-%s)\t-\t-\n", c, x, c/x, mn, q[1], q[j]}' "$tmp/results"
+if [ -n "$rev" ]; then
+  awk -v rev="$rev" -v ratios="$(awk -v rev="$rev" '{v[$1" "$2]=$3; R[$1]=1} END {for (r in R) printf "%.3f\n", v[r" cacheproxy"]/v[r" "rev]}' "$tmp/results" | sort -n | tr '\n' ' ')" \
+    '{sum[$2]+=$3} END {b=sum["bare"]; c=sum["cacheproxy"]; o=sum[rev]; k=split(ratios, q, " "); m=(k%2) ? q[(k+1)/2] : (q[k/2]+q[k/2+1])/2;
+    printf "RESULT\thit over loopback: cacheproxy at %s / bare net/http req/s, same run\t%.3f\t-\t-\n", rev, o/b;
+    printf "RESULT\thit over loopback: working tree / %s req/s, same run\t%.3f (per round: median %.3f, %s-%s)\t-\t-\n", rev, c/o, m, q[1], q[k]}' "$tmp/results"
+fi
 echo "RESULT	hit over loopback: cacheproxy p50 / p99 (last round)	$cp50 / $cp99	-	-"
 echo "($(nproc) cores, $conns connections, wrk -t1, ${secs}s x $rounds rounds; cacheproxy and nginx each log a line per request to a file)"
