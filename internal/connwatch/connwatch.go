@@ -27,10 +27,11 @@ import (
 	"cacheproxy/internal/clock"
 )
 
-// Watch bounds the writing of responses on the connections of the
-// listeners it wraps: a response not written within the timeout from its
-// start fails with a timeout, as with net.Conn.SetWriteDeadline, and
-// net/http closes its connection.
+// Watch bounds the reads and writes of the connections of the listeners
+// it wraps: a response not written within the timeout from its start
+// fails with a timeout, as with net.Conn.SetWriteDeadline, and net/http
+// closes its connection; a read deadline set on a connection applies at
+// its instant, as set on the connection itself.
 type Watch struct {
 	timeout  time.Duration
 	interval time.Duration // between sweeps
@@ -67,10 +68,11 @@ func New(timeout time.Duration, clk clock.Clock) *Watch {
 }
 
 // Wrap makes srv's connections from ln watched: it returns the listener
-// to serve (its connections are *Conn), and sets srv's ConnContext (the
+// to serve (its connections are *Conn, watched from their accepting to
+// their closing, hijacked or not), and sets srv's ConnContext (the
 // connection in each request's context, for Of) and ConnState (a
-// response ends when its connection goes idle or closes), keeping the
-// hooks srv had.
+// response ends when its connection goes idle, closes or is hijacked),
+// keeping the hooks srv had.
 func (w *Watch) Wrap(srv *http.Server, ln net.Listener) net.Listener {
 	prevCtx, prevState := srv.ConnContext, srv.ConnState
 	srv.ConnContext = func(ctx context.Context, c net.Conn) context.Context {
@@ -78,9 +80,6 @@ func (w *Watch) Wrap(srv *http.Server, ln net.Listener) net.Listener {
 			ctx = prevCtx(ctx, c)
 		}
 		if wc, ok := c.(*Conn); ok && wc.w == w {
-			w.mu.Lock()
-			w.conns[wc] = struct{}{}
-			w.mu.Unlock()
 			ctx = context.WithValue(ctx, connKey{}, wc)
 		}
 		return ctx
@@ -88,13 +87,8 @@ func (w *Watch) Wrap(srv *http.Server, ln net.Listener) net.Listener {
 	srv.ConnState = func(c net.Conn, s http.ConnState) {
 		if wc, ok := c.(*Conn); ok && wc.w == w {
 			switch s {
-			case http.StateIdle:
+			case http.StateIdle, http.StateClosed, http.StateHijacked:
 				wc.ended()
-			case http.StateClosed, http.StateHijacked:
-				wc.ended()
-				w.mu.Lock()
-				delete(w.conns, wc)
-				w.mu.Unlock()
 			}
 		}
 		if prevState != nil {
@@ -148,7 +142,15 @@ type Conn struct {
 	armed bool       // a write deadline is set on Conn
 
 	rd     atomic.Int64 // the read deadline asked for and not yet set on Conn (Watch.since); 0: none
-	rArmed atomic.Bool  // a read deadline is set on Conn
+	rArmed atomic.Bool  // a read deadline may be set on Conn
+}
+
+// Close closes the connection and stops watching it.
+func (c *Conn) Close() error {
+	c.w.mu.Lock()
+	delete(c.w.conns, c)
+	c.w.mu.Unlock()
+	return c.Conn.Close()
 }
 
 type connKey struct{}
@@ -286,5 +288,9 @@ func (l listener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Conn{Conn: c, w: l.w}, nil
+	wc := &Conn{Conn: c, w: l.w}
+	l.w.mu.Lock()
+	l.w.conns[wc] = struct{}{}
+	l.w.mu.Unlock()
+	return wc, nil
 }

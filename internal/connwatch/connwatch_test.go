@@ -601,3 +601,33 @@ func (c lastRead) SetReadDeadline(t time.Time) error {
 	c.last.Store(&t)
 	return c.Conn.SetReadDeadline(t)
 }
+
+// TestAHijackedConnectionKeepsItsReadBounds: a connection its handler has
+// taken over (as a protocol upgrade is) is watched until it is closed: a
+// read deadline its new owner sets still cuts.
+func TestAHijackedConnectionKeepsItsReadBounds(t *testing.T) {
+	done := make(chan error, 1)
+	r := newRig(t, 8*time.Second, true, func(w http.ResponseWriter, _ *http.Request) {
+		c, _, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			done <- err
+			return
+		}
+		_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		_, err = c.Read(make([]byte, 1))
+		c.Close()
+		done <- err
+	})
+	r.dial()
+	r.conn() // the hijacker's deadline is asked for
+	r.advance(11 * time.Second)
+	if err := within(t, done, "the hijacked connection's read past its deadline ended"); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("the hijacked connection's read ended with %v, want a deadline exceeded", err)
+	}
+	r.w.mu.Lock()
+	n := len(r.w.conns)
+	r.w.mu.Unlock()
+	if n != 0 {
+		t.Fatalf("%d closed connections still watched", n)
+	}
+}
