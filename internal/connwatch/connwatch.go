@@ -35,7 +35,6 @@ import (
 type Watch struct {
 	timeout  time.Duration
 	interval time.Duration // between sweeps
-	horizon  int64         // a read deadline nearer than this (from coarse) is set at once
 	clock    clock.Clock
 	epoch    time.Time
 	coarse   atomic.Int64 // since at the last sweep (or New): at most now
@@ -56,12 +55,9 @@ func New(timeout time.Duration, clk clock.Clock) *Watch {
 	w := &Watch{
 		timeout:  timeout,
 		interval: interval,
-		// A deadline is armed by the sweep two intervals before it; coarse
-		// may be an interval old.
-		horizon: int64(3 * interval),
-		clock:   clk,
-		epoch:   clk.Now(),
-		conns:   make(map[*Conn]struct{}),
+		clock:    clk,
+		epoch:    clk.Now(),
+		conns:    make(map[*Conn]struct{}),
 	}
 	w.coarse.Store(w.since())
 	return w
@@ -200,9 +196,11 @@ func (c *Conn) ended() {
 // nearer or past, such as net/http's to cut a pending read, is set at
 // once. Clearing one that was never set costs nothing.
 func (c *Conn) SetReadDeadline(t time.Time) error {
+	// Recorded, a deadline is armed by the sweep two intervals before it,
+	// and coarse may be an interval old.
 	if t.IsZero() {
 		c.rd.Store(0)
-	} else if d := int64(t.Sub(c.w.epoch)) | 1; d > c.w.coarse.Load()+c.w.horizon {
+	} else if d := int64(t.Sub(c.w.epoch)) | 1; d > c.w.coarse.Load()+int64(3*c.w.interval) {
 		c.rd.Store(d)
 	} else {
 		return c.setRead(t)
