@@ -52,7 +52,6 @@ type Slots struct {
 	// timed out after Redis may have run it, failed, and was retried.
 	Regiven atomic.Int64
 	ungiven chan ungiven
-	giving  atomic.Int64
 
 	stop context.CancelFunc
 	wg   sync.WaitGroup
@@ -423,19 +422,10 @@ func (p *fleetPlace) Release() {
 	})
 }
 
-// giveLater gives a slot back off the caller's path; Giving counts those
-// not done yet.
+// giveLater gives a slot back off the caller's path.
 func (s *Slots) giveLater(tag, slot string) {
-	s.giving.Add(1)
-	go func() {
-		defer s.giving.Add(-1)
-		s.give(tag, slot)
-	}()
+	go s.give(tag, slot)
 }
-
-// Giving is how many released slots are still being given back (tests
-// wait for it to be 0 before counting Redis's commands).
-func (s *Slots) Giving() int64 { return s.giving.Load() }
 
 // give gives a slot back, or has regive do it if Redis does not answer.
 func (s *Slots) give(tag, slot string) {

@@ -99,14 +99,6 @@ func (l *Limiter) resolveKey(ctx context.Context, user string) {
 	}
 }
 
-// AccountOf is the account user counts against: its account if user is an
-// API key whose account is known, else user.
-func (l *Limiter) AccountOf(user string) string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.idLocked(user)
-}
-
 // idLocked is the account user counts against.
 func (l *Limiter) idLocked(user string) string {
 	if acct, ok := l.keys[user]; ok {
