@@ -33,6 +33,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"cacheproxy/internal/clock"
 	"cacheproxy/internal/route"
 	"cacheproxy/internal/twilioerr"
 
@@ -86,6 +87,8 @@ type Config struct {
 	Client *http.Client
 	// Registerer receives cacheproxy_webhooks_total; nil: none.
 	Registerer prometheus.Registerer
+	// Clock times requests and the replay window; nil: the real clock.
+	Clock clock.Clock
 }
 
 // Handler serves the webhook endpoints.
@@ -98,10 +101,6 @@ type Handler struct {
 	total      *prometheus.CounterVec
 	reading    atomic.Int64 // bytes of bodies being read (reserved)
 	replays    replays      // deliveries forwarded lately
-
-	// Busy counts deliveries answered 503 because MaxReadingBytes were
-	// being read.
-	Accepted, Refused, Invalidations, Busy atomic.Int64
 }
 
 // Outcomes of a webhook request, the outcome label of
@@ -128,8 +127,18 @@ func New(cfg Config) (*Handler, error) {
 	}
 	h := &Handler{cfg: cfg, public: strings.TrimSuffix(cfg.PublicURL, "/"), client: cfg.Client,
 		total: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "cacheproxy_webhooks_total",
-			Help: "Webhook requests by source (conversations, events, orchestrator, unknown) and outcome (accepted, ignored, forwarded, rejected)."},
+			Help: "Webhook requests by source (conversations, events, orchestrator, unknown) and outcome (accepted, ignored, forwarded, duplicate, rejected)."},
 			[]string{"source", "outcome"})}
+	cfg.Clock = clock.Or(cfg.Clock)
+	h.cfg.Clock = cfg.Clock
+	// Every series exists from the start at 0: a dashboard shows 0, not
+	// "no data", and an absent-series alert tells a dead listener from a
+	// quiet one.
+	for _, src := range sourceNames {
+		for _, o := range []string{outcomeAccepted, outcomeIgnored, outcomeForwarded, outcomeDuplicate, outcomeRejected} {
+			h.total.WithLabelValues(src, o)
+		}
+	}
 	if cfg.Registerer != nil {
 		if err := cfg.Registerer.Register(h.total); err != nil {
 			return nil, err
@@ -176,7 +185,7 @@ var sources = map[string]source{
 }
 
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	start := time.Now()
+	start := h.cfg.Clock.Now()
 	src := sources[r.URL.Path]
 	var kinds []string
 	outcome, status, reason := outcomeRejected, 0, ""
@@ -189,7 +198,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		// Neither the signature nor the body: the body may hold personal data.
 		ev = ev.Str("component", "webhooks").Str("source", sourceNames[src]).Str("method", r.Method).Str("path", r.URL.Path).
-			Strs("events", kinds).Str("outcome", outcome).Int("status", status).Int64("duration_us", time.Since(start).Microseconds())
+			Strs("events", kinds).Str("outcome", outcome).Int("status", status).Int64("duration_us", h.cfg.Clock.Since(start).Microseconds())
 		if reason != "" {
 			ev = ev.Str("error", reason)
 		}
@@ -213,7 +222,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// A JSON delivery's signature covers the URL with its body's hash: it
 	// is checked before a byte of the body is read.
 	if sum != "" && !h.validURL(signed, sig) {
-		h.Refused.Add(1)
 		fail(http.StatusForbidden, "invalid or missing X-Twilio-Signature (for webhooks.public_url and webhooks.auth_tokens)")
 		return
 	}
@@ -226,11 +234,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if !h.valid(signed, sig, body, isJSON) {
-		h.Refused.Add(1)
 		fail(http.StatusForbidden, "invalid or missing X-Twilio-Signature (for webhooks.public_url and webhooks.auth_tokens)")
 		return
 	}
-	h.Accepted.Add(1)
 	var tags []string
 	tags, kinds = eventTags(src, body, isJSON)
 	outcome = outcomeIgnored
@@ -240,7 +246,6 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			fail(http.StatusServiceUnavailable, "the invalidation could not be confirmed fleet-wide; Twilio will deliver this again")
 			return
 		}
-		h.Invalidations.Add(1)
 		outcome = outcomeAccepted
 	}
 	if h.forward == nil {
@@ -256,7 +261,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // the outcome and the status sent.
 func (h *Handler) forwardOnce(w http.ResponseWriter, r *http.Request, body []byte) (string, int) {
 	keys := deliveryKeys(r, body)
-	a, first := h.replays.claim(keys, time.Now())
+	a, first := h.replays.claim(keys, h.cfg.Clock.Now())
 	if !first {
 		return outcomeDuplicate, h.answerDuplicate(w, r, a)
 	}
@@ -346,7 +351,6 @@ func (h *Handler) read(r *http.Request, preChecked bool) ([]byte, int, string) {
 	}
 	if h.reading.Add(want) > MaxReadingBytes {
 		h.reading.Add(-want)
-		h.Busy.Add(1)
 		return nil, http.StatusServiceUnavailable, "the webhook listener is at its limit of bodies being read; Twilio will deliver this again"
 	}
 	defer h.reading.Add(-want)

@@ -507,3 +507,16 @@ func TestReplaysAreForwardedOnce(t *testing.T) {
 		}
 	}
 }
+
+// Every source and outcome is a series at 0 before the first webhook: a
+// dashboard shows 0, and an absent-series alert tells a dead listener
+// from a quiet one.
+func TestWebhookSeriesExistFromTheStart(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	if _, err := New(Config{PublicURL: "https://hooks.example.com", AuthTokens: []string{"t"}, Registerer: reg}); err != nil {
+		t.Fatal(err)
+	}
+	if n := testutil.CollectAndCount(reg, "cacheproxy_webhooks_total"); n != 4*5 {
+		t.Fatalf("%d series before any webhook, want 20 (4 sources × 5 outcomes)", n)
+	}
+}
