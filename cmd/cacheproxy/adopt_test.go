@@ -135,8 +135,10 @@ func configMapTOML(manifest string) string {
 	return b.String()
 }
 
-// -print-config prints the effective configuration as TOML that loads
-// back to the same, secrets shown as "<redacted>".
+// -print-config prints the effective configuration as TOML, secrets shown
+// as "<redacted>": it loads back to the same once the secrets are given
+// again (here by environment, as a deployment's Secrets give them; alone,
+// its placeholders are refused: TestCheckConfigPrintsOneReport).
 func TestPrintConfigRedactsSecrets(t *testing.T) {
 	secret := "sEcReTvalue0123"
 	args := []string{"-set", "cache.key_secret=" + secret, "-set", "redis.url=redis://user:" + secret + "@127.0.0.1:6379",
@@ -156,7 +158,9 @@ func TestPrintConfigRedactsSecrets(t *testing.T) {
 	if err := os.WriteFile(f, []byte(out), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	again, code := exit(t, nil, "-config", f, "-print-config")
+	secrets := []string{"CACHEPROXY_CACHE_KEY_SECRET=" + secret, "CACHEPROXY_REDIS_URL=redis://user:" + secret + "@127.0.0.1:6379",
+		"CACHEPROXY_CACHE_PREVIOUS_KEY_SECRETS=" + secret + "2", "CACHEPROXY_ADMIN_PURGE_TOKEN=" + secret + "3", "CACHEPROXY_WEBHOOKS_AUTH_TOKENS=" + secret + "4"}
+	again, code := exit(t, secrets, "-config", f, "-print-config")
 	if code != 0 || again != out {
 		t.Fatalf("the printed config does not load back to itself: exit %d\n%s", code, again)
 	}
@@ -244,5 +248,42 @@ func TestReadmeIsAManual(t *testing.T) {
 	}
 	if len(console) < 5 || !maps.Equal(console, api) {
 		t.Errorf("Console events %v, API Filters %v: want the same list", console, api)
+	}
+}
+
+// -check-config prints every problem and their count on standard output,
+// nothing on standard error, warns about the variables a start would
+// ignore (names only), and refuses -print-config's output with its
+// secrets' placeholders.
+func TestCheckConfigPrintsOneReport(t *testing.T) {
+	run := func(env []string, args ...string) (string, string, int) {
+		t.Helper()
+		cmd := exec.Command(binary, args...)
+		cmd.Env = append(os.Environ(), env...)
+		var stdout, stderr strings.Builder
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		err := cmd.Run()
+		var ee *exec.ExitError
+		if err != nil && !errors.As(err, &ee) {
+			t.Fatal(err)
+		}
+		return stdout.String(), stderr.String(), cmd.ProcessState.ExitCode()
+	}
+	out, errOut, code := run([]string{"CACHEPROXY_PORT=tcp://10.0.0.1:8080"}, "-set", "cache.ttl=banana", "-set", "cache.tll=1s", "-check-config")
+	for _, want := range []string{"cache.ttl", "did you mean cache.ttl?", "config: 2 problem(s)", "ignoring environment variables that name no config key: CACHEPROXY_PORT"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("stdout lacks %q:\n%s", want, out)
+		}
+	}
+	if code != 1 || errOut != "" || strings.Contains(out, "10.0.0.1") {
+		t.Errorf("exit %d, stderr %q (want 1 and nothing), a value in stdout:\n%s", code, errOut, out)
+	}
+	printed, _, code := run(nil, "-set", "cache.key_secret=abcdefghijklmnopqrstuvwxyz012345", "-set", "admin.purge_token=tok", "-print-config")
+	f := filepath.Join(t.TempDir(), "printed.toml")
+	if err := os.WriteFile(f, []byte(printed), 0o600); code != 0 || err != nil {
+		t.Fatalf("-print-config: exit %d, %v", code, err)
+	}
+	if out, _, code := run(nil, "-config", f, "-check-config"); code != 1 || !strings.Contains(out, `cache.key_secret: holds "<redacted>"`) || !strings.Contains(out, "admin.purge_token") {
+		t.Errorf("-print-config's output fed back: exit %d\n%s", code, out)
 	}
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -13,9 +14,10 @@ import (
 
 // checkConfig runs every check a start runs on cfg (loaded as a start
 // loads it, with loadErr its problems) without binding or connecting
-// anything, and prints each problem on a line of its own, naming its key.
-// It returns an error when there is any.
-func checkConfig(cfg config.Config, loadErr error, stdout io.Writer) error {
+// anything, and prints each problem on a line of its own, naming its key,
+// then their count; the variables a start would ignore are named as a
+// warning. It returns errReported when there is any problem.
+func checkConfig(cfg config.Config, loadErr error, environ []string, stdout io.Writer) error {
 	problems := split(loadErr)
 	if loadErr == nil && cfg.Redis.URL != "" {
 		problems = append(problems, split(fleet.CheckURL(cfg.Redis.URL))...)
@@ -23,12 +25,21 @@ func checkConfig(cfg config.Config, loadErr error, stdout io.Writer) error {
 	for _, p := range problems {
 		fmt.Fprintln(stdout, p)
 	}
+	if unknown := config.UnknownEnv(environ); len(unknown) > 0 {
+		// Names only: a value may be a secret.
+		fmt.Fprintf(stdout, "warning: ignoring environment variables that name no config key: %s\n", strings.Join(unknown, ", "))
+	}
 	if len(problems) > 0 {
-		return fmt.Errorf("config: %d problem(s)", len(problems))
+		fmt.Fprintf(stdout, "config: %d problem(s)\n", len(problems))
+		return errReported
 	}
 	fmt.Fprintln(stdout, "config ok")
 	return nil
 }
+
+// errReported is an error whose details were printed already: the
+// command exits 1 and prints nothing more.
+var errReported = errors.New("reported")
 
 // split is the problems joined in err, one per line.
 func split(err error) []string {
@@ -44,8 +55,9 @@ func split(err error) []string {
 	return out
 }
 
-// redacted is shown in place of a secret.
-const redacted = "<redacted>"
+// redacted is shown in place of a secret; a config that holds it is
+// refused (config.Redacted).
+const redacted = config.Redacted
 
 // printConfig writes cfg as TOML, secrets shown as "<redacted>" (and a
 // Redis URL's password).

@@ -38,8 +38,11 @@ import (
 
 func main() {
 	if err := run(os.Args[1:], os.Stdout, os.Stderr); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
+		switch {
+		case errors.Is(err, flag.ErrHelp):
 			os.Exit(0)
+		case errors.Is(err, errReported):
+			os.Exit(1)
 		}
 		fmt.Fprintln(os.Stderr, "cacheproxy:", err)
 		os.Exit(1)
@@ -83,7 +86,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	}
 	cfg, err := config.Load(*configPath, os.Environ(), sets)
 	if *checkCfg {
-		return checkConfig(cfg, err, stdout)
+		return checkConfig(cfg, err, os.Environ(), stdout)
 	}
 	if err != nil {
 		return err

@@ -55,6 +55,18 @@ func misspelt(environ []string, keys map[string]reflect.Value) []error {
 	return errs
 }
 
+// didYouMean is ", did you mean K?" for the key K closest to the unknown
+// dotted key (as suggest finds it for variables), or "".
+func didYouMean(key string, keys map[string]reflect.Value) string {
+	s := suggest(EnvName(key), keys)
+	for k := range keys {
+		if s != "" && EnvName(k) == s {
+			return "; did you mean " + k + "?"
+		}
+	}
+	return ""
+}
+
 func suggest(name string, keys map[string]reflect.Value) string {
 	words := sortedWords(name)
 	best, bestD := "", 3
@@ -98,4 +110,27 @@ func distance(a, b string) int {
 		prev, cur = cur, prev
 	}
 	return prev[len(b)]
+}
+
+// Redacted is what -print-config prints in place of a secret.
+const Redacted = "<redacted>"
+
+// redactedSecrets refuses a secret that is -print-config's placeholder: its
+// output, fed back as a config, would run with "<redacted>" as the secret.
+func (c Config) redactedSecrets() []error {
+	var errs []error
+	check := func(key string, vs ...string) {
+		for _, v := range vs {
+			if strings.Contains(v, Redacted) {
+				errs = append(errs, fmt.Errorf("%s: holds %q, the placeholder -print-config prints for a secret; set the secret itself", key, Redacted))
+				return
+			}
+		}
+	}
+	check("cache.key_secret", c.Cache.KeySecret)
+	check("cache.previous_key_secrets", c.Cache.PreviousKeySecrets...)
+	check("admin.purge_token", c.Admin.PurgeToken)
+	check("webhooks.auth_tokens", c.Webhooks.AuthTokens...)
+	check("redis.url", c.Redis.URL)
+	return errs
 }

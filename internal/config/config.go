@@ -252,21 +252,15 @@ const EnvPrefix = "CACHEPROXY_"
 // sets ("key=value" each). The result is validated.
 func Load(path string, environ, sets []string) (Config, error) {
 	c := Default()
-	if path != "" {
-		md, err := toml.DecodeFile(path, &c)
-		if err != nil {
-			return c, fmt.Errorf("config %s: %w", path, err)
-		}
-		if und := md.Undecoded(); len(und) > 0 {
-			errs := make([]error, len(und))
-			for i, k := range und {
-				errs[i] = fmt.Errorf("config %s: unknown key %s", path, k)
-			}
-			return c, errors.Join(errs...)
-		}
-	}
 	keys := leaves(reflect.ValueOf(&c).Elem(), "")
 	var errs []error // every problem, each naming its key
+	if path != "" {
+		fileErrs, err := loadFile(path, keys)
+		if err != nil {
+			return c, err // the file cannot be read or parsed: nothing else is worth checking
+		}
+		errs = append(errs, fileErrs...)
+	}
 	for _, kv := range environ {
 		name, val, ok := strings.Cut(kv, "=")
 		if !ok || !strings.HasPrefix(name, EnvPrefix) {
@@ -289,7 +283,7 @@ func Load(path string, environ, sets []string) (Config, error) {
 		}
 		f, found := keys[key]
 		if !found {
-			errs = append(errs, fmt.Errorf("-set: unknown key %s", key))
+			errs = append(errs, fmt.Errorf("-set: unknown key %s%s", key, didYouMean(key, keys)))
 			continue
 		}
 		if err := set(f, val); err != nil {
@@ -297,6 +291,63 @@ func Load(path string, environ, sets []string) (Config, error) {
 		}
 	}
 	return c, errors.Join(append(errs, c.Validate())...)
+}
+
+// loadFile sets the keys the TOML file at path holds, each on its own: a
+// bad value or an unknown key is a problem of its own, and the others are
+// still set and checked. Only a file that cannot be read or parsed is an
+// error on its own.
+func loadFile(path string, keys map[string]reflect.Value) ([]error, error) {
+	var top map[string]toml.Primitive
+	md, err := toml.DecodeFile(path, &top)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	var errs []error
+	var walk func(prefix string, table map[string]toml.Primitive)
+	walk = func(prefix string, table map[string]toml.Primitive) {
+		names := make([]string, 0, len(table))
+		for name := range table {
+			names = append(names, name)
+		}
+		sort.Strings(names)
+		for _, name := range names {
+			key, v := prefix+name, table[name]
+			if f, ok := keys[key]; ok {
+				if err := md.PrimitiveDecode(v, f.Addr().Interface()); err != nil {
+					errs = append(errs, fmt.Errorf("config %s: %s: %w", path, key, unwrapTOML(err)))
+				}
+				continue
+			}
+			var sub map[string]toml.Primitive
+			if hasPrefix(keys, key+".") && md.PrimitiveDecode(v, &sub) == nil {
+				walk(key+".", sub)
+				continue
+			}
+			errs = append(errs, fmt.Errorf("config %s: unknown key %s%s", path, key, didYouMean(key, keys)))
+		}
+	}
+	walk("", top)
+	return errs, nil
+}
+
+// hasPrefix reports whether a key begins with prefix (a table of keys).
+func hasPrefix(keys map[string]reflect.Value, prefix string) bool {
+	for k := range keys {
+		if strings.HasPrefix(k, prefix) {
+			return true
+		}
+	}
+	return false
+}
+
+// unwrapTOML is the value's own error, without the decoder's wrapping
+// where it has one.
+func unwrapTOML(err error) error {
+	if u := errors.Unwrap(err); u != nil {
+		return u
+	}
+	return err
 }
 
 // UnknownEnv lists the CACHEPROXY_* variables of environ that name no key
@@ -417,6 +468,7 @@ func (c Config) Validate() error {
 			bad("upstreams."+name+".timeout", "must be > 0")
 		}
 	}
+	errs = append(errs, c.redactedSecrets()...)
 	if c.ShutdownTimeout <= 0 {
 		bad("shutdown_timeout", "must be > 0")
 	}

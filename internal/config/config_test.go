@@ -255,3 +255,54 @@ func TestKeyAccountsFromFileEnvironmentAndSet(t *testing.T) {
 		t.Fatalf("text form %q", b)
 	}
 }
+
+// Every problem of a file at once: a bad value no longer hides the keys
+// after it, nor the typos; a typo in the file or in -set names the key
+// meant, as a typo'd variable does.
+func TestEveryProblemAtOnce(t *testing.T) {
+	p := writeFile(t, `listen = "127.0.0.1:7001"
+[cache]
+ttl = "banana"
+max_bytez = 5
+[ratelimit]
+max_wiat = "1s"
+max_concurrent = "x"
+requests_per_second = 7
+[nope]
+a = 1
+`)
+	c, err := Load(p, nil, []string{"cache.tll=5s"})
+	if err == nil {
+		t.Fatal("no error")
+	}
+	for _, want := range []string{
+		"cache.ttl: ", "not a duration",
+		"unknown key cache.max_bytez; did you mean cache.max_bytes?",
+		"unknown key ratelimit.max_wiat; did you mean ratelimit.max_wait?",
+		"ratelimit.max_concurrent: ",
+		"unknown key nope",
+		"-set: unknown key cache.tll; did you mean cache.ttl?",
+	} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("lacks %q:\n%v", want, err)
+		}
+	}
+	if n := strings.Count(err.Error(), "\n") + 1; n != 6 {
+		t.Errorf("%d problems, want 6:\n%v", n, err)
+	}
+	if c.Listen != "127.0.0.1:7001" || c.RateLimit.RequestsPerSecond != 7 {
+		t.Errorf("the good keys were not set: listen %q, requests_per_second %d", c.Listen, c.RateLimit.RequestsPerSecond)
+	}
+}
+
+// -print-config's placeholder is refused wherever a secret goes, so its
+// output fed back as a config cannot run with "<redacted>" as a secret.
+func TestRedactedSecretsAreRefused(t *testing.T) {
+	_, err := Load("", nil, []string{"cache.key_secret=" + Redacted, "admin.purge_token=" + Redacted,
+		"redis.url=redis://u:" + Redacted + "@127.0.0.1:6379", "webhooks.auth_tokens=" + Redacted, "cache.previous_key_secrets=" + Redacted})
+	for _, key := range []string{"cache.key_secret", "admin.purge_token", "redis.url", "webhooks.auth_tokens", "cache.previous_key_secrets"} {
+		if err == nil || !strings.Contains(err.Error(), key+`: holds "<redacted>"`) {
+			t.Errorf("%s with the placeholder: %v", key, err)
+		}
+	}
+}
