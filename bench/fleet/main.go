@@ -29,16 +29,10 @@ import (
 	"time"
 
 	"cacheproxy/bench/internal/run"
-	"cacheproxy/internal/cache"
 	"cacheproxy/internal/config"
-	"cacheproxy/internal/fleet"
-	"cacheproxy/internal/invalidation"
-	"cacheproxy/internal/proxy"
-	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/twiliofake"
 	"cacheproxy/internal/wire"
 
-	"github.com/rs/zerolog"
 )
 
 const (
@@ -205,57 +199,31 @@ func replica(upURL, redisURL, prefix string, book bool) (string, func(), error) 
 	cfg.RateLimit.MaxConcurrent, cfg.RateLimit.MaxWait = twilioLimit, config.Duration(5*time.Second)
 	cfg.Cache.KeySecret = "bench-fleet-secret"
 	cfg.Redis.URL, cfg.Redis.KeyPrefix = redisURL, prefix
-	store, err := cache.New(int64(cfg.Cache.MaxBytes), nil)
+	g, err := wire.Build(cfg, wire.Deps{SoloKeys: !book})
 	if err != nil {
 		return "", nil, err
 	}
-	stops := []func(){store.Close}
+	stops := []func(){g.Close}
 	stop := func() {
 		for i := len(stops) - 1; i >= 0; i-- {
 			stops[i]()
 		}
 	}
-	limiter := ratelimit.New(wire.Limiter(cfg.RateLimit, zerolog.Nop()), nil)
-	opts := wire.ProxyOptions(cfg)
-	opts.Store, opts.Invalidator, opts.Budget, opts.Logger = store, invalidation.New(wire.Retention(cfg), nil), limiter, zerolog.Nop()
 	if redisURL != "" {
-		f, err := fleet.Open(wire.Fleet(cfg))
-		if err != nil {
-			stop()
-			return "", nil, err
-		}
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		err = f.Connected(ctx)
+		err = g.Fleet.Connected(ctx)
 		cancel()
+		if err == nil {
+			ctx, cancel = context.WithTimeout(context.Background(), 30*time.Second)
+			err = g.FleetInvalidator.WaitTrusted(ctx)
+			cancel()
+		}
 		if err != nil {
 			stop()
 			return "", nil, err
 		}
-		inv := fleet.NewInvalidator(f, invalidation.New(wire.Retention(cfg), nil), cfg.Redis.InvalidationWait.D(), nil)
-		ctx, cancel = context.WithTimeout(context.Background(), 30*time.Second)
-		err = inv.WaitTrusted(ctx)
-		cancel()
-		if err != nil {
-			inv.Close()
-			f.Close()
-			stop()
-			return "", nil, err
-		}
-		limiter, slots := wire.FleetLimiter(cfg, f, zerolog.Nop())
-		if !book {
-			lc := wire.Limiter(cfg.RateLimit, zerolog.Nop())
-			slots = fleet.NewSlots(f, cfg.RateLimit.RequestsPerSecond)
-			lc.Slots = slots
-			limiter = ratelimit.New(lc, nil)
-		}
-		stops = append(stops, f.Close, inv.Close, slots.Close)
-		opts.Shared, opts.Invalidator, opts.Budget = f, inv, limiter
 	}
-	p, err := proxy.New(opts)
-	if err != nil {
-		stop()
-		return "", nil, err
-	}
+	p := g.Proxy
 	u, stopP, err := run.Serve(p)
 	if err != nil {
 		stop()

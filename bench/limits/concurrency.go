@@ -12,15 +12,12 @@ import (
 	"time"
 
 	"cacheproxy/bench/internal/run"
-	"cacheproxy/internal/cache"
 	"cacheproxy/internal/config"
-	"cacheproxy/internal/invalidation"
 	"cacheproxy/internal/proxy"
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/twiliofake"
 	"cacheproxy/internal/wire"
 
-	"github.com/rs/zerolog"
 )
 
 // Twilio's concurrency limit in these scenarios, and its latency.
@@ -73,40 +70,31 @@ func startLimitedQueue(maxConcurrent int, one bool) (*limitedProxy, error) {
 		cfg.RateLimit.MaxConcurrent, cfg.RateLimit.MaxRetries = 100_000, 0
 		cfg.Cache.StaleIfError = 0
 	}
-	store, err := cache.New(int64(cfg.Cache.MaxBytes), nil)
-	if err != nil {
-		stopUp()
-		return nil, err
-	}
 	lp := &limitedProxy{fake: fake}
-	lcfg := wire.Limiter(cfg.RateLimit, zerolog.Nop())
-	lcfg.OnEvent = func(e ratelimit.Event) {
+	d := wire.Deps{OnBudgetEvent: func(e ratelimit.Event) {
 		if e.Kind == ratelimit.CapCut {
 			lp.mu.Lock()
 			lp.cuts = append(lp.cuts, fmt.Sprintf("%d→%d", e.From, e.To))
 			lp.mu.Unlock()
 		}
-	}
-	lp.lim = ratelimit.New(lcfg, nil)
-	opts := wire.ProxyOptions(cfg)
-	opts.Store, opts.Invalidator = store, invalidation.New(wire.Retention(cfg), nil)
-	opts.Budget, opts.Logger = lp.lim, zerolog.Nop()
+	}}
 	if one {
-		opts.Budget = oneQueue{lp.lim}
+		d.WrapBudget = func(l *ratelimit.Limiter) proxy.Budget { return oneQueue{l} }
 	}
-	p, err := proxy.New(opts)
+	g, err := wire.Build(cfg, d)
 	if err != nil {
-		store.Close()
 		stopUp()
 		return nil, err
 	}
+	lp.lim = g.Budget
+	p := g.Proxy
 	pURL, stopP, err := run.Serve(p)
 	if err != nil {
-		store.Close()
+		g.Close()
 		stopUp()
 		return nil, err
 	}
-	lp.url, lp.stop = pURL, func() { stopP(); store.Close(); stopUp() }
+	lp.url, lp.stop = pURL, func() { stopP(); g.Close(); stopUp() }
 	return lp, nil
 }
 

@@ -38,15 +38,10 @@ import (
 	"time"
 
 	"cacheproxy/bench/internal/run"
-	"cacheproxy/internal/cache"
 	"cacheproxy/internal/config"
-	"cacheproxy/internal/invalidation"
-	"cacheproxy/internal/proxy"
-	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/twiliofake"
 	"cacheproxy/internal/wire"
 
-	"github.com/rs/zerolog"
 )
 
 const perAPI = 1000
@@ -180,18 +175,12 @@ func runScenario(sc scenario, rate int, duration, latency time.Duration) (*resul
 		cfg.RateLimit.RequestsPerSecond, cfg.RateLimit.MaxConcurrent, cfg.RateLimit.MaxRetries = 0, 100_000, 0
 		cfg.Cache.StaleIfError = 0
 	}
-	store, err := cache.New(int64(cfg.Cache.MaxBytes), nil)
+	g, err := wire.Build(cfg, wire.Deps{})
 	if err != nil {
 		return nil, err
 	}
-	defer store.Close()
-	opts := wire.ProxyOptions(cfg)
-	opts.Store, opts.Invalidator = store, invalidation.New(wire.Retention(cfg), nil)
-	opts.Budget, opts.Logger = ratelimit.New(wire.Limiter(cfg.RateLimit, zerolog.Nop()), nil), zerolog.Nop()
-	p, err := proxy.New(opts)
-	if err != nil {
-		return nil, err
-	}
+	defer g.Close()
+	p := g.Proxy
 	pURL, stopP, err := run.Serve(p)
 	if err != nil {
 		return nil, err

@@ -18,21 +18,13 @@ import (
 	"syscall"
 	"time"
 
-	"cacheproxy/internal/cache"
 	"cacheproxy/internal/config"
 	"cacheproxy/internal/connwatch"
-	"cacheproxy/internal/fleet"
 	"cacheproxy/internal/inflight"
-	"cacheproxy/internal/invalidation"
 	"cacheproxy/internal/logbuf"
 	"cacheproxy/internal/proxy"
-	"cacheproxy/internal/ratelimit"
-	"cacheproxy/internal/tracing"
-	"cacheproxy/internal/webhooks"
 	"cacheproxy/internal/wire"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/rs/zerolog"
 )
 
@@ -142,203 +134,55 @@ const (
 	gcPercent      = 400
 )
 
-// serve runs the proxy and admin listeners until a signal arrives on sigs,
-// then shuts down gracefully: not ready at once, still serving for
-// shutdown_delay (unless a second signal comes), then stop accepting and
-// finish in-flight requests within shutdown_timeout.
+// serve runs the proxy, admin and webhook listeners until a signal
+// arrives on sigs, then shuts down gracefully (shutdown).
 func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.Logger, logw *logbuf.Writer, onListen func(string)) error {
-	// A soft memory limit (unless GOMEMLIMIT is set) makes the GC work
-	// harder before garbage doubles the cache's footprint: resident memory
-	// stays near cache.max_bytes plus the server's own needs. Under that
-	// limit the GC may let garbage reach four times the live heap (unless
-	// GOGC is set): while the cache is small it collects a quarter as
-	// often, and once the cache is full the limit decides.
-	if os.Getenv("GOMEMLIMIT") == "" {
-		debug.SetMemoryLimit(int64(cfg.Cache.MaxBytes) + memoryOverhead)
-	}
-	if os.Getenv("GOGC") == "" {
-		debug.SetGCPercent(gcPercent)
-	}
-	store, err := cache.New(int64(cfg.Cache.MaxBytes), nil)
+	setMemory(cfg)
+	g, err := wire.Build(cfg, wire.Deps{Logger: logger, AccessLog: accessLog, Getenv: os.Getenv, Version: versionInfo()})
 	if err != nil {
 		return err
 	}
-	defer store.Close()
-	limiter := ratelimit.New(wire.Limiter(cfg.RateLimit, logger), nil)
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	opts := wire.ProxyOptions(cfg)
-	trusted := func() bool { return true } // with Redis: while the replica hears the fleet's stream
-	opts.Store, opts.Invalidator, opts.Budget = store, invalidation.New(wire.Retention(cfg), nil), limiter
-	if cfg.Redis.URL != "" {
-		f, err := fleet.Open(wire.Fleet(cfg))
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		opts.Shared = f
-		inv := fleet.NewInvalidator(f, invalidation.New(wire.Retention(cfg), nil), cfg.Redis.InvalidationWait.D(), func(err error) {
-			fleetTrouble(logger, err)
-		})
-		trusted = inv.Trusted
-		defer inv.Close()
-		opts.Invalidator = inv
-		var budget *fleet.Slots
-		limiter, budget = wire.FleetLimiter(cfg, f, logger)
-		defer budget.Close()
-		opts.Budget = limiter
-		fleetMetrics(reg, f, inv, budget)
-		opts.SummaryFields = func(e *zerolog.Event) {
-			e.Bool("redis_up", f.Up() && inv.Subscribed()).Int("replicas", budget.Replicas()).
-				Int64("invalidations_sent_total", inv.Sent.Load()).Int64("invalidations_received_total", inv.Received.Load()).
-				Int64("invalidations_unacked_total", inv.Unacked.Load()).
-				Int64("budget_waits_total", budget.Waited.Load()).Int64("budget_fallbacks_total", budget.Fallbacks.Load())
-		}
-		go func() {
-			if inv.WaitTrusted(context.Background()) == nil {
-				logger.Info().Str("component", "fleet").Str("key_prefix", cfg.Redis.KeyPrefix).Msg("connected to Redis: sharing entries and invalidations")
-			}
-		}()
-	}
-	opts.Logger, opts.LogOutput, opts.Registerer = accessLog, logw, reg
-	tr, err := tracing.Setup(context.Background(), os.Getenv, versionInfo())
-	if err != nil {
-		return err
-	}
-	if tr != nil {
-		opts.Tracing = tr
-		defer func() {
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			if err := tr.Shutdown(ctx); err != nil {
-				logger.Warn().Str("component", "tracing").Err(err).Msg("spans not sent at shutdown")
-			}
-		}()
+	defer g.Close()
+	if g.Tracing() {
 		// The endpoint's headers may hold a token: none of it is logged.
 		logger.Info().Str("component", "tracing").Msg("tracing on: spans go to the OTLP/HTTP endpoint of OTEL_EXPORTER_OTLP_*")
-	}
-	p, err := proxy.New(opts)
-	if err != nil {
-		return err
 	}
 	if cfg.Admin.PurgeToken == "" && !isLoopback(cfg.AdminListen) {
 		logger.Warn().Str("admin_listen", cfg.AdminListen).Msg("admin_listen is not loopback and admin.purge_token is not set: /purge is disabled")
 	}
-	ln, err := net.Listen("tcp", cfg.Listen)
+	s, err := newServers(cfg, g, logger)
 	if err != nil {
-		return fmt.Errorf("listen: %w", err)
-	}
-	adminLn, err := net.Listen("tcp", cfg.AdminListen)
-	if err != nil {
-		ln.Close()
-		return fmt.Errorf("admin_listen: %w", err)
-	}
-	hooks, hooksLn, err := webhookServer(cfg, opts.Invalidator, logger, reg)
-	if err != nil {
-		ln.Close()
-		adminLn.Close()
 		return err
-	}
-	var conns connTracker
-	srv := &http.Server{
-		Handler:           p,
-		ReadHeaderTimeout: cfg.Server.ReadHeaderTimeout.D(),
-		ReadTimeout:       cfg.Server.ReadTimeout.D(),
-		// No WriteTimeout: it would count the upstream's time too. A
-		// response's write is bounded from its start (writes, below; the
-		// proxy sets a deadline per response on HTTP/2).
-		IdleTimeout:    cfg.Server.IdleTimeout.D(),
-		MaxHeaderBytes: int(cfg.Server.MaxHeaderBytes),
-		ErrorLog:       proxy.StdLog(logger, "http"),
-		ConnState:      conns.track,
-		Protocols:      proxyProtocols(),
-	}
-	var ready atomic.Bool
-	admin := &http.Server{
-		Handler:           adminMux(reg, &ready, trusted, p.PurgeHandler(cfg.Admin.PurgeToken, isLoopback(cfg.AdminListen))),
-		ReadHeaderTimeout: 5 * time.Second,
-		IdleTimeout:       cfg.Server.IdleTimeout.D(),
-		ErrorLog:          proxy.StdLog(logger, "admin"),
 	}
 	// Shutdown runs this (in a goroutine of its own) once the listener is
 	// closed; "stopped" waits for it, so the lines come in order.
 	closed := make(chan struct{})
-	srv.RegisterOnShutdown(func() {
+	s.proxy.RegisterOnShutdown(func() {
 		logger.Info().Msg("no longer accepting; finishing in-flight requests")
 		_ = logw.Flush()
 		close(closed)
 	})
-	writes := connwatch.New(cfg.Server.WriteTimeout.D(), nil)
-	watched := writes.Wrap(srv, ln)
 	stopWatch := make(chan struct{})
 	defer close(stopWatch)
-	go writes.Run(stopWatch)
-	errc := make(chan error, 3)
-	go func() { errc <- srv.Serve(watched) }()
-	go func() { errc <- admin.Serve(adminLn) }()
-	if hooks != nil {
-		go func() { errc <- hooks.Serve(hooksLn) }()
-		logger.Info().Str("webhooks_listen", hooksLn.Addr().String()).Bool("forward", cfg.Webhooks.ForwardTo != "").Msg("listening for Twilio's webhooks")
+	go s.writes.Run(stopWatch)
+	errc := s.start()
+	if s.hooks != nil {
+		logger.Info().Str("webhooks_listen", s.hooksLn.Addr().String()).Bool("forward", cfg.Webhooks.ForwardTo != "").Msg("listening for Twilio's webhooks")
 	}
-	ready.Store(true)
-	logger.Info().Str("listen", ln.Addr().String()).Str("admin_listen", adminLn.Addr().String()).
+	s.ready.Store(true)
+	logger.Info().Str("listen", s.ln.Addr().String()).Str("admin_listen", s.adminLn.Addr().String()).
 		Str("conversations", cfg.Upstreams.Conversations.URL).Str("proxy", cfg.Upstreams.Proxy.URL).Msg("cacheproxy started")
 	_ = logw.Flush() // tooling waits for this line
 	if onListen != nil {
-		onListen(ln.Addr().String())
+		onListen(s.ln.Addr().String())
 	}
-
 	stopSummary := make(chan struct{})
 	defer close(stopSummary)
-	go func() {
-		t := time.NewTicker(cfg.Log.SummaryInterval.D())
-		defer t.Stop()
-		var prev proxy.Summary
-		for {
-			select {
-			case <-t.C:
-				prev = p.LogSummary(prev)
-			case <-stopSummary:
-				return
-			}
-		}
-	}()
-	select {
-	case sig := <-sigs:
-		ready.Store(false) // the pod leaves rotation at once
-		delay := cfg.ShutdownDelay.D()
-		logger.Info().Str("signal", sig.String()).Dur("shutdown_delay", delay).Msg("shutting down: not ready; still serving for shutdown_delay")
-		_ = logw.Flush()
-		if delay > 0 {
-			t := time.NewTimer(delay)
-			select {
-			case <-t.C:
-			case sig := <-sigs:
-				t.Stop()
-				logger.Info().Str("signal", sig.String()).Msg("second signal: skipping the rest of shutdown_delay")
-			}
-		}
-	case err := <-errc:
-		return fmt.Errorf("serve: %w", err)
+	go summarise(g.Proxy, cfg.Log.SummaryInterval.D(), stopSummary)
+	if err := awaitSignal(sigs, errc, &s.ready, cfg.ShutdownDelay.D(), logger, logw); err != nil {
+		return err
 	}
-	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout.D())
-	defer cancel()
-	// The admin listener goes last: /readyz answers 503 while requests drain.
-	err = srv.Shutdown(sctx)
-	if err != nil {
-		// Requests still running past shutdown_timeout: cut their
-		// connections so that they end now, and wait (briefly) for their
-		// handlers, so that each still gets its access-log line.
-		logger.Warn().Dur("shutdown_timeout", cfg.ShutdownTimeout.D()).Msg("shutdown_timeout passed: closing the connections of requests still running")
-		_ = srv.Close()
-		grace, cancelGrace := context.WithTimeout(context.Background(), closeGrace)
-		_ = conns.wait(grace)
-		cancelGrace()
-	}
-	if hooks != nil {
-		err = errors.Join(err, hooks.Shutdown(sctx))
-	}
-	err = errors.Join(err, p.Wait(sctx), limiter.Wait(sctx), admin.Shutdown(sctx))
+	err = s.shutdown(cfg, g, logger)
 	<-closed
 	_ = logw.Flush()
 	if err != nil {
@@ -348,24 +192,147 @@ func serve(sigs <-chan os.Signal, cfg config.Config, logger, accessLog zerolog.L
 	return nil
 }
 
-// webhookServer is the listener for Twilio's webhooks (webhooks.listen),
-// or nil when it is off. It serves only the webhook endpoints.
-func webhookServer(cfg config.Config, inv proxy.Invalidator, logger zerolog.Logger, reg prometheus.Registerer) (*http.Server, net.Listener, error) {
-	w := cfg.Webhooks
-	if w.Listen == "" {
-		return nil, nil, nil
+// setMemory sets the Go runtime's memory limit and GC percentage unless
+// GOMEMLIMIT or GOGC say otherwise. The soft limit makes the GC work
+// harder before garbage doubles the cache's footprint: resident memory
+// stays near cache.max_bytes plus the server's own needs. Under it the GC
+// may let garbage reach four times the live heap: while the cache is
+// small it collects a quarter as often, and once the cache is full the
+// limit decides.
+func setMemory(cfg config.Config) {
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(int64(cfg.Cache.MaxBytes) + memoryOverhead)
 	}
-	h, err := webhooks.New(webhooks.Config{PublicURL: w.PublicURL, AuthTokens: w.AuthTokens, ForwardTo: w.ForwardTo,
-		Invalidator: inv, Logger: logger, Registerer: reg})
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(gcPercent)
+	}
+}
+
+// servers are the binary's listeners and their servers; hooks and
+// hooksLn are nil when webhooks.listen is unset.
+type servers struct {
+	ln, adminLn, hooksLn net.Listener
+	proxy, admin, hooks  *http.Server
+	writes               *connwatch.Watch
+	conns                connTracker
+	ready                atomic.Bool
+}
+
+// newServers binds the listeners and makes their servers.
+func newServers(cfg config.Config, g *wire.Graph, logger zerolog.Logger) (*servers, error) {
+	s := &servers{}
+	var err error
+	if s.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
+		return nil, fmt.Errorf("listen: %w", err)
+	}
+	if s.adminLn, err = net.Listen("tcp", cfg.AdminListen); err != nil {
+		s.ln.Close()
+		return nil, fmt.Errorf("admin_listen: %w", err)
+	}
+	if g.Webhooks != nil {
+		if s.hooksLn, err = net.Listen("tcp", cfg.Webhooks.Listen); err != nil {
+			s.ln.Close()
+			s.adminLn.Close()
+			return nil, fmt.Errorf("webhooks.listen: %w", err)
+		}
+		s.hooks = &http.Server{Handler: g.Webhooks, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+			IdleTimeout: cfg.Server.IdleTimeout.D(), ErrorLog: proxy.StdLog(logger, "webhooks")}
+	}
+	s.proxy = &http.Server{
+		Handler:           g.Proxy,
+		ReadHeaderTimeout: cfg.Server.ReadHeaderTimeout.D(),
+		ReadTimeout:       cfg.Server.ReadTimeout.D(),
+		// No WriteTimeout: it would count the upstream's time too. A
+		// response's write is bounded from its start (writes; the proxy
+		// sets a deadline per response on HTTP/2).
+		IdleTimeout:    cfg.Server.IdleTimeout.D(),
+		MaxHeaderBytes: int(cfg.Server.MaxHeaderBytes),
+		ErrorLog:       proxy.StdLog(logger, "http"),
+		ConnState:      s.conns.track,
+		Protocols:      proxyProtocols(),
+	}
+	s.admin = &http.Server{
+		Handler:           adminMux(g.Registry, &s.ready, g.Trusted, g.Proxy.PurgeHandler(cfg.Admin.PurgeToken, isLoopback(cfg.AdminListen))),
+		ReadHeaderTimeout: 5 * time.Second,
+		IdleTimeout:       cfg.Server.IdleTimeout.D(),
+		ErrorLog:          proxy.StdLog(logger, "admin"),
+	}
+	s.writes = connwatch.New(cfg.Server.WriteTimeout.D(), nil)
+	return s, nil
+}
+
+// start serves every listener; the channel gets the first to fail.
+func (s *servers) start() <-chan error {
+	errc := make(chan error, 3)
+	watched := s.writes.Wrap(s.proxy, s.ln)
+	go func() { errc <- s.proxy.Serve(watched) }()
+	go func() { errc <- s.admin.Serve(s.adminLn) }()
+	if s.hooks != nil {
+		go func() { errc <- s.hooks.Serve(s.hooksLn) }()
+	}
+	return errc
+}
+
+// summarise logs the proxy's summary line every interval until stop.
+func summarise(p *proxy.Proxy, interval time.Duration, stop <-chan struct{}) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	var prev proxy.Summary
+	for {
+		select {
+		case <-t.C:
+			prev = p.LogSummary(prev)
+		case <-stop:
+			return
+		}
+	}
+}
+
+// awaitSignal waits for the first signal (or a listener's failure), then
+// keeps serving for delay, not ready, unless a second signal comes.
+func awaitSignal(sigs <-chan os.Signal, errc <-chan error, ready *atomic.Bool, delay time.Duration, logger zerolog.Logger, logw *logbuf.Writer) error {
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serve: %w", err)
+	case sig := <-sigs:
+		ready.Store(false) // the pod leaves rotation at once
+		logger.Info().Str("signal", sig.String()).Dur("shutdown_delay", delay).Msg("shutting down: not ready; still serving for shutdown_delay")
+		_ = logw.Flush()
+	}
+	if delay <= 0 {
+		return nil
+	}
+	t := time.NewTimer(delay)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case sig := <-sigs:
+		logger.Info().Str("signal", sig.String()).Msg("second signal: skipping the rest of shutdown_delay")
+	}
+	return nil
+}
+
+// shutdown stops accepting and finishes in-flight requests within
+// shutdown_timeout; the admin listener goes last, so /readyz answers 503
+// while requests drain.
+func (s *servers) shutdown(cfg config.Config, g *wire.Graph, logger zerolog.Logger) error {
+	ctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout.D())
+	defer cancel()
+	err := s.proxy.Shutdown(ctx)
 	if err != nil {
-		return nil, nil, err
+		// Requests still running past shutdown_timeout: cut their
+		// connections so that they end now, and wait (briefly) for their
+		// handlers, so that each still gets its access-log line.
+		logger.Warn().Dur("shutdown_timeout", cfg.ShutdownTimeout.D()).Msg("shutdown_timeout passed: closing the connections of requests still running")
+		_ = s.proxy.Close()
+		grace, cancelGrace := context.WithTimeout(context.Background(), closeGrace)
+		_ = s.conns.wait(grace)
+		cancelGrace()
 	}
-	ln, err := net.Listen("tcp", w.Listen)
-	if err != nil {
-		return nil, nil, fmt.Errorf("webhooks.listen: %w", err)
+	if s.hooks != nil {
+		err = errors.Join(err, s.hooks.Shutdown(ctx))
 	}
-	return &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
-		IdleTimeout: cfg.Server.IdleTimeout.D(), ErrorLog: proxy.StdLog(logger, "webhooks")}, ln, nil
+	return errors.Join(err, g.Proxy.Wait(ctx), g.Budget.Wait(ctx), s.admin.Shutdown(ctx))
 }
 
 // proxyProtocols are the proxy listener's: HTTP/1.1, and HTTP/2 in
@@ -428,64 +395,4 @@ func versionInfo() string {
 		out += " vcs.revision=" + revision
 	}
 	return out
-}
-
-func b2f(b bool) float64 {
-	if b {
-		return 1
-	}
-	return 0
-}
-
-// fleetTrouble logs what the fleet tier reports: garbage in Redis and an
-// invalidation this replica cannot open (another cache.key_secret) as
-// errors an operator must act on, anything else (Redis away, a replica
-// that did not acknowledge) as a warning. Never a secret or a value.
-func fleetTrouble(logger zerolog.Logger, err error) {
-	ev := logger.Warn()
-	msg := "fleet: Redis or another replica did not answer in time; invalidations not yet in Redis are kept and retried, and this replica trusts no shared entry they cover meanwhile"
-	switch {
-	case errors.Is(err, fleet.ErrCorrupt):
-		ev, msg = logger.Error(), "fleet: Redis holds garbage in the fleet's epoch, floor or marks; this replica drops its cache each second until they read right"
-	case errors.Is(err, fleet.ErrOtherSecret):
-		ev, msg = logger.Error(), "fleet: replicas disagree on cache.key_secret; set the same secret (or list the old one in cache.previous_key_secrets during a rotation)"
-	}
-	ev.Str("component", "fleet").Str("error", err.Error()).Msg(msg)
-}
-
-// fleetMetrics registers the fleet tier's state and invalidation counts.
-func fleetMetrics(reg prometheus.Registerer, f *fleet.Fleet, inv *fleet.Invalidator, budget *fleet.Slots) {
-	counter := func(name, help string, v func() int64) prometheus.Collector {
-		return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, func() float64 { return float64(v()) })
-	}
-	reg.MustRegister(
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cacheproxy_redis_up",
-			Help: "1 while the last Redis call succeeded, the fleet's state in Redis reads right and this replica hears the fleet's invalidations, else 0."},
-			func() float64 {
-				if f.Up() && f.Healthy() && inv.Subscribed() {
-					return 1
-				}
-				return 0
-			}),
-		counter("cacheproxy_fleet_invalidations_sent_total", "Invalidations this replica sent to the fleet.", inv.Sent.Load),
-		counter("cacheproxy_fleet_invalidations_received_total", "Other replicas' invalidations applied here.", inv.Received.Load),
-		counter("cacheproxy_fleet_invalidations_acked_total", "Acknowledgements this replica's invalidations got.", inv.Acked.Load),
-		counter("cacheproxy_fleet_invalidations_unacked_total", "Replicas that did not acknowledge within redis.invalidation_wait.", inv.Unacked.Load),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cacheproxy_fleet_replicas", Help: "Replicas seen in the last five seconds."},
-			func() float64 { return float64(budget.Replicas()) }),
-		counter("cacheproxy_fleet_budget_waits_total", "Upstream calls that waited for a slot of their account's fleet-wide cap.", budget.Waited.Load),
-		counter("cacheproxy_fleet_budget_handed_total", "Fleet slots a release handed to this replica's waiting calls (no call polls).", budget.Handed.Load),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cacheproxy_fleet_trusted",
-			Help: "1 while this replica trusts its L1: it hears the fleet's invalidations and every writer counts it (also /readyz)."},
-			func() float64 { return b2f(inv.Trusted()) }),
-		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cacheproxy_fleet_invalidations_unsent",
-			Help: "Invalidations applied here that Redis has not taken yet (retried; 1 for 'everything' once over 1024)."},
-			func() float64 { return float64(inv.Unsent()) }),
-		counter("cacheproxy_fleet_invalidations_unopened_total", "Invalidations this replica could not open (another cache.key_secret): each dropped its whole L1.", inv.Unopened.Load),
-		counter("cacheproxy_fleet_stream_lapses_total", "Times this replica's invalidation stream fell more than redis.invalidation_wait behind (its own heartbeat came back late): each dropped its whole L1.", inv.Lapses.Load),
-		counter("cacheproxy_fleet_state_errors_total", "Reads of the fleet's epoch, floor or marks in Redis that were not valid numbers (garbage).", f.CorruptReads),
-		counter("cacheproxy_fleet_rewinds_total", "Times this replica found Redis's epoch lower than one it had seen (a restart from older data, a failover) and raised the floor.", f.Rewinds),
-		counter("cacheproxy_fleet_budget_slots_regiven_total", "Fleet slots given back late: their release, or a take that timed out after Redis may have run it, failed and was retried.", budget.Regiven.Load),
-		counter("cacheproxy_fleet_budget_fallbacks_total", "Upstream calls made on this replica's share of the cap because Redis could not be asked.", budget.Fallbacks.Load),
-	)
 }

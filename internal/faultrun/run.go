@@ -16,16 +16,11 @@ import (
 	"sync"
 	"time"
 
-	"cacheproxy/internal/cache"
 	"cacheproxy/internal/config"
 	"cacheproxy/internal/fleet"
-	"cacheproxy/internal/invalidation"
-	"cacheproxy/internal/proxy"
 	"cacheproxy/internal/redistest"
 	"cacheproxy/internal/twiliofake"
 	"cacheproxy/internal/wire"
-
-	"github.com/rs/zerolog"
 )
 
 // Config is one run.
@@ -266,31 +261,17 @@ func startReplica(env *env, upURL string, link *redistest.Link) (*replica, error
 	cfg := config.Default()
 	cfg.Upstreams.Conversations.URL, cfg.Upstreams.Proxy.URL = upURL, upURL
 	cfg.Cache.KeySecret, cfg.Redis.URL = "faults-fleet-secret", link.URL()
-	store, err := cache.New(int64(cfg.Cache.MaxBytes), nil)
+	g, err := wire.Build(cfg, wire.Deps{})
 	if err != nil {
 		return nil, err
 	}
-	env.Cleanup(store.Close)
-	f, err := fleet.Open(wire.Fleet(cfg))
-	if err != nil {
-		return nil, err
-	}
-	env.Cleanup(f.Close)
+	env.Cleanup(g.Close)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := f.Connected(ctx); err != nil {
+	if err := g.Fleet.Connected(ctx); err != nil {
 		return nil, err
 	}
-	inv := fleet.NewInvalidator(f, invalidation.New(wire.Retention(cfg), nil), cfg.Redis.InvalidationWait.D(), nil)
-	env.Cleanup(inv.Close)
-	limiter, slots := wire.FleetLimiter(cfg, f, zerolog.Nop())
-	env.Cleanup(slots.Close)
-	opts := wire.ProxyOptions(cfg)
-	opts.Store, opts.Invalidator, opts.Budget, opts.Shared, opts.Logger = store, inv, limiter, f, zerolog.Nop()
-	p, err := proxy.New(opts)
-	if err != nil {
-		return nil, err
-	}
+	p, inv := g.Proxy, g.FleetInvalidator
 	srv := httptest.NewServer(p)
 	env.Cleanup(srv.Close)
 	return &replica{url: srv.URL, link: link, inv: inv}, nil

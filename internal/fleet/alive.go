@@ -120,19 +120,11 @@ func (f *Fleet) takeOver(ctx context.Context, name, holder string) string {
 	renew, _ := f.aliveCmd(c, true)
 	sent := time.Now()
 	trip(ctx)
-	rs := c.DoMulti(ctx, renew, c.B().Eval().Script(takeClaim).Numkeys(1).Key(name).
-		Arg(holder, token, strconv.FormatInt(f.cfg.ClaimHold.Milliseconds(), 10)).Build())
+	take := takeClaim.with([]string{name}, holder, token, strconv.FormatInt(f.cfg.ClaimHold.Milliseconds(), 10))
+	rs := c.DoMulti(ctx, renew, take.cmd(c))
 	f.alive(sent, rs[0].Error())
-	if took, err := rs[1].AsInt64(); f.result(err) != nil || took != 1 {
+	if took, err := take.again(ctx, c, rs[1]).AsInt64(); f.result(err) != nil || took != 1 {
 		return ""
 	}
 	return token
 }
-
-// takeClaim gives claim KEYS[1] to token ARGV[2] for ARGV[3] ms if it is
-// still held by ARGV[1] (whose replica is gone) or by nobody.
-const takeClaim = `
-local h = redis.call('GET', KEYS[1])
-if h and h ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return 1`

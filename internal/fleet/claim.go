@@ -83,11 +83,6 @@ func (f *Fleet) Claim(ctx context.Context, key, auth string) (tier.Claim, error)
 // holds any claim (alive.go).
 func (cl *claim) hold() { cl.f.holding.Add(1) }
 
-// unclaim deletes a claim only if it still holds the token that took it.
-const unclaim = `
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0`
-
 // Won reports whether this replica holds the key's claim.
 func (cl *claim) Won() bool { return cl.token != "" }
 
@@ -161,37 +156,35 @@ func (cl *claim) Share(ctx context.Context, e *cache.Entry) error {
 		return err
 	}
 	token := cl.token
-	var cmd rueidis.Completed
+	var do func(ctx context.Context) rueidis.RedisResult
 	switch {
 	case token != "" && ok:
 		cl.end()
-		cmd = c.B().Eval().Script(shareClaim).Numkeys(2).Key(se.name, cl.name).
-			Arg(rueidis.BinaryString(se.val), strconv.FormatInt(se.ttl.Milliseconds(), 10), token).Build()
+		do = func(ctx context.Context) rueidis.RedisResult {
+			return shareClaim.Exec(ctx, c, []string{se.name, cl.name},
+				[]string{rueidis.BinaryString(se.val), strconv.FormatInt(se.ttl.Milliseconds(), 10), token})
+		}
 	case token != "":
 		cl.end()
-		cmd = c.B().Eval().Script(unclaim).Numkeys(1).Key(cl.name).Arg(token).Build()
+		do = func(ctx context.Context) rueidis.RedisResult {
+			return unclaim.Exec(ctx, c, []string{cl.name}, []string{token})
+		}
 	case ok:
-		cmd = c.B().Set().Key(se.name).Value(rueidis.BinaryString(se.val)).Px(se.ttl).Build()
+		do = func(ctx context.Context) rueidis.RedisResult {
+			return c.Do(ctx, c.B().Set().Key(se.name).Value(rueidis.BinaryString(se.val)).Px(se.ttl).Build())
+		}
 	default:
 		return nil
 	}
 	ctx, cancel := cl.f.ctx(ctx)
 	defer cancel()
 	trip(ctx)
-	err = cl.f.result(c.Do(ctx, cmd).Error())
+	err = cl.f.result(do(ctx).Error())
 	if err != nil && token != "" {
 		cl.f.giveBackLater(cl.name, token)
 	}
 	return err
 }
-
-// shareClaim sets entry KEYS[1] to ARGV[1] for ARGV[2] ms and deletes its
-// claim KEYS[2] (in the same hash slot) if it still holds token ARGV[3]:
-// a fill's share and release, one command.
-const shareClaim = `
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
-return 1`
 
 // end lets the claim go here: its replica no longer keeps it alive for it.
 func (cl *claim) end() {
@@ -217,7 +210,7 @@ func (f *Fleet) unclaimNow(ctx context.Context, name, token string) error {
 		return err
 	}
 	trip(ctx)
-	return f.result(c.Do(ctx, c.B().Eval().Script(unclaim).Numkeys(1).Key(name).Arg(token).Build()).Error())
+	return f.result(unclaim.Exec(ctx, c, []string{name}, []string{token}).Error())
 }
 
 // unclaimLater gives back a claim taken but not needed, off the request's

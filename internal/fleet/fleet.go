@@ -152,6 +152,9 @@ func (f *Fleet) connect(opt rueidis.ClientOption) {
 	for {
 		c, err := rueidis.NewClient(opt)
 		if err == nil {
+			ctx, cancel := context.WithTimeout(context.Background(), max(f.cfg.Timeout, time.Second))
+			loadScripts(ctx, c)
+			cancel()
 			f.client.Store(&c)
 			f.up.Store(true)
 			return
@@ -256,14 +259,6 @@ func (f *Fleet) Epoch(ctx context.Context) (uint64, error) {
 	rs := c.DoMulti(ctx, c.B().Get().Key(f.epochKey()).Build(), c.B().Get().Key(f.floorKey()).Build())
 	return f.current(ctx, c, rs[0], rs[1], seen)
 }
-
-// raiseMark sets a scope's mark to an epoch unless it already holds a later
-// one (two writers' marks may land in either order). One key per call, so
-// that a Redis Cluster can run it wherever the key lives.
-var raiseMark = rueidis.NewLuaScript(`
-local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-if cur < tonumber(ARGV[1]) then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end
-return 1`)
 
 // Invalidate marks tags invalidated now, fleet-wide: it raises the epoch,
 // then marks each scope with the new epoch, which it returns. A fetch that
@@ -426,16 +421,6 @@ type looked struct {
 	holder  string       // the claim's token, if another replica holds it
 }
 
-// getOrClaim reads an entry (KEYS[1]) and its time left and, if there is
-// none or ARGV[3] is "1" (the caller cannot use the one there is), takes
-// the entry's claim (KEYS[2], in the same hash slot) with token ARGV[1]
-// for ARGV[2] ms if it is free; it returns the claim's holder too.
-const getOrClaim = `
-local v = redis.call('GET', KEYS[1])
-local left = redis.call('PTTL', KEYS[1])
-if (not v or ARGV[3] == '1') then redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) end
-return {v, left, redis.call('GET', KEYS[2])}`
-
 // look reads the fleet's epoch and floor and key's entry under every
 // secret in one round trip, and claims the key when there is no entry
 // under the current secret (or always, with force). The entry's marks are
@@ -454,8 +439,8 @@ func (f *Fleet) look(ctx context.Context, key, auth string, force bool) (looked,
 	token := f.id + newToken()
 	seen := f.st.seen.Load()
 	cmds := make(rueidis.Commands, 0, 1+2*len(f.keys))
-	cmds = append(cmds, c.B().Get().Key(f.epochKey()).Build(), c.B().Get().Key(f.floorKey()).Build(),
-		c.B().Eval().Script(getOrClaim).Numkeys(2).Key(names[0], l.claim).Arg(token, strconv.FormatInt(f.cfg.ClaimHold.Milliseconds(), 10), map[bool]string{true: "1", false: "0"}[force]).Build())
+	get := getOrClaim.with([]string{names[0], l.claim}, token, strconv.FormatInt(f.cfg.ClaimHold.Milliseconds(), 10), map[bool]string{true: "1", false: "0"}[force])
+	cmds = append(cmds, c.B().Get().Key(f.epochKey()).Build(), c.B().Get().Key(f.floorKey()).Build(), get.cmd(c))
 	for i := 1; i < len(f.keys); i++ {
 		names[i], _ = f.keys[i].entryNames(f.cfg.Prefix, id)
 		cmds = append(cmds, c.B().Get().Key(names[i]).Build(), c.B().Pttl().Key(names[i]).Build())
@@ -475,7 +460,7 @@ func (f *Fleet) look(ctx context.Context, key, auth string, force bool) (looked,
 		return l, err
 	}
 	l.epoch = epoch
-	got, err := rs[2].ToArray()
+	got, err := get.again(ctx, c, rs[2]).ToArray()
 	if err := f.result(err); err != nil {
 		return l, err
 	}
@@ -647,13 +632,8 @@ func seeds(u string) string {
 
 type tripsKey struct{}
 
-// CountTrips returns a context in which every Redis round trip the fleet
-// makes for a request (lookups, claims, fills, budget slots) is counted in
-// n: how tests and benchmarks see what a request costs in round trips.
-func CountTrips(ctx context.Context, n *atomic.Int64) context.Context {
-	return context.WithValue(ctx, tripsKey{}, n)
-}
-
+// trip counts a Redis round trip made for a request, in the counter its
+// context carries (export_test.go's CountTrips), if any.
 func trip(ctx context.Context) {
 	if n, ok := ctx.Value(tripsKey{}).(*atomic.Int64); ok {
 		n.Add(1)

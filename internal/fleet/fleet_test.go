@@ -350,7 +350,7 @@ func TestAWaiterThatLosesRedisGoesOnWithItsShare(t *testing.T) {
 		}
 		got <- err
 	}()
-	for deadline := time.Now().Add(10 * time.Second); as.Waited.Load() == 0; time.Sleep(time.Millisecond) { // A queues in Redis
+	for deadline := time.Now().Add(10 * time.Second); as.Stats().Waited == 0; time.Sleep(time.Millisecond) { // A queues in Redis
 		if time.Now().After(deadline) {
 			t.Fatal("A never waited for the slot")
 		}
@@ -358,8 +358,8 @@ func TestAWaiterThatLosesRedisGoesOnWithItsShare(t *testing.T) {
 	link.Down()
 	defer link.Up(t)
 	start := time.Now()
-	if err := <-got; err != nil || as.Fallbacks.Load() != 1 {
-		t.Fatalf("A after losing Redis: %v, %d fallbacks; want its share", err, as.Fallbacks.Load())
+	if err := <-got; err != nil || as.Stats().Fallbacks != 1 {
+		t.Fatalf("A after losing Redis: %v, %d fallbacks; want its share", err, as.Stats().Fallbacks)
 	}
 	t.Logf("A went on with its share %s after losing Redis", time.Since(start))
 }
@@ -377,12 +377,12 @@ func TestBudgetSlotsTakenDuringAFaultAreGivenBack(t *testing.T) {
 	b, _ := fleetBudget(t, open(t, srv.URL()), 1, 0, 50*time.Millisecond)
 	link.Latency(t, 200)
 	ls, err := a.Acquire(ctx, "AC1", "c")
-	if err != nil || as.Fallbacks.Load() != 1 {
-		t.Fatalf("A with Redis slow: %v, %d fallbacks; want its share", err, as.Fallbacks.Load())
+	if err != nil || as.Stats().Fallbacks != 1 {
+		t.Fatalf("A with Redis slow: %v, %d fallbacks; want its share", err, as.Stats().Fallbacks)
 	}
 	ls.Done(ratelimit.Served)
 	link.Clear()
-	for deadline := time.Now().Add(30 * time.Second); as.Regiven.Load() == 0; {
+	for deadline := time.Now().Add(30 * time.Second); as.Stats().Regiven == 0; {
 		if time.Now().After(deadline) {
 			t.Fatal("the slot Redis took for A was never given back")
 		}

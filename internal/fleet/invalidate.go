@@ -54,16 +54,10 @@ type Invalidator struct {
 	mu      sync.Mutex
 	waiters map[uint64]chan struct{}
 
-	Sent, Received, Acked, Unacked atomic.Int64
-	// Lapses counts the times this replica's stream fell more than
-	// InvalidationWait behind (its L1 was dropped).
-	Lapses atomic.Int64
-	born   time.Time    // heartbeats carry monotonic time since
-	heard  atomic.Int64 // the sending time of the latest own heartbeat heard back
-	lapsed atomic.Bool
-	// Unopened counts invalidations this replica could not open (sealed
-	// under another cache.key_secret): each dropped its whole L1.
-	Unopened   atomic.Int64
+	n          struct{ sent, received, acked, unacked, lapses, unopened atomic.Int64 } // for Stats
+	born       time.Time                                                               // heartbeats carry monotonic time since
+	heard      atomic.Int64                                                            // the sending time of the latest own heartbeat heard back
+	lapsed     atomic.Bool
 	subscribed atomic.Bool
 	// trusted: subscribed, and announced long enough that every writer
 	// counts this replica among those it waits for. Until then nothing is
@@ -72,8 +66,6 @@ type Invalidator struct {
 	peers      atomic.Int64 // other replicas sharing a secret with this one, subscribed
 	lastAlarm  atomic.Int64
 	kick       chan struct{} // unsent invalidations to retry
-	firstSub   chan struct{} // closed at the first subscription
-	firstOnce  sync.Once
 	firstTrust chan struct{} // closed when first trusted
 	trustOnce  sync.Once
 
@@ -107,7 +99,7 @@ type ack struct {
 func NewInvalidator(f *Fleet, local *invalidation.Local, wait time.Duration, onError func(error)) *Invalidator {
 	ctx, cancel := context.WithCancel(context.Background())
 	i := &Invalidator{local: local, f: f, wait: wait, onError: onError, id: newID(), born: time.Now(),
-		waiters: map[uint64]chan struct{}{}, stop: cancel, done: make(chan struct{}), firstSub: make(chan struct{}), firstTrust: make(chan struct{}),
+		waiters: map[uint64]chan struct{}{}, stop: cancel, done: make(chan struct{}), firstTrust: make(chan struct{}),
 		kick: make(chan struct{}, 1)}
 	reset := func() { i.local.InvalidateAll() }
 	f.st.onReset.Store(&reset)
@@ -122,21 +114,32 @@ func NewInvalidator(f *Fleet, local *invalidation.Local, wait time.Duration, onE
 	return i
 }
 
+// InvalidatorStats are an Invalidator's counts since it started.
+type InvalidatorStats struct {
+	// Sent counts this replica's invalidations sent to the fleet;
+	// Received, other replicas' applied here.
+	Sent, Received int64
+	// Acked counts acknowledgements of this replica's invalidations;
+	// Unacked, replicas that did not acknowledge within the wait.
+	Acked, Unacked int64
+	// Lapses counts the times this replica's stream fell more than the
+	// wait behind (its L1 was dropped).
+	Lapses int64
+	// Unopened counts invalidations this replica could not open (sealed
+	// under another cache.key_secret): each dropped its whole L1.
+	Unopened int64
+}
+
+// Stats returns the invalidator's counts.
+func (i *Invalidator) Stats() InvalidatorStats {
+	return InvalidatorStats{Sent: i.n.sent.Load(), Received: i.n.received.Load(), Acked: i.n.acked.Load(), Unacked: i.n.unacked.Load(),
+		Lapses: i.n.lapses.Load(), Unopened: i.n.unopened.Load()}
+}
+
 // Close ends the subscription.
 func (i *Invalidator) Close() {
 	i.stop()
 	<-i.done
-}
-
-// WaitSubscribed blocks until this replica first hears the fleet's
-// invalidations, or ctx ends.
-func (i *Invalidator) WaitSubscribed(ctx context.Context) error {
-	select {
-	case <-i.firstSub:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
 }
 
 // WaitTrusted blocks until this replica is first trusted (it hears the
@@ -170,7 +173,7 @@ func (i *Invalidator) Epoch() uint64 {
 		}
 	case i.trusted.Load() && i.lapsed.CompareAndSwap(false, true):
 		i.local.InvalidateAll()
-		i.Lapses.Add(1)
+		i.n.lapses.Add(1)
 	}
 	return i.local.Epoch()
 }
@@ -377,7 +380,7 @@ func (i *Invalidator) broadcast(ctx context.Context, msg message) error {
 		i.fail(err)
 		return fmt.Errorf("%w: %w", errUnpublished, err)
 	}
-	i.Sent.Add(1)
+	i.n.sent.Add(1)
 	// Every replica that announced itself with a secret this one has is
 	// waited for, and only those: a stray subscriber (a redis-cli left
 	// open, a replica with an unrelated secret) costs nothing, and a
@@ -394,9 +397,9 @@ func (i *Invalidator) broadcast(ctx context.Context, msg message) error {
 	for got := int64(0); got < receivers; got++ {
 		select {
 		case <-acks:
-			i.Acked.Add(1)
+			i.n.acked.Add(1)
 		case <-timeout.C:
-			i.Unacked.Add(receivers - got)
+			i.n.unacked.Add(receivers - got)
 			err := errors.New("invalidation: " + strconv.FormatInt(receivers-got, 10) + " of " +
 				strconv.FormatInt(receivers, 10) + " replicas did not acknowledge within redis.invalidation_wait")
 			i.fail(err)
@@ -435,7 +438,6 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 				i.subscribed.Store(up)
 				if up {
 					i.local.InvalidateAll() // invalidations sent while it was not listening
-					i.firstOnce.Do(func() { close(i.firstSub) })
 					go i.since(ctx, i.f.heard.subscribed())
 				}
 			})
@@ -526,13 +528,13 @@ func (i *Invalidator) handle(ctx context.Context, m rueidis.PubSubMessage) {
 	case from == i.id:
 	case msg.All:
 		i.local.InvalidateAll()
-		i.Received.Add(1)
+		i.n.received.Add(1)
 	default:
 		if msg.E > 0 {
 			i.f.heard.add(msg.Tags, msg.E) // before the acknowledgement
 		}
 		i.local.Invalidate(ctx, msg.Tags)
-		i.Received.Add(1)
+		i.n.received.Add(1)
 	}
 	c := i.f.c()
 	if c == nil {
@@ -557,25 +559,12 @@ func (i *Invalidator) unopened(ctx context.Context) {
 	if epoch, err := i.f.Epoch(ctx); err == nil {
 		i.f.observeFloor(epoch)
 	}
-	i.Unopened.Add(1)
+	i.n.unopened.Add(1)
 	now := time.Now().UnixNano()
 	if last := i.lastAlarm.Load(); now-last > int64(time.Minute) && i.lastAlarm.CompareAndSwap(last, now) {
 		i.fail(ErrOtherSecret)
 	}
 }
-
-// announcePeer records a subscribed replica (ARGV[1] == "1") under each
-// of its secrets' ids (ARGV[2], …) and returns the replicas announced in
-// the last three seconds.
-var announcePeer = rueidis.NewLuaScript(`
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-for i = 2, #ARGV do
-  if ARGV[1] == '1' then redis.call('ZADD', KEYS[1], now, ARGV[i]) else redis.call('ZREM', KEYS[1], ARGV[i]) end
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 3000)
-redis.call('PEXPIRE', KEYS[1], 10000)
-return redis.call('ZRANGE', KEYS[1], 0, -1)`)
 
 // announce tells the fleet every half second that this replica hears the
 // stream, and counts the others that share a secret with it (those a

@@ -41,20 +41,30 @@ type Slots struct {
 	fallback map[string]int // calls in flight per account on the local share
 	waiting  map[string]chan string
 
-	// Waited counts calls that waited for a slot; Handed the slots handed
-	// to this replica's waiters by a release; Fallbacks the calls made on
-	// the local share.
-	Waited, Handed, Fallbacks atomic.Int64
-	// Sent counts the commands the slots sent to Redis (takes, gives,
-	// cancellations; announcements left out).
-	Sent atomic.Int64
-	// Regiven counts slots given back late: their release, or a take that
-	// timed out after Redis may have run it, failed, and was retried.
-	Regiven atomic.Int64
+	n       struct{ waited, handed, fallbacks, sent, regiven atomic.Int64 } // for Stats
 	ungiven chan ungiven
 
 	stop context.CancelFunc
 	wg   sync.WaitGroup
+}
+
+// SlotStats are a Slots' counts since it started.
+type SlotStats struct {
+	// Waited counts calls that waited for a slot; Handed the slots handed
+	// to this replica's waiters by a release; Fallbacks the calls made on
+	// the local share.
+	Waited, Handed, Fallbacks int64
+	// Sent counts the commands the slots sent to Redis (takes, gives,
+	// cancellations; announcements left out).
+	Sent int64
+	// Regiven counts slots given back late: their release, or a take that
+	// timed out after Redis may have run it, failed, and was retried.
+	Regiven int64
+}
+
+// Stats returns the slots' counts.
+func (s *Slots) Stats() SlotStats {
+	return SlotStats{Waited: s.n.waited.Load(), Handed: s.n.handed.Load(), Fallbacks: s.n.fallbacks.Load(), Sent: s.n.sent.Load(), Regiven: s.n.regiven.Load()}
 }
 
 // ungiven is a slot Redis may still hold for this replica: its release
@@ -91,103 +101,12 @@ func (s *Slots) Close() {
 // answer and this replica's share is full.
 const unheardRetry = 50 * time.Millisecond
 
-// Listening reports whether this replica hears its channel, where
-// releases hand it slots.
-func (s *Slots) Listening() bool { return s.subscribed.Load() }
-
 // Replicas is the number of replicas last seen.
 func (s *Slots) Replicas() int { return int(s.replicas.Load()) }
 
 // channel is where releases tell this replica of the slots they handed
 // to its waiters.
 func (s *Slots) channel() string { return s.f.cfg.Prefix + "slots:" + s.id }
-
-// takeSlot takes one of an account's slots (KEYS[1]) until it is given
-// back or lapses, if fewer than ARGV[1] are held and, with a rate (ARGV[4]
-// > 0), fewer than ARGV[4] calls started in the last second (KEYS[2], a
-// sliding window of start times). Both on Redis's clock. It returns
-// {1, held} when taken; {0, held} when the slots are full, having queued
-// the call in KEYS[3] (KEYS[4] holding what it waits with) for ARGV[5] ms
-// (if > 0) in priority ARGV[7] to be handed a slot on channel ARGV[6]; and {-ms, held} when only the rate
-// window is full: how long until it opens.
-var takeSlot = rueidis.NewLuaScript(`
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local held = redis.call('ZCARD', KEYS[1])
-if held >= tonumber(ARGV[1]) then
-  local wait = tonumber(ARGV[5])
-  if wait > 0 then
-    redis.call('ZADD', KEYS[3], tonumber(ARGV[7]) * 1e13 + now, ARGV[3])
-    redis.call('HSET', KEYS[4], ARGV[3], ARGV[1] .. ' ' .. (now + wait) .. ' ' .. ARGV[6])
-    local life = wait + tonumber(ARGV[2])
-    if redis.call('PTTL', KEYS[3]) < life then redis.call('PEXPIRE', KEYS[3], life) redis.call('PEXPIRE', KEYS[4], life) end
-  end
-  return {0, held}
-end
-local rate = tonumber(ARGV[4])
-if rate > 0 then
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 1000)
-  if redis.call('ZCARD', KEYS[2]) >= rate then
-    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-    return {-math.max(1, tonumber(oldest[2]) + 1000 - now), held}
-  end
-  redis.call('ZADD', KEYS[2], now, ARGV[3])
-  redis.call('PEXPIRE', KEYS[2], 2000)
-end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {1, held + 1}`)
-
-// giveSlot gives slot ARGV[1] back (if any) and hands the free slots to
-// the first waiters of KEYS[3] (of the first 16: one whose cap is lower
-// than the slots held does not hold up those behind it) whose wait has
-// not passed and whose cap has room, each told on its replica's channel ("slot held tag", the tag
-// ARGV[4] naming the account); with a rate (ARGV[3]) whose window is
-// full, the first waiter is told "slot -ms tag" instead, to come back
-// then. It returns the slots handed.
-var giveSlot = rueidis.NewLuaScript(`
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-if ARGV[1] ~= '' then
-  redis.call('ZREM', KEYS[1], ARGV[1])
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  redis.call('HDEL', KEYS[4], ARGV[1])
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local rate = tonumber(ARGV[3])
-local handed = 0
-local served = true
-while served do
-  served = false
-  for _, slot in ipairs(redis.call('ZRANGE', KEYS[3], 0, 15)) do
-    local limit, deadline, ch = string.match(redis.call('HGET', KEYS[4], slot) or '', '^(%d+) (%d+) (%S+)$')
-    if not limit or tonumber(deadline) <= now then
-      redis.call('ZREM', KEYS[3], slot)
-      redis.call('HDEL', KEYS[4], slot)
-    elseif redis.call('ZCARD', KEYS[1]) < tonumber(limit) then
-      redis.call('ZREM', KEYS[3], slot)
-      redis.call('HDEL', KEYS[4], slot)
-      if rate > 0 then
-        redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 1000)
-        if redis.call('ZCARD', KEYS[2]) >= rate then
-          local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-          redis.call('PUBLISH', ch, slot .. ' ' .. -math.max(1, tonumber(oldest[2]) + 1000 - now) .. ' ' .. ARGV[4])
-          return handed
-        end
-        redis.call('ZADD', KEYS[2], now, slot)
-        redis.call('PEXPIRE', KEYS[2], 2000)
-      end
-      redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), slot)
-      redis.call('PEXPIRE', KEYS[1], ARGV[2])
-      redis.call('PUBLISH', ch, slot .. ' ' .. redis.call('ZCARD', KEYS[1]) .. ' ' .. ARGV[4])
-      handed = handed + 1
-      served = true
-      break
-    end
-  end
-end
-return handed`)
 
 // keys are the names of an account's slots, rate window, waiters (their
 // order) and what each waits with (its cap, deadline and channel): one
@@ -226,7 +145,7 @@ func (s *Slots) Take(ctx context.Context, t ratelimit.Ticket) (ratelimit.Place, 
 	case handed == nil: // not heard (yet): no release would say when a slot is free
 		return nil, unheardRetry, nil
 	}
-	s.Waited.Add(1)
+	s.n.waited.Add(1)
 	return s.await(ctx, t, tag, slot, handed)
 }
 
@@ -266,7 +185,7 @@ func (s *Slots) await(ctx context.Context, t ratelimit.Ticket, tag, slot string,
 				return s.share(t)
 			case n > 0:
 				found = true
-				s.Handed.Add(1)
+				s.n.handed.Add(1)
 				return s.renewed(&fleetPlace{held: n, release: func() { s.unwait(slot); s.giveLater(tag, slot) }}, tag, slot), 0, nil
 			case n < 0:
 				return nil, time.Millisecond, nil // its place is gone: the Limiter has it take again
@@ -295,7 +214,7 @@ func (s *Slots) handed(tag, slot, msg string) (ratelimit.Place, time.Duration, e
 	if n < 0 {
 		return nil, time.Duration(-n) * time.Millisecond, nil
 	}
-	s.Handed.Add(1)
+	s.n.handed.Add(1)
 	return s.place(tag, slot, int(n)), 0, nil
 }
 
@@ -314,21 +233,16 @@ func (s *Slots) held(ctx context.Context, tag, slot string) (int, error) {
 
 // run sends one of the slots' scripts to Redis (counted in Sent),
 // bounded by redis.timeout.
-func (s *Slots) run(ctx context.Context, script *rueidis.Lua, keys []string, args ...string) rueidis.RedisResult {
+func (s *Slots) run(ctx context.Context, script *script, keys []string, args ...string) rueidis.RedisResult {
 	c, ctx, cancel, err := s.f.conn(ctx)
 	defer cancel()
 	if err != nil {
 		return rueidis.NewErrorResult(err)
 	}
 	trip(ctx)
-	s.Sent.Add(1)
+	s.n.sent.Add(1)
 	return script.Exec(ctx, c, keys, args)
 }
-
-var heldSlot = rueidis.NewLuaScript(`
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return redis.call('ZCARD', KEYS[1]) end
-if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return 0 end
-return -1`)
 
 func (s *Slots) unwait(slot string) {
 	s.mu.Lock()
@@ -382,15 +296,6 @@ func (s *Slots) renewed(p *fleetPlace, tag, slot string) *fleetPlace {
 	p.mu.Unlock()
 	return p
 }
-
-// renewSlot extends a held slot's lease (ZADD XX: a slot that lapsed and
-// was cleared is not taken again); 0 when it was not held.
-var renewSlot = rueidis.NewLuaScript(`
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local n = redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return n`)
 
 // renew extends slot's lease; false when it was not held any more (or
 // Redis did not answer: the next renewal is not tried, the slot lapses).
@@ -500,7 +405,7 @@ func (s *Slots) regive(ctx context.Context) {
 			switch {
 			case time.Now().After(u.until):
 			case s.release(u.tag, u.slot) == nil:
-				s.Regiven.Add(1)
+				s.n.regiven.Add(1)
 			default:
 				kept = append(kept, u)
 			}
@@ -508,16 +413,6 @@ func (s *Slots) regive(ctx context.Context) {
 		pending = kept
 	}
 }
-
-// announce records this replica in Redis every second and counts the
-// replicas seen in the last five.
-var announce = rueidis.NewLuaScript(`
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-redis.call('ZADD', KEYS[1], now, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 5000)
-redis.call('PEXPIRE', KEYS[1], 10000)
-return redis.call('ZCARD', KEYS[1])`)
 
 func (s *Slots) announce(ctx context.Context) {
 	tick := time.NewTicker(time.Second)
@@ -551,7 +446,7 @@ func (s *Slots) share(t ratelimit.Ticket) (ratelimit.Place, time.Duration, error
 		return nil, unheardRetry, nil
 	}
 	s.fallback[t.Account]++
-	s.Fallbacks.Add(1)
+	s.n.fallbacks.Add(1)
 	return &fleetPlace{release: func() { s.unshare(t.Account) }}, 0, nil
 }
 

@@ -117,15 +117,6 @@ func (f *Fleet) checked(ctx context.Context, c rueidis.Client, epoch, seenBefore
 	}
 }
 
-// raiseEpoch raises the epoch to at least ARGV[1] and returns it.
-var raiseEpoch = rueidis.NewLuaScript(`
-local cur = redis.call('GET', KEYS[1])
-local n = tonumber(cur or '0')
-if n == nil then return redis.error_reply('ERR value is not an integer') end
-local want = tonumber(ARGV[1])
-if n < want then redis.call('SET', KEYS[1], ARGV[1]); n = want end
-return n`)
-
 // rewind: Redis went backwards. Raise the epoch past every epoch this
 // replica saw and the floor to it, so that nothing shared before (entries
 // and marks restored from an older state) is trusted; drop L1 too.

@@ -232,7 +232,7 @@ func TestFleetStraySubscriberCostsNothing(t *testing.T) {
 	for range 5 {
 		r[0].update("POST", pathConv, `{"v":1}`)
 	}
-	if n, acked := r[0].inv.Unacked.Load(), r[0].inv.Acked.Load(); n != 0 || acked < 10 {
+	if n, acked := r[0].inv.Stats().Unacked, r[0].inv.Stats().Acked; n != 0 || acked < 10 {
 		t.Fatalf("unacknowledged %d, acknowledged %d: want 0 and both replicas' 10", n, acked)
 	}
 }
@@ -251,11 +251,11 @@ func TestFleetReplicaWithAnotherSecret(t *testing.T) {
 		t.Fatalf("B's own copy: %q", cs)
 	}
 	a.update("POST", pathConv, `{"v":1}`)
-	waitUntil(t, "B heard an invalidation it cannot open", func() bool { return b.inv.Unopened.Load() > 0 })
+	waitUntil(t, "B heard an invalidation it cannot open", func() bool { return b.inv.Stats().Unopened > 0 })
 	if got := attrs(t, b); got == before {
 		t.Fatalf("B after A's write: %s, the data from before", got)
 	}
-	if n := a.inv.Unacked.Load(); n != 0 {
+	if n := a.inv.Stats().Unacked; n != 0 {
 		t.Fatalf("A waited for B: %d unacknowledged", n)
 	}
 }
@@ -299,17 +299,17 @@ func TestFleetReaderWithAStreamDelayedPastTheWait(t *testing.T) {
 	}
 	link.Latency(t, 300)
 	a.update("POST", pathConv, `{"v":1}`)
-	if a.inv.Unacked.Load() == 0 {
+	if a.inv.Stats().Unacked == 0 {
 		t.Fatal("B acknowledged within the wait: the fault did not bite")
 	}
 	if got := attrs(t, b); got == before {
 		t.Fatalf("B right after A's write: %s, the data from before it", got)
 	}
-	if b.inv.Lapses.Load() == 0 {
+	if b.inv.Stats().Lapses == 0 {
 		t.Fatal("B's stream fell behind uncounted")
 	}
 	link.Clear()
-	waitUntil(t, "B applied A's invalidation", func() bool { return b.inv.Received.Load() > 0 })
+	waitUntil(t, "B applied A's invalidation", func() bool { return b.inv.Stats().Received > 0 })
 	waitUntil(t, "B serves from its L1 again", func() bool {
 		_, cs, _ := b.get(pathConv)
 		return strings.HasPrefix(cs, "cacheproxy; hit")
@@ -350,7 +350,7 @@ func TestFleetReaderWhoseSubscriptionRedisDroppedUnseen(t *testing.T) {
 	if s, cs, body := b.get(pathConv); s != 200 || !strings.Contains(body, `\"v\":1`) {
 		t.Fatalf("B right after A's write: %d %q %s, want the write's data", s, cs, body)
 	}
-	if a.inv.Unacked.Load() == 0 {
+	if a.inv.Stats().Unacked == 0 {
 		t.Fatal("A did not wait for B")
 	}
 	link.Clear()

@@ -66,10 +66,10 @@ func TestFleetKeySecretRotation(t *testing.T) {
 	var all []*harness
 	count := func() {
 		for i, h := range all {
-			if n := h.inv.Unacked.Load(); n != 0 {
+			if n := h.inv.Stats().Unacked; n != 0 {
 				t.Errorf("replica %d: %d acknowledgements never came", i, n)
 			}
-			if n := h.inv.Unopened.Load(); n != 0 {
+			if n := h.inv.Stats().Unopened; n != 0 {
 				t.Errorf("replica %d could not open %d invalidations", i, n)
 			}
 		}

@@ -1,5 +1,6 @@
-// Package wire turns configuration into the parts' options, for the
-// binary and the benchmarks that build a proxy in process.
+// Package wire builds the whole graph of a cacheproxy from its
+// configuration (Build): the binary, the fault run and the benchmarks
+// that run a proxy in process all get theirs here, none by hand.
 package wire
 
 import (
@@ -14,10 +15,10 @@ import (
 	"github.com/rs/zerolog"
 )
 
-// ProxyOptions is the part of the proxy's options that comes from
+// proxyOptions is the part of the proxy's options that comes from
 // configuration alone: the caller adds the store, invalidator, budget,
 // logger and registry.
-func ProxyOptions(cfg config.Config) proxy.Options {
+func proxyOptions(cfg config.Config) proxy.Options {
 	up := func(u config.Upstream) proxy.Upstream {
 		return proxy.Upstream{URL: u.URL, Hosts: u.Hosts, Timeout: u.Timeout.D()}
 	}
@@ -41,40 +42,26 @@ func ProxyOptions(cfg config.Config) proxy.Options {
 	}
 }
 
-// Limiter is the budget's configuration; its decisions go to log (cuts and
+// limiterConfig is the budget's configuration; its decisions go to log (cuts and
 // learned keys at info, growth at debug).
-func Limiter(rl config.RateLimit, log zerolog.Logger) ratelimit.Config {
+func limiterConfig(rl config.RateLimit, log zerolog.Logger) ratelimit.Config {
 	return ratelimit.Config{
 		MaxConcurrent: rl.MaxConcurrent, Rate: rl.RequestsPerSecond, MaxWait: rl.MaxWait.D(), Recover: rl.Recover.D(), WriteShare: rl.WriteShare,
 		KeyAccounts: rl.KeyAccounts, OnEvent: proxy.BudgetLog(log),
 	}
 }
 
-// FleetLimiter is the budget of a fleet's replica: its turns take their
-// places in the fleet's slots, and API keys' accounts, ratelimit.key_accounts' included, are
-// known fleet-wide. Close the Slots when done.
-func FleetLimiter(cfg config.Config, f *fleet.Fleet, log zerolog.Logger) (*ratelimit.Limiter, *fleet.Slots) {
-	slots := fleet.NewSlots(f, cfg.RateLimit.RequestsPerSecond)
-	lc := Limiter(cfg.RateLimit, log)
-	book := fleet.NewKeyBook(f)
-	lc.Slots, lc.Keys = slots, book
-	for k, a := range cfg.RateLimit.KeyAccounts {
-		book.Store(k, a)
-	}
-	return ratelimit.New(lc, nil), slots
-}
-
-// Retention is the longest an entry can outlive the invalidation of its
+// retention is the longest an entry can outlive the invalidation of its
 // scope: its lifetime plus the slowest fetch.
-func Retention(cfg config.Config) time.Duration {
+func retention(cfg config.Config) time.Duration {
 	return max(cfg.Cache.TTL.D(), cfg.Cache.NegativeTTL.D()) + max(cfg.Cache.StaleIfError.D(), cfg.Cache.StaleWhileRevalidate.D()) +
 		max(cfg.Upstreams.Conversations.Timeout.D(), cfg.Upstreams.Proxy.Timeout.D()) + time.Minute
 }
 
-// Fleet is the shared tier's configuration.
-func Fleet(cfg config.Config) fleet.Config {
+// fleetConfig is the shared tier's configuration.
+func fleetConfig(cfg config.Config) fleet.Config {
 	return fleet.Config{URL: cfg.Redis.URL, Prefix: cfg.Redis.KeyPrefix, Timeout: cfg.Redis.Timeout.D(),
-		Secret: []byte(cfg.Cache.KeySecret), Previous: bytesOf(cfg.Cache.PreviousKeySecrets), Retention: Retention(cfg),
+		Secret: []byte(cfg.Cache.KeySecret), Previous: bytesOf(cfg.Cache.PreviousKeySecrets), Retention: retention(cfg),
 		ClaimTTL: fleet.ClaimTTL, ClaimHold: max(fleet.ClaimHold, cfg.RateLimit.MaxWait.D()+max(cfg.Upstreams.Conversations.Timeout.D(), cfg.Upstreams.Proxy.Timeout.D()))}
 }
 
