@@ -47,17 +47,25 @@ type setFlags []string
 func (s *setFlags) String() string     { return strings.Join(*s, " ") }
 func (s *setFlags) Set(v string) error { *s = append(*s, v); return nil }
 
-func run(args []string, stdout, stderr io.Writer) error {
+// flags are the command line's.
+type flags struct {
+	configPath                                     string
+	version, demo, checkCfg, printCfg, healthcheck bool
+	sets                                           setFlags
+}
+
+// parseFlags parses args; -help prints the flags and every config key.
+func parseFlags(args []string, stderr io.Writer) (*flags, error) {
+	var f flags
 	fs := flag.NewFlagSet("cacheproxy", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	configPath := fs.String("config", "", "TOML config `file` (see config.example.toml); without it the defaults apply")
-	version := fs.Bool("version", false, "print the version and build info, then exit")
-	demo := fs.Bool("demo", false, "start a built-in Twilio-like upstream on loopback, point the proxy at it, and print two curl commands (a miss, then a hit): no Twilio account needed")
-	checkCfg := fs.Bool("check-config", false, "load the configuration as a start would (file, environment, -set), run every check a start runs without binding or connecting, print each problem naming its key, and exit non-zero on any")
-	printCfg := fs.Bool("print-config", false, "print the effective configuration as TOML (secrets shown as \"<redacted>\"), then exit")
-	healthcheck := fs.Bool("healthcheck", false, "probe this configuration's admin /healthz and exit 0 if healthy (for container HEALTHCHECKs: no shell tools needed)")
-	var sets setFlags
-	fs.Var(&sets, "set", "override one config key, `key=value` (repeatable), e.g. -set cache.ttl=10s")
+	fs.StringVar(&f.configPath, "config", "", "TOML config `file` (see config.example.toml); without it the defaults apply")
+	fs.BoolVar(&f.version, "version", false, "print the version and build info, then exit")
+	fs.BoolVar(&f.demo, "demo", false, "start a built-in Twilio-like upstream on loopback, point the proxy at it, and print two curl commands (a miss, then a hit): no Twilio account needed")
+	fs.BoolVar(&f.checkCfg, "check-config", false, "load the configuration as a start would (file, environment, -set), run every check a start runs without binding or connecting, print each problem naming its key, and exit non-zero on any")
+	fs.BoolVar(&f.printCfg, "print-config", false, "print the effective configuration as TOML (secrets shown as \"<redacted>\", which a config may not hold), then exit")
+	fs.BoolVar(&f.healthcheck, "healthcheck", false, "probe this configuration's admin /healthz and exit 0 if healthy (for container HEALTHCHECKs: no shell tools needed)")
+	fs.Var(&f.sets, "set", "override one config key, `key=value` (repeatable), e.g. -set cache.ttl=10s")
 	fs.Usage = func() {
 		fmt.Fprintf(stderr, "usage: cacheproxy [-config FILE] [-set key=value ...] [-demo] [-check-config] [-print-config] [-version] [-healthcheck]\n\nFlags:\n")
 		fs.PrintDefaults()
@@ -67,51 +75,49 @@ func run(args []string, stdout, stderr io.Writer) error {
 		}
 	}
 	if err := fs.Parse(args); err != nil {
-		return err
+		return nil, err
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+		return nil, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
-	if *version && !*checkCfg { // with -check-config, the check is what was asked
-		fmt.Fprintln(stdout, versionInfo())
-		return nil
-	}
-	cfg, err := config.Load(*configPath, os.Environ(), sets)
-	if *checkCfg {
-		return checkConfig(cfg, err, os.Environ(), stdout)
-	}
+	return &f, nil
+}
+
+func run(args []string, stdout, stderr io.Writer) error {
+	f, err := parseFlags(args, stderr)
 	if err != nil {
 		return err
 	}
-	if *printCfg {
-		return printConfig(cfg, stdout)
+	if f.version && !f.checkCfg { // with -check-config, the check is what was asked
+		fmt.Fprintln(stdout, versionInfo())
+		return nil
 	}
-	if *healthcheck {
+	cfg, err := config.Load(f.configPath, os.Environ(), f.sets)
+	switch {
+	case f.checkCfg:
+		return checkConfig(cfg, err, os.Environ(), stdout)
+	case err != nil:
+		return err
+	case f.printCfg:
+		return printConfig(cfg, stdout)
+	case f.healthcheck:
 		return probe(cfg.AdminListen)
 	}
 	level, _ := zerolog.ParseLevel(cfg.Log.Level)
-	var out io.Writer = stdout
-	if cfg.Log.Format == "console" {
-		// logbuf flushes batches of lines; the ConsoleWriter reads one a Write.
-		out = logbuf.EachLine(zerolog.ConsoleWriter{Out: stdout, TimeFormat: time.RFC3339})
-	}
-	logw := logbuf.New(out, int(cfg.Log.Buffer))
-	stopFlush, flushed := make(chan struct{}), make(chan struct{})
-	go func() { logw.Run(cfg.Log.FlushInterval.D(), stopFlush); close(flushed) }()
-	defer func() { close(stopFlush); <-flushed }()
+	logw, stopLogs := startLogs(cfg, stdout)
+	defer stopLogs()
 	logger := zerolog.New(logw).Level(level).With().Timestamp().Logger()
 	if unknown := config.UnknownEnv(os.Environ()); len(unknown) > 0 {
 		// Names only: a value may be a secret.
 		logger.Warn().Strs("variables", unknown).Msg("ignoring environment variables that name no config key")
 	}
-
 	// Two signals may matter: the first starts shutdown, a second skips
 	// the rest of shutdown_delay.
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
 	var onListen func(addr string)
-	if *demo {
+	if f.demo {
 		stopDemo, err := startDemo(&cfg, stderr, &onListen)
 		if err != nil {
 			return err
@@ -121,6 +127,21 @@ func run(args []string, stdout, stderr io.Writer) error {
 	// The access log stamps its lines itself (once per second, not per line).
 	accessLog := zerolog.New(logw).Level(level)
 	return serve(sigs, cfg, logger, accessLog, logw, onListen)
+}
+
+// startLogs starts the log writer that batches lines to stdout (one by
+// one through a ConsoleWriter with log.format = console) and flushes them
+// every log.flush_interval; stop flushes the last.
+func startLogs(cfg config.Config, stdout io.Writer) (logw *logbuf.Writer, stop func()) {
+	var out io.Writer = stdout
+	if cfg.Log.Format == "console" {
+		// logbuf flushes batches of lines; the ConsoleWriter reads one a Write.
+		out = logbuf.EachLine(zerolog.ConsoleWriter{Out: stdout, TimeFormat: time.RFC3339})
+	}
+	logw = logbuf.New(out, int(cfg.Log.Buffer))
+	stopFlush, flushed := make(chan struct{}), make(chan struct{})
+	go func() { logw.Run(cfg.Log.FlushInterval.D(), stopFlush); close(flushed) }()
+	return logw, func() { close(stopFlush); <-flushed }
 }
 
 // The Go runtime's settings unless GOMEMLIMIT or GOGC say otherwise. The

@@ -6,3 +6,7 @@ package codeshape
 
 // MaxLines is the longest a function in internal/ may be.
 const MaxLines = 90
+
+// MainMaxLines is the longest a function of cmd/cacheproxy may be: main
+// only wires, and each of its functions fits on a screen.
+const MainMaxLines = 60

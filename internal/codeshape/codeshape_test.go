@@ -54,3 +54,33 @@ func TestNoFunctionIsLong(t *testing.T) {
 		t.Fatalf("checked only %d functions: the walk missed internal/", checked)
 	}
 }
+
+// main only wires: each of cmd/cacheproxy's functions fits on a screen.
+func TestMainFitsOnAScreen(t *testing.T) {
+	fset := token.NewFileSet()
+	files, err := filepath.Glob(filepath.Join("..", "..", "cmd", "cacheproxy", "*.go"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no files in cmd/cacheproxy: %v", err)
+	}
+	checked := 0
+	for _, path := range files {
+		if strings.HasSuffix(path, "_test.go") {
+			continue
+		}
+		f, err := parser.ParseFile(fset, path, nil, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, decl := range f.Decls {
+			if fd, ok := decl.(*ast.FuncDecl); ok {
+				checked++
+				if n := fset.Position(fd.End()).Line - fset.Position(fd.Pos()).Line + 1; n > MainMaxLines {
+					t.Errorf("%s: %s is %d lines, more than %d", path, fd.Name.Name, n, MainMaxLines)
+				}
+			}
+		}
+	}
+	if checked < 10 {
+		t.Fatalf("checked only %d functions", checked)
+	}
+}
