@@ -346,3 +346,17 @@ func TestHostsFoldedOnlyWhenTheyMayDiffer(t *testing.T) {
 		t.Fatalf("an unlisted Twilio host with a non-ASCII capital: %v", err)
 	}
 }
+
+// An unknown path's 404 lists every prefix the sidecar's Host accepts,
+// Conversations v2's under /conversations/ included.
+func TestUnknownPathListsEveryPrefix(t *testing.T) {
+	_, err := twilioRouter(t).Resolve("GET", "localhost", "", "/v3/Nowhere")
+	if err == nil || err.Status != 404 {
+		t.Fatalf("%v", err)
+	}
+	for _, p := range []string{"/v1/...", "/v2/...", "/proxy/v1/...", "/conversations/v1/...", "/conversations/v2/..."} {
+		if !strings.Contains(err.Msg, p) || !strings.Contains(err.LogMsg, p) {
+			t.Errorf("the 404 does not list %s: %q / %q", p, err.Msg, err.LogMsg)
+		}
+	}
+}

@@ -193,7 +193,7 @@ func byPath(path string, segs []string) (Upstream, *Error) {
 	case segs[0] == "v1" && len(segs) > 1 && segs[1] != "":
 		return Conversations, nil
 	}
-	const expected = ": expected /v1/..., /v2/..., /proxy/v1/... or /conversations/v1/..."
+	const expected = ": expected /v1/..., /v2/..., /proxy/v1/..., /conversations/v1/... or /conversations/v2/..."
 	return 0, &Error{Status: 404, Msg: "no Twilio API route for " + path + expected,
 		LogMsg: "no Twilio API route for the path" + expected}
 }
