@@ -1,16 +1,15 @@
 package proxy
 
 import (
-	"bytes"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"net/http"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"cacheproxy/internal/connwatch"
 	"cacheproxy/internal/ratelimit"
@@ -71,68 +70,30 @@ const (
 // no "cache" field.
 var outcomeNames = [numOutcomes]string{"none", "hit", "miss", "collapsed", "stale", "refresh", "bypass", "shared"}
 
-// accessLevels are the levels an access line is written at.
-var accessLevels = [...]zerolog.Level{zerolog.InfoLevel, zerolog.WarnLevel, zerolog.ErrorLevel}
-
-const (
-	accessInfo = iota
-	accessWarn
-	accessError
-)
-
-// accessLogs are the loggers of one route and outcome: info's context
-// begins with the level, where zerolog writes it, and its lines are
-// written with Log (no level of zerolog's own: the level check is the
-// caller's); warnings and errors go through zerolog's levels, so that a
-// level writer (logbuf) still writes them at once.
-//
-// prefix is info's line up to the end of its context (`{"level":"info",
-// "route":…`), encoded by zerolog once: with Options.LogOutput an info
-// line is that, the fields, and its end, appended to the writer directly.
-type accessLogs struct {
-	info, leveled zerolog.Logger
-	prefix        []byte
-}
-
-// accessLoggers returns loggers per route label and outcome, with the
+// accessLoggers returns a logger per route label and outcome, with the
 // route, upstream and cache outcome encoded once.
-func accessLoggers(l zerolog.Logger) [][numOutcomes]accessLogs {
+func accessLoggers(l zerolog.Logger) [][numOutcomes]zerolog.Logger {
 	labels := route.Labels()
-	out := make([][numOutcomes]accessLogs, len(labels))
+	out := make([][numOutcomes]zerolog.Logger, len(labels))
 	for i, name := range labels {
 		up, _, _ := strings.Cut(name, ".") // a route's name begins with its upstream's
 		if i == route.Unrouted() {
 			up = ""
 		}
 		for j, o := range outcomeNames {
-			ctx := func(c zerolog.Context) zerolog.Logger {
-				// Fields are never empty strings: an unrouted line has no
-				// upstream, a route that is not cached no cache outcome.
-				c = c.Str("route", name)
-				if up != "" {
-					c = c.Str("upstream", up)
-				}
-				if outcome(j) != outcomeNone {
-					c = c.Str("cache", o)
-				}
-				return c.Logger()
+			// Fields are never empty strings: an unrouted line has no
+			// upstream, a route that is not cached no cache outcome.
+			c := l.With().Str("route", name)
+			if up != "" {
+				c = c.Str("upstream", up)
 			}
-			info := func(l zerolog.Logger) zerolog.Logger {
-				return ctx(l.With().Str(zerolog.LevelFieldName, zerolog.LevelFieldMarshalFunc(zerolog.InfoLevel)))
+			if outcome(j) != outcomeNone {
+				c = c.Str("cache", o)
 			}
-			out[i][j] = accessLogs{info: info(l), leveled: ctx(l.With()), prefix: linePrefix(info)}
+			out[i][j] = c.Logger()
 		}
 	}
 	return out
-}
-
-// linePrefix is what the logger made by info writes before an event's
-// own fields: its empty line less the end ("}" and a newline).
-func linePrefix(info func(zerolog.Logger) zerolog.Logger) []byte {
-	var b bytes.Buffer
-	l := info(zerolog.New(&b))
-	l.Log().Msg("")
-	return bytes.TrimSuffix(b.Bytes(), []byte("}\n"))
 }
 
 // recordWriter wraps the client's ResponseWriter to learn the status and
@@ -191,13 +152,10 @@ func (w *recordWriter) Write(b []byte) (int, error) {
 
 func (w *recordWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
-// state is the per-request pair, pooled to keep the hit path cheap, and
-// the buffer its access line is built in (not cleared between requests:
-// a line is built from its start).
+// state is the per-request pair, pooled to keep the hit path cheap.
 type state struct {
-	rec  record
-	rw   recordWriter
-	line [512]byte
+	rec record
+	rw  recordWriter
 }
 
 var statePool = sync.Pool{New: func() any { return new(state) }}
@@ -228,144 +186,66 @@ type clockText struct {
 type stampText struct {
 	sec  int64
 	text string
-	json []byte // text as a JSON string
 }
 
-func (c *clockText) format(t time.Time) string { return c.stamp(t).text }
-
-// json is format's result as a JSON string.
-func (c *clockText) json(t time.Time) []byte { return c.stamp(t).json }
-
-func (c *clockText) stamp(t time.Time) *stampText {
+func (c *clockText) format(t time.Time) string {
 	sec := t.Unix()
 	if s := c.cur.Load(); s != nil && s.sec == sec {
-		return s
+		return s.text
 	}
-	text := t.UTC().Format(time.RFC3339)
-	s := &stampText{sec: sec, text: text, json: []byte(`"` + text + `"`)}
+	s := &stampText{sec: sec, text: t.UTC().Format(time.RFC3339)}
 	c.cur.Store(s)
-	return s
+	return s.text
 }
 
-// logRequest writes the access-log line, built in line. It never logs a
-// header value.
-func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter, line *[512]byte) {
+// logRequest writes the access-log line. It never logs a header value.
+func (p *Proxy) logRequest(r *http.Request, rec *record, w *recordWriter) {
 	p.m.requests[rec.routeID][rec.cache].Inc()
 	status := w.status
-	lvl := accessInfo
+	lvl := zerolog.InfoLevel
 	switch {
 	case rec.upstreamCut:
-		lvl = accessError // the upstream failed mid-body after the answer began
+		lvl = zerolog.ErrorLevel // the upstream failed mid-body after the answer began
 	case w.writeErr != nil:
-		lvl = accessWarn // an interrupted transfer: bytes says how much was sent
+		lvl = zerolog.WarnLevel // an interrupted transfer: bytes says how much was sent
 		if rec.errMsg == "" || rec.errMsg == http.ErrAbortHandler.Error() {
 			rec.errMsg = "response interrupted: the client did not take it: " + w.writeErr.Error()
 		}
 	case status == 0:
 		status = 499 // client went away before an answer: nothing was sent
 	case status >= 500:
-		lvl = accessError
+		lvl = zerolog.ErrorLevel
 	case status == http.StatusTooManyRequests:
-		lvl = accessWarn
+		lvl = zerolog.WarnLevel
 	}
-	logs := &p.access[rec.routeID][rec.cache]
-	var ev *zerolog.Event
-	switch {
-	case lvl != accessInfo:
-		if ev = logs.leveled.WithLevel(accessLevels[lvl]); ev == nil {
-			return
-		}
-	case zerolog.InfoLevel < p.log.GetLevel() || zerolog.InfoLevel < zerolog.GlobalLevel():
+	ev := p.access[rec.routeID][rec.cache].WithLevel(lvl)
+	if ev == nil {
 		return
-	case rec.errMsg != "" || p.out == nil:
-		if ev = logs.info.Log(); ev == nil { // a zero Logger
-			return
-		}
 	}
 	dur := p.clock.Since(rec.start)
-	stamp := p.stamp.json(rec.start.Add(dur))
-	// The fields after the context are encoded here, in one value: zerolog
-	// spends more on each field's call and key than on its bytes (a fifth
-	// of a hit's instructions went to the access line). The line is the
-	// same JSON, field for field and in the same order.
-	if ev == nil {
-		// An info line without an error, given the logger's writer, skips
-		// zerolog's event too: its context is logs.prefix, and what the
-		// event would add is `,"time":`, the value and the line's end.
-		b := append(append(line[:0], logs.prefix...), `,"time":`...)
-		b = appendAccessFields(b, stamp, r.Method, status, rec, w.bytes, dur, p.ids.prefix)
-		_, _ = p.out.Write(append(b, `,"message":"request"}`+"\n"...))
-		return
+	ev.Str("time", p.stamp.format(rec.start.Add(dur)))
+	if rec.reqID != "" {
+		ev.Str("request_id", rec.reqID)
+	} else { // the id's bytes are copied into the line
+		var b [48]byte
+		id := strconv.AppendUint(append(b[:0], p.ids.prefix...), rec.reqNum, 10)
+		ev.Str("request_id", unsafe.String(unsafe.SliceData(id), len(id)))
 	}
-	b := appendAccessFields(line[:0], stamp, r.Method, status, rec, w.bytes, dur, p.ids.prefix)
-	if rec.errMsg != "" { // zerolog escapes it
-		ev.RawJSON("time", b).Str("error", rec.errMsg).Msg("request")
-		return
-	}
-	ev.RawJSON("time", append(b, `,"message":"request"`...)).Msg("")
-}
-
-// appendAccessFields appends the access line's value of "time" and the
-// fields after it up to "account": request_id, method, status, the upstream
-// fields of an answer that came through the upstream, bytes, duration_us,
-// and account when the request had credentials. A method with a byte JSON
-// would escape (never one net/http accepts) is written as an escaped
-// string.
-func appendAccessFields(b, stamp []byte, method string, status int, rec *record, bytes int64, dur time.Duration, idPrefix string) []byte {
-	b = append(b, stamp...)
-	b = append(b, `,"request_id":"`...)
-	if rec.reqID != "" { // validRequestID: nothing to escape
-		b = append(b, rec.reqID...)
-	} else { // the prefix is hex and the counter digits
-		b = strconv.AppendUint(append(b, idPrefix...), rec.reqNum, 10)
-	}
-	b = append(b, `","method":`...)
-	if plainJSON(method) {
-		b = append(append(append(b, '"'), method...), '"')
-	} else {
-		q, _ := json.Marshal(method) // a string always encodes
-		b = append(b, q...)
-	}
-	b = appendInt(append(b, `,"status":`...), int64(status))
+	ev.Str("method", r.Method).Int("status", status)
 	if rec.viaUpstream {
 		// A hit, or an answer the sidecar gave itself, made no upstream
 		// call: its line has no upstream fields rather than zeros.
-		b = appendInt(append(b, `,"upstream_status":`...), int64(rec.upstreamStatus))
-		b = appendInt(append(b, `,"upstream_us":`...), rec.upstreamDur.Microseconds())
-		b = appendInt(append(b, `,"queue_wait_us":`...), rec.calls.queueWait.Microseconds())
-		b = appendInt(append(b, `,"retries":`...), int64(rec.calls.retries))
-		b = appendInt(append(b, `,"upstream_429s":`...), int64(rec.calls.tooMany))
+		ev.Int("upstream_status", rec.upstreamStatus).Int64("upstream_us", rec.upstreamDur.Microseconds()).
+			Int64("queue_wait_us", rec.calls.queueWait.Microseconds()).Int("retries", rec.calls.retries).Int("upstream_429s", rec.calls.tooMany)
 	}
-	b = appendInt(append(b, `,"bytes":`...), bytes)
-	b = appendInt(append(b, `,"duration_us":`...), dur.Microseconds())
+	ev.Int64("bytes", w.bytes).Int64("duration_us", dur.Microseconds())
 	if acct := rec.cred.accountJSON(); len(acct) > 2 { // no field rather than ""
-		b = append(append(b, `,"account":`...), acct...)
+		ev.RawJSON("account", acct)
 	}
-	return b
-}
-
-// digits3 is "000" to "999", three bytes each.
-var digits3 = func() (d [3000]byte) {
-	for i := range 1000 {
-		d[3*i], d[3*i+1], d[3*i+2] = byte('0'+i/100), byte('0'+i/10%10), byte('0'+i%10)
+	if rec.errMsg != "" {
+		ev.Str("error", rec.errMsg)
 	}
-	return d
-}()
-
-// appendInt is strconv.AppendInt in base 10, from a table below 1000 (a
-// status, a participant's byte count, most durations): a hit's line has
-// three such numbers, and strconv's general loop cost each about 60
-// instructions more.
-func appendInt(b []byte, v int64) []byte {
-	switch {
-	case v < 0 || v >= 1000:
-		return strconv.AppendInt(b, v, 10)
-	case v >= 100:
-		return append(b, digits3[3*v], digits3[3*v+1], digits3[3*v+2])
-	case v >= 10:
-		return append(b, digits3[3*v+1], digits3[3*v+2])
-	}
-	return append(b, byte('0'+v))
+	ev.Msg("request")
 }
 
 // plainJSON reports whether s is printable ASCII with no quote or

@@ -38,7 +38,7 @@ func hitRequest() (*http.Request, *discardWriter) {
 // benchSetup runs the proxy as in production: the real clock, and the
 // access log's JSON built and thrown away.
 func benchSetup(s *setup) {
-	s.opts.Logger, s.opts.LogOutput = zerolog.New(io.Discard), io.Discard
+	s.opts.Logger = zerolog.New(io.Discard)
 	s.opts.Clock = clock.Real{}
 }
 

@@ -175,7 +175,7 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 	s.cfg.Upstreams.Proxy.URL = h.proxSrv.URL
 	// Pacing is tested on its own; elsewhere it must not slow tests down.
 	s.cfg.RateLimit.RequestsPerSecond, s.cfg.RateLimit.MaxConcurrent = 0, 10_000
-	s.opts = Options{Clock: h.clk, Logger: zerolog.New(h.logs).Level(zerolog.DebugLevel), LogOutput: h.logs, KeySecret: []byte("test-secret")}
+	s.opts = Options{Clock: h.clk, Logger: zerolog.New(h.logs).Level(zerolog.DebugLevel), KeySecret: []byte("test-secret")}
 	for _, opt := range opts {
 		opt(s)
 	}

@@ -14,7 +14,6 @@ import (
 	"context"
 	"crypto/rand"
 	"fmt"
-	"io"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
@@ -157,13 +156,6 @@ type Options struct {
 	// Logger receives one JSON line per request, with its own "time" field
 	// (so give it no Timestamp()). Zero value: no logs.
 	Logger zerolog.Logger
-	// LogOutput, if set, is the writer under Logger (one with no hooks
-	// and no sampler): an info access line without an error is written to
-	// it directly, the bytes Logger would write, without a zerolog event
-	// (about 600 instructions of a hit's). Nil, or a Logger that writes
-	// nothing (the zero Logger, zerolog.Nop()): every line goes through
-	// Logger.
-	LogOutput io.Writer
 	// Transport carries upstream calls. If nil, NewTransport() is used.
 	Transport http.RoundTripper
 	// Tracing, if set, traces each request (a server span continuing the
@@ -193,10 +185,9 @@ type Proxy struct {
 	flights flightGroup
 	log     zerolog.Logger
 	events  zerolog.Logger // lines other than the access log: timestamped
-	out     io.Writer      // Options.LogOutput
 	// access holds one logger per route and cache outcome with those
 	// fields (and the upstream) encoded once, for the access-log lines.
-	access  [][numOutcomes]accessLogs
+	access  [][numOutcomes]zerolog.Logger
 	clock   clock.Clock
 	fp      *fingerprinter
 	ids     *requestIDs
@@ -291,10 +282,6 @@ func New(o Options) (*Proxy, error) {
 		p.tiers.l2 = timedTier{Tier: o.Shared, clock: p.clock, latency: p.m.l2}
 	}
 	p.access = accessLoggers(p.log)
-	if e := p.log.Log(); e != nil { // a Logger that writes nothing (zero, Nop) has no output
-		e.Discard()
-		p.out = o.LogOutput
-	}
 	// The reverse proxy's own lines (a body copy that failed) are complete
 	// log lines: level, time, component.
 	errLog := StdLog(p.events, "reverseproxy")
@@ -363,13 +350,13 @@ func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			if rec.errMsg == "" {
 				rec.errMsg = fmt.Sprint(v)
 			}
-			p.logRequest(r, rec, &st.rw, &st.line)
+			p.logRequest(r, rec, &st.rw)
 			if span != nil {
 				endServerSpan(span, rec, &st.rw)
 			}
 			panic(v)
 		}
-		p.logRequest(r, rec, &st.rw, &st.line)
+		p.logRequest(r, rec, &st.rw)
 		if span != nil {
 			endServerSpan(span, rec, &st.rw)
 		}
