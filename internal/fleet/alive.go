@@ -64,8 +64,7 @@ func (f *Fleet) keepAlive() {
 			continue
 		case <-tick.C:
 		}
-		kept := f.claims.sweep(f)
-		if c := f.c(); c != nil && f.holding.Load()+int64(kept) > 0 {
+		if c := f.c(); c != nil && f.holding.Load() > 0 {
 			cmd, _ := f.aliveCmd(c, true)
 			ctx, cancel := f.ctx(context.Background())
 			sent := time.Now()

@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"strconv"
-	"sync"
 	"time"
 
 	"cacheproxy/internal/cache"
@@ -45,19 +44,13 @@ type claim struct {
 
 var _ tier.Tier = (*Fleet)(nil)
 
-// Claim claims key for this replica's fill. A lookup (Get) that found no
-// entry has claimed it already: that claim is adopted, without a round
-// trip. Otherwise one round trip reads the epoch and the entry and takes
-// the claim if it is free; a fresh entry found then (another replica's
-// fill, shared just before) is what Wait returns. On an error the claim is
-// not won and cannot wait: the caller fetches by itself.
+// Claim claims key for this replica's fill when its lookup (Get) gave no
+// claim: one round trip reads the epoch and the entry and takes the claim
+// if it is free; a fresh entry found then (another replica's fill, shared
+// just before) is what Wait returns. On an error the claim is not won and
+// cannot wait: the caller fetches by itself.
 func (f *Fleet) Claim(ctx context.Context, key, auth string) (tier.Claim, error) {
 	_, name := f.keys[0].entryNames(f.cfg.Prefix, entryID(key, auth))
-	if held, ok := f.claims.take(name, f); ok {
-		cl := &claim{f: f, key: key, auth: auth, name: name, epoch: held.epoch, token: held.token}
-		cl.hold()
-		return cl, nil
-	}
 	l, err := f.look(ctx, key, auth, true)
 	if err != nil {
 		if l.token != "" {
@@ -233,75 +226,4 @@ func randomHex(n int) string {
 	b := make([]byte, n)
 	_, _ = rand.Read(b)
 	return hex.EncodeToString(b)
-}
-
-// claims are the claims lookups took (Get found no entry), until the fill
-// that follows adopts them; one not adopted lapses in Redis by itself.
-type claims struct {
-	mu sync.Mutex
-	m  map[string]heldClaim
-}
-
-type heldClaim struct {
-	token string
-	epoch uint64
-	at    time.Time
-}
-
-// put keeps a claim for its fill; past 10,000 unadopted ones (swept once
-// they would have lapsed) it gives it back instead.
-func (cs *claims) put(name string, h heldClaim, f *Fleet) {
-	cs.mu.Lock()
-	defer cs.mu.Unlock()
-	if cs.m == nil {
-		cs.m = map[string]heldClaim{}
-	}
-	if len(cs.m) >= 1000 {
-		cs.sweepLocked(f)
-	}
-	if old, ok := cs.m[name]; ok && old.token != h.token {
-		f.unclaimLater(name, old.token) // never adopted
-	}
-	if len(cs.m) >= 10_000 {
-		f.unclaimLater(name, h.token)
-		return
-	}
-	cs.m[name] = h
-}
-
-// take hands a kept claim to its fill, if it is young enough to be
-// adopted still (ClaimTTL/2: its replica's key was renewed since it was
-// taken); an older one is given back.
-func (cs *claims) take(name string, f *Fleet) (heldClaim, bool) {
-	cs.mu.Lock()
-	defer cs.mu.Unlock()
-	h, ok := cs.m[name]
-	if !ok {
-		return h, false
-	}
-	delete(cs.m, name)
-	if time.Since(h.at) >= f.cfg.ClaimTTL/2 {
-		f.unclaimLater(name, h.token)
-		return h, false
-	}
-	return h, true
-}
-
-// sweep gives back the kept claims too old to be adopted (their fill never
-// came: the lookup's request ended, or L1 answered it) and reports how
-// many are kept still.
-func (cs *claims) sweep(f *Fleet) int {
-	cs.mu.Lock()
-	defer cs.mu.Unlock()
-	cs.sweepLocked(f)
-	return len(cs.m)
-}
-
-func (cs *claims) sweepLocked(f *Fleet) {
-	for n, old := range cs.m {
-		if time.Since(old.at) >= f.cfg.ClaimTTL/2 {
-			delete(cs.m, n)
-			f.unclaimLater(n, old.token)
-		}
-	}
 }

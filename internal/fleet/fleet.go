@@ -39,6 +39,7 @@ import (
 
 	"cacheproxy/internal/cache"
 	"cacheproxy/internal/clock"
+	"cacheproxy/internal/tier"
 
 	"github.com/redis/rueidis"
 )
@@ -84,7 +85,6 @@ type Fleet struct {
 	st     state
 	unsent unsent // invalidations not yet in Redis (the Invalidator's)
 	heard  heard  // invalidations heard since subscribing (the Invalidator's)
-	claims claims // claims taken by lookups, for the flight that fetches
 	// holding counts the claims this replica's fills hold; aliveAt is when
 	// the last renewal of its key that Redis took was sent (alive.go).
 	holding atomic.Int64
@@ -398,17 +398,29 @@ func (f *Fleet) seal(e *cache.Entry, auth string, epoch uint64, now time.Time) (
 // valid fleet-wide; nil if there is none (or it cannot be opened). It
 // looks under every secret, the current one first, in one round trip;
 // when there is no entry under the current secret, it also claims the key
-// for this replica (the fill that follows adopts the claim: Claim).
-func (f *Fleet) Get(ctx context.Context, key, auth string) (*cache.Entry, error) {
+// for this replica and returns the claim: won, or held by another replica
+// (Wait waits for its fill). With an entry (fresh or within its stale
+// windows) the claim is nil.
+func (f *Fleet) Get(ctx context.Context, key, auth string) (*cache.Entry, tier.Claim, error) {
 	l, err := f.look(ctx, key, auth, false)
-	if l.token != "" {
-		if l.entry != nil && f.clock.Now().Before(l.entry.Expires.Time()) {
-			f.unclaimLater(l.claim, l.token) // found under a previous secret: no fetch
-		} else {
-			f.claims.put(l.claim, heldClaim{token: l.token, epoch: l.epoch, at: time.Now()}, f)
+	fresh := l.entry != nil && f.clock.Now().Before(l.entry.Expires.Time())
+	switch {
+	case err != nil:
+		if l.token != "" {
+			f.unclaimLater(l.claim, l.token)
 		}
+		return nil, nil, err
+	case l.token != "" && fresh:
+		f.unclaimLater(l.claim, l.token) // found under a previous secret: no fetch
+		return l.entry, nil, nil
+	case l.token != "":
+		cl := &claim{f: f, key: key, auth: auth, name: l.claim, epoch: l.epoch, token: l.token}
+		cl.hold()
+		return l.entry, cl, nil
+	case l.entry == nil && l.holder != "":
+		return nil, &claim{f: f, key: key, auth: auth, name: l.claim, epoch: l.epoch, force: l.present}, nil
 	}
-	return l.entry, err
+	return l.entry, nil, nil
 }
 
 // looked is what one look found under a key.

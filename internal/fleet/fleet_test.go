@@ -51,10 +51,10 @@ func TestEntriesOpenOnlyForTheirCredentialUntilInvalidated(t *testing.T) {
 	if err := f.Set(ctx, e, "Basic right", epoch, now); err != nil {
 		t.Fatal(err)
 	}
-	if got, err := f.Get(ctx, "k", "Basic wrong"); err != nil || got != nil {
+	if got, err := get(f, ctx, "k", "Basic wrong"); err != nil || got != nil {
 		t.Fatalf("opened with another credential: %+v %v", got, err)
 	}
-	got, err := f.Get(ctx, "k", "Basic right")
+	got, err := get(f, ctx, "k", "Basic right")
 	// Lifetimes travel, not wall-clock times: the reader's expiry is the
 	// writer's to within Redis's millisecond and the time between the calls.
 	if err != nil || got == nil || string(got.Body) != `{"a":1}` || got.Status != 200 || got.Expires.Time().Sub(e.Expires.Time()).Abs() > time.Second {
@@ -63,13 +63,13 @@ func TestEntriesOpenOnlyForTheirCredentialUntilInvalidated(t *testing.T) {
 	if _, err := f.Invalidate(ctx, []string{"scope-other"}); err != nil {
 		t.Fatal(err)
 	}
-	if got, _ := f.Get(ctx, "k", "Basic right"); got == nil {
+	if got, _ := get(f, ctx, "k", "Basic right"); got == nil {
 		t.Fatal("another scope's invalidation dropped the entry")
 	}
 	if _, err := f.Invalidate(ctx, []string{"scope-b"}); err != nil {
 		t.Fatal(err)
 	}
-	if got, _ := f.Get(ctx, "k", "Basic right"); got != nil {
+	if got, _ := get(f, ctx, "k", "Basic right"); got != nil {
 		t.Fatal("the entry survived its scope's invalidation")
 	}
 	// An entry whose fetch began after the invalidation is valid.
@@ -77,7 +77,7 @@ func TestEntriesOpenOnlyForTheirCredentialUntilInvalidated(t *testing.T) {
 	if err := f.Set(ctx, e, "Basic right", epoch, now); err != nil {
 		t.Fatal(err)
 	}
-	if got, _ := f.Get(ctx, "k", "Basic right"); got == nil {
+	if got, _ := get(f, ctx, "k", "Basic right"); got == nil {
 		t.Fatal("an entry fetched after the invalidation is not served")
 	}
 }
@@ -200,24 +200,24 @@ func twoClaimingFor(t *testing.T, ttl time.Duration) (*Fleet, *Fleet) {
 }
 
 // A cold key's claim is one replica's at a time: a lookup that finds no
-// entry takes it in the same round trip and its fill adopts it; another
+// entry takes it in the same round trip and returns it; another
 // replica's claim is not won, and its Wait returns the holder's fill.
 func TestClaimsAreOneReplicasAtATime(t *testing.T) {
 	a, b := twoClaiming(t)
 	ctx := context.Background()
-	if e, err := a.Get(ctx, "k", "Basic x"); e != nil || err != nil {
+	e, ca, err := a.Get(ctx, "k", "Basic x")
+	if e != nil || err != nil {
 		t.Fatalf("a cold key: %v %v", e, err)
 	}
-	ca, err := a.Claim(ctx, "k", "Basic x")
-	if err != nil || !ca.Won() {
-		t.Fatalf("the lookup's claim was not adopted: %v", err)
+	if ca == nil || !ca.Won() {
+		t.Fatal("the lookup took no claim")
 	}
 	cb, err := b.Claim(ctx, "k", "Basic x")
 	if err != nil || cb.Won() {
 		t.Fatalf("a second replica won a held claim: %v", err)
 	}
 	now := time.Now()
-	e := &cache.Entry{Key: "k", Status: 200, Body: []byte(`{}`), Stored: cache.At(now), Expires: cache.At(now.Add(time.Minute)), Keep: cache.At(now.Add(time.Minute))}
+	e = &cache.Entry{Key: "k", Status: 200, Body: []byte(`{}`), Stored: cache.At(now), Expires: cache.At(now.Add(time.Minute)), Keep: cache.At(now.Add(time.Minute))}
 	if err := ca.Share(ctx, e); err != nil {
 		t.Fatal(err)
 	}
@@ -228,21 +228,23 @@ func TestClaimsAreOneReplicasAtATime(t *testing.T) {
 	cb.Release()
 }
 
-// A claim that a lookup took and no fill adopted is given back: the
-// waiting replica takes it.
-func TestAnUnadoptedClaimIsGivenBack(t *testing.T) {
+// A claim that a lookup took and its caller let go without a fill is
+// free: the waiting replica takes it.
+func TestALetGoClaimIsTakenByTheWaiter(t *testing.T) {
 	a, b := twoClaiming(t)
 	ctx := context.Background()
-	if e, _ := b.Get(ctx, "k2", "Basic x"); e != nil {
-		t.Fatal("k2 is not cold")
+	e, cb, _ := b.Get(ctx, "k2", "Basic x")
+	if e != nil || cb == nil || !cb.Won() {
+		t.Fatal("k2 is not cold, or its lookup took no claim")
 	}
 	wait, err := a.Claim(ctx, "k2", "Basic x")
 	if err != nil || wait.Won() {
 		t.Fatalf("a won k2 while b holds it: %v", err)
 	}
+	cb.Release()
 	start := time.Now()
 	if got, err := wait.Wait(ctx); got != nil || err != nil || !wait.Won() {
-		t.Fatalf("after b's claim went unadopted: %v %v, won %v", got, err, wait.Won())
+		t.Fatalf("after b let its claim go: %v %v, won %v", got, err, wait.Won())
 	}
 	if took := time.Since(start); took > 10*time.Second {
 		t.Fatalf("took over after %s", took)
@@ -258,7 +260,7 @@ func TestAnUnadoptedClaimIsGivenBack(t *testing.T) {
 func TestAClaimLivesWithItsHolder(t *testing.T) {
 	a, b := twoClaimingFor(t, ClaimTTL)
 	ctx := context.Background()
-	if e, _ := b.Get(ctx, "k3", "Basic x"); e != nil {
+	if e, _ := get(b, ctx, "k3", "Basic x"); e != nil {
 		t.Fatal("k3 is not cold")
 	}
 	held, err := b.Claim(ctx, "k3", "Basic x")
@@ -393,4 +395,14 @@ func TestBudgetSlotsTakenDuringAFaultAreGivenBack(t *testing.T) {
 		t.Fatalf("B: %v, want the account's one slot", err)
 	}
 	ls.Done(ratelimit.Served)
+}
+
+// get is f.Get for a test that looks only at the entry: a claim the
+// lookup took is let go at once.
+func get(f *Fleet, ctx context.Context, key, auth string) (*cache.Entry, error) {
+	e, cl, err := f.Get(ctx, key, auth)
+	if cl != nil {
+		cl.Release()
+	}
+	return e, err
 }

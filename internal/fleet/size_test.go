@@ -57,7 +57,7 @@ func TestSharedEntryValueIsItsDataAndLittleMore(t *testing.T) {
 	if n > data+28+160 {
 		t.Fatalf("value %d bytes, want at most the data (%d) + the AEAD's 28 + 160", n, data)
 	}
-	got, err := f.Get(ctx, e.Key, "Basic x")
+	got, err := get(f, ctx, e.Key, "Basic x")
 	if err != nil || got == nil || !bytes.Equal(got.Body, e.Body) || got.Get("Twilio-Request-Id")[0] != "RQ00000000000000000000000000000001" {
 		t.Fatalf("read back: %v %v", got, err)
 	}

@@ -12,6 +12,7 @@ import (
 	"unsafe"
 
 	"cacheproxy/internal/connwatch"
+	"cacheproxy/internal/load"
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
 
@@ -26,6 +27,7 @@ type record struct {
 	routeID int         // index into route.Labels(): route and upstream, for logs and metrics
 	cred    *credential // nil without an Authorization header
 	keyBuf  [192]byte   // the cache key of a read, built without allocating
+	query   load.Query  // a cached read's query to the loader (Key: a view of keyBuf)
 	cache   outcome     // what the cache did (outcomeNone: not a cached route)
 	hdr     reqHeaders  // the request headers the proxy reads
 	// viaUpstream is set when the answer came from (or waited on) an

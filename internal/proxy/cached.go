@@ -4,31 +4,19 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 	"unsafe"
 
 	"cacheproxy/internal/cache"
-	"cacheproxy/internal/ratelimit"
+	"cacheproxy/internal/load"
 	"cacheproxy/internal/route"
-
-	"golang.org/x/sync/singleflight"
 )
-
-// fetchResult is what one flight produced, shared by its waiters.
-type fetchResult struct {
-	entry    *cache.Entry
-	stored   bool
-	from     source // fromUpstream, or the tier that answered instead
-	upStatus int
-	upDur    time.Duration
-	calls    callStats
-}
 
 // reply is one way out of serveCached: what the cache did (the outcome
 // counted and logged) and what to send: an entry with its Cache-Status
@@ -46,8 +34,9 @@ var (
 	collapsedStatus = []string{"cacheproxy; fwd=uri-miss; collapsed; detail=fleet"}
 )
 
-// serveCached answers a GET or HEAD of a participant read route. It makes
-// only HTTP decisions; the tiers are sequenced by p.tiers.
+// serveCached answers a GET or HEAD of a cached read route. The read
+// itself is load.Loader's (internal/load: the tiers, the flight, the
+// claim, the stale answers); this turns its result into HTTP.
 func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *upstream, auth string) {
 	noCache, noStore := rec.hdr.cacheDirectives()
 	if auth == "" || noStore {
@@ -57,35 +46,92 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 		return
 	}
 	// The key is looked up as a view of rec's buffer (no allocation on a
-	// hit); lookup copies it before anything can keep it.
+	// hit); the loader copies it before anything can keep it.
 	kb := appendKey(rec.keyBuf[:0], &rec.rt, r.URL.RawQuery, rec.cred)
-	key := unsafe.String(unsafe.SliceData(kb), len(kb))
+	q := &rec.query
+	*q = load.Query{Key: unsafe.String(unsafe.SliceData(kb), len(kb)), Auth: auth, NoCache: noCache, Now: rec.start,
+		Timeout: up.timeout, Arg: r}
+	// The fetch forwards the first reader's Accept and Accept-Language (a
+	// response may vary on them), so only reads that send the same values
+	// share it.
+	q.Variant[0], q.Variant[1] = r.Header["Accept"], r.Header["Accept-Language"]
+	p.answer(w, r, rec, up, p.reply(r, rec, p.load.Load(r.Context(), q)))
+}
+
+// reply maps a load.Result to the reply: outcome, Cache-Status, Age, and
+// what the access line says of the upstream call.
+func (p *Proxy) reply(r *http.Request, rec *record, res load.Result) reply {
 	now := rec.start
-	var f found
-	if noCache {
-		f.key = strings.Clone(key)
-	} else {
-		f = p.tiers.lookup(r.Context(), key, auth, now)
+	switch {
+	case res.Stale == load.WhileRevalidate:
+		ttl := strconv.Itoa(int(res.Entry.Expires.Sub(now) / time.Second))
+		return reply{outcome: outcomeStale, entry: res.Entry,
+			status: []string{"cacheproxy; hit; ttl=" + ttl + "; detail=stale-while-revalidate"}, age: p.hdrs.age(age(res.Entry, now))}
+	case !res.Flight: // L1 at arrival
+		return p.hit(res.Entry, load.FromL1, now)
+	}
+	rec.viaUpstream = true
+	info, _ := res.Info.(*fetchInfo)
+	if info != nil {
+		rec.calls = info.calls
+	}
+	if res.Stale == load.IfError {
+		// Stale-if-error: an older answer beats a 429 or a 5xx.
+		fwd := "cacheproxy; fwd=stale"
+		if res.Err == nil {
+			fwd += "; fwd-status=" + strconv.Itoa(info.status)
+			rec.upstreamStatus, rec.upstreamDur = info.status, info.dur
+		} else {
+			rec.errMsg = res.Err.Error()
+		}
+		return reply{outcome: outcomeStale, entry: res.Entry, status: []string{fwd}, age: p.hdrs.age(age(res.Entry, now))}
+	}
+	o := outcomeMiss
+	if rec.query.NoCache {
+		o = outcomeRefresh
+	}
+	if res.Err != nil {
+		if res.Joined && r.Context().Err() == nil {
+			o = outcomeCollapsed
+		}
+		return reply{outcome: o, err: res.Err}
+	}
+	switch res.From {
+	case load.FromL2: // the fleet's shared tier
+		rec.viaUpstream = false
+		return p.hit(res.Entry, load.FromL2, now)
+	case load.FromPeer: // collapsed into another replica's fetch
+		rec.viaUpstream = false
+		return reply{outcome: outcomeCollapsed, entry: res.Entry, status: collapsedStatus}
+	case load.FromL1: // filled by a flight that ended as this one began
+		rec.viaUpstream = false
+		return p.hit(res.Entry, load.FromL1, p.clock.Now())
+	}
+	rec.upstreamStatus, rec.upstreamDur = info.status, info.dur
+	p.learnKey(rec.cred, info.status, res.Entry.Body)
+	fwd := "cacheproxy; fwd=uri-miss"
+	if rec.query.NoCache {
+		fwd = "cacheproxy; fwd=request"
 	}
 	switch {
-	case f.fresh != nil:
-		p.answer(w, r, rec, up, p.hit(f.fresh, f.from, now))
-	case f.stale != nil && now.Before(f.stale.Expires.Time().Add(p.fresh.StaleWhileRevalidate)):
-		// Stale-while-revalidate: answer now, refresh in the background
-		// (one fetch per key: it is a flight).
-		p.revalidate(r, rec.rt, up, f.key)
-		ttl := strconv.Itoa(int(f.stale.Expires.Sub(now) / time.Second))
-		p.answer(w, r, rec, up, reply{outcome: outcomeStale, entry: f.stale,
-			status: []string{"cacheproxy; hit; ttl=" + ttl + "; detail=stale-while-revalidate"}, age: p.hdrs.age(age(f.stale, now))})
-	default:
-		p.answer(w, r, rec, up, p.miss(r, rec, up, f, noCache))
+	case res.Joined:
+		fwd += "; collapsed"
+		o = outcomeCollapsed
+	case res.Stored:
+		fwd += "; stored"
 	}
+	if enc := contentCoding(res.Entry.Get("Content-Encoding")); enc != "" && !acceptsCoding(r.Header, enc) {
+		// The upstream compressed without being asked (the fetch asks for
+		// the plain representation); this client did not ask either.
+		return reply{outcome: o, err: &codingError{enc}}
+	}
+	return reply{outcome: o, entry: res.Entry, status: []string{fwd}}
 }
 
 // hit is the reply for a fresh entry from tier from.
-func (p *Proxy) hit(e *cache.Entry, from source, now time.Time) reply {
+func (p *Proxy) hit(e *cache.Entry, from load.Source, now time.Time) reply {
 	ttl := int(e.Expires.Sub(now) / time.Second)
-	if from == fromL2 {
+	if from == load.FromL2 {
 		return reply{outcome: outcomeShared, entry: e, status: []string{"cacheproxy; hit; ttl=" + strconv.Itoa(ttl) + "; detail=shared"},
 			age: p.hdrs.age(age(e, now))}
 	}
@@ -95,64 +141,6 @@ func (p *Proxy) hit(e *cache.Entry, from source, now time.Time) reply {
 // age is e's age at now in whole seconds, never negative.
 func age(e *cache.Entry, now time.Time) int {
 	return max(0, int(-e.Stored.Sub(now)/time.Second))
-}
-
-// miss fetches key (or joins its flight) and replies with the answer, or
-// with a stale entry when the upstream failed (stale-if-error).
-func (p *Proxy) miss(r *http.Request, rec *record, up *upstream, f found, noCache bool) reply {
-	res, leader, err := p.fetchShared(r, rec.rt, up, f.key, p.flightKey(r, f.key, noCache), noCache)
-	rec.viaUpstream = true
-	if res != nil {
-		rec.calls = res.calls
-	}
-	if s := f.stale; upstreamFailed(res, err) && s != nil && rec.start.Before(s.Expires.Time().Add(p.fresh.StaleIfError)) && r.Context().Err() == nil {
-		// Stale-if-error: an older answer beats a 429 or a 5xx.
-		fwd := "cacheproxy; fwd=stale"
-		if err == nil {
-			fwd += "; fwd-status=" + strconv.Itoa(res.upStatus)
-			rec.upstreamStatus, rec.upstreamDur = res.upStatus, res.upDur
-		} else {
-			rec.errMsg = err.Error()
-		}
-		return reply{outcome: outcomeStale, entry: s, status: []string{fwd}, age: p.hdrs.age(age(s, rec.start))}
-	}
-	o := outcomeMiss
-	if noCache {
-		o = outcomeRefresh
-	}
-	if err != nil {
-		if !leader && r.Context().Err() == nil {
-			o = outcomeCollapsed
-		}
-		return reply{outcome: o, err: err}
-	}
-	switch res.from {
-	case fromFleet: // collapsed into another replica's fetch
-		rec.viaUpstream = false
-		return reply{outcome: outcomeCollapsed, entry: res.entry, status: collapsedStatus}
-	case fromL1: // filled by a flight that ended as this one began
-		rec.viaUpstream = false
-		return p.hit(res.entry, fromL1, p.clock.Now())
-	}
-	rec.upstreamStatus, rec.upstreamDur = res.upStatus, res.upDur
-	p.learnKey(rec.cred, res.upStatus, res.entry.Body)
-	fwd := "cacheproxy; fwd=uri-miss"
-	if noCache {
-		fwd = "cacheproxy; fwd=request"
-	}
-	switch {
-	case !leader:
-		fwd += "; collapsed"
-		o = outcomeCollapsed
-	case res.stored:
-		fwd += "; stored"
-	}
-	if enc := contentCoding(res.entry.Get("Content-Encoding")); enc != "" && !acceptsCoding(r.Header, enc) {
-		// The upstream compressed without being asked (the fetch asks for
-		// the plain representation); this client did not ask either.
-		return reply{outcome: o, err: &codingError{enc}}
-	}
-	return reply{outcome: o, entry: res.entry, status: []string{fwd}}
 }
 
 // answer sends a reply and counts it: the outcome, the counter and the
@@ -173,117 +161,30 @@ func (p *Proxy) answer(w *recordWriter, r *http.Request, rec *record, up *upstre
 	p.writeEntry(w, r, rec.hdr.conditional, a.entry, a.status, a.age)
 }
 
-// revalidate starts (or joins) the fetch of key in the background. It is a
-// function of its own so that its closure's captures do not move the
-// hit path's variables to the heap.
-func (p *Proxy) revalidate(r *http.Request, m route.Match, up *upstream, key string) {
-	r = r.WithContext(ratelimit.WithPriority(r.Context(), ratelimit.Background)) // behind reads a client waits for
-	p.doneLater(p.startFlight(p.flightKey(r, key, false), func() (any, error) { return p.runFetch(r, &m, up, key, false) }))
+// fetchInfo is the proxy's account of a fill's upstream call, for the
+// access line (load.Result.Info).
+type fetchInfo struct {
+	status int
+	dur    time.Duration
+	calls  callStats
 }
 
-// flightKey keys a fetch by the invalidation epoch at arrival: a read that
-// arrives after a write's response never joins a fetch that began before
-// it (docs/architecture.md, "Freshness"). Reads between writes still share.
-//
-// The fetch forwards the first caller's Accept and Accept-Language (a
-// response may vary on them), so only reads that send the same values
-// share it.
-func (p *Proxy) flightKey(r *http.Request, key string, noCache bool) string {
-	k := key + "@" + strconv.FormatUint(p.inv.Epoch(), 10)
-	if a, l := r.Header["Accept"], r.Header["Accept-Language"]; len(a)+len(l) > 0 {
-		k += " " + strings.Join(a, ",") + " " + strings.Join(l, ",")
+// fetch is the loader's Fetcher: the upstream call of a fill, for the
+// request that started it.
+func (p *Proxy) fetch(ctx context.Context, q *load.Query, epoch uint64) (*cache.Entry, any, error) {
+	r := q.Arg.(*http.Request)
+	var m route.Match
+	if rerr := p.router.ResolveTo(&m, r.Method, r.Host, r.URL.Host, escapedPath(r)); rerr != nil {
+		return nil, nil, errors.New(rerr.LogText()) // it was routed a moment ago
 	}
-	if noCache {
-		k = "no-cache " + k
-	}
-	return k
-}
-
-// upstreamFailed reports a fetch that an older answer should replace: no
-// answer at all, a 429 or a 5xx.
-func upstreamFailed(res *fetchResult, err error) bool {
-	if err != nil {
-		return true
-	}
-	return res.upStatus == http.StatusTooManyRequests || res.upStatus >= 500
-}
-
-// fetchShared joins or starts the fetch for flightKey and waits for it or
-// for the client to leave. leader reports whether this call ran the fetch.
-//
-// noCache asks for a fetch: not another replica's, nor an entry that L1
-// got meanwhile.
-func (p *Proxy) fetchShared(r *http.Request, m route.Match, up *upstream, key, flightKey string, noCache bool) (*fetchResult, bool, error) {
-	ran := false // written by the flight goroutine; read only after its result arrives
-	ch := p.startFlight(flightKey, func() (any, error) {
-		ran = true
-		return p.runFetch(r, &m, up, key, noCache)
-	})
-	select {
-	case sr := <-ch:
-		p.fetches.Done()
-		res, _ := sr.Val.(*fetchResult) // may carry call stats on error; nil after a panic
-		return res, ran, sr.Err
-	case <-r.Context().Done():
-		p.doneLater(ch)
-		return nil, false, r.Context().Err()
-	}
-}
-
-// startFlight joins or starts the flight for key. Proxy.Wait waits for
-// it: the caller is counted before DoChan (so a flight cannot start
-// unseen) and must call p.fetches.Done once the result has arrived; a
-// caller that leaves first hands that to done, which waits for the result.
-func (p *Proxy) startFlight(key string, fn func() (any, error)) <-chan singleflight.Result {
-	p.fetches.Add()
-	return p.flights.DoChan(key, fn)
-}
-
-// doneLater uncounts a caller that left before its flight's result came.
-func (p *Proxy) doneLater(ch <-chan singleflight.Result) {
-	go func() {
-		<-ch
-		p.fetches.Done()
-	}()
-}
-
-// runFetch runs a flight's fetch, panics recovered into an error for its
-// waiters.
-func (p *Proxy) runFetch(r *http.Request, m *route.Match, up *upstream, key string, noCache bool) (v any, err error) {
-	defer func() {
-		if x := recover(); x != nil {
-			p.events.Error().Str("route", m.Name()).Str("panic", fmt.Sprint(x)).Msg("upstream fetch panicked")
-			v, err = nil, errFetchPanic
-		}
-	}()
-	return p.fetch(r, m, up, key, noCache)
-}
-
-// fetch fills key for a flight through the tiers. It runs detached from
-// the client that started it (context.WithoutCancel), so other waiters get
-// their answer if that client leaves. Waiting for another replica's fill
-// is bounded by the upstream's timeout, and so is this replica's own
-// upstream call, from its start: a replica that takes over the claim of
-// one that died mid-fetch still has its whole timeout.
-func (p *Proxy) fetch(r *http.Request, m *route.Match, up *upstream, key string, noCache bool) (*fetchResult, error) {
-	var calls callStats
-	detached := withStats(context.WithoutCancel(r.Context()), &calls)
-	ctx, cancel := context.WithTimeout(detached, up.timeout)
-	defer cancel()
-	res, err := p.tiers.fill(ctx, key, r.Header.Get("Authorization"), noCache, func(epoch uint64) (*fetchResult, error) {
-		ctx, cancel := context.WithTimeout(detached, up.timeout)
-		defer cancel()
-		return p.fetchUpstream(ctx, r, m, up, key, epoch)
-	})
-	if res != nil {
-		res.calls = calls
-	}
-	return res, err
+	info := &fetchInfo{}
+	e, err := p.fetchUpstream(withStats(ctx, &info.calls), r, &m, p.ups[m.Upstream], q.Key, epoch, info)
+	return e, info, err
 }
 
 // fetchUpstream makes the one upstream call of a fill. The entry it
 // returns has Expires and Keep set when it may be stored.
-func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Match, up *upstream, key string, epoch uint64) (*fetchResult, error) {
+func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Match, up *upstream, key string, epoch uint64, res *fetchInfo) (*cache.Entry, error) {
 	u := *up.target
 	u.Path, u.RawPath, u.RawQuery = m.Unescaped(), m.Path, r.URL.RawQuery
 	out, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
@@ -291,11 +192,10 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 		return nil, err
 	}
 	out.Header = fetchHeader(r.Header)
-	res := &fetchResult{}
 	start := p.clock.Now()
 	resp, err := up.transport.RoundTrip(out)
 	if err != nil {
-		return res, err
+		return nil, err
 	}
 	defer resp.Body.Close()
 	// The body is read into a pooled buffer: Compact copies it into the
@@ -307,7 +207,7 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 	if err != nil {
 		// The answer had begun: a timeout stays a timeout (504), anything
 		// else is a cut, not an unreachable upstream.
-		return res, fmt.Errorf("%w: %w", errUpstreamCut, err)
+		return nil, fmt.Errorf("%w: %w", errUpstreamCut, err)
 	}
 	if int64(len(body)) > p.maxFetch {
 		return nil, errResponseLarge
@@ -333,12 +233,25 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 		ttl = p.fresh.NegativeTTL
 	}
 	e.Compact(storedHeader(resp.Header, len(body)))
-	res.entry, res.upStatus, res.upDur = e, resp.StatusCode, now.Sub(start)
+	res.status, res.dur = resp.StatusCode, now.Sub(start)
 	if ttl > 0 && int64(len(body)) <= p.fresh.MaxEntryBytes && storable(resp.Header) {
 		e.Expires = cache.At(now.Add(ttl))
 		e.Keep = cache.At(now.Add(ttl + max(p.fresh.StaleIfError, p.fresh.StaleWhileRevalidate)))
 	}
-	return res, nil
+	return e, nil
+}
+
+// fetchPanicked logs a fetch's panic (the loader answers its readers
+// with load.ErrPanic).
+func (p *Proxy) fetchPanicked(q *load.Query, v any) {
+	name := "unknown"
+	if r, ok := q.Arg.(*http.Request); ok {
+		var m route.Match
+		if p.router.ResolveTo(&m, r.Method, r.Host, r.URL.Host, escapedPath(r)) == nil {
+			name = m.Name()
+		}
+	}
+	p.events.Error().Str("route", name).Str("panic", fmt.Sprint(v)).Msg("upstream fetch panicked")
 }
 
 // fetchBufs are the buffers fetchUpstream reads bodies into.

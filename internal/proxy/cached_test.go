@@ -222,8 +222,7 @@ func TestCredentialIsolation(t *testing.T) {
 // upstream holds both; each gets its own answer.
 func TestCredentialIsolationRace(t *testing.T) {
 	flights := &countingFlights{joined: make(chan string, 16)}
-	h := newHarness(t, func(s *setup) {})
-	h.p.flights = flights
+	h := newHarness(t, func(s *setup) {}, func(s *setup) { s.opts.flights = flights })
 	gate := make(chan struct{})
 	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool { <-gate; return false }
 	type res struct {
@@ -267,8 +266,7 @@ func TestCredentialIsolationRace(t *testing.T) {
 func TestCoalescing(t *testing.T) {
 	const n = 50
 	flights := &countingFlights{joined: make(chan string, n)}
-	h := newHarness(t)
-	h.p.flights = flights
+	h := newHarness(t, func(s *setup) { s.opts.flights = flights })
 	gate := make(chan struct{})
 	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool { <-gate; return false }
 

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"cacheproxy/internal/load"
 	"context"
 	"errors"
 	"log"
@@ -18,7 +19,6 @@ import (
 
 // Sentinel errors of the sidecar itself.
 var (
-	errFetchPanic    = errors.New("upstream fetch panicked")
 	errResponseLarge = errors.New("upstream response larger than the fetch limit")
 	errUpstreamCut   = errors.New("upstream response cut off mid-body")
 )
@@ -70,7 +70,7 @@ func statusFor(clientCtx context.Context, err error) (int, string) {
 		return http.StatusTooManyRequests, "Too many requests: this account's upstream budget is spent (" + rej.Reason + ")"
 	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &netErr) && netErr.Timeout():
 		return http.StatusGatewayTimeout, "upstream did not answer in time"
-	case errors.Is(err, errFetchPanic):
+	case errors.Is(err, load.ErrPanic):
 		return http.StatusBadGateway, "upstream fetch failed"
 	case errors.Is(err, errResponseLarge):
 		return http.StatusBadGateway, "upstream response too large"

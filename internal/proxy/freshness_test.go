@@ -92,9 +92,8 @@ func TestWriteCreatingAParticipantClearsA404(t *testing.T) {
 func TestReadAfterWriteNeverSeesOlderData(t *testing.T) {
 	for _, read := range []string{pathConv, "/v1/Conversations/support-room/Participants/alice@example.com", pathV2, pathProxy} {
 		t.Run(read, func(t *testing.T) {
-			h := newHarness(t)
 			flights := &countingFlights{joined: make(chan string, 4)}
-			h.p.flights = flights
+			h := newHarness(t, func(s *setup) { s.opts.flights = flights })
 			fake, write, method := h.conv, pathConv, "POST"
 			switch read {
 			case pathV2:

@@ -37,8 +37,7 @@ func check429(t *testing.T, resp *http.Response) {
 func TestHitsAndCoalescedGroupsCostNoExtraSlots(t *testing.T) {
 	const n = 30
 	flights := &countingFlights{joined: make(chan string, n)}
-	h := newHarness(t, tightBudget)
-	h.p.flights = flights
+	h := newHarness(t, tightBudget, func(s *setup) { s.opts.flights = flights })
 	gate := make(chan struct{})
 	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool { <-gate; return false }
 	var wg sync.WaitGroup

@@ -17,7 +17,7 @@ import (
 // counters are the process-wide totals behind the summary line.
 type counters struct {
 	hits, misses, collapsed, stale, passthrough     atomic.Int64
-	shared, sharedErrors, claimsWon, claimsWaited   atomic.Int64
+	shared                                          atomic.Int64
 	upstreamCalls, upstream429, rejections, retries atomic.Int64
 	queueWaitNanos                                  atomic.Int64
 	pagesUnrewritten                                atomic.Int64
@@ -89,10 +89,10 @@ func newMetrics(reg prometheus.Registerer, p *Proxy) *metrics {
 		counter("cacheproxy_upstream_429_total", "Upstream 429 answers.", p.c.upstream429.Load),
 		counter("cacheproxy_stale_total", "Reads answered with a stale entry.", p.c.stale.Load),
 		counter("cacheproxy_l2_hits_total", "Reads answered from the fleet's shared tier (redis.url).", p.c.shared.Load),
-		counter("cacheproxy_fleet_claims_won_total", "Cold keys this replica fetched for the fleet (it won the key's claim).", p.c.claimsWon.Load),
-		counter("cacheproxy_fleet_claims_waited_total", "Cold keys this replica waited for another replica to fetch.", p.c.claimsWaited.Load),
+		counter("cacheproxy_fleet_claims_won_total", "Cold keys this replica fetched for the fleet (it won the key's claim).", func() int64 { return p.load.Stats().ClaimsWon }),
+		counter("cacheproxy_fleet_claims_waited_total", "Cold keys this replica waited for another replica to fetch.", func() int64 { return p.load.Stats().ClaimsWaited }),
 		counter("cacheproxy_list_pages_unrewritten_total", "List answers to a client that replaced its base URL, too large to buffer: their page URLs point at Twilio.", p.c.pagesUnrewritten.Load),
-		counter("cacheproxy_l2_errors_total", "Calls to the fleet's shared tier that failed or timed out (each a miss, never a client error).", p.c.sharedErrors.Load),
+		counter("cacheproxy_l2_errors_total", "Calls to the fleet's shared tier that failed or timed out (each a miss, never a client error).", func() int64 { return p.load.Stats().TierErrors }),
 		gauge("cacheproxy_cache_entries", "Entries in the cache.", func() float64 { return float64(p.store.Stats().Entries) }),
 		gauge("cacheproxy_cache_bytes", "Bytes held by the cache (body + headers + key).", func() float64 { return float64(p.store.Stats().Bytes) }),
 		counter("cacheproxy_cache_evictions_total", "Entries evicted to make room within cache.max_bytes (not expiries, replacements or invalidations).", func() int64 { return int64(p.store.Stats().Evictions) }),
@@ -206,7 +206,7 @@ type Summary struct {
 	Hits, Misses, Collapsed, Stale, Passthrough     int64
 	UpstreamCalls, Upstream429, Rejections, Retries int64
 	Shared, SharedErrors                            int64 // L2 hits, failed L2 calls
-	ClaimsWon, ClaimsWaited                         int64 // fleet-wide fetch leases
+	ClaimsWon, ClaimsWaited                         int64 // cold keys fetched for the fleet, waited for
 	QueueWait                                       time.Duration
 	Cache                                           cache.Stats
 }
@@ -214,13 +214,14 @@ type Summary struct {
 // Summary reports the proxy's totals (it walks the cache: not for the
 // request path).
 func (p *Proxy) Summary() Summary {
+	ls := p.load.Stats()
 	return Summary{
 		Hits: p.c.hits.Load(), Misses: p.c.misses.Load(), Collapsed: p.c.collapsed.Load(),
 		Stale: p.c.stale.Load(), Passthrough: p.c.passthrough.Load(),
 		UpstreamCalls: p.c.upstreamCalls.Load(), Upstream429: p.c.upstream429.Load(),
 		Rejections: p.c.rejections.Load(), Retries: p.c.retries.Load(),
-		Shared: p.c.shared.Load(), SharedErrors: p.c.sharedErrors.Load(),
-		ClaimsWon: p.c.claimsWon.Load(), ClaimsWaited: p.c.claimsWaited.Load(),
+		Shared: p.c.shared.Load(), SharedErrors: ls.TierErrors,
+		ClaimsWon: ls.ClaimsWon, ClaimsWaited: ls.ClaimsWaited,
 		QueueWait: time.Duration(p.c.queueWaitNanos.Load()),
 		Cache:     p.store.Stats(),
 	}

@@ -23,7 +23,7 @@ import (
 	"cacheproxy/internal/cache"
 	"cacheproxy/internal/clock"
 	"cacheproxy/internal/connwatch"
-	"cacheproxy/internal/inflight"
+	"cacheproxy/internal/load"
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
 	"cacheproxy/internal/tier"
@@ -32,7 +32,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 	"go.opentelemetry.io/otel/trace"
-	"golang.org/x/sync/singleflight"
 )
 
 // Store holds cached responses. Entries are immutable once set.
@@ -80,12 +79,6 @@ type Budget interface {
 	Verify(user, credential string)
 	// Accounts reports each account's budget, for metrics and the summary.
 	Accounts() []ratelimit.State
-}
-
-// flightGroup is the part of singleflight.Group the proxy uses, an interface
-// so tests may substitute it (as groupcache does).
-type flightGroup interface {
-	DoChan(key string, fn func() (any, error)) <-chan singleflight.Result
 }
 
 // Upstream configures one Twilio API.
@@ -170,6 +163,8 @@ type Options struct {
 	// Registerer receives the proxy's metrics. If nil, they are kept in a
 	// registry of their own that nobody scrapes.
 	Registerer prometheus.Registerer
+
+	flights load.FlightGroup // nil: singleflight (tests count who waits)
 }
 
 // Proxy is the http.Handler clients talk to.
@@ -179,21 +174,19 @@ type Proxy struct {
 	router  *route.Router
 	store   Store
 	inv     Invalidator
-	tiers   tiers
+	load    *load.Loader // the cached read path (internal/load)
 	budget  Budget
 	summary func(*zerolog.Event)
-	flights flightGroup
 	log     zerolog.Logger
 	events  zerolog.Logger // lines other than the access log: timestamped
 	// access holds one logger per route and cache outcome with those
 	// fields (and the upstream) encoded once, for the access-log lines.
-	access  [][numOutcomes]zerolog.Logger
-	clock   clock.Clock
-	fp      *fingerprinter
-	ids     *requestIDs
-	fetches inflight.Tracker // upstream fetches still running (detached ones too)
-	hdrs    hitHeaders
-	stamp   clockText
+	access [][numOutcomes]zerolog.Logger
+	clock  clock.Clock
+	fp     *fingerprinter
+	ids    *requestIDs
+	hdrs   hitHeaders
+	stamp  clockText
 
 	refused  refusals
 	c        counters
@@ -261,7 +254,6 @@ func New(o Options) (*Proxy, error) {
 		inv:      o.Invalidator,
 		budget:   o.Budget,
 		summary:  o.SummaryFields,
-		flights:  new(singleflight.Group),
 		log:      o.Logger,
 		clock:    clock.Or(o.Clock),
 		fp:       newFingerprinter(o.KeySecret),
@@ -277,10 +269,13 @@ func New(o Options) (*Proxy, error) {
 	}
 	p.events = p.log.With().Timestamp().Logger()
 	p.m = newMetrics(o.Registerer, p)
-	p.tiers = tiers{l1: o.Store, l2: tier.None{}, inv: o.Invalidator, clock: p.clock, c: &p.c, tracer: p.tracer}
+	var l2 tier.Tier = tier.None{}
 	if o.Shared != nil {
-		p.tiers.l2 = timedTier{Tier: o.Shared, clock: p.clock, latency: p.m.l2}
+		l2 = timedTier{Tier: o.Shared, clock: p.clock, latency: p.m.l2}
 	}
+	p.load = load.New(load.Config{L1: o.Store, L2: l2, Inv: o.Invalidator, Fetch: p.fetch, Clock: p.clock, Flights: o.flights,
+		Windows: load.Windows{WhileRevalidate: f.StaleWhileRevalidate, IfError: f.StaleIfError},
+		Hooks:   load.Hooks{Claim: p.tracer.claim, Panic: p.fetchPanicked}})
 	p.access = accessLoggers(p.log)
 	// The reverse proxy's own lines (a body copy that failed) are complete
 	// log lines: level, time, component.
@@ -314,7 +309,7 @@ func New(o Options) (*Proxy, error) {
 // finish, or ctx ends. Call it after http.Server.Shutdown, before closing
 // the store.
 func (p *Proxy) Wait(ctx context.Context) error {
-	return p.fetches.Wait(ctx)
+	return p.load.Wait(ctx)
 }
 
 // ServeHTTP routes, serves and logs one request.

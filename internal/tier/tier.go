@@ -4,8 +4,9 @@
 // so that neither has to import the other (the proxy's tests build fleets).
 //
 // The seam speaks of the tier, not of Redis: an entry is looked up with
-// Get, and a cold key is fetched by whoever wins its Claim, the others
-// waiting for that winner's fill. None is the tier of a replica alone.
+// Get, which claims a key it finds no entry for and returns that claim,
+// and a cold key is fetched by whoever wins its claim, the others waiting
+// for that winner's fill. None is the tier of a replica alone.
 package tier
 
 import (
@@ -18,9 +19,13 @@ import (
 // goes on with L1 and the upstream.
 type Tier interface {
 	// Get returns key's entry, opened for the credential auth, if one is
-	// valid fleet-wide; nil if none is. A Get that finds none may claim
-	// the key already, for the Claim of the fill that follows.
-	Get(ctx context.Context, key, auth string) (*cache.Entry, error)
+	// valid fleet-wide (fresh, or expired and within its stale windows);
+	// nil if none is. When the tier has no entry for the key, Get claims
+	// it in the same call and returns the claim (won, or another
+	// replica's to wait for); else the claim is nil, and a caller that
+	// fetches all the same asks Claim. The caller ends a claim it got
+	// with Release.
+	Get(ctx context.Context, key, auth string) (*cache.Entry, Claim, error)
 	// Claim asks for the right to fetch key for the fleet: won only while
 	// the key has no fresh fill (another replica's fill shared just before
 	// is what Wait returns). Whatever the answer (and on an error too),
@@ -53,8 +58,10 @@ type Claim interface {
 // every claim is won, with nothing to share it with.
 type None struct{}
 
-// Get finds nothing.
-func (None) Get(context.Context, string, string) (*cache.Entry, error) { return nil, nil }
+// Get finds nothing, and claims the key.
+func (None) Get(context.Context, string, string) (*cache.Entry, Claim, error) {
+	return nil, Alone{}, nil
+}
 
 // Claim is always won.
 func (None) Claim(context.Context, string, string) (Claim, error) { return Alone{}, nil }

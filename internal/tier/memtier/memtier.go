@@ -183,15 +183,22 @@ func (r *Replica) Invalidate(ctx context.Context, tags []string) uint64 {
 	return r.local.Invalidate(ctx, tags)
 }
 
-// Get returns key's entry for auth if one is valid on the hub, on r's clock.
-func (r *Replica) Get(_ context.Context, key, auth string) (*cache.Entry, error) {
+// Get returns key's entry for auth if one is valid on the hub, on r's
+// clock; when there is none, the key's claim (won unless another live
+// replica holds it).
+func (r *Replica) Get(_ context.Context, key, auth string) (*cache.Entry, tier.Claim, error) {
 	h := r.hub
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.down {
-		return nil, ErrDown
+		return nil, nil, ErrDown
 	}
-	return h.valid(key, auth, r.clock.Now()), nil
+	if e := h.valid(key, auth, r.clock.Now()); e != nil {
+		return e, nil, nil
+	}
+	cl := &claim{r: r, key: key, auth: auth, epoch: h.epoch}
+	cl.won = h.take(r, key)
+	return nil, cl, nil
 }
 
 // valid is key's entry for auth, valid and not expired on the hub, as an

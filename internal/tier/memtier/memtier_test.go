@@ -43,15 +43,15 @@ func TestHubRules(t *testing.T) {
 		t.Fatal(err)
 	}
 	hub.Advance(10 * time.Second)
-	got, _ := a.Get(ctx, "k", "auth")
+	got, _, _ := a.Get(ctx, "k", "auth")
 	if got == nil || got.Expires.Time().Sub(ac.Now()) != 20*time.Second || ac.Now().Sub(got.Stored.Time()) != 10*time.Second {
 		t.Fatalf("A reads B's entry (B an hour ahead, 10 s later on the hub): %+v, want 20 s fresh, 10 s old", got)
 	}
-	if got, _ := a.Get(ctx, "k", "other"); got != nil {
+	if got, _, _ := a.Get(ctx, "k", "other"); got != nil {
 		t.Fatal("opened for another credential")
 	}
 	a.Invalidate(ctx, []string{"scope"})
-	if got, _ := a.Get(ctx, "k", "auth"); got != nil {
+	if got, _, _ := a.Get(ctx, "k", "auth"); got != nil {
 		t.Fatal("an entry invalidated after its claim is still served")
 	}
 }
