@@ -32,7 +32,6 @@ import (
 	"cacheproxy/internal/config"
 	"cacheproxy/internal/twiliofake"
 	"cacheproxy/internal/wire"
-
 )
 
 const (
@@ -88,7 +87,7 @@ func main() {
 				tooMany++
 			}
 			switch {
-			case strings.HasSuffix(s.cache, "detail=shared"):
+			case strings.HasSuffix(s.cache, "detail=l2"):
 				hits++
 				l2 = append(l2, s.took)
 			case strings.HasPrefix(s.cache, "cacheproxy; hit"):

@@ -17,7 +17,6 @@ import (
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/twiliofake"
 	"cacheproxy/internal/wire"
-
 )
 
 // Twilio's concurrency limit in these scenarios, and its latency.
@@ -49,7 +48,7 @@ func startLimited(maxConcurrent int) (*limitedProxy, error) {
 // credential).
 type oneQueue struct{ *ratelimit.Limiter }
 
-func (b oneQueue) Acquire(ctx context.Context, user, credential string) (ratelimit.Lease, error) {
+func (b oneQueue) Acquire(ctx context.Context, user, credential string) (ratelimit.Turn, error) {
 	return b.Limiter.Acquire(ratelimit.WithPriority(ctx, ratelimit.Read), user, credential)
 }
 

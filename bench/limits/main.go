@@ -41,7 +41,6 @@ import (
 	"cacheproxy/internal/config"
 	"cacheproxy/internal/twiliofake"
 	"cacheproxy/internal/wire"
-
 )
 
 const perAPI = 1000

@@ -626,8 +626,8 @@ func fleetOfTwo(t *testing.T, env []string) (a, b *proc) {
 	if cs := cacheStatus(t, a); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
 		t.Fatalf("A: %q", cs)
 	}
-	if cs := cacheStatus(t, b); !strings.HasSuffix(cs, "detail=shared") {
-		t.Fatalf("B: %q, want an answer from the shared tier", cs)
+	if cs := cacheStatus(t, b); !strings.HasSuffix(cs, "detail=l2") {
+		t.Fatalf("B: %q, want an answer from L2", cs)
 	}
 	if n := fake.Calls("GET", path); n != 1 {
 		t.Fatalf("upstream calls %d, want 1", n)
@@ -686,7 +686,7 @@ func TestFleetReaderPausedPastTheWait(t *testing.T) {
 		"CACHEPROXY_REDIS_INVALIDATION_WAIT=100ms"})
 	for round := 1; round <= 5; round++ {
 		deadline := time.Now().Add(30 * time.Second)
-		for cs, _ := read(t, b); !strings.HasPrefix(cs, "cacheproxy; hit") || strings.HasSuffix(cs, "detail=shared"); cs, _ = read(t, b) {
+		for cs, _ := read(t, b); !strings.HasPrefix(cs, "cacheproxy; hit") || strings.HasSuffix(cs, "detail=l2"); cs, _ = read(t, b) {
 			if time.Now().After(deadline) {
 				t.Fatalf("round %d: B never answered from its own memory: %q", round, cs)
 			}

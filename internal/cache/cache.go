@@ -248,7 +248,7 @@ func (e *Entry) Header() Header {
 
 // Restamp is a copy of e with other times (the same key, body, header and
 // tags, shared), as a reader of another tier sees it: its Epoch and
-// ValidAt are zero, as for any entry read from a shared tier.
+// ValidAt are zero, as for any entry read from L2.
 func (e *Entry) Restamp(stored, expires, keep Stamp) *Entry {
 	return &Entry{Key: e.Key, Body: e.Body, Tags: e.Tags, header: e.header, Status: e.Status,
 		Stored: stored, Expires: expires, Keep: keep, block: e.block, own: e.own}

@@ -5,6 +5,7 @@ import (
 	"go/parser"
 	"go/token"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -82,5 +83,18 @@ func TestMainFitsOnAScreen(t *testing.T) {
 	}
 	if checked < 10 {
 		t.Fatalf("checked only %d functions", checked)
+	}
+}
+
+// The proxy's main file stays readable: the seams, New and ServeHTTP, at
+// most 350 lines (its options and each part of a request are files of
+// their own).
+func TestProxyGoIsShort(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("..", "proxy", "proxy.go"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(string(b), "\n"); n > 350 {
+		t.Fatalf("internal/proxy/proxy.go is %d lines, want at most 350", n)
 	}
 }

@@ -161,7 +161,7 @@ if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return redis.call('ZCARD', KEYS[1
 if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return 0 end
 return -1`)
 
-// renewSlot extends a held slot's lease (ZADD XX: a slot that lapsed and
+// renewSlot extends a held slot's life (ZADD XX: a slot that lapsed and
 // was cleared is not taken again); 0 when it was not held.
 var renewSlot = newScript(`
 local t = redis.call('TIME')

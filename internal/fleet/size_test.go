@@ -30,7 +30,7 @@ func participantEntry(now time.Time) *cache.Entry {
 // plus the AEAD's nonce and tag and a small fixed part: the body is not
 // base64 inside JSON (a third more). MEMORY USAGE of the key is logged for
 // the README.
-func TestSharedEntryValueIsItsDataAndLittleMore(t *testing.T) {
+func TestL2EntryValueIsItsDataAndLittleMore(t *testing.T) {
 	srv := redistest.Start(t)
 	f := open(t, srv.URL())
 	ctx := context.Background()

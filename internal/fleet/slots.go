@@ -17,8 +17,8 @@ import (
 // Slots are an account's places across the fleet (ratelimit.Slots): the
 // Limiter of each replica grants turns (priority, fairness, the adaptive
 // cap: docs/budget.md) and each turn takes one of the account's slots in
-// Redis, a sorted set of slot leases scored by their expiry on Redis's
-// clock (SlotLease, renewed while the call lasts), so a crashed replica's
+// Redis, a sorted set of slots scored by their expiry on Redis's
+// clock (SlotLife, renewed while the call lasts), so a crashed replica's
 // slots come back by themselves within a second. The fleet's rate window is a second sorted set
 // beside it; both are evaluated in one script, once per call.
 //
@@ -128,7 +128,7 @@ func (s *Slots) Take(ctx context.Context, t ratelimit.Ticket) (ratelimit.Place, 
 		s.waiting[slot] = handed
 		s.mu.Unlock()
 	}
-	args := []string{strconv.Itoa(t.Limit), strconv.FormatInt(SlotLease.Milliseconds(), 10), slot, strconv.Itoa(s.rate),
+	args := []string{strconv.Itoa(t.Limit), strconv.FormatInt(SlotLife.Milliseconds(), 10), slot, strconv.Itoa(s.rate),
 		strconv.FormatInt(wait.Milliseconds(), 10), s.channel(), strconv.Itoa(int(t.Priority))}
 	got, held, err := s.take(ctx, tag, args)
 	if err != nil || got != 0 {
@@ -166,11 +166,11 @@ func (s *Slots) await(ctx context.Context, t ratelimit.Ticket, tag, slot string,
 	// Pub/sub delivers at most once: a slot handed while this replica's
 	// subscription was being restored is told to nobody. Once a second the
 	// call looks for its slot in the set itself. And a slot that lapsed
-	// (its replica died) is handed by no release: once a lease could have
+	// (its replica died) is handed by no release: once a slot's life could have
 	// lapsed, the call has the waiters served.
 	check := time.NewTicker(handCheck)
 	defer check.Stop()
-	lapsed := time.NewTimer(SlotLease)
+	lapsed := time.NewTimer(SlotLife)
 	defer lapsed.Stop()
 	for {
 		select {
@@ -267,11 +267,11 @@ func (s *Slots) take(ctx context.Context, tag string, args []string) (int64, int
 	return got, held, nil
 }
 
-// SlotLease is how long a slot is held without being renewed: a call
+// SlotLife is how long a slot is held without being renewed: a call
 // that lasts longer renews its slot every third of it. A slot nobody
 // holds (its replica died, its take timed out after Redis ran it, the
-// message handing it over was lost) lapses within a lease.
-const SlotLease = time.Second
+// message handing it over was lost) lapses within a slot's life.
+const SlotLife = time.Second
 
 // place is a slot held, renewed while held; its release runs off the
 // answer's path.
@@ -279,28 +279,28 @@ func (s *Slots) place(tag, slot string, held int) ratelimit.Place {
 	return s.renewed(&fleetPlace{held: held, release: func() { s.giveLater(tag, slot) }}, tag, slot)
 }
 
-// renewed starts p's renewals, every third of a lease until released.
+// renewed starts p's renewals, every third of a slot's life until released.
 func (s *Slots) renewed(p *fleetPlace, tag, slot string) *fleetPlace {
 	var renew func()
 	renew = func() {
 		if s.renew(tag, slot) {
 			p.mu.Lock()
 			if !p.released {
-				p.timer = time.AfterFunc(SlotLease/3, renew)
+				p.timer = time.AfterFunc(SlotLife/3, renew)
 			}
 			p.mu.Unlock()
 		}
 	}
 	p.mu.Lock()
-	p.timer = time.AfterFunc(SlotLease/3, renew)
+	p.timer = time.AfterFunc(SlotLife/3, renew)
 	p.mu.Unlock()
 	return p
 }
 
-// renew extends slot's lease; false when it was not held any more (or
+// renew extends slot's life; false when it was not held any more (or
 // Redis did not answer: the next renewal is not tried, the slot lapses).
 func (s *Slots) renew(tag, slot string) bool {
-	n, err := s.run(context.Background(), renewSlot, s.keys(tag)[:1], slot, strconv.FormatInt(SlotLease.Milliseconds(), 10)).AsInt64()
+	n, err := s.run(context.Background(), renewSlot, s.keys(tag)[:1], slot, strconv.FormatInt(SlotLife.Milliseconds(), 10)).AsInt64()
 	return s.f.result(err) == nil && n > 0
 }
 
@@ -340,7 +340,7 @@ func (s *Slots) give(tag, slot string) {
 }
 
 func (s *Slots) release(tag, slot string) error {
-	return s.f.result(s.run(context.Background(), giveSlot, s.keys(tag), slot, strconv.FormatInt(SlotLease.Milliseconds(), 10), strconv.Itoa(s.rate), tag).Error())
+	return s.f.result(s.run(context.Background(), giveSlot, s.keys(tag), slot, strconv.FormatInt(SlotLife.Milliseconds(), 10), strconv.Itoa(s.rate), tag).Error())
 }
 
 // listen hears, on this replica's channel, the slots releases handed to
@@ -380,7 +380,7 @@ func (s *Slots) listen(ctx context.Context) {
 // full: it lapses by itself).
 func (s *Slots) later(tag, slot string) {
 	select {
-	case s.ungiven <- ungiven{tag: tag, slot: slot, until: time.Now().Add(SlotLease)}:
+	case s.ungiven <- ungiven{tag: tag, slot: slot, until: time.Now().Add(SlotLife)}:
 	default:
 	}
 }

@@ -66,7 +66,7 @@ func TestFleetRoundTrips(t *testing.T) {
 		g     *wire.Graph
 		what  string
 		trips int64
-	}{{replicas[0], "fwd=uri-miss; stored", 3}, {replicas[1], "detail=shared", 1}, {replicas[1], "hit; ttl=", 0}} {
+	}{{replicas[0], "fwd=uri-miss; stored", 3}, {replicas[1], "detail=l2", 1}, {replicas[1], "hit; ttl=", 0}} {
 		cs, n := read(step.g, paths[0])
 		if !strings.Contains(cs, step.what) || n != step.trips {
 			t.Errorf("%q: %d round trips, want %q in %d", cs, n, step.what, step.trips)
@@ -79,7 +79,7 @@ func TestFleetRoundTrips(t *testing.T) {
 	if cs, n := read(replicas[1], paths[3]); !strings.Contains(cs, "fwd=uri-miss; stored") || n != 4 {
 		t.Errorf("after SCRIPT FLUSH: %q in %d round trips, want a stored miss in 4", cs, n)
 	}
-	if cs, _ := read(replicas[0], paths[3]); !strings.Contains(cs, "detail=shared") {
+	if cs, _ := read(replicas[0], paths[3]); !strings.Contains(cs, "detail=l2") {
 		t.Errorf("the other replica after SCRIPT FLUSH: %q, want the shared fill", cs)
 	}
 }

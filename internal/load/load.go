@@ -70,7 +70,7 @@ type Source uint8
 const (
 	FromUpstream Source = iota // this replica's fetch
 	FromL1                     // this replica's own tier
-	FromL2                     // the fleet's shared tier, fetched by any replica
+	FromL2                     // L2, fetched by any replica
 	FromPeer                   // another replica's fetch of a cold key, waited for on its claim
 )
 
@@ -93,7 +93,7 @@ type Query struct {
 	// Key is the cache key. It may be a view of a buffer the caller
 	// reuses: Load copies it before anything keeps it.
 	Key string
-	// Auth is the credential, for the shared tier.
+	// Auth is the credential, for L2.
 	Auth string
 	// Variant holds what else two reads must agree on to share a fetch
 	// (the proxy's Accept and Accept-Language values): part of the
@@ -130,7 +130,7 @@ type Result struct {
 
 // Hooks are optional observers; a nil one is not called.
 type Hooks struct {
-	// Claim starts watching a fill's lookup and claim in the shared tier
+	// Claim starts watching a fill's lookup and claim in L2
 	// (a span); end is told the claim (nil when there was none) and
 	// whether the fill came from the tier.
 	Claim func(ctx context.Context) (context.Context, func(cl tier.Claim, filled bool))
@@ -185,7 +185,7 @@ type Stats struct {
 	// ClaimsWon counts cold keys this replica fetched for the fleet;
 	// ClaimsWaited, those it waited for another replica to fetch.
 	ClaimsWon, ClaimsWaited int64
-	// TierErrors counts shared-tier calls that failed (each a miss).
+	// TierErrors counts L2 calls that failed (each a miss).
 	TierErrors int64
 }
 
@@ -364,7 +364,7 @@ func (l *Loader) fill(ctx, detached context.Context, q *Query, epoch uint64, swr
 		var e *cache.Entry
 		e, cl, err = l.l2.Get(cctx, q.Key, q.Auth)
 		l.failed(err)
-		if e = l.shared(e, epoch); e != nil {
+		if e = l.fromL2(e, epoch); e != nil {
 			now := l.clock.Now()
 			switch {
 			case e.Expires.After(now):
@@ -447,9 +447,9 @@ func (l *Loader) local(key string, epoch uint64, now time.Time) (*cache.Entry, b
 	return e, true
 }
 
-// shared is e, an entry of the shared tier, if it is valid here too for
+// fromL2 is e, an entry of L2, if it is valid here too for
 // data fetched from epoch on; it is kept in L1.
-func (l *Loader) shared(e *cache.Entry, epoch uint64) *cache.Entry {
+func (l *Loader) fromL2(e *cache.Entry, epoch uint64) *cache.Entry {
 	if e == nil {
 		return nil
 	}
@@ -478,10 +478,10 @@ func (l *Loader) claimed(ctx context.Context, cl tier.Claim, epoch uint64) *cach
 		}
 		return nil
 	}
-	return l.shared(e, epoch) // nil if invalidated here since: fetch
+	return l.fromL2(e, epoch) // nil if invalidated here since: fetch
 }
 
-// failed counts a shared-tier error (a miss, never a reader's error).
+// failed counts a L2 error (a miss, never a reader's error).
 func (l *Loader) failed(err error) {
 	if err != nil {
 		l.tierErrors.Add(1)

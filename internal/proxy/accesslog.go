@@ -64,13 +64,13 @@ const (
 	outcomeStale
 	outcomeRefresh
 	outcomeBypass
-	outcomeShared // answered from the fleet's shared tier (L2)
+	outcomeL2 // answered from L2, the fleet's tier in Redis
 	numOutcomes
 )
 
 // outcomeNames are the label values, by outcome. outcomeNone's line has
 // no "cache" field.
-var outcomeNames = [numOutcomes]string{"none", "hit", "miss", "collapsed", "stale", "refresh", "bypass", "shared"}
+var outcomeNames = [numOutcomes]string{"none", "hit", "miss", "collapsed", "stale", "refresh", "bypass", "l2"}
 
 // accessLoggers returns a logger per route label and outcome, with the
 // route, upstream and cache outcome encoded once.

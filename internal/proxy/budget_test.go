@@ -158,7 +158,7 @@ func TestAWrongTokenCannotStarveTheRightOne(t *testing.T) {
 		}
 		queued := h.lim.State(acctA).Queued
 		release <- struct{}{}
-		// The turns it frees are granted at once, together, when its lease ends.
+		// The turns it frees are granted at once, together, when its turn ends.
 		waitFor(t, h, func() bool { st := h.lim.State(acctA); return st.Queued < queued && st.Taking == 0 })
 		for granted := flood - 3 + 1 - h.lim.State(acctA).Queued; arrivals < 3+granted; arrivals++ {
 			if <-arrived == "right" {

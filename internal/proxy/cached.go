@@ -31,7 +31,7 @@ type reply struct {
 
 var (
 	bypassStatus    = []string{"cacheproxy; fwd=bypass"}
-	collapsedStatus = []string{"cacheproxy; fwd=uri-miss; collapsed; detail=fleet"}
+	collapsedStatus = []string{"cacheproxy; fwd=uri-miss; collapsed; detail=peer"}
 )
 
 // serveCached answers a GET or HEAD of a cached read route. The read
@@ -97,7 +97,7 @@ func (p *Proxy) reply(r *http.Request, rec *record, res load.Result) reply {
 		return reply{outcome: o, err: res.Err}
 	}
 	switch res.From {
-	case load.FromL2: // the fleet's shared tier
+	case load.FromL2: // L2
 		rec.viaUpstream = false
 		return p.hit(res.Entry, load.FromL2, now)
 	case load.FromPeer: // collapsed into another replica's fetch
@@ -132,7 +132,7 @@ func (p *Proxy) reply(r *http.Request, rec *record, res load.Result) reply {
 func (p *Proxy) hit(e *cache.Entry, from load.Source, now time.Time) reply {
 	ttl := int(e.Expires.Sub(now) / time.Second)
 	if from == load.FromL2 {
-		return reply{outcome: outcomeShared, entry: e, status: []string{"cacheproxy; hit; ttl=" + strconv.Itoa(ttl) + "; detail=shared"},
+		return reply{outcome: outcomeL2, entry: e, status: []string{"cacheproxy; hit; ttl=" + strconv.Itoa(ttl) + "; detail=l2"},
 			age: p.hdrs.age(age(e, now))}
 	}
 	return reply{outcome: outcomeHit, entry: e, status: p.hdrs.hit(ttl), age: p.hdrs.age(age(e, now))}

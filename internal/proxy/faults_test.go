@@ -35,7 +35,7 @@ func hitTTL(cs string) int {
 // Finding 4 of the faults issue: replicas' clocks an hour apart, either
 // way. A shared entry carries lifetimes, not the writer's wall clock: on
 // any replica a hit's ttl stays within cache.ttl and Age is never
-// negative, from the shared tier and from L1 after it.
+// negative, from L2 and from L1 after it.
 func TestFleetClockSkew(t *testing.T) {
 	for _, skew := range []time.Duration{time.Hour, -time.Hour} {
 		t.Run(skew.String(), func(t *testing.T) {
@@ -45,11 +45,11 @@ func TestFleetClockSkew(t *testing.T) {
 			if s, cs, _ := a.get(pathConv); s != 200 || !strings.HasSuffix(cs, "stored") {
 				t.Fatalf("A: %d %q", s, cs)
 			}
-			for i, want := range []string{"; detail=shared", ""} {
+			for i, want := range []string{"; detail=l2", ""} {
 				resp := b.do("GET", pathConv, basic(acctA, tokenA))
 				age := resp.Header.Get("Age")
 				s, cs, _ := readResp(t, resp)
-				if s != 200 || hitTTL(cs) < 0 || !strings.HasSuffix(cs, want) || (want == "" && strings.Contains(cs, "shared")) {
+				if s != 200 || hitTTL(cs) < 0 || !strings.HasSuffix(cs, want) || (want == "" && strings.Contains(cs, "detail=l2")) {
 					t.Fatalf("B, read %d: %d %q, want a hit ending %q", i, s, cs, want)
 				}
 				if n := hitTTL(cs); n > ttl {
@@ -165,7 +165,7 @@ func TestFleetInvalidationThatMissedRedisIsRetried(t *testing.T) {
 			r := replicasEach(t, srv, []harnessOpt{redisTimeout(50 * time.Millisecond), through(link)}, nil)
 			a, b := r[0], r[1]
 			before := attrs(t, a)
-			if _, cs, _ := b.get(pathConv); !strings.HasSuffix(cs, "detail=shared") {
+			if _, cs, _ := b.get(pathConv); !strings.HasSuffix(cs, "detail=l2") {
 				t.Fatalf("B before: %q", cs)
 			}
 			recover := tc.fault(t, srv, link)

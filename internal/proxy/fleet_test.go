@@ -17,14 +17,14 @@ import (
 	"cacheproxy/internal/twiliofake"
 )
 
-// withFleet gives a replica the shared tier on the redis-server at url,
+// withFleet gives a replica L2 on the redis-server at url,
 // with the harness's key secret (the same on every replica). The tier is
 // opened once every option is applied (a later one may change the secret).
 func withFleet(url string) harnessOpt {
 	return func(s *setup) { s.fleetURL = url }
 }
 
-// openFleet opens the replica's shared tier as its options say.
+// openFleet opens the replica's L2 as its options say.
 func openFleet(t testing.TB, s *setup) *fleet.Fleet {
 	timeout := time.Second
 	if s.redisTimeout > 0 {
@@ -64,7 +64,7 @@ func replicasEach(t *testing.T, srv interface{ URL() string }, each ...[]harness
 	return out
 }
 
-// sharing starts one replica per element of each with the shared tier
+// sharing starts one replica per element of each with L2
 // tier gives it, then those options (one may point it elsewhere), in
 // front of one fake Twilio (the first's).
 func sharing(t *testing.T, tier harnessOpt, each ...[]harnessOpt) []*harness {
@@ -81,7 +81,7 @@ func sharing(t *testing.T, tier harnessOpt, each ...[]harnessOpt) []*harness {
 }
 
 // Point 1 of the fleet issue: a read through A, then the same read through
-// B, makes one upstream call; B answers from the shared tier, and then
+// B, makes one upstream call; B answers from L2, and then
 // from its own L1.
 func TestFleetSharesEntries(t *testing.T) {
 	srv := redistest.Start(t)
@@ -94,10 +94,10 @@ func TestFleetSharesEntries(t *testing.T) {
 		}
 		for _, h := range []*harness{b, c} {
 			s, cs2, body2 := h.get(path)
-			if s != 200 || !strings.HasPrefix(cs2, "cacheproxy; hit; ttl=") || !strings.HasSuffix(cs2, "; detail=shared") || body2 != body {
+			if s != 200 || !strings.HasPrefix(cs2, "cacheproxy; hit; ttl=") || !strings.HasSuffix(cs2, "; detail=l2") || body2 != body {
 				t.Fatalf("second replica: %d %q", s, cs2)
 			}
-			if _, cs3, _ := h.get(path); !strings.HasPrefix(cs3, "cacheproxy; hit; ttl=") || strings.Contains(cs3, "shared") {
+			if _, cs3, _ := h.get(path); !strings.HasPrefix(cs3, "cacheproxy; hit; ttl=") || strings.Contains(cs3, "detail=l2") {
 				t.Fatalf("second replica, again: %q, want an L1 hit", cs3)
 			}
 		}
@@ -110,7 +110,7 @@ func TestFleetSharesEntries(t *testing.T) {
 	// announcements and heartbeats, runs beside it on its own clock.)
 	mon := srv.Monitor(t)
 	for range 20 {
-		if _, cs, _ := b.get(pathConv); strings.Contains(cs, "shared") || !strings.HasPrefix(cs, "cacheproxy; hit") {
+		if _, cs, _ := b.get(pathConv); strings.Contains(cs, "detail=l2") || !strings.HasPrefix(cs, "cacheproxy; hit") {
 			t.Fatalf("L1 hit: %q", cs)
 		}
 	}
@@ -132,25 +132,25 @@ func TestFleetSharesEntries(t *testing.T) {
 	if s, cs, _ := readResp(t, b.do("GET", pathConv, basic(acctB, tokenB))); s != 200 || !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
 		t.Fatalf("account B through B: %d %q", s, cs)
 	}
-	if b.p.Summary().Shared != 2 {
+	if b.p.Summary().L2Hits != 2 {
 		t.Fatalf("summary: %+v", b.p.Summary())
 	}
 }
 
 // A write through A invalidates the shared entry: B, which holds no copy
 // of its own, fetches the new data instead of the shared old one.
-func TestFleetWriteInvalidatesSharedEntries(t *testing.T) {
+func TestFleetWriteInvalidatesL2Entries(t *testing.T) {
 	r := replicas(t, 2, redistest.Start(t))
 	a, b := r[0], r[1]
 	_, _, before := a.get(pathConv) // shared
 	a.update("POST", pathConv, `{"v":1}`)
 	s, cs, after := b.get(pathConv)
-	if s != 200 || strings.Contains(cs, "shared") || after == before || !strings.Contains(after, `{\"v\":1}`) {
+	if s != 200 || strings.Contains(cs, "detail=l2") || after == before || !strings.Contains(after, `{\"v\":1}`) {
 		t.Fatalf("B after A's write: %d %q %s", s, cs, after)
 	}
 	// What B fetched is shared again, for A's next read after its own L1
 	// copy went with the write.
-	if _, cs, body := a.get(pathConv); !strings.HasSuffix(cs, "detail=shared") || body != after {
+	if _, cs, body := a.get(pathConv); !strings.HasSuffix(cs, "detail=l2") || body != after {
 		t.Fatalf("A after B's fetch: %q", cs)
 	}
 }
@@ -191,7 +191,7 @@ func TestFleetSurvivesRedisOutage(t *testing.T) {
 	r := replicas(t, 2, srv)
 	a, b := r[0], r[1]
 	a.get(pathConv)
-	if _, cs, _ := b.get(pathConv); !strings.HasSuffix(cs, "detail=shared") { // now in B's L1 too
+	if _, cs, _ := b.get(pathConv); !strings.HasSuffix(cs, "detail=l2") { // now in B's L1 too
 		t.Fatalf("B before the outage: %q", cs)
 	}
 	srv.Stop()
@@ -215,7 +215,7 @@ func TestFleetSurvivesRedisOutage(t *testing.T) {
 	if s, _, body := b.get(pathConv); s != 200 || !strings.Contains(body, "during the outage") {
 		t.Fatalf("B's read after A's write during the outage: %d %s", s, body)
 	}
-	if a.p.Summary().SharedErrors == 0 || b.p.Summary().SharedErrors == 0 {
+	if a.p.Summary().L2Errors == 0 || b.p.Summary().L2Errors == 0 {
 		t.Fatalf("errors not counted: A %+v, B %+v", a.p.Summary(), b.p.Summary())
 	}
 	if a.budget.Stats().Fallbacks == 0 {
@@ -230,7 +230,7 @@ func TestFleetSurvivesRedisOutage(t *testing.T) {
 	for i := range 20 {
 		path := fmt.Sprintf("%s?attempt=%d", pathConv, i)
 		a.get(path)
-		if _, cs, _ := b.get(path); strings.HasSuffix(cs, "detail=shared") {
+		if _, cs, _ := b.get(path); strings.HasSuffix(cs, "detail=l2") {
 			return
 		}
 	}
@@ -295,7 +295,7 @@ func TestFleetPurgeReachesEveryReplica(t *testing.T) {
 	r := replicas(t, 2, redistest.Start(t))
 	a, b := r[0], r[1]
 	a.warm(pathConv)
-	b.warm(pathConv) // from the shared tier, then in B's L1
+	b.warm(pathConv) // from L2, then in B's L1
 	if !b.cachedFor(pathConv, basic(acctA, tokenA)) {
 		t.Fatal("B holds no copy")
 	}
@@ -308,8 +308,8 @@ func TestFleetPurgeReachesEveryReplica(t *testing.T) {
 	if _, cs, _ := b.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; fwd=uri-miss") {
 		t.Fatalf("B after the purge: %q, want a miss", cs)
 	}
-	if _, cs, _ := a.get(pathConv); !strings.HasSuffix(cs, "detail=shared") {
-		t.Fatalf("A after the purge and B's fetch: %q, want B's fetch from the shared tier", cs)
+	if _, cs, _ := a.get(pathConv); !strings.HasSuffix(cs, "detail=l2") {
+		t.Fatalf("A after the purge and B's fetch: %q, want B's fetch from L2", cs)
 	}
 	if n := a.conv.Calls("GET", pathConv) - before; n != 1 {
 		t.Fatalf("upstream calls after the purge: %d, want 1", n)
@@ -324,7 +324,7 @@ func TestFleetOnARedisCluster(t *testing.T) {
 	a, b, c := r[0], r[1], r[2]
 	for _, path := range []string{pathConv, pathProxy, pathV2} {
 		a.get(path)
-		if _, cs, _ := b.get(path); !strings.HasSuffix(cs, "detail=shared") {
+		if _, cs, _ := b.get(path); !strings.HasSuffix(cs, "detail=l2") {
 			t.Fatalf("B, %s: %q", path, cs)
 		}
 	}
@@ -345,7 +345,7 @@ func TestFleetOnARedisCluster(t *testing.T) {
 			t.Errorf("the cluster holds %q in clear", secret)
 		}
 	}
-	if a.p.Summary().SharedErrors+b.p.Summary().SharedErrors != 0 {
+	if a.p.Summary().L2Errors+b.p.Summary().L2Errors != 0 {
 		t.Fatalf("errors against the cluster: %+v %+v", a.p.Summary(), b.p.Summary())
 	}
 }
@@ -388,7 +388,7 @@ func TestFleetMakesOneUpstreamCallPerColdKey(t *testing.T) {
 		if !strings.HasPrefix(a, "200 ") {
 			t.Fatalf("answer %q", a)
 		}
-		if strings.HasSuffix(a, "cacheproxy; fwd=uri-miss; collapsed; detail=fleet") {
+		if strings.HasSuffix(a, "cacheproxy; fwd=uri-miss; collapsed; detail=peer") {
 			fleetCollapsed++
 		}
 	}
@@ -477,14 +477,14 @@ func TestFleetSurvivesRedisKilledUnderLoad(t *testing.T) {
 			srv.Restart(t)
 		}
 	}
-	if r[0].p.Summary().SharedErrors+r[1].p.Summary().SharedErrors == 0 {
+	if r[0].p.Summary().L2Errors+r[1].p.Summary().L2Errors == 0 {
 		t.Fatal("no Redis call failed: Redis was not down under load")
 	}
 	waitUntil(t, "both replicas trust the stream again", func() bool { return r[0].inv.Trusted() && r[1].inv.Trusted() })
 	for i := range 20 { // sharing resumes (bounded: reconnects take a moment)
 		path := fmt.Sprintf("%s?after=%d", pathConv, i)
 		r[0].get(path)
-		if _, cs, _ := r[1].get(path); strings.HasSuffix(cs, "detail=shared") {
+		if _, cs, _ := r[1].get(path); strings.HasSuffix(cs, "detail=l2") {
 			return
 		}
 	}
@@ -494,7 +494,7 @@ func TestFleetSurvivesRedisKilledUnderLoad(t *testing.T) {
 // Stale windows work across the fleet: a replica that never read the
 // participant serves the shared copy, expired but within
 // cache.stale_if_error, when Twilio fails.
-func TestFleetStaleIfErrorFromTheSharedTier(t *testing.T) {
+func TestFleetStaleIfErrorFromL2(t *testing.T) {
 	srv := redistest.Start(t)
 	r := replicas(t, 2, srv, func(s *setup) { s.cfg.Cache.StaleIfError = config.Duration(time.Minute) })
 	a, b := r[0], r[1]

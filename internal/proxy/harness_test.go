@@ -125,11 +125,11 @@ type harness struct {
 	clk, budgetClk *clock.Fake
 	logs           *syncBuffer
 	cfg            config.Config
-	inv            *fleet.Invalidator // with a shared tier
+	inv            *fleet.Invalidator // with L2
 	invalidator    Invalidator        // the proxy's, whichever
-	budget         *fleet.Slots       // with a shared tier: the fleet's slots
-	fleet          *fleet.Fleet       // with a shared tier
-	member         *memtier.Replica   // with the in-memory shared tier
+	budget         *fleet.Slots       // with L2: the fleet's slots
+	fleet          *fleet.Fleet       // with L2
+	member         *memtier.Replica   // with the in-memory L2
 }
 
 // setup is what a harness option may change before the proxy is built.
@@ -137,11 +137,11 @@ type setup struct {
 	cfg               config.Config
 	opts              Options
 	budgetOnFakeClock bool
-	fleetURL          string        // the replica's shared tier's Redis, if any
+	fleetURL          string        // the replica's L2's Redis, if any
 	previous          [][]byte      // its cache.previous_key_secrets
-	redisTimeout      time.Duration // the shared tier's redis.timeout; 0: 1 s
+	redisTimeout      time.Duration // L2's redis.timeout; 0: 1 s
 	invalidationWait  time.Duration // redis.invalidation_wait; 0: 5 s
-	hub               *memtier.Hub  // the in-memory shared tier, if any
+	hub               *memtier.Hub  // the in-memory L2, if any
 	// unwatched serves without a connwatch.Watch, as an HTTP/2
 	// connection is: each response sets its own write deadline.
 	unwatched bool
@@ -200,7 +200,7 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 	o.Store, o.Invalidator, o.Budget = store, invalidation.New(time.Hour, h.clk), h.lim
 	if s.hub != nil {
 		m := s.hub.Replica(h.clk, invalidation.New(time.Hour, h.clk))
-		h.member, o.Invalidator, o.Shared = m, m, m
+		h.member, o.Invalidator, o.L2 = m, m, m
 	}
 	if s.fleetURL != "" {
 		f, wait := openFleet(t, s), cmp.Or(s.invalidationWait, 5*time.Second)
@@ -208,7 +208,7 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 		t.Cleanup(inv.Close)
 		waitSubscribed(t, inv)
 		h.inv, h.fleet = inv, f
-		o.Invalidator, o.Shared = inv, f
+		o.Invalidator, o.L2 = inv, f
 		// One limiter for the fleet: each turn takes its place in the
 		// fleet's slots, and API keys are known fleet-wide.
 		slots := fleet.NewSlots(f, s.cfg.RateLimit.RequestsPerSecond)

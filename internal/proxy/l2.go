@@ -10,7 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// timedTier measures the shared tier's lookups.
+// timedTier measures L2's lookups.
 type timedTier struct {
 	tier.Tier
 	clock   clock.Clock

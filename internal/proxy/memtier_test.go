@@ -12,7 +12,7 @@ import (
 	"cacheproxy/internal/tier/memtier"
 )
 
-// The tiers' orderings on the in-memory shared tier (internal/tier/memtier),
+// The tiers' orderings on the in-memory L2 (internal/tier/memtier),
 // driven by fake clocks: no Redis, no real time waited. The same behaviours
 // are tested against a real redis-server in fleet_test.go and
 // faults_test.go.
@@ -61,7 +61,7 @@ func TestTierClaimTakeoverOnTheFakeClock(t *testing.T) {
 	}
 }
 
-// A shared tier that fails every call is a miss, never a client error:
+// A L2 that fails every call is a miss, never a client error:
 // reads are answered from the upstream and kept in L1, and the errors are
 // counted.
 func TestTierDownIsAMiss(t *testing.T) {
@@ -74,7 +74,7 @@ func TestTierDownIsAMiss(t *testing.T) {
 	if _, cs, _ := a.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; hit") {
 		t.Fatalf("again: %q, want an L1 hit", cs)
 	}
-	if n := a.p.Summary().SharedErrors; n == 0 {
+	if n := a.p.Summary().L2Errors; n == 0 {
 		t.Fatal("the tier's errors were not counted")
 	}
 }
@@ -93,7 +93,7 @@ func TestTierSkew(t *testing.T) {
 		resp := b.do("GET", pathConv, basic(acctA, tokenA))
 		resp.Body.Close()
 		cs, age := resp.Header.Get("Cache-Status"), resp.Header.Get("Age")
-		if !strings.HasSuffix(cs, "detail=shared") || hitTTL(cs) != 25 || age != "5" {
+		if !strings.HasSuffix(cs, "detail=l2") || hitTTL(cs) != 25 || age != "5" {
 			t.Errorf("B %s ahead: %q, Age %q; want a shared hit with ttl=25, Age 5", ahead, cs, age)
 		}
 	}

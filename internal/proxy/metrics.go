@@ -17,7 +17,7 @@ import (
 // counters are the process-wide totals behind the summary line.
 type counters struct {
 	hits, misses, collapsed, stale, passthrough     atomic.Int64
-	shared                                          atomic.Int64
+	l2Hits                                          atomic.Int64
 	upstreamCalls, upstream429, rejections, retries atomic.Int64
 	queueWaitNanos                                  atomic.Int64
 	pagesUnrewritten                                atomic.Int64
@@ -28,8 +28,8 @@ func (c *counters) count(o outcome) {
 	switch o {
 	case outcomeHit:
 		c.hits.Add(1)
-	case outcomeShared:
-		c.shared.Add(1)
+	case outcomeL2:
+		c.l2Hits.Add(1)
 	case outcomeStale:
 		c.stale.Add(1)
 	case outcomeMiss, outcomeRefresh:
@@ -59,13 +59,16 @@ func newMetrics(reg prometheus.Registerer, p *Proxy) *metrics {
 			Buckets: []float64{.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
 		}, []string{"upstream"}),
 		l2: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "cacheproxy_l2_latency_seconds", Help: "Time of a lookup in the fleet's shared tier (redis.url), hit or miss.",
+			Name: "cacheproxy_l2_latency_seconds", Help: "Time of a lookup in L2, the fleet's tier in Redis (redis.url), hit or miss.",
 			Buckets: []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1},
 		}),
 		queueWait: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "cacheproxy_queue_wait_seconds", Help: "Time an upstream call waited for its account's turn.",
 			Buckets: []float64{0, .001, .01, .05, .1, .25, .5, 1, 2, 5},
 		}),
+	}
+	for u := range route.NumUpstreams {
+		m.latency.WithLabelValues(route.Upstream(u).String()) // each upstream's series from the start, at 0
 	}
 	requests := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "cacheproxy_requests_total", Help: "Client requests by route and cache outcome.",
@@ -88,11 +91,11 @@ func newMetrics(reg prometheus.Registerer, p *Proxy) *metrics {
 		counter("cacheproxy_retries_total", "Retries of upstream 429s.", p.c.retries.Load),
 		counter("cacheproxy_upstream_429_total", "Upstream 429 answers.", p.c.upstream429.Load),
 		counter("cacheproxy_stale_total", "Reads answered with a stale entry.", p.c.stale.Load),
-		counter("cacheproxy_l2_hits_total", "Reads answered from the fleet's shared tier (redis.url).", p.c.shared.Load),
+		counter("cacheproxy_l2_hits_total", "Reads answered from L2, the fleet's tier in Redis (redis.url).", p.c.l2Hits.Load),
 		counter("cacheproxy_fleet_claims_won_total", "Cold keys this replica fetched for the fleet (it won the key's claim).", func() int64 { return p.load.Stats().ClaimsWon }),
 		counter("cacheproxy_fleet_claims_waited_total", "Cold keys this replica waited for another replica to fetch.", func() int64 { return p.load.Stats().ClaimsWaited }),
 		counter("cacheproxy_list_pages_unrewritten_total", "List answers to a client that replaced its base URL, too large to buffer: their page URLs point at Twilio.", p.c.pagesUnrewritten.Load),
-		counter("cacheproxy_l2_errors_total", "Calls to the fleet's shared tier that failed or timed out (each a miss, never a client error).", func() int64 { return p.load.Stats().TierErrors }),
+		counter("cacheproxy_l2_errors_total", "Calls to L2 that failed or timed out (each a miss, never a client error).", func() int64 { return p.load.Stats().TierErrors }),
 		gauge("cacheproxy_cache_entries", "Entries in the cache.", func() float64 { return float64(p.store.Stats().Entries) }),
 		gauge("cacheproxy_cache_bytes", "Bytes held by the cache (body + headers + key).", func() float64 { return float64(p.store.Stats().Bytes) }),
 		counter("cacheproxy_cache_evictions_total", "Entries evicted to make room within cache.max_bytes (not expiries, replacements or invalidations).", func() int64 { return int64(p.store.Stats().Evictions) }),
@@ -205,7 +208,7 @@ func (m *metrics) observeUpstream(upstream string, status int, d time.Duration) 
 type Summary struct {
 	Hits, Misses, Collapsed, Stale, Passthrough     int64
 	UpstreamCalls, Upstream429, Rejections, Retries int64
-	Shared, SharedErrors                            int64 // L2 hits, failed L2 calls
+	L2Hits, L2Errors                                int64 // L2 hits, failed L2 calls
 	ClaimsWon, ClaimsWaited                         int64 // cold keys fetched for the fleet, waited for
 	QueueWait                                       time.Duration
 	Cache                                           cache.Stats
@@ -220,7 +223,7 @@ func (p *Proxy) Summary() Summary {
 		Stale: p.c.stale.Load(), Passthrough: p.c.passthrough.Load(),
 		UpstreamCalls: p.c.upstreamCalls.Load(), Upstream429: p.c.upstream429.Load(),
 		Rejections: p.c.rejections.Load(), Retries: p.c.retries.Load(),
-		Shared: p.c.shared.Load(), SharedErrors: ls.TierErrors,
+		L2Hits: p.c.l2Hits.Load(), L2Errors: ls.TierErrors,
 		ClaimsWon: ls.ClaimsWon, ClaimsWaited: ls.ClaimsWaited,
 		QueueWait: time.Duration(p.c.queueWaitNanos.Load()),
 		Cache:     p.store.Stats(),
@@ -237,7 +240,7 @@ func (p *Proxy) LogSummary(prev Summary) Summary {
 	shown := bounded(budgets, p.accounts)
 	// The busiest accounts first.
 	slices.SortStableFunc(budgets, func(a, b ratelimit.State) int { return (b.InFlight + b.Queued) - (a.InFlight + a.Queued) })
-	hits := (s.Hits - prev.Hits) + (s.Shared - prev.Shared) // L1 and L2
+	hits := (s.Hits - prev.Hits) + (s.L2Hits - prev.L2Hits) // L1 and L2
 	reads := hits + (s.Misses - prev.Misses) + (s.Collapsed - prev.Collapsed) + (s.Stale - prev.Stale)
 	ratio := 0.0
 	if reads > 0 {
@@ -258,7 +261,7 @@ func (p *Proxy) LogSummary(prev Summary) Summary {
 		Int64("upstream_429s", s.Upstream429-prev.Upstream429).
 		Int64("rejections", s.Rejections-prev.Rejections).
 		Int64("retries", s.Retries-prev.Retries).
-		Int64("l2_hits", s.Shared-prev.Shared).Int64("l2_errors", s.SharedErrors-prev.SharedErrors).
+		Int64("l2_hits", s.L2Hits-prev.L2Hits).Int64("l2_errors", s.L2Errors-prev.L2Errors).
 		Int64("claims_won", s.ClaimsWon-prev.ClaimsWon).Int64("claims_waited", s.ClaimsWaited-prev.ClaimsWaited).
 		Int64("queue_wait_us", (s.QueueWait-prev.QueueWait).Microseconds()).
 		Uint64("evictions", s.Cache.Evictions-prev.Cache.Evictions).Uint64("expiries", s.Cache.Expiries-prev.Cache.Expiries).

@@ -34,7 +34,7 @@ func TestFleetKeySecretRotation(t *testing.T) {
 	const oldSecret, newSecret = "test-secret", "the-new-secret"
 	r := replicas(t, 3, srv)
 	upstream := r[0] // its fake Twilio serves every replica, rolled or not
-	v, sharedReads := 0, 0
+	v, l2Reads := 0, 0
 	writeEverywhere := func(step string) {
 		t.Helper()
 		for w := range r {
@@ -88,8 +88,8 @@ func TestFleetKeySecretRotation(t *testing.T) {
 			all = append(all, r[i])
 			replace(i, step.opt)
 			// Its first read: what the others shared, under either secret.
-			if _, cs, _ := r[i].get(pathConv); strings.HasSuffix(cs, "detail=shared") {
-				sharedReads++
+			if _, cs, _ := r[i].get(pathConv); strings.HasSuffix(cs, "detail=l2") {
+				l2Reads++
 			} else if step.name != "has the new secret alone" { // the entry may be under the old secret
 				t.Errorf("replica %d, which %s: first read %q, want a shared hit", i, step.name, cs)
 			}
@@ -98,5 +98,5 @@ func TestFleetKeySecretRotation(t *testing.T) {
 	}
 	all = append(all, r...)
 	count()
-	t.Logf("%d writes, each read twice through each of 3 replicas; %d of 9 rolled replicas' first reads were shared hits", v, sharedReads)
+	t.Logf("%d writes, each read twice through each of 3 replicas; %d of 9 rolled replicas' first reads were shared hits", v, l2Reads)
 }

@@ -79,31 +79,31 @@ func endServerSpan(span trace.Span, rec *record, w *recordWriter) {
 }
 
 // acquire is budget.Acquire inside a "budget.wait" span when tracing.
-func (tr *tracer) acquire(ctx context.Context, b Budget, user, fingerprint string) (ratelimit.Lease, error) {
+func (tr *tracer) acquire(ctx context.Context, b Budget, user, fingerprint string) (ratelimit.Turn, error) {
 	if tr == nil {
 		return b.Acquire(ctx, user, fingerprint)
 	}
 	ctx, span := tr.t.Start(ctx, "budget.wait", trace.WithAttributes(attribute.String("cacheproxy.account", user)))
 	defer span.End()
-	lease, err := b.Acquire(ctx, user, fingerprint)
+	turn, err := b.Acquire(ctx, user, fingerprint)
 	if err != nil {
 		span.SetStatus(codes.Error, err.Error())
 	}
-	if lease != nil {
-		span.SetAttributes(attribute.Int64("cacheproxy.waited_us", lease.Waited().Microseconds()))
+	if turn != nil {
+		span.SetAttributes(attribute.Int64("cacheproxy.waited_us", turn.Waited().Microseconds()))
 	}
-	return lease, err
+	return turn, err
 }
 
-// claim is the fleet's Claim, and the wait for the holder's fill, inside
+// claim is a fill's L2 lookup, claim and wait for a peer's fill, inside
 // a "fleet.claim" span when tracing; end it with the claim's outcome.
-func (tr *tracer) claim(ctx context.Context) (context.Context, func(cl tier.Claim, shared bool)) {
+func (tr *tracer) claim(ctx context.Context) (context.Context, func(cl tier.Claim, filled bool)) {
 	if tr == nil {
 		return ctx, func(tier.Claim, bool) {}
 	}
 	ctx, span := tr.t.Start(ctx, "fleet.claim")
-	return ctx, func(cl tier.Claim, shared bool) {
-		span.SetAttributes(attribute.Bool("cacheproxy.claim_won", cl != nil && cl.Won()), attribute.Bool("cacheproxy.fill_shared", shared))
+	return ctx, func(cl tier.Claim, filled bool) {
+		span.SetAttributes(attribute.Bool("cacheproxy.claim_won", cl != nil && cl.Won()), attribute.Bool("cacheproxy.fill_shared", filled))
 		span.End()
 	}
 }

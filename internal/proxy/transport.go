@@ -106,11 +106,11 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		ctx = ratelimit.WithPriority(ctx, ratelimit.Write) // writes go first
 	}
 	for attempt := 0; ; attempt++ {
-		lease, err := t.tracer.acquire(ctx, t.budget, user, fingerprint)
-		if lease != nil {
-			stats.queueWait += lease.Waited()
-			t.c.queueWaitNanos.Add(int64(lease.Waited()))
-			t.m.queueWait.Observe(lease.Waited().Seconds())
+		turn, err := t.tracer.acquire(ctx, t.budget, user, fingerprint)
+		if turn != nil {
+			stats.queueWait += turn.Waited()
+			t.c.queueWaitNanos.Add(int64(turn.Waited()))
+			t.m.queueWait.Observe(turn.Waited().Seconds())
 		}
 		if err != nil {
 			var rej *ratelimit.RejectedError
@@ -122,7 +122,7 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		// The upstream may have refused this credential while it waited:
 		// the turn goes back unused and the refusal is answered here.
 		if ref := t.refused.lookup(cred, t.clock.Now()); ref != nil {
-			lease.Done(ratelimit.Unused)
+			turn.Done(ratelimit.Unused)
 			return ref.response(req), nil
 		}
 		t.c.upstreamCalls.Add(1)
@@ -130,19 +130,19 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		resp, err := t.next.RoundTrip(req)
 		if err != nil {
 			t.m.observeUpstream(t.upstream, 0, 0)
-			lease.Done(ratelimit.Failed)
+			turn.Done(ratelimit.Failed)
 			return nil, err
 		}
 		t.m.observeUpstream(t.upstream, resp.StatusCode, t.clock.Since(start))
 		if n, err := strconv.Atoi(resp.Header.Get("Twilio-Concurrent-Requests")); err == nil && n > 0 {
-			lease.Saw(n)
+			turn.Saw(n)
 		}
 		if resp.StatusCode != http.StatusTooManyRequests {
-			return t.answered(resp, lease, cred, user, fingerprint), nil
+			return t.answered(resp, turn, cred, user, fingerprint), nil
 		}
 		stats.tooMany++
 		t.c.upstream429.Add(1)
-		lease.Done(t.tooMany(resp))
+		turn.Done(t.tooMany(resp))
 		delay := t.backoff(attempt, resp.Header.Get("Retry-After"))
 		deadline, hasDeadline := ctx.Deadline()
 		if attempt >= t.retry.Max || (req.Body != nil && req.Body != http.NoBody && replay == nil) ||
@@ -167,14 +167,14 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 
 // answered is an answer other than a 429: a 2xx verifies the credential,
 // a 401 is remembered, and the turn goes back when the body is closed.
-func (t *pacedTransport) answered(resp *http.Response, lease ratelimit.Lease, cred *credential, user, fingerprint string) *http.Response {
+func (t *pacedTransport) answered(resp *http.Response, turn ratelimit.Turn, cred *credential, user, fingerprint string) *http.Response {
 	if resp.StatusCode >= 200 && resp.StatusCode < 300 && user != "" {
 		t.budget.Verify(user, fingerprint)
 	}
 	if resp.StatusCode == http.StatusUnauthorized {
 		t.rememberRefusal(cred, resp)
 	}
-	resp.Body = &releasingBody{ReadCloser: resp.Body, lease: lease}
+	resp.Body = &releasingBody{ReadCloser: resp.Body, turn: turn}
 	return resp
 }
 
@@ -254,12 +254,12 @@ func (t *pacedTransport) backoff(attempt int, retryAfter string) time.Duration {
 // closed: a call is in flight until its body is read.
 type releasingBody struct {
 	io.ReadCloser
-	lease ratelimit.Lease
+	turn ratelimit.Turn
 }
 
 func (b *releasingBody) Close() error {
 	err := b.ReadCloser.Close()
-	b.lease.Done(ratelimit.Served) // idempotent
+	b.turn.Done(ratelimit.Served) // idempotent
 	return err
 }
 

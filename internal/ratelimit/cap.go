@@ -65,7 +65,7 @@ func (l *Limiter) othersFreshLocked(a *account, now time.Time) bool {
 // cutLocked lowers the cap after a 429 that came with n calls in flight
 // (this one included): the upstream allows fewer than n, and, once per
 // round at the current cap, a tenth less than the cap.
-func (l *Limiter) cutLocked(a *account, s *lease, n int, now time.Time, events *[]Event) {
+func (l *Limiter) cutLocked(a *account, s *turn, n int, now time.Time, events *[]Event) {
 	cur := l.capAtLocked(a, now)
 	target := float64(n - 1)
 	if s.gen == a.gen {
@@ -93,7 +93,7 @@ func (l *Limiter) cutLocked(a *account, s *lease, n int, now time.Time, events *
 // the other clients'; and an answer with room under the limit, with no
 // 429 for a while, lifts a cut at once: the cap is the limit minus the
 // others, no climbing back over Recover, no probing.
-func (l *Limiter) sawLocked(a *account, s *lease, o Outcome, n int, now time.Time, events *[]Event) {
+func (l *Limiter) sawLocked(a *account, s *turn, o Outcome, n int, now time.Time, events *[]Event) {
 	switch o {
 	case Throttled:
 		a.limit, a.throttledAt = max(1, s.saw-1), now

@@ -40,14 +40,14 @@ func TestWritesGoFirst(t *testing.T) {
 	if st := l.State("AC1"); st.Queued != 4 {
 		t.Fatalf("after the write's turn: %+v, want the four others waiting", st)
 	}
-	next := w.lease
+	next := w.turn
 	for i := range reads {
 		next.Done(Unused)
 		r := <-reads[i]
 		if r.err != nil {
 			t.Fatalf("read %d: %v", i, r.err)
 		}
-		next = r.lease
+		next = r.turn
 	}
 	select {
 	case r := <-refresh:
@@ -59,7 +59,7 @@ func TestWritesGoFirst(t *testing.T) {
 	if r.err != nil {
 		t.Fatal(r.err)
 	}
-	r.lease.Done(Unused)
+	r.turn.Done(Unused)
 }
 
 // While a write is in flight, reads leave WriteShare of the cap free for
@@ -72,13 +72,13 @@ func TestWriteShareIsKeptForWrites(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var leases []Lease
+	var turns []Turn
 	for range 7 {
 		ls, err := l.Acquire(context.Background(), "AC1", "c")
 		if err != nil {
 			t.Fatal(err)
 		}
-		leases = append(leases, ls)
+		turns = append(turns, ls)
 	}
 	ninth := acquireAs(l, Read, "AC1", "c")
 	queued(t, l, "AC1", 1) // 1 write + 7 reads in flight: the rest is the writes'
@@ -95,8 +95,8 @@ func TestWriteShareIsKeptForWrites(t *testing.T) {
 	if r.err != nil {
 		t.Fatal(r.err)
 	}
-	r.lease.Done(Served)
-	for _, ls := range leases {
+	r.turn.Done(Served)
+	for _, ls := range turns {
 		ls.Done(Served)
 	}
 }
@@ -123,7 +123,7 @@ func TestTwiliosHeaderSteersTheCap(t *testing.T) {
 	if c := l.State("AC1").Cap; c != 7 {
 		t.Fatalf("slow start at %d, want 7", c)
 	}
-	var ls []Lease
+	var ls []Turn
 	for range 5 {
 		x, err := l.Acquire(context.Background(), "AC1", "c")
 		if err != nil {
@@ -170,7 +170,7 @@ func TestTwiliosHeaderSteersTheCap(t *testing.T) {
 func TestOtherLimitsDoNotCutTheCap(t *testing.T) {
 	l := New(Config{MaxConcurrent: 8, MaxWait: time.Hour}, newFake())
 	l.newAccountAt("AC1", 8)
-	var ls []Lease
+	var ls []Turn
 	for range 4 {
 		x, _ := l.Acquire(context.Background(), "AC1", "c")
 		ls = append(ls, x)
@@ -219,7 +219,7 @@ func (s *blockingSlots) Take(ctx context.Context, t Ticket) (Place, time.Duratio
 // The Slots are part of the one waiting: a call taking its place counts
 // against the cap but not as in flight (a 429 meanwhile cuts to what is
 // at the upstream), its wait is in Waited, and its place goes back with
-// the lease.
+// the turn.
 func TestTheSlotsWaitIsPartOfTheTurn(t *testing.T) {
 	clk := newFake()
 	s := &blockingSlots{go_: make(chan struct{})}
@@ -234,13 +234,13 @@ func TestTheSlotsWaitIsPartOfTheTurn(t *testing.T) {
 	clk.Advance(3 * time.Second)
 	s.go_ <- struct{}{}
 	g := <-r
-	if g.err != nil || g.lease.Waited() != 3*time.Second {
-		t.Fatalf("%v, waited %v; want the 3 s of the Slots' wait", g.err, g.lease.Waited())
+	if g.err != nil || g.turn.Waited() != 3*time.Second {
+		t.Fatalf("%v, waited %v; want the 3 s of the Slots' wait", g.err, g.turn.Waited())
 	}
-	g.lease.Done(Served)
+	g.turn.Done(Served)
 	s.go_ <- struct{}{}
 	g = <-second
-	g.lease.Done(Served)
+	g.turn.Done(Served)
 	if s.held != 0 {
 		t.Fatalf("%d places not given back", s.held)
 	}

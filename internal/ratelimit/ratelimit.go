@@ -154,8 +154,8 @@ const (
 	Unused
 )
 
-// Lease is one turn: one upstream call in flight. Done ends it.
-type Lease interface {
+// Turn is one turn: one upstream call in flight. Done ends it.
+type Turn interface {
 	// Waited is how long Acquire waited for the turn (its place in the
 	// fleet's slots included).
 	Waited() time.Duration
@@ -225,7 +225,7 @@ type account struct {
 	slowStart bool
 	cap       float64
 	cutAt     time.Time
-	gen       uint64 // cuts so far: a lease granted before the last cut is old news
+	gen       uint64 // cuts so far: a turn granted before the last cut is old news
 	shown     int    // the cap last reported in an event
 	// From Twilio's header: the account's limit (0: not known), and its
 	// other clients' calls in flight as last reported at sawAt.
@@ -247,7 +247,7 @@ type account struct {
 	// the grant of its turn).
 	accepted   map[string]bool
 	unverified int
-	live       map[*lease]struct{} // calls in flight, with their credentials
+	live       map[*turn]struct{} // calls in flight, with their credentials
 }
 
 // unverifiedQueue is the one queue of an account's credentials the
@@ -295,7 +295,7 @@ func New(cfg Config, clk clock.Clock) *Limiter {
 // fingerprint that tells callers apart within the account), in ctx's
 // priority (WithPriority): first its turn in this replica's queue, then
 // its place in the Slots, within MaxWait in all.
-func (l *Limiter) Acquire(ctx context.Context, user, credential string) (Lease, error) {
+func (l *Limiter) Acquire(ctx context.Context, user, credential string) (Turn, error) {
 	start := l.clock.Now()
 	l.resolveKey(ctx, user)
 	a, w, queued, err := l.join(user, credential, PriorityOf(ctx), start)
@@ -362,9 +362,9 @@ func (l *Limiter) await(ctx context.Context, a *account, w *waiter, timeout <-ch
 	}
 }
 
-// take has w, granted its turn, take its place in the Slots. A nil lease
+// take has w, granted its turn, take its place in the Slots. A nil turn
 // and error: the rate window sent it back to the head of its queue.
-func (l *Limiter) take(ctx context.Context, a *account, w *waiter) (Lease, error) {
+func (l *Limiter) take(ctx context.Context, a *account, w *waiter) (Turn, error) {
 	left := l.cfg.MaxWait - l.clock.Since(w.start)
 	place, retry, err := l.slots.Take(ctx, Ticket{Account: a.id, Limit: w.limit, Priority: w.prio, Wait: left})
 	var events []Event
@@ -426,16 +426,16 @@ func (l *Limiter) roomLocked(a *account, p Priority, now time.Time) bool {
 }
 
 // startLocked starts w's call in place.
-func (l *Limiter) startLocked(a *account, w *waiter, place Place, now time.Time, events *[]Event) *lease {
+func (l *Limiter) startLocked(a *account, w *waiter, place Place, now time.Time, events *[]Event) *turn {
 	a.inflight++
 	if c := l.capLocked(a, now); c > a.shown {
 		*events = append(*events, Event{Kind: CapGrown, Account: a.id, From: a.shown, To: c, InFlight: a.inflight})
 		a.shown = c
 	}
-	ls := &lease{l: l, a: a, gen: a.gen, waited: now.Sub(w.start), place: place, own: max(place.Held(), a.inflight),
+	ls := &turn{l: l, a: a, gen: a.gen, waited: now.Sub(w.start), place: place, own: max(place.Held(), a.inflight),
 		cred: w.credential, unverified: w.unverified, write: w.prio == Write}
 	if a.live == nil {
-		a.live = map[*lease]struct{}{}
+		a.live = map[*turn]struct{}{}
 	}
 	a.live[ls] = struct{}{}
 	return ls
@@ -575,7 +575,7 @@ func (l *Limiter) Wait(ctx context.Context) error {
 	return l.timers.Wait(ctx)
 }
 
-type lease struct {
+type turn struct {
 	l      *Limiter
 	a      *account
 	place  Place
@@ -590,15 +590,15 @@ type lease struct {
 	cred       string
 }
 
-func (s *lease) Waited() time.Duration { return s.waited }
+func (s *turn) Waited() time.Duration { return s.waited }
 
-func (s *lease) Saw(n int) {
+func (s *turn) Saw(n int) {
 	s.l.mu.Lock()
 	s.saw = n
 	s.l.mu.Unlock()
 }
 
-func (s *lease) Done(o Outcome) {
+func (s *turn) Done(o Outcome) {
 	l, a := s.l, s.a
 	var events []Event
 	l.mu.Lock()

@@ -16,9 +16,9 @@ import (
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 type result struct {
-	lease Lease
-	err   error
-	at    time.Time
+	turn Turn
+	err  error
+	at   time.Time
 }
 
 func acquire(l *Limiter, clk *clock.Fake, ctx context.Context, user, cred string) <-chan result {
@@ -75,10 +75,10 @@ func TestRateWindowLetsBurstsThrough(t *testing.T) {
 	}
 	clk.Advance(time.Millisecond)
 	r := <-sixth
-	if r.err != nil || r.lease.Waited() != 500*time.Millisecond {
+	if r.err != nil || r.turn.Waited() != 500*time.Millisecond {
 		t.Fatalf("sixth call: %+v, want a turn after 500ms", r)
 	}
-	r.lease.Done(Served)
+	r.turn.Done(Served)
 	if err := l.Wait(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -107,13 +107,13 @@ func TestWaitingIsBounded(t *testing.T) {
 		t.Fatalf("first queued: %v", r.err)
 	}
 	wait = clk.Expect(1)
-	r.lease.Done(Served)
+	r.turn.Done(Served)
 	wait()
 	clk.Advance(time.Second)
 	if r := <-b; r.err != nil {
 		t.Fatalf("second queued: %v", r.err)
 	} else {
-		r.lease.Done(Served)
+		r.turn.Done(Served)
 	}
 	clk.Advance(time.Second)
 	if err := l.Wait(context.Background()); err != nil {
@@ -159,8 +159,8 @@ func TestClientThatLeavesFreesItsPlace(t *testing.T) {
 	if r.err != nil {
 		t.Fatalf("next waiter: %v", r.err)
 	}
-	r.lease.Done(Served)
-	r.lease.Done(Throttled) // a second Done does nothing
+	r.turn.Done(Served)
+	r.turn.Done(Throttled) // a second Done does nothing
 	if st := l.State("AC1"); st.InFlight != 0 || st.Cap != 1 || st.Queued != 0 {
 		t.Fatalf("after all calls: %+v", st)
 	}
@@ -185,7 +185,7 @@ func TestConcurrencyCap(t *testing.T) {
 		t.Fatal(r.err)
 	}
 	b.Done(Served)
-	r.lease.Done(Served)
+	r.turn.Done(Served)
 }
 
 // granted is one call's answer, tagged with its credential.
@@ -210,7 +210,7 @@ func turnOf(t *testing.T, answers <-chan granted, cred string) int {
 		if g.err != nil {
 			t.Fatalf("%s: %v", g.cred, g.err)
 		}
-		g.lease.Done(Served)
+		g.turn.Done(Served)
 		if g.cred == cred {
 			return turn
 		}
@@ -269,7 +269,7 @@ func TestTurnsAreFairAcrossCredentials(t *testing.T) {
 	}
 	for range 49 {
 		g := <-answers
-		g.lease.Done(Served)
+		g.turn.Done(Served)
 	}
 }
 
@@ -305,9 +305,9 @@ func TestAPIKeysShareTheirAccountsBudget(t *testing.T) {
 	}
 	held.Done(Served)
 	r := <-viaKey1
-	r.lease.Done(Served)
+	r.turn.Done(Served)
 	r = <-viaKey2
-	r.lease.Done(Served)
+	r.turn.Done(Served)
 }
 
 // Requests without credentials have a budget of their own, never an
@@ -352,7 +352,7 @@ func TestUnverifiedCredentialsShareOneTurn(t *testing.T) {
 	l := New(Config{MaxConcurrent: 10, MaxWait: time.Hour}, clock.NewFake(time.Unix(0, 0)))
 	l.Verify("AC1", "real")
 	ctx, cancel := context.WithCancel(context.Background())
-	granted := make(chan Lease, 50)
+	granted := make(chan Turn, 50)
 	var wg sync.WaitGroup
 	for i := range 50 {
 		wg.Go(func() {

@@ -34,7 +34,7 @@ func simulate(t *testing.T, cfg Config, clients, limit int, latency time.Duratio
 	l := New(cfg, clk)
 
 	type call struct {
-		lease Lease
+		turn  Turn
 		reply chan bool // true: served, the client is done; false: rejected
 	}
 	started := make(chan call)
@@ -75,7 +75,7 @@ func simulate(t *testing.T, cfg Config, clients, limit int, latency time.Duratio
 				if len(upstream) >= limit {
 					res.rejected++
 					known--
-					c.lease.Done(Throttled)
+					c.turn.Done(Throttled)
 					c.reply <- false
 					continue
 				}
@@ -107,7 +107,7 @@ func simulate(t *testing.T, cfg Config, clients, limit int, latency time.Duratio
 			upstream = upstream[1:]
 			known--
 			finished++
-			r.c.lease.Done(Served)
+			r.c.turn.Done(Served)
 			r.c.reply <- true
 		}
 	}
@@ -157,22 +157,22 @@ func TestCapCutFollowsTheEvidence(t *testing.T) {
 	clk := clock.NewFake(time.Unix(1_700_000_000, 0))
 	l := New(Config{MaxConcurrent: 25, MaxWait: time.Second}, clk)
 	steady(l, "AC1")
-	var leases []Lease
+	var turns []Turn
 	for range 25 {
 		ls, err := l.Acquire(context.Background(), "AC1", "c")
 		if err != nil {
 			t.Fatal(err)
 		}
-		leases = append(leases, ls)
+		turns = append(turns, ls)
 	}
 	// The upstream takes 10 and rejects 15 at once.
-	for _, ls := range leases[10:] {
+	for _, ls := range turns[10:] {
 		ls.Done(Throttled)
 	}
 	if st := l.State("AC1"); st.Cap != 10 {
 		t.Fatalf("cap after 15 rejections with 10 served in flight: %d, want 10", st.Cap)
 	}
-	for _, ls := range leases[:10] {
+	for _, ls := range turns[:10] {
 		ls.Done(Served)
 	}
 }
@@ -182,22 +182,22 @@ func TestCapRecoversLinearly(t *testing.T) {
 	var events []Event
 	l := New(Config{MaxConcurrent: 20, MaxWait: time.Second, Recover: 10 * time.Second,
 		OnEvent: func(e Event) { events = append(events, e) }}, clk)
-	var leases []Lease
+	var turns []Turn
 	for range 5 { // slow start: a quarter of 20
 		ls, err := l.Acquire(context.Background(), "AC1", "c")
 		if err != nil {
 			t.Fatal(err)
 		}
-		leases = append(leases, ls)
+		turns = append(turns, ls)
 	}
-	leases[0].Done(Throttled) // 5 in flight: the upstream allows 4 at most
+	turns[0].Done(Throttled) // 5 in flight: the upstream allows 4 at most
 	if st := l.State("AC1"); st.Cap != 4 || st.SlowStart {
 		t.Fatalf("after a 429 with 5 in flight: %+v, want cap 4", st)
 	}
 	if len(events) != 1 || events[0].Kind != CapCut || events[0].From != 5 || events[0].To != 4 || events[0].InFlight != 5 {
 		t.Fatalf("events %+v, want one cut 5 -> 4 with 5 in flight", events)
 	}
-	for _, ls := range leases[1:] {
+	for _, ls := range turns[1:] {
 		ls.Done(Served)
 	}
 	clk.Advance(5 * time.Second)
@@ -219,19 +219,19 @@ func TestSlowStartGrowsWhileInUse(t *testing.T) {
 		t.Fatalf("after an idle call: %+v, want cap 2 in slow start", st)
 	}
 	for want := 3; want <= 8; want++ {
-		var leases []Lease
+		var turns []Turn
 		for range l.State("AC1").Cap {
 			ls, err := l.Acquire(context.Background(), "AC1", "c")
 			if err != nil {
 				t.Fatal(err)
 			}
-			leases = append(leases, ls)
+			turns = append(turns, ls)
 		}
-		leases[0].Done(Served) // served with the cap full: one more
+		turns[0].Done(Served) // served with the cap full: one more
 		if st := l.State("AC1"); st.Cap != want {
 			t.Fatalf("cap %d, want %d", st.Cap, want)
 		}
-		for _, ls := range leases[1:] {
+		for _, ls := range turns[1:] {
 			ls.Done(Failed) // says nothing: no growth
 		}
 		if st := l.State("AC1"); st.Cap != want {

@@ -1,4 +1,4 @@
-// Package tier names the seam of the fleet's shared tier (L2, behind each
+// Package tier names the seam of L2 (L2, behind each
 // replica's own L1; docs/architecture.md, "Glossary"). The proxy uses it
 // and internal/fleet implements it; it lives in a leaf package of its own
 // so that neither has to import the other (the proxy's tests build fleets).
@@ -15,7 +15,7 @@ import (
 	"cacheproxy/internal/cache"
 )
 
-// Tier is a shared tier. Its errors are misses: a caller counts them and
+// Tier is L2. Its errors are misses: a caller counts them and
 // goes on with L1 and the upstream.
 type Tier interface {
 	// Get returns key's entry, opened for the credential auth, if one is

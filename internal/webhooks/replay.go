@@ -51,9 +51,9 @@ func deliveryKeys(r *http.Request, body []byte) []string {
 	return keys
 }
 
-// claim returns the answer of a delivery seen before under any of keys (to
+// remember returns the answer of a delivery seen before under any of keys (to
 // wait on), or registers a new one under all of them (first true).
-func (rs *replays) claim(keys []string, now time.Time) (a *answer, first bool) {
+func (rs *replays) remember(keys []string, now time.Time) (a *answer, first bool) {
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
 	if rs.seen == nil {

@@ -261,7 +261,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // the outcome and the status sent.
 func (h *Handler) forwardOnce(w http.ResponseWriter, r *http.Request, body []byte) (string, int) {
 	keys := deliveryKeys(r, body)
-	a, first := h.replays.claim(keys, h.cfg.Clock.Now())
+	a, first := h.replays.remember(keys, h.cfg.Clock.Now())
 	if !first {
 		return outcomeDuplicate, h.answerDuplicate(w, r, a)
 	}

@@ -90,7 +90,7 @@ func TestBuildAlone(t *testing.T) {
 }
 
 // Two replicas on one Redis: what one fetched the other finds in the
-// shared tier; the fleet's metrics and the webhooks' are registered.
+// L2; the fleet's metrics and the webhooks' are registered.
 func TestBuildFleet(t *testing.T) {
 	upURL, path := upstream(t)
 	cfg := config_(upURL)
@@ -114,7 +114,7 @@ func TestBuildFleet(t *testing.T) {
 	if s, cs := read(t, gs[0], path); s != 200 || !strings.Contains(cs, "stored") {
 		t.Fatalf("read through the first: %d %q", s, cs)
 	}
-	if s, cs := read(t, gs[1], path); s != 200 || !strings.Contains(cs, "detail=shared") {
+	if s, cs := read(t, gs[1], path); s != 200 || !strings.Contains(cs, "detail=l2") {
 		t.Fatalf("read through the second: %d %q", s, cs)
 	}
 	for _, name := range []string{"cacheproxy_redis_up", "cacheproxy_fleet_trusted", "cacheproxy_fleet_budget_fallbacks_total", "cacheproxy_webhooks_total"} {

@@ -58,7 +58,7 @@ func retention(cfg config.Config) time.Duration {
 		max(cfg.Upstreams.Conversations.Timeout.D(), cfg.Upstreams.Proxy.Timeout.D()) + time.Minute
 }
 
-// fleetConfig is the shared tier's configuration.
+// fleetConfig is L2's configuration.
 func fleetConfig(cfg config.Config) fleet.Config {
 	return fleet.Config{URL: cfg.Redis.URL, Prefix: cfg.Redis.KeyPrefix, Timeout: cfg.Redis.Timeout.D(),
 		Secret: []byte(cfg.Cache.KeySecret), Previous: bytesOf(cfg.Cache.PreviousKeySecrets), Retention: retention(cfg),

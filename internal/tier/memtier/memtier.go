@@ -1,4 +1,4 @@
-// Package memtier is an in-memory shared tier (tier.Tier) and fleet
+// Package memtier is an in-memory L2 (tier.Tier) and fleet
 // invalidation stream for replicas in one process, on a fake clock: what
 // the proxy's tests use to make claim lapses, takeovers, clock skew and
 // fault orderings deterministic (docs/architecture.md, "Seams"). Its rules
@@ -85,7 +85,7 @@ func (h *Hub) Fail(on bool) {
 	h.mu.Unlock()
 }
 
-// Replica is one replica's side of the hub: its shared tier and its
+// Replica is one replica's side of the hub: its L2 and its
 // invalidator (proxy.Invalidator) over local, its own marks, read on its
 // clock c.
 type Replica struct {
