@@ -17,10 +17,8 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
@@ -55,7 +53,7 @@ func main() {
 	duration := flag.Duration("duration", 10*time.Second, "load duration")
 	rate := flag.Int("rate", 300, "offered requests per second")
 	flag.Parse()
-	redisURL, stopRedis, err := startRedis()
+	redisURL, stopRedis, err := run.StartRedis()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "fleet:", err)
 		os.Exit(1)
@@ -230,38 +228,6 @@ func replica(upURL, redisURL, prefix string, book bool) (string, func(), error) 
 	}
 	stops = append(stops, stopP)
 	return u, stop, nil
-}
-
-// startRedis runs redis-server on a free loopback port, without
-// persistence.
-func startRedis() (string, func(), error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", nil, err
-	}
-	port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
-	ln.Close()
-	dir, err := os.MkdirTemp("", "cacheproxy-bench-redis")
-	if err != nil {
-		return "", nil, err
-	}
-	cmd := exec.Command("redis-server", "--bind", "127.0.0.1", "--port", port, "--save", "", "--appendonly", "no", "--dir", dir)
-	if err := cmd.Start(); err != nil {
-		os.RemoveAll(dir)
-		return "", nil, fmt.Errorf("redis-server (apt-get install redis-server): %w", err)
-	}
-	stop := func() { _ = cmd.Process.Kill(); _ = cmd.Wait(); os.RemoveAll(dir) }
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		if c, err := net.Dial("tcp", "127.0.0.1:"+port); err == nil {
-			c.Close()
-			return "redis://127.0.0.1:" + port, stop, nil
-		}
-		if time.Now().After(deadline) {
-			stop()
-			return "", nil, fmt.Errorf("redis-server did not start")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 func pct(ls []time.Duration, p int) time.Duration {

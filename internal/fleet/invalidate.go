@@ -32,10 +32,12 @@ import (
 // (OnError); one whose subscription has dropped is told nothing until it
 // is back (docs/fleet.md says what that means for its L1).
 //
-// A writer's wait is tied to the readers' trust by heartbeats on the same
-// stream: each replica publishes one every InvalidationWait/4 and trusts
-// its marks only while the last of its own it has heard back was sent less
-// than InvalidationWait ago. The stream is delivered in order, so a
+// A writer's wait is tied to the readers' trust by heartbeats beside the
+// stream: each replica publishes one every InvalidationWait/4 on a channel
+// of its own in the stream's hash slot (hbChannel; while it reads) and
+// trusts its marks only while the last of its own it has heard back was
+// sent less than InvalidationWait ago. The stream and the heartbeats come
+// on one connection in the order Redis took them, so a
 // replica that heard a heartbeat sent after an invalidation went out has
 // applied that invalidation; and a writer that did not get a replica's
 // acknowledgement waited InvalidationWait after publishing: a replica that
@@ -54,10 +56,17 @@ type Invalidator struct {
 	mu      sync.Mutex
 	waiters map[uint64]chan struct{}
 
-	n          struct{ sent, received, acked, unacked, lapses, unopened atomic.Int64 } // for Stats
-	born       time.Time                                                               // heartbeats carry monotonic time since
-	heard      atomic.Int64                                                            // the sending time of the latest own heartbeat heard back
-	lapsed     atomic.Bool
+	n      struct{ sent, received, acked, unacked, lapses, unopened atomic.Int64 } // for Stats
+	born   time.Time                                                               // heartbeats carry monotonic time since
+	heard  atomic.Int64                                                            // the sending time of the latest own heartbeat heard back
+	lapsed atomic.Bool
+	// used is when this replica last read (its time since born, updated
+	// at most every useGrain); resting is set while it heartbeats not,
+	// having read nothing for restAfter: its L1 is dropped at its next
+	// read, which goes to L2 and wakes the heartbeats (beat).
+	used       atomic.Int64
+	resting    atomic.Bool
+	beat       chan struct{}
 	subscribed atomic.Bool
 	// trusted: subscribed, and announced long enough that every writer
 	// counts this replica among those it waits for. Until then nothing is
@@ -100,7 +109,7 @@ func NewInvalidator(f *Fleet, local *invalidation.Local, wait time.Duration, onE
 	ctx, cancel := context.WithCancel(context.Background())
 	i := &Invalidator{local: local, f: f, wait: wait, onError: onError, id: newID(), born: time.Now(),
 		waiters: map[uint64]chan struct{}{}, stop: cancel, done: make(chan struct{}), firstTrust: make(chan struct{}),
-		kick: make(chan struct{}, 1)}
+		kick: make(chan struct{}, 1), beat: make(chan struct{}, 1)}
 	reset := func() { i.local.InvalidateAll() }
 	f.st.onReset.Store(&reset)
 	report := i.fail
@@ -162,26 +171,58 @@ func (i *Invalidator) Subscribed() bool { return i.subscribed.Load() }
 func (i *Invalidator) channel() string             { return i.f.cfg.Prefix + "{inv}" }
 func (i *Invalidator) ackChannel(id string) string { return i.f.cfg.Prefix + "{inv}ack:" + id }
 
+// hbChannel is this replica's heartbeats' channel: in the stream's hash
+// slot, heard on the same connection, so a heartbeat comes back after
+// every invalidation published before it; and its own, so no replica
+// hears another's (each used to hear every replica's: N² messages).
+func (i *Invalidator) hbChannel() string { return i.f.cfg.Prefix + "{inv}hb:" + i.id }
+
 // Epoch is this replica's epoch. A stream found more than
 // InvalidationWait behind drops L1 first (once per lapse): what L1 holds
 // may have been invalidated by a write whose writer stopped waiting.
+//
+// Epoch is called once per read: it also keeps the heartbeats going,
+// which stop after restAfter without a read (an idle replica costs Redis
+// and its peers nothing); the read that finds them stopped wakes them,
+// and that replica's L1 is dropped, not counted as a lapse.
 func (i *Invalidator) Epoch() uint64 {
+	now := time.Since(i.born).Nanoseconds()
+	if now-i.used.Load() >= useGrain.Nanoseconds() {
+		i.used.Store(now)
+	}
 	switch {
-	case i.current():
+	case i.currentAt(now):
 		if i.lapsed.Load() {
 			i.lapsed.Store(false)
 		}
 	case i.trusted.Load() && i.lapsed.CompareAndSwap(false, true):
 		i.local.InvalidateAll()
-		i.n.lapses.Add(1)
+		if !i.resting.Load() {
+			i.n.lapses.Add(1)
+		}
+	}
+	if i.resting.Load() {
+		select {
+		case i.beat <- struct{}{}:
+		default:
+		}
 	}
 	return i.local.Epoch()
 }
 
+// useGrain is how often a read updates when this replica last read.
+const useGrain = 100 * time.Millisecond
+
+// restAfter is how long without a read a replica's heartbeats go on (a
+// variable only so that a test need not wait ten seconds).
+var restAfter = 10 * time.Second
+
 // current reports whether this replica heard back one of its own
 // heartbeats sent less than InvalidationWait ago.
-func (i *Invalidator) current() bool {
-	return time.Since(i.born).Nanoseconds()-i.heard.Load() < i.wait.Nanoseconds()
+func (i *Invalidator) current() bool { return i.currentAt(time.Since(i.born).Nanoseconds()) }
+
+func (i *Invalidator) currentAt(now int64) bool {
+	return now-i.heard.Load() < i.wait.Nanoseconds()
 }
 
 // Valid checks this replica's marks; nothing is valid while the replica is
@@ -262,37 +303,47 @@ func (i *Invalidator) retryNow() {
 }
 
 // retry puts unsent invalidations into Redis, oldest first, every 50 ms
-// while there are any, and tells the other replicas of each once it is in.
+// while there are any (and at once when one is added: kick), and tells
+// the other replicas of each once it is in. With none, it sleeps.
 func (i *Invalidator) retry(ctx context.Context) {
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
+	var again <-chan time.Time // armed only while invalidations are unsent
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-i.kick:
-		case <-tick.C:
+		case <-again:
 		}
-		for {
-			tags, all, ok := i.f.unsent.head()
-			if !ok {
-				break
-			}
-			var err error
-			var e uint64
-			if all {
-				err = i.f.InvalidateAll(ctx)
-			} else {
-				e, err = i.f.Invalidate(ctx, tags)
-			}
-			if err != nil {
-				break
-			}
-			if errors.Is(i.broadcast(ctx, message{Tags: tags, All: all, E: e}), errUnpublished) {
-				break // nobody was surely told: again, marks and all
-			}
-			i.f.unsent.done(all) // after the broadcast: none left means every replica was told
+		again = nil
+		i.sendUnsent(ctx)
+		if _, _, left := i.f.unsent.head(); left {
+			again = time.After(50 * time.Millisecond)
 		}
+	}
+}
+
+// sendUnsent puts the unsent invalidations into Redis, oldest first, until
+// one fails.
+func (i *Invalidator) sendUnsent(ctx context.Context) {
+	for {
+		tags, all, ok := i.f.unsent.head()
+		if !ok {
+			return
+		}
+		var err error
+		var e uint64
+		if all {
+			err = i.f.InvalidateAll(ctx)
+		} else {
+			e, err = i.f.Invalidate(ctx, tags)
+		}
+		if err != nil {
+			return
+		}
+		if errors.Is(i.broadcast(ctx, message{Tags: tags, All: all, E: e}), errUnpublished) {
+			return // nobody was surely told: again, marks and all
+		}
+		i.f.unsent.done(all) // after the broadcast: none left means every replica was told
 	}
 }
 
@@ -431,10 +482,10 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 		// subscription also drops what was fetched before it.
 		i.local.InvalidateAll()
 		if c := i.f.c(); c != nil {
-			cmd := c.B().Ssubscribe().Channel(i.channel(), i.ackChannel(i.id)).Build()
+			cmd := c.B().Ssubscribe().Channel(i.channel(), i.ackChannel(i.id), i.hbChannel()).Build()
 			hooked := rueidis.WithOnSubscriptionHook(ctx, func(sub rueidis.PubSubSubscription) {
-				// Both channels confirmed: this replica hears the fleet.
-				up := sub.Kind == "ssubscribe" && sub.Count == 2
+				// The three channels confirmed: this replica hears the fleet.
+				up := sub.Kind == "ssubscribe" && sub.Count == 3
 				i.subscribed.Store(up)
 				if up {
 					i.local.InvalidateAll() // invalidations sent while it was not listening
@@ -514,8 +565,8 @@ func (i *Invalidator) handle(ctx context.Context, m rueidis.PubSubMessage) {
 		return // no replica's
 	}
 	var msg message
-	k := i.openMsg([]byte(m.Message), i.channel(), &msg)
-	if seq == 0 { // a heartbeat: only this replica's own count
+	k := i.openMsg([]byte(m.Message), m.Channel, &msg) // sealed for its channel: the stream's, or this replica's heartbeats'
+	if seq == 0 {                                      // a heartbeat: only this replica's own count
 		if k >= 0 && from == i.id && msg.Beat > i.heard.Load() {
 			i.heard.Store(msg.Beat)
 		}
@@ -566,13 +617,16 @@ func (i *Invalidator) unopened(ctx context.Context) {
 	}
 }
 
-// announce tells the fleet every half second that this replica hears the
+// announce tells the fleet every second that this replica hears the
 // stream, and counts the others that share a secret with it (those a
 // write waits for: they can open its invalidations, or it their
-// acknowledgements). A replica becomes trusted a second and a half after it first
-// announced itself while subscribed: by then every writer counts it.
+// acknowledgements). A replica becomes trusted a second and a half after
+// it first announced itself while subscribed, on the announcement after
+// that: by then every writer, announcing as often, counts it. (Every half
+// second, the announcements were 12 of an idle replica's 20 Redis
+// commands a second, its scripts' own counted: "At scale", docs/fleet.md.)
 func (i *Invalidator) announce(ctx context.Context) {
-	tick := time.NewTicker(500 * time.Millisecond)
+	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	// since: announced while subscribed, without a gap, since; lastOK: the
 	// last announcement Redis took while subscribed, sent then.
@@ -652,23 +706,40 @@ func (i *Invalidator) sharing(members []string) map[string]bool {
 	return out
 }
 
-// heartbeat publishes a heartbeat every InvalidationWait/4 while this
-// replica is subscribed.
+// heartbeat publishes a heartbeat on this replica's own channel every
+// InvalidationWait/4 while it is subscribed and has read within
+// restAfter; a read wakes it from rest (beat).
 func (i *Invalidator) heartbeat(ctx context.Context) {
 	tick := time.NewTicker(max(i.wait/4, time.Millisecond))
 	defer tick.Stop()
 	for {
 		if c := i.f.c(); c != nil && i.subscribed.Load() {
 			sent := time.Since(i.born).Nanoseconds()
-			raw := i.sealMsg(&i.f.keys[0], i.id, 0, message{Beat: sent}, i.channel())
-			pctx, cancel := i.f.ctx(ctx)
-			i.f.result(c.Do(pctx, c.B().Spublish().Channel(i.channel()).Message(rueidis.BinaryString(raw)).Build()).Error())
-			cancel()
+			if rest := sent-i.used.Load() >= restAfter.Nanoseconds(); rest {
+				i.resting.Store(true)
+			} else {
+				raw := i.sealMsg(&i.f.keys[0], i.id, 0, message{Beat: sent}, i.hbChannel())
+				pctx, cancel := i.f.ctx(ctx)
+				err := i.f.result(c.Do(pctx, c.B().Spublish().Channel(i.hbChannel()).Message(rueidis.BinaryString(raw)).Build()).Error())
+				cancel()
+				if err == nil {
+					i.resting.Store(false)
+				}
+			}
+		}
+		if i.resting.Load() { // no ticks at rest: a read wakes it
+			select {
+			case <-ctx.Done():
+				return
+			case <-i.beat:
+			}
+			continue
 		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-tick.C:
+		case <-i.beat:
 		}
 	}
 }

@@ -388,17 +388,20 @@ func (s *Slots) later(tag, slot string) {
 // regive gives back, every 50 ms until Redis answers, the slots whose
 // release failed (until they would have lapsed anyway).
 func (s *Slots) regive(ctx context.Context) {
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
 	var pending []ungiven
+	var again <-chan time.Time // armed only while slots are pending
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case u := <-s.ungiven:
 			pending = append(pending, u)
+			if again == nil {
+				again = time.After(50 * time.Millisecond)
+			}
 			continue
-		case <-tick.C:
+		case <-again:
+			again = nil
 		}
 		kept := pending[:0]
 		for _, u := range pending {
@@ -411,6 +414,9 @@ func (s *Slots) regive(ctx context.Context) {
 			}
 		}
 		pending = kept
+		if len(pending) > 0 {
+			again = time.After(50 * time.Millisecond)
+		}
 	}
 }
 
