@@ -629,8 +629,10 @@ func (i *Invalidator) announce(ctx context.Context) {
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
 	// since: announced while subscribed, without a gap, since; lastOK: the
-	// last announcement Redis took while subscribed, sent then.
+	// last announcement Redis took while subscribed, sent then; trustAt:
+	// a second and a half after since (not the next announcement's tick).
 	var since, lastOK time.Time
+	var trustAt <-chan time.Time
 	args := []string{"0"}
 	for _, k := range i.f.keys {
 		args = append(args, k.id+":"+i.id)
@@ -658,34 +660,56 @@ func (i *Invalidator) announce(ctx context.Context) {
 		// clock): one that failed (Redis slow for a moment) costs nothing
 		// while the last one Redis took is under two seconds old.
 		case !sub || !i.subscribed.Load() || time.Since(lastOK) >= 2*time.Second:
-			since = time.Time{}
+			since, trustAt = time.Time{}, nil
 			if i.trusted.Swap(false) {
 				// A hit that finds its entry valid at the current epoch
-				// asks no more (tiers.local): a new epoch makes every
+				// asks no more (load's local): a new epoch makes every
 				// entry ask, and an untrusted replica finds none valid.
 				i.local.InvalidateAll()
 			}
 		case since.IsZero():
-			since = time.Now()
-		case time.Since(since) >= 1500*time.Millisecond && !i.trusted.Load():
-			i.local.InvalidateAll() // nothing from before is kept
-			i.trusted.Store(true)
-			i.trustOnce.Do(func() { close(i.firstTrust) })
+			since, trustAt = time.Now(), time.After(trustAfter)
+		case time.Since(since) >= trustAfter:
+			i.trust()
 		}
-		select {
-		case <-ctx.Done():
-			// Leaving (a rolling restart): writers stop waiting for it now,
-			// not once its announcement is three seconds old.
-			if c := i.f.c(); c != nil {
-				args[0] = "0"
-				actx, cancel := i.f.ctx(context.Background())
-				_ = announcePeer.Exec(actx, c, []string{i.channel() + "peers"}, args).Error()
-				cancel()
+		for waiting := true; waiting; {
+			select {
+			case <-ctx.Done():
+				// Leaving (a rolling restart): writers stop waiting for it
+				// now, not once its announcement is three seconds old.
+				if c := i.f.c(); c != nil {
+					args[0] = "0"
+					actx, cancel := i.f.ctx(context.Background())
+					_ = announcePeer.Exec(actx, c, []string{i.channel() + "peers"}, args).Error()
+					cancel()
+				}
+				return
+			case <-tick.C:
+				waiting = false
+			case <-trustAt:
+				trustAt = nil
+				if !since.IsZero() && i.subscribed.Load() && time.Since(lastOK) < 2*time.Second {
+					i.trust()
+				}
 			}
-			return
-		case <-tick.C:
 		}
 	}
+}
+
+// trustAfter is how long after it first announced itself while
+// subscribed a replica trusts its L1: by then every writer, announcing
+// every second, counts it.
+const trustAfter = 1500 * time.Millisecond
+
+// trust makes this replica trusted, if it is not yet: nothing from
+// before is kept.
+func (i *Invalidator) trust() {
+	if i.trusted.Load() {
+		return
+	}
+	i.local.InvalidateAll()
+	i.trusted.Store(true)
+	i.trustOnce.Do(func() { close(i.firstTrust) })
 }
 
 // sharing are the other replicas among announced members (secret id and
