@@ -206,19 +206,12 @@ func replica(upURL, redisURL, prefix string, book bool) (string, func(), error) 
 			stops[i]()
 		}
 	}
-	if redisURL != "" {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		err = g.Fleet.Connected(ctx)
-		cancel()
-		if err == nil {
-			ctx, cancel = context.WithTimeout(context.Background(), 30*time.Second)
-			err = g.FleetInvalidator.WaitTrusted(ctx)
-			cancel()
-		}
-		if err != nil {
-			stop()
-			return "", nil, err
-		}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	err = g.WaitTrusted(ctx)
+	cancel()
+	if err != nil {
+		stop()
+		return "", nil, err
 	}
 	p := g.Proxy
 	u, stopP, err := run.Serve(p)

@@ -39,7 +39,7 @@ func TestFleetRoundTrips(t *testing.T) {
 		}
 		defer g.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		err = g.FleetInvalidator.WaitTrusted(ctx)
+		err = g.WaitTrusted(ctx)
 		cancel()
 		if err != nil {
 			t.Fatal("never trusted:", err)

@@ -167,6 +167,19 @@ func (g *Graph) Trusted() bool {
 	return g.FleetInvalidator == nil || g.FleetInvalidator.Trusted()
 }
 
+// WaitTrusted waits until this replica may serve its L1 (at once alone;
+// in a fleet, once it reached Redis and hears the fleet's stream), or ctx
+// ends: how a deployment's readiness, a test or a benchmark waits.
+func (g *Graph) WaitTrusted(ctx context.Context) error {
+	if g.FleetInvalidator == nil {
+		return nil
+	}
+	if err := g.Fleet.Connected(ctx); err != nil {
+		return err
+	}
+	return g.FleetInvalidator.WaitTrusted(ctx)
+}
+
 // RedisUp reports, in a fleet, whether the last Redis call succeeded, the
 // fleet's state in Redis reads right and this replica hears the fleet's
 // stream: cacheproxy_redis_up and the summary line's redis_up.

@@ -81,7 +81,7 @@ func TestBuildAlone(t *testing.T) {
 	if s, cs := read(t, g, path); s != 200 || !strings.Contains(cs, "hit") {
 		t.Fatalf("second read: %d %q", s, cs)
 	}
-	if g.Fleet != nil || g.FleetInvalidator != nil || g.Slots != nil || g.Webhooks != nil || !g.Trusted() || g.RedisUp() {
+	if g.WaitTrusted(context.Background()) != nil || g.Fleet != nil || g.FleetInvalidator != nil || g.Slots != nil || g.Webhooks != nil || !g.Trusted() || g.RedisUp() {
 		t.Fatalf("a replica alone has fleet parts or webhooks: %+v", g)
 	}
 	if !metric(t, g, "cacheproxy_requests_total") || metric(t, g, "cacheproxy_redis_up") {
@@ -104,7 +104,7 @@ func TestBuildFleet(t *testing.T) {
 		}
 		defer g.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		err = g.FleetInvalidator.WaitTrusted(ctx)
+		err = g.WaitTrusted(ctx)
 		cancel()
 		if err != nil {
 			t.Fatal("never trusted:", err)
