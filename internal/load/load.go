@@ -97,7 +97,7 @@ type Query struct {
 	Auth string
 	// Variant holds what else two reads must agree on to share a fetch
 	// (the proxy's Accept and Accept-Language values): part of the
-	// flight's key.
+	// flight's key. Config.Variant fills it, on a miss only.
 	Variant [2][]string
 	// NoCache asks for a fetch: no entry, no other replica's fill.
 	NoCache bool
@@ -147,6 +147,9 @@ type Config struct {
 	Windows Windows
 	Clock   clock.Clock // nil: the real clock
 	Flights FlightGroup // nil: a singleflight.Group
+	// Variant, if set, is a query's Variant from its Arg, asked only when
+	// the read goes to a flight (a hit pays nothing for it).
+	Variant func(arg any) [2][]string
 	Hooks   Hooks
 }
 
@@ -159,6 +162,7 @@ type Loader struct {
 	win     Windows
 	clock   clock.Clock
 	flights FlightGroup
+	variant func(arg any) [2][]string
 	hooks   Hooks
 	fills   inflight.Tracker // flights still running (detached ones too)
 
@@ -170,7 +174,7 @@ var ErrPanic = errors.New("upstream fetch failed")
 
 // New returns a Loader.
 func New(c Config) *Loader {
-	l := &Loader{l1: c.L1, l2: c.L2, inv: c.Inv, fetch: c.Fetch, win: c.Windows, clock: clock.Or(c.Clock), flights: c.Flights, hooks: c.Hooks}
+	l := &Loader{l1: c.L1, l2: c.L2, inv: c.Inv, fetch: c.Fetch, win: c.Windows, clock: clock.Or(c.Clock), flights: c.Flights, variant: c.Variant, hooks: c.Hooks}
 	if l.l2 == nil {
 		l.l2 = tier.None{}
 	}
@@ -217,8 +221,7 @@ func (l *Loader) Load(ctx context.Context, q *Query) Result {
 			stale = e
 		}
 	}
-	fq := *q // the flight's own: q may be reused once the read ends
-	fq.Key = strings.Clone(q.Key)
+	fq := l.own(q)
 	f, joined, err := l.join(ctx, &fq, epoch, true)
 	if f != nil && f.stale != nil && (stale == nil || f.stale.Expires > stale.Expires) {
 		stale = f.stale
@@ -239,6 +242,17 @@ func (l *Loader) Load(ctx context.Context, q *Query) Result {
 	}
 	res.Entry, res.From, res.Stored = f.entry, f.from, f.stored
 	return res
+}
+
+// own is a flight's own copy of q (q may be reused once its read ends),
+// with its variant.
+func (l *Loader) own(q *Query) Query {
+	c := *q
+	c.Key = strings.Clone(q.Key)
+	if l.variant != nil {
+		c.Variant = l.variant(c.Arg)
+	}
+	return c
 }
 
 // flight is what one flight produced, shared by its readers.
@@ -300,8 +314,7 @@ func (l *Loader) join(ctx context.Context, q *Query, epoch uint64, swr bool) (*f
 // revalidate starts (or joins) q's fill in the background, behind the
 // reads a client waits for, answering none of them with a stale entry.
 func (l *Loader) revalidate(ctx context.Context, q *Query, epoch uint64) {
-	bq := *q
-	bq.Key = strings.Clone(q.Key)
+	bq := l.own(q)
 	ctx = ratelimit.WithPriority(ctx, ratelimit.Background)
 	l.doneLater(l.start(flightKey(&bq, epoch), func() (any, error) { return l.run(ctx, &bq, epoch, false) }))
 }

@@ -206,3 +206,17 @@ func TestAPanicIsAnError(t *testing.T) {
 		t.Fatalf("%+v, heard %v", res, heard.Load())
 	}
 }
+
+// A query's variant is asked for on a miss only: a hit pays nothing for
+// it.
+func TestTheVariantIsAskedOnAMissOnly(t *testing.T) {
+	clk := clock.NewFake(time.Unix(5000, 0))
+	a := newReplica(t, clk, nil, invalidation.New(time.Hour, clk), Windows{})
+	var asked atomic.Int64
+	a.l.variant = func(any) [2][]string { asked.Add(1); return [2][]string{{"application/json"}} }
+	a.load(t, "k")
+	a.load(t, "k")
+	if n := asked.Load(); n != 1 {
+		t.Fatalf("the variant was asked %d times for a miss and a hit, want once", n)
+	}
+}

@@ -51,11 +51,16 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 	q := &rec.query
 	*q = load.Query{Key: unsafe.String(unsafe.SliceData(kb), len(kb)), Auth: auth, NoCache: noCache, Now: rec.start,
 		Timeout: up.timeout, Arg: r}
-	// The fetch forwards the first reader's Accept and Accept-Language (a
-	// response may vary on them), so only reads that send the same values
-	// share it.
-	q.Variant[0], q.Variant[1] = r.Header["Accept"], r.Header["Accept-Language"]
 	p.answer(w, r, rec, up, p.reply(r, rec, p.load.Load(r.Context(), q)))
+}
+
+// variant is a read's Accept and Accept-Language values (load.Config's
+// Variant, asked on a miss only): the fetch forwards the first reader's
+// (a response may vary on them), so only reads that send the same values
+// share it.
+func variant(arg any) [2][]string {
+	r := arg.(*http.Request)
+	return [2][]string{r.Header["Accept"], r.Header["Accept-Language"]}
 }
 
 // reply maps a load.Result to the reply: outcome, Cache-Status, Age, and

@@ -186,7 +186,7 @@ func New(o Options) (*Proxy, error) {
 	if o.L2 != nil {
 		l2 = timedTier{Tier: o.L2, clock: p.clock, latency: p.m.l2}
 	}
-	p.load = load.New(load.Config{L1: o.Store, L2: l2, Inv: o.Invalidator, Fetch: p.fetch, Clock: p.clock, Flights: o.flights,
+	p.load = load.New(load.Config{L1: o.Store, L2: l2, Inv: o.Invalidator, Fetch: p.fetch, Variant: variant, Clock: p.clock, Flights: o.flights,
 		Windows: load.Windows{WhileRevalidate: f.StaleWhileRevalidate, IfError: f.StaleIfError},
 		Hooks:   load.Hooks{Claim: p.tracer.claim, Panic: p.fetchPanicked}})
 	p.access = accessLoggers(p.log)
