@@ -49,13 +49,13 @@ func main() {
 		fmt.Printf("  %-50s %d\n", k, faulty.Faults[k])
 	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "run\treads\twrites\tviolations\texcused (stream lost / write not in Redis)\tclient errors\tforeign data\thit ratio\tread p99 ms\t")
+	fmt.Fprintln(tw, "run\treads\twrites\trefused writes\tviolations\texcused (reader lost its stream)\toldest excused ms\tclient errors\tforeign data\thit ratio\tread p99 ms\t")
 	for _, r := range []struct {
 		name string
 		res  faultrun.Result
 	}{{"with faults", faulty}, {"without faults", quiet}} {
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d / %d\t%d\t%d\t%.3f\t%.1f\t\n", r.name, r.res.Reads, r.res.Writes, len(r.res.Violations),
-			r.res.ExcusedLost, r.res.ExcusedQueued, r.res.ClientErrors, r.res.Foreign, float64(r.res.Hits)/float64(max(1, r.res.Reads)),
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%.3f\t%.1f\t\n", r.name, r.res.Reads, r.res.Writes, r.res.Refused, len(r.res.Violations),
+			r.res.ExcusedLost, r.res.LostAge.Milliseconds(), r.res.ClientErrors, r.res.Foreign, float64(r.res.Hits)/float64(max(1, r.res.Reads)),
 			float64(r.res.P99.Microseconds())/1000)
 	}
 	tw.Flush()

@@ -27,9 +27,9 @@ type Op struct {
 	Foreign bool
 	// Cache is the answer's Cache-Status.
 	Cache string
-	// Queued: a write whose invalidation was queued on its replica when its
-	// answer came (Redis had not taken it in time).
-	Queued bool
+	// Refused: a write answered 503 because its intent could not be
+	// recorded in Redis, nothing sent upstream (docs/fleet.md, "Writes").
+	Refused bool
 }
 
 // Window is a time during which a replica had lost its invalidation
@@ -39,34 +39,29 @@ type Window struct{ From, To time.Time }
 func (w Window) overlaps(from, to time.Time) bool { return w.From.Before(to) && from.Before(w.To) }
 
 // Replica is what a replica reported meanwhile: when it had lost its
-// stream, and when its queue of invalidations Redis had not taken emptied.
+// stream.
 type Replica struct {
-	Lost    []Window
-	Drained []time.Time
-}
-
-// drainedBetween reports whether the queue emptied after from and before to.
-func (r Replica) drainedBetween(from, to time.Time) bool {
-	for _, d := range r.Drained {
-		if d.After(from) && d.Before(to) {
-			return true
-		}
-	}
-	return false
+	Lost []Window
 }
 
 // Report is what Check found.
 type Report struct {
 	Reads, Writes int
 	// Violations are reads that returned a version older than a write to
-	// their key whose answer ended before the read began, without excuse.
+	// their key whose answer ended before the read began, without excuse,
+	// and reads of a version only a refused write wrote (it was sent
+	// after all).
 	Violations []string
-	// Excused are such reads: ExcusedLost, those whose replica had lost its
-	// stream; ExcusedQueued, those whose write's replica had not got the
-	// invalidation into Redis yet.
-	ExcusedLost, ExcusedQueued int
-	// ClientErrors are answers other than 200; Foreign, reads that
-	// returned another credential's data.
+	// ExcusedLost are such reads whose own replica had lost its stream
+	// meanwhile, the only excuse; LostAge is the oldest of them: from the
+	// answer of the first write they missed to the read's start.
+	ExcusedLost int
+	LostAge     time.Duration
+	// Refused are writes answered 503 before anything was sent upstream
+	// (retried by the writer with its next version).
+	Refused int
+	// ClientErrors are other answers than 200 (and a refused write's
+	// 503); Foreign, reads that returned another credential's data.
 	ClientErrors, Foreign int
 	// Errors describe the first client errors.
 	Errors []string
@@ -75,16 +70,23 @@ type Report struct {
 // Check checks the history: for each read, the latest write to its key
 // that ended before it began is not newer than what it returned, unless
 // the reading replica had lost its stream between that write's end and
-// the read's end, or that write's invalidation was queued on its replica
-// and the queue had not emptied before the read began. A write without a
-// 200 (applied or not, nobody knows) is no write of the history.
+// the read's end; and no read returns what only a refused write wrote. A
+// write without a 200 (applied or not, nobody knows) is no write of the
+// history.
 func Check(ops []Op, replicas map[int]Replica) Report {
 	var r Report
 	writes := map[string][]Op{} // by key, in order of End
+	refused := map[string]map[int]bool{}
 	for _, op := range ops {
-		if op.Write && op.Status == 200 {
+		switch {
+		case op.Write && op.Status == 200:
 			r.Writes++
 			writes[op.Key] = append(writes[op.Key], op)
+		case op.Write && op.Refused:
+			if refused[op.Key] == nil {
+				refused[op.Key] = map[int]bool{}
+			}
+			refused[op.Key][op.Version] = true
 		}
 	}
 	for k := range writes {
@@ -92,6 +94,9 @@ func Check(ops []Op, replicas map[int]Replica) Report {
 	}
 	for _, op := range ops {
 		switch {
+		case op.Refused:
+			r.Refused++
+			continue
 		case op.Status != 200:
 			r.ClientErrors++
 			if len(r.Errors) < 10 {
@@ -109,16 +114,18 @@ func Check(ops []Op, replicas map[int]Replica) Report {
 			r.Foreign++
 		}
 		r.Reads++
+		if refused[op.Key][op.Version] {
+			r.Violations = append(r.Violations, fmt.Sprintf("replica %d read %s = v%d at +%s (%s), which only a refused write wrote",
+				op.Replica, op.Key, op.Version, op.Start.Sub(ops[0].Start).Round(time.Millisecond), op.Cache))
+			continue
+		}
 		w, ok := latestBefore(writes[op.Key], op.Start)
 		if !ok || op.Version >= w.Version {
 			continue
 		}
-		switch {
-		case excused(replicas[op.Replica].Lost, w.End, op.End):
+		if excused(replicas[op.Replica].Lost, w.End, op.End) {
 			r.ExcusedLost++
-			continue
-		case w.Queued && !replicas[w.Replica].drainedBetween(w.End, op.Start):
-			r.ExcusedQueued++
+			r.LostAge = max(r.LostAge, op.Start.Sub(firstAfter(writes[op.Key], op.Version).End))
 			continue
 		}
 		r.Violations = append(r.Violations, fmt.Sprintf("replica %d read %s = v%d at +%s (%s); v%d was written through replica %d by +%s",
@@ -142,6 +149,16 @@ func latestBefore(ws []Op, t time.Time) (Op, bool) {
 		}
 	}
 	return best, found
+}
+
+// firstAfter is the first write of ws (in order of End) newer than v.
+func firstAfter(ws []Op, v int) Op {
+	for _, w := range ws {
+		if w.Version > v {
+			return w
+		}
+	}
+	return Op{}
 }
 
 func excused(ws []Window, from, to time.Time) bool {

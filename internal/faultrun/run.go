@@ -189,12 +189,15 @@ func writer(h *history, rs []*replica, k int, deadline time.Time, every time.Dur
 		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 		op := Op{Replica: i, Key: strconv.Itoa(k), Write: true, Version: v, Start: time.Now()}
 		if resp, err := client.Do(req); err == nil {
-			_, _ = io.Copy(io.Discard, resp.Body)
+			b, _ := io.ReadAll(resp.Body)
 			resp.Body.Close()
 			op.Status = resp.StatusCode
+			// Refused before anything was sent: the next write, with the
+			// next version, is its retry (a read of this version would
+			// show it was sent after all).
+			op.Refused = op.Status == http.StatusServiceUnavailable && strings.Contains(string(b), "nothing was sent upstream")
 		}
 		op.End = time.Now()
-		op.Queued = rs[i].inv.Unsent() > 0
 		h.add(op)
 		<-tick.C
 	}
@@ -278,12 +281,11 @@ func startReplica(env *env, upURL string, link *redistest.Link) (*replica, error
 }
 
 // monitor records, every millisecond until stop, whether the replica
-// hears its stream and when its queue of unsent invalidations empties.
+// hears its stream.
 func (r *replica) monitor(stop chan struct{}) {
 	tick := time.NewTicker(time.Millisecond)
 	defer tick.Stop()
 	var lostSince time.Time
-	queued := false
 	for {
 		select {
 		case <-stop:
@@ -303,13 +305,6 @@ func (r *replica) monitor(stop chan struct{}) {
 		case sub && !lostSince.IsZero():
 			r.rep.Lost = append(r.rep.Lost, Window{lostSince, now})
 			lostSince = time.Time{}
-		}
-		switch q := r.inv.Unsent() > 0; {
-		case queued && !q:
-			r.rep.Drained = append(r.rep.Drained, now)
-			queued = false
-		case q:
-			queued = true
 		}
 		r.mu.Unlock()
 	}

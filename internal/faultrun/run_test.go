@@ -14,8 +14,11 @@ func TestFleetHistoryUnderFaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("%d reads and %d writes checked; faults %v; excused: %d on a replica that lost its stream, %d after a write Redis had not taken; hit ratio %.2f; read p99 %s",
-		res.Reads, res.Writes, res.Faults, res.ExcusedLost, res.ExcusedQueued, float64(res.Hits)/float64(max(1, res.Reads)), res.P99)
+	t.Logf("%d reads and %d writes checked (%d refused, retried); faults %v; excused: %d on a replica that lost its stream (the oldest %s behind); hit ratio %.2f; read p99 %s",
+		res.Reads, res.Writes, res.Refused, res.Faults, res.ExcusedLost, res.LostAge, float64(res.Hits)/float64(max(1, res.Reads)), res.P99)
+	if res.LostAge > time.Second {
+		t.Errorf("a replica that lost its stream served data %s older than a write's answer; the bound is 1 s", res.LostAge)
+	}
 	for _, v := range res.Violations {
 		t.Error(v)
 	}
@@ -30,7 +33,9 @@ func TestFleetHistoryUnderFaults(t *testing.T) {
 			t.Errorf("no %q fault injected", k)
 		}
 	}
-	if res.Reads < 500 || res.Writes < 100 {
+	// A write waits for Redis to take its intent (up to ratelimit.max_wait)
+	// through each Redis fault, so fewer are made than reads.
+	if res.Reads < 500 || res.Writes < 40 {
 		t.Errorf("only %d reads and %d writes", res.Reads, res.Writes)
 	}
 }

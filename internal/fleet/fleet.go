@@ -68,6 +68,14 @@ type Config struct {
 	ClaimHold time.Duration
 	// Clock is the replica's clock (the proxy's); if nil, the real one.
 	Clock clock.Clock
+	// WriteHold is the longest a write through this replica may take, its
+	// budget wait and upstream call (ratelimit.max_wait plus the upstream
+	// timeout; ClaimHold if zero): a write's intent is pending that long,
+	// and a second more, on every replica (docs/fleet.md, "Writes").
+	WriteHold time.Duration
+	// IntentWait is the longest a write waits for its intent to be
+	// recorded (ratelimit.max_wait; a second if zero).
+	IntentWait time.Duration
 }
 
 // Fleet is the connection to Redis and what is derived from the secret.
@@ -83,8 +91,9 @@ type Fleet struct {
 	done   chan struct{}
 	closed sync.Once
 	st     state
-	unsent unsent // invalidations not yet in Redis (the Invalidator's)
-	heard  heard  // invalidations heard since subscribing (the Invalidator's)
+	unsent unsent  // invalidations not yet in Redis (the Invalidator's)
+	pend   pending // writes announced and not yet ended (the Invalidator's)
+	heard  heard   // invalidations heard since subscribing (the Invalidator's)
 	// holding counts the claims this replica's fills hold; aliveAt is when
 	// the last renewal of its key that Redis took was sent (alive.go).
 	holding atomic.Int64
@@ -267,14 +276,13 @@ func (f *Fleet) Epoch(ctx context.Context) (uint64, error) {
 // marks are in place before the write's response is sent, which is when
 // readers may look.
 func (f *Fleet) Invalidate(ctx context.Context, tags []string) (uint64, error) {
-	epoch, err := f.invalidate(ctx, tags)
-	if err == nil {
-		f.heard.add(tags, epoch)
-	}
-	return epoch, err
+	ctx, cancel := f.ctx(ctx)
+	defer cancel()
+	return f.raise(ctx, tags)
 }
 
-func (f *Fleet) invalidate(ctx context.Context, tags []string) (uint64, error) {
+// raise is Invalidate within ctx's own bound.
+func (f *Fleet) raise(ctx context.Context, tags []string) (uint64, error) {
 	c := f.c()
 	if c == nil {
 		return 0, errNotConnected
@@ -282,8 +290,22 @@ func (f *Fleet) invalidate(ctx context.Context, tags []string) (uint64, error) {
 	if len(tags) == 0 {
 		return 0, nil
 	}
-	ctx, cancel := f.ctx(ctx)
-	defer cancel()
+	epoch, err := f.raiseEpoch(ctx, c)
+	if err != nil {
+		return 0, err
+	}
+	for _, r := range raiseMark.ExecMulti(ctx, c, f.markExecs(tags, epoch)...) {
+		if err := f.result(r.Error()); err != nil {
+			return 0, err
+		}
+	}
+	f.heard.add(tags, epoch)
+	return epoch, nil
+}
+
+// raiseEpoch raises the fleet's epoch (INCR) and returns it; an epoch that
+// went backwards (Redis restarted from older data) is rewound first.
+func (f *Fleet) raiseEpoch(ctx context.Context, c rueidis.Client) (uint64, error) {
 	seen := f.st.seen.Load()
 	epoch, err := c.Do(ctx, c.B().Incr().Key(f.epochKey()).Build()).AsUint64()
 	if err := f.result(err); err != nil {
@@ -296,24 +318,30 @@ func (f *Fleet) invalidate(ctx context.Context, tags []string) (uint64, error) {
 		return 0, f.corrupt()
 	}
 	if epoch <= seen { // went backwards: the floor is raised past what was seen, then the marks
-		if epoch, err = f.rewind(ctx, c, seen); err != nil {
-			return 0, err
-		}
-	} else if _, err := f.checked(ctx, c, epoch, seen); err != nil {
-		return 0, err
+		return f.rewind(ctx, c, seen)
 	}
+	return f.checked(ctx, c, epoch, seen)
+}
+
+// markExecs are the runs of raiseMark that mark tags (under every secret)
+// with epoch.
+func (f *Fleet) markExecs(tags []string, epoch uint64) []rueidis.LuaExec {
 	e, px := strconv.FormatUint(epoch, 10), strconv.FormatInt(f.cfg.Retention.Milliseconds(), 10)
 	names := f.marks(tags)
 	execs := make([]rueidis.LuaExec, len(names))
 	for i, m := range names {
 		execs[i] = rueidis.LuaExec{Keys: []string{m}, Args: []string{e, px}}
 	}
-	for _, r := range raiseMark.ExecMulti(ctx, c, execs...) {
-		if err := f.result(r.Error()); err != nil {
-			return 0, err
-		}
+	return execs
+}
+
+// markRuns are markExecs as runs, to share a pipeline.
+func (f *Fleet) markRuns(tags []string, epoch uint64) []scriptRun {
+	var out []scriptRun
+	for _, x := range f.markExecs(tags, epoch) {
+		out = append(out, raiseMark.with(x.Keys, x.Args...))
 	}
-	return epoch, nil
+	return out
 }
 
 // sealed is an entry as it is stored in Redis, before sealing. Its times
@@ -560,8 +588,8 @@ func unseal(plain []byte) *sealed {
 // its scopes above the epoch its fetch began at, as this replica heard
 // them or, when it may not have, as Redis holds them (under any secret).
 func (f *Fleet) unmarked(ctx context.Context, c rueidis.Client, s *sealed) (bool, error) {
-	if s.Epoch < f.st.floor.Load() || f.unsent.covers(s.Tags) {
-		return false, nil // shared before Redis went backwards, or hidden by a write not yet in Redis
+	if s.Epoch < f.st.floor.Load() || f.unsent.covers(s.Tags) || f.pend.covers(s.Tags) {
+		return false, nil // shared before Redis went backwards, or hidden by a write not yet in Redis or not yet ended
 	}
 	if valid, known := f.heard.check(s.Epoch, s.Tags); known || len(s.Tags) == 0 {
 		return valid || len(s.Tags) == 0, nil

@@ -56,9 +56,9 @@ type Invalidator struct {
 	mu      sync.Mutex
 	waiters map[uint64]chan struct{}
 
-	n      struct{ sent, received, acked, unacked, lapses, unopened atomic.Int64 } // for Stats
-	born   time.Time                                                               // heartbeats carry monotonic time since
-	heard  atomic.Int64                                                            // the sending time of the latest own heartbeat heard back
+	n      struct{ sent, received, acked, unacked, lapses, unopened, lifted, refused atomic.Int64 } // for Stats
+	born   time.Time                                                                                // heartbeats carry monotonic time since
+	heard  atomic.Int64                                                                             // the sending time of the latest own heartbeat heard back
 	lapsed atomic.Bool
 	// used is when this replica last read (its time since born, updated
 	// at most every useGrain); resting is set while it heartbeats not,
@@ -68,6 +68,9 @@ type Invalidator struct {
 	resting    atomic.Bool
 	beat       chan struct{}
 	subscribed atomic.Bool
+	// recalled: the intents sent before the current subscription are
+	// pending here (recall); nothing is valid until they are.
+	recalled atomic.Bool
 	// trusted: subscribed, and announced long enough that every writer
 	// counts this replica among those it waits for. Until then nothing is
 	// valid here (so nothing is kept in or served from L1).
@@ -77,6 +80,11 @@ type Invalidator struct {
 	kick       chan struct{} // unsent invalidations to retry
 	firstTrust chan struct{} // closed when first trusted
 	trustOnce  sync.Once
+	// writeHold is the longest a write may take (ratelimit.max_wait and
+	// the upstream timeout); intentWait, the longest it waits for its
+	// intent to be recorded (intent.go).
+	writeHold, intentWait time.Duration
+	expiring              chan struct{} // an intent added: its deadline may be the next
 
 	stop context.CancelFunc
 	done chan struct{}
@@ -90,6 +98,11 @@ type message struct {
 	Tags []string `json:"t,omitempty"`
 	All  bool     `json:"a,omitempty"`
 	Beat int64    `json:"h,omitempty"`
+	// Hold: an intent (Intend), whose scopes are pending for this many
+	// milliseconds unless its completion comes; Ends: the completion of
+	// the sender's intent numbered Ends.
+	Hold int64  `json:"i,omitempty"`
+	Ends uint64 `json:"n,omitempty"`
 	// E is the fleet epoch the invalidation marked its scopes with in
 	// Redis (0: unknown, Redis's epoch was garbage).
 	E uint64 `json:"e,omitempty"`
@@ -109,7 +122,8 @@ func NewInvalidator(f *Fleet, local *invalidation.Local, wait time.Duration, onE
 	ctx, cancel := context.WithCancel(context.Background())
 	i := &Invalidator{local: local, f: f, wait: wait, onError: onError, id: newID(), born: time.Now(),
 		waiters: map[uint64]chan struct{}{}, stop: cancel, done: make(chan struct{}), firstTrust: make(chan struct{}),
-		kick: make(chan struct{}, 1), beat: make(chan struct{}, 1)}
+		kick: make(chan struct{}, 1), beat: make(chan struct{}, 1), expiring: make(chan struct{}, 1),
+		writeHold: cmpOr(f.cfg.WriteHold, ClaimHold), intentWait: cmpOr(f.cfg.IntentWait, time.Second)}
 	reset := func() { i.local.InvalidateAll() }
 	f.st.onReset.Store(&reset)
 	report := i.fail
@@ -119,6 +133,7 @@ func NewInvalidator(f *Fleet, local *invalidation.Local, wait time.Duration, onE
 	wg.Go(func() { i.retry(ctx) })
 	wg.Go(func() { i.announce(ctx) })
 	wg.Go(func() { i.heartbeat(ctx) })
+	wg.Go(func() { i.expire(ctx) })
 	go func() { wg.Wait(); close(i.done) }()
 	return i
 }
@@ -137,12 +152,18 @@ type InvalidatorStats struct {
 	// Unopened counts invalidations this replica could not open (sealed
 	// under another cache.key_secret): each dropped its whole L1.
 	Unopened int64
+	// Lifted counts intents whose completion never came here: their
+	// marks were raised by this replica once their hold had passed.
+	Lifted int64
+	// Refused counts writes whose intent could not be recorded: they were
+	// answered 503, nothing sent upstream.
+	Refused int64
 }
 
 // Stats returns the invalidator's counts.
 func (i *Invalidator) Stats() InvalidatorStats {
 	return InvalidatorStats{Sent: i.n.sent.Load(), Received: i.n.received.Load(), Acked: i.n.acked.Load(), Unacked: i.n.unacked.Load(),
-		Lapses: i.n.lapses.Load(), Unopened: i.n.unopened.Load()}
+		Lapses: i.n.lapses.Load(), Unopened: i.n.unopened.Load(), Lifted: i.n.lifted.Load(), Refused: i.n.refused.Load()}
 }
 
 // Close ends the subscription.
@@ -229,7 +250,7 @@ func (i *Invalidator) currentAt(now int64) bool {
 // not trusted (not hearing the stream, or not yet counted by writers) or
 // its stream is behind.
 func (i *Invalidator) Valid(epoch uint64, tags []string) bool {
-	return i.trusted.Load() && i.current() && i.local.Valid(epoch, tags)
+	return i.trusted.Load() && i.recalled.Load() && i.current() && !i.f.pend.covers(tags) && i.local.Valid(epoch, tags)
 }
 
 // Trusted reports whether this replica hears the fleet's invalidations
@@ -263,13 +284,13 @@ func (i *Invalidator) InvalidateConfirmed(ctx context.Context, tags []string) (u
 		return i.local.Invalidate(ctx, tags), nil
 	}
 	if i.f.unsent.n.Load() > 0 {
-		i.f.unsent.add(tags) // after those before it, in order
+		i.f.unsent.add(batch{tags: tags}) // after those before it, in order
 		i.retryNow()
 		return i.local.Invalidate(ctx, tags), ErrQueued
 	}
 	e, err := i.f.Invalidate(ctx, tags)
 	if err != nil {
-		i.f.unsent.add(tags)
+		i.f.unsent.add(batch{tags: tags})
 		i.retryNow()
 		i.fail(err)
 	}
@@ -284,7 +305,7 @@ func (i *Invalidator) InvalidateConfirmed(ctx context.Context, tags []string) (u
 		// late): the others may not have been told, and would keep what
 		// they hold. Kept, and told again until Redis takes it.
 		if err == nil {
-			i.f.unsent.add(tags)
+			i.f.unsent.add(batch{tags: tags})
 			i.retryNow()
 		}
 		return epoch, ErrQueued
@@ -326,10 +347,18 @@ func (i *Invalidator) retry(ctx context.Context) {
 // one fails.
 func (i *Invalidator) sendUnsent(ctx context.Context) {
 	for {
-		tags, all, ok := i.f.unsent.head()
+		b, all, ok := i.f.unsent.head()
 		if !ok {
 			return
 		}
+		if b.pending != "" { // a write's completion
+			if i.complete(ctx, b, i.intentWait) != nil {
+				return
+			}
+			i.f.unsent.done(false)
+			continue
+		}
+		tags := b.tags
 		var err error
 		var e uint64
 		if all {
@@ -415,15 +444,8 @@ func (i *Invalidator) broadcast(ctx context.Context, msg message) error {
 	}
 	seq := i.seq.Add(1)
 	sealed := i.sealMsg(&i.f.keys[0], i.id, seq, msg, i.channel())
-	acks := make(chan struct{}, 64)
-	i.mu.Lock()
-	i.waiters[seq] = acks
-	i.mu.Unlock()
-	defer func() {
-		i.mu.Lock()
-		delete(i.waiters, seq)
-		i.mu.Unlock()
-	}()
+	acks := i.register(seq)
+	defer i.unregister(seq)
 	pctx, cancel := i.f.ctx(ctx)
 	err := c.Do(pctx, c.B().Spublish().Channel(i.channel()).Message(rueidis.BinaryString(sealed)).Build()).Error()
 	cancel()
@@ -439,27 +461,17 @@ func (i *Invalidator) broadcast(ctx context.Context, msg message) error {
 	// subscription ended without its knowing (a link gone dark), is waited
 	// for until its own heartbeats are too old for it to trust its L1.
 	// Redis's count of receivers is no guide either way.
-	receivers := i.peers.Load()
+	return i.awaitAcks(ctx, seq, acks, i.receivers(), time.Now().Add(i.wait))
+}
+
+// receivers are the replicas a message waits for: the others announced
+// with a secret this one has, and this one while it hears its own.
+func (i *Invalidator) receivers() int64 {
+	n := i.peers.Load()
 	if i.subscribed.Load() {
-		receivers++ // this replica hears (and acknowledges) its own
+		n++
 	}
-	timeout := time.NewTimer(i.wait)
-	defer timeout.Stop()
-	for got := int64(0); got < receivers; got++ {
-		select {
-		case <-acks:
-			i.n.acked.Add(1)
-		case <-timeout.C:
-			i.n.unacked.Add(receivers - got)
-			err := errors.New("invalidation: " + strconv.FormatInt(receivers-got, 10) + " of " +
-				strconv.FormatInt(receivers, 10) + " replicas did not acknowledge within redis.invalidation_wait")
-			i.fail(err)
-			return err
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-	}
-	return nil
+	return n
 }
 
 // subscribe listens to the fleet's invalidations and this replica's
@@ -502,6 +514,7 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 				}
 			})
 			i.trusted.Store(false)
+			i.recalled.Store(false)
 			i.local.InvalidateAll() // before anyone can see it is not subscribed
 			i.f.heard.subscribed()
 			i.subscribed.Store(false)
@@ -520,8 +533,10 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 // invalidation that raises the epoch past it is heard from then on.
 func (i *Invalidator) since(ctx context.Context, gen uint64) {
 	for ctx.Err() == nil && i.f.heard.is(gen) {
-		if epoch, err := i.f.Epoch(ctx); err == nil {
+		if i.recall(ctx) != nil {
+		} else if epoch, err := i.f.Epoch(ctx); err == nil {
 			i.f.heard.start(gen, epoch)
+			i.recalled.Store(true)
 			return
 		}
 		select {
@@ -584,11 +599,19 @@ func (i *Invalidator) handle(ctx context.Context, m rueidis.PubSubMessage) {
 		if msg.E > 0 {
 			i.f.heard.add(msg.Tags, msg.E) // before the acknowledgement
 		}
+		if msg.Hold > 0 { // an intent: pending until its completion, or its hold has passed
+			i.f.pend.add(from+":"+strconv.FormatUint(seq, 10), msg.Tags, time.Now().Add(time.Duration(msg.Hold)*time.Millisecond), m.Message)
+			i.expireNow()
+		}
 		i.local.Invalidate(ctx, msg.Tags)
-		i.n.received.Add(1)
+		if msg.Ends > 0 { // a completion: its write was counted by its intent
+			i.f.pend.end(from + ":" + strconv.FormatUint(msg.Ends, 10))
+		} else {
+			i.n.received.Add(1)
+		}
 	}
 	c := i.f.c()
-	if c == nil {
+	if c == nil || msg.Ends > 0 { // a completion is not acknowledged: nobody waits for it
 		return
 	}
 	actx, cancel := i.f.ctx(ctx)

@@ -190,7 +190,19 @@ if n < want then redis.call('SET', KEYS[1], ARGV[1]); n = want end
 return n`)
 
 // scripts lists every script, for loading at connection.
-var scripts = []*script{takeClaim, unclaim, shareClaim, raiseMark, getOrClaim, announcePeer, takeSlot, giveSlot, heldSlot, renewSlot, announce, raiseEpoch}
+var scripts = []*script{takeClaim, unclaim, shareClaim, raiseMark, getOrClaim, announcePeer, takeSlot, giveSlot, heldSlot, renewSlot, announce, raiseEpoch, addIntent, readIntents}
+
+// addIntent keeps a write's intent ARGV[3] in the set KEYS[1], scored by
+// when its hold of ARGV[1] ms ends on Redis's clock, and drops those whose
+// hold ended more than ARGV[2] ms ago (the marks' retention: by then
+// every replica lifted them).
+var addIntent = newScript(`
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]))
+return 1`)
 
 // script is a Lua script and its SHA-1.
 type script struct {
@@ -240,3 +252,11 @@ func loadScripts(ctx context.Context, c rueidis.Client) {
 		n.DoMulti(ctx, cmds...)
 	}
 }
+
+// readIntents returns Redis's clock in milliseconds, then the intents in
+// KEYS[1] with their scores (when their holds end), flat.
+var readIntents = newScript(`
+local t = redis.call('TIME')
+local out = {tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)}
+for _, v in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')) do out[#out + 1] = v end
+return out`)

@@ -194,19 +194,30 @@ func (f *Fleet) watch() {
 // entry of that scope.
 type unsent struct {
 	mu      sync.Mutex
-	batches [][]string
+	batches []batch
 	all     bool
 	n       atomic.Int64 // batches held (or 1 for all), read without the lock
 }
 
+// batch is one unsent invalidation; or, with ends, the completion of this
+// replica's write numbered ends (its intent kept as member, its pending
+// named pending).
+type batch struct {
+	tags            []string
+	ends            uint64
+	member, pending string
+}
+
 const maxUnsent = 1024
 
-func (u *unsent) add(tags []string) {
+func (u *unsent) add(b batch) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if !u.all && len(u.batches) < maxUnsent {
-		u.batches = append(u.batches, tags)
+		u.batches = append(u.batches, b)
 	} else {
+		// Past the bound, everything: completions dropped here end by
+		// their intents' hold, on every replica.
 		u.all, u.batches = true, nil
 	}
 	u.n.Store(int64(len(u.batches)) + b2i(u.all))
@@ -231,7 +242,7 @@ func (u *unsent) covers(tags []string) bool {
 		return true
 	}
 	for _, b := range u.batches {
-		for _, t := range b {
+		for _, t := range b.tags {
 			for _, x := range tags {
 				if t == x {
 					return true
@@ -243,14 +254,14 @@ func (u *unsent) covers(tags []string) bool {
 }
 
 // head is the oldest unsent batch (all: everything), if any.
-func (u *unsent) head() (tags []string, all, ok bool) {
+func (u *unsent) head() (b batch, all, ok bool) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	if u.all {
-		return nil, true, true
+		return batch{}, true, true
 	}
 	if len(u.batches) == 0 {
-		return nil, false, false
+		return batch{}, false, false
 	}
 	return u.batches[0], false, true
 }

@@ -109,3 +109,13 @@ func (l *Local) Scopes() int {
 	l.marks.Range(func(any, any) bool { n++; return true })
 	return n
 }
+
+// Intent is a write announced to the other replicas before it is sent
+// (the fleet's, docs/fleet.md "Writes"): the scopes it names are pending
+// everywhere until it ends. End ends it once it is answered (applied: it
+// may have changed something; extra: scopes only its answer named) and
+// returns the new epoch; the write must end by Deadline.
+type Intent interface {
+	End(ctx context.Context, applied bool, extra []string) uint64
+	Deadline() time.Time
+}

@@ -12,6 +12,7 @@ import (
 	"unsafe"
 
 	"cacheproxy/internal/connwatch"
+	"cacheproxy/internal/invalidation"
 	"cacheproxy/internal/load"
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
@@ -48,6 +49,8 @@ type record struct {
 	reqNum  uint64
 	errMsg  string
 	rt      route.Match
+	// intent is a write's, announced to the fleet (nil: none).
+	intent invalidation.Intent
 }
 
 type recordKey struct{}

@@ -168,8 +168,17 @@ func TestFleetInvalidationThatMissedRedisIsRetried(t *testing.T) {
 			if _, cs, _ := b.get(pathConv); !strings.HasSuffix(cs, "detail=l2") {
 				t.Fatalf("B before: %q", cs)
 			}
-			recover := tc.fault(t, srv, link)
+			// The fault comes while the write is upstream: its intent was
+			// recorded (a write whose intent cannot be is refused).
+			var recover func()
+			a.conv.Before = func(w http.ResponseWriter, req *http.Request) bool {
+				if req.Method == http.MethodPost && recover == nil {
+					recover = tc.fault(t, srv, link)
+				}
+				return false
+			}
 			a.update("POST", pathConv, `{"v":1}`)
+			a.conv.Before = nil
 			if a.inv.Unsent() == 0 {
 				t.Fatal("the write's invalidation reached Redis: the fault did not bite")
 			}
@@ -364,14 +373,23 @@ func TestFleetReaderWhoseSubscriptionRedisDroppedUnseen(t *testing.T) {
 // served the data from before the write from its L1 until cache.ttl.
 func TestFleetInvalidationWhosePublishFailedIsSentAgain(t *testing.T) {
 	srv := redistest.Start(t)
-	srv.CLI(t, "ACL", "SETUSER", "a", "on", ">a-password", "~*", "&*", "+@all", "-spublish")
+	srv.CLI(t, "ACL", "SETUSER", "a", "on", ">a-password", "~*", "&*", "+@all")
 	r := replicasEach(t, srv, []harnessOpt{withFleet("redis://a:a-password@" + srv.Addr)}, nil)
 	a, b := r[0], r[1]
 	before := attrs(t, b)
 	if _, cs, _ := b.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; hit") {
 		t.Fatalf("B's own copy: %q", cs)
 	}
+	// Forbidden once the write is upstream: its intent went out, its
+	// completion cannot.
+	a.conv.Before = func(w http.ResponseWriter, req *http.Request) bool {
+		if req.Method == http.MethodPost {
+			srv.CLI(t, "ACL", "SETUSER", "a", "-spublish")
+		}
+		return false
+	}
 	a.update("POST", pathConv, `{"v":1}`)
+	a.conv.Before = nil
 	if a.inv.Unsent() == 0 {
 		t.Fatal("A's write counts as told: nothing is kept to send again")
 	}

@@ -141,6 +141,7 @@ type setup struct {
 	previous          [][]byte      // its cache.previous_key_secrets
 	redisTimeout      time.Duration // L2's redis.timeout; 0: 1 s
 	invalidationWait  time.Duration // redis.invalidation_wait; 0: 5 s
+	writeHold         time.Duration // how long a write's intent is pending without its end; 0: fleet.ClaimHold
 	hub               *memtier.Hub  // the in-memory L2, if any
 	// unwatched serves without a connwatch.Watch, as an HTTP/2
 	// connection is: each response sets its own write deadline.
@@ -208,7 +209,7 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 		t.Cleanup(inv.Close)
 		waitSubscribed(t, inv)
 		h.inv, h.fleet = inv, f
-		o.Invalidator, o.L2 = inv, f
+		o.Invalidator, o.L2, o.Intents = inv, f, inv
 		// One limiter for the fleet: each turn takes its place in the
 		// fleet's slots, and API keys are known fleet-wide.
 		slots := fleet.NewSlots(f, s.cfg.RateLimit.RequestsPerSecond)

@@ -56,6 +56,9 @@ type Options struct {
 	Store       Store
 	Invalidator Invalidator
 	Budget      Budget
+	// Intents, if set, announces each write before it is sent (the
+	// fleet's); nil: writes invalidate once answered, as alone.
+	Intents Intender
 	// L2 is the fleet's tier in Redis (docs/fleet.md): entries
 	// other replicas fetched, and the claims that make one fetch of a cold
 	// key for the fleet. If nil, tier.None: this replica alone.

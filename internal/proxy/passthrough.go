@@ -30,13 +30,47 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rec *record, up 
 	if rec.rt.Replaced && r.Method == http.MethodGet {
 		rec.pageBase = clientBase(r, rec.rt.Base)
 	}
-	out := r.WithContext(withStats(context.WithValue(r.Context(), recordKey{}, rec), &rec.calls))
+	ctx := r.Context()
+	if p.intents != nil && isWrite(r.Method) {
+		var cancel context.CancelFunc
+		var ok bool
+		if ctx, cancel, ok = p.announce(ctx, w, rec); !ok {
+			return // refused: nothing was sent
+		}
+		defer cancel()
+	}
+	out := r.WithContext(withStats(context.WithValue(ctx, recordKey{}, rec), &rec.calls))
 	if rec.rt.Path != escapedPath(r) { // a prefix removed, or escapes normalised
 		u := *r.URL
 		u.Path, u.RawPath = rec.rt.Unescaped(), rec.rt.Path
 		out.URL = &u
 	}
 	up.rp.ServeHTTP(w, out)
+}
+
+// announce records a write's intent with the fleet before it is sent
+// (docs/fleet.md, "Read-your-writes across replicas") and returns the
+// context it must end within, and its cancel, which ends the intent too
+// if neither the answer nor a failure did. !ok: it was refused (answered
+// 503, nothing sent). A write whose path names no scope is not announced.
+func (p *Proxy) announce(ctx context.Context, w http.ResponseWriter, rec *record) (context.Context, context.CancelFunc, bool) {
+	tags := rec.rt.WriteTags()
+	if len(tags) == 0 {
+		return ctx, func() {}, true
+	}
+	in, err := p.intents.Intend(ctx, tags)
+	if err != nil {
+		rec.errMsg = err.Error()
+		w.Header().Set("Retry-After", "1")
+		twilioError(w, http.StatusServiceUnavailable, "cacheproxy could not record this write with the fleet's Redis in time; nothing was sent upstream: retry")
+		return ctx, nil, false
+	}
+	rec.intent = in
+	dctx, cancel := context.WithDeadline(ctx, in.Deadline()) // past it, the fleet stops waiting for its end
+	return dctx, func() {
+		cancel()
+		in.End(context.WithoutCancel(ctx), true, nil)
+	}, true
 }
 
 func isWrite(method string) bool {
@@ -60,16 +94,33 @@ func (p *Proxy) modifyResponse(resp *http.Response) error {
 		p.keepPagesBehind(resp, rec, body)
 	}
 	p.learnKey(rec.cred, resp.StatusCode, body)
-	if isWrite(resp.Request.Method) && mayHaveApplied(resp.StatusCode) {
-		tags := rec.rt.WriteTags()
-		if resp.StatusCode < 300 {
-			tags = append(tags, writeBodyTags(&rec.rt, resp)...)
-		}
-		if len(tags) > 0 {
-			p.inv.Invalidate(context.WithoutCancel(resp.Request.Context()), tags)
-		}
+	if isWrite(resp.Request.Method) {
+		p.endWrite(resp.Request.Context(), rec, mayHaveApplied(resp.StatusCode), func() []string {
+			if resp.StatusCode < 300 {
+				return writeBodyTags(&rec.rt, resp)
+			}
+			return nil
+		})
 	}
 	return nil
+}
+
+// endWrite invalidates what a write may have changed (applied), before
+// its client is answered: the scopes its path names and those its answer
+// names (bodyTags, read only when applied), and ends its intent, if any.
+func (p *Proxy) endWrite(ctx context.Context, rec *record, applied bool, bodyTags func() []string) {
+	ctx = context.WithoutCancel(ctx)
+	var extra []string
+	if applied && bodyTags != nil {
+		extra = bodyTags()
+	}
+	if rec.intent != nil {
+		rec.intent.End(ctx, applied, extra)
+		return
+	}
+	if tags := append(rec.rt.WriteTags(), extra...); applied && len(tags) > 0 {
+		p.inv.Invalidate(ctx, tags)
+	}
 }
 
 // mayHaveApplied reports whether a write answered with status may have
@@ -183,9 +234,8 @@ func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) 
 		}
 		rec.errMsg = err.Error()
 		rec.upstreamDur = p.clock.Since(rec.start)
-		if tags := rec.rt.WriteTags(); isWrite(r.Method) && len(tags) > 0 {
-			// The write may have been applied before the failure.
-			p.inv.Invalidate(context.WithoutCancel(r.Context()), tags)
+		if isWrite(r.Method) {
+			p.endWrite(r.Context(), rec, true, nil) // it may have been applied before the failure
 		}
 	}
 	p.fail(w, r, err)

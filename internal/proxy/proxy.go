@@ -23,6 +23,7 @@ import (
 	"cacheproxy/internal/cache"
 	"cacheproxy/internal/clock"
 	"cacheproxy/internal/connwatch"
+	"cacheproxy/internal/invalidation"
 	"cacheproxy/internal/load"
 	"cacheproxy/internal/ratelimit"
 	"cacheproxy/internal/route"
@@ -61,6 +62,13 @@ type Invalidator interface {
 	Valid(epoch uint64, tags []string) bool
 }
 
+// Intender announces a write to the fleet before it is sent
+// (docs/fleet.md, "Writes"): a write whose intent cannot be recorded is
+// refused, nothing sent upstream.
+type Intender interface {
+	Intend(ctx context.Context, tags []string) (invalidation.Intent, error)
+}
+
 // Budget keeps each account's upstream calls within Twilio's limits.
 type Budget interface {
 	// Acquire waits for a turn to call upstream as user (the Basic-auth
@@ -87,6 +95,7 @@ type Proxy struct {
 	router  *route.Router
 	store   Store
 	inv     Invalidator
+	intents Intender     // nil: writes are not announced
 	load    *load.Loader // the cached read path (internal/load)
 	budget  Budget
 	summary func(*zerolog.Event)
@@ -165,6 +174,7 @@ func New(o Options) (*Proxy, error) {
 		router:   router,
 		store:    o.Store,
 		inv:      o.Invalidator,
+		intents:  o.Intents,
 		budget:   o.Budget,
 		summary:  o.SummaryFields,
 		log:      o.Logger,

@@ -150,7 +150,7 @@ func (g *Graph) buildFleet(cfg config.Config, d Deps, lc *ratelimit.Config, opts
 		}
 		lc.Keys = book
 	}
-	opts.L2, opts.Invalidator = f, g.FleetInvalidator
+	opts.L2, opts.Invalidator, opts.Intents = f, g.FleetInvalidator, g.FleetInvalidator
 	opts.SummaryFields = g.summaryFields
 	g.Registry.MustRegister(fleetMetrics(g)...)
 	go func() {

@@ -25,6 +25,8 @@ func fleetMetrics(g *Graph) []prometheus.Collector {
 			func() float64 { return b2f(inv.Trusted()) }),
 		gauge("cacheproxy_fleet_invalidations_unsent", "Invalidations applied here that Redis has not taken yet (retried; 1 for 'everything' once over 1024).",
 			func() float64 { return float64(inv.Unsent()) }),
+		counter("cacheproxy_fleet_writes_refused_total", "Writes refused with a 503 before anything was sent upstream: their intent could not be recorded in Redis within ratelimit.max_wait.", func() int64 { return inv.Stats().Refused }),
+		counter("cacheproxy_fleet_intents_lifted_total", "Writes whose completion never came here: this replica raised their marks once their hold had passed.", func() int64 { return inv.Stats().Lifted }),
 		counter("cacheproxy_fleet_invalidations_unopened_total", "Invalidations this replica could not open (another cache.key_secret): each dropped its whole L1.", func() int64 { return inv.Stats().Unopened }),
 		counter("cacheproxy_fleet_stream_lapses_total", "Times this replica's invalidation stream fell more than redis.invalidation_wait behind (its own heartbeat came back late): each dropped its whole L1.", func() int64 { return inv.Stats().Lapses }),
 		counter("cacheproxy_fleet_state_errors_total", "Reads of the fleet's epoch, floor or marks in Redis that were not valid numbers (garbage).", f.CorruptReads),

@@ -62,7 +62,13 @@ func retention(cfg config.Config) time.Duration {
 func fleetConfig(cfg config.Config) fleet.Config {
 	return fleet.Config{URL: cfg.Redis.URL, Prefix: cfg.Redis.KeyPrefix, Timeout: cfg.Redis.Timeout.D(),
 		Secret: []byte(cfg.Cache.KeySecret), Previous: bytesOf(cfg.Cache.PreviousKeySecrets), Retention: retention(cfg),
-		ClaimTTL: fleet.ClaimTTL, ClaimHold: max(fleet.ClaimHold, cfg.RateLimit.MaxWait.D()+max(cfg.Upstreams.Conversations.Timeout.D(), cfg.Upstreams.Proxy.Timeout.D()))}
+		ClaimTTL: fleet.ClaimTTL, ClaimHold: max(fleet.ClaimHold, writeHold(cfg)), WriteHold: writeHold(cfg), IntentWait: cfg.RateLimit.MaxWait.D()}
+}
+
+// writeHold is the longest a write may take: its budget wait and its
+// upstream call (the proxy bounds a write announced to the fleet by it).
+func writeHold(cfg config.Config) time.Duration {
+	return cfg.RateLimit.MaxWait.D() + max(cfg.Upstreams.Conversations.Timeout.D(), cfg.Upstreams.Proxy.Timeout.D())
 }
 
 func bytesOf(ss []string) [][]byte {
