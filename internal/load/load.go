@@ -223,6 +223,13 @@ func (l *Loader) Load(ctx context.Context, q *Query) Result {
 	}
 	fq := l.own(q)
 	f, joined, err := l.join(ctx, &fq, epoch, true)
+	if joined && l.unkept(f, err) {
+		// The fill this read joined fetched what this replica then found
+		// invalid (a write to its scopes pending, or answered and told
+		// here meanwhile): this read may have begun after that write's
+		// answer, so it joins a fill begun after that one ended, once.
+		f, _, err = l.join(ctx, &fq, l.inv.Epoch(), true)
+	}
 	if f != nil && f.stale != nil && (stale == nil || f.stale.Expires > stale.Expires) {
 		stale = f.stale
 	}
@@ -242,6 +249,22 @@ func (l *Loader) Load(ctx context.Context, q *Query) Result {
 	}
 	res.Entry, res.From, res.Stored = f.entry, f.from, f.stored
 	return res
+}
+
+// truster is an Invalidator that may not hear the fleet (the fleet's,
+// docs/fleet.md): while it does not, nothing is valid, and a fill's
+// answer is shared with its joiners all the same (its stream lost, a
+// reader's data is as old as it was then).
+type truster interface{ Trusted() bool }
+
+// unkept reports whether f is an upstream answer that this replica,
+// trusting its marks, found invalid once fetched (so did not keep).
+func (l *Loader) unkept(f *flight, err error) bool {
+	if err != nil || f == nil || f.entry == nil || f.from != FromUpstream || f.stored || f.entry.Expires.Time().IsZero() {
+		return false
+	}
+	t, ok := l.inv.(truster)
+	return ok && t.Trusted() && !l.inv.Valid(f.entry.Epoch, f.entry.Tags)
 }
 
 // own is a flight's own copy of q (q may be reused once its read ends),

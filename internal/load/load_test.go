@@ -11,6 +11,8 @@ import (
 	"cacheproxy/internal/clock"
 	"cacheproxy/internal/invalidation"
 	"cacheproxy/internal/tier/memtier"
+
+	"golang.org/x/sync/singleflight"
 )
 
 // replica is one Loader on a fake clock, with its own L1 and marks, and a
@@ -218,5 +220,63 @@ func TestTheVariantIsAskedOnAMissOnly(t *testing.T) {
 	a.load(t, "k")
 	if n := asked.Load(); n != 1 {
 		t.Fatalf("the variant was asked %d times for a miss and a hit, want once", n)
+	}
+}
+
+// pendingInv is a fleet's invalidator in miniature: trusted, and while
+// pending (a write to every scope announced and not yet ended) nothing is
+// valid.
+type pendingInv struct {
+	*invalidation.Local
+	pending atomic.Bool
+}
+
+func (p *pendingInv) Valid(epoch uint64, tags []string) bool {
+	return !p.pending.Load() && p.Local.Valid(epoch, tags)
+}
+func (p *pendingInv) Trusted() bool { return true }
+
+// countingFlights counts the reads that start or join a flight.
+type countingFlights struct {
+	singleflight.Group
+	n atomic.Int64
+}
+
+func (c *countingFlights) DoChan(key string, fn func() (any, error)) <-chan singleflight.Result {
+	c.n.Add(1)
+	return c.Group.DoChan(key, fn)
+}
+
+// A read that joined a fill whose answer the replica then found invalid
+// (a write became pending while it fetched) is not handed that answer: it
+// may have begun after the write's answer. It joins a fill of its own.
+// Without a write, the two reads share one fetch.
+func TestAReadIsNotHandedAFillFoundInvalid(t *testing.T) {
+	for _, pending := range []bool{false, true} {
+		clk := clock.NewFake(time.Unix(5000, 0))
+		inv := &pendingInv{Local: invalidation.New(time.Hour, clk)}
+		r := newReplica(t, clk, nil, inv, Windows{})
+		flights := &countingFlights{}
+		r.l = New(Config{L1: r.store, Inv: inv, Clock: clk, Fetch: r.fetch, Flights: flights})
+		r.gate = make(chan struct{})
+		first, second := make(chan Result, 1), make(chan Result, 1)
+		go func() { first <- r.load(t, "k") }()
+		for r.fetches.Load() == 0 {
+			time.Sleep(time.Millisecond) // another goroutine's progress
+		}
+		inv.pending.Store(pending)
+		go func() { second <- r.load(t, "k") }()
+		for flights.n.Load() < 2 { // the second read joined
+			time.Sleep(time.Millisecond)
+		}
+		close(r.gate)
+		a, b := <-first, <-second
+		want := int64(1)
+		if pending {
+			want = 2
+		}
+		if a.Err != nil || b.Err != nil || a.From != FromUpstream || !b.Joined || r.fetches.Load() != want {
+			t.Fatalf("pending %v: first %+v, second %+v, %d fetches; want %d", pending, a, b, r.fetches.Load(), want)
+		}
 	}
 }

@@ -41,7 +41,7 @@ func TestTierClaimTakeoverOnTheFakeClock(t *testing.T) {
 		return false
 	}
 	go a.do("GET", pathConv, basic(acctA, tokenA))
-	waitUntil(t, "A holds the claim", func() bool { return a.p.Summary().ClaimsWon == 1 })
+	waitUntil(t, "A holds the claim and its call is upstream", func() bool { return a.p.Summary().ClaimsWon == 1 && calls.Load() == 1 })
 	a.member.Kill()
 	answered := make(chan string, 1)
 	go func() {
