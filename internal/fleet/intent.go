@@ -155,13 +155,9 @@ func (in *Intent) End(ctx context.Context, applied bool, extra []string) uint64 
 	}
 	epoch := i.local.Invalidate(ctx, tags)
 	b := batch{tags: tags, ends: in.seq, member: in.member, pending: in.id}
-	if i.f.unsent.n.Load() > 0 {
+	if i.f.unsent.n.Load() > 0 || i.complete(ctx, b, i.f.cfg.Timeout) != nil {
 		i.f.unsent.add(b) // after those before it, in order
-		i.retryNow()
-		return epoch
-	}
-	if err := i.complete(ctx, b, i.f.cfg.Timeout); err != nil {
-		i.f.unsent.add(b)
+		i.n.queued.Add(1)
 		i.retryNow()
 	}
 	return epoch

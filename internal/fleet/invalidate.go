@@ -56,9 +56,9 @@ type Invalidator struct {
 	mu      sync.Mutex
 	waiters map[uint64]chan struct{}
 
-	n      struct{ sent, received, acked, unacked, lapses, unopened, lifted, refused atomic.Int64 } // for Stats
-	born   time.Time                                                                                // heartbeats carry monotonic time since
-	heard  atomic.Int64                                                                             // the sending time of the latest own heartbeat heard back
+	n      struct{ sent, received, acked, unacked, lapses, unopened, lifted, refused, queued atomic.Int64 } // for Stats
+	born   time.Time                                                                                        // heartbeats carry monotonic time since
+	heard  atomic.Int64                                                                                     // the sending time of the latest own heartbeat heard back
 	lapsed atomic.Bool
 	// used is when this replica last read (its time since born, updated
 	// at most every useGrain); resting is set while it heartbeats not,
@@ -158,12 +158,15 @@ type InvalidatorStats struct {
 	// Refused counts writes whose intent could not be recorded: they were
 	// answered 503, nothing sent upstream.
 	Refused int64
+	// Queued counts invalidations and completions Redis did not take in
+	// time: kept and retried (Unsent says how many wait now).
+	Queued int64
 }
 
 // Stats returns the invalidator's counts.
 func (i *Invalidator) Stats() InvalidatorStats {
 	return InvalidatorStats{Sent: i.n.sent.Load(), Received: i.n.received.Load(), Acked: i.n.acked.Load(), Unacked: i.n.unacked.Load(),
-		Lapses: i.n.lapses.Load(), Unopened: i.n.unopened.Load(), Lifted: i.n.lifted.Load(), Refused: i.n.refused.Load()}
+		Lapses: i.n.lapses.Load(), Unopened: i.n.unopened.Load(), Lifted: i.n.lifted.Load(), Refused: i.n.refused.Load(), Queued: i.n.queued.Load()}
 }
 
 // Close ends the subscription.
@@ -285,12 +288,14 @@ func (i *Invalidator) InvalidateConfirmed(ctx context.Context, tags []string) (u
 	}
 	if i.f.unsent.n.Load() > 0 {
 		i.f.unsent.add(batch{tags: tags}) // after those before it, in order
+		i.n.queued.Add(1)
 		i.retryNow()
 		return i.local.Invalidate(ctx, tags), ErrQueued
 	}
 	e, err := i.f.Invalidate(ctx, tags)
 	if err != nil {
 		i.f.unsent.add(batch{tags: tags})
+		i.n.queued.Add(1)
 		i.retryNow()
 		i.fail(err)
 	}
@@ -306,6 +311,7 @@ func (i *Invalidator) InvalidateConfirmed(ctx context.Context, tags []string) (u
 		// they hold. Kept, and told again until Redis takes it.
 		if err == nil {
 			i.f.unsent.add(batch{tags: tags})
+			i.n.queued.Add(1)
 			i.retryNow()
 		}
 		return epoch, ErrQueued

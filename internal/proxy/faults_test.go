@@ -179,7 +179,7 @@ func TestFleetInvalidationThatMissedRedisIsRetried(t *testing.T) {
 			}
 			a.update("POST", pathConv, `{"v":1}`)
 			a.conv.Before = nil
-			if a.inv.Unsent() == 0 {
+			if a.inv.Stats().Queued == 0 {
 				t.Fatal("the write's invalidation reached Redis: the fault did not bite")
 			}
 			if got := attrs(t, a); got == before {

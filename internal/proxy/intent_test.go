@@ -104,7 +104,7 @@ func TestFleetReadYourWritesWhenTheWritersLinkFailsMidWrite(t *testing.T) {
 			}
 			a.update("POST", pathConv, `{"v":1}`)
 			a.conv.Before = nil
-			if a.inv.Unsent() == 0 {
+			if a.inv.Stats().Queued == 0 {
 				t.Fatal("A's completion reached Redis: the fault did not bite")
 			}
 			for i := range 20 {
@@ -156,4 +156,35 @@ func TestFleetIntentWithoutItsEndIsLiftedAfterItsHold(t *testing.T) {
 	if _, cs, body := b.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; hit") || !strings.Contains(body, `\"v\":1`) {
 		t.Fatalf("B after the hold: %q %s, want a hit with the write's data", cs, body)
 	}
+}
+
+// A replica that held nothing fetches while a write runs (before Twilio
+// applied it): what it fetched is not kept, so its reads after the
+// write's answer are the write's data, though the writer's completion
+// never reached Redis.
+func TestFleetFillDuringAWriteIsNotKept(t *testing.T) {
+	srv := redistest.Start(t)
+	link := redistest.NewLink(t, srv.Addr)
+	wait := invalidationWait(100 * time.Millisecond)
+	r := replicasEach(t, srv, []harnessOpt{wait, redisTimeout(50 * time.Millisecond), through(link)}, []harnessOpt{wait})
+	a, b := r[0], r[1]
+	var during string
+	a.conv.Before = func(w http.ResponseWriter, req *http.Request) bool {
+		if req.Method == http.MethodPost && during == "" {
+			link.Down()
+			_, during, _ = b.get(pathConv) // a miss: the data from before the write
+		}
+		return false
+	}
+	a.update("POST", pathConv, `{"v":1}`)
+	a.conv.Before = nil
+	if !strings.Contains(during, "fwd=uri-miss") || strings.Contains(during, "stored") {
+		t.Fatalf("B's read while the write ran: %q, want a miss whose answer is not kept", during)
+	}
+	for i := range 10 {
+		if got := attrs(t, b); !strings.Contains(got, `\"v\":1`) {
+			t.Fatalf("B's read %d after A's answer: %s, the data from before the write", i, got)
+		}
+	}
+	link.Up(t)
 }
