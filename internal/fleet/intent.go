@@ -147,11 +147,9 @@ func (in *Intent) End(ctx context.Context, applied bool, extra []string) uint64 
 	}
 	i.awaitAcks(ctx, in.seq, in.acks, in.want, in.sent.Add(i.wait))
 	i.unregister(in.seq)
-	tags := in.tags
+	var tags []string // not applied: nothing changed, the completion only lifts the pending
 	if applied {
 		tags = append(append([]string(nil), in.tags...), extra...)
-	} else {
-		tags = nil // nothing changed: the completion only lifts the pending
 	}
 	epoch := i.local.Invalidate(ctx, tags)
 	b := batch{tags: tags, ends: in.seq, member: in.member, pending: in.id}

@@ -223,11 +223,12 @@ func (l *Loader) Load(ctx context.Context, q *Query) Result {
 	}
 	fq := l.own(q)
 	f, joined, err := l.join(ctx, &fq, epoch, true)
-	if joined && l.unkept(f, err) {
-		// The fill this read joined fetched what this replica then found
-		// invalid (a write to its scopes pending, or answered and told
-		// here meanwhile): this read may have begun after that write's
-		// answer, so it joins a fill begun after that one ended, once.
+	if joined && l.invalid(f, err) {
+		// The fill this read joined found an answer (upstream's, L2's or
+		// a peer's) that this replica now finds invalid (a write to its
+		// scopes pending, or answered and told here meanwhile; its stream
+		// lagging): this read may have begun after that write's answer,
+		// so it joins a fill begun after that one ended, once.
 		f, _, err = l.join(ctx, &fq, l.inv.Epoch(), true)
 	}
 	if f != nil && f.stale != nil && (stale == nil || f.stale.Expires > stale.Expires) {
@@ -257,10 +258,10 @@ func (l *Loader) Load(ctx context.Context, q *Query) Result {
 // reader's data is as old as it was then).
 type truster interface{ Trusted() bool }
 
-// unkept reports whether f is an upstream answer that this replica,
-// trusting its marks, found invalid once fetched (so did not keep).
-func (l *Loader) unkept(f *flight, err error) bool {
-	if err != nil || f == nil || f.entry == nil || f.from != FromUpstream || f.stored || f.entry.Expires.Time().IsZero() {
+// invalid reports whether f's answer is one this replica, trusting its
+// marks, finds invalid now.
+func (l *Loader) invalid(f *flight, err error) bool {
+	if err != nil || f == nil || f.entry == nil || f.swr || f.entry.Expires.Time().IsZero() {
 		return false
 	}
 	t, ok := l.inv.(truster)
