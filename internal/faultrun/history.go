@@ -28,7 +28,7 @@ type Op struct {
 	// Cache is the answer's Cache-Status.
 	Cache string
 	// Refused: a write answered 503 because its intent could not be
-	// recorded in Redis, nothing sent upstream (docs/fleet.md, "Writes").
+	// recorded in Redis, nothing sent upstream (docs/fleet.md, "Read-your-writes across replicas").
 	Refused bool
 }
 

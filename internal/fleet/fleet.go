@@ -71,7 +71,7 @@ type Config struct {
 	// WriteHold is the longest a write through this replica may take, its
 	// budget wait and upstream call (ratelimit.max_wait plus the upstream
 	// timeout; ClaimHold if zero): a write's intent is pending that long,
-	// and a second more, on every replica (docs/fleet.md, "Writes").
+	// and a second more, on every replica (docs/fleet.md, "Read-your-writes across replicas").
 	WriteHold time.Duration
 	// IntentWait is the longest a write waits for its intent to be
 	// recorded (ratelimit.max_wait; a second if zero).

@@ -14,7 +14,7 @@ import (
 )
 
 // A write through a replica is announced before it is sent: its intent
-// (docs/fleet.md, "Writes"). The intent raises the write's marks in Redis,
+// (docs/fleet.md, "Read-your-writes across replicas"). The intent raises the write's marks in Redis,
 // is kept in Redis until the write ends (the intents set, for replicas that
 // subscribe meanwhile) and is told to every replica, which keeps the
 // write's scopes *pending*: nothing of them is valid there, in L1 or L2,
@@ -154,9 +154,7 @@ func (in *Intent) End(ctx context.Context, applied bool, extra []string) uint64 
 	epoch := i.local.Invalidate(ctx, tags)
 	b := batch{tags: tags, ends: in.seq, member: in.member, pending: in.id}
 	if i.f.unsent.n.Load() > 0 || i.complete(ctx, b, i.f.cfg.Timeout) != nil {
-		i.f.unsent.add(b) // after those before it, in order
-		i.n.queued.Add(1)
-		i.retryNow()
+		i.queue(b) // after those before it, in order
 	}
 	return epoch
 }

@@ -287,16 +287,12 @@ func (i *Invalidator) InvalidateConfirmed(ctx context.Context, tags []string) (u
 		return i.local.Invalidate(ctx, tags), nil
 	}
 	if i.f.unsent.n.Load() > 0 {
-		i.f.unsent.add(batch{tags: tags}) // after those before it, in order
-		i.n.queued.Add(1)
-		i.retryNow()
+		i.queue(batch{tags: tags}) // after those before it, in order
 		return i.local.Invalidate(ctx, tags), ErrQueued
 	}
 	e, err := i.f.Invalidate(ctx, tags)
 	if err != nil {
-		i.f.unsent.add(batch{tags: tags})
-		i.n.queued.Add(1)
-		i.retryNow()
+		i.queue(batch{tags: tags})
 		i.fail(err)
 	}
 	epoch := i.local.Invalidate(ctx, tags)
@@ -310,9 +306,7 @@ func (i *Invalidator) InvalidateConfirmed(ctx context.Context, tags []string) (u
 		// late): the others may not have been told, and would keep what
 		// they hold. Kept, and told again until Redis takes it.
 		if err == nil {
-			i.f.unsent.add(batch{tags: tags})
-			i.n.queued.Add(1)
-			i.retryNow()
+			i.queue(batch{tags: tags})
 		}
 		return epoch, ErrQueued
 	}
@@ -320,6 +314,13 @@ func (i *Invalidator) InvalidateConfirmed(ctx context.Context, tags []string) (u
 		err = berr
 	}
 	return epoch, err
+}
+
+// queue keeps b, which Redis did not take in time, to be retried in order.
+func (i *Invalidator) queue(b batch) {
+	i.f.unsent.add(b)
+	i.n.queued.Add(1)
+	i.retryNow()
 }
 
 func (i *Invalidator) retryNow() {

@@ -111,7 +111,7 @@ func (l *Local) Scopes() int {
 }
 
 // Intent is a write announced to the other replicas before it is sent
-// (the fleet's, docs/fleet.md "Writes"): the scopes it names are pending
+// (the fleet's, docs/fleet.md "Read-your-writes across replicas"): the scopes it names are pending
 // everywhere until it ends. End ends it once it is answered (applied: it
 // may have changed something; extra: scopes only its answer named) and
 // returns the new epoch; the write must end by Deadline.

@@ -213,7 +213,7 @@ func TestFleetSurvivesRedisOutage(t *testing.T) {
 		}
 	}
 	// A write through A cannot be announced to the fleet: it is refused,
-	// nothing sent upstream (docs/fleet.md, "Writes").
+	// nothing sent upstream (docs/fleet.md, "Read-your-writes across replicas").
 	refused(t, a, a, pathConv, "during the outage")
 	if s, _, body := b.get(pathConv); s != 200 || strings.Contains(body, "during the outage") {
 		t.Fatalf("B's read after A's refused write during the outage: %d %s", s, body)

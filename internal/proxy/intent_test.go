@@ -12,7 +12,7 @@ import (
 	"cacheproxy/internal/redistest"
 )
 
-// Read-your-writes with no writer-side excuse (docs/fleet.md, "Writes"):
+// Read-your-writes with no writer-side excuse (docs/fleet.md, "Read-your-writes across replicas"):
 // a write is announced to the fleet before it is sent (its intent), and
 // refused when it cannot be; once announced, whatever happens to the
 // writer's Redis link, no replica serves data from before it after its

@@ -63,7 +63,7 @@ type Invalidator interface {
 }
 
 // Intender announces a write to the fleet before it is sent
-// (docs/fleet.md, "Writes"): a write whose intent cannot be recorded is
+// (docs/fleet.md, "Read-your-writes across replicas"): a write whose intent cannot be recorded is
 // refused, nothing sent upstream.
 type Intender interface {
 	Intend(ctx context.Context, tags []string) (invalidation.Intent, error)
