@@ -59,6 +59,20 @@ func main() {
 			float64(r.res.P99.Microseconds())/1000)
 	}
 	tw.Flush()
+	for _, r := range []struct {
+		name string
+		res  faultrun.Result
+	}{{"with faults", faulty}, {"without faults", quiet}} {
+		fmt.Printf("reads %s, by how they were answered:\n", r.name)
+		forms := make([]string, 0, len(r.res.Answered))
+		for k := range r.res.Answered {
+			forms = append(forms, k)
+		}
+		sort.Slice(forms, func(a, b int) bool { return r.res.Answered[forms[a]] > r.res.Answered[forms[b]] })
+		for _, k := range forms {
+			fmt.Printf("  %7d  %s\n", r.res.Answered[k], k)
+		}
+	}
 	for _, v := range append(faulty.Violations, quiet.Violations...) {
 		fmt.Println("VIOLATION", v)
 	}

@@ -47,7 +47,16 @@ type Result struct {
 	// percentile of the reads' latency.
 	Hits int
 	P99  time.Duration
+	// Answered counts the reads by how they were answered: their
+	// Cache-Status, its numbers left out (where the hit ratio goes).
+	Answered map[string]int
 }
+
+// numbers are a Cache-Status's numbers (ttl, age).
+var numbers = regexp.MustCompile(`=-?[0-9]+`)
+
+// cacheForm is a Cache-Status without its numbers.
+func cacheForm(cs string) string { return numbers.ReplaceAllString(cs, "") }
 
 // The participants read and written, each in a conversation of its own (a
 // write to one does not invalidate the others); two accounts read them,
@@ -138,9 +147,11 @@ func Run(cfg Config) (res Result, err error) {
 	}
 	res.Report, res.Faults = Check(h.ops, replicas), faults
 	var lat []time.Duration
+	res.Answered = map[string]int{}
 	for _, op := range h.ops {
 		if !op.Write {
 			lat = append(lat, op.End.Sub(op.Start))
+			res.Answered[cacheForm(op.Cache)]++
 			if strings.HasPrefix(op.Cache, "cacheproxy; hit") {
 				res.Hits++
 			}

@@ -112,7 +112,7 @@ func (l *Limiter) newAccountAt(id string, cap int) {
 
 // Twilio's header steers the cap: a 429's tells the limit (one less than
 // the requests in flight it reports) and cuts as without the header; each
-// other answer's tells the other clients' share (the upper quartile of the
+// other answer's tells the other clients' share (the most reported of the
 // recent reports beyond ours in flight), taken off the limit; an answer with
 // room, with no 429 for a while, lifts the cut at once, and the others'
 // leaving shows once the reports of their time are old, without another
@@ -142,7 +142,7 @@ func TestTwiliosHeaderSteersTheCap(t *testing.T) {
 		t.Fatalf("%+v: want others 6, cap 10-6 = 4", st)
 	}
 	clk.Advance(othersWindow / 2)
-	ls[1].Saw(5) // 3 of ours in flight: it says 2 others, low by ours still on their way
+	ls[1].Saw(7) // 3 of ours in flight: it says 4 others, low by ours still on their way
 	ls[1].Done(Served)
 	if st := l.State("AC1"); st.Others != 6 || st.Cap != 4 {
 		t.Fatalf("%+v: one low report within the window changed nothing: want others 6, cap 4", st)
@@ -162,6 +162,42 @@ func TestTwiliosHeaderSteersTheCap(t *testing.T) {
 	clk.Advance(time.Minute)
 	if st := l.State("AC1"); st.Others != 0 || st.Limit != 16 || st.Cap != 16 {
 		t.Fatalf("%+v", st)
+	}
+}
+
+// Calls that end together start together: in each round of four of ours
+// (others holding 6), the first to reach Twilio reports 7 in flight (3
+// others beyond our 4), the next 8, then 9, and only the last 10. The
+// others counted stay 6 through rounds of such reports: a share taken from
+// them would let a fifth call of ours through each second, into a 429 (the
+// upper quartile counted 5). Once the others leave, the first of a round
+// of ten, alone at Twilio, proves there are none for the whole round: a
+// call of it that others of ours overtook reports 5 more than there are,
+// and the share stays 0 (the most reported alone counted 6, the old
+// share, for the window's half second, then the overtaken calls' 5).
+func TestTheOthersCountedKeepToWhatAnswersProve(t *testing.T) {
+	clk := newFake()
+	a := &account{}
+	step := othersWindow / othersSamples / 2
+	for round := range 8 {
+		began := clk.Now()
+		for i := range 4 {
+			clk.Advance(step)
+			a.seeOthers(3+i, 6+i, began, clk.Now()) // 4 of ours in flight, the answer among them
+			if round > 0 && a.others != 6 {
+				t.Fatalf("round %d, answer %d: others %d, want 6", round+1, i+1, a.others)
+			}
+		}
+	}
+	began := clk.Now()
+	clk.Advance(step)
+	a.seeOthers(0, 0, began, clk.Now()) // the others left: the first of a round of ten, alone
+	for range 9 {
+		clk.Advance(step)
+		a.seeOthers(5, 9, began, clk.Now()) // overtaken by others of ours
+		if a.others != 0 {
+			t.Fatalf("others %d in a round whose first answer was alone at Twilio, want 0", a.others)
+		}
 	}
 }
 

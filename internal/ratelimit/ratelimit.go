@@ -432,7 +432,7 @@ func (l *Limiter) startLocked(a *account, w *waiter, place Place, now time.Time,
 		*events = append(*events, Event{Kind: CapGrown, Account: a.id, From: a.shown, To: c, InFlight: a.inflight})
 		a.shown = c
 	}
-	ls := &turn{l: l, a: a, gen: a.gen, waited: now.Sub(w.start), place: place, own: max(place.Held(), a.inflight),
+	ls := &turn{l: l, a: a, gen: a.gen, began: now, waited: now.Sub(w.start), place: place, own: max(place.Held(), a.inflight),
 		cred: w.credential, unverified: w.unverified, write: w.prio == Write}
 	if a.live == nil {
 		a.live = map[*turn]struct{}{}
@@ -580,6 +580,7 @@ type turn struct {
 	a      *account
 	place  Place
 	gen    uint64
+	began  time.Time
 	waited time.Duration
 	own    int  // the account's calls in flight (fleet-wide with Redis) once this one started
 	saw    int  // the answer's Twilio-Concurrent-Requests (0: none)
