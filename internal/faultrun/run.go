@@ -146,9 +146,16 @@ func Run(cfg Config) (res Result, err error) {
 		replicas[i] = r.report()
 	}
 	res.Report, res.Faults = Check(h.ops, replicas), faults
+	res.reads(h.ops)
+	return res, nil
+}
+
+// reads counts the reads' hits and how they were answered, and their
+// latency's 99th percentile.
+func (res *Result) reads(ops []Op) {
 	var lat []time.Duration
 	res.Answered = map[string]int{}
-	for _, op := range h.ops {
+	for _, op := range ops {
 		if !op.Write {
 			lat = append(lat, op.End.Sub(op.Start))
 			res.Answered[cacheForm(op.Cache)]++
@@ -161,7 +168,6 @@ func Run(cfg Config) (res Result, err error) {
 	if len(lat) > 0 {
 		res.P99 = lat[len(lat)*99/100]
 	}
-	return res, nil
 }
 
 func cmpOr(d, def time.Duration) time.Duration {
