@@ -507,7 +507,7 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 		// Not hearing the fleet (yet, or any more): what this replica
 		// holds may have been written elsewhere meanwhile. Trust none of it
 		// now and again at each try until the stream is back (every 100 ms
-		// at first, then less often, up to each second); the first
+		// at first, then less often, up to each 400 ms); the first
 		// subscription also drops what was fetched before it.
 		i.local.InvalidateAll()
 		var wasUp atomic.Bool
@@ -552,15 +552,15 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 		case <-ctx.Done():
 		case <-time.After(retry):
 		}
-		retry = min(2*retry, time.Second)
+		retry = min(2*retry, maxResubscribe)
 	}
 }
 
 // minResubscribe is how soon a replica subscribes again after it lost
-// the stream (doubled at each failed try, up to a second). At a second,
-// each loss cost a second of the fault run's hit ratio more than the loss
-// itself.
-const minResubscribe = 100 * time.Millisecond
+// the stream, doubled at each failed try up to maxResubscribe. At a
+// second, each loss cost a second of the fault run's hit ratio more than
+// the loss itself.
+const minResubscribe, maxResubscribe = 100 * time.Millisecond, 400 * time.Millisecond
 
 // since reads the fleet's epoch once subscription gen is confirmed: every
 // invalidation that raises the epoch past it is heard from then on.
