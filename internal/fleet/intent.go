@@ -513,25 +513,22 @@ func (p *pending) covers(tags []string) bool {
 
 // next is the earliest deadline.
 func (p *pending) next() (time.Time, bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	var at time.Time
-	for _, w := range p.writes {
-		if at.IsZero() || w.deadline.Before(at) {
-			at = w.deadline
-		}
-	}
-	return at, !at.IsZero()
+	return p.earliest(func(w *pendingWrite) time.Time { return w.deadline })
 }
 
 // oldest is when the longest pending write was added (false: none).
 func (p *pending) oldest() (time.Time, bool) {
+	return p.earliest(func(w *pendingWrite) time.Time { return w.added })
+}
+
+// earliest is the earliest of(w) over the pending writes (false: none).
+func (p *pending) earliest(of func(*pendingWrite) time.Time) (time.Time, bool) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	var at time.Time
 	for _, w := range p.writes {
-		if at.IsZero() || w.added.Before(at) {
-			at = w.added
+		if t := of(w); at.IsZero() || t.Before(at) {
+			at = t
 		}
 	}
 	return at, !at.IsZero()
