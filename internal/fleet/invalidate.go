@@ -260,6 +260,11 @@ func (i *Invalidator) Valid(epoch uint64, tags []string) bool {
 // and every writer waits for it: only then is its L1 served (/readyz).
 func (i *Invalidator) Trusted() bool { return i.trusted.Load() }
 
+// Pending is the number of other replicas' writes this replica holds
+// pending: their intent heard, their completion not yet. A read it covers
+// is fetched and not kept.
+func (i *Invalidator) Pending() int64 { return i.f.pend.n.Load() }
+
 // Unsent is the number of invalidations applied here but not yet in
 // Redis (1 for "everything").
 func (i *Invalidator) Unsent() int64 { return i.f.unsent.n.Load() }
