@@ -83,3 +83,55 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		time.Sleep(2 * time.Millisecond)
 	}
 }
+
+// A write whose completion a peer never heard (the writer's link failed
+// after Redis took it) ends there once the intents set says so, within
+// about checkAfter, not at the end of its hold (a minute here); and what
+// was fetched during the write is not valid there after it (the marks are
+// taken at the epoch read then, no older).
+func TestALostCompletionEndsWhenTheIntentLeavesTheSet(t *testing.T) {
+	url := redistest.Start(t).URL()
+	a := invalidator(t, url, time.Minute)
+	b := invalidator(t, url, time.Minute)
+	tags := []string{"scope"}
+	ctx := context.Background()
+	x, err := a.Intend(ctx, tags)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in := x.(*Intent)
+	waitFor(t, "the peer holds the write pending", func() bool { return !b.Valid(b.Epoch(), tags) })
+	during, err := a.f.Epoch(ctx) // a peer's fill during the write carries this epoch
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The completion, all but its message: the marks raised, then the
+	// intent out of the set.
+	if _, err := a.f.raise(ctx, tags); err != nil {
+		t.Fatal(err)
+	}
+	c := a.f.c()
+	if err := c.Do(ctx, c.B().Zrem().Key(a.intentsKey()).Member(in.member).Build()).Error(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the peer ends the write (30 s: half its hold)", func() bool { return b.Valid(b.Epoch(), tags) })
+	if valid, _ := b.f.heard.check(during, tags); valid {
+		t.Fatal("a shared entry fetched during the write is valid at the peer after it")
+	}
+}
+
+// A replica that trusts its L1 is waited for by the next write's intent
+// at once: the intent counts the replicas announced in Redis when it is
+// recorded, not those the writer's last announcement (a second ago) saw.
+func TestAnIntentWaitsForAReplicaThatJustTrusted(t *testing.T) {
+	url := redistest.Start(t).URL()
+	a := invalidator(t, url, time.Minute)
+	invalidator(t, url, time.Minute) // trusted: it announced itself
+	x, err := a.Intend(context.Background(), []string{"scope"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if in := x.(*Intent); in.want != 2 {
+		t.Fatalf("the intent waits for %d replicas (the writer's count: %d others), want 2: itself and the one that just trusted", in.want, a.peers.Load())
+	}
+}

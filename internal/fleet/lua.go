@@ -190,7 +190,7 @@ if n < want then redis.call('SET', KEYS[1], ARGV[1]); n = want end
 return n`)
 
 // scripts lists every script, for loading at connection.
-var scripts = []*script{takeClaim, unclaim, shareClaim, raiseMark, getOrClaim, announcePeer, takeSlot, giveSlot, heldSlot, renewSlot, announce, raiseEpoch, addIntent, readIntents}
+var scripts = []*script{takeClaim, unclaim, shareClaim, raiseMark, getOrClaim, announcePeer, takeSlot, giveSlot, heldSlot, renewSlot, announce, raiseEpoch, addIntent, countPeers, readIntents}
 
 // addIntent keeps a write's intent ARGV[3] in the set KEYS[1], scored by
 // when its hold of ARGV[1] ms ends on Redis's clock, and drops those whose
@@ -203,6 +203,24 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[2]))
 return 1`)
+
+// countPeers returns how many other replicas than ARGV[1] announced
+// themselves subscribed (announcePeer, KEYS[1]) in the last three seconds
+// under one of the secrets' ids ARGV[2], …: those a message just
+// published waits for.
+var countPeers = newScript(`
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local kids, seen, n = {}, {}, 0
+for i = 2, #ARGV do kids[ARGV[i]] = true end
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now - 3000, '+inf')) do
+  local c = string.find(m, ':', 1, true)
+  if c then
+    local id = string.sub(m, c + 1)
+    if kids[string.sub(m, 1, c - 1)] and id ~= ARGV[1] and not seen[id] then seen[id] = true; n = n + 1 end
+  end
+end
+return n`)
 
 // script is a Lua script and its SHA-1.
 type script struct {

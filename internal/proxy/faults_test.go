@@ -272,16 +272,24 @@ func TestFleetReplicaWithAnotherSecret(t *testing.T) {
 // Finding 8: a replica that is not yet trusted (subscribed, but not yet
 // counted by every writer) keeps nothing in and serves nothing from L1;
 // once trusted it does.
+//
+// A replica now trusts within a few round trips of subscribing (docs/fleet.md),
+// so its Redis link goes down (it loses its trust) and comes back.
 func TestFleetReplicaTrustsL1OnlyOnceCounted(t *testing.T) {
-	h := newHarness(t, withFleet(redistest.Start(t).URL()))
-	if h.inv.Trusted() {
-		t.Fatal("trusted at once")
-	}
+	srv := redistest.Start(t)
+	link := redistest.NewLink(t, srv.Addr)
+	h := newHarness(t, through(link))
+	link.Down()
+	waitUntil(t, "the replica lost its trust", func() bool { return !h.inv.Trusted() })
 	for range 2 {
 		if _, cs, _ := h.get(pathConv); cs != "cacheproxy; fwd=uri-miss" {
 			t.Fatalf("before it is trusted: %q, want a miss that stores nothing", cs)
 		}
 	}
+	if h.inv.Trusted() {
+		t.Fatal("trusted without Redis")
+	}
+	link.Up(t)
 	waitTrusted(t, h.inv)
 	h.get(pathConv)
 	if _, cs, _ := h.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; hit") {
