@@ -14,8 +14,10 @@ import (
 // (each used to hear every replica's: 40·N messages a second per replica
 // in a fleet of N); and a replica that reads nothing for restAfter sends
 // none at all: an idle fleet costs Redis only its announcements. The
-// next read drops its L1 (not counted as a lapse), wakes the heartbeats,
-// and the replica is current again within one of them.
+// next read serves nothing from L1 (not counted as a lapse) and wakes the
+// heartbeats; the replica is current again within one of them, and what
+// it held before its rest is served again (it heard every invalidation
+// meanwhile).
 func TestHeartbeatsAreOwnAndRestWhenIdle(t *testing.T) {
 	old := restAfter
 	restAfter = 400 * time.Millisecond
@@ -72,10 +74,12 @@ func TestHeartbeatsAreOwnAndRestWhenIdle(t *testing.T) {
 	if idle := total - own; idle > 3*15 {
 		t.Errorf("the three replicas sent %d commands besides A's heartbeats in a second, want at most 15 each", idle)
 	}
-	// Every replica rests now; a read on one finds its L1 dropped (its
-	// stream is not current) without a lapse, and is current again soon.
-	time.Sleep(2 * restAfter)
+	// Every replica rests now; a read on one finds its L1 unservable (its
+	// stream is not current) without a lapse, and is current again soon,
+	// its L1 whole.
 	b := invs[1]
+	held := b.local.Epoch() // an entry fetched now, before the rest
+	time.Sleep(2 * restAfter)
 	if !b.resting.Load() {
 		t.Fatal("an idle replica is not resting")
 	}
@@ -92,5 +96,8 @@ func TestHeartbeatsAreOwnAndRestWhenIdle(t *testing.T) {
 	}
 	if n := b.Stats().Lapses; n != 0 {
 		t.Fatalf("%d lapses counted for rest", n)
+	}
+	if !b.Valid(held, []string{"participant"}) {
+		t.Fatal("an entry held through the rest, which no write touched, is not served after it")
 	}
 }

@@ -208,13 +208,20 @@ func (i *Invalidator) ackChannel(id string) string { return i.f.cfg.Prefix + "{i
 func (i *Invalidator) hbChannel() string { return i.f.cfg.Prefix + "{inv}hb:" + i.id }
 
 // Epoch is this replica's epoch. A stream found more than
-// InvalidationWait behind drops L1 first (once per lapse): what L1 holds
-// may have been invalidated by a write whose writer stopped waiting.
+// InvalidationWait behind raises it first (once per lapse), so that no
+// entry is served on an earlier check (load's local): what L1 holds may
+// have been invalidated by a write whose writer stopped waiting, and is
+// served again only once the stream is current. Nothing is dropped: the
+// stream is one connection, delivered in order, so the replica hears
+// every invalidation published before the heartbeat that makes it
+// current again; one that loses messages loses its subscription, and
+// that drops L1 (subscribe). (Dropping L1 at each lapse cost the fault
+// run's hit ratio: docs/fleet.md, "A reader whose stream lags".)
 //
 // Epoch is called once per read: it also keeps the heartbeats going,
 // which stop after restAfter without a read (an idle replica costs Redis
 // and its peers nothing); the read that finds them stopped wakes them,
-// and that replica's L1 is dropped, not counted as a lapse.
+// and is a lapse not counted as one.
 func (i *Invalidator) Epoch() uint64 {
 	now := time.Since(i.born).Nanoseconds()
 	if now-i.used.Load() >= useGrain.Nanoseconds() {
@@ -226,7 +233,7 @@ func (i *Invalidator) Epoch() uint64 {
 			i.lapsed.Store(false)
 		}
 	case i.trusted.Load() && i.lapsed.CompareAndSwap(false, true):
-		i.local.InvalidateAll()
+		i.local.Invalidate(context.Background(), nil)
 		if !i.resting.Load() {
 			i.n.lapses.Add(1)
 		}

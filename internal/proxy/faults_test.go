@@ -310,9 +310,11 @@ func TestFleetReaderWithAStreamDelayedPastTheWait(t *testing.T) {
 	r := replicasEach(t, srv, []harnessOpt{wait}, []harnessOpt{wait, through(link)})
 	a, b := r[0], r[1]
 	before := attrs(t, a)
-	b.get(pathConv)
-	if _, cs, _ := b.get(pathConv); !strings.HasPrefix(cs, "cacheproxy; hit") {
-		t.Fatalf("B's own copy: %q", cs)
+	for _, path := range []string{pathConv, pathProxy} {
+		b.get(path)
+		if _, cs, _ := b.get(path); !strings.HasPrefix(cs, "cacheproxy; hit") || strings.Contains(cs, "detail=l2") {
+			t.Fatalf("B's own copy of %s: %q", path, cs)
+		}
 	}
 	link.Latency(t, 300)
 	a.update("POST", pathConv, `{"v":1}`)
@@ -333,6 +335,11 @@ func TestFleetReaderWithAStreamDelayedPastTheWait(t *testing.T) {
 	})
 	if got := attrs(t, b); !strings.Contains(got, `\"v\":1`) {
 		t.Fatalf("B afterwards: %s, want the write's data", got)
+	}
+	// What the write did not touch was kept through the lapse: B heard
+	// every invalidation before it was current again.
+	if _, cs, _ := b.get(pathProxy); !strings.HasPrefix(cs, "cacheproxy; hit") || strings.Contains(cs, "detail=l2") {
+		t.Fatalf("B's copy of another participant after the lapse: %q, want an L1 hit", cs)
 	}
 }
 
