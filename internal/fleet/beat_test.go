@@ -101,3 +101,21 @@ func TestHeartbeatsAreOwnAndRestWhenIdle(t *testing.T) {
 		t.Fatal("an entry held through the rest, which no write touched, is not served after it")
 	}
 }
+
+// A replica that lost its stream tries again every 100 ms for two
+// seconds (a reset link or a restarted Redis is back within them: the
+// fault run's), then backs off to a try a second.
+func TestResubscribeSoonThenBackOff(t *testing.T) {
+	for _, c := range []struct{ last, since, want time.Duration }{
+		{0, 0, 100 * time.Millisecond},
+		{100 * time.Millisecond, 1900 * time.Millisecond, 100 * time.Millisecond},
+		{100 * time.Millisecond, 2 * time.Second, 200 * time.Millisecond},
+		{400 * time.Millisecond, 3 * time.Second, 800 * time.Millisecond},
+		{800 * time.Millisecond, time.Minute, time.Second},
+		{time.Second, time.Hour, time.Second},
+	} {
+		if got := resubscribe(c.last, c.since); got != c.want {
+			t.Errorf("after waiting %s, down %s: %s, want %s", c.last, c.since, got, c.want)
+		}
+	}
+}

@@ -514,15 +514,16 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 		}
 	}()
 	defer func() { close(work); wg.Wait() }()
-	retry := minResubscribe
+	var retry time.Duration
+	lost := time.Now()
 	for ctx.Err() == nil {
 		// Not hearing the fleet (yet, or any more): what this replica
 		// holds may have been written elsewhere meanwhile. Trust none of it
-		// now and again at each try until the stream is back (every 100 ms
-		// at first, then less often, up to each 400 ms); the first
+		// now and again at each try until the stream is back (at once,
+		// then every 100 ms, then less often: resubscribe); the first
 		// subscription also drops what was fetched before it.
 		i.local.InvalidateAll()
-		var wasUp atomic.Bool
+		var upAt atomic.Int64 // when the three channels were confirmed (UnixNano), 0: never
 		if c := i.f.c(); c != nil {
 			cmd := c.B().Ssubscribe().Channel(i.channel(), i.ackChannel(i.id), i.hbChannel()).Build()
 			hooked := rueidis.WithOnSubscriptionHook(ctx, func(sub rueidis.PubSubSubscription) {
@@ -530,7 +531,7 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 				up := sub.Kind == "ssubscribe" && sub.Count == 3
 				i.subscribed.Store(up)
 				if up {
-					wasUp.Store(true)
+					upAt.Store(time.Now().UnixNano())
 					i.local.InvalidateAll() // invalidations sent while it was not listening
 					go i.since(ctx, i.f.heard.subscribed())
 					select {
@@ -557,22 +558,39 @@ func (i *Invalidator) subscribe(ctx context.Context) {
 				i.fail(errors.New("invalidation stream lost: " + errString(err)))
 			}
 		}
-		if wasUp.Load() {
-			retry = minResubscribe
+		if up := upAt.Load(); up != 0 {
+			// Lost after a second up: again at once (one that keeps
+			// failing as soon as it is up waits like any other).
+			retry, lost = retryEvery, time.Now()
+			if time.Since(time.Unix(0, up)) >= time.Second {
+				retry = 0
+			}
 		}
 		select {
 		case <-ctx.Done():
 		case <-time.After(retry):
 		}
-		retry = min(2*retry, maxResubscribe)
+		retry = resubscribe(retry, time.Since(lost))
 	}
 }
 
-// minResubscribe is how soon a replica subscribes again after it lost
-// the stream, doubled at each failed try up to maxResubscribe. At a
-// second, each loss cost a second of the fault run's hit ratio more than
-// the loss itself.
-const minResubscribe, maxResubscribe = 100 * time.Millisecond, 400 * time.Millisecond
+// resubscribe is the wait before the next try to subscribe, after one
+// that waited last and failed, down for since: every 100 ms for the
+// first two seconds (a reset link or a restarted Redis is back within
+// them), then doubling up to a second (a long outage costs Redis ten
+// connections a second per replica at most). Waiting a second, then up
+// to 400 ms, each loss cost the fault run's hit ratio up to that much
+// more than the loss itself (docs/performance.md).
+func resubscribe(last, since time.Duration) time.Duration {
+	if since < 2*time.Second {
+		return retryEvery
+	}
+	return min(max(2*last, retryEvery), time.Second)
+}
+
+// retryEvery is how soon a replica tries again to subscribe, or to
+// announce itself once subscribed, after a try failed.
+const retryEvery = 100 * time.Millisecond
 
 // since reads the fleet's epoch once subscription gen is confirmed: every
 // invalidation that raises the epoch past it is heard from then on.
@@ -747,7 +765,7 @@ func (i *Invalidator) announce(ctx context.Context) {
 		// soon, not at the next tick.
 		var again <-chan time.Time
 		if i.trustFrom.Load() == 0 && i.subscribed.Load() {
-			again = time.After(minResubscribe)
+			again = time.After(retryEvery)
 		}
 		for waiting := true; waiting; {
 			select {
