@@ -16,6 +16,7 @@ func TestFleetHistoryUnderFaults(t *testing.T) {
 	}
 	t.Logf("%d reads and %d writes checked (%d refused, retried); faults %v; excused: %d on a replica that lost its stream (the oldest %s behind); hit ratio %.2f; read p99 %s",
 		res.Reads, res.Writes, res.Refused, res.Faults, res.ExcusedLost, res.LostAge, float64(res.Hits)/float64(max(1, res.Reads)), res.P99)
+	t.Logf("reads by how they were answered: %v", res.Answered)
 	if res.LostAge > time.Second {
 		t.Errorf("a replica that lost its stream served data %s older than a write's answer; the bound is 1 s", res.LostAge)
 	}
@@ -34,8 +35,10 @@ func TestFleetHistoryUnderFaults(t *testing.T) {
 		}
 	}
 	// A write waits for Redis to take its intent (up to ratelimit.max_wait)
-	// through each Redis fault, so fewer are made than reads.
-	if res.Reads < 500 || res.Writes < 40 {
+	// through each Redis fault, so fewer are made than reads: under -race
+	// beside another package's tests, 26 to 240 in 20 s (at 40, 2 runs in
+	// 12 failed here, with nothing wrong in their histories).
+	if res.Reads < 500 || res.Writes < 20 {
 		t.Errorf("only %d reads and %d writes", res.Reads, res.Writes)
 	}
 }
