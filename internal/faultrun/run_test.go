@@ -35,9 +35,9 @@ func TestFleetHistoryUnderFaults(t *testing.T) {
 		}
 	}
 	// A write waits for Redis to take its intent (up to ratelimit.max_wait)
-	// through each Redis fault, so fewer are made than reads: under -race
-	// beside another package's tests, 26 to 240 in 20 s (at 40, 2 runs in
-	// 12 failed here, with nothing wrong in their histories).
+	// through each Redis fault, so fewer are made than reads: under -race,
+	// with a second run of this test beside it, 26 to 240 in 20 s (at 40,
+	// 2 runs in 12 failed here, with nothing wrong in their histories).
 	if res.Reads < 500 || res.Writes < 20 {
 		t.Errorf("only %d reads and %d writes", res.Reads, res.Writes)
 	}
