@@ -27,6 +27,9 @@ type Op struct {
 	Foreign bool
 	// Cache is the answer's Cache-Status.
 	Cache string
+	// Message is the error's message, for an answer that is not 2xx
+	// (Twilio's JSON error shape: the sidecar's own words, no data).
+	Message string
 	// Refused: a write answered 503 because its intent could not be
 	// recorded in Redis, nothing sent upstream (docs/fleet.md, "Read-your-writes across replicas").
 	Refused bool
@@ -104,8 +107,8 @@ func Check(ops []Op, replicas map[int]Replica) Report {
 				if op.Write {
 					kind = "write"
 				}
-				r.Errors = append(r.Errors, fmt.Sprintf("%s of %s through replica %d at +%s: %d (%s) after %s", kind, op.Key, op.Replica,
-					op.Start.Sub(ops[0].Start).Round(time.Millisecond), op.Status, op.Cache, op.End.Sub(op.Start).Round(time.Millisecond)))
+				r.Errors = append(r.Errors, fmt.Sprintf("%s of %s through replica %d at +%s: %d (%s) after %s: %q", kind, op.Key, op.Replica,
+					op.Start.Sub(ops[0].Start).Round(time.Millisecond), op.Status, op.Cache, op.End.Sub(op.Start).Round(time.Millisecond), op.Message))
 			}
 			continue
 		case op.Write:

@@ -2,6 +2,7 @@ package faultrun
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -260,6 +261,7 @@ func read(r *replica, i, k int, acct string) Op {
 			op.Version, _ = strconv.Atoi(string(m[1]))
 		}
 		op.Foreign = op.Status == 200 && !strings.Contains(string(b), `"account_sid":"`+acct+`"`)
+		op.Message = message(op.Status, b)
 	}
 	op.End = time.Now()
 	return op
@@ -413,4 +415,15 @@ func (e *env) close() {
 	for _, d := range e.dirs {
 		os.RemoveAll(d)
 	}
+}
+
+// message is the message of an error answer (Twilio's JSON error shape).
+func message(status int, body []byte) string {
+	var e struct {
+		Message string `json:"message"`
+	}
+	if status/100 == 2 || json.Unmarshal(body, &e) != nil {
+		return ""
+	}
+	return e.Message
 }

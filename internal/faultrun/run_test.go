@@ -1,6 +1,7 @@
 package faultrun
 
 import (
+	"strings"
 	"testing"
 	"time"
 )
@@ -27,6 +28,7 @@ func TestFleetHistoryUnderFaults(t *testing.T) {
 		t.Log(e)
 	}
 	if res.ClientErrors != 0 || res.Foreign != 0 {
+		t.Log("faults, in order:\n" + strings.Join(res.Timeline, "\n"))
 		t.Errorf("%d client errors, %d answers of another account's data", res.ClientErrors, res.Foreign)
 	}
 	for _, k := range kinds {
