@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"errors"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -405,4 +406,26 @@ func get(f *Fleet, ctx context.Context, key, auth string) (*cache.Entry, error) 
 		cl.Release()
 	}
 	return e, err
+}
+
+// A call waiting for an account's slot is handed one that lapses while it
+// waits, however long after its wait began: here the only slot, held by a
+// replica gone without a release (as after a Redis restart that lost the
+// release), lapses a second and a half into the wait. The call used to
+// have the waiters served once, a slot's life into its wait, and then
+// waited out its max_wait with the slot free (the fault run's client 429s).
+func TestAWaitingCallGetsASlotThatLapsesLate(t *testing.T) {
+	srv := redistest.Start(t)
+	f := open(t, srv.URL())
+	_, s := fleetBudget(t, f, 1, 0, 3*time.Second)
+	tag := accountName(f.cfg.Prefix, "AC1")
+	now := strings.Fields(srv.CLI(t, "TIME"))
+	sec, _ := strconv.ParseInt(now[0], 10, 64)
+	usec, _ := strconv.ParseInt(now[1], 10, 64)
+	srv.CLI(t, "ZADD", s.keys(tag)[0], strconv.FormatInt(sec*1000+usec/1000+1500, 10), "gone")
+	place, retry, err := s.Take(context.Background(), ratelimit.Ticket{Account: "AC1", Limit: 1, Priority: ratelimit.Read, Wait: 3 * time.Second})
+	if err != nil || place == nil {
+		t.Fatalf("the waiting call: %v (retry %s), want the slot that lapsed", err, retry)
+	}
+	place.Release()
 }

@@ -166,11 +166,14 @@ func (s *Slots) await(ctx context.Context, t ratelimit.Ticket, tag, slot string,
 	// Pub/sub delivers at most once: a slot handed while this replica's
 	// subscription was being restored is told to nobody. Once a second the
 	// call looks for its slot in the set itself. And a slot that lapsed
-	// (its replica died) is handed by no release: once a slot's life could have
-	// lapsed, the call has the waiters served.
+	// (its replica died, or its call's release was lost with a Redis
+	// restart) is handed by no release: every slot's life, the call has
+	// the waiters served. (Once was not enough: slots renewed just before
+	// Redis restarted lapsed after it, and calls waited out max_wait with
+	// the slots free, 2 to 36 client 429s in a fault run.)
 	check := time.NewTicker(handCheck)
 	defer check.Stop()
-	lapsed := time.NewTimer(SlotLife)
+	lapsed := time.NewTicker(SlotLife)
 	defer lapsed.Stop()
 	for {
 		select {
