@@ -14,8 +14,10 @@ import (
 // deduplicated over a bounded window before they are forwarded: a
 // duplicate is answered as the first was. A delivery is a duplicate when
 // its I-Twilio-Idempotency-Token (the same on Twilio's retries of one
-// delivery; it is not signed) or its signature and body (what a replay
-// cannot change) were seen within the window.
+// delivery; it is not signed) or what its signature covers (the URL and
+// the parameters in the one form Twilio signs them: reordered, re-encoded
+// or with a trailing '&', a body is still the same delivery, and a value
+// added makes the signature wrong) was seen within the window.
 const (
 	replayWindow  = 10 * time.Minute
 	replayEntries = 10_000
@@ -41,9 +43,9 @@ type replays struct {
 }
 
 // deliveryKeys are a delivery's keys: its idempotency token's, if any,
-// and its signature and body's.
-func deliveryKeys(r *http.Request, body []byte) []string {
-	sum := sha256.Sum256(append([]byte(r.Header.Get("X-Twilio-Signature")+"\x00"), body...))
+// and that of what its signature covers (covered).
+func deliveryKeys(r *http.Request, signed string) []string {
+	sum := sha256.Sum256([]byte(signed))
 	keys := []string{"s:" + hex.EncodeToString(sum[:])}
 	if t := r.Header.Get("I-Twilio-Idempotency-Token"); t != "" && len(t) <= 256 {
 		keys = append(keys, "t:"+t)

@@ -12,7 +12,7 @@
 //     (JSON, PARTICIPANT_UPDATED and friends).
 //
 // Only Twilio can invalidate: every request must carry a valid
-// X-Twilio-Signature, checked with twilio-go's RequestValidator against
+// X-Twilio-Signature, checked (signature.go) against
 // the public URL Twilio called and each configured auth token. Invalidation
 // is idempotent, so duplicate and out-of-order deliveries are harmless;
 // pre-event webhooks (onParticipantUpdate …) change nothing yet and
@@ -253,14 +253,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(status)
 		return
 	}
-	outcome, status = h.forwardOnce(w, r, body)
+	outcome, status = h.forwardOnce(w, r, covered(signed, body, isJSON), body)
 }
 
 // forwardOnce relays a delivery to forward_to, or answers a copy of one
-// relayed within the replay window as that one was answered; it returns
-// the outcome and the status sent.
-func (h *Handler) forwardOnce(w http.ResponseWriter, r *http.Request, body []byte) (string, int) {
-	keys := deliveryKeys(r, body)
+// relayed within the replay window (one whose signature covers signed, or
+// with its idempotency token) as that one was answered; it returns the
+// outcome and the status sent.
+func (h *Handler) forwardOnce(w http.ResponseWriter, r *http.Request, signed string, body []byte) (string, int) {
+	keys := deliveryKeys(r, signed)
 	a, first := h.replays.remember(keys, h.cfg.Clock.Now())
 	if !first {
 		return outcomeDuplicate, h.answerDuplicate(w, r, a)
@@ -387,29 +388,35 @@ func (h *Handler) validURL(signed, sig string) bool {
 }
 
 // valid reports whether sig is Twilio's signature of the request with one
-// of the tokens: over the URL and the form parameters, or, for a JSON
-// body, over the URL (with its bodySHA256) and the body's hash.
+// of the tokens: over the URL and every value of the form's parameters
+// (signature.go), or, for a JSON body, over the URL (with its bodySHA256)
+// and the body's hash.
 func (h *Handler) valid(signed, sig string, body []byte, isJSON bool) bool {
 	if sig == "" {
 		return false
 	}
-	var params map[string]string
 	if !isJSON {
 		form, err := url.ParseQuery(string(body))
-		if err != nil {
-			return false
-		}
-		params = make(map[string]string, len(form))
-		for k, v := range form {
-			params[k] = v[0]
-		}
+		return err == nil && validForm(h.cfg.AuthTokens, signed, form, sig)
 	}
 	for _, v := range h.validators {
-		if isJSON && v.ValidateBody(signed, body, sig) || !isJSON && v.Validate(signed, params, sig) {
+		if v.ValidateBody(signed, body, sig) {
 			return true
 		}
 	}
 	return false
+}
+
+// covered is what a valid delivery's signature covers, in the one form
+// every body it validates has: the URL, then, for a form, its parameters
+// as signed (names and values sorted); a JSON body is named by the hash in
+// its URL.
+func covered(signed string, body []byte, isJSON bool) string {
+	if isJSON {
+		return signed
+	}
+	form, _ := url.ParseQuery(string(body))
+	return signed + "\x00" + formSigned(form, true)
 }
 
 // relay forwards the request unchanged to forward_to (the path after

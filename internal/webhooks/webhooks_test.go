@@ -520,3 +520,91 @@ func TestWebhookSeriesExistFromTheStart(t *testing.T) {
 		t.Fatalf("%d series before any webhook, want 20 (4 sources × 5 outcomes)", n)
 	}
 }
+
+// sendForm posts a raw form body with sig to /webhooks/conversations.
+func sendForm(h http.Handler, body, sig string) *httptest.ResponseRecorder {
+	req := httptest.NewRequest("POST", "/webhooks/conversations", strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("X-Twilio-Signature", sig)
+	w := httptest.NewRecorder()
+	h.ServeHTTP(w, req)
+	return w
+}
+
+// Hostile input, round three, point 3: the signature covers every value
+// of a form, so a value added to a captured delivery (after the signed
+// one, before it, or under a new name) is refused, never invalidated nor
+// forwarded; a repeated name Twilio signed (each value, sorted) is valid.
+func TestSignatureCoversEveryValue(t *testing.T) {
+	var forwarded atomic.Int64
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { forwarded.Add(1) }))
+	defer app.Close()
+	h, rec, _ := newHandler(t, app.URL)
+	params := map[string]string{"EventType": "onParticipantUpdated", "ConversationSid": conv, "ParticipantSid": member}
+	_, sig := sign(t, token, "/webhooks/conversations", params, nil)
+	body := "ConversationSid=" + conv + "&EventType=onParticipantUpdated&ParticipantSid=" + member
+	for name, b := range map[string]string{
+		"appended":       body + "&ParticipantSid=MB00000000000000000000000000000009",
+		"prepended":      "ParticipantSid=MB00000000000000000000000000000009&" + body,
+		"other event":    body + "&EventType=onConversationRemoved",
+		"new name":       body + "&Identity=mallory",
+		"empty appended": body + "&EventType=",
+	} {
+		if w := sendForm(h, b, sig); w.Code != http.StatusForbidden {
+			t.Errorf("%s: %d %s, want 403", name, w.Code, w.Body)
+		}
+	}
+	if got := rec.all(); len(got) != 0 || forwarded.Load() != 0 {
+		t.Fatalf("refused deliveries invalidated %v, forwarded %d", got, forwarded.Load())
+	}
+	// A name Twilio sent twice, signed by twilio-node (values sorted).
+	in, _ := json.Marshal(map[string]any{"token": token, "url": public + "/webhooks/conversations",
+		"params": map[string]any{"EventType": "onParticipantUpdated", "ConversationSid": conv, "ParticipantSid": []string{member, "MB00000000000000000000000000000002"}}})
+	cmd := exec.Command("node", "../../clients/node/sign.js")
+	cmd.Stdin = bytes.NewReader(in)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var res struct{ Signature string }
+	if err := json.Unmarshal(out, &res); err != nil {
+		t.Fatal(err)
+	}
+	twice := body + "&ParticipantSid=MB00000000000000000000000000000002"
+	if w := sendForm(h, twice, res.Signature); w.Code != http.StatusOK {
+		t.Fatalf("a repeated name signed with each value: %d %s, want 200", w.Code, w.Body)
+	}
+	if w := sendForm(h, twice, sig); w.Code != http.StatusForbidden {
+		t.Fatalf("the same body under the first value's signature: %d, want 403", w.Code)
+	}
+}
+
+// Hostile input, round three, point 4: a delivery is recognised by what
+// its signature covers, so no rewriting of its body that still validates
+// (parameters reordered, re-encoded, a trailing '&', a value repeated)
+// reaches the app a second time.
+func TestRewrittenReplaysAreForwardedOnce(t *testing.T) {
+	var forwarded atomic.Int64
+	app := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { forwarded.Add(1) }))
+	defer app.Close()
+	h, _, _ := newHandler(t, app.URL)
+	params := map[string]string{"EventType": "onParticipantUpdated", "ConversationSid": conv, "ParticipantSid": member, "Identity": identity}
+	_, sig := sign(t, token, "/webhooks/conversations", params, nil)
+	body := "ConversationSid=" + conv + "&EventType=onParticipantUpdated&Identity=alice%40example.com&ParticipantSid=" + member
+	for name, b := range map[string]string{
+		"as sent":     body,
+		"reordered":   "ParticipantSid=" + member + "&Identity=alice%40example.com&EventType=onParticipantUpdated&ConversationSid=" + conv,
+		"trailing &":  body + "&",
+		"leading &":   "&" + body,
+		"re-encoded":  strings.Replace(body, "onParticipantUpdated", "%6fnParticipantUpdated", 1),
+		"plain @":     strings.Replace(body, "%40", "@", 1),
+		"value twice": body + "&ParticipantSid=" + member,
+	} {
+		if w := sendForm(h, b, sig); w.Code != http.StatusOK {
+			t.Fatalf("%s: %d %s, want 200 (the first's answer)", name, w.Code, w.Body)
+		}
+	}
+	if n := forwarded.Load(); n != 1 {
+		t.Fatalf("the app got %d copies of one delivery, want 1", n)
+	}
+}
