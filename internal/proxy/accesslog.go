@@ -265,17 +265,24 @@ func plainJSON(s string) bool {
 }
 
 // BudgetLog logs the budget's decisions: cuts and learned keys at info,
-// growth at debug; never a credential.
+// growth at debug, impossible reports of Twilio's header at warn (at most
+// one line a minute); never a credential.
 func BudgetLog(log zerolog.Logger) func(ratelimit.Event) {
 	return func(e ratelimit.Event) {
 		ev := log.Info()
 		if e.Kind == ratelimit.CapGrown {
 			ev = log.Debug()
 		}
+		if e.Kind == ratelimit.ReportIgnored {
+			ev = log.Warn()
+		}
 		ev = ev.Str("component", "budget").Str("decision", e.Kind.String()).Str("account", e.Account)
-		if e.Kind == ratelimit.KeyLearned {
+		switch e.Kind {
+		case ratelimit.KeyLearned:
 			ev = ev.Str("key", e.Key)
-		} else {
+		case ratelimit.ReportIgnored:
+			ev = ev.Int("reported", e.InFlight).Int("ignored", e.To).Int("max_reported", ratelimit.MaxReported)
+		default:
 			ev = ev.Int("from", e.From).Int("to", e.To).Int("in_flight", e.InFlight)
 		}
 		ev.Msg("budget")

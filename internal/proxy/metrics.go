@@ -90,6 +90,12 @@ func newMetrics(reg prometheus.Registerer, p *Proxy) *metrics {
 		counter("cacheproxy_rejections_total", "Requests refused because the account's budget was spent (429).", p.c.rejections.Load),
 		counter("cacheproxy_retries_total", "Retries of upstream 429s.", p.c.retries.Load),
 		counter("cacheproxy_upstream_429_total", "Upstream 429 answers.", p.c.upstream429.Load),
+		counter("cacheproxy_budget_reports_ignored_total", "Answers whose Twilio-Concurrent-Requests reported more calls in flight than an account can have (ignored: docs/budget.md).", func() int64 {
+			if r, ok := p.budget.(interface{ IgnoredReports() int64 }); ok {
+				return r.IgnoredReports()
+			}
+			return 0
+		}),
 		counter("cacheproxy_stale_total", "Reads answered with a stale entry.", p.c.stale.Load),
 		counter("cacheproxy_l2_hits_total", "Reads answered from L2, the fleet's tier in Redis (redis.url).", p.c.l2Hits.Load),
 		counter("cacheproxy_fleet_claims_won_total", "Cold keys this replica fetched for the fleet (it won the key's claim).", func() int64 { return p.load.Stats().ClaimsWon }),

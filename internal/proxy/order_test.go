@@ -161,3 +161,53 @@ func gauge(t *testing.T, reg *prometheus.Registry, name, account string) float64
 	}
 	return math.NaN()
 }
+
+// Hostile input, round three, point 1: an upstream whose every answer
+// reports 2^63-1 calls in flight (Twilio-Concurrent-Requests) does not
+// hold the account to one call at a time: 200 cold reads, 20 at a time,
+// all get 200 with max_wait 1 s and the cap where it would be without the
+// header; the reports are counted on /metrics and logged once.
+func TestAnImpossibleConcurrencyHeaderIsIgnored(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	h := newHarness(t, realRetries, func(s *setup) {
+		s.cfg.RateLimit.MaxConcurrent, s.cfg.RateLimit.MaxWait = 25, config.Duration(time.Second)
+		s.opts.Registerer = reg
+	})
+	paths := twilioLimit(h, 0, 200)
+	h.conv.Latency = 20 * time.Millisecond
+	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool {
+		w.Header().Set("Twilio-Concurrent-Requests", "9223372036854775807")
+		return false
+	}
+	statuses := map[int]int{}
+	for i := 0; i < len(paths); i += 20 {
+		for s, n := range burst(h, paths[i:i+20]) {
+			statuses[s] += n
+		}
+	}
+	if statuses[200] != 200 {
+		t.Fatalf("statuses %v, want 200 answers of 200", statuses)
+	}
+	if st := h.lim.State(acctA); st.Others != 0 || st.Limit != 0 || st.Cap < 20 {
+		t.Fatalf("budget %+v: want no others, no limit, and the cap grown by slow start past 20", st)
+	}
+	if g := gauge(t, reg, "cacheproxy_budget_others_in_flight", acctA); g != 0 {
+		t.Fatalf("cacheproxy_budget_others_in_flight %v, want 0", g)
+	}
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ignored := -1.0
+	for _, f := range families {
+		if f.GetName() == "cacheproxy_budget_reports_ignored_total" {
+			ignored = f.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	if ignored != 200 {
+		t.Fatalf("cacheproxy_budget_reports_ignored_total %v, want 200", ignored)
+	}
+	if n := strings.Count(h.logs.String(), `"decision":"report_ignored"`); n != 1 {
+		t.Fatalf("%d log lines about the ignored reports, want 1 (a minute apart)", n)
+	}
+}

@@ -2,6 +2,7 @@ package ratelimit
 
 import (
 	"context"
+	"math"
 	"sync"
 	"testing"
 	"time"
@@ -379,5 +380,56 @@ func TestSlowStartDoesNotBoundTheFleetsSlots(t *testing.T) {
 	defer third.Done(Served)
 	if st, tk := l.State("AC1"), s.last(); st.SlowStart || tk.Limit != st.Cap {
 		t.Fatalf("after a cut: %+v, ticket limit %d; want the cut cap", st, tk.Limit)
+	}
+}
+
+// Hostile input, round three, point 1: a Twilio-Concurrent-Requests that
+// no account can have (99999, 10^12, 2^63-1) is ignored, as if the answer
+// had none: the cap is what it would be without it, neither the others
+// nor the limit move, a 429 carrying one cuts as a 429 without the header,
+// each is counted, and one event a minute says so.
+func TestImpossibleReportsAreIgnored(t *testing.T) {
+	clk := newFake()
+	var events []Event
+	l := New(Config{MaxConcurrent: 25, MaxWait: time.Hour, OnEvent: func(e Event) { events = append(events, e) }}, clk)
+	plain := New(Config{MaxConcurrent: 25, MaxWait: time.Hour}, clk)
+	run := func(l *Limiter, report int, o Outcome) {
+		x, err := l.Acquire(context.Background(), "AC1", "c")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if report > 0 {
+			x.Saw(report)
+		}
+		x.Done(o)
+	}
+	for i, n := range []int{99999, 999999999999, math.MaxInt64, MaxReported + 1} {
+		run(l, n, Served)
+		run(plain, 0, Served)
+		if st, want := l.State("AC1"), plain.State("AC1"); st.Cap != want.Cap || st.Others != 0 || st.Limit != 0 {
+			t.Fatalf("after report %d (%d): %+v, want the cap of a budget without the header, %d", i, n, st, want.Cap)
+		}
+	}
+	run(l, MaxReported, Served) // the most believed: 1000 in flight, 1 of them ours
+	if st := l.State("AC1"); st.Others != MaxReported-1 || st.Cap != 1 {
+		t.Fatalf("a report of %d: %+v, want others %d and the cap at 1", MaxReported, st, MaxReported-1)
+	}
+	clk.Advance(time.Hour)
+	run(l, math.MaxInt64, Throttled)
+	run(plain, 0, Throttled)
+	if st, want := l.State("AC1"), plain.State("AC1"); st.Cap != want.Cap || st.Limit != 0 {
+		t.Fatalf("a 429 reporting 2^63-1: %+v, want the cut of a 429 without the header (cap %d), no limit", st, want.Cap)
+	}
+	if n := l.IgnoredReports(); n != 5 {
+		t.Fatalf("%d reports counted as ignored, want 5", n)
+	}
+	var told []Event
+	for _, e := range events {
+		if e.Kind == ReportIgnored {
+			told = append(told, e)
+		}
+	}
+	if len(told) != 2 || told[0].InFlight != 99999 || told[0].To != 1 || told[1].InFlight != math.MaxInt64 || told[1].To != 4 {
+		t.Fatalf("events %+v, want two, a minute apart: the first report, then the four since", told)
 	}
 }

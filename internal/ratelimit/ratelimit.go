@@ -99,6 +99,11 @@ const (
 	CapGrown
 	// KeyLearned: an API key was found to belong to an account.
 	KeyLearned
+	// ReportIgnored: answers' Twilio-Concurrent-Requests reported more
+	// calls in flight than any account can have (MaxReported): InFlight
+	// is the last such report, To how many were ignored since the last
+	// event (at most one a minute).
+	ReportIgnored
 )
 
 func (k EventKind) String() string {
@@ -109,6 +114,8 @@ func (k EventKind) String() string {
 		return "cap_grown"
 	case KeyLearned:
 		return "key_learned"
+	case ReportIgnored:
+		return "report_ignored"
 	}
 	return "unknown"
 }
@@ -208,8 +215,12 @@ type Limiter struct {
 	asking    map[string]chan struct{} // keys being asked, closed with the answer
 	timers    inflight.Tracker         // goroutines waiting for a rate window
 	lastPrune time.Time
-	lastCrowd time.Time     // the last prune of unverified idle accounts
-	changed   chan struct{} // closed at the next change, if anyone asked (Changed)
+	lastCrowd time.Time // the last prune of unverified idle accounts
+	// Reports of Twilio's header that cannot be true: ignored in all, and
+	// since the last event about them (told at ignoredAt).
+	ignored, ignoredSince int64
+	ignoredAt             time.Time
+	changed               chan struct{} // closed at the next change, if anyone asked (Changed)
 }
 
 type account struct {
@@ -593,10 +604,38 @@ type turn struct {
 
 func (s *turn) Waited() time.Duration { return s.waited }
 
+// MaxReported is the most calls in flight Twilio-Concurrent-Requests is
+// believed to report: ten times Twilio's default concurrency limit (100),
+// or MaxConcurrent if that is higher. A report above it cannot be true (an
+// upstream that answers 2^63-1 held an account to one call at a time): it
+// is ignored, as if the answer had no header, counted (IgnoredReports)
+// and told at most once a minute (ReportIgnored).
+const MaxReported = 1000
+
 func (s *turn) Saw(n int) {
-	s.l.mu.Lock()
-	s.saw = n
-	s.l.mu.Unlock()
+	l := s.l
+	var events []Event
+	l.mu.Lock()
+	if n <= max(MaxReported, l.cfg.MaxConcurrent) {
+		s.saw = n
+	} else {
+		l.ignored++
+		l.ignoredSince++
+		if now := l.clock.Now(); l.ignoredAt.IsZero() || now.Sub(l.ignoredAt) >= time.Minute {
+			events = append(events, Event{Kind: ReportIgnored, Account: s.a.id, InFlight: n, To: int(min(l.ignoredSince, math.MaxInt32))})
+			l.ignoredAt, l.ignoredSince = now, 0
+		}
+	}
+	l.mu.Unlock()
+	l.emit(events)
+}
+
+// IgnoredReports counts the reports of Twilio's header ignored as
+// impossible (MaxReported).
+func (l *Limiter) IgnoredReports() int64 {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.ignored
 }
 
 func (s *turn) Done(o Outcome) {
