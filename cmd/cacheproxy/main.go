@@ -246,6 +246,7 @@ func newServers(cfg config.Config, g *wire.Graph, logger zerolog.Logger) (*serve
 	if s.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
 		return nil, fmt.Errorf("listen: %w", err)
 	}
+	g.Proxy.AnswerOn(s.ln.Addr().String(), cfg.PublicHosts)
 	if s.adminLn, err = net.Listen("tcp", cfg.AdminListen); err != nil {
 		s.ln.Close()
 		return nil, fmt.Errorf("admin_listen: %w", err)

@@ -964,3 +964,30 @@ func scrape(t *testing.T, p *proc) string {
 	b, _ := io.ReadAll(resp.Body)
 	return string(b)
 }
+
+// The binary's page URLs name its listen address, or a name in
+// public_hosts, never a Host a client made up.
+func TestPageURLsNameTheListenAddress(t *testing.T) {
+	f, up := newFake(t)
+	f.AddParticipant(conv, twiliofake.Participant{Sid: twiliofake.SID("MB", 2), Identity: "bob"})
+	p := start(t, "public_hosts = [\"sidecar.internal:8080\"]\n"+upstreamConfig(up.URL))
+	for host, want := range map[string]string{"evil.example.com": p.addr, "sidecar.internal:8080": "sidecar.internal:8080", p.addr: p.addr} {
+		req, _ := http.NewRequest("GET", "http://"+p.addr+"/v1/Conversations/"+conv+"/Participants?PageSize=1", nil)
+		req.Host = host
+		req.Header.Set("Authorization", auth())
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var page struct {
+			Meta struct {
+				Next string `json:"next_page_url"`
+			} `json:"meta"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&page)
+		resp.Body.Close()
+		if err != nil || resp.StatusCode != 200 || !strings.HasPrefix(page.Meta.Next, "http://"+want+"/v1/Conversations/") {
+			t.Fatalf("Host %q: %d, next_page_url %q, want it on %s (%v)", host, resp.StatusCode, page.Meta.Next, want, err)
+		}
+	}
+}

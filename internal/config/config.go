@@ -22,6 +22,11 @@ import (
 type Config struct {
 	// Listen is the address the proxy serves clients on. Default 127.0.0.1:8080.
 	Listen string `toml:"listen"`
+	// PublicHosts are other names clients reach the proxy by (host or
+	// host:port, as in their Host header), for the page URLs of list
+	// answers: a request whose Host is neither one of them nor the listen
+	// address gets page URLs on the listen address. Default none.
+	PublicHosts []string `toml:"public_hosts"`
 	// AdminListen serves /healthz, /readyz and /metrics. Default 127.0.0.1:9090.
 	AdminListen string `toml:"admin_listen"`
 	// ShutdownTimeout bounds how long SIGTERM waits for in-flight requests. Default 25s.
@@ -457,6 +462,11 @@ func (c Config) Validate() error {
 	for key, addr := range map[string]string{"listen": c.Listen, "admin_listen": c.AdminListen} {
 		if _, _, err := net.SplitHostPort(addr); err != nil {
 			bad(key, "want host:port, got %q", addr)
+		}
+	}
+	for _, h := range c.PublicHosts {
+		if u, err := url.Parse("http://" + h); err != nil || h == "" || u.Host != h || u.Hostname() == "" {
+			bad("public_hosts", "want host or host:port, got %q", h)
 		}
 	}
 	for name, u := range map[string]Upstream{"conversations": c.Upstreams.Conversations, "proxy": c.Upstreams.Proxy} {

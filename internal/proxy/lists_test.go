@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"encoding/json"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -68,5 +69,58 @@ func TestALargeListStreamsUnchangedAndIsCounted(t *testing.T) {
 	}
 	if n := h.p.c.pagesUnrewritten.Load(); n != 1 {
 		t.Fatalf("unrewritten pages counted: %d, want 1", n)
+	}
+}
+
+// Hostile input, round three, point 6: page URLs name only addresses the
+// sidecar answers on (its listen address, under its loopback names too,
+// and public_hosts), in their one spelling; any other Host a client sends
+// gets the listen address.
+func TestPageURLsNameOnlyTheSidecarsAddresses(t *testing.T) {
+	h := newHarness(t)
+	h.conv.AddParticipant(conv1, twiliofake.Participant{Sid: twiliofake.SID("MB", 700)})
+	h.conv.AddParticipant(conv1, twiliofake.Participant{Sid: twiliofake.SID("MB", 701)})
+	listen := h.srv.Listener.Addr().String()
+	_, port, _ := net.SplitHostPort(listen)
+	h.p.AnswerOn(listen, []string{"Sidecar.Internal:8080"})
+	path := "/v1/Conversations/" + conv1 + "/Participants?PageSize=1&Page=1"
+	for host, want := range map[string]string{
+		"evil.example.com":              listen,
+		"evil.example.com:" + port:      listen,
+		"[fe80::1%25eth0]:" + port:      listen,
+		"[::1]:" + port:                 listen, // the listener is on 127.0.0.1 only
+		"localhost":                     listen, // no port: not how it reached the listener
+		"LOCALHOST:" + port:             "localhost:" + port,
+		"localhost.:" + port:            "localhost:" + port,
+		listen:                          listen,
+		"sidecar.internal:8080":         "sidecar.internal:8080",
+		"SIDECAR.internal.:8080":        "sidecar.internal:8080",
+		"sidecar.internal:8081":         listen,
+		"conversations.twilio.com.evil": listen,
+	} {
+		s, _, body := readResp(t, h.do("GET", path, basic(acctA, tokenA), "Host", host))
+		var page struct {
+			Meta map[string]any `json:"meta"`
+		}
+		if s != 200 || json.Unmarshal([]byte(body), &page) != nil {
+			t.Fatalf("Host %q: %d %s", host, s, body)
+		}
+		for _, k := range []string{"url", "first_page_url", "previous_page_url", "next_page_url"} {
+			if u, _ := page.Meta[k].(string); u != "" && !strings.HasPrefix(u, "http://"+want+"/v1/") {
+				t.Errorf("Host %q: %s %q, want it under http://%s", host, k, u, want)
+			}
+		}
+	}
+	for _, tc := range []struct{ listen, host, want string }{
+		{"0.0.0.0:8080", "evil.example.com", "127.0.0.1:8080"},
+		{"[::]:8080", "[::1]:8080", "[::1]:8080"},
+		{"[::]:8080", "LocalHost:8080", "localhost:8080"},
+		{"10.1.2.3:8080", "localhost:8080", "10.1.2.3:8080"},
+		{"10.1.2.3:8080", "10.1.2.3:8080", "10.1.2.3:8080"},
+	} {
+		h.p.AnswerOn(tc.listen, nil)
+		if got := h.p.hosts.Load().pick(tc.host); got != tc.want {
+			t.Errorf("listen %s, Host %q: page URLs on %q, want %q", tc.listen, tc.host, got, tc.want)
+		}
 	}
 }

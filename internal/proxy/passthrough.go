@@ -28,7 +28,7 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rec *record, up 
 	p.c.passthrough.Add(1)
 	rec.viaUpstream = true
 	if rec.rt.Replaced && r.Method == http.MethodGet {
-		rec.pageBase = clientBase(r, rec.rt.Base)
+		rec.pageBase = p.clientBase(r, rec.rt.Base)
 	}
 	ctx := r.Context()
 	if p.intents != nil && isWrite(r.Method) {
@@ -243,12 +243,14 @@ func (p *Proxy) errorHandler(w http.ResponseWriter, r *http.Request, err error) 
 
 // clientBase is the base URL a client that replaced its base URL used:
 // the scheme and Host it reached the sidecar with, and its path prefix.
-func clientBase(r *http.Request, prefix string) string {
+// The Host is one of the sidecar's own addresses (AnswerOn), never one a
+// client made up: any other gets the listen address.
+func (p *Proxy) clientBase(r *http.Request, prefix string) string {
 	scheme := "http"
 	if r.TLS != nil {
 		scheme = "https"
 	}
-	return scheme + "://" + r.Host + prefix
+	return scheme + "://" + p.hosts.Load().pick(r.Host) + prefix
 }
 
 // keepPagesBehind rewrites a list answer's absolute page URLs (meta's url

@@ -18,6 +18,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"cacheproxy/internal/cache"
@@ -118,6 +119,8 @@ type Proxy struct {
 	maxFetch int64
 	writeTO  time.Duration
 	accounts int // accounts named in metrics and the summary (MaxAccountSeries)
+
+	hosts atomic.Pointer[pageHosts] // what page URLs may name (AnswerOn); nil: the request's Host
 }
 
 // upstream is one configured Twilio API host.
