@@ -55,6 +55,11 @@ func (b oneQueue) Acquire(ctx context.Context, user, credential string) (ratelim
 // startLimitedQueue is startLimited, with one queue for every call when
 // one is set (oneQueue).
 func startLimitedQueue(maxConcurrent int, one bool) (*limitedProxy, error) {
+	return startLimitedWait(maxConcurrent, one, 30*time.Second)
+}
+
+// startLimitedWait is startLimitedQueue with ratelimit.max_wait maxWait.
+func startLimitedWait(maxConcurrent int, one bool, maxWait time.Duration) (*limitedProxy, error) {
 	fake := twiliofake.Seeded(run.Account, run.Token, burstReads)
 	fake.Latency, fake.MaxInFlight = twilioLatency, twilioLimit
 	upURL, stopUp, err := run.Serve(fake)
@@ -63,7 +68,7 @@ func startLimitedQueue(maxConcurrent int, one bool) (*limitedProxy, error) {
 	}
 	cfg := config.Default()
 	cfg.Upstreams.Conversations.URL, cfg.Upstreams.Proxy.URL = upURL, upURL
-	cfg.RateLimit.MaxWait = config.Duration(30 * time.Second)
+	cfg.RateLimit.MaxWait = config.Duration(maxWait)
 	cfg.RateLimit.MaxConcurrent, cfg.RateLimit.MaxRetries = maxConcurrent, 10
 	if maxConcurrent == 0 {
 		cfg.RateLimit.MaxConcurrent, cfg.RateLimit.MaxRetries = 100_000, 0

@@ -20,7 +20,11 @@
 //     writes first and with one queue for every call (the budget before
 //     writes went first), side by side (alone: -write).
 //
-//     go run ./bench/limits [-duration 10s] [-rate 300] [-write]
+//   - A write flood: 60 writers POSTing one participant in a loop while
+//     300 cold reads of others run 20 at a time, beside the same reads
+//     alone: the reads' 429s and p99, the writes' p99 (alone: -flood).
+//
+//     go run ./bench/limits [-duration 10s] [-rate 300] [-write] [-flood]
 package main
 
 import (
@@ -32,6 +36,7 @@ import (
 	"net/http"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"text/tabwriter"
@@ -57,9 +62,14 @@ func main() {
 	rate := flag.Int("rate", 300, "offered requests per second")
 	latency := flag.Duration("latency", 50*time.Millisecond, "upstream latency")
 	writeOnly := flag.Bool("write", false, "run only the write-during-a-backlog scenario (side by side)")
+	floodOnly := flag.Bool("flood", false, "run only the reads-beside-a-write-flood scenario (side by side)")
 	flag.Parse()
 	if *writeOnly {
 		fmt.Println(writeDuringBacklog())
+		return
+	}
+	if *floodOnly {
+		fmt.Println(strings.Join(writeFlood(), "\n"))
 		return
 	}
 	scenarios := []scenario{
@@ -107,6 +117,7 @@ func main() {
 	fmt.Printf("(%d requests/s offered for %s, Zipf s=1.1 over %d participants, upstream latency %s, one account)\n\n",
 		*rate, *duration, 3*perAPI, *latency)
 	results = append(results, concurrency()...)
+	results = append(results, writeFlood()...)
 	for _, r := range results {
 		fmt.Println(r)
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"strings"
@@ -117,4 +118,82 @@ func writeInBacklog(one bool) (int, time.Duration) {
 	}
 	<-done
 	return status, took
+}
+
+// writeFlood runs 60 writers POSTing one participant in a loop while 300
+// cold reads of others run 20 at a time (max_concurrent 25, max_wait 2 s,
+// Twilio allowing 10 in flight): the reads' 429s and p99, and the
+// writes' p99, side by side with no writes.
+func writeFlood() []string {
+	var results []string
+	fmt.Println("300 cold reads, 20 at a time (max_concurrent 25, max_wait 2 s)\tread 429s\tread p99\twrites answered\twrite p99")
+	for _, flood := range []bool{false, true} {
+		lp, err := startLimitedWait(25, false, 2*time.Second)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "limits:", err)
+			os.Exit(1)
+		}
+		paths := twiliofake.SeededPaths(burstReads / 3)
+		stop := make(chan struct{})
+		var wmu sync.Mutex
+		var writes []time.Duration
+		var wg sync.WaitGroup
+		if flood {
+			for range 60 {
+				wg.Go(func() {
+					for {
+						select {
+						case <-stop:
+							return
+						default:
+						}
+						req, _ := http.NewRequest("POST", lp.url+paths[0], strings.NewReader("Attributes=%7B%7D"))
+						req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+						req.SetBasicAuth(run.Account, run.Token)
+						start := time.Now()
+						if resp, err := client.Do(req); err == nil {
+							_, _ = io.Copy(io.Discard, resp.Body)
+							resp.Body.Close()
+						}
+						wmu.Lock()
+						writes = append(writes, time.Since(start))
+						wmu.Unlock()
+					}
+				})
+			}
+			time.Sleep(500 * time.Millisecond) // the flood fills the cap first
+		}
+		var rmu sync.Mutex
+		var reads []time.Duration
+		tooMany := 0
+		sem := make(chan struct{}, 20)
+		var rg sync.WaitGroup
+		for _, p := range paths[1:] {
+			sem <- struct{}{}
+			rg.Go(func() {
+				defer func() { <-sem }()
+				s, took := get(lp.url+p, run.Account, run.Token)
+				rmu.Lock()
+				reads = append(reads, took)
+				if s == http.StatusTooManyRequests {
+					tooMany++
+				}
+				rmu.Unlock()
+			})
+		}
+		rg.Wait()
+		close(stop)
+		wg.Wait()
+		lp.stop()
+		name := "alone"
+		wp99 := "-"
+		if flood {
+			name = "beside a flood of 60 writers"
+			wp99 = fmt.Sprintf("%.0f ms", ms(pct(writes, 99)))
+			results = append(results, fmt.Sprintf("RESULT\tlimits reads beside a write flood: client 429s, read p99\t%d, %.0f ms\t0\t%v", tooMany, ms(pct(reads, 99)), tooMany == 0))
+		}
+		fmt.Printf("%s\t%d of %d\t%.0f ms\t%d\t%s\n", name, tooMany, len(reads), ms(pct(reads, 99)), len(writes), wp99)
+	}
+	fmt.Println()
+	return results
 }

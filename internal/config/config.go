@@ -194,7 +194,9 @@ type RateLimit struct {
 	UnauthorizedTTL Duration `toml:"unauthorized_ttl"`
 	// WriteShare is the share of an account's cap that reads and
 	// background refreshes leave to writes while writes wait or are in
-	// flight (writes always go first). Default 0.2; 0 to 1.
+	// flight, and of the turns writes get while reads wait too (writes
+	// go first, but a flood of them leaves reads the rest). Default 0.2;
+	// 0 to 1.
 	WriteShare float64 `toml:"write_share"`
 }
 

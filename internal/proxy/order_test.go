@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"io"
 	"math"
 	"net/http"
 	"strings"
@@ -209,5 +210,51 @@ func TestAnImpossibleConcurrencyHeaderIsIgnored(t *testing.T) {
 	}
 	if n := strings.Count(h.logs.String(), `"decision":"report_ignored"`); n != 1 {
 		t.Fatalf("%d log lines about the ignored reports, want 1 (a minute apart)", n)
+	}
+}
+
+// Hostile input, round three, point 2: a flood of writes does not starve
+// the reads of its account. 30 writers POST one participant in a loop
+// (more than the cap of 10 can serve), and 60 cold reads of others run
+// 10 at a time with max_wait 1 s: every read gets its answer (with writes
+// taking every turn, each read waited out max_wait into a 429).
+func TestReadsGetTheirShareBesideAWriteFlood(t *testing.T) {
+	h := newHarness(t, realRetries, func(s *setup) {
+		s.cfg.RateLimit.MaxConcurrent, s.cfg.RateLimit.MaxWait = 10, config.Duration(time.Second)
+	})
+	paths := twilioLimit(h, 10, 61)
+	h.conv.Latency = 20 * time.Millisecond
+	stop := make(chan struct{})
+	var writers sync.WaitGroup
+	for range 30 {
+		writers.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				req, _ := http.NewRequest("POST", h.srv.URL+paths[0], strings.NewReader("Attributes=%7B%7D"))
+				req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+				req.Header.Set("Authorization", basic(acctA, tokenA))
+				if resp, err := http.DefaultClient.Do(req); err == nil {
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+			}
+		})
+	}
+	defer func() { close(stop); writers.Wait() }()
+	for changed := h.lim.Changed(); h.lim.State(acctA).Queued < 10; changed = h.lim.Changed() {
+		<-changed // the writes hold the cap and queue behind it
+	}
+	statuses := map[int]int{}
+	for i := 1; i < len(paths); i += 10 {
+		for s, n := range burst(h, paths[i:i+10]) {
+			statuses[s] += n
+		}
+	}
+	if statuses[200] != 60 {
+		t.Fatalf("reads beside the flood: statuses %v, want 60 answers", statuses)
 	}
 }

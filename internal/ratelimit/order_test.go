@@ -3,6 +3,8 @@ package ratelimit
 import (
 	"context"
 	"math"
+	"reflect"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -63,9 +65,10 @@ func TestWritesGoFirst(t *testing.T) {
 	r.turn.Done(Unused)
 }
 
-// While a write is in flight, reads leave WriteShare of the cap free for
-// the writes that follow it: a cap of 10 with a share of 0.2 lets 8 reads
-// beside the write, and a second write starts at once beside them.
+// While a write is in flight, reads leave what is left of WriteShare of
+// the cap free for the writes that follow it: a cap of 10 with a share of
+// 0.2 (2) lets 8 reads beside the write, and a second write starts at
+// once beside them.
 func TestWriteShareIsKeptForWrites(t *testing.T) {
 	l := New(Config{MaxConcurrent: 10, MaxWait: time.Hour, WriteShare: 0.2}, newFake())
 	l.newAccountAt("AC1", 10)
@@ -74,7 +77,7 @@ func TestWriteShareIsKeptForWrites(t *testing.T) {
 		t.Fatal(err)
 	}
 	var turns []Turn
-	for range 7 {
+	for range 8 {
 		ls, err := l.Acquire(context.Background(), "AC1", "c")
 		if err != nil {
 			t.Fatal(err)
@@ -82,13 +85,13 @@ func TestWriteShareIsKeptForWrites(t *testing.T) {
 		turns = append(turns, ls)
 	}
 	ninth := acquireAs(l, Read, "AC1", "c")
-	queued(t, l, "AC1", 1) // 1 write + 7 reads in flight: the rest is the writes'
+	queued(t, l, "AC1", 1) // 1 write + 8 reads in flight: the rest is the writes'
 	second, err := l.Acquire(WithPriority(context.Background(), Write), "AC1", "c")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st := l.State("AC1"); st.InFlight != 9 || st.Queued != 1 {
-		t.Fatalf("%+v: want 2 writes and 7 reads in flight, 1 read waiting", st)
+	if st := l.State("AC1"); st.InFlight != 10 || st.Queued != 1 {
+		t.Fatalf("%+v: want 2 writes and 8 reads in flight, 1 read waiting", st)
 	}
 	write.Done(Served)
 	second.Done(Served)
@@ -431,5 +434,69 @@ func TestImpossibleReportsAreIgnored(t *testing.T) {
 	}
 	if len(told) != 2 || told[0].InFlight != 99999 || told[0].To != 1 || told[1].InFlight != math.MaxInt64 || told[1].To != 4 {
 		t.Fatalf("events %+v, want two, a minute apart: the first report, then the four since", told)
+	}
+}
+
+// Hostile input, round three, point 2: writes first does not mean writes
+// only. With the cap (10) held by writes and 40 more writes and 20 reads
+// waiting, each turn freed goes to a write once in five (WriteShare 0.2)
+// and to a read otherwise, the first to a write; once the reads are
+// served the writes have every turn again.
+func TestAFloodOfWritesLeavesReadsTheirShare(t *testing.T) {
+	l := New(Config{MaxConcurrent: 10, MaxWait: time.Hour, WriteShare: 0.2}, newFake())
+	l.newAccountAt("AC1", 10)
+	var held []Turn
+	for range 10 {
+		w, err := l.Acquire(WithPriority(context.Background(), Write), "AC1", "c")
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, w)
+	}
+	type pending struct {
+		ch    <-chan result
+		write bool
+	}
+	var waiting []pending
+	for i := range 60 {
+		write := i%3 != 2 // 40 writes, 20 reads, interleaved in arrival
+		p := Read
+		if write {
+			p = Write
+		}
+		waiting = append(waiting, pending{acquireAs(l, p, "AC1", "c"), write})
+		queued(t, l, "AC1", i+1)
+	}
+	var got strings.Builder
+	for len(waiting) > 0 {
+		held[0].Done(Served)
+		held = held[1:]
+		cases := make([]reflect.SelectCase, len(waiting))
+		for i, w := range waiting {
+			cases[i] = reflect.SelectCase{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(w.ch)}
+		}
+		cases = append(cases, reflect.SelectCase{Dir: reflect.SelectRecv, Chan: reflect.ValueOf(time.After(time.Minute))})
+		i, v, _ := reflect.Select(cases)
+		if i == len(waiting) {
+			t.Fatalf("turns went %s, then a turn freed went to nobody", got.String())
+		}
+		r := v.Interface().(result)
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		held = append(held, r.turn)
+		if waiting[i].write {
+			got.WriteByte('W')
+		} else {
+			got.WriteByte('R')
+		}
+		waiting = append(waiting[:i], waiting[i+1:]...)
+	}
+	for _, h := range held {
+		h.Done(Served)
+	}
+	want := "WRRRWRRRRWRRRRWRRRRWRRRRWR" + strings.Repeat("W", 34)
+	if got.String() != want {
+		t.Fatalf("turns went %s, want %s", got.String(), want)
 	}
 }

@@ -25,7 +25,8 @@
 //     The window is the Slots' (this replica's, or the fleet's in Redis).
 //   - Order. Writes go first, then reads a client waits for, then
 //     background refreshes (WithPriority); while writes wait or are in
-//     flight, the others leave WriteShare of the cap to them.
+//     flight, the others leave WriteShare of the cap to them, and while
+//     reads wait too, writes get WriteShare of the turns.
 //   - Fairness. Within a priority, an account's waiting calls queue per
 //     credential and are served round-robin across credentials, so one
 //     credential (a wrong token, say) cannot take more than its share of
@@ -249,7 +250,12 @@ type account struct {
 
 	holdUntil time.Time // the rate window is full until then
 	timer     bool      // a goroutine waits for it to open
-	lastUse   time.Time
+	// owed is the writes' credit in turns while writes and reads both
+	// wait (popLocked): WriteShare more at each such turn, one less at
+	// each that goes to a write; 0 again once they stop both waiting.
+	owed float64
+
+	lastUse time.Time
 
 	verified bool // the upstream accepted one of its credentials
 	// accepted are the credentials the upstream accepted (at most
@@ -422,8 +428,9 @@ func (l *Limiter) ungrantLocked(a *account, w *waiter) {
 }
 
 // roomLocked reports whether a call of priority p may be granted a turn
-// at now: the cap has room (beyond the writes' share, for the others
-// while writes wait or are in flight) and the rate window is not full.
+// at now: the cap has room (beyond what is left of the writes' share, for
+// the others while writes wait or are in flight) and the rate window is
+// not full.
 func (l *Limiter) roomLocked(a *account, p Priority, now time.Time) bool {
 	if now.Before(a.holdUntil) {
 		return false
@@ -431,7 +438,7 @@ func (l *Limiter) roomLocked(a *account, p Priority, now time.Time) bool {
 	c := l.capLocked(a, now)
 	free := c - a.inflight - a.taking
 	if p != Write && (a.writes > 0 || a.q[Write].n > 0) {
-		free -= min(c-1, int(math.Ceil(l.cfg.WriteShare*float64(c))))
+		free -= max(0, min(c-1, int(math.Ceil(l.cfg.WriteShare*float64(c))))-a.writes)
 	}
 	return free > 0
 }
@@ -485,9 +492,20 @@ func (l *Limiter) grantLocked(a *account, now time.Time, events *[]Event) {
 
 // popLocked takes the next call to grant a turn: the first priority with
 // a waiting call that has room, passing over the unverified queue while
-// one of its calls is in flight; nil if none may go now.
+// one of its calls is in flight; nil if none may go now. Writes go first,
+// but while writes and reads both wait they get WriteShare of the turns
+// and the reads the rest (owed), so a flood of writes does not starve
+// the reads (it took every turn: 80 of 300 reads got 429 beside 60
+// writers).
 func (l *Limiter) popLocked(a *account, now time.Time) *waiter {
+	both := a.q[Write].n > 0 && a.q[Read].n > 0
+	if !both {
+		a.owed = 0
+	}
 	for p := range numPriorities {
+		if p == Write && both && a.owed+l.cfg.WriteShare < -1e-9 && l.roomLocked(a, Read, now) {
+			continue // the reads' turn
+		}
 		if a.q[p].n == 0 {
 			continue
 		}
@@ -495,6 +513,12 @@ func (l *Limiter) popLocked(a *account, now time.Time) *waiter {
 			return nil
 		}
 		if w := a.q[p].pop(a.unverified > 0); w != nil {
+			if both && p <= Read {
+				a.owed += l.cfg.WriteShare
+				if p == Write {
+					a.owed--
+				}
+			}
 			return w
 		}
 	}
