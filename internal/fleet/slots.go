@@ -136,7 +136,14 @@ func (s *Slots) Take(ctx context.Context, t ratelimit.Ticket) (ratelimit.Place, 
 	}
 	switch {
 	case err != nil:
-		s.later(tag, slot) // Redis may have run it after the timeout
+		// Redis may have run it after the timeout: as a slot, or as a
+		// place among the waiters, which a release may hand a slot to
+		// until its wait ends. (Given back for a slot's life only, the
+		// places of takes sent to a paused Redis outlived it when Redis
+		// was killed and restarted from an AOF written before they were
+		// given back, and the slots they were handed, told to nobody, held
+		// up the calls behind them.)
+		s.laterFor(tag, slot, wait+SlotLife)
 		return s.share(t)
 	case got > 0:
 		return s.place(tag, slot, int(held)), 0, nil
@@ -349,10 +356,16 @@ func (s *Slots) release(tag, slot string) error {
 // listen hears, on this replica's channel, the slots releases handed to
 // its waiters; one whose waiter has left is given back at once.
 func (s *Slots) listen(ctx context.Context) {
+	retry, lost := retryEvery, time.Now()
 	for ctx.Err() == nil {
+		var upAt atomic.Int64 // when it subscribed (UnixNano), 0: never
 		if c := s.f.c(); c != nil {
 			hooked := rueidis.WithOnSubscriptionHook(ctx, func(sub rueidis.PubSubSubscription) {
-				s.subscribed.Store(sub.Kind == "subscribe")
+				up := sub.Kind == "subscribe"
+				if up {
+					upAt.Store(time.Now().UnixNano())
+				}
+				s.subscribed.Store(up)
 			})
 			_ = c.Receive(hooked, c.B().Subscribe().Channel(s.channel()).Build(), func(m rueidis.PubSubMessage) {
 				// "slot held tag", or "slot -ms tag" (the rate window).
@@ -372,18 +385,35 @@ func (s *Slots) listen(ctx context.Context) {
 			})
 			s.subscribed.Store(false)
 		}
+		// As the invalidation stream does (resubscribe): a slot handed to
+		// this replica while it does not hear its channel is held for a
+		// slot's life by nobody. (Waiting a second each time, a Redis
+		// killed and restarted left the fleet's slots with no waiter to
+		// take them, and calls waited out max_wait: 1 fault run in 25.)
+		if up := upAt.Load(); up != 0 {
+			retry, lost = retryEvery, time.Now()
+			if time.Since(time.Unix(0, up)) >= time.Second {
+				retry = 0
+			}
+		}
 		select {
 		case <-ctx.Done():
-		case <-time.After(time.Second):
+		case <-time.After(retry):
 		}
+		retry = resubscribe(retry, time.Since(lost))
 	}
 }
 
 // later queues a slot to be given back by regive (dropped if the queue is
 // full: it lapses by itself).
-func (s *Slots) later(tag, slot string) {
+func (s *Slots) later(tag, slot string) { s.laterFor(tag, slot, SlotLife) }
+
+// laterFor queues a slot, or a place among the waiters, to be given back
+// by regive for up to life (the place's, or the wait's and then the
+// slot's that a release may hand it).
+func (s *Slots) laterFor(tag, slot string, life time.Duration) {
 	select {
-	case s.ungiven <- ungiven{tag: tag, slot: slot, until: time.Now().Add(SlotLife)}:
+	case s.ungiven <- ungiven{tag: tag, slot: slot, until: time.Now().Add(life)}:
 	default:
 	}
 }
