@@ -260,8 +260,12 @@ func newServers(cfg config.Config, g *wire.Graph, logger zerolog.Logger) (*serve
 		s.hooks = &http.Server{Handler: g.Webhooks, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
 			IdleTimeout: cfg.Server.IdleTimeout.D(), ErrorLog: proxy.StdLog(logger, "webhooks")}
 	}
+	s.writes = connwatch.New(cfg.Server.WriteTimeout.D(), nil)
 	s.proxy = &http.Server{
-		Handler:           g.Proxy,
+		// HTTP/2 rapid reset: a request cancelled before it began costs
+		// nothing, and a connection that cancels more than
+		// connwatch.ResetLimit a second is closed.
+		Handler:           s.writes.Guard(g.Proxy),
 		ReadHeaderTimeout: cfg.Server.ReadHeaderTimeout.D(),
 		ReadTimeout:       cfg.Server.ReadTimeout.D(),
 		// No WriteTimeout: it would count the upstream's time too. A
@@ -279,7 +283,6 @@ func newServers(cfg config.Config, g *wire.Graph, logger zerolog.Logger) (*serve
 		IdleTimeout:       cfg.Server.IdleTimeout.D(),
 		ErrorLog:          proxy.StdLog(logger, "admin"),
 	}
-	s.writes = connwatch.New(cfg.Server.WriteTimeout.D(), nil)
 	return s, nil
 }
 

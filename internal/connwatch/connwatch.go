@@ -41,6 +41,8 @@ type Watch struct {
 
 	mu    sync.Mutex
 	conns map[*Conn]struct{}
+
+	closed atomic.Int64 // connections closed for their resets (Guard)
 }
 
 // New returns a Watch with the given bound on writes (0: none). A nil
@@ -139,6 +141,10 @@ type Conn struct {
 
 	rd     atomic.Int64 // the read deadline asked for and not yet set on Conn (Watch.since); 0: none
 	rArmed atomic.Bool  // a read deadline may be set on Conn
+
+	rmu      sync.Mutex // guards the requests its client cancelled (Guard)
+	resetSec int64
+	resets   int
 }
 
 // Close closes the connection and stops watching it.
