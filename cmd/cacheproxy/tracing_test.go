@@ -6,12 +6,14 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"cacheproxy/internal/redistest"
+	"cacheproxy/internal/twiliofake"
 
 	collectortrace "go.opentelemetry.io/proto/otlp/collector/trace/v1"
 	tracev1 "go.opentelemetry.io/proto/otlp/trace/v1"
@@ -73,6 +75,30 @@ func (o *otlpReceiver) waitSpans(t *testing.T, names ...string) map[string]*trac
 		case <-o.got:
 		case <-deadline:
 			t.Fatalf("spans %v never all arrived; got %v", names, byName)
+		}
+	}
+}
+
+// waitCount waits until n spans named name have arrived.
+func (o *otlpReceiver) waitCount(t *testing.T, name string, n int) {
+	t.Helper()
+	deadline := time.After(20 * time.Second)
+	for {
+		o.mu.Lock()
+		got := 0
+		for _, s := range o.spans {
+			if s.Name == name {
+				got++
+			}
+		}
+		o.mu.Unlock()
+		if got >= n {
+			return
+		}
+		select {
+		case <-o.got:
+		case <-deadline:
+			t.Fatalf("%d %q spans arrived, want %d", got, name, n)
 		}
 	}
 }
@@ -144,11 +170,29 @@ func TestTracingContinuesTheClientsTrace(t *testing.T) {
 	if want := "00-" + traceID + "-" + hex(upSpan.SpanId) + "-01"; parent != want {
 		t.Fatalf("the upstream saw traceparent %q, want %q (the sidecar's upstream span as parent)", parent, want)
 	}
+	// A participant read by identity: the spans say its route and SIDs,
+	// never the identity (the access log's rule).
+	const identity = "alice.traced@example.com"
+	fake.AddParticipant(conv, twiliofake.Participant{Sid: twiliofake.SID("MB", 77), Identity: identity})
+	req, _ = http.NewRequest("GET", "http://"+p.addr+"/v1/Conversations/"+conv+"/Participants/"+url.PathEscape(identity), nil)
+	req.Header.Set("Authorization", auth())
+	if resp, err = http.DefaultClient.Do(req); err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 200 {
+		t.Fatalf("a read by identity: %d", resp.StatusCode)
+	}
+	recv.waitCount(t, "cacheproxy GET", 2)
+	recv.waitCount(t, "upstream GET", 2)
 	recv.mu.Lock()
 	defer recv.mu.Unlock()
 	for _, b := range recv.raw {
 		if bytes.Contains(b, []byte(token)) || bytes.Contains(b, []byte(strings.TrimPrefix(auth(), "Basic "))) {
 			t.Fatal("a credential reached the traces")
+		}
+		if bytes.Contains(b, []byte("alice.traced")) {
+			t.Fatal("an identity reached the traces")
 		}
 	}
 }

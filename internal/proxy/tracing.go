@@ -10,7 +10,6 @@ import (
 	"cacheproxy/internal/tier"
 	"cacheproxy/internal/tracing"
 
-	"go.opentelemetry.io/contrib/instrumentation/net/http/otelhttp"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/propagation"
@@ -34,21 +33,63 @@ func newTracer(t *tracing.Tracing) *tracer {
 // tracedTransport makes each upstream call a client span, child of the
 // request's, and sends the span's traceparent upstream in place of the
 // client's: the upstream sees the client's trace, with the sidecar's
-// span as parent. Without tracing, next as it is.
+// span as parent. Without tracing, next as it is. Its attributes are the
+// method, the SIDs of the path (sids), the upstream's host and the status
+// (the route is its parent's), never the path itself: a participant may be addressed by
+// identity, often an e-mail address (otelhttp's transport exported it in
+// url.full).
 func tracedTransport(next http.RoundTripper, t *tracing.Tracing) http.RoundTripper {
 	if t == nil {
 		return next
 	}
-	return otelhttp.NewTransport(next, otelhttp.WithTracerProvider(t.Provider), otelhttp.WithPropagators(t.Propagator),
-		otelhttp.WithSpanNameFormatter(func(_ string, r *http.Request) string { return "upstream " + r.Method }))
+	return &spanTransport{next: next, t: t.Provider.Tracer("cacheproxy"), p: t.Propagator}
+}
+
+type spanTransport struct {
+	next http.RoundTripper
+	t    trace.Tracer
+	p    propagation.TextMapPropagator
+}
+
+func (st *spanTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	ctx, span := st.t.Start(r.Context(), "upstream "+r.Method, trace.WithSpanKind(trace.SpanKindClient), trace.WithAttributes(
+		attribute.String("http.request.method", r.Method), attribute.String("server.address", r.URL.Hostname()),
+		attribute.StringSlice("cacheproxy.sids", sids(r.URL.Path))))
+	defer span.End()
+	r = r.Clone(ctx)
+	st.p.Inject(ctx, propagation.HeaderCarrier(r.Header))
+	resp, err := st.next.RoundTrip(r)
+	if err != nil {
+		span.SetStatus(codes.Error, "the upstream call failed")
+		return nil, err
+	}
+	span.SetAttributes(attribute.Int("http.response.status_code", resp.StatusCode))
+	if resp.StatusCode >= 500 {
+		span.SetStatus(codes.Error, http.StatusText(resp.StatusCode))
+	}
+	return resp, nil
+}
+
+// sids are the segments of path that are Twilio SIDs (two letters and 32
+// hex digits): what a span may say of a path. A participant addressed by
+// identity leaves its identity out.
+func sids(path string) []string {
+	var out []string
+	for seg := range strings.SplitSeq(path, "/") {
+		if route.IsSID(seg) {
+			out = append(out, seg)
+		}
+	}
+	return out
 }
 
 // serverSpan starts the request's span, continuing the client's trace
-// (traceparent), and returns r with it.
+// (traceparent), and returns r with it. Of the path it says the SIDs only
+// (sids), as the access log leaves the path out.
 func (tr *tracer) serverSpan(r *http.Request) (*http.Request, trace.Span) {
 	ctx := tr.p.Extract(r.Context(), propagation.HeaderCarrier(r.Header))
 	ctx, span := tr.t.Start(ctx, "cacheproxy "+r.Method, trace.WithSpanKind(trace.SpanKindServer),
-		trace.WithAttributes(attribute.String("http.request.method", r.Method), attribute.String("url.path", r.URL.EscapedPath())))
+		trace.WithAttributes(attribute.String("http.request.method", r.Method), attribute.StringSlice("cacheproxy.sids", sids(r.URL.Path))))
 	return r.WithContext(ctx), span
 }
 

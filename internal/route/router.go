@@ -274,6 +274,20 @@ func normalize(p string) (string, bool) {
 	return string(b), true
 }
 
+// IsSID reports whether s is a Twilio SID: two capital letters and 32
+// hex digits.
+func IsSID(s string) bool {
+	if len(s) != 34 || s[0] < 'A' || s[0] > 'Z' || s[1] < 'A' || s[1] > 'Z' {
+		return false
+	}
+	for i := 2; i < len(s); i++ {
+		if !isHex(s[i]) {
+			return false
+		}
+	}
+	return true
+}
+
 func isHex(c byte) bool { return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F' }
 
 func unhex(c byte) byte {
