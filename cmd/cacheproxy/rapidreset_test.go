@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"sync"
 	"testing"
 	"time"
 
@@ -28,17 +29,21 @@ func rapidReset(t *testing.T, addr, auth string, from, n int) int {
 		t.Fatal(err)
 	}
 	fr := http2.NewFramer(c, c)
+	var writing sync.Mutex // the framer's writes, from here and the reader
 	if err := fr.WriteSettings(); err != nil {
 		t.Fatal(err)
 	}
 	go func() { // read and drop the server's frames; ack its settings
+		rd := http2.NewFramer(nil, c)
 		for {
-			f, err := fr.ReadFrame()
+			f, err := rd.ReadFrame()
 			if err != nil {
 				return
 			}
 			if s, ok := f.(*http2.SettingsFrame); ok && !s.IsAck() {
+				writing.Lock()
 				_ = fr.WriteSettingsAck()
+				writing.Unlock()
 			}
 		}
 	}()
@@ -52,10 +57,13 @@ func rapidReset(t *testing.T, addr, auth string, from, n int) int {
 		}
 		id := uint32(2*i + 1)
 		c.SetWriteDeadline(time.Now().Add(5 * time.Second))
-		if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndStream: true, EndHeaders: true}); err != nil {
-			return i
+		writing.Lock()
+		err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: hb.Bytes(), EndStream: true, EndHeaders: true})
+		if err == nil {
+			err = fr.WriteRSTStream(id, http2.ErrCodeCancel)
 		}
-		if err := fr.WriteRSTStream(id, http2.ErrCodeCancel); err != nil {
+		writing.Unlock()
+		if err != nil {
 			return i
 		}
 	}
