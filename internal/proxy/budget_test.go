@@ -434,3 +434,26 @@ func TestDistinctWrongTokensShareOneTurn(t *testing.T) {
 		t.Fatalf("%d made-up tokens' calls at the upstream at once by the end, want 1", p)
 	}
 }
+
+// Issue 35, point 2: the retry after an upstream 429 spends what is left
+// of the request's own max_wait, not a fresh one. Twilio answers every
+// call 429 with Retry-After: 1 and max_wait is 1.5 s: the first retry
+// fits, the second would end past max_wait, so the client gets Twilio's
+// 429 after two calls (each retry's turn had a max_wait of its own: four
+// calls, the answer after three seconds).
+func TestARetrySpendsWhatIsLeftOfMaxWait(t *testing.T) {
+	h := newHarness(t, realRetries, func(s *setup) {
+		s.cfg.RateLimit.MaxWait, s.cfg.RateLimit.MaxRetries = config.Duration(1500*time.Millisecond), 3
+	})
+	var calls atomic.Int64
+	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool {
+		calls.Add(1)
+		w.Header().Set("Retry-After", "1")
+		twiliofake.Error(w, http.StatusTooManyRequests, 20429, "Too many requests")
+		return true
+	}
+	status, _, _ := readResp(t, h.do("GET", pathConv, basic(acctA, tokenA)))
+	if status != http.StatusTooManyRequests || calls.Load() != 2 {
+		t.Fatalf("%d after %d upstream calls, want Twilio's 429 after 2", status, calls.Load())
+	}
+}

@@ -182,7 +182,7 @@ func (p *Proxy) fetch(ctx context.Context, q *load.Query, epoch uint64) (*cache.
 	if rerr := p.router.ResolveTo(&m, r.Method, r.Host, r.URL.Host, escapedPath(r)); rerr != nil {
 		return nil, nil, errors.New(rerr.LogText()) // it was routed a moment ago
 	}
-	info := &fetchInfo{}
+	info := &fetchInfo{calls: callStats{arrival: q.Now}}
 	e, err := p.fetchUpstream(withStats(ctx, &info.calls), r, &m, p.ups[m.Upstream], q.Key, epoch, info)
 	return e, info, err
 }

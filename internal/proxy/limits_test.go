@@ -133,7 +133,9 @@ func TestUpstream429IsRetried(t *testing.T) {
 }
 
 func TestRetryAfterIsHonoured(t *testing.T) {
-	h := newHarness(t)
+	// A Retry-After of 3 s fits in a max_wait of 5 s (a retry spends what
+	// is left of the request's own max_wait: TestARetrySpendsWhatIsLeftOfMaxWait).
+	h := newHarness(t, func(s *setup) { s.cfg.RateLimit.MaxWait = config.Duration(5 * time.Second) })
 	tooMany(h.conv, 1, "3")
 	answer := h.goDo("GET", pathConv, basic(acctA, tokenA))
 	if d := h.clk.WaitAsked(1)[0]; d != 3*time.Second {

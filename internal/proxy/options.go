@@ -47,6 +47,10 @@ type Retry struct {
 	// ReplayBytes: write bodies up to this size are buffered so that a
 	// retry can send them again; larger ones are not retried.
 	ReplayBytes int64
+	// MaxWait is ratelimit.max_wait: a retry whose backoff would end
+	// past it, counted from the request's arrival, is not made (the
+	// client gets the upstream's 429, or a stale answer). 0: no bound.
+	MaxWait time.Duration
 }
 
 // Options are the proxy's dependencies. Upstream URLs, Store, Invalidator

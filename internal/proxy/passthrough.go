@@ -39,6 +39,7 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rec *record, up 
 		}
 		defer cancel()
 	}
+	rec.calls.arrival = rec.start
 	out := r.WithContext(withStats(context.WithValue(ctx, recordKey{}, rec), &rec.calls))
 	if rec.rt.Path != escapedPath(r) { // a prefix removed, or escapes normalised
 		u := *r.URL

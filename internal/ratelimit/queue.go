@@ -23,7 +23,8 @@ type waiter struct {
 	cred       *credQueue
 	credential string // its own (cred may be the unverified queue)
 	prio       Priority
-	start      time.Time
+	start      time.Time  // its request's arrival: MaxWait counts from it
+	asked      time.Time  // its Acquire: Waited counts from it
 	reply      chan grant // buffered 1: nobody blocks sending on it
 
 	// Set when granted a turn (under the Limiter's lock): the cap then,

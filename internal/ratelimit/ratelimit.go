@@ -311,11 +311,13 @@ func New(cfg Config, clk clock.Clock) *Limiter {
 // SID, or "" for a request without one) with credential (an opaque
 // fingerprint that tells callers apart within the account), in ctx's
 // priority (WithPriority): first its turn in this replica's queue, then
-// its place in the Slots, within MaxWait in all.
+// its place in the Slots, within MaxWait in all, counted from the
+// request's arrival (WithWaited).
 func (l *Limiter) Acquire(ctx context.Context, user, credential string) (Turn, error) {
-	start := l.clock.Now()
+	now := l.clock.Now()
+	start := now.Add(-waitedOf(ctx))
 	l.resolveKey(ctx, user)
-	a, w, queued, err := l.join(user, credential, PriorityOf(ctx), start)
+	a, w, queued, err := l.join(user, credential, PriorityOf(ctx), now, start)
 	if err != nil {
 		return nil, err
 	}
@@ -339,17 +341,17 @@ func (l *Limiter) Acquire(ctx context.Context, user, credential string) (Turn, e
 // join grants a new waiter a turn at once if nothing waits ahead of it
 // and the cap has room, else queues it (queued), or refuses it when the
 // queue is full.
-func (l *Limiter) join(user, credential string, prio Priority, start time.Time) (_ *account, _ *waiter, queued bool, _ error) {
+func (l *Limiter) join(user, credential string, prio Priority, now, start time.Time) (_ *account, _ *waiter, queued bool, _ error) {
 	var events []Event
 	l.mu.Lock()
 	defer func() { l.mu.Unlock(); l.emit(events) }()
-	l.pruneLocked(start)
+	l.pruneLocked(now)
 	a := l.accountLocked(user)
-	a.lastUse = start
-	w := &waiter{start: start, reply: make(chan grant, 1), credential: credential, prio: prio}
+	a.lastUse = now
+	w := &waiter{start: start, asked: now, reply: make(chan grant, 1), credential: credential, prio: prio}
 	queue, unverified := a.queueLocked(credential)
-	if a.queued == 0 && l.roomLocked(a, prio, start) && (!unverified || a.unverified == 0) {
-		l.grantTurnLocked(a, w, unverified, start)
+	if a.queued == 0 && l.roomLocked(a, prio, now) && (!unverified || a.unverified == 0) {
+		l.grantTurnLocked(a, w, unverified, now)
 		return a, w, false, nil
 	}
 	if a.queued >= l.boundLocked() && !l.evictLocked(a, prio, queue) {
@@ -358,7 +360,7 @@ func (l *Limiter) join(user, credential string, prio Priority, start time.Time) 
 	a.q[prio].push(queue, w)
 	a.queued++
 	l.changedLocked()
-	l.grantLocked(a, start, &events)
+	l.grantLocked(a, now, &events)
 	return a, w, true, nil
 }
 
@@ -450,7 +452,7 @@ func (l *Limiter) startLocked(a *account, w *waiter, place Place, now time.Time,
 		*events = append(*events, Event{Kind: CapGrown, Account: a.id, From: a.shown, To: c, InFlight: a.inflight})
 		a.shown = c
 	}
-	ls := &turn{l: l, a: a, gen: a.gen, began: now, waited: now.Sub(w.start), place: place, own: max(place.Held(), a.inflight),
+	ls := &turn{l: l, a: a, gen: a.gen, began: now, waited: now.Sub(w.asked), place: place, own: max(place.Held(), a.inflight),
 		cred: w.credential, unverified: w.unverified, write: w.prio == Write}
 	if a.live == nil {
 		a.live = map[*turn]struct{}{}

@@ -415,3 +415,38 @@ func TestIdleMadeUpAccountsAreForgotten(t *testing.T) {
 		t.Fatalf("%d accounts remembered (the verified one: %v), want at most 2,000 and it", n, real)
 	}
 }
+
+// Issue 35, point 2: MaxWait counts from the request's arrival
+// (WithWaited): a request that already waited all of it is refused at
+// once when it would have to wait, one that waited half waits the other
+// half, and one that finds room goes at once whatever it waited.
+func TestMaxWaitCountsFromArrival(t *testing.T) {
+	clk := newFake()
+	l := New(Config{MaxConcurrent: 4, MaxWait: time.Second}, clk) // slow start: 1
+	held, err := l.Acquire(WithWaited(context.Background(), time.Hour), "AC1", "c")
+	if err != nil {
+		t.Fatalf("a turn with room, after a long wait elsewhere: %v", err)
+	}
+	var rej *RejectedError
+	if _, err := l.Acquire(WithWaited(context.Background(), time.Second), "AC1", "c"); !errors.As(err, &rej) {
+		t.Fatalf("no room, max_wait already spent: %v, want a refusal at once", err)
+	}
+	half := make(chan error, 1)
+	go func() {
+		_, err := l.Acquire(WithWaited(context.Background(), 500*time.Millisecond), "AC1", "c")
+		half <- err
+	}()
+	queued(t, l, "AC1", 1)
+	clk.Advance(499 * time.Millisecond)
+	select {
+	case err := <-half:
+		t.Fatalf("refused %v before the rest of its max_wait", err)
+	default:
+	}
+	clk.Advance(time.Millisecond)
+	if err := <-half; !errors.As(err, &rej) {
+		t.Fatalf("after the rest of its max_wait: %v, want a refusal", err)
+	}
+	held.Done(Served)
+}
+

@@ -78,6 +78,24 @@ func PriorityOf(ctx context.Context) Priority {
 	return Read
 }
 
+type waitedKey struct{}
+
+// WithWaited says ctx's request has already waited d (since it arrived:
+// for a peer's fill, or a turn before an upstream 429 and its backoff).
+// Acquire counts MaxWait from its arrival, not from its own call, so a
+// request never waits for turns longer than MaxWait in all.
+func WithWaited(ctx context.Context, d time.Duration) context.Context {
+	return context.WithValue(ctx, waitedKey{}, d)
+}
+
+// waitedOf is what ctx's request has already waited (WithWaited).
+func waitedOf(ctx context.Context) time.Duration {
+	if d, ok := ctx.Value(waitedKey{}).(time.Duration); ok && d > 0 {
+		return d
+	}
+	return 0
+}
+
 // localSlots is a replica on its own: the Limiter's cap counts the calls
 // in flight, so a place is only the rate window's (a sliding window of
 // the last Rate start times per account, on the Limiter's clock).

@@ -33,7 +33,7 @@ func proxyOptions(cfg config.Config) proxy.Options {
 			StaleIfError: c.StaleIfError.D(), StaleWhileRevalidate: c.StaleWhileRevalidate.D(),
 			MaxEntryBytes: int64(c.MaxEntryBytes),
 		},
-		Retry:            proxy.Retry{Max: rl.MaxRetries, Base: rl.BackoffBase.D(), Cap: rl.BackoffMax.D(), ReplayBytes: int64(rl.ReplayBytes)},
+		Retry:            proxy.Retry{Max: rl.MaxRetries, Base: rl.BackoffBase.D(), Cap: rl.BackoffMax.D(), ReplayBytes: int64(rl.ReplayBytes), MaxWait: rl.MaxWait.D()},
 		MaxBodyBytes:     int64(cfg.Server.MaxBodyBytes),
 		MaxAccountSeries: cfg.Metrics.MaxAccounts,
 		WriteTimeout:     cfg.Server.WriteTimeout.D(),
