@@ -450,3 +450,37 @@ func TestMaxWaitCountsFromArrival(t *testing.T) {
 	held.Done(Served)
 }
 
+// Issue 35, point 1: a place in the rate window is held by its call until
+// it ends and for a second after, not a second from its start: Twilio
+// counts a call when it reaches it, between its start and its end, so the
+// call after it, starting a second after its end, reaches Twilio more than
+// a second later however long either took on the way.
+func TestARatePlaceLastsASecondPastItsCallsEnd(t *testing.T) {
+	clk := newFake()
+	s := newLocalSlots(2, clk)
+	tk := Ticket{Account: "AC1", Limit: 10, Priority: Read}
+	var places []Place
+	for range 2 {
+		p, wait, err := s.Take(context.Background(), tk)
+		if p == nil || wait != 0 || err != nil {
+			t.Fatalf("a place of an empty window: %v %s %v", p, wait, err)
+		}
+		places = append(places, p)
+	}
+	clk.Advance(1500 * time.Millisecond) // both calls still in flight
+	if p, _, _ := s.Take(context.Background(), tk); p != nil {
+		t.Fatal("a third call started while the window's two were in flight (a second from their start had passed)")
+	}
+	places[0].Release()
+	clk.Advance(999 * time.Millisecond)
+	if p, wait, _ := s.Take(context.Background(), tk); p != nil || wait != time.Millisecond {
+		t.Fatalf("999 ms after the first call ended: %v, wait %s; want to wait 1 ms more", p, wait)
+	}
+	clk.Advance(time.Millisecond)
+	p, _, _ := s.Take(context.Background(), tk)
+	if p == nil {
+		t.Fatal("a second after the first call ended, no place")
+	}
+	p.Release()
+	places[1].Release()
+}
