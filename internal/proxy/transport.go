@@ -152,14 +152,7 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 		t.c.upstream429.Add(1)
 		turn.Done(t.tooMany(resp))
 		delay := t.backoff(attempt, resp.Header.Get("Retry-After"))
-		deadline, hasDeadline := ctx.Deadline()
-		// The retry spends what is left of the request's own max_wait: a
-		// backoff that would end past it is not waited (each retry's turn
-		// had a max_wait of its own: a client waited 1.9 s for an answer
-		// where 1.25 s was the bound).
-		if attempt >= t.retry.Max || (req.Body != nil && req.Body != http.NoBody && replay == nil) ||
-			(hasDeadline && !t.clock.Now().Add(delay).Before(deadline)) ||
-			(t.retry.MaxWait > 0 && t.clock.Since(stats.arrival)+delay >= t.retry.MaxWait) {
+		if attempt >= t.retry.Max || (req.Body != nil && req.Body != http.NoBody && replay == nil) || !t.fits(ctx, stats, delay) {
 			return resp, nil // the client gets Twilio's 429 (or a stale answer)
 		}
 		_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
@@ -176,6 +169,17 @@ func (t *pacedTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 			req.Body = replay()
 		}
 	}
+}
+
+// fits reports whether a retry after delay ends within the request's
+// deadline and what is left of its own max_wait, counted from its arrival
+// (each retry's turn had a max_wait of its own: a client waited 1.9 s for
+// an answer where 1.25 s was the bound).
+func (t *pacedTransport) fits(ctx context.Context, stats *callStats, delay time.Duration) bool {
+	if deadline, ok := ctx.Deadline(); ok && !t.clock.Now().Add(delay).Before(deadline) {
+		return false
+	}
+	return t.retry.MaxWait <= 0 || t.clock.Since(stats.arrival)+delay < t.retry.MaxWait
 }
 
 // answered is an answer other than a 429: a 2xx verifies the credential,
