@@ -639,3 +639,34 @@ func TestFleetBudgetIsOneLimiter(t *testing.T) {
 		t.Fatal("no slot was handed to a waiting call: the test did not fill the fleet's cap")
 	}
 }
+
+// Issue 35, point 1, for a fleet: three replicas on one Redis, Twilio
+// allowing 10 calls in flight and max_concurrent 10, 20 rounds of 3 × 100
+// distinct cold reads at once: Twilio never sees 11 in flight nor
+// answers 429, and every read is answered.
+func TestFleetBurstsNeverGoOverTheLimit(t *testing.T) {
+	r := replicas(t, 3, redistest.Start(t), realRetries, func(s *setup) {
+		s.cfg.RateLimit.MaxConcurrent, s.cfg.RateLimit.MaxWait = 10, config.Duration(time.Minute)
+	})
+	const rounds = 20
+	paths := twilioLimit(r[0], 10, rounds*300)
+	for round := range rounds {
+		answers := make(chan int, 300)
+		for i, h := range r {
+			for _, path := range paths[round*300+i*100 : round*300+(i+1)*100] {
+				go func() {
+					s, _, _ := readResp(t, h.do("GET", path, basic(acctA, tokenA)))
+					answers <- s
+				}()
+			}
+		}
+		for range 300 {
+			if s := <-answers; s != 200 {
+				t.Fatalf("round %d: status %d", round+1, s)
+			}
+		}
+		if n, peak := r[0].conv.TooMany(), r[0].conv.Peak(acctA); n != 0 || peak > 10 {
+			t.Fatalf("round %d: Twilio answered %d 429s, peak in flight %d: want 0, <= 10", round+1, n, peak)
+		}
+	}
+}
