@@ -458,3 +458,45 @@ func TestSlotsAreHeardAgainSoonAfterARestart(t *testing.T) {
 		t.Fatalf("heard again %s after Redis was back, want within half a slot's life (%s)", took, SlotLife/2)
 	}
 }
+
+// redisMillis is Redis's clock, in ms.
+func redisMillis(t *testing.T, srv *redistest.Server) int64 {
+	now := strings.Fields(srv.CLI(t, "TIME"))
+	sec, _ := strconv.ParseInt(now[0], 10, 64)
+	usec, _ := strconv.ParseInt(now[1], 10, 64)
+	return sec*1000 + usec/1000
+}
+
+// Issue 35, point 1, for a fleet: a call's place in the fleet's rate
+// window (Redis) is held until the call ends and a second after, as a
+// replica's own (ratelimit's TestARatePlaceLastsASecondPastItsCallsEnd):
+// with a rate of 2, two calls still in flight 1.2 s after they started
+// leave no place for a third, and a call that just ended holds its place
+// for a second more. (Counted from the start, the third went at once.)
+func TestAFleetRatePlaceLastsASecondPastItsCallsEnd(t *testing.T) {
+	srv := redistest.Start(t)
+	_, s := fleetBudget(t, open(t, srv.URL()), 10, 2, time.Second)
+	ctx := context.Background()
+	tk := ratelimit.Ticket{Account: "AC1", Limit: 10, Priority: ratelimit.Read}
+	var places []ratelimit.Place
+	for range 2 {
+		p, wait, err := s.Take(ctx, tk)
+		if p == nil || err != nil {
+			t.Fatalf("a place of an empty window: %v, wait %s, %v", p, wait, err)
+		}
+		places = append(places, p)
+	}
+	start := redisMillis(t, srv)
+	for redisMillis(t, srv) < start+1200 {
+		time.Sleep(10 * time.Millisecond) // Redis's clock, which the window is on
+	}
+	if p, _, _ := s.Take(ctx, tk); p != nil {
+		p.Release()
+		t.Fatal("a third call started while the window's two were in flight (a second from their start had passed)")
+	}
+	places[0].Release()
+	if p, wait, _ := s.Take(ctx, tk); p != nil || wait < 900*time.Millisecond {
+		t.Fatalf("just after a call ended: %v, wait %s; want to wait about a second", p, wait)
+	}
+	places[1].Release()
+}

@@ -71,8 +71,10 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)`)
 
 // takeSlot takes one of an account's slots (KEYS[1]) until it is given
 // back or lapses, if fewer than ARGV[1] are held and, with a rate (ARGV[4]
-// > 0), fewer than ARGV[4] calls started in the last second (KEYS[2], a
-// sliding window of start times). Both on Redis's clock. It returns
+// > 0), fewer than ARGV[4] places of the rate window (KEYS[2]) are held:
+// a call holds one until it ends and for a second after (scored by when
+// its call ended, or, while it lasts, by when its slot would lapse, renewed
+// with it: docs/budget.md, "The rate window"). Both on Redis's clock. It returns
 // {1, held} when taken; {0, held} when the slots are full, having queued
 // the call in KEYS[3] (KEYS[4] holding what it waits with) for ARGV[5] ms
 // (if > 0) in priority ARGV[7] to be handed a slot on channel ARGV[6]; and {-ms, held} when only the rate
@@ -99,8 +101,8 @@ if rate > 0 then
     local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
     return {-math.max(1, tonumber(oldest[2]) + 1000 - now), held}
   end
-  redis.call('ZADD', KEYS[2], now, ARGV[3])
-  redis.call('PEXPIRE', KEYS[2], 2000)
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) + 2000)
 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -120,6 +122,7 @@ if ARGV[1] ~= '' then
   redis.call('ZREM', KEYS[1], ARGV[1])
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('HDEL', KEYS[4], ARGV[1])
+  redis.call('ZADD', KEYS[2], 'XX', now, ARGV[1])
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local rate = tonumber(ARGV[3])
@@ -142,8 +145,8 @@ while served do
           redis.call('PUBLISH', ch, slot .. ' ' .. -math.max(1, tonumber(oldest[2]) + 1000 - now) .. ' ' .. ARGV[4])
           return handed
         end
-        redis.call('ZADD', KEYS[2], now, slot)
-        redis.call('PEXPIRE', KEYS[2], 2000)
+        redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), slot)
+        redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) + 2000)
       end
       redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), slot)
       redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -162,12 +165,16 @@ if redis.call('ZSCORE', KEYS[3], ARGV[1]) then return 0 end
 return -1`)
 
 // renewSlot extends a held slot's life (ZADD XX: a slot that lapsed and
-// was cleared is not taken again); 0 when it was not held.
+// was cleared is not taken again), and its place in the rate window
+// (KEYS[2]) with it; 0 when it was not held.
 var renewSlot = newScript(`
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local n = redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if redis.call('ZADD', KEYS[2], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1]) > 0 then
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) + 2000)
+end
 return n`)
 
 // announce records this replica in Redis every second and counts the

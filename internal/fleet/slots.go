@@ -310,7 +310,7 @@ func (s *Slots) renewed(p *fleetPlace, tag, slot string) *fleetPlace {
 // renew extends slot's life; false when it was not held any more (or
 // Redis did not answer: the next renewal is not tried, the slot lapses).
 func (s *Slots) renew(tag, slot string) bool {
-	n, err := s.run(context.Background(), renewSlot, s.keys(tag)[:1], slot, strconv.FormatInt(SlotLife.Milliseconds(), 10)).AsInt64()
+	n, err := s.run(context.Background(), renewSlot, s.keys(tag)[:2], slot, strconv.FormatInt(SlotLife.Milliseconds(), 10)).AsInt64()
 	return s.f.result(err) == nil && n > 0
 }
 
