@@ -500,3 +500,21 @@ func TestAFleetRatePlaceLastsASecondPastItsCallsEnd(t *testing.T) {
 	}
 	places[1].Release()
 }
+
+// A slot that lapses just after the waiters were last served is handed
+// to a waiting call within a quarter of a slot's life, not a whole one:
+// here the only slot lapses 1.1 s into a wait of 1.5 s. (Served once a
+// second, the call waited out its wait with the slot free: 1 in 10 fault
+// runs after Redis was killed and restarted.)
+func TestAWaitingCallGetsASlotSoonAfterItLapses(t *testing.T) {
+	srv := redistest.Start(t)
+	f := open(t, srv.URL())
+	_, s := fleetBudget(t, f, 1, 0, 3*time.Second)
+	tag := accountName(f.cfg.Prefix, "AC1")
+	srv.CLI(t, "ZADD", s.keys(tag)[0], strconv.FormatInt(redisMillis(t, srv)+1100, 10), "gone")
+	place, retry, err := s.Take(context.Background(), ratelimit.Ticket{Account: "AC1", Limit: 1, Priority: ratelimit.Read, Wait: 1500 * time.Millisecond})
+	if err != nil || place == nil {
+		t.Fatalf("the waiting call: %v (retry %s), want the slot that lapsed 1.1 s into its 1.5 s wait", err, retry)
+	}
+	place.Release()
+}

@@ -37,9 +37,10 @@ type Slots struct {
 	replicas   atomic.Int64 // last seen, at least 1
 	subscribed atomic.Bool  // this replica hears its channel
 
-	mu       sync.Mutex
-	fallback map[string]int // calls in flight per account on the local share
-	waiting  map[string]chan string
+	mu         sync.Mutex
+	fallback   map[string]int // calls in flight per account on the local share
+	waiting    map[string]chan string
+	lapseAsked map[string]time.Time // when a call last had an account's waiters served (lapseDue)
 
 	n       struct{ waited, handed, fallbacks, sent, regiven atomic.Int64 } // for Stats
 	ungiven chan ungiven
@@ -81,7 +82,7 @@ type ungiven struct {
 func NewSlots(f *Fleet, rate int) *Slots {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Slots{f: f, rate: rate, id: newID(), fallback: map[string]int{},
-		waiting: map[string]chan string{}, stop: cancel, ungiven: make(chan ungiven, 4096)}
+		waiting: map[string]chan string{}, lapseAsked: map[string]time.Time{}, stop: cancel, ungiven: make(chan ungiven, 4096)}
 	s.replicas.Store(1)
 	s.wg.Go(func() { s.announce(ctx) })
 	s.wg.Go(func() { s.regive(ctx) })
@@ -174,13 +175,13 @@ func (s *Slots) await(ctx context.Context, t ratelimit.Ticket, tag, slot string,
 	// subscription was being restored is told to nobody. Once a second the
 	// call looks for its slot in the set itself. And a slot that lapsed
 	// (its replica died, or its call's release was lost with a Redis
-	// restart) is handed by no release: every slot's life, the call has
-	// the waiters served. (Once was not enough: slots renewed just before
-	// Redis restarted lapsed after it, and calls waited out max_wait with
-	// the slots free, 2 to 36 client 429s in a fault run.)
+	// restart) is handed by no release: every lapseCheck, the replica has
+	// the waiters served (lapseDue). (Once was not enough: slots
+	// renewed just before Redis restarted lapsed after it, and calls waited
+	// out max_wait with the slots free, 2 to 36 client 429s in a fault run.)
 	check := time.NewTicker(handCheck)
 	defer check.Stop()
-	lapsed := time.NewTicker(SlotLife)
+	lapsed := time.NewTicker(lapseCheck)
 	defer lapsed.Stop()
 	for {
 		select {
@@ -202,7 +203,9 @@ func (s *Slots) await(ctx context.Context, t ratelimit.Ticket, tag, slot string,
 			}
 			continue
 		case <-lapsed.C:
-			go s.give(tag, "")
+			if s.lapseDue(tag) {
+				go s.give(tag, "")
+			}
 			continue
 		case msg := <-handed:
 			return s.handed(tag, slot, msg)
@@ -231,6 +234,30 @@ func (s *Slots) handed(tag, slot, msg string) (ratelimit.Place, time.Duration, e
 // handCheck is how often a waiting call looks for a slot handed to it
 // whose message was lost.
 const handCheck = time.Second
+
+// lapseCheck is how often a replica with calls waiting for an account's
+// slots has the waiters served, for slots that lapsed (one call of the
+// replica's asks, for all of them). Every slot's life, a slot that lapsed
+// just after a look held its waiters up for a second more: after Redis
+// was killed and restarted, calls waited out max_wait with slots free in
+// 1 of 10 fault runs.
+const lapseCheck = SlotLife / 4
+
+// lapseDue reports whether it is this call's turn to have tag's waiters
+// served (at most once per lapseCheck for the replica).
+func (s *Slots) lapseDue(tag string) bool {
+	now := time.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if now.Sub(s.lapseAsked[tag]) < lapseCheck*9/10 {
+		return false
+	}
+	if len(s.lapseAsked) >= 1024 {
+		clear(s.lapseAsked)
+	}
+	s.lapseAsked[tag] = now
+	return true
+}
 
 // held reports the slots held if slot is among them (handed to this call
 // without a message); 0 if the call still waits; -1 if it neither holds
