@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"testing"
@@ -517,4 +518,47 @@ func TestAWaitingCallGetsASlotSoonAfterItLapses(t *testing.T) {
 		t.Fatalf("the waiting call: %v (retry %s), want the slot that lapsed 1.1 s into its 1.5 s wait", err, retry)
 	}
 	place.Release()
+}
+
+// A slot given back is not handed to a waiter whose replica does not hear
+// its channel (its link down, or dead with calls waiting): told to nobody,
+// it was held by nobody for a slot's life while a call of a replica that
+// hears waited out its wait (the fault run's client 429s). Here a ghost
+// waits first, on a channel nobody hears; the slot goes to the call
+// behind it at once.
+func TestASlotIsNotHandedToAReplicaThatDoesNotHear(t *testing.T) {
+	srv := redistest.Start(t)
+	f := open(t, srv.URL())
+	_, s := fleetBudget(t, f, 1, 0, 3*time.Second)
+	ctx := context.Background()
+	tk := ratelimit.Ticket{Account: "AC1", Limit: 1, Priority: ratelimit.Read, Wait: 800 * time.Millisecond}
+	holder, _, err := s.Take(ctx, tk)
+	if err != nil || holder == nil {
+		t.Fatalf("the account's one slot: %v", err)
+	}
+	keys := s.keys(accountName(f.cfg.Prefix, "AC1"))
+	now := redisMillis(t, srv)
+	srv.CLI(t, "ZADD", keys[2], strconv.FormatInt(int64(ratelimit.Read)*1e13+now-1000, 10), "ghost")
+	srv.CLI(t, "HSET", keys[3], "ghost", fmt.Sprintf("1 %d %sslots:nobody", now+10_000, f.cfg.Prefix))
+	got := make(chan error, 1)
+	go func() {
+		p, _, err := s.Take(ctx, tk)
+		if err == nil && p == nil {
+			err = errors.New("no place")
+		}
+		if p != nil {
+			p.Release()
+		}
+		got <- err
+	}()
+	for deadline := time.Now().Add(10 * time.Second); strings.TrimSpace(srv.CLI(t, "ZCARD", keys[2])) != "2"; {
+		if time.Now().After(deadline) {
+			t.Fatal("the call never queued behind the ghost")
+		}
+		time.Sleep(time.Millisecond) // the call's queueing, in another goroutine
+	}
+	holder.Release()
+	if err := <-got; err != nil {
+		t.Fatalf("the call behind a ghost waiter: %v, want the slot given back", err)
+	}
 }

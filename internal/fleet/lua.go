@@ -114,7 +114,13 @@ return {1, held + 1}`)
 // not passed and whose cap has room, each told on its replica's channel ("slot held tag", the tag
 // ARGV[4] naming the account); with a rate (ARGV[3]) whose window is
 // full, the first waiter is told "slot -ms tag" instead, to come back
-// then. It returns the slots handed.
+// then. With ARGV[5] '1' (one Redis, where PUBLISH counts every
+// subscriber; on a Cluster it counts one node's), a slot whose message
+// nobody heard is not handed: its waiter's replica does not hear its
+// channel (its link is down, or it died with calls waiting), and the slot
+// would have been held by nobody for a slot's life while the calls of
+// the replicas that hear waited (the fault run's client 429s). That
+// waiter takes again at its next look. It returns the slots handed.
 var giveSlot = newScript(`
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -150,8 +156,13 @@ while served do
       end
       redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), slot)
       redis.call('PEXPIRE', KEYS[1], ARGV[2])
-      redis.call('PUBLISH', ch, slot .. ' ' .. redis.call('ZCARD', KEYS[1]) .. ' ' .. ARGV[4])
-      handed = handed + 1
+      local heard = redis.call('PUBLISH', ch, slot .. ' ' .. redis.call('ZCARD', KEYS[1]) .. ' ' .. ARGV[4])
+      if heard == 0 and ARGV[5] == '1' then
+        redis.call('ZREM', KEYS[1], slot)
+        redis.call('ZREM', KEYS[2], slot)
+      else
+        handed = handed + 1
+      end
       served = true
       break
     end

@@ -377,7 +377,11 @@ func (s *Slots) give(tag, slot string) {
 }
 
 func (s *Slots) release(tag, slot string) error {
-	return s.f.result(s.run(context.Background(), giveSlot, s.keys(tag), slot, strconv.FormatInt(SlotLife.Milliseconds(), 10), strconv.Itoa(s.rate), tag).Error())
+	exact := "0" // PUBLISH counts every subscriber only on one Redis
+	if c := s.f.c(); c != nil && c.Mode() != rueidis.ClientModeCluster {
+		exact = "1"
+	}
+	return s.f.result(s.run(context.Background(), giveSlot, s.keys(tag), slot, strconv.FormatInt(SlotLife.Milliseconds(), 10), strconv.Itoa(s.rate), tag, exact).Error())
 }
 
 // listen hears, on this replica's channel, the slots releases handed to
