@@ -48,7 +48,10 @@ func TestAWriteGoesBeforeABacklogOfReads(t *testing.T) {
 		<-arrived
 	}
 	release <- struct{}{} // one read ends: its turn is the write's
-	fourth := <-arrived
+	// Slow start grows the cap to 4 as that read is served, so two turns
+	// go at once: the write's, and (the write holding the share reads
+	// leave to writes) a read's, which may reach Twilio first.
+	fourth, fifth := <-arrived, <-arrived
 	close(release)
 	if s, _, _ := readResp(t, <-write); s != 200 {
 		t.Fatalf("write: %d", s)
@@ -58,8 +61,8 @@ func TestAWriteGoesBeforeABacklogOfReads(t *testing.T) {
 			t.Fatalf("read: %d", s)
 		}
 	}
-	if fourth != "POST" {
-		t.Fatalf("the turn after the first read ended went to a %s, want the write's", fourth)
+	if fourth != "POST" && fifth != "POST" {
+		t.Fatalf("the turns after the first read ended went to a %s and a %s, want the write's among them", fourth, fifth)
 	}
 }
 
