@@ -14,6 +14,8 @@ import (
 	"strings"
 	"time"
 
+	"cacheproxy/internal/route"
+
 	"github.com/BurntSushi/toml"
 )
 
@@ -688,18 +690,9 @@ const (
 	maxConcurrent        = 100_000
 )
 
-// isSID reports whether s is a Twilio SID with prefix: two letters and 32
-// hex digits.
+// isSID reports whether s is a Twilio SID with prefix (route.IsSID).
 func isSID(s, prefix string) bool {
-	if len(s) != 34 || !strings.HasPrefix(s, prefix) {
-		return false
-	}
-	for _, c := range s[2:] {
-		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F') {
-			return false
-		}
-	}
-	return true
+	return strings.HasPrefix(s, prefix) && route.IsSID(s)
 }
 
 // KeyAccounts maps API key SIDs to account SIDs: a TOML table
