@@ -19,10 +19,13 @@
 //     429's tells the account's limit, and the cap becomes that limit
 //     (no probing); the others' share (the header beyond this replica's or
 //     fleet's own calls) is taken off the cap as each answer reports it.
-//   - Rate (optional). At most Rate calls start in any one-second window (a
-//     sliding window): bursts pass at once as long as the window has room,
-//     which maps one to one onto an upstream limit of N calls per second.
-//     The window is the Slots' (this replica's, or the fleet's in Redis).
+//   - Rate (optional). Each call holds one of Rate places from its start
+//     until a second after its end, so any one second of the upstream's,
+//     sliding, counts at most Rate calls: bursts pass at once as long as
+//     the window has room. Once the window is full, turns go one at a
+//     time, each taking its place before the next is granted, in the
+//     queue's order. The window is the Slots' (this replica's, or the
+//     fleet's in Redis).
 //   - Order. Writes go first, then reads a client waits for, then
 //     background refreshes (WithPriority); while writes wait or are in
 //     flight, the others leave WriteShare of the cap to them, and while
@@ -250,6 +253,14 @@ type account struct {
 
 	holdUntil time.Time // the rate window is full until then
 	timer     bool      // a goroutine waits for it to open
+	// paced: the rate window sent a turn back since the queue was last
+	// empty. Turns are then granted one at a time, each taking its place
+	// before the next is granted, so places go in the queue's order: turns
+	// granted together race for the window's one free place, and the
+	// scheduler runs the last woken first, so the call at the head lost
+	// every race and waited out its max_wait behind later ones (12 of the
+	// rate bench's 723 cold keys, TestTheRateBenchsColdKeysFitThePace).
+	paced bool
 	// owed is the writes' credit in turns while writes and reads both
 	// wait (popLocked): WriteShare more at each such turn, one less at
 	// each that goes to a write; 0 again once they stop both waiting.
@@ -395,7 +406,7 @@ func (l *Limiter) take(ctx context.Context, a *account, w *waiter) (Turn, error)
 	if err != nil || place == nil {
 		l.ungrantLocked(a, w)
 		if err == nil { // the rate window: first in line again when it opens
-			a.holdUntil = now.Add(retry)
+			a.holdUntil, a.paced = now.Add(retry), true
 			queue, _ := a.queueLocked(w.credential)
 			a.q[w.prio].pushFront(queue, w)
 			a.queued++
@@ -403,7 +414,11 @@ func (l *Limiter) take(ctx context.Context, a *account, w *waiter) (Turn, error)
 		l.grantLocked(a, now, &events)
 		return nil, err
 	}
-	return l.startLocked(a, w, place, now, &events), nil
+	ls := l.startLocked(a, w, place, now, &events)
+	if a.paced { // the next in line takes its place now
+		l.grantLocked(a, now, &events)
+	}
+	return ls, nil
 }
 
 // grantTurnLocked gives w a turn: it is counted as taking its place.
@@ -434,7 +449,7 @@ func (l *Limiter) ungrantLocked(a *account, w *waiter) {
 // the others while writes wait or are in flight) and the rate window is
 // not full.
 func (l *Limiter) roomLocked(a *account, p Priority, now time.Time) bool {
-	if now.Before(a.holdUntil) {
+	if now.Before(a.holdUntil) || a.paced && a.taking > 0 {
 		return false
 	}
 	c := l.capLocked(a, now)
@@ -473,6 +488,9 @@ func (l *Limiter) grantLocked(a *account, now time.Time, events *[]Event) {
 		a.queued--
 		l.grantTurnLocked(a, w, w.cred.id == unverifiedQueue, now)
 		w.reply <- grant{}
+	}
+	if a.queued == 0 {
+		a.paced = false
 	}
 	if a.queued == 0 || a.timer || !now.Before(a.holdUntil) {
 		return
