@@ -121,6 +121,11 @@ type Cache struct {
 	TTL Duration `toml:"ttl"`
 	// NegativeTTL is how long a 404 is remembered. Default 5s; 0 disables.
 	NegativeTTL Duration `toml:"negative_ttl"`
+	// WriteLag is how long after a write through the fleet a 404 to a read
+	// of its scopes is answered but not stored: Twilio's own
+	// read-after-write lag can answer 404 for a moment right after a
+	// create. Default 5s; 0 stores such a 404 as any other.
+	WriteLag Duration `toml:"write_lag"`
 	// MaxBytes bounds the memory of cached entries (body + headers). Default 64MiB.
 	MaxBytes ByteSize `toml:"max_bytes"`
 	// MaxEntryBytes is the largest response body that is stored. Default 1MiB.
@@ -231,6 +236,7 @@ func Default() Config {
 		Cache: Cache{
 			TTL:           Duration(30 * time.Second),
 			NegativeTTL:   Duration(5 * time.Second),
+			WriteLag:      Duration(5 * time.Second),
 			MaxBytes:      64 << 20,
 			MaxEntryBytes: 1 << 20,
 			StaleIfError:  Duration(60 * time.Second),
@@ -535,6 +541,9 @@ func (c Config) Validate() error {
 	}
 	if c.Cache.NegativeTTL < 0 {
 		bad("cache.negative_ttl", "must be >= 0")
+	}
+	if c.Cache.WriteLag < 0 {
+		bad("cache.write_lag", "must be >= 0")
 	}
 	if c.Cache.MaxBytes < 1<<20 {
 		bad("cache.max_bytes", "must be at least 1MiB")

@@ -262,6 +262,12 @@ func (i *Invalidator) currentAt(now int64) bool {
 	return now-i.heard.Load() < i.wait.Nanoseconds()
 }
 
+// WrittenWithin reports whether this replica heard of a write to any of
+// tags, its own or another replica's, less than d ago.
+func (i *Invalidator) WrittenWithin(tags []string, d time.Duration) bool {
+	return i.local.WrittenWithin(tags, d)
+}
+
 // Valid checks this replica's marks; nothing is valid while the replica is
 // not trusted (not hearing the stream, or not yet counted by writers) or
 // its stream is behind.

@@ -102,6 +102,18 @@ func (l *Local) since(tags []string) uint64 {
 	return latest
 }
 
+// WrittenWithin reports whether any of tags was invalidated less than d
+// ago (marks are kept for the retention, longer than any d asked).
+func (l *Local) WrittenWithin(tags []string, d time.Duration) bool {
+	since := l.clock.Now().Add(-d)
+	for _, t := range tags {
+		if m, ok := l.marks.Load(t); ok && m.(mark).at.After(since) {
+			return true
+		}
+	}
+	return false
+}
+
 // Scopes is the number of remembered invalidations (it walks them: for
 // tests and stats, not the request path).
 func (l *Local) Scopes() int {

@@ -51,6 +51,9 @@ type record struct {
 	rt      route.Match
 	// intent is a write's, announced to the fleet (nil: none).
 	intent invalidation.Intent
+	// formTags are the scopes a write's form names beyond its path
+	// (route.Match.FormTags).
+	formTags []string
 }
 
 type recordKey struct{}

@@ -47,7 +47,7 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 	}
 	// The key is looked up as a view of rec's buffer (no allocation on a
 	// hit); the loader copies it before anything can keep it.
-	kb := appendKey(rec.keyBuf[:0], &rec.rt, r.URL.RawQuery, rec.cred)
+	kb := appendKey(rec.keyBuf[:0], &rec.rt, route.NormalQuery(r.URL.RawQuery), rec.cred)
 	q := &rec.query
 	*q = load.Query{Key: unsafe.String(unsafe.SliceData(kb), len(kb)), Auth: auth, NoCache: noCache, Now: rec.start,
 		Timeout: up.timeout, Arg: r}
@@ -163,7 +163,15 @@ func (p *Proxy) answer(w *recordWriter, r *http.Request, rec *record, up *upstre
 		return
 	}
 	p.c.count(a.outcome)
-	p.writeEntry(w, r, rec.hdr.conditional, a.entry, a.status, a.age)
+	var body []byte // the entry's own
+	if rec.rt.List() != route.NotAList && rec.rt.Replaced && a.entry.Status == http.StatusOK {
+		// A page is stored as the upstream sent it; its page URLs point
+		// at the base URL this client used, as a pass-through page's do.
+		if out, ok := rewritePages(a.entry.Body, p.ups[rec.rt.Upstream].hosts, p.clientBase(r, rec.rt.Base)); ok {
+			body = out
+		}
+	}
+	p.writeEntry(w, r, rec.hdr.conditional, a.entry, body, a.status, a.age)
 }
 
 // fetchInfo is the proxy's account of a fill's upstream call, for the
@@ -231,11 +239,16 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 	case http.StatusOK:
 		ttl = p.fresh.TTL
 		var ids route.BodyIDs
-		if json.Unmarshal(body, &ids) == nil {
+		if m.List() != route.NotAList {
+			e.Tags = append(e.Tags, m.ListTags(r.URL.Query(), body)...)
+		} else if json.Unmarshal(body, &ids) == nil {
 			e.Tags = append(e.Tags, route.EntryBodyTags(m.Upstream, &ids)...)
 		}
 	case http.StatusNotFound:
 		ttl = p.fresh.NegativeTTL
+		if p.fresh.WriteLag > 0 && p.writtenWithin(e.Tags, p.fresh.WriteLag) {
+			ttl = 0 // Twilio may not show what was just written yet: ask again next time
+		}
 	}
 	e.Compact(storedHeader(resp.Header, len(body)))
 	res.status, res.dur = resp.StatusCode, now.Sub(start)
@@ -244,6 +257,15 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 		e.Keep = cache.At(now.Add(ttl + max(p.fresh.StaleIfError, p.fresh.StaleWhileRevalidate)))
 	}
 	return e, nil
+}
+
+// writtenWithin reports whether the invalidator heard of a write to any
+// of tags less than d ago (false if it keeps no times).
+func (p *Proxy) writtenWithin(tags []string, d time.Duration) bool {
+	w, ok := p.inv.(interface {
+		WrittenWithin(tags []string, d time.Duration) bool
+	})
+	return ok && w.WrittenWithin(tags, d)
 }
 
 // fetchPanicked logs a fetch's panic (the loader answers its readers
@@ -273,11 +295,11 @@ func putFetchBuf(b *bytes.Buffer) {
 	}
 }
 
-// writeEntry sends a shared entry, or a 304 or 412 when the request's
-// conditional headers say so (a 200 entry only). The entry's header
-// slices are shared read-only (stored clipped, so an append elsewhere
-// copies).
-func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, conditional bool, e *cache.Entry, cacheStatus, age []string) {
+// writeEntry sends a shared entry with body (nil: its own; else its
+// page URLs rewritten), or a 304 or 412 when the request's conditional headers say
+// so (a 200 entry only). The entry's header slices are shared read-only
+// (stored clipped, so an append elsewhere copies).
+func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, conditional bool, e *cache.Entry, body []byte, cacheStatus, age []string) {
 	status := e.Status
 	if status == http.StatusOK && conditional {
 		switch code := precondition(r.Method, r.Header, e); code {
@@ -298,9 +320,14 @@ func (p *Proxy) writeEntry(w http.ResponseWriter, r *http.Request, conditional b
 	if age != nil {
 		h["Age"] = age
 	}
+	if body == nil {
+		body = e.Body
+	} else if status != http.StatusNotModified {
+		h["Content-Length"] = []string{strconv.Itoa(len(body))}
+	}
 	w.WriteHeader(status)
 	if status != http.StatusNotModified && r.Method != http.MethodHead {
-		_, _ = w.Write(e.Body)
+		_, _ = w.Write(body)
 	}
 }
 

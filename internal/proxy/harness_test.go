@@ -221,7 +221,7 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 	}
 	h.invalidator = o.Invalidator
 	c := s.cfg
-	o.Freshness = Freshness{TTL: c.Cache.TTL.D(), NegativeTTL: c.Cache.NegativeTTL.D(), StaleIfError: c.Cache.StaleIfError.D(),
+	o.Freshness = Freshness{TTL: c.Cache.TTL.D(), NegativeTTL: c.Cache.NegativeTTL.D(), WriteLag: c.Cache.WriteLag.D(), StaleIfError: c.Cache.StaleIfError.D(),
 		StaleWhileRevalidate: c.Cache.StaleWhileRevalidate.D(), MaxEntryBytes: int64(c.Cache.MaxEntryBytes)}
 	o.Retry = Retry{Max: c.RateLimit.MaxRetries, Base: c.RateLimit.BackoffBase.D(), Cap: c.RateLimit.BackoffMax.D(), ReplayBytes: int64(c.RateLimit.ReplayBytes), MaxWait: c.RateLimit.MaxWait.D()}
 	o.MaxBodyBytes, o.WriteTimeout = int64(c.Server.MaxBodyBytes), c.Server.WriteTimeout.D()

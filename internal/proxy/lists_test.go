@@ -52,15 +52,16 @@ func TestListPagesStayBehindTheSidecar(t *testing.T) {
 	}
 }
 
-// A list answer too large to buffer (over 1 MiB) streams unchanged, and
-// is counted.
+// A pass-through list answer (here a participant list read with
+// no-store) too large to buffer (over 1 MiB) streams unchanged, and is
+// counted.
 func TestALargeListStreamsUnchangedAndIsCounted(t *testing.T) {
 	h := newHarness(t)
 	long := strings.Repeat("x", 1000)
 	for i := range 1200 {
 		h.conv.AddParticipant(conv1, twiliofake.Participant{Sid: twiliofake.SID("MB", 2000+i), Identity: long})
 	}
-	s, _, body := readResp(t, h.do("GET", "/conversations/v1/Conversations/"+conv1+"/Participants?PageSize=1000", basic(acctA, tokenA)))
+	s, _, body := readResp(t, h.do("GET", "/conversations/v1/Conversations/"+conv1+"/Participants?PageSize=1000", basic(acctA, tokenA), "Cache-Control", "no-store"))
 	if s != 200 || len(body) <= bufferedResponseBytes {
 		t.Fatalf("status %d, %d bytes: want a 200 over %d bytes", s, len(body), bufferedResponseBytes)
 	}

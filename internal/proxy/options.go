@@ -29,6 +29,10 @@ type Upstream struct {
 type Freshness struct {
 	// TTL is how long a 200 is fresh; NegativeTTL a 404.
 	TTL, NegativeTTL time.Duration
+	// WriteLag: a 404 to a read whose scopes were written (through this
+	// replica or the fleet, as its Invalidator heard) less than this long
+	// ago is answered but not stored (Twilio's read-after-create lag).
+	WriteLag time.Duration
 	// StaleIfError serves an expired entry for this long past expiry when
 	// the upstream fails; StaleWhileRevalidate serves it at once while one
 	// background fetch refreshes it. 0: off.

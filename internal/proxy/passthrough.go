@@ -31,6 +31,9 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rec *record, up 
 		rec.pageBase = p.clientBase(r, rec.rt.Base)
 	}
 	ctx := r.Context()
+	if isWrite(r.Method) && rec.rt.Joins() {
+		rec.formTags = readFormTags(r, &rec.rt)
+	}
 	if p.intents != nil && isWrite(r.Method) {
 		var cancel context.CancelFunc
 		var ok bool
@@ -55,7 +58,7 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rec *record, up 
 // if neither the answer nor a failure did. !ok: it was refused (answered
 // 503, nothing sent). A write whose path names no scope is not announced.
 func (p *Proxy) announce(ctx context.Context, w http.ResponseWriter, rec *record) (context.Context, context.CancelFunc, bool) {
-	tags := rec.rt.WriteTags()
+	tags := append(rec.rt.WriteTags(), rec.formTags...)
 	if len(tags) == 0 {
 		return ctx, func() {}, true
 	}
@@ -72,6 +75,28 @@ func (p *Proxy) announce(ctx context.Context, w http.ResponseWriter, rec *record
 		cancel()
 		in.End(context.WithoutCancel(ctx), true, nil)
 	}, true
+}
+
+// maxFormBytes bounds the write forms read for the scopes they name
+// (a participant's form is well under a kilobyte).
+const maxFormBytes = 64 << 10
+
+// readFormTags reads a write's form for the identity and address scopes
+// it names (route.Match.FormTags) and puts the body back for the
+// upstream. A body that is not a form of known length up to maxFormBytes
+// is not read: it names every identity and address.
+func readFormTags(r *http.Request, m *route.Match) []string {
+	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
+		return m.FormTags(nil, false)
+	}
+	ct, _, _ := strings.Cut(r.Header.Get("Content-Type"), ";")
+	if r.ContentLength < 0 || r.ContentLength > maxFormBytes || !strings.EqualFold(strings.TrimSpace(ct), "application/x-www-form-urlencoded") {
+		return m.FormTags(nil, true)
+	}
+	b, err := io.ReadAll(io.LimitReader(r.Body, r.ContentLength))
+	r.Body = readCloser{io.MultiReader(bytes.NewReader(b), errReader(err), r.Body), r.Body}
+	form, perr := url.ParseQuery(string(b))
+	return m.FormTags(form, err != nil || perr != nil)
 }
 
 func isWrite(method string) bool {
@@ -119,7 +144,7 @@ func (p *Proxy) endWrite(ctx context.Context, rec *record, applied bool, bodyTag
 		rec.intent.End(ctx, applied, extra)
 		return
 	}
-	if tags := append(rec.rt.WriteTags(), extra...); applied && len(tags) > 0 {
+	if tags := append(append(rec.rt.WriteTags(), rec.formTags...), extra...); applied && len(tags) > 0 {
 		p.inv.Invalidate(ctx, tags)
 	}
 }

@@ -1,6 +1,9 @@
 package route
 
-import "strings"
+import (
+	"encoding/json"
+	"strings"
+)
 
 // Match is where one request goes and what it means for the cache. It is a
 // value with its scopes inline, so routing a cache hit allocates nothing.
@@ -20,6 +23,8 @@ type Match struct {
 	id   int  // index in Labels
 	ids  [maxScopes][2]string
 	nids int
+	// within: ids[i] is a Row.Within scope (read, not written).
+	within [maxScopes]bool
 	// identity is the segment of Row.Identity (decoded): a user's identity,
 	// or a SID.
 	identity string
@@ -41,9 +46,18 @@ func (m *Match) Cacheable() bool { return m.row != nil && m.row.Cached }
 // conversation or session itself.
 func (m *Match) Resource() bool { return m.row != nil && m.row.Resource }
 
-func (m *Match) scope(kind, id string) {
+func (m *Match) scope(kind, id string, within bool) {
 	m.ids[m.nids] = [2]string{kind, id}
+	m.within[m.nids] = within
 	m.nids++
+}
+
+// List says what the route lists (NotAList for a fetch or a write).
+func (m *Match) List() ListKind {
+	if m.row == nil {
+		return NotAList
+	}
+	return m.row.List
 }
 
 // ReadTags are the scopes a read's entry belongs to: its path (for purge),
@@ -57,6 +71,9 @@ func (m *Match) ReadTags() []string {
 	if m.identity != "" && !SIDLike(m.identity) {
 		out = append(out, ScopeTag(m.Upstream, kindIdentity, m.identity), ScopeTag(m.Upstream, kindIdentity, "*"))
 	}
+	if m.row != nil && m.row.List == Participants {
+		out = append(out, ScopeTag(m.Upstream, kindMembers, m.ids[0][1]))
+	}
 	return out
 }
 
@@ -65,7 +82,10 @@ func (m *Match) ReadTags() []string {
 // entries know only by SID).
 func (m *Match) WriteTags() []string {
 	var out []string
-	for _, kv := range m.ids[:m.nids] {
+	for i, kv := range m.ids[:m.nids] {
+		if m.within[i] {
+			continue
+		}
 		out = append(out, ScopeTag(m.Upstream, kv[0], kv[1]))
 		if !SIDLike(kv[1]) {
 			out = append(out, ScopeTag(m.Upstream, kv[0], "*"))
@@ -159,6 +179,21 @@ type BodyIDs struct {
 	SessionSid      string `json:"session_sid"`
 	ServiceSid      string `json:"service_sid"`
 	Identity        string `json:"identity"`
+	// MessagingBinding is a v1 participant's channel: its address names
+	// the ParticipantConversations pages read by address.
+	MessagingBinding json.RawMessage `json:"messaging_binding"`
+}
+
+// bindingAddress is a messaging binding's address ("" if it has none or
+// is not an object).
+func bindingAddress(raw json.RawMessage) string {
+	var b struct {
+		Address string `json:"address"`
+	}
+	if len(raw) == 0 || json.Unmarshal(raw, &b) != nil {
+		return ""
+	}
+	return b.Address
 }
 
 // BodyTags returns the scopes named inside a JSON response of upstream up:
@@ -177,6 +212,7 @@ func BodyTags(up Upstream, b *BodyIDs, resource bool) []string {
 		add(kindConv, b.ConversationID)
 		add(kindSvc, b.ChatServiceSid)
 		add(kindIdentity, b.Identity) // a participant's or user's identity
+		add(kindAddress, bindingAddress(b.MessagingBinding))
 	} else {
 		add(kindSess, b.SessionSid)
 		add(kindSvc, b.ServiceSid)

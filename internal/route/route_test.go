@@ -49,7 +49,12 @@ func TestClassifyScopes(t *testing.T) {
 		{Conversations, pathV2, true, "conversations|conv:" + v2conv},
 		{Proxy, pathProxy, true, "proxy|sess:" + sess1 + " proxy|svc:" + ksvc},
 		{Conversations, "/v1/Conversations/" + conv1, false, "conversations|conv:" + conv1},
-		{Conversations, "/v1/Conversations/" + conv1 + "/Participants", false, "conversations|conv:" + conv1},
+		{Conversations, "/v1/Conversations/" + conv1 + "/Participants", true, "conversations|conv:" + conv1},
+		// Under a service: its reads carry the service's scope, its writes
+		// do not invalidate it.
+		{Conversations, "/v1/Services/" + isvc + "/Conversations/" + conv2 + "/Participants", true, "conversations|conv:" + conv2},
+		{Proxy, "/v1/Services/" + ksvc + "/Sessions/" + sess1 + "/Participants", true, "proxy|sess:" + sess1},
+		{Conversations, "/v1/ParticipantConversations", true, ""},
 		{Conversations, "/v1/Conversations/" + conv1 + "/Messages", false, ""},
 		{Conversations, "/v1/Services/" + isvc, false, "conversations|svc:" + isvc},
 		{Conversations, "/v1/Users/US1/Conversations/" + conv1, false, "conversations|conv:" + conv1},
@@ -78,6 +83,14 @@ func TestClassifyScopes(t *testing.T) {
 			for _, tag := range rt.WriteTags() {
 				want = append(want, tag, tag[:strings.Index(tag, ":")+1]+"*")
 			}
+			if strings.Contains(tc.path, "/Services/") && strings.HasSuffix(tc.path, "/Participants") {
+				svc := map[Upstream]string{Conversations: isvc, Proxy: ksvc}[tc.up]
+				want = append(want, ScopeTag(tc.up, kindSvc, svc), ScopeTag(tc.up, kindSvc, "*"))
+			}
+			if rt.List() == Participants { // the members scope participant events name
+				id := tc.path[strings.LastIndex(tc.path[:len(tc.path)-len("/Participants")], "/")+1 : len(tc.path)-len("/Participants")]
+				want = append(want, ScopeTag(tc.up, kindMembers, id))
+			}
 		}
 		if got := rt.ReadTags(); tc.cacheable && strings.Join(got, " ") != strings.Join(want, " ") {
 			t.Errorf("%s: read tags %q, want %q", tc.path, got, want)
@@ -90,7 +103,9 @@ func TestClassifyScopes(t *testing.T) {
 // last; a Match's ID indexes its label.
 func TestLabelsDeriveFromTheTable(t *testing.T) {
 	want := []string{"conversations.v1.participant", "conversations.v1.service_participant", "conversations.v2.participant",
-		"proxy.v1.participant", "conversations.other", "proxy.other", "unrouted"}
+		"proxy.v1.participant", "conversations.v1.participants", "conversations.v1.service_participants", "conversations.v2.participants",
+		"proxy.v1.participants", "conversations.v1.participant_conversations", "conversations.v1.service_participant_conversations",
+		"conversations.other", "proxy.other", "unrouted"}
 	if got := Labels(); strings.Join(got, " ") != strings.Join(want, " ") {
 		t.Fatalf("labels %q, want %q", got, want)
 	}
@@ -100,7 +115,8 @@ func TestLabelsDeriveFromTheTable(t *testing.T) {
 	r := twilioRouter(t)
 	for path, label := range map[string]string{pathConv: "conversations.v1.participant", pathSvc: "conversations.v1.service_participant",
 		pathV2: "conversations.v2.participant", "/proxy" + pathProxy: "proxy.v1.participant",
-		"/v1/Conversations": "conversations.other", "/proxy/v1/Services/" + ksvc: "proxy.other"} {
+		"/v1/Conversations": "conversations.other", "/proxy/v1/Services/" + ksvc: "proxy.other",
+		"/v1/ParticipantConversations": "conversations.v1.participant_conversations"} {
 		m, err := r.Resolve("GET", "localhost", "", path)
 		if err != nil || m.Name() != label || Labels()[m.ID()] != label {
 			t.Errorf("%s: %q (id %d) %v, want %q", path, m.Name(), m.ID(), err, label)
@@ -114,13 +130,14 @@ func TestANewCachedRouteIsOneRow(t *testing.T) {
 	table := append(append([]Row(nil), Table...), Row{Name: "conversations.v1.role", Upstream: Conversations, Cached: true,
 		Pattern: "/v1/Roles/{role}", Scopes: []string{"role"}})
 	r := compile(table)
-	if got := r.labels[4]; got != "conversations.v1.role" || r.labels[len(r.labels)-1] != "unrouted" {
+	n := len(Labels()) - int(NumUpstreams) - 1 // the cached rows before it
+	if got := r.labels[n]; got != "conversations.v1.role" || r.labels[len(r.labels)-1] != "unrouted" {
 		t.Fatalf("labels %q", r.labels)
 	}
 	rows := r.byLen[Conversations][3]
 	var found bool
 	for _, c := range rows {
-		if c.row.Name == "conversations.v1.role" && c.id == 4 && c.nscopes == 1 && c.scopes[0].pos == 2 {
+		if c.row.Name == "conversations.v1.role" && c.id == n && c.nscopes == 1 && c.scopes[0].pos == 2 {
 			found = true
 		}
 	}
@@ -135,7 +152,9 @@ func TestMalformedTablesAreRefused(t *testing.T) {
 		"cached row without a name": {{Upstream: Conversations, Pattern: "/v1/X/{conv}", Cached: true}},
 		"overlapping rows": {{Upstream: Proxy, Pattern: "/v1/Services/{svc}"},
 			{Upstream: Proxy, Pattern: "/v1/{x}/KS1"}},
-		"too many scopes": {{Upstream: Proxy, Pattern: "/v1/{a}/{b}/{c}", Scopes: []string{"a", "b", "c"}}},
+		"too many scopes":               {{Upstream: Proxy, Pattern: "/v1/{a}/{b}/{c}", Scopes: []string{"a", "b", "c"}}},
+		"too many scopes within":        {{Upstream: Proxy, Pattern: "/v1/{a}/{b}/{c}", Scopes: []string{"a", "b"}, Within: []string{"c"}}},
+		"a participant list of nothing": {{Name: "x", Upstream: Proxy, Pattern: "/v1/X/{a}", Cached: true, List: Participants}},
 	} {
 		t.Run(name, func(t *testing.T) {
 			defer func() {

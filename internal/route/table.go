@@ -56,7 +56,34 @@ type Row struct {
 	// does not say which identity it changes, so it invalidates every
 	// identity's reads.
 	User bool
+	// Within are variables of Pattern naming what the route is under (a
+	// service): its reads carry their scopes, so a write to that resource
+	// invalidates them, but a write to this route does not invalidate
+	// them (adding a participant does not change its service).
+	Within []string
+	// List: the route is a list of participants or of a participant's
+	// conversations; each page is an entry (ListTags).
+	List ListKind
+	// Joins: a write here may add a participant or change its identity or
+	// address (Conversations v1); its form names them (FormTags).
+	Joins bool
 }
+
+// ListKind says what a list route lists.
+type ListKind uint8
+
+const (
+	NotAList ListKind = iota
+	// Participants: a conversation's or session's participants. Its pages
+	// carry the members scope of the conversation or session (the first
+	// of Scopes), which participant events name.
+	Participants
+	// ParticipantConversations: the conversations of the participant its
+	// query names (Identity, Address). Its pages carry the identity or
+	// address scope the query names, and the scopes of every conversation
+	// and participant they list (ListTags).
+	ParticipantConversations
+)
 
 // Scope kinds.
 const (
@@ -67,6 +94,11 @@ const (
 	kindIdentity = "identity"
 	// kindParticipant scopes an entry to the participant its body is.
 	kindParticipant = "participant"
+	// kindAddress scopes reads to the messaging address they name (a
+	// participant's phone number or channel address).
+	kindAddress = "address"
+	// kindMembers scopes a conversation's or session's participant lists.
+	kindMembers = "members"
 )
 
 // Table lists every route cacheproxy treats specially; anything else under
@@ -75,36 +107,46 @@ const (
 var Table = []Row{
 	// The cached participant reads.
 	{Name: "conversations.v1.participant", Upstream: Conversations, Cached: true,
-		Pattern: "/v1/Conversations/{conv}/Participants/{participant}", Scopes: []string{kindConv}, Identity: "participant"},
+		Pattern: "/v1/Conversations/{conv}/Participants/{participant}", Scopes: []string{kindConv}, Identity: "participant", Joins: true},
 	{Name: "conversations.v1.service_participant", Upstream: Conversations, Cached: true,
-		Pattern: "/v1/Services/{svc}/Conversations/{conv}/Participants/{participant}", Scopes: []string{kindConv, kindSvc}, Identity: "participant"},
+		Pattern: "/v1/Services/{svc}/Conversations/{conv}/Participants/{participant}", Scopes: []string{kindConv, kindSvc}, Identity: "participant", Joins: true},
 	{Name: "conversations.v2.participant", Upstream: Conversations, Cached: true,
 		Pattern: "/v2/Conversations/{conv}/Participants/{participant}", Scopes: []string{kindConv}},
 	{Name: "proxy.v1.participant", Upstream: Proxy, Cached: true,
 		Pattern: "/v1/Services/{svc}/Sessions/{sess}/Participants/{participant}", Scopes: []string{kindSess, kindSvc}},
 
+	// The cached participant lists (a write to one creates a participant).
+	{Name: "conversations.v1.participants", Upstream: Conversations, Cached: true, List: Participants,
+		Pattern: "/v1/Conversations/{conv}/Participants", Scopes: []string{kindConv}, Joins: true},
+	{Name: "conversations.v1.service_participants", Upstream: Conversations, Cached: true, List: Participants,
+		Pattern: "/v1/Services/{svc}/Conversations/{conv}/Participants", Scopes: []string{kindConv}, Within: []string{kindSvc}, Joins: true},
+	{Name: "conversations.v2.participants", Upstream: Conversations, Cached: true, List: Participants,
+		Pattern: "/v2/Conversations/{conv}/Participants", Scopes: []string{kindConv}},
+	{Name: "proxy.v1.participants", Upstream: Proxy, Cached: true, List: Participants,
+		Pattern: "/v1/Services/{svc}/Sessions/{sess}/Participants", Scopes: []string{kindSess}, Within: []string{kindSvc}},
+	{Name: "conversations.v1.participant_conversations", Upstream: Conversations, Cached: true, List: ParticipantConversations,
+		Pattern: "/v1/ParticipantConversations"},
+	{Name: "conversations.v1.service_participant_conversations", Upstream: Conversations, Cached: true, List: ParticipantConversations,
+		Pattern: "/v1/Services/{svc}/ParticipantConversations", Within: []string{kindSvc}},
+
 	// Writes to these invalidate the scopes they name.
 	{Upstream: Conversations, Pattern: "/v1/Services/{svc}", Scopes: []string{kindSvc}},
 	{Upstream: Conversations, Pattern: "/v1/Conversations", Resource: true},
-	{Upstream: Conversations, Pattern: "/v1/ConversationWithParticipants", Resource: true},
+	{Upstream: Conversations, Pattern: "/v1/ConversationWithParticipants", Resource: true, Joins: true},
 	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/Conversations", Resource: true},
-	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/ConversationWithParticipants", Resource: true},
+	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/ConversationWithParticipants", Resource: true, Joins: true},
 	{Upstream: Conversations, Pattern: "/v1/Conversations/{conv}", Scopes: []string{kindConv}, Resource: true},
 	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/Conversations/{conv}", Scopes: []string{kindConv}, Resource: true},
-	{Upstream: Conversations, Pattern: "/v1/Conversations/{conv}/Participants", Scopes: []string{kindConv}},
-	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/Conversations/{conv}/Participants", Scopes: []string{kindConv}},
 	{Upstream: Conversations, Pattern: "/v1/Users/{user}/Conversations/{conv}", Scopes: []string{kindConv}},
 	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/Users/{user}/Conversations/{conv}", Scopes: []string{kindConv}},
 	{Upstream: Conversations, Pattern: "/v1/Users/{user}", Identity: "user", User: true},
 	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/Users/{user}", Identity: "user", User: true},
 	{Upstream: Conversations, Pattern: "/v2/Conversations", Resource: true},
 	{Upstream: Conversations, Pattern: "/v2/Conversations/{conv}", Scopes: []string{kindConv}, Resource: true},
-	{Upstream: Conversations, Pattern: "/v2/Conversations/{conv}/Participants", Scopes: []string{kindConv}},
 	{Upstream: Conversations, Pattern: "/v2/Conversations/{conv}/Actions", Scopes: []string{kindConv}},
 	{Upstream: Proxy, Pattern: "/v1/Services/{svc}", Scopes: []string{kindSvc}},
 	{Upstream: Proxy, Pattern: "/v1/Services/{svc}/Sessions", Resource: true},
 	{Upstream: Proxy, Pattern: "/v1/Services/{svc}/Sessions/{sess}", Scopes: []string{kindSess}, Resource: true},
-	{Upstream: Proxy, Pattern: "/v1/Services/{svc}/Sessions/{sess}/Participants", Scopes: []string{kindSess}},
 }
 
 // maxScopes is how many scopes one path can name (Match keeps them inline).
@@ -117,8 +159,9 @@ type compiled struct {
 	id     int   // label index
 	lits   []lit // literal segments
 	scopes [maxScopes]struct {
-		kind string
-		pos  int
+		kind   string
+		pos    int
+		within bool // Row.Within: read, not written
 	}
 	nscopes  int
 	identity int // position of Row.Identity, or -1
@@ -162,7 +205,8 @@ func compile(table []Row) *rules {
 	for i := range table {
 		row := &table[i]
 		segs := strings.Split(strings.TrimPrefix(row.Pattern, "/"), "/")
-		if !strings.HasPrefix(row.Pattern, "/") || len(segs) > maxSegments || len(row.Scopes) > maxScopes || row.Cached != (row.Name != "") {
+		if !strings.HasPrefix(row.Pattern, "/") || len(segs) > maxSegments || len(row.Scopes)+len(row.Within) > maxScopes ||
+			row.Cached != (row.Name != "") || row.List == Participants && len(row.Scopes) == 0 {
 			panic(fmt.Sprintf("route: malformed row %+v", *row))
 		}
 		c := compiled{row: row, id: ncached + int(row.Upstream)} // "<upstream>.other"
@@ -186,12 +230,12 @@ func compile(table []Row) *rules {
 			}
 			c.identity = pos
 		}
-		for _, kind := range row.Scopes {
+		for i, kind := range append(row.Scopes[:len(row.Scopes):len(row.Scopes)], row.Within...) {
 			pos, ok := vars[kind]
 			if !ok {
 				panic(fmt.Sprintf("route: scope %q is not a variable of %s", kind, row.Pattern))
 			}
-			c.scopes[c.nscopes].kind, c.scopes[c.nscopes].pos = kind, pos
+			c.scopes[c.nscopes].kind, c.scopes[c.nscopes].pos, c.scopes[c.nscopes].within = kind, pos, i >= len(row.Scopes)
 			c.nscopes++
 		}
 		for _, other := range r.byLen[row.Upstream][len(segs)] {
@@ -243,7 +287,7 @@ rows:
 		}
 		m.row, m.id = c.row, c.id
 		for _, s := range c.scopes[:c.nscopes] {
-			m.scope(s.kind, unescape(segs[s.pos]))
+			m.scope(s.kind, unescape(segs[s.pos]), s.within)
 		}
 		if c.identity >= 0 {
 			m.identity = unescape(segs[c.identity])

@@ -25,6 +25,7 @@ func SID(prefix string, n int) string { return fmt.Sprintf("%s%032x", prefix, n)
 type Participant struct {
 	Sid        string // MB…, KP… or conv_participant_…
 	Identity   string // Conversations v1 identity, Proxy identifier, v2 name
+	Address    string // Conversations v1 messaging binding's address
 	Attributes string
 	Updated    int // bumped by every update
 }
@@ -172,6 +173,10 @@ func (f *Fake) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		f.participant(w, r, account, s[2], s[4], s[6:], proxyJSON)
 	case len(s) >= 4 && s[0] == "v2" && s[1] == "Conversations" && s[3] == "Participants":
 		f.participant(w, r, account, "", s[2], s[4:], v2JSON)
+	case len(s) == 2 && s[0] == "v1" && s[1] == "ParticipantConversations" && r.Method == http.MethodGet:
+		f.participantConversations(w, r, account, "")
+	case len(s) == 4 && s[0] == "v1" && s[1] == "Services" && s[3] == "ParticipantConversations" && r.Method == http.MethodGet:
+		f.participantConversations(w, r, account, s[2])
 	case len(s) == 3 && s[0] == "v1" && s[1] == "Conversations" && r.Method == http.MethodDelete:
 		f.mu.Lock()
 		delete(f.convs, f.resolveConv(s[2]))
@@ -224,11 +229,23 @@ func (f *Fake) participant(w http.ResponseWriter, r *http.Request, account, serv
 			Error(w, http.StatusBadRequest, 20001, "bad form")
 			return
 		}
-		p = &Participant{Sid: SID("MB", len(c.parts)+1000), Identity: r.PostForm.Get("Identity"), Attributes: r.PostForm.Get("Attributes")}
+		p = &Participant{Sid: SID("MB", len(c.parts)+1000), Identity: r.PostForm.Get("Identity"), Attributes: r.PostForm.Get("Attributes"),
+			Address: r.PostForm.Get("MessagingBinding.Address")}
 		c.parts[p.Sid] = p
 		writeJSON(w, http.StatusCreated, view(account, service, cid, p, r.URL.Path+"/"+p.Sid))
 	case len(rest) == 0 && r.Method == http.MethodGet:
-		f.list(w, r, account, service, cid, c, view)
+		sids := make([]string, 0, len(c.parts))
+		for sid := range c.parts {
+			sids = append(sids, sid)
+		}
+		slices.Sort(sids)
+		host := "conversations.twilio.com"
+		if strings.HasPrefix(cid, "KC") {
+			host = "proxy.twilio.com"
+		}
+		page(w, r, host, "participants", len(sids), func(i int) any {
+			return view(account, service, cid, c.parts[sids[i]], r.URL.Path+"/"+sids[i])
+		})
 	case p == nil:
 		f.notFound(w, r)
 	case r.Method == http.MethodGet:
@@ -240,6 +257,9 @@ func (f *Fake) participant(w http.ResponseWriter, r *http.Request, account, serv
 			return
 		}
 		p.Attributes = attrs
+		if id := r.PostForm.Get("Identity"); id != "" {
+			p.Identity = id
+		}
 		p.Updated++
 		writeJSON(w, http.StatusOK, view(account, service, cid, p, r.URL.Path))
 	case r.Method == http.MethodDelete:
@@ -250,37 +270,80 @@ func (f *Fake) participant(w http.ResponseWriter, r *http.Request, account, serv
 	}
 }
 
-// list answers a page of a conversation's participants (by SID) as
-// Twilio does: PageSize (default 50) and Page (from 0), and a meta whose
-// page URLs are absolute, on Twilio's public host whatever host the
-// request came to. Callers hold f.mu.
-func (f *Fake) list(w http.ResponseWriter, r *http.Request, account, service, cid string, c *conversation, view render) {
-	size, _ := strconv.Atoi(r.URL.Query().Get("PageSize"))
+// page answers one page of a list of n items as Twilio does: PageSize
+// (default 50) and Page (from 0), and a meta whose page URLs are
+// absolute, on Twilio's public host whatever host the request came to,
+// with the list's other parameters kept.
+func page(w http.ResponseWriter, r *http.Request, host, key string, n int, item func(int) any) {
+	q := r.URL.Query()
+	size, _ := strconv.Atoi(q.Get("PageSize"))
 	if size <= 0 {
 		size = 50
 	}
-	page, _ := strconv.Atoi(r.URL.Query().Get("Page"))
-	sids := make([]string, 0, len(c.parts))
-	for sid := range c.parts {
-		sids = append(sids, sid)
-	}
-	slices.Sort(sids)
+	pg, _ := strconv.Atoi(q.Get("Page"))
 	items := []any{}
-	for _, sid := range sids[min(page*size, len(sids)):min((page+1)*size, len(sids))] {
-		items = append(items, view(account, service, cid, c.parts[sid], r.URL.Path+"/"+sid))
+	for i := min(pg*size, n); i < min((pg+1)*size, n); i++ {
+		items = append(items, item(i))
 	}
-	at := func(n int) string {
-		return fmt.Sprintf("https://conversations.twilio.com%s?PageSize=%d&Page=%d", r.URL.Path, size, n)
+	q.Del("PageSize")
+	q.Del("Page")
+	q.Del("PageToken")
+	others := q.Encode() // Twilio's order: the list's own parameters, then the page's
+	if others != "" {
+		others += "&"
 	}
-	meta := map[string]any{"page": page, "page_size": size, "first_page_url": at(0), "url": at(page),
-		"previous_page_url": nil, "next_page_url": nil, "key": "participants"}
-	if page > 0 {
-		meta["previous_page_url"] = at(page - 1)
+	at := func(k int) string {
+		return fmt.Sprintf("https://%s%s?%sPageSize=%d&Page=%d", host, r.URL.Path, others, size, k)
 	}
-	if (page+1)*size < len(sids) {
-		meta["next_page_url"] = at(page + 1)
+	meta := map[string]any{"page": pg, "page_size": size, "first_page_url": at(0), "url": at(pg),
+		"previous_page_url": nil, "next_page_url": nil, "key": key}
+	if pg > 0 {
+		meta["previous_page_url"] = at(pg - 1)
 	}
-	writeJSON(w, http.StatusOK, map[string]any{"participants": items, "meta": meta})
+	if (pg+1)*size < n {
+		meta["next_page_url"] = at(pg + 1)
+	}
+	writeJSON(w, http.StatusOK, map[string]any{key: items, "meta": meta})
+}
+
+// participantConversations lists the v1 conversations (under service,
+// or any) that have a participant with the Identity or Address the query
+// names, in conversation order.
+func (f *Fake) participantConversations(w http.ResponseWriter, r *http.Request, account, service string) {
+	identity, address := r.URL.Query().Get("Identity"), r.URL.Query().Get("Address")
+	if identity == "" && address == "" {
+		Error(w, http.StatusBadRequest, 20001, "Identity or Address is required")
+		return
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	type found struct {
+		cid string
+		c   *conversation
+		p   *Participant
+	}
+	var items []found
+	for cid, c := range f.convs {
+		if !strings.HasPrefix(cid, "CH") || service != "" && c.service != service {
+			continue
+		}
+		for _, p := range c.parts {
+			if identity != "" && p.Identity == identity || address != "" && p.Address == address {
+				items = append(items, found{cid, c, p})
+			}
+		}
+	}
+	slices.SortFunc(items, func(a, b found) int { return strings.Compare(a.cid+a.p.Sid, b.cid+b.p.Sid) })
+	page(w, r, "conversations.twilio.com", "conversations", len(items), func(i int) any {
+		it := items[i]
+		var binding any
+		if it.p.Address != "" {
+			binding = map[string]any{"type": "sms", "address": it.p.Address}
+		}
+		return map[string]any{"account_sid": account, "chat_service_sid": it.c.service, "participant_sid": it.p.Sid,
+			"participant_identity": it.p.Identity, "participant_messaging_binding": binding, "conversation_sid": it.cid,
+			"conversation_unique_name": it.c.uniqueName, "conversation_state": "active"}
+	})
 }
 
 // readAttributes takes Attributes from a form (v1, Proxy) or "name" from
@@ -333,7 +396,7 @@ const stamp = "2026-01-01T00:00:00Z"
 func v1JSON(account, service, conv string, p *Participant, url string) any {
 	m := map[string]any{
 		"account_sid": account, "conversation_sid": conv, "sid": p.Sid, "identity": p.Identity,
-		"attributes": p.Attributes, "messaging_binding": nil, "role_sid": nil,
+		"attributes": p.Attributes, "messaging_binding": binding(p), "role_sid": nil,
 		"date_created": stamp, "date_updated": stamp, "url": "https://conversations.twilio.com" + url,
 		"last_read_message_index": p.Updated, "last_read_timestamp": nil,
 	}
@@ -341,6 +404,14 @@ func v1JSON(account, service, conv string, p *Participant, url string) any {
 		m["chat_service_sid"] = service
 	}
 	return m
+}
+
+// binding is a v1 participant's messaging binding (nil: chat only).
+func binding(p *Participant) any {
+	if p.Address == "" {
+		return nil
+	}
+	return map[string]any{"type": "sms", "address": p.Address, "proxy_address": "+15005550006"}
 }
 
 func proxyJSON(account, service, sess string, p *Participant, url string) any {

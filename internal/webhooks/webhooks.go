@@ -514,7 +514,9 @@ func eventTags(src source, body []byte, isJSON bool) (tags, kinds []string) {
 	return tags, kinds
 }
 
-// fields are an event's string fields (others are ignored).
+// fields are an event's string fields, and those of the objects in it
+// one level down under their dotted names ("MessagingBinding.Address",
+// as a form names them); others are ignored.
 type fields map[string]string
 
 func (f *fields) UnmarshalJSON(b []byte) error {
@@ -525,30 +527,44 @@ func (f *fields) UnmarshalJSON(b []byte) error {
 	*f = fields{}
 	for k, v := range raw {
 		var s string
-		if json.Unmarshal(v, &s) == nil {
+		var inner map[string]json.RawMessage
+		switch {
+		case json.Unmarshal(v, &s) == nil:
 			(*f)[k] = s
+		case json.Unmarshal(v, &inner) == nil:
+			for ik, iv := range inner {
+				if json.Unmarshal(iv, &s) == nil {
+					(*f)[k+"."+ik] = s
+				}
+			}
 		}
 	}
 	return nil
 }
 
-// participantTags: the participant's reads, whatever path they used; when
-// one joins or leaves, also the reads that name its identity (a "not
-// found" remembered before it joined).
-func participantTags(sid, identity string, membership bool) []string {
-	out := []string{route.ParticipantTag(sid)}
-	if membership && identity != "" {
-		out = append(out, route.IdentityTag(identity))
+// participantTags: the participant's reads, whatever path they used; its
+// conversation's participant lists; and the reads that name its identity
+// or address (a "not found" remembered before it joined, the
+// ParticipantConversations pages that do not list its conversation yet,
+// or list it under an identity it no longer has).
+func participantTags(f fields) []string {
+	out := []string{route.ParticipantTag(f["ParticipantSid"])}
+	if c := f["ConversationSid"]; c != "" {
+		out = append(out, route.MembersTag(route.Conversations, c))
+	}
+	if id := f["Identity"]; id != "" {
+		out = append(out, route.IdentityTag(id))
+	}
+	if a := f["MessagingBinding.Address"]; a != "" {
+		out = append(out, route.AddressTag(a))
 	}
 	return out
 }
 
 func conversationsV1Tags(eventType string, f fields) []string {
 	switch eventType {
-	case "onParticipantAdded", "onParticipantRemoved":
-		return participantTags(f["ParticipantSid"], f["Identity"], true)
-	case "onParticipantUpdated":
-		return participantTags(f["ParticipantSid"], f["Identity"], false)
+	case "onParticipantAdded", "onParticipantRemoved", "onParticipantUpdated":
+		return participantTags(f)
 	case "onConversationUpdated", "onConversationRemoved", "onConversationStateUpdated":
 		return []string{route.ConversationTag(f["ConversationSid"])}
 	case "onUserUpdated", "onUserRemoved":
@@ -559,10 +575,9 @@ func conversationsV1Tags(eventType string, f fields) []string {
 
 func eventStreamsTags(typ string, f fields) []string {
 	switch typ {
-	case "com.twilio.conversations.participant.added", "com.twilio.conversations.participant.removed":
-		return participantTags(f["ParticipantSid"], f["Identity"], true)
-	case "com.twilio.conversations.participant.updated":
-		return participantTags(f["ParticipantSid"], f["Identity"], false)
+	case "com.twilio.conversations.participant.added", "com.twilio.conversations.participant.removed",
+		"com.twilio.conversations.participant.updated":
+		return participantTags(f)
 	case "com.twilio.conversations.conversation.updated", "com.twilio.conversations.conversation.removed",
 		"com.twilio.conversations.conversation-state.updated":
 		return []string{route.ConversationTag(f["ConversationSid"])}
@@ -580,7 +595,11 @@ func orchestratorTags(typ string, f fields) []string {
 		if id == "" {
 			id = f["id"]
 		}
-		return []string{route.ParticipantTag(id)}
+		out := []string{route.ParticipantTag(id)}
+		if conv != "" {
+			out = append(out, route.MembersTag(route.Conversations, conv))
+		}
+		return out
 	case "CONVERSATION_UPDATED", "CONVERSATION_DELETED", "CONVERSATION_REMOVED", "CONVERSATION_CLOSED":
 		if conv == "" {
 			conv = f["id"]

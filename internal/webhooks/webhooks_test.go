@@ -135,14 +135,19 @@ func postJSON(t *testing.T, h http.Handler, tok, path, body string) *httptest.Re
 
 func TestConversationsWebhooksInvalidateWhatTheyChange(t *testing.T) {
 	base := map[string]string{"AccountSid": account, "ConversationSid": conv, "ParticipantSid": member, "Identity": identity,
-		"ChatServiceSid": chatSvc, "UserSid": userSid, "Source": "SDK"}
+		"ChatServiceSid": chatSvc, "UserSid": userSid, "Source": "SDK", "MessagingBinding.Address": "+15005550001"}
+	// A participant event names the participant, its conversation's
+	// participant lists, and the reads by its identity and address (the
+	// ParticipantConversations pages that list it, or should).
+	participant := []string{route.ParticipantTag(member), route.MembersTag(route.Conversations, conv), route.IdentityTag(identity),
+		route.AddressTag("+15005550001")}
 	for _, tc := range []struct {
 		event string
 		want  []string
 	}{
-		{"onParticipantUpdated", []string{route.ParticipantTag(member)}},
-		{"onParticipantAdded", []string{route.ParticipantTag(member), route.IdentityTag(identity)}},
-		{"onParticipantRemoved", []string{route.ParticipantTag(member), route.IdentityTag(identity)}},
+		{"onParticipantUpdated", participant},
+		{"onParticipantAdded", participant},
+		{"onParticipantRemoved", participant},
 		{"onConversationUpdated", []string{route.ConversationTag(conv)}},
 		{"onConversationRemoved", []string{route.ConversationTag(conv)}},
 		{"onConversationStateUpdated", []string{route.ConversationTag(conv)}},
@@ -190,7 +195,8 @@ func TestEventStreamsSinkInvalidatesEachEvent(t *testing.T) {
 			t.Fatalf("status %d: %s", w.Code, w.Body)
 		}
 	}
-	want := []string{route.ParticipantTag(member), route.ConversationTag(conv), route.IdentityTag(identity)}
+	want := []string{route.ParticipantTag(member), route.MembersTag(route.Conversations, conv), route.IdentityTag(identity),
+		route.AddressTag("+15005550001"), route.ConversationTag(conv), route.IdentityTag(identity)}
 	got := rec.all()
 	if len(got) != 2 || !reflect.DeepEqual(got[0], want) || !reflect.DeepEqual(got[1], want) {
 		t.Fatalf("invalidated %v, want %v twice", got, want)
@@ -199,16 +205,17 @@ func TestEventStreamsSinkInvalidatesEachEvent(t *testing.T) {
 
 func TestOrchestratorCallbacksInvalidateV2Reads(t *testing.T) {
 	h, rec, _ := newHandler(t, "")
-	for body, want := range map[string]string{
-		`{"eventType":"PARTICIPANT_UPDATED","timestamp":"2026-01-01T00:00:00Z","data":{"id":"` + v2part + `","conversationId":"` + v2conv + `"}}`: route.ParticipantTag(v2part),
-		`{"eventType":"CONVERSATION_UPDATED","timestamp":"2026-01-01T00:00:00Z","data":{"id":"` + v2conv + `"}}`:                                  route.ConversationTag(v2conv),
+	for body, want := range map[string][]string{
+		`{"eventType":"PARTICIPANT_UPDATED","timestamp":"2026-01-01T00:00:00Z","data":{"id":"` + v2part + `","conversationId":"` + v2conv + `"}}`: {
+			route.ParticipantTag(v2part), route.MembersTag(route.Conversations, v2conv)},
+		`{"eventType":"CONVERSATION_UPDATED","timestamp":"2026-01-01T00:00:00Z","data":{"id":"` + v2conv + `"}}`: {route.ConversationTag(v2conv)},
 	} {
 		before := len(rec.all())
 		if w := postJSON(t, h, token, "/webhooks/orchestrator", body); w.Code != http.StatusNoContent {
 			t.Fatalf("status %d: %s", w.Code, w.Body)
 		}
 		got := rec.all()
-		if len(got) != before+1 || !reflect.DeepEqual(got[before], []string{want}) {
+		if len(got) != before+1 || !reflect.DeepEqual(got[before], want) {
 			t.Fatalf("%s: invalidated %v, want [%s]", body, got[before:], want)
 		}
 	}

@@ -29,7 +29,7 @@ func proxyOptions(cfg config.Config) proxy.Options {
 			route.Proxy:         up(cfg.Upstreams.Proxy),
 		},
 		Freshness: proxy.Freshness{
-			TTL: c.TTL.D(), NegativeTTL: c.NegativeTTL.D(),
+			TTL: c.TTL.D(), NegativeTTL: c.NegativeTTL.D(), WriteLag: c.WriteLag.D(),
 			StaleIfError: c.StaleIfError.D(), StaleWhileRevalidate: c.StaleWhileRevalidate.D(),
 			MaxEntryBytes: int64(c.MaxEntryBytes),
 		},

@@ -147,6 +147,12 @@ func (r *Replica) Deliver() {
 // Epoch is r's own epoch.
 func (r *Replica) Epoch() uint64 { return r.local.Epoch() }
 
+// WrittenWithin reports whether r heard of a write to any of tags less
+// than d ago.
+func (r *Replica) WrittenWithin(tags []string, d time.Duration) bool {
+	return r.local.WrittenWithin(tags, d)
+}
+
 // Valid checks r's own marks, and nothing is valid while its stream is held.
 func (r *Replica) Valid(epoch uint64, tags []string) bool {
 	r.hub.mu.Lock()
