@@ -72,6 +72,19 @@ async function main() {
   for (const pg of pages) {
     assert.ok(pg.uri.startsWith(base), `a page went around the sidecar: ${pg.uri}`);
   }
+  // Listed again: every page is answered from the cache, the same records.
+  const before = http.seen.length;
+  const again = await client.conversations.v1.conversations(conv).participants.list({ pageSize: 2 });
+  assert.deepEqual(again.map((p) => p.sid), listed.map((p) => p.sid));
+  const second = http.seen.slice(before);
+  assert.ok(second.length >= 3, `the second pass read ${second.length} pages`);
+  for (const pg of second) {
+    assert.match(pg.cacheStatus, /^cacheproxy; hit; ttl=/, JSON.stringify(pg));
+  }
+  // An update between passes is seen by the next one.
+  await client.conversations.v1.conversations(conv).participants(member).update({ attributes: '{"v":"listed"}' });
+  const third = await client.conversations.v1.conversations(conv).participants.list({ pageSize: 2 });
+  assert.equal(third.find((p) => p.sid === member).attributes, '{"v":"listed"}');
   console.log(JSON.stringify({ ok: true, requests: http.seen.length, pages: pages.length }));
 }
 

@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"errors"
+	"fmt"
 	"net/http"
 	"net/url"
 	"reflect"
@@ -148,6 +149,59 @@ func TestTwilioGoIdentitiesWithReservedCharacters(t *testing.T) {
 			if calls, wantCalls := h.conv.Total()-before, int64(2-round); calls != wantCalls {
 				t.Fatalf("%q round %d: %d upstream calls, want %d", id, round, calls, wantCalls)
 			}
+		}
+	}
+}
+
+// Issue 36, point 6: twilio-go lists a conversation's participants (three
+// pages of two) and a participant's conversations through the sidecar,
+// twice: the second pass is answered from the cache, every page; an
+// update between passes is seen by the next one.
+func TestTwilioGoListsThroughTheProxy(t *testing.T) {
+	for _, keepHost := range []bool{true, false} {
+		h := newHarness(t)
+		for i := range 5 {
+			h.conv.AddParticipant(conv1, twiliofake.Participant{Sid: twiliofake.SID("MB", 500+i), Identity: fmt.Sprint("lister", i)})
+		}
+		via := twilioClient(acctA, tokenA, rewrite{hostOf(h.srv.URL), keepHost})
+		list := func() []conversationsv1.ConversationsV1ConversationParticipant {
+			t.Helper()
+			got, err := via.ConversationsV1.ListConversationParticipant(conv1, (&conversationsv1.ListConversationParticipantParams{}).SetPageSize(2))
+			if err != nil || len(got) != 6 {
+				t.Fatalf("host kept %v: listed %d, %v; want 6", keepHost, len(got), err)
+			}
+			h.settle()
+			return got
+		}
+		pages := func() int { return h.conv.Calls("GET", "/v1/Conversations/"+conv1+"/Participants") }
+		first := list()
+		if pages() != 3 {
+			t.Fatalf("host kept %v: the first pass made %d upstream calls, want 3 (its pages)", keepHost, pages())
+		}
+		if second := list(); !reflect.DeepEqual(second, first) || pages() != 3 {
+			t.Fatalf("host kept %v: the second pass made %d upstream calls in all, want 3 (every page a hit)", keepHost, pages())
+		}
+		params := (&conversationsv1.UpdateConversationParticipantParams{}).SetAttributes(`{"v":"listed"}`)
+		if _, err := via.ConversationsV1.UpdateConversationParticipant(conv1, member1, params); err != nil {
+			t.Fatal(err)
+		}
+		seen := false
+		for _, p := range list() {
+			seen = seen || p.Sid != nil && *p.Sid == member1 && p.Attributes != nil && *p.Attributes == `{"v":"listed"}`
+		}
+		if !seen || pages() != 6 {
+			t.Fatalf("host kept %v: the pass after an update: seen %v, %d upstream calls in all, want 6", keepHost, seen, pages())
+		}
+		// A participant's conversations, twice: one upstream call.
+		for range 2 {
+			got, err := via.ConversationsV1.ListParticipantConversation((&conversationsv1.ListParticipantConversationParams{}).SetIdentity("alice@example.com"))
+			if err != nil || len(got) != 1 || got[0].ConversationSid == nil || *got[0].ConversationSid != conv1 {
+				t.Fatalf("host kept %v: alice's conversations: %+v %v", keepHost, got, err)
+			}
+			h.settle()
+		}
+		if n := h.conv.Calls("GET", "/v1/ParticipantConversations"); n != 1 {
+			t.Fatalf("host kept %v: %d upstream calls for alice's conversations read twice, want 1", keepHost, n)
 		}
 	}
 }
