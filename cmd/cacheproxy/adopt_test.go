@@ -9,6 +9,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"cacheproxy/internal/route"
 )
 
 // repoFile is a file of the repository, from this package's directory.
@@ -262,7 +264,8 @@ func TestReadmeIsAManual(t *testing.T) {
 	if !strings.Contains(walk, "/readyz") || !strings.Contains(walk, "kill $(jobs -p)") {
 		t.Error("the fleet walkthrough neither waits for readiness nor cleans up")
 	}
-	hooks := section(t, readme, "## Writes made elsewhere")
+	section(t, readme, "## Writes made elsewhere")
+	hooks := repoFile(t, "docs/webhooks.md") // the setup steps the README points at
 	console, api := map[string]bool{}, map[string]bool{}
 	_, after, _ := strings.Cut(hooks, "Global webhooks")
 	consoleText, apiText, _ := strings.Cut(after, "Or by API")
@@ -312,5 +315,29 @@ func TestCheckConfigPrintsOneReport(t *testing.T) {
 	}
 	if out, _, code := run(nil, "-config", f, "-check-config"); code != 1 || !strings.Contains(out, `cache.key_secret: holds "<redacted>"`) || !strings.Contains(out, "admin.purge_token") {
 		t.Errorf("-print-config's output fed back: exit %d\n%s", code, out)
+	}
+}
+
+// Issue 36, point 4: -routes lists every GET path of the three APIs by
+// the name [cache.routes] takes, with what this configuration caches;
+// -check-config refuses a name that is no route.
+func TestRoutesAreListedAndChecked(t *testing.T) {
+	out, code := exit(t, nil, "-routes", "-set", "cache.routes=conversations.v1.conversation=10s,conversations.v1.participants=0s")
+	for _, want := range []string{
+		"conversations.v1.conversation                         conversations  /v1/Conversations/{C}                                                         yes, 10s",
+		"conversations.v1.participants                         conversations  /v1/Conversations/{C}/Participants                                            no (ttl 0s)",
+		"proxy.v1.participant                                  proxy          /v1/Services/{KS}/Sessions/{KC}/Participants/{Sid}                            by default, 30s",
+		"conversations.v1.messages                             conversations  /v1/Conversations/{C}/Messages                                                on request",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("-routes lacks %q:\n%s", want, out)
+		}
+	}
+	if code != 0 || strings.Count(out, "\n") != len(route.Named())+1 {
+		t.Fatalf("-routes: exit %d, %d lines for %d routes", code, strings.Count(out, "\n"), len(route.Named()))
+	}
+	out, code = exit(t, nil, "-check-config", "-set", "cache.routes=conversations.v1.convo=10s")
+	if code == 0 || !strings.Contains(out, `cache.routes."conversations.v1.convo": no such route`) {
+		t.Fatalf("a route that does not exist: exit %d, %q", code, out)
 	}
 }

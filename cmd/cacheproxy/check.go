@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"text/tabwriter"
 
 	"cacheproxy/internal/config"
 	"cacheproxy/internal/fleet"
+	"cacheproxy/internal/route"
 
 	"github.com/BurntSushi/toml"
 )
@@ -95,4 +97,48 @@ func hideURLPasswords(s string) string {
 		}
 	}
 	return strings.Join(parts, ",")
+}
+
+// printRoutes lists every named route (route.Named: each GET path of the
+// three APIs), its upstream and path, and what this configuration does
+// with it: cached for how long, or not.
+func printRoutes(cfg config.Config, w io.Writer) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ROUTE\tUPSTREAM\tGET PATH\tCACHED")
+	for _, r := range route.Named() {
+		state := "on request ([cache.routes] ttl)"
+		if r.Cached {
+			state = "by default, " + cfg.Cache.TTL.D().String()
+		}
+		if rc, set := cfg.Cache.Routes[r.Name]; set {
+			state = "yes, " + rc.TTL.D().String()
+			if rc.TTL == 0 {
+				state = "no (ttl 0s)"
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", r.Name, r.Upstream, shownPattern(r), state)
+	}
+	return tw.Flush()
+}
+
+// shownPattern is a route's path with its variables named as the README
+// names them: {C} a conversation, {IS} or {KS} a service, {KC} a session,
+// {Sid} anything else.
+func shownPattern(r route.Row) string {
+	segs := strings.Split(r.Pattern, "/")
+	for i, s := range segs {
+		switch {
+		case s == "{conv}":
+			segs[i] = "{C}"
+		case s == "{svc}" && r.Upstream == route.Proxy:
+			segs[i] = "{KS}"
+		case s == "{svc}":
+			segs[i] = "{IS}"
+		case s == "{sess}":
+			segs[i] = "{KC}"
+		case strings.HasPrefix(s, "{"):
+			segs[i] = "{Sid}"
+		}
+	}
+	return strings.Join(segs, "/")
 }

@@ -51,6 +51,7 @@ func (s *setFlags) Set(v string) error { *s = append(*s, v); return nil }
 type flags struct {
 	configPath                                     string
 	version, demo, checkCfg, printCfg, healthcheck bool
+	routes                                         bool
 	sets                                           setFlags
 }
 
@@ -65,9 +66,10 @@ func parseFlags(args []string, stderr io.Writer) (*flags, error) {
 	fs.BoolVar(&f.checkCfg, "check-config", false, "load the configuration as a start would (file, environment, -set), run every check a start runs without binding or connecting, print each problem naming its key, and exit non-zero on any")
 	fs.BoolVar(&f.printCfg, "print-config", false, "print the effective configuration as TOML (secrets shown as \"<redacted>\", which a config may not hold), then exit")
 	fs.BoolVar(&f.healthcheck, "healthcheck", false, "probe this configuration's admin /healthz and exit 0 if healthy (for container HEALTHCHECKs: no shell tools needed)")
+	fs.BoolVar(&f.routes, "routes", false, "list every route [cache.routes] may name (each GET path of the three APIs) with its path and whether this configuration caches it, then exit")
 	fs.Var(&f.sets, "set", "override one config key, `key=value` (repeatable), e.g. -set cache.ttl=10s")
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "usage: cacheproxy [-config FILE] [-set key=value ...] [-demo] [-check-config] [-print-config] [-version] [-healthcheck]\n\nFlags:\n")
+		fmt.Fprintf(stderr, "usage: cacheproxy [-config FILE] [-set key=value ...] [-demo] [-check-config] [-print-config] [-routes] [-version] [-healthcheck]\n\nFlags:\n")
 		fs.PrintDefaults()
 		fmt.Fprintf(stderr, "\nConfig keys (TOML; env %sKEY overrides the file, -set overrides env):\n", config.EnvPrefix)
 		for _, k := range config.Keys() {
@@ -100,6 +102,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 		return err
 	case f.printCfg:
 		return printConfig(cfg, stdout)
+	case f.routes:
+		return printRoutes(cfg, stdout)
 	case f.healthcheck:
 		return probe(cfg.AdminListen)
 	}

@@ -6,9 +6,11 @@ package config
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/url"
 	"reflect"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -121,6 +123,13 @@ type Cache struct {
 	TTL Duration `toml:"ttl"`
 	// NegativeTTL is how long a 404 is remembered. Default 5s; 0 disables.
 	NegativeTTL Duration `toml:"negative_ttl"`
+	// Routes turns caching on for a route by its name (`cacheproxy
+	// -routes` lists them: every GET path of the three APIs), with its
+	// own ttl; a route cached by default takes its ttl from here too, and
+	// "0s" turns it off. In a file: [cache.routes."conversations.v1.conversation"]
+	// ttl = "10s"; with -set or the environment:
+	// cache.routes=conversations.v1.conversation=10s,conversations.v1.messages=5s.
+	Routes Routes `toml:"routes"`
 	// WriteLag is how long after a write through the fleet a 404 to a read
 	// of its scopes is answered but not stored: Twilio's own
 	// read-after-write lag can answer 404 for a moment right after a
@@ -144,6 +153,37 @@ type Cache struct {
 	// StaleWhileRevalidate serves an entry up to this long past its TTL at
 	// once while one background fetch per key refreshes it. Default 0 (off).
 	StaleWhileRevalidate Duration `toml:"stale_while_revalidate"`
+}
+
+// Routes are the [cache.routes] tables, by route name.
+type Routes map[string]RouteCache
+
+// RouteCache is one route's [cache.routes."<name>"] table.
+type RouteCache struct {
+	// TTL is how long its 200s are fresh (its 404s keep negative_ttl).
+	TTL Duration `toml:"ttl"`
+}
+
+// UnmarshalText reads cache.routes from -set or the environment:
+// name=ttl pairs, comma-separated.
+func (r *Routes) UnmarshalText(b []byte) error {
+	out := Routes{}
+	for _, kv := range strings.Split(string(b), ",") {
+		if kv = strings.TrimSpace(kv); kv == "" {
+			continue
+		}
+		name, ttl, ok := strings.Cut(kv, "=")
+		if !ok {
+			return fmt.Errorf("want name=ttl pairs, comma-separated: %q", kv)
+		}
+		var d Duration
+		if err := d.UnmarshalText([]byte(ttl)); err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		out[strings.TrimSpace(name)] = RouteCache{TTL: d}
+	}
+	*r = out
+	return nil
 }
 
 // Server holds the client-facing HTTP server's limits.
@@ -329,7 +369,7 @@ func loadFile(path string, keys map[string]reflect.Value) ([]error, error) {
 		for _, name := range names {
 			key, v := prefix+name, table[name]
 			if f, ok := keys[key]; ok {
-				if err := md.PrimitiveDecode(v, f.Addr().Interface()); err != nil {
+				if err := decode(md, v, f); err != nil {
 					errs = append(errs, fmt.Errorf("config %s: %s: %w", path, key, unwrapTOML(err)))
 				}
 				continue
@@ -343,7 +383,27 @@ func loadFile(path string, keys map[string]reflect.Value) ([]error, error) {
 		}
 	}
 	walk("", top)
+	for _, k := range md.Undecoded() { // a route's table holds ttl only
+		if len(k) == 4 && k[0] == "cache" && k[1] == "routes" {
+			errs = append(errs, fmt.Errorf("config %s: unknown key %s in [cache.routes.%q] (it takes ttl)", path, k[3], k[2]))
+		}
+	}
 	return errs, nil
+}
+
+// decode sets f from the TOML value v. A map (cache.routes) may be a
+// table of tables, or a string its UnmarshalText reads.
+func decode(md toml.MetaData, v toml.Primitive, f reflect.Value) error {
+	err := md.PrimitiveDecode(v, f.Addr().Interface())
+	if err == nil || f.Kind() != reflect.Map {
+		return err
+	}
+	plain := reflect.New(reflect.MapOf(f.Type().Key(), f.Type().Elem()))
+	if md.PrimitiveDecode(v, plain.Interface()) != nil {
+		return err
+	}
+	f.Set(plain.Elem().Convert(f.Type()))
+	return nil
 }
 
 // hasPrefix reports whether a key begins with prefix (a table of keys).
@@ -544,6 +604,14 @@ func (c Config) Validate() error {
 	}
 	if c.Cache.WriteLag < 0 {
 		bad("cache.write_lag", "must be >= 0")
+	}
+	for _, name := range slices.Sorted(maps.Keys(c.Cache.Routes)) {
+		switch {
+		case !route.Known(name):
+			bad(fmt.Sprintf("cache.routes.%q", name), "no such route (cacheproxy -routes lists them)")
+		case c.Cache.Routes[name].TTL < 0:
+			bad(fmt.Sprintf("cache.routes.%q.ttl", name), "must be >= 0")
+		}
 	}
 	if c.Cache.MaxBytes < 1<<20 {
 		bad("cache.max_bytes", "must be at least 1MiB")

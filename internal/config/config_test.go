@@ -306,3 +306,47 @@ func TestRedactedSecretsAreRefused(t *testing.T) {
 		}
 	}
 }
+
+// Issue 36, point 4: [cache.routes."<name>"] tables, or name=ttl pairs
+// from -set and the environment; a name that is no route, or a negative
+// ttl, is refused naming its key.
+func TestCacheRoutes(t *testing.T) {
+	dir := t.TempDir()
+	file := dir + "/c.toml"
+	if err := os.WriteFile(file, []byte(`[cache.routes."conversations.v1.conversation"]
+ttl = "10s"
+[cache.routes."conversations.v1.participants"]
+ttl = "0s"
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(file, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Routes{"conversations.v1.conversation": {Duration(10 * time.Second)}, "conversations.v1.participants": {0}}
+	if !reflect.DeepEqual(c.Cache.Routes, want) {
+		t.Fatalf("from the file: %+v, want %+v", c.Cache.Routes, want)
+	}
+	c, err = Load("", []string{"CACHEPROXY_CACHE_ROUTES=proxy.v1.session=5s"}, []string{"cache.routes=conversations.v1.messages=1m, proxy.v1.sessions=2s"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (Routes{"conversations.v1.messages": {Duration(time.Minute)}, "proxy.v1.sessions": {Duration(2 * time.Second)}}); !reflect.DeepEqual(c.Cache.Routes, want) {
+		t.Fatalf("from -set (over the environment): %+v, want %+v", c.Cache.Routes, want)
+	}
+	_, err = Load("", nil, []string{"cache.routes=conversations.v1.conversatoin=10s,proxy.v1.session=-1s"})
+	if err == nil || !strings.Contains(err.Error(), `cache.routes."conversations.v1.conversatoin": no such route`) ||
+		!strings.Contains(err.Error(), `cache.routes."proxy.v1.session".ttl: must be >= 0`) {
+		t.Fatalf("a misspelt name and a negative ttl: %v", err)
+	}
+	if _, err := Load("", nil, []string{"cache.routes=conversations.v1.conversation"}); err == nil {
+		t.Fatal("a name without its ttl was accepted")
+	}
+	if err := os.WriteFile(file, []byte("[cache.routes.\"conversations.v1.conversation\"]\ntll = \"10s\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(file, nil, nil); err == nil || !strings.Contains(err.Error(), "unknown key tll") {
+		t.Fatalf("a misspelt ttl: %v", err)
+	}
+}

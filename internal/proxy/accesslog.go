@@ -51,9 +51,10 @@ type record struct {
 	rt      route.Match
 	// intent is a write's, announced to the fleet (nil: none).
 	intent invalidation.Intent
-	// formTags are the scopes a write's form names beyond its path
-	// (route.Match.FormTags).
-	formTags []string
+	// extraTags are the scopes a write names beyond its path's: its
+	// form's (route.Match.FormTags), and with routes cached on request,
+	// the resources it touches (route.Match.TreeTags).
+	extraTags []string
 }
 
 type recordKey struct{}

@@ -54,6 +54,21 @@ func (p *Proxy) serveCached(w *recordWriter, r *http.Request, rec *record, up *u
 	p.answer(w, r, rec, up, p.reply(r, rec, p.load.Load(r.Context(), q)))
 }
 
+// setTTLs gives each named route its ttl: cache.routes', else TTL for a
+// route cached by default, else none.
+func (p *Proxy) setTTLs(f Freshness) {
+	for i, row := range route.Named() { // named rows come first, in label order
+		ttl, set := f.Routes[row.Name]
+		switch {
+		case !set && row.Cached:
+			ttl = f.TTL
+		case set && row.OnRequest && ttl > 0:
+			p.onRequest = true
+		}
+		p.ttls[i] = ttl
+	}
+}
+
 // variant is a read's Accept and Accept-Language values (load.Config's
 // Variant, asked on a miss only): the fetch forwards the first reader's
 // (a response may vary on them), so only reads that send the same values
@@ -237,7 +252,7 @@ func (p *Proxy) fetchUpstream(ctx context.Context, r *http.Request, m *route.Mat
 	var ttl time.Duration
 	switch resp.StatusCode {
 	case http.StatusOK:
-		ttl = p.fresh.TTL
+		ttl = p.ttls[m.ID()]
 		var ids route.BodyIDs
 		if m.List() != route.NotAList {
 			e.Tags = append(e.Tags, m.ListTags(r.URL.Query(), body)...)

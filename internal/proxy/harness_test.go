@@ -222,7 +222,10 @@ func newHarness(t testing.TB, opts ...harnessOpt) *harness {
 	h.invalidator = o.Invalidator
 	c := s.cfg
 	o.Freshness = Freshness{TTL: c.Cache.TTL.D(), NegativeTTL: c.Cache.NegativeTTL.D(), WriteLag: c.Cache.WriteLag.D(), StaleIfError: c.Cache.StaleIfError.D(),
-		StaleWhileRevalidate: c.Cache.StaleWhileRevalidate.D(), MaxEntryBytes: int64(c.Cache.MaxEntryBytes)}
+		StaleWhileRevalidate: c.Cache.StaleWhileRevalidate.D(), MaxEntryBytes: int64(c.Cache.MaxEntryBytes), Routes: map[string]time.Duration{}}
+	for name, rc := range c.Cache.Routes {
+		o.Freshness.Routes[name] = rc.TTL.D()
+	}
 	o.Retry = Retry{Max: c.RateLimit.MaxRetries, Base: c.RateLimit.BackoffBase.D(), Cap: c.RateLimit.BackoffMax.D(), ReplayBytes: int64(c.RateLimit.ReplayBytes), MaxWait: c.RateLimit.MaxWait.D()}
 	o.MaxBodyBytes, o.WriteTimeout = int64(c.Server.MaxBodyBytes), c.Server.WriteTimeout.D()
 	o.UnauthorizedTTL = c.RateLimit.UnauthorizedTTL.D()

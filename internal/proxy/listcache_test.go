@@ -9,7 +9,9 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
+	"cacheproxy/internal/config"
 	"cacheproxy/internal/redistest"
 	"cacheproxy/internal/twiliofake"
 )
@@ -371,4 +373,69 @@ func TestFleetSharesAndInvalidatesLists(t *testing.T) {
 			t.Fatalf("%s: carol's conversations after she joined through B: %q %s", name, cs, body)
 		}
 	}
+}
+
+// Issue 36, point 4: [cache.routes."<name>"] turns caching on for any GET
+// of the three APIs, with its own ttl; "0s" turns a default route off.
+// Its invalidation follows the path: a write to a resource invalidates
+// every cached read under it and the list it is in; a create, the list.
+func TestAnyReadOnRequest(t *testing.T) {
+	msgs := "/v1/Conversations/" + conv1 + "/Messages"
+	im1, im2 := msgs+"/"+twiliofake.SID("IM", 1), msgs+"/"+twiliofake.SID("IM", 2)
+	convPath := "/v1/Conversations/" + conv1
+	h := newHarness(t, func(s *setup) {
+		s.cfg.Cache.Routes = config.Routes{"conversations.v1.conversation": {TTL: config.Duration(10 * time.Second)},
+			"conversations.v1.messages": {TTL: config.Duration(10 * time.Second)}, "conversations.v1.message": {TTL: config.Duration(10 * time.Second)},
+			"conversations.v1.participant": {TTL: config.Duration(5 * time.Second)}, "conversations.v1.participants": {TTL: 0}}
+	})
+	cached := func(reads ...string) {
+		t.Helper()
+		for _, r := range reads {
+			if !h.hitAfter(r) {
+				t.Fatalf("%s is not cached", r)
+			}
+		}
+	}
+	fresh := func(reads ...string) {
+		t.Helper()
+		for _, r := range reads {
+			if _, cs, _ := h.get(r); strings.Contains(cs, "hit") {
+				t.Fatalf("%s: %q, want it fetched again", r, cs)
+			}
+		}
+	}
+	cached(convPath, msgs, im1, im2)
+	if _, cs, _ := h.get(convPath); cs != "cacheproxy; hit; ttl=10" {
+		t.Fatalf("a route's own ttl: %q", cs)
+	}
+	h.get(pathConv)
+	h.settle()
+	if _, cs, _ := h.get(pathConv); cs != "cacheproxy; hit; ttl=5" {
+		t.Fatalf("a default route's ttl set: %q", cs)
+	}
+	h.get(listConv)
+	h.settle()
+	if _, cs, _ := h.get(listConv); cs != "" {
+		t.Fatalf("a default route turned off: %q, want a pass-through", cs)
+	}
+	if _, cs, _ := h.get("/v1/Roles"); cs != "" {
+		t.Fatalf("a route not turned on: %q, want a pass-through", cs)
+	}
+	post := func(path string) {
+		t.Helper()
+		resp := h.doBody("POST", path, basic(acctA, tokenA), strings.NewReader("Body=hi"), "Content-Type", "application/x-www-form-urlencoded")
+		resp.Body.Close()
+	}
+	post(msgs) // a create: the list, nothing else
+	fresh(msgs)
+	cached(im1, convPath)
+	resp := h.do("DELETE", im1, basic(acctA, tokenA)) // a resource: it and its list
+	resp.Body.Close()
+	fresh(im1, msgs)
+	cached(im2, convPath)
+	post(convPath) // the conversation: everything under it
+	fresh(convPath, msgs, im2)
+	cached(convPath, msgs, im2)
+	post("/v1/Conversations/support-room") // by unique name: every conversation's
+	fresh(convPath, msgs, im2)
 }

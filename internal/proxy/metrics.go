@@ -73,10 +73,21 @@ func newMetrics(reg prometheus.Registerer, p *Proxy) *metrics {
 	requests := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "cacheproxy_requests_total", Help: "Client requests by route and cache outcome.",
 	}, []string{"route", "cache"})
+	// A route cached on request that is off counts as its upstream's
+	// other requests: a series of its own only once it is cached.
 	m.requests = make([][numOutcomes]prometheus.Counter, len(route.Labels()))
+	named := route.Named()
 	for i, r := range route.Labels() {
+		if i < len(named) && named[i].OnRequest && p.ttls[i] == 0 {
+			continue
+		}
 		for j, o := range outcomeNames {
 			m.requests[i][j] = requests.WithLabelValues(r, o)
+		}
+	}
+	for i := range named {
+		if m.requests[i][0] == nil {
+			m.requests[i] = m.requests[route.OtherID(named[i].Upstream)]
 		}
 	}
 	counter := func(name, help string, v func() int64) prometheus.Collector {

@@ -39,6 +39,10 @@ type Freshness struct {
 	StaleIfError, StaleWhileRevalidate time.Duration
 	// MaxEntryBytes: larger bodies are served, not stored.
 	MaxEntryBytes int64
+	// Routes are cache.routes: a route's own ttl by its name (route.Named):
+	// a route cached on request is cached with it, one cached by default
+	// takes it instead of TTL; 0 turns either off.
+	Routes map[string]time.Duration
 }
 
 // Retry configures how upstream 429s are retried.

@@ -32,7 +32,10 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rec *record, up 
 	}
 	ctx := r.Context()
 	if isWrite(r.Method) && rec.rt.Joins() {
-		rec.formTags = readFormTags(r, &rec.rt)
+		rec.extraTags = readFormTags(r, &rec.rt)
+	}
+	if isWrite(r.Method) && p.onRequest {
+		rec.extraTags = append(rec.extraTags, rec.rt.TreeTags()...)
 	}
 	if p.intents != nil && isWrite(r.Method) {
 		var cancel context.CancelFunc
@@ -58,7 +61,7 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rec *record, up 
 // if neither the answer nor a failure did. !ok: it was refused (answered
 // 503, nothing sent). A write whose path names no scope is not announced.
 func (p *Proxy) announce(ctx context.Context, w http.ResponseWriter, rec *record) (context.Context, context.CancelFunc, bool) {
-	tags := append(rec.rt.WriteTags(), rec.formTags...)
+	tags := append(rec.rt.WriteTags(), rec.extraTags...)
 	if len(tags) == 0 {
 		return ctx, func() {}, true
 	}
@@ -144,7 +147,7 @@ func (p *Proxy) endWrite(ctx context.Context, rec *record, applied bool, bodyTag
 		rec.intent.End(ctx, applied, extra)
 		return
 	}
-	if tags := append(append(rec.rt.WriteTags(), rec.formTags...), extra...); applied && len(tags) > 0 {
+	if tags := append(append(rec.rt.WriteTags(), rec.extraTags...), extra...); applied && len(tags) > 0 {
 		p.inv.Invalidate(ctx, tags)
 	}
 }

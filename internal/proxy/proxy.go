@@ -111,14 +111,19 @@ type Proxy struct {
 	hdrs   hitHeaders
 	stamp  clockText
 
-	refused  refusals
-	c        counters
-	m        *metrics
-	fresh    Freshness
-	maxBody  int64
-	maxFetch int64
-	writeTO  time.Duration
-	accounts int // accounts named in metrics and the summary (MaxAccountSeries)
+	refused refusals
+	c       counters
+	m       *metrics
+	fresh   Freshness
+	// ttls is each route's ttl by its label index (0: not cached), and
+	// onRequest whether any route cached on request is on (writes then
+	// name the scopes of the resources they touch: route.TreeTags).
+	ttls      []time.Duration
+	onRequest bool
+	maxBody   int64
+	maxFetch  int64
+	writeTO   time.Duration
+	accounts  int // accounts named in metrics and the summary (MaxAccountSeries)
 
 	hosts atomic.Pointer[pageHosts] // what page URLs may name (AnswerOn); nil: the request's Host
 }
@@ -191,9 +196,11 @@ func New(o Options) (*Proxy, error) {
 		accounts: cmp.Or(o.MaxAccountSeries, 100),
 		maxFetch: max(maxFetchBytes, f.MaxEntryBytes),
 		hdrs:     newHitHeaders(max(f.TTL, f.NegativeTTL)),
+		ttls:     make([]time.Duration, len(route.Labels())),
 		tracer:   newTracer(o.Tracing),
 	}
 	p.events = p.log.With().Timestamp().Logger()
+	p.setTTLs(f)
 	p.m = newMetrics(o.Registerer, p)
 	var l2 tier.Tier = tier.None{}
 	if o.L2 != nil {
@@ -309,7 +316,7 @@ func (p *Proxy) serve(w *recordWriter, r *http.Request, rec *record, auth string
 		return
 	}
 	up := p.ups[m.Upstream]
-	if m.Cacheable() && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
+	if p.ttls[m.ID()] > 0 && (r.Method == http.MethodGet || r.Method == http.MethodHead) {
 		p.serveCached(w, r, rec, up, auth)
 		return
 	}

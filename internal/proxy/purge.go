@@ -52,7 +52,7 @@ func (p *Proxy) PurgeHandler(token string, adminLoopback bool) http.Handler {
 				twilioError(w, rerr.Status, rerr.Msg)
 				return
 			}
-			if !m.Cacheable() {
+			if p.ttls[m.ID()] == 0 {
 				twilioError(w, http.StatusBadRequest, "not a cached route: "+m.Path)
 				return
 			}

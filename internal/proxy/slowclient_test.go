@@ -127,7 +127,7 @@ func testSlowReaderCut(t *testing.T, unwatched bool) {
 	_, _ = io.Copy(io.Discard, stalled)
 	var cut map[string]any
 	for _, l := range h.logs.lines(t) {
-		if l["message"] == "request" && l["route"] == "conversations.other" {
+		if l["message"] == "request" && l["route"] == "conversations.v1.messages" {
 			cut = l
 		}
 	}

@@ -74,6 +74,9 @@ func (m *Match) ReadTags() []string {
 	if m.row != nil && m.row.List == Participants {
 		out = append(out, ScopeTag(m.Upstream, kindMembers, m.ids[0][1]))
 	}
+	if m.OnRequest() {
+		out = append(out, m.treeReadTags()...)
+	}
 	return out
 }
 

@@ -2,6 +2,7 @@ package route
 
 import (
 	"encoding/json"
+	"slices"
 	"strings"
 	"testing"
 
@@ -104,10 +105,16 @@ func TestClassifyScopes(t *testing.T) {
 func TestLabelsDeriveFromTheTable(t *testing.T) {
 	want := []string{"conversations.v1.participant", "conversations.v1.service_participant", "conversations.v2.participant",
 		"proxy.v1.participant", "conversations.v1.participants", "conversations.v1.service_participants", "conversations.v2.participants",
-		"proxy.v1.participants", "conversations.v1.participant_conversations", "conversations.v1.service_participant_conversations",
-		"conversations.other", "proxy.other", "unrouted"}
-	if got := Labels(); strings.Join(got, " ") != strings.Join(want, " ") {
-		t.Fatalf("labels %q, want %q", got, want)
+		"proxy.v1.participants", "conversations.v1.participant_conversations", "conversations.v1.service_participant_conversations"}
+	got := Labels()
+	if strings.Join(got[:len(want)], " ") != strings.Join(want, " ") ||
+		strings.Join(got[len(got)-3:], " ") != "conversations.other proxy.other unrouted" {
+		t.Fatalf("labels %q, want %q first (the rows cached by default), then the other reads, then the others", got, want)
+	}
+	for i, l := range got {
+		if slices.Contains(got[:i], l) {
+			t.Fatalf("label %q twice", l)
+		}
 	}
 	if Labels()[Unrouted()] != "unrouted" {
 		t.Fatalf("Unrouted() = %d", Unrouted())
@@ -115,7 +122,8 @@ func TestLabelsDeriveFromTheTable(t *testing.T) {
 	r := twilioRouter(t)
 	for path, label := range map[string]string{pathConv: "conversations.v1.participant", pathSvc: "conversations.v1.service_participant",
 		pathV2: "conversations.v2.participant", "/proxy" + pathProxy: "proxy.v1.participant",
-		"/v1/Conversations": "conversations.other", "/proxy/v1/Services/" + ksvc: "proxy.other",
+		"/v1/Conversations": "conversations.v1.conversations", "/proxy/v1/Services/" + ksvc: "proxy.v1.service",
+		"/v1/ConversationWithParticipants": "conversations.other", "/proxy/v1/Services/" + ksvc + "/Sessions/" + sess1 + "/Participants/" + kp1 + "/X": "proxy.other",
 		"/v1/ParticipantConversations": "conversations.v1.participant_conversations"} {
 		m, err := r.Resolve("GET", "localhost", "", path)
 		if err != nil || m.Name() != label || Labels()[m.ID()] != label {
@@ -127,17 +135,17 @@ func TestLabelsDeriveFromTheTable(t *testing.T) {
 // TestANewCachedRouteIsOneRow: a table with a fifth cached row routes,
 // labels and scopes it with no other change.
 func TestANewCachedRouteIsOneRow(t *testing.T) {
-	table := append(append([]Row(nil), Table...), Row{Name: "conversations.v1.role", Upstream: Conversations, Cached: true,
-		Pattern: "/v1/Roles/{role}", Scopes: []string{"role"}})
+	table := append(append([]Row(nil), Table...), Row{Name: "conversations.v1.example", Upstream: Conversations, Cached: true,
+		Pattern: "/v1/Examples/{role}", Scopes: []string{"role"}})
 	r := compile(table)
 	n := len(Labels()) - int(NumUpstreams) - 1 // the cached rows before it
-	if got := r.labels[n]; got != "conversations.v1.role" || r.labels[len(r.labels)-1] != "unrouted" {
+	if got := r.labels[n]; got != "conversations.v1.example" || r.labels[len(r.labels)-1] != "unrouted" {
 		t.Fatalf("labels %q", r.labels)
 	}
 	rows := r.byLen[Conversations][3]
 	var found bool
 	for _, c := range rows {
-		if c.row.Name == "conversations.v1.role" && c.id == n && c.nscopes == 1 && c.scopes[0].pos == 2 {
+		if c.row.Name == "conversations.v1.example" && c.id == n && c.nscopes == 1 && c.scopes[0].pos == 2 {
 			found = true
 		}
 	}
@@ -155,6 +163,9 @@ func TestMalformedTablesAreRefused(t *testing.T) {
 		"too many scopes":               {{Upstream: Proxy, Pattern: "/v1/{a}/{b}/{c}", Scopes: []string{"a", "b", "c"}}},
 		"too many scopes within":        {{Upstream: Proxy, Pattern: "/v1/{a}/{b}/{c}", Scopes: []string{"a", "b"}, Within: []string{"c"}}},
 		"a participant list of nothing": {{Name: "x", Upstream: Proxy, Pattern: "/v1/X/{a}", Cached: true, List: Participants}},
+		"one name twice": {{Name: "x", Upstream: Proxy, Pattern: "/v1/X/{a}", Cached: true},
+			{Name: "x", Upstream: Proxy, Pattern: "/v1/Y/{a}", OnRequest: true}},
+		"cached and on request": {{Name: "x", Upstream: Proxy, Pattern: "/v1/X/{a}", Cached: true, OnRequest: true}},
 	} {
 		t.Run(name, func(t *testing.T) {
 			defer func() {
@@ -235,7 +246,7 @@ func TestRoutingSeesThePathAsSentUpstream(t *testing.T) {
 		wantErr                         int
 	}{
 		{"escaped slash is one segment", "/v1/Conversations/" + conv1 + "%2FParticipants%2F" + member1,
-			"/v1/Conversations/" + conv1 + "%2FParticipants%2F" + member1, "conversations.other", 0},
+			"/v1/Conversations/" + conv1 + "%2FParticipants%2F" + member1, "conversations.v1.conversation", 0},
 		{"escaped prefix slash is no prefix", "/proxy%2Fv1/Services/" + ksvc, "", "", 404},
 		{"escaped question mark stays in the path", "/v1/Conversations/" + conv1 + "/Participants/q%3fx=1",
 			"/v1/Conversations/" + conv1 + "/Participants/q%3Fx=1", "conversations.v1.participant", 0},

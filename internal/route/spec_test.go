@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"testing"
@@ -196,5 +197,69 @@ func TestEverySpecOperationIsRoutedCachedAndInvalidatedAsDesigned(t *testing.T) 
 	}
 	if cached != len(cachedOps) {
 		t.Fatalf("found %d cached operations in the specs, want %d", cached, len(cachedOps))
+	}
+}
+
+// Issue 36, points 4 and 6: every GET of the three specs has a name
+// [cache.routes] takes: cached by default for the participant reads, on
+// request for the others. With routes cached on request, a write to a
+// resource invalidates every read under it (the resource itself, and its
+// sub-resources and lists) and the list it is in; a write to a list
+// invalidates that list; and no write invalidates a read that is neither
+// under it nor its list (a message's write leaves another message).
+func TestEverySpecReadHasANameAndItsWritesFollowThePath(t *testing.T) {
+	router := twilioRouter(t)
+	ops := loadSpecOps(t)
+	type read struct {
+		name, path string
+		tags       []string
+	}
+	var reads []read
+	names := map[string]bool{}
+	for _, op := range ops {
+		if op.method != "GET" {
+			continue
+		}
+		s := specs[op.spec]
+		m, err := router.Resolve("GET", s.host, "", fill(op.spec, op.template))
+		name := fmt.Sprintf("%s GET %s", s.file, op.template)
+		if err != nil || m.row == nil || m.row.Name == "" || names[m.Name()] {
+			t.Errorf("%s: no name of its own (%q)", name, m.Name())
+			continue
+		}
+		names[m.Name()] = true
+		if m.row.Cached != cachedOps[s.file+" "+op.opID] || m.row.Cached == m.OnRequest() {
+			t.Errorf("%s (%s): cached by default %v, on request %v", name, m.Name(), m.row.Cached, m.OnRequest())
+		}
+		if m.OnRequest() {
+			reads = append(reads, read{s.host + " " + op.template, s.host + m.Path, m.ReadTags()})
+		}
+	}
+	if len(names) != len(Named()) {
+		t.Fatalf("%d GET paths in the specs, %d named routes", len(names), len(Named()))
+	}
+	for _, op := range ops {
+		if op.method == "GET" {
+			continue
+		}
+		s := specs[op.spec]
+		m, err := router.Resolve(op.method, s.host, "", fill(op.spec, op.template))
+		if err != nil {
+			t.Fatal(err)
+		}
+		w := s.host + m.Path
+		tags := m.TreeTags()
+		resource := strings.HasSuffix(op.template, "}")
+		for _, r := range reads {
+			under := strings.HasPrefix(r.path+"/", w+"/") && (resource || r.path == w)
+			list := resource && r.path == w[:strings.LastIndex(w, "/")]
+			hit := false
+			for _, tag := range tags {
+				hit = hit || slices.Contains(r.tags, tag)
+			}
+			if hit != (under || list) {
+				t.Errorf("%s %s and the read of %s: invalidates %v, want %v", op.method, op.template, r.name, hit, under || list)
+			}
+		}
 	}
 }

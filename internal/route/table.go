@@ -10,6 +10,7 @@ package route
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 )
 
@@ -33,8 +34,9 @@ func (u Upstream) String() string {
 
 // Row is one route that is cached or names invalidation scopes.
 type Row struct {
-	// Name is a cached route's name in logs and metrics. Rows that are
-	// not cached are labelled "<upstream>.other".
+	// Name is a readable route's name in logs, metrics and
+	// [cache.routes]: one for every GET path of the three specs. Rows
+	// with none (write-only paths) are labelled "<upstream>.other".
 	Name     string
 	Upstream Upstream
 	// Pattern is the path, with {kind} for a variable segment.
@@ -42,8 +44,13 @@ type Row struct {
 	// Scopes are the variables of Pattern that are invalidation scopes
 	// (at most two), in the order their tags are listed.
 	Scopes []string
-	// Cached: GET and HEAD of this route are answered from the cache.
+	// Cached: GET and HEAD of this route are answered from the cache (by
+	// default: [cache.routes."<name>"] ttl = "0s" turns it off).
 	Cached bool
+	// OnRequest: GET and HEAD of this route are cached only when
+	// [cache.routes."<name>"] gives it a ttl. Its reads carry the scopes
+	// of every resource their path names (TreeTags).
+	OnRequest bool
 	// Resource: a write creates, updates or deletes a conversation or
 	// session itself, whose response's sid and unique_name name further
 	// scopes (see BodyTags).
@@ -130,23 +137,71 @@ var Table = []Row{
 		Pattern: "/v1/Services/{svc}/ParticipantConversations", Within: []string{kindSvc}},
 
 	// Writes to these invalidate the scopes they name.
-	{Upstream: Conversations, Pattern: "/v1/Services/{svc}", Scopes: []string{kindSvc}},
-	{Upstream: Conversations, Pattern: "/v1/Conversations", Resource: true},
+	{Name: "conversations.v1.service", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}", Scopes: []string{kindSvc}},
+	{Name: "conversations.v1.conversations", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Conversations", Resource: true},
 	{Upstream: Conversations, Pattern: "/v1/ConversationWithParticipants", Resource: true, Joins: true},
-	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/Conversations", Resource: true},
+	{Name: "conversations.v1.service_conversations", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Conversations", Resource: true},
 	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/ConversationWithParticipants", Resource: true, Joins: true},
-	{Upstream: Conversations, Pattern: "/v1/Conversations/{conv}", Scopes: []string{kindConv}, Resource: true},
-	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/Conversations/{conv}", Scopes: []string{kindConv}, Resource: true},
-	{Upstream: Conversations, Pattern: "/v1/Users/{user}/Conversations/{conv}", Scopes: []string{kindConv}},
-	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/Users/{user}/Conversations/{conv}", Scopes: []string{kindConv}},
-	{Upstream: Conversations, Pattern: "/v1/Users/{user}", Identity: "user", User: true},
-	{Upstream: Conversations, Pattern: "/v1/Services/{svc}/Users/{user}", Identity: "user", User: true},
-	{Upstream: Conversations, Pattern: "/v2/Conversations", Resource: true},
-	{Upstream: Conversations, Pattern: "/v2/Conversations/{conv}", Scopes: []string{kindConv}, Resource: true},
+	{Name: "conversations.v1.conversation", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Conversations/{conv}", Scopes: []string{kindConv}, Resource: true},
+	{Name: "conversations.v1.service_conversation", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Conversations/{conv}", Scopes: []string{kindConv}, Resource: true},
+	{Name: "conversations.v1.user_conversation", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Users/{user}/Conversations/{conv}", Scopes: []string{kindConv}},
+	{Name: "conversations.v1.service_user_conversation", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Users/{user}/Conversations/{conv}", Scopes: []string{kindConv}},
+	{Name: "conversations.v1.user", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Users/{user}", Identity: "user", User: true},
+	{Name: "conversations.v1.service_user", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Users/{user}", Identity: "user", User: true},
+	{Name: "conversations.v2.conversations", OnRequest: true, Upstream: Conversations, Pattern: "/v2/Conversations", Resource: true},
+	{Name: "conversations.v2.conversation", OnRequest: true, Upstream: Conversations, Pattern: "/v2/Conversations/{conv}", Scopes: []string{kindConv}, Resource: true},
 	{Upstream: Conversations, Pattern: "/v2/Conversations/{conv}/Actions", Scopes: []string{kindConv}},
-	{Upstream: Proxy, Pattern: "/v1/Services/{svc}", Scopes: []string{kindSvc}},
-	{Upstream: Proxy, Pattern: "/v1/Services/{svc}/Sessions", Resource: true},
-	{Upstream: Proxy, Pattern: "/v1/Services/{svc}/Sessions/{sess}", Scopes: []string{kindSess}, Resource: true},
+	{Name: "proxy.v1.service", OnRequest: true, Upstream: Proxy, Pattern: "/v1/Services/{svc}", Scopes: []string{kindSvc}},
+	{Name: "proxy.v1.sessions", OnRequest: true, Upstream: Proxy, Pattern: "/v1/Services/{svc}/Sessions", Resource: true},
+	{Name: "proxy.v1.session", OnRequest: true, Upstream: Proxy, Pattern: "/v1/Services/{svc}/Sessions/{sess}", Scopes: []string{kindSess}, Resource: true},
+
+	// The other GETs of the three APIs: cached only when [cache.routes."<name>"]
+	// gives one a ttl (docs/reads.md, "Any other read, on request").
+	{Name: "conversations.v1.configuration", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Configuration"},
+	{Name: "conversations.v1.configuration_addresses", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Configuration/Addresses"},
+	{Name: "conversations.v1.configuration_address", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Configuration/Addresses/{v0}"},
+	{Name: "conversations.v1.configuration_webhooks", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Configuration/Webhooks"},
+	{Name: "conversations.v1.messages", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Conversations/{conv}/Messages", Within: []string{kindConv}},
+	{Name: "conversations.v1.message_receipts", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Conversations/{conv}/Messages/{v0}/Receipts", Within: []string{kindConv}},
+	{Name: "conversations.v1.message_receipt", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Conversations/{conv}/Messages/{v0}/Receipts/{v1}", Within: []string{kindConv}},
+	{Name: "conversations.v1.message", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Conversations/{conv}/Messages/{v0}", Within: []string{kindConv}},
+	{Name: "conversations.v1.webhooks", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Conversations/{conv}/Webhooks", Within: []string{kindConv}},
+	{Name: "conversations.v1.webhook", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Conversations/{conv}/Webhooks/{v0}", Within: []string{kindConv}},
+	{Name: "conversations.v1.credentials", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Credentials"},
+	{Name: "conversations.v1.credential", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Credentials/{v0}"},
+	{Name: "conversations.v1.roles", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Roles"},
+	{Name: "conversations.v1.role", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Roles/{v0}"},
+	{Name: "conversations.v1.services", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services"},
+	{Name: "conversations.v1.service_bindings", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Bindings", Within: []string{kindSvc}},
+	{Name: "conversations.v1.service_binding", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Bindings/{v0}", Within: []string{kindSvc}},
+	{Name: "conversations.v1.service_configuration", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Configuration", Within: []string{kindSvc}},
+	{Name: "conversations.v1.service_configuration_notifications", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Configuration/Notifications", Within: []string{kindSvc}},
+	{Name: "conversations.v1.service_configuration_webhooks", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Configuration/Webhooks", Within: []string{kindSvc}},
+	{Name: "conversations.v1.service_messages", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Conversations/{conv}/Messages", Within: []string{kindSvc, kindConv}},
+	{Name: "conversations.v1.service_message_receipts", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Conversations/{conv}/Messages/{v0}/Receipts", Within: []string{kindSvc, kindConv}},
+	{Name: "conversations.v1.service_message_receipt", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Conversations/{conv}/Messages/{v0}/Receipts/{v1}", Within: []string{kindSvc, kindConv}},
+	{Name: "conversations.v1.service_message", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Conversations/{conv}/Messages/{v0}", Within: []string{kindSvc, kindConv}},
+	{Name: "conversations.v1.service_webhooks", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Conversations/{conv}/Webhooks", Within: []string{kindSvc, kindConv}},
+	{Name: "conversations.v1.service_webhook", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Conversations/{conv}/Webhooks/{v0}", Within: []string{kindSvc, kindConv}},
+	{Name: "conversations.v1.service_roles", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Roles", Within: []string{kindSvc}},
+	{Name: "conversations.v1.service_role", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Roles/{v0}", Within: []string{kindSvc}},
+	{Name: "conversations.v1.service_users", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Users", Within: []string{kindSvc}},
+	{Name: "conversations.v1.service_user_conversations", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Services/{svc}/Users/{v0}/Conversations", Within: []string{kindSvc}},
+	{Name: "conversations.v1.users", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Users"},
+	{Name: "conversations.v1.user_conversations", OnRequest: true, Upstream: Conversations, Pattern: "/v1/Users/{v0}/Conversations"},
+	{Name: "conversations.v2.control_plane_configurations", OnRequest: true, Upstream: Conversations, Pattern: "/v2/ControlPlane/Configurations"},
+	{Name: "conversations.v2.control_plane_configuration", OnRequest: true, Upstream: Conversations, Pattern: "/v2/ControlPlane/Configurations/{v0}"},
+	{Name: "conversations.v2.control_plane_operation", OnRequest: true, Upstream: Conversations, Pattern: "/v2/ControlPlane/Operations/{v0}"},
+	{Name: "conversations.v2.action", OnRequest: true, Upstream: Conversations, Pattern: "/v2/Conversations/{conv}/Actions/{v0}", Within: []string{kindConv}},
+	{Name: "conversations.v2.communications", OnRequest: true, Upstream: Conversations, Pattern: "/v2/Conversations/{conv}/Communications", Within: []string{kindConv}},
+	{Name: "conversations.v2.communication", OnRequest: true, Upstream: Conversations, Pattern: "/v2/Conversations/{conv}/Communications/{v0}", Within: []string{kindConv}},
+	{Name: "proxy.v1.services", OnRequest: true, Upstream: Proxy, Pattern: "/v1/Services"},
+	{Name: "proxy.v1.phone_numbers", OnRequest: true, Upstream: Proxy, Pattern: "/v1/Services/{svc}/PhoneNumbers", Within: []string{kindSvc}},
+	{Name: "proxy.v1.phone_number", OnRequest: true, Upstream: Proxy, Pattern: "/v1/Services/{svc}/PhoneNumbers/{v0}", Within: []string{kindSvc}},
+	{Name: "proxy.v1.interactions", OnRequest: true, Upstream: Proxy, Pattern: "/v1/Services/{svc}/Sessions/{sess}/Interactions", Within: []string{kindSvc, kindSess}},
+	{Name: "proxy.v1.interaction", OnRequest: true, Upstream: Proxy, Pattern: "/v1/Services/{svc}/Sessions/{sess}/Interactions/{v0}", Within: []string{kindSvc, kindSess}},
+	{Name: "proxy.v1.participant_message_interactions", OnRequest: true, Upstream: Proxy, Pattern: "/v1/Services/{svc}/Sessions/{sess}/Participants/{v0}/MessageInteractions", Within: []string{kindSvc, kindSess}},
+	{Name: "proxy.v1.participant_message_interaction", OnRequest: true, Upstream: Proxy, Pattern: "/v1/Services/{svc}/Sessions/{sess}/Participants/{v0}/MessageInteractions/{v1}", Within: []string{kindSvc, kindSess}},
 }
 
 // maxScopes is how many scopes one path can name (Match keeps them inline).
@@ -189,6 +244,9 @@ func Labels() []string { return compiledTable.labels }
 // Unrouted is the label index of a request that maps to no upstream.
 func Unrouted() int { return len(compiledTable.labels) - 1 }
 
+// OtherID is the label index of an upstream's pass-through routes.
+func OtherID(up Upstream) int { return otherID(up) }
+
 // otherID is the label index of an upstream's pass-through routes.
 func otherID(up Upstream) int { return len(compiledTable.labels) - 1 - int(NumUpstreams) + int(up) }
 
@@ -197,7 +255,7 @@ func otherID(up Upstream) int { return len(compiledTable.labels) - 1 - int(NumUp
 func compile(table []Row) *rules {
 	r := &rules{}
 	for i := range table {
-		if table[i].Cached {
+		if table[i].Name != "" {
 			r.labels = append(r.labels, table[i].Name)
 		}
 	}
@@ -205,12 +263,11 @@ func compile(table []Row) *rules {
 	for i := range table {
 		row := &table[i]
 		segs := strings.Split(strings.TrimPrefix(row.Pattern, "/"), "/")
-		if !strings.HasPrefix(row.Pattern, "/") || len(segs) > maxSegments || len(row.Scopes)+len(row.Within) > maxScopes ||
-			row.Cached != (row.Name != "") || row.List == Participants && len(row.Scopes) == 0 {
+		if malformed(row, segs) || slices.Contains(r.labels[:cachedIDs], row.Name) && row.Name != "" {
 			panic(fmt.Sprintf("route: malformed row %+v", *row))
 		}
 		c := compiled{row: row, id: ncached + int(row.Upstream)} // "<upstream>.other"
-		if row.Cached {
+		if row.Name != "" {
 			c.id = cachedIDs
 			cachedIDs++
 		}
@@ -250,6 +307,14 @@ func compile(table []Row) *rules {
 	}
 	r.labels = append(r.labels, "unrouted")
 	return r
+}
+
+// malformed reports a row that cannot be compiled as it is: a pattern
+// that is no absolute path or too long, too many scopes, a name without
+// caching or caching without a name, or a participant list of nothing.
+func malformed(row *Row, segs []string) bool {
+	return !strings.HasPrefix(row.Pattern, "/") || len(segs) > maxSegments || len(row.Scopes)+len(row.Within) > maxScopes ||
+		(row.Cached || row.OnRequest) != (row.Name != "") || row.Cached && row.OnRequest || row.List == Participants && len(row.Scopes) == 0
 }
 
 // overlap reports two rows of n segments that some path matches both:

@@ -31,7 +31,7 @@ func proxyOptions(cfg config.Config) proxy.Options {
 		Freshness: proxy.Freshness{
 			TTL: c.TTL.D(), NegativeTTL: c.NegativeTTL.D(), WriteLag: c.WriteLag.D(),
 			StaleIfError: c.StaleIfError.D(), StaleWhileRevalidate: c.StaleWhileRevalidate.D(),
-			MaxEntryBytes: int64(c.MaxEntryBytes),
+			MaxEntryBytes: int64(c.MaxEntryBytes), Routes: routeTTLs(c.Routes),
 		},
 		Retry:            proxy.Retry{Max: rl.MaxRetries, Base: rl.BackoffBase.D(), Cap: rl.BackoffMax.D(), ReplayBytes: int64(rl.ReplayBytes), MaxWait: rl.MaxWait.D()},
 		MaxBodyBytes:     int64(cfg.Server.MaxBodyBytes),
@@ -40,6 +40,15 @@ func proxyOptions(cfg config.Config) proxy.Options {
 		UnauthorizedTTL:  rl.UnauthorizedTTL.D(),
 		KeySecret:        []byte(c.KeySecret),
 	}
+}
+
+// routeTTLs are cache.routes as the proxy takes them.
+func routeTTLs(r config.Routes) map[string]time.Duration {
+	out := make(map[string]time.Duration, len(r))
+	for name, rc := range r {
+		out[name] = rc.TTL.D()
+	}
+	return out
 }
 
 // limiterConfig is the budget's configuration; its decisions go to log (cuts and
