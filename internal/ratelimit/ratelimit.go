@@ -22,7 +22,7 @@
 //   - Rate (optional). Each call holds one of Rate places from its start
 //     until a second after its end, so any one second of the upstream's,
 //     sliding, counts at most Rate calls: bursts pass at once as long as
-//     the window has room. Once the window is full, turns go one at a
+//     the window has room. Once this replica's window is full, turns go one at a
 //     time, each taking its place before the next is granted, in the
 //     queue's order. The window is the Slots' (this replica's, or the
 //     fleet's in Redis).
@@ -211,6 +211,7 @@ type Limiter struct {
 	cfg   Config
 	clock clock.Clock
 	slots Slots
+	local bool // slots are this replica's own (newLocalSlots)
 
 	mu        sync.Mutex
 	accounts  map[string]*account
@@ -253,13 +254,18 @@ type account struct {
 
 	holdUntil time.Time // the rate window is full until then
 	timer     bool      // a goroutine waits for it to open
-	// paced: the rate window sent a turn back since the queue was last
-	// empty. Turns are then granted one at a time, each taking its place
-	// before the next is granted, so places go in the queue's order: turns
-	// granted together race for the window's one free place, and the
-	// scheduler runs the last woken first, so the call at the head lost
-	// every race and waited out its max_wait behind later ones (12 of the
-	// rate bench's 723 cold keys, TestTheRateBenchsColdKeysFitThePace).
+	// paced: this replica's own rate window sent a turn back since the
+	// queue was last empty. Turns are then granted one at a time, each
+	// taking its place before the next is granted, so places go in the
+	// queue's order: turns granted together race for the window's one
+	// free place, and the scheduler runs the last woken first, so the call
+	// at the head lost every race and waited out its max_wait behind
+	// later ones (12 of the rate bench's 723 cold keys,
+	// TestTheRateBenchsColdKeysFitThePace). Only the local window, whose
+	// place is taken at once: the fleet's takes are round trips to Redis,
+	// which orders its waiters itself, and taken one at a time over a slow
+	// link they would not keep up (the fault run's reads waited out
+	// max_wait).
 	paced bool
 	// owed is the writes' credit in turns while writes and reads both
 	// wait (popLocked): WriteShare more at each such turn, one less at
@@ -310,7 +316,7 @@ func New(cfg Config, clk clock.Clock) *Limiter {
 	l := &Limiter{cfg: cfg, clock: clock.Or(clk), accounts: map[string]*account{}, keys: map[string]string{},
 		asked: map[string]time.Time{}, asking: map[string]chan struct{}{}, slots: cfg.Slots}
 	if l.slots == nil {
-		l.slots = newLocalSlots(cfg.Rate, l.clock)
+		l.slots, l.local = newLocalSlots(cfg.Rate, l.clock), true
 	}
 	for k, a := range cfg.KeyAccounts {
 		l.keys[k] = a
@@ -406,7 +412,7 @@ func (l *Limiter) take(ctx context.Context, a *account, w *waiter) (Turn, error)
 	if err != nil || place == nil {
 		l.ungrantLocked(a, w)
 		if err == nil { // the rate window: first in line again when it opens
-			a.holdUntil, a.paced = now.Add(retry), true
+			a.holdUntil, a.paced = now.Add(retry), l.local
 			queue, _ := a.queueLocked(w.credential)
 			a.q[w.prio].pushFront(queue, w)
 			a.queued++
