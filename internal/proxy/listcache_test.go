@@ -439,3 +439,29 @@ func TestAnyReadOnRequest(t *testing.T) {
 	post("/v1/Conversations/support-room") // by unique name: every conversation's
 	fresh(convPath, msgs, im2)
 }
+
+// Issue 36, point 1: a list page over max_entry_bytes is served, not
+// stored; an expired page is served stale when the upstream fails
+// (stale-if-error), with its page URLs still pointing at its reader's
+// base.
+func TestListPagesKeepTheByteBudgetAndServeStale(t *testing.T) {
+	h := newHarness(t, func(s *setup) { s.cfg.Cache.MaxEntryBytes = 200 })
+	for i := range 2 {
+		if s, cs, _ := h.get(listConv); s != 200 || cs != "cacheproxy; fwd=uri-miss" {
+			t.Fatalf("read %d of a page over max_entry_bytes: %d %q", i, s, cs)
+		}
+		h.settle()
+	}
+	h = newHarness(t, func(s *setup) { s.cfg.Cache.StaleIfError = config.Duration(time.Minute) })
+	_, _, fresh := h.get(listConv)
+	h.settle()
+	h.conv.Before = func(w http.ResponseWriter, r *http.Request) bool {
+		twiliofake.Error(w, 500, 20500, "Internal Server Error")
+		return true
+	}
+	h.clk.Advance(45 * time.Second)
+	s, cs, body := h.get(listConv)
+	if s != 200 || cs != "cacheproxy; fwd=stale; fwd-status=500" || body != fresh || !strings.Contains(body, h.srv.URL+listConv) {
+		t.Fatalf("an expired page while the upstream fails: %d %q %s", s, cs, body)
+	}
+}
