@@ -19,7 +19,6 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"os"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -94,11 +93,11 @@ func main() {
 			}
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%.3f\t%.2f\t%.2f\t%.2f / %.2f\t%.2f / %.2f\t\n", name, ok, tooMany, r.upCalls, r.up429, r.peak,
-			float64(hits)/float64(len(r.samples)), ms(pct(all, 50)), ms(pct(all, 99)), ms(pct(l1, 50)), ms(pct(l1, 99)), ms(pct(l2, 50)), ms(pct(l2, 99)))
+			float64(hits)/float64(len(r.samples)), run.Ms(run.Pct(all, 50)), run.Ms(run.Pct(all, 99)), run.Ms(run.Pct(l1, 50)), run.Ms(run.Pct(l1, 99)), run.Ms(run.Pct(l2, 50)), run.Ms(run.Pct(l2, 99)))
 		if name == "fleet (Redis)" {
 			lines = append(lines,
 				fmt.Sprintf("RESULT\tfleet: upstream 429s\t%d\t0\t%v", r.up429, r.up429 == 0),
-				fmt.Sprintf("RESULT\tfleet: L2 hit p99 over loopback\t%.2f ms\t<= 1 ms\t%v", ms(pct(l2, 99)), len(l2) > 0 && pct(l2, 99) <= time.Millisecond))
+				fmt.Sprintf("RESULT\tfleet: L2 hit p99 over loopback\t%.2f ms\t<= 1 ms\t%v", run.Ms(run.Pct(l2, 99)), len(l2) > 0 && run.Pct(l2, 99) <= time.Millisecond))
 		}
 	}
 	tw.Flush()
@@ -222,14 +221,3 @@ func replica(upURL, redisURL, prefix string, book bool) (string, func(), error) 
 	stops = append(stops, stopP)
 	return u, stop, nil
 }
-
-func pct(ls []time.Duration, p int) time.Duration {
-	if len(ls) == 0 {
-		return 0
-	}
-	s := slices.Clone(ls)
-	slices.Sort(s)
-	return s[min(len(s)-1, len(s)*p/100)]
-}
-
-func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -39,7 +39,6 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"os"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -97,10 +96,10 @@ func main() {
 		if sc.pace > 0 {
 			results = append(results, fmt.Sprintf("RESULT\tlimits %s: upstream 429s\t%d\t0\t%v", sc.name, r.up429, r.up429 == 0))
 			if sc.limit == 100 { // the budget suffices: nobody may get a 429
-				p90 := pct(r.latencies, 90)
+				p90 := run.Pct(r.latencies, 90)
 				results = append(results, fmt.Sprintf("RESULT\tlimits %s: client 429s\t%d\t0\t%v", sc.name, r.tooMany, r.tooMany == 0),
 					fmt.Sprintf("RESULT\tlimits %s: client p50 / p90 / p99\t%.0f / %.0f / %.0f ms\tp90 <= 400 ms\t%v", sc.name,
-						ms(pct(r.latencies, 50)), ms(p90), ms(pct(r.latencies, 99)), p90 <= 400*time.Millisecond))
+						run.Ms(run.Pct(r.latencies, 50)), run.Ms(p90), run.Ms(run.Pct(r.latencies, 99)), p90 <= 400*time.Millisecond))
 			} else { // demand exceeds the budget: keep the upstream busy, answer in time
 				results = append(results,
 					fmt.Sprintf("RESULT\tlimits %s: upstream ok/s\t%.1f\t>= %.1f\t%v", sc.name, r.upOKPerSec, 0.9*sc.pace, r.upOKPerSec >= 0.9*sc.pace),
@@ -111,7 +110,7 @@ func main() {
 		}
 		fmt.Fprintf(tw, "%s\t%d\t%d\t%.1f\t%d\t%d\t%.1f\t%.0f\t%.0f\t%.0f\t%.0f\t%d/%d (≤ %s)\t\n", sc.name, r.ok, r.tooMany,
 			100*float64(r.tooMany)/float64(len(r.latencies)), r.upCalls, r.up429, r.upOKPerSec,
-			ms(pct(r.latencies, 50)), ms(pct(r.latencies, 90)), ms(pct(r.latencies, 99)), ms(pct(r.latencies, 100)), within, len(r.latencies), bound)
+			run.Ms(run.Pct(r.latencies, 50)), run.Ms(run.Pct(r.latencies, 90)), run.Ms(run.Pct(r.latencies, 99)), run.Ms(run.Pct(r.latencies, 100)), within, len(r.latencies), bound)
 	}
 	tw.Flush()
 	fmt.Printf("(paced: the worst of %d runs; %d requests/s offered for %s, Zipf s=1.1 over %d participants, upstream latency %s, one account)\n\n",
@@ -149,7 +148,7 @@ func worstOf(sc scenario, n, rate int, duration, latency, bound time.Duration) (
 			worstLate = len(worst.latencies) - worstWithin
 		}
 		if worst == nil || cmp.Or(cmp.Compare(r.up429, worst.up429), cmp.Compare(r.tooMany, worst.tooMany), cmp.Compare(late, worstLate),
-			cmp.Compare(pct(r.latencies, 100), pct(worst.latencies, 100))) > 0 {
+			cmp.Compare(run.Pct(r.latencies, 100), run.Pct(worst.latencies, 100))) > 0 {
 			worst, worstWithin = r, within
 		}
 	}
@@ -277,15 +276,3 @@ func runScenario(sc scenario, rate int, duration, latency time.Duration) (*resul
 	}
 	return res, nil
 }
-
-func pct(ls []time.Duration, p int) time.Duration {
-	if len(ls) == 0 {
-		return 0
-	}
-	s := slices.Clone(ls)
-	slices.Sort(s)
-	i := min(len(s)-1, len(s)*p/100)
-	return s[i]
-}
-
-func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -81,9 +81,9 @@ func writeDuringBacklog() string {
 		if one {
 			name = "one queue (before)"
 		}
-		fmt.Printf("a POST 50 ms into a backlog of 300 cold reads (max_concurrent 10), %s: %d in %.0f ms\n", name, status, ms(took))
+		fmt.Printf("a POST 50 ms into a backlog of 300 cold reads (max_concurrent 10), %s: %d in %.0f ms\n", name, status, run.Ms(took))
 		if !one {
-			out = fmt.Sprintf("RESULT\tlimits a write during a backlog of 300 reads: answered in\t%d in %.0f ms\t200 in <= 400 ms\t%v", status, ms(took), status == 200 && took <= 400*time.Millisecond)
+			out = fmt.Sprintf("RESULT\tlimits a write during a backlog of 300 reads: answered in\t%d in %.0f ms\t200 in <= 400 ms\t%v", status, run.Ms(took), status == 200 && took <= 400*time.Millisecond)
 		}
 	}
 	fmt.Println()
@@ -189,10 +189,10 @@ func writeFlood() []string {
 		wp99 := "-"
 		if flood {
 			name = "beside a flood of 60 writers"
-			wp99 = fmt.Sprintf("%.0f ms", ms(pct(writes, 99)))
-			results = append(results, fmt.Sprintf("RESULT\tlimits reads beside a write flood: client 429s, read p99\t%d, %.0f ms\t0\t%v", tooMany, ms(pct(reads, 99)), tooMany == 0))
+			wp99 = fmt.Sprintf("%.0f ms", run.Ms(run.Pct(writes, 99)))
+			results = append(results, fmt.Sprintf("RESULT\tlimits reads beside a write flood: client 429s, read p99\t%d, %.0f ms\t0\t%v", tooMany, run.Ms(run.Pct(reads, 99)), tooMany == 0))
 		}
-		fmt.Printf("%s\t%d of %d\t%.0f ms\t%d\t%s\n", name, tooMany, len(reads), ms(pct(reads, 99)), len(writes), wp99)
+		fmt.Printf("%s\t%d of %d\t%.0f ms\t%d\t%s\n", name, tooMany, len(reads), run.Ms(run.Pct(reads, 99)), len(writes), wp99)
 	}
 	fmt.Println()
 	return results

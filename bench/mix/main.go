@@ -24,7 +24,6 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"slices"
 	"strings"
 	"sync"
 	"text/tabwriter"
@@ -77,14 +76,14 @@ func main() {
 		}
 		rows = append(rows, r)
 		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%.2f\t%.0f\t%.0f\t%d\t\n", c.name, len(r.latencies), r.upstream, r.up429,
-			float64(r.hits)/float64(max(1, r.reads)), ms(pct(r.latencies, 50)), ms(pct(r.latencies, 99)), r.errors)
+			float64(r.hits)/float64(max(1, r.reads)), run.Ms(run.Pct(r.latencies, 50)), run.Ms(run.Pct(r.latencies, 99)), r.errors)
 	}
 	tw.Flush()
 	fmt.Printf("(%d requests/s for %s, Zipf s=1.1 over %d conversations of %d participants, a write every %d requests, upstream %s, Twilio limit %d in flight)\n",
 		o.rate, o.duration, o.convs, o.members, o.writeEvery, o.latency, o.limit)
 	fmt.Printf("RESULT\tmix: upstream calls, lists cached / not\t%d / %d\t%.2fx fewer\n", rows[0].upstream, rows[1].upstream,
 		float64(rows[1].upstream)/float64(max(1, rows[0].upstream)))
-	fmt.Printf("RESULT\tmix: client p99, lists cached / not\t%.0f / %.0f ms\n", ms(pct(rows[0].latencies, 99)), ms(pct(rows[1].latencies, 99)))
+	fmt.Printf("RESULT\tmix: client p99, lists cached / not\t%.0f / %.0f ms\n", run.Ms(run.Pct(rows[0].latencies, 99)), run.Ms(run.Pct(rows[1].latencies, 99)))
 }
 
 // mix runs the load once through a cacheproxy with routes.
@@ -178,14 +177,3 @@ func mix(o options, routes config.Routes) (*result, error) {
 	res.upstream, res.up429 = fake.Total(), fake.TooMany()
 	return res, nil
 }
-
-func pct(ls []time.Duration, p int) time.Duration {
-	if len(ls) == 0 {
-		return 0
-	}
-	s := slices.Clone(ls)
-	slices.Sort(s)
-	return s[min(len(s)-1, len(s)*p/100)]
-}
-
-func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }

@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"net"
 	"net/http"
-	"strconv"
 	"strings"
 	"testing"
 
@@ -22,20 +21,8 @@ func TestListPagesStayBehindTheSidecar(t *testing.T) {
 	list := "/v1/Conversations/" + conv1 + "/Participants?PageSize=2"
 	meta := func(resp *http.Response) map[string]any {
 		t.Helper()
-		s, _, body := readResp(t, resp)
-		if s != 200 {
-			t.Fatalf("list: %d %s", s, body)
-		}
-		if n, _ := strconv.Atoi(resp.Header.Get("Content-Length")); n != len(body) {
-			t.Fatalf("Content-Length %q for %d bytes", resp.Header.Get("Content-Length"), len(body))
-		}
-		var page struct {
-			Meta map[string]any `json:"meta"`
-		}
-		if err := json.Unmarshal([]byte(body), &page); err != nil {
-			t.Fatal(err)
-		}
-		return page.Meta
+		_, m := pageMeta(t, resp) // checks the status and Content-Length
+		return m
 	}
 	m := meta(h.do("GET", "/conversations"+list, basic(acctA, tokenA)))
 	want := h.srv.URL + "/conversations/v1/Conversations/" + conv1 + "/Participants?PageSize=2&Page="

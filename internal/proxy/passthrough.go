@@ -61,7 +61,7 @@ func (p *Proxy) forward(w http.ResponseWriter, r *http.Request, rec *record, up 
 // if neither the answer nor a failure did. !ok: it was refused (answered
 // 503, nothing sent). A write whose path names no scope is not announced.
 func (p *Proxy) announce(ctx context.Context, w http.ResponseWriter, rec *record) (context.Context, context.CancelFunc, bool) {
-	tags := append(rec.rt.WriteTags(), rec.extraTags...)
+	tags := rec.writeTags()
 	if len(tags) == 0 {
 		return ctx, func() {}, true
 	}
@@ -101,6 +101,10 @@ func readFormTags(r *http.Request, m *route.Match) []string {
 	form, perr := url.ParseQuery(string(b))
 	return m.FormTags(form, err != nil || perr != nil)
 }
+
+// writeTags are the scopes a write names before its answer: its path's
+// and its extraTags.
+func (rec *record) writeTags() []string { return append(rec.rt.WriteTags(), rec.extraTags...) }
 
 func isWrite(method string) bool {
 	return method != http.MethodGet && method != http.MethodHead && method != http.MethodOptions
@@ -147,7 +151,7 @@ func (p *Proxy) endWrite(ctx context.Context, rec *record, applied bool, bodyTag
 		rec.intent.End(ctx, applied, extra)
 		return
 	}
-	if tags := append(append(rec.rt.WriteTags(), rec.extraTags...), extra...); applied && len(tags) > 0 {
+	if tags := append(rec.writeTags(), extra...); applied && len(tags) > 0 {
 		p.inv.Invalidate(ctx, tags)
 	}
 }

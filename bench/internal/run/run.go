@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"time"
 )
@@ -191,3 +192,16 @@ func StartRedis(args ...string) (string, func(), error) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// Pct is the p-th percentile of ls (0 for none).
+func Pct(ls []time.Duration, p int) time.Duration {
+	if len(ls) == 0 {
+		return 0
+	}
+	s := slices.Clone(ls)
+	slices.Sort(s)
+	return s[min(len(s)-1, len(s)*p/100)]
+}
+
+// Ms is d in milliseconds.
+func Ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
