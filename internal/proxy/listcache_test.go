@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"encoding/json"
+	"io"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -257,6 +258,19 @@ func TestWritesInvalidateTheListsTheyChange(t *testing.T) {
 			strings.NewReader(`{"identity":"carol"}`), "Content-Type", "application/json")
 		resp.Body.Close()
 		fresh(h, pcByID, pcByAddress) // every identity's and address's pages
+		// A form of unknown length (chunked), and one over 64 KiB: not read
+		// here, every identity's and address's pages go, and the upstream
+		// gets the whole form.
+		for _, body := range []io.Reader{io.MultiReader(strings.NewReader("Identity=erin")),
+			strings.NewReader("Identity=frank&Attributes=" + strings.Repeat("x", 70<<10))} {
+			lists(h, pcByID, pcByAddress)
+			s, _, b := readResp(t, h.doBody("POST", "/v1/Conversations/"+conv1+"/Participants", basic(acctA, tokenA), body,
+				"Content-Type", "application/x-www-form-urlencoded"))
+			if s != 201 || !strings.Contains(b, `"identity":"`) {
+				t.Fatalf("the write: %d %s", s, b)
+			}
+			fresh(h, pcByID, pcByAddress)
+		}
 	})
 }
 
